@@ -1,0 +1,58 @@
+// The hash functions every kvdn client must agree on, in every language. All of them are XXH3
+// (xxHash 0.8) with seed 0 over byte strings whose layout is written here; never a language's built-in
+// hash. Golden vectors live in tests/unit/common/golden_test.cc.
+#ifndef KVDN_COMMON_HASH_H_
+#define KVDN_COMMON_HASH_H_
+
+#include <array>
+#include <compare>
+#include <cstdint>
+#include <string>
+#include "absl/strings/string_view.h"
+
+#include "kvdn/common/bytes.h"
+#include "kvdn/common/status.h"
+
+namespace kvdn {
+
+// A 128-bit XXH3 value. Its canonical byte form (and its printable hex form) is big-endian: the 8
+// bytes of `high` then the 8 bytes of `low`, as xxHash's XXH128_canonical_t.
+struct Hash128 {
+  uint64_t high = 0;
+  uint64_t low = 0;
+
+  std::array<uint8_t, 16> Canonical() const;
+  std::string ToHex() const;  // 32 lowercase hex digits
+  // REQUIRES nothing; returns INVALID_ARGUMENT unless `hex` is exactly 32 hex digits.
+  static absl::StatusOr<Hash128> FromHex(absl::string_view hex);
+
+  friend bool operator==(const Hash128&, const Hash128&) = default;
+  friend auto operator<=>(const Hash128&, const Hash128&) = default;
+  template <typename H>
+  friend H AbslHashValue(H h, const Hash128& v) {
+    return H::combine(std::move(h), v.high, v.low);
+  }
+};
+
+// XXH3-64 (seed 0) of `data`. Uses the fastest SIMD path of the running CPU.
+uint64_t Xxh3_64(ByteSpan data);
+// XXH3-128 (seed 0) of `data`.
+Hash128 Xxh3_128(ByteSpan data);
+
+// Streaming XXH3-64 (seed 0); Digest() equals Xxh3_64 of everything passed to Update. Not thread-safe.
+class Xxh3_64Stream {
+ public:
+  Xxh3_64Stream();
+  ~Xxh3_64Stream();
+  Xxh3_64Stream(const Xxh3_64Stream&) = delete;
+  Xxh3_64Stream& operator=(const Xxh3_64Stream&) = delete;
+  void Update(ByteSpan data);
+  uint64_t Digest() const;
+
+ private:
+  void* state_;  // XXH3_state_t, kept out of this header
+};
+
+}  // namespace kvdn
+
+#endif  // KVDN_COMMON_HASH_H_

@@ -1,0 +1,98 @@
+// DiskTier: chunks on local disk in RocksDB, chunk bytes in blob files and a small metadata record
+// per chunk in the LSM tree (ARCHITECTURE.md, "Storage").
+//
+// Durability: Write() returns only after the chunk and its metadata are in a flushed, fsync'd blob
+// file and SST (the memtable is written without a WAL and flushed at once; concurrent writers share
+// a flush). So every chunk whose Write returned survives a process kill or a power loss, and each
+// chunk byte is written to disk once, not twice (WAL + blob). Deletes go through the WAL.
+//
+// Integrity: every Read decodes the chunk and verifies its header and payload XXH3-64 checksums. A
+// chunk that fails is deleted, counted in checksum_failures(), and reported as DATA_LOSS; its bytes
+// are never returned.
+//
+// Thread-safe: every method may be called concurrently. The byte and chunk counters are exact as long
+// as no two calls write or delete the same key at the same time (TieredStore never does).
+#ifndef KVDN_STORAGE_DISK_TIER_H_
+#define KVDN_STORAGE_DISK_TIER_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/time/time.h"
+#include "kvdn/common/bytes.h"
+#include "kvdn/common/chunk_format.h"
+#include "kvdn/common/chunk_key.h"
+#include "kvdn/storage/tier.h"
+
+namespace rocksdb {
+class DB;
+class ColumnFamilyHandle;
+}  // namespace rocksdb
+
+namespace kvdn::storage {
+
+struct DiskTierOptions {
+  std::string path;                              // directory; created if missing
+  uint64_t capacity_bytes = uint64_t{16} << 30;  // chunk bytes; TieredStore evicts past watermarks
+  WatermarkOptions watermarks;
+  uint64_t write_buffer_bytes = uint64_t{64} << 20;
+};
+
+// What the disk tier knows about one stored chunk without reading its payload.
+struct DiskChunkMeta {
+  ChunkKey key;
+  ChunkHeader header;
+  uint64_t stored_bytes = 0;  // encoded size: header + payload
+  absl::Time written;
+};
+
+class DiskTier final : public Tier {
+ public:
+  // INVALID_ARGUMENT for bad options; UNAVAILABLE if RocksDB cannot open the directory (another
+  // process holds it, permissions, corruption), with RocksDB's message.
+  static absl::StatusOr<std::unique_ptr<DiskTier>> Open(const DiskTierOptions& options);
+  ~DiskTier() override;
+
+  TierKind kind() const override { return TierKind::kDisk; }
+  TierCaps caps() const override { return {.persistent = true}; }
+  uint64_t capacity_bytes() const override { return options_.capacity_bytes; }
+  uint64_t used_bytes() const override { return used_.load(std::memory_order_relaxed); }
+  const WatermarkOptions& watermarks() const override { return options_.watermarks; }
+
+  // Stores an encoded chunk (header + payload) under `key`, replacing any previous value. Checks the
+  // header (INVALID_ARGUMENT/DATA_LOSS as DecodeChunk) but not the payload, which the caller
+  // verified. INTERNAL/UNAVAILABLE for I/O errors.
+  absl::Status Write(const ChunkKey& key, ByteSpan encoded);
+  // Copies the chunk into dst[0, size) and returns its size. NOT_FOUND if absent; OUT_OF_RANGE if dst
+  // is smaller than the chunk (nothing written); DATA_LOSS if it failed its checksum (now deleted).
+  absl::StatusOr<uint64_t> Read(const ChunkKey& key, MutableByteSpan dst);
+  // Metadata of one chunk; NOT_FOUND if absent.
+  absl::StatusOr<DiskChunkMeta> Stat(const ChunkKey& key) const;
+  // Deletes `key`; OK if it was absent.
+  absl::Status Delete(const ChunkKey& key);
+  // Calls fn for every stored chunk's metadata (no payload is read). Stops early if fn returns false.
+  absl::Status ForEach(const std::function<bool(const DiskChunkMeta&)>& fn) const;
+
+  uint64_t chunk_count() const { return chunks_.load(std::memory_order_relaxed); }
+  uint64_t checksum_failures() const { return checksum_failures_.load(std::memory_order_relaxed); }
+  const std::string& path() const { return options_.path; }
+
+ private:
+  explicit DiskTier(const DiskTierOptions& options);
+  absl::Status DropCorrupt(const ChunkKey& key, const absl::Status& why);
+
+  // Constant after construction.
+  const DiskTierOptions options_;
+  std::unique_ptr<rocksdb::DB> db_;
+
+  std::atomic<uint64_t> used_{0};
+  std::atomic<uint64_t> chunks_{0};
+  std::atomic<uint64_t> checksum_failures_{0};
+};
+
+}  // namespace kvdn::storage
+
+#endif  // KVDN_STORAGE_DISK_TIER_H_

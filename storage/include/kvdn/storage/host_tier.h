@@ -1,0 +1,51 @@
+// HostTier: chunk bytes in one host arena (mmap'd once at start, pre-faulted, pinned with
+// cudaHostRegister when a GPU is present so H2D/D2H copies run at full speed and, later, registered
+// once with UCX). Allocation is an ExtentAllocator over the arena: no malloc per chunk.
+#ifndef KVDN_STORAGE_HOST_TIER_H_
+#define KVDN_STORAGE_HOST_TIER_H_
+
+#include <cstdint>
+#include <memory>
+
+#include "kvdn/storage/memory_tier.h"
+
+namespace kvdn::storage {
+
+struct HostTierOptions {
+  uint64_t capacity_bytes = uint64_t{1} << 30;  // rounded up to alignment
+  uint64_t alignment = 4096;                    // power of two, >= 64
+  WatermarkOptions watermarks;
+  bool prefault = true;     // touch every page at start (MAP_POPULATE): no page faults on the hot path
+  bool pin_for_gpu = true;  // cudaHostRegister the arena when a CUDA device is present
+};
+
+// Thread-safe (see MemoryTier).
+class HostTier final : public MemoryTier {
+ public:
+  // INVALID_ARGUMENT for bad options; RESOURCE_EXHAUSTED if the arena cannot be mapped.
+  static absl::StatusOr<std::unique_ptr<HostTier>> Create(const HostTierOptions& options);
+  ~HostTier() override;
+
+  TierKind kind() const override { return TierKind::kHost; }
+  TierCaps caps() const override { return {.host_addressable = true}; }
+  bool pinned() const { return pinned_; }
+  // The arena, for registering it once with a transport.
+  uint8_t* arena_base() const { return base_; }
+
+  absl::Status CopyIn(const MemoryBlock& block, uint64_t offset, ByteSpan src) override;
+  absl::Status CopyOut(const MemoryBlock& block, uint64_t offset,
+                       MutableByteSpan dst) const override;
+  // The block's bytes, host-addressable.
+  MutableByteSpan Bytes(const MemoryBlock& block) const {
+    return MutableByteSpan(base_ + block.offset, block.size);
+  }
+
+ private:
+  HostTier(uint8_t* base, uint64_t mapped, const HostTierOptions& options, bool pinned);
+  const uint64_t mapped_bytes_;
+  const bool pinned_;
+};
+
+}  // namespace kvdn::storage
+
+#endif  // KVDN_STORAGE_HOST_TIER_H_

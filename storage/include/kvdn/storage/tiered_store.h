@@ -1,0 +1,199 @@
+// TieredStore: the node's chunk store over up to three tiers (GPU memory, pinned host memory, local
+// disk), with two-phase puts, leases, prefix lookup, watermark eviction with demotion, promotion on
+// hit, and per-tier statistics.
+//
+// Residency. A chunk has at most one copy in memory (in the GPU tier or the host tier) and, in
+// addition, possibly one on disk. New chunks land in the host tier. Eviction demotes GPU -> host,
+// host -> disk (a chunk already on disk just loses its memory copy), and drops disk chunks past the
+// disk watermark. A hit on a disk-only chunk promotes it to the host tier (its disk copy stays); a
+// hit from a reader that accepts GPU memory promotes a host chunk to the GPU tier when there is room.
+//
+// Puts are two-phase: Reserve(key, size) returns a writable host buffer; the writer fills it with an
+// encoded chunk (chunk_format.h) and calls Commit(id, checksum), which verifies the chunk's header
+// and payload checksum before the chunk becomes visible. Reservations not committed within
+// reservation_ttl expire and their memory is reused. Keys are content-addressed, so a key is written
+// once: Reserve of a present key returns ALREADY_EXISTS and the writer can skip the upload.
+//
+// Leases. Acquire pins a chunk's memory copy for a reader until Release or the lease's ttl: a leased
+// chunk is never evicted, moved, freed or overwritten. Delete of a leased chunk hides it at once and
+// frees it when the last lease ends.
+//
+// Thread-safety: every method may be called concurrently. One mutex guards the index; it is released
+// around disk I/O and device copies, during which the chunk being moved is pinned. Lock order:
+// TieredStore::mu_ before a tier's internal mutex.
+#ifndef KVDN_STORAGE_TIERED_STORE_H_
+#define KVDN_STORAGE_TIERED_STORE_H_
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "absl/time/time.h"
+#include "kvdn/common/bytes.h"
+#include "kvdn/common/chunk_key.h"
+#include "kvdn/common/clock.h"
+#include "kvdn/common/status.h"
+#include "kvdn/storage/disk_tier.h"
+#include "kvdn/storage/gpu_tier.h"
+#include "kvdn/storage/host_tier.h"
+#include "kvdn/storage/tier.h"
+
+namespace kvdn::storage {
+
+struct TieredStoreOptions {
+  HostTierOptions host;
+  std::optional<GpuTierOptions> gpu;    // no GPU tier when unset
+  std::optional<DiskTierOptions> disk;  // no disk tier when unset
+  absl::Duration reservation_ttl = absl::Seconds(30);
+  absl::Duration max_lease_ttl = absl::Minutes(5);
+  // Period of the background thread that expires reservations and leases and evicts down to the low
+  // watermarks. Zero: no thread; the owner calls RunMaintenance().
+  absl::Duration maintenance_interval = absl::Milliseconds(100);
+  Clock* clock = nullptr;  // nullptr: Clock::Real()
+};
+
+struct TierStats {
+  bool present = false;
+  uint64_t chunks = 0;
+  uint64_t bytes = 0;            // committed chunk bytes held in this tier
+  uint64_t used_bytes = 0;       // bytes the tier has handed out (memory tiers add reservations)
+  uint64_t capacity_bytes = 0;
+  uint64_t hits = 0;             // Acquire found the chunk in this tier first
+  uint64_t misses = 0;           // Acquire looked in this tier and did not find it
+  uint64_t evictions = 0;        // chunks removed from this tier to make room
+  uint64_t demotions = 0;        // of those, chunks moved down into the next tier
+  uint64_t promotions = 0;       // chunks moved up into this tier
+  uint64_t checksum_failures = 0;
+};
+
+struct StoreStats {
+  std::array<TierStats, kNumTierKinds> tiers;  // indexed by TierKind
+  uint64_t reservations_active = 0;
+  uint64_t reservations_expired = 0;
+  uint64_t commits = 0;
+  uint64_t commit_failures = 0;  // commits refused: bad chunk or checksum mismatch
+  uint64_t leases_active = 0;
+  uint64_t leases_expired = 0;
+  const TierStats& tier(TierKind k) const { return tiers[static_cast<int>(k)]; }
+};
+
+struct Reservation {
+  uint64_t id = 0;
+  MutableByteSpan buffer;  // host memory to fill with the encoded chunk; valid until Commit/expiry
+  absl::Time expires;
+};
+
+struct Lease {
+  uint64_t id = 0;
+  TierKind tier = TierKind::kHost;
+  uint64_t size = 0;     // encoded chunk bytes
+  ByteSpan host_bytes;   // the chunk, when tier == kHost
+  void* device_ptr = nullptr;  // the chunk in device memory, when tier == kGpu
+  absl::Time expires;
+};
+
+struct AcquireOptions {
+  absl::Duration ttl = absl::Seconds(30);  // clamped to max_lease_ttl
+  bool accept_gpu = false;  // the reader can consume device memory (same-node engine)
+};
+
+struct LookupResult {
+  size_t matched = 0;           // chunks of the chain present, from its start
+  std::vector<TierKind> tiers;  // where each matched chunk is (memory tier if any, else disk)
+};
+
+class TieredStore {
+ public:
+  // Creates the tiers. Errors from the tiers' factories (e.g. FAILED_PRECONDITION for a GPU tier
+  // without a GPU, UNAVAILABLE for a disk directory RocksDB cannot open). Chunks already on disk are
+  // indexed and served.
+  static absl::StatusOr<std::unique_ptr<TieredStore>> Open(const TieredStoreOptions& options);
+  ~TieredStore();
+  TieredStore(const TieredStore&) = delete;
+  TieredStore& operator=(const TieredStore&) = delete;
+
+  // Phase one of a put: room for `size` bytes of encoded chunk in the host tier.
+  // INVALID_ARGUMENT: bad namespace, or size outside [header, header + max payload].
+  // ALREADY_EXISTS: the key is stored or being written by another reservation.
+  // UNAVAILABLE: the key is being deleted; retry. RESOURCE_EXHAUSTED: no room even after eviction.
+  absl::StatusOr<Reservation> Reserve(const ChunkKey& key, uint64_t size);
+  // Phase two: verifies the reserved bytes are one encoded chunk of exactly the reserved size whose
+  // header checksum is `payload_checksum` and whose payload hashes to it; then publishes it.
+  // NOT_FOUND: unknown id. ABORTED: the reservation expired (Reserve again). INVALID_ARGUMENT: the
+  // bytes are not a valid chunk of that size. DATA_LOSS: checksum mismatch. On any error the
+  // reservation is gone and its memory freed.
+  absl::Status Commit(uint64_t reservation_id, uint64_t payload_checksum);
+  // Drops a reservation. NOT_FOUND if unknown or already expired.
+  absl::Status Abort(uint64_t reservation_id);
+  // Reserve + copy + Commit of an encoded chunk, hashing while copying (one pass over the bytes).
+  absl::Status Put(const ChunkKey& key, ByteSpan encoded);
+
+  // Pins the chunk in memory for a reader. NOT_FOUND: not stored. DATA_LOSS: its disk copy failed
+  // verification and was dropped. RESOURCE_EXHAUSTED: it is on disk and the host tier has no room.
+  absl::StatusOr<Lease> Acquire(const ChunkKey& key, const AcquireOptions& options = {});
+  // Ends a lease. NOT_FOUND: unknown id. ABORTED: it had expired, so bytes read under it may have
+  // been reused: discard them.
+  absl::Status Release(uint64_t lease_id);
+  // Acquire + copy into dst + Release. OUT_OF_RANGE if dst is too small. Returns the chunk size.
+  absl::StatusOr<uint64_t> Get(const ChunkKey& key, MutableByteSpan dst);
+
+  // The longest prefix of `chain` that is stored (stops at the first absent key).
+  LookupResult Lookup(absl::Span<const ChunkKey> chain) const;
+  // Removes the chunk from every tier. NOT_FOUND if absent. A leased chunk disappears from lookups
+  // at once and is freed when its leases end.
+  absl::Status Delete(const ChunkKey& key);
+
+  // Expires reservations and leases, then evicts each tier above its high watermark down to its low
+  // watermark. Called by the background thread; callable directly (e.g. in tests).
+  void RunMaintenance();
+  StoreStats Stats() const;
+
+  // The tiers, for registering memory with a transport. Null when absent.
+  HostTier* host_tier() const { return host_.get(); }
+  GpuTier* gpu_tier() const { return gpu_.get(); }
+  DiskTier* disk_tier() const { return disk_.get(); }
+
+ private:
+  struct Entry;
+  struct State;
+  explicit TieredStore(const TieredStoreOptions& options);
+
+  // Tier index t is a TierKind value. Every *Locked function REQUIRES state_->mu held; those that
+  // move bytes release it around the copy while the entry is pinned (entry->moving set).
+  MemoryTier* MemTier(int t) const;
+  uint64_t TierUsed(int t) const;
+  bool TierPresent(int t) const;
+  absl::Status CommitInternal(uint64_t id, uint64_t payload_checksum, bool payload_verified);
+  void FreeMemoryLocked(Entry* e);
+  void DropDiskCopyLocked(Entry* e);
+  void RemoveLocked(Entry* e);
+  // Removes a doomed or copy-less entry once unpinned; true if `e` was erased (it dangles now).
+  bool MaybeReapLocked(Entry* e);
+  // A block in memory tier t, evicting unpinned chunks (never `keep`) until one fits.
+  absl::StatusOr<MemoryBlock> AllocateLocked(int t, uint64_t size, const Entry* keep);
+  // Evicts the least recently used evictable chunk of tier t; false if there is none.
+  bool EvictOneLocked(int t, const Entry* keep);
+  void DemoteToDiskLocked(Entry* e);
+  // UNAVAILABLE if another reader holds the GPU copy; for_reader keeps the GPU copy on failure.
+  absl::Status DemoteGpuToHostLocked(Entry* e, bool for_reader);
+  absl::Status PromoteFromDiskLocked(Entry* e);
+  void PromoteToGpuLocked(Entry* e);
+  void MaintenanceLocked();
+  void WakeIfAboveHighLocked(int t);
+
+  // Constant after construction.
+  const TieredStoreOptions options_;
+  Clock* const clock_;
+  std::unique_ptr<GpuTier> gpu_;
+  std::unique_ptr<HostTier> host_;
+  std::unique_ptr<DiskTier> disk_;
+
+  // The index, reservations, leases and the background thread; guarded by its own mutex.
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace kvdn::storage
+
+#endif  // KVDN_STORAGE_TIERED_STORE_H_

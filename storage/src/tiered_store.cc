@@ -1,0 +1,375 @@
+#include "kvdn/storage/tiered_store.h"
+
+#include <algorithm>
+#include <cstring>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "kvdn/common/chunk_format.h"
+#include "kvdn/common/hash.h"
+#include "kvdn/common/logging.h"
+#include "src/tiered_store_state.h"
+
+namespace kvdn::storage {
+
+TieredStore::TieredStore(const TieredStoreOptions& options)
+    : options_(options),
+      clock_(options.clock ? options.clock : Clock::Real()),
+      state_(std::make_unique<State>()) {}
+
+TieredStore::~TieredStore() {
+  {
+    absl::MutexLock lock(&state_->mu);
+    state_->stop = true;
+  }
+  if (state_->maintenance.joinable()) state_->maintenance.join();
+}
+
+absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(const TieredStoreOptions& options) {
+  if (options.reservation_ttl <= absl::ZeroDuration() ||
+      options.max_lease_ttl <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("reservation_ttl and max_lease_ttl must be positive");
+  }
+  std::unique_ptr<TieredStore> store(new TieredStore(options));
+  KVDN_ASSIGN_OR_RETURN(store->host_, HostTier::Create(options.host));
+  if (options.gpu) {
+    KVDN_ASSIGN_OR_RETURN(store->gpu_, GpuTier::Create(*options.gpu));
+  }
+  if (options.disk) {
+    KVDN_ASSIGN_OR_RETURN(store->disk_, DiskTier::Open(*options.disk));
+    // Index what is on disk, oldest first so the newest ends up most recently used.
+    std::vector<DiskChunkMeta> metas;
+    KVDN_RETURN_IF_ERROR(store->disk_->ForEach([&](const DiskChunkMeta& m) {
+      metas.push_back(m);
+      return true;
+    }));
+    std::sort(metas.begin(), metas.end(),
+              [](const DiskChunkMeta& a, const DiskChunkMeta& b) { return a.written < b.written; });
+    State& s = *store->state_;
+    absl::MutexLock lock(&s.mu);
+    for (const DiskChunkMeta& m : metas) {
+      Entry& e = s.index[m.key];
+      e.key = m.key;
+      e.size = m.stored_bytes;
+      e.on_disk = true;
+      s.Link(&e, kDisk);
+    }
+    if (!metas.empty()) spdlog::info("tiered store: indexed {} chunks from disk", metas.size());
+  }
+  if (options.maintenance_interval > absl::ZeroDuration()) {
+    TieredStore* self = store.get();
+    store->state_->maintenance = std::thread([self] {
+      State& s = *self->state_;
+      for (;;) {
+        absl::MutexLock lock(&s.mu);
+        s.mu.AwaitWithTimeout(absl::Condition(
+                                  +[](State* st) { return st->stop || st->wake; }, &s),
+                              self->options_.maintenance_interval);
+        if (s.stop) return;
+        s.wake = false;
+        self->MaintenanceLocked();
+      }
+    });
+  }
+  return store;
+}
+
+// ---- puts ----------------------------------------------------------------------------------------
+
+absl::StatusOr<Reservation> TieredStore::Reserve(const ChunkKey& key, uint64_t size) {
+  if (absl::Status st = ValidateNamespace(key.ns); !st.ok()) return st;
+  if (size < kChunkHeaderBytes || size > kChunkHeaderBytes + kMaxChunkPayloadBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("reservation size ", size,
+                                                   " is outside [", kChunkHeaderBytes, ", ",
+                                                   kChunkHeaderBytes + kMaxChunkPayloadBytes, "]"));
+  }
+  State& s = *state_;
+  absl::MutexLock lock(&s.mu);
+  auto check_key = [&]() -> absl::Status {
+    if (auto it = s.index.find(key); it != s.index.end()) {
+      if (it->second.doomed) {
+        return absl::UnavailableError(
+            absl::StrCat("chunk ", key.ToString(), " is being deleted; retry"));
+      }
+      return absl::AlreadyExistsError(absl::StrCat("chunk ", key.ToString(), " is stored"));
+    }
+    if (auto it = s.reserved_keys.find(key); it != s.reserved_keys.end()) {
+      return absl::AlreadyExistsError(absl::StrCat("chunk ", key.ToString(),
+                                                   " is being written by reservation ", it->second));
+    }
+    return absl::OkStatus();
+  };
+  KVDN_RETURN_IF_ERROR(check_key());
+  KVDN_ASSIGN_OR_RETURN(MemoryBlock block, AllocateLocked(kHost, size, nullptr));
+  // Allocation may have dropped the lock to evict; another writer may have taken the key.
+  if (absl::Status st = check_key(); !st.ok()) {
+    (void)host_->Free(block);
+    return st;
+  }
+  const uint64_t id = s.next_id++;
+  const absl::Time expires = clock_->Now() + options_.reservation_ttl;
+  s.reservations[id] = State::PendingReservation{key, block, expires};
+  s.reserved_keys[key] = id;
+  WakeIfAboveHighLocked(kHost);
+  return Reservation{id, host_->Bytes(block), expires};
+}
+
+absl::Status TieredStore::Commit(uint64_t reservation_id, uint64_t payload_checksum) {
+  return CommitInternal(reservation_id, payload_checksum, /*payload_verified=*/false);
+}
+
+absl::Status TieredStore::CommitInternal(uint64_t id, uint64_t payload_checksum,
+                                         bool payload_verified) {
+  State& s = *state_;
+  ChunkKey key;
+  MemoryBlock block;
+  {
+    absl::MutexLock lock(&s.mu);
+    auto it = s.reservations.find(id);
+    if (it == s.reservations.end()) {
+      if (s.expired_reservations.Contains(id)) {
+        return absl::AbortedError(absl::StrCat("reservation ", id, " expired; reserve again"));
+      }
+      return absl::NotFoundError(absl::StrCat("no reservation ", id));
+    }
+    if (it->second.committing) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("reservation ", id, " is already being committed"));
+    }
+    if (clock_->Now() >= it->second.expires) {
+      (void)host_->Free(it->second.block);
+      s.reserved_keys.erase(it->second.key);
+      s.reservations.erase(it);
+      s.expired_reservations.Add(id);
+      ++s.reservations_expired;
+      return absl::AbortedError(absl::StrCat("reservation ", id, " expired; reserve again"));
+    }
+    it->second.committing = true;
+    key = it->second.key;
+    block = it->second.block;
+  }
+  // Verify outside the lock: the reservation is ours while `committing` is set.
+  absl::Status verdict;
+  auto view = DecodeChunk(host_->Bytes(block), /*verify_payload=*/!payload_verified);
+  if (!view.ok()) {
+    verdict = view.status();
+  } else if (view->header.payload_checksum != payload_checksum) {
+    verdict = absl::DataLossError(
+        absl::StrFormat("commit checksum %016x does not match the chunk header's %016x",
+                        payload_checksum, view->header.payload_checksum));
+  }
+  absl::MutexLock lock(&s.mu);
+  s.reservations.erase(id);
+  s.reserved_keys.erase(key);
+  if (!verdict.ok()) {
+    (void)host_->Free(block);
+    ++s.commit_failures;
+    if (absl::IsDataLoss(verdict)) ++s.stats[kHost].checksum_failures;
+    return verdict;
+  }
+  auto [it, inserted] = s.index.try_emplace(key);
+  if (!inserted) {  // cannot happen while reserved_keys guards the key; never lose the old chunk
+    (void)host_->Free(block);
+    return absl::AlreadyExistsError(absl::StrCat("chunk ", key.ToString(), " is stored"));
+  }
+  Entry& e = it->second;
+  e.key = key;
+  e.size = block.size;
+  e.mem = kHost;
+  e.block = block;
+  s.Link(&e, kHost);
+  ++s.commits;
+  return absl::OkStatus();
+}
+
+absl::Status TieredStore::Abort(uint64_t reservation_id) {
+  State& s = *state_;
+  absl::MutexLock lock(&s.mu);
+  auto it = s.reservations.find(reservation_id);
+  if (it == s.reservations.end() || it->second.committing) {
+    return absl::NotFoundError(absl::StrCat("no reservation ", reservation_id, " to abort"));
+  }
+  (void)host_->Free(it->second.block);
+  s.reserved_keys.erase(it->second.key);
+  s.reservations.erase(it);
+  return absl::OkStatus();
+}
+
+absl::Status TieredStore::Put(const ChunkKey& key, ByteSpan encoded) {
+  KVDN_ASSIGN_OR_RETURN(ChunkHeader header, DecodeChunkHeader(encoded));
+  KVDN_ASSIGN_OR_RETURN(Reservation r, Reserve(key, encoded.size()));
+  // One pass: copy a piece into the arena, then hash it while it is still in cache.
+  Xxh3_64Stream hasher;
+  uint8_t* dst = r.buffer.data();
+  for (size_t off = 0; off < encoded.size(); off += kCopyHashPiece) {
+    const size_t n = std::min(kCopyHashPiece, encoded.size() - off);
+    std::memcpy(dst + off, encoded.data() + off, n);
+    const size_t begin = std::max(off, kChunkHeaderBytes);
+    if (off + n > begin) hasher.Update(ByteSpan(dst + begin, off + n - begin));
+  }
+  if (hasher.Digest() != header.payload_checksum) {
+    (void)Abort(r.id);
+    absl::MutexLock lock(&state_->mu);
+    ++state_->commit_failures;
+    ++state_->stats[kHost].checksum_failures;
+    return absl::DataLossError(
+        absl::StrFormat("chunk payload hashes to %016x, its header says %016x", hasher.Digest(),
+                        header.payload_checksum));
+  }
+  return CommitInternal(r.id, header.payload_checksum, /*payload_verified=*/true);
+}
+
+// ---- reads ---------------------------------------------------------------------------------------
+
+absl::StatusOr<Lease> TieredStore::Acquire(const ChunkKey& key, const AcquireOptions& options) {
+  State& s = *state_;
+  absl::MutexLock lock(&s.mu);
+  bool counted = false;
+  bool tried_gpu = false;
+  auto count = [&](int found) {
+    if (counted) return;
+    counted = true;
+    for (int t = 0; t < kNumTierKinds; ++t) {
+      if (!TierPresent(t)) continue;
+      if (t == found) {
+        ++s.stats[t].hits;
+        break;
+      }
+      ++s.stats[t].misses;
+    }
+  };
+  for (;;) {
+    auto it = s.index.find(key);
+    if (it == s.index.end() || it->second.doomed) {
+      count(kNone);
+      return absl::NotFoundError(absl::StrCat("chunk ", key.ToString(), " is not stored"));
+    }
+    Entry* e = &it->second;
+    if (e->moving && (e->mem == kNone || (e->mem == kGpu && !options.accept_gpu))) {
+      // Wait for the move in flight, then look again (the entry may be gone by then).
+      struct MoveDone {
+        State* s;
+        const ChunkKey* key;
+      } arg{&s, &key};
+      s.mu.Await(absl::Condition(
+          +[](MoveDone* a) {
+            auto i = a->s->index.find(*a->key);
+            return i == a->s->index.end() || !i->second.moving;
+          },
+          &arg));
+      continue;
+    }
+    count(e->mem != kNone ? e->mem : kDisk);
+    if (e->mem == kGpu && !options.accept_gpu) {
+      KVDN_RETURN_IF_ERROR(DemoteGpuToHostLocked(e, /*for_reader=*/true));
+      continue;
+    }
+    if (e->mem == kNone) {
+      KVDN_RETURN_IF_ERROR(PromoteFromDiskLocked(e));
+      continue;
+    }
+    if (e->mem == kHost && options.accept_gpu && gpu_ && !tried_gpu && !e->moving &&
+        e->pins == 0) {
+      tried_gpu = true;  // opportunistic: on failure the host copy is leased
+      PromoteToGpuLocked(e);
+      continue;
+    }
+    const uint64_t id = s.next_id++;
+    const absl::Duration ttl = std::min(options.ttl, options_.max_lease_ttl);
+    const absl::Time expires = clock_->Now() + ttl;
+    s.leases[id] = State::LeaseRecord{e, expires};
+    ++e->pins;
+    s.Touch(e, e->mem);
+    s.Touch(e, kDisk);
+    Lease lease{id, static_cast<TierKind>(e->mem), e->size, {}, nullptr, expires};
+    if (e->mem == kHost) {
+      lease.host_bytes = host_->Bytes(e->block);
+    } else {
+      lease.device_ptr = gpu_->Address(e->block);
+    }
+    return lease;
+  }
+}
+
+absl::Status TieredStore::Release(uint64_t lease_id) {
+  State& s = *state_;
+  absl::MutexLock lock(&s.mu);
+  auto it = s.leases.find(lease_id);
+  if (it == s.leases.end()) {
+    if (s.expired_leases.Contains(lease_id)) {
+      return absl::AbortedError(absl::StrCat(
+          "lease ", lease_id, " expired before release; bytes read under it may be stale"));
+    }
+    return absl::NotFoundError(absl::StrCat("no lease ", lease_id));
+  }
+  Entry* e = it->second.entry;
+  s.leases.erase(it);
+  --e->pins;
+  MaybeReapLocked(e);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<uint64_t> TieredStore::Get(const ChunkKey& key, MutableByteSpan dst) {
+  KVDN_ASSIGN_OR_RETURN(Lease lease, Acquire(key));
+  if (dst.size() < lease.size) {
+    (void)Release(lease.id);
+    return absl::OutOfRangeError(absl::StrCat("chunk is ", lease.size,
+                                              " bytes, destination holds ", dst.size()));
+  }
+  std::memcpy(dst.data(), lease.host_bytes.data(), lease.size);
+  KVDN_RETURN_IF_ERROR(Release(lease.id));
+  return lease.size;
+}
+
+LookupResult TieredStore::Lookup(absl::Span<const ChunkKey> chain) const {
+  State& s = *state_;
+  absl::MutexLock lock(&s.mu);
+  LookupResult r;
+  for (const ChunkKey& key : chain) {
+    auto it = s.index.find(key);
+    if (it == s.index.end() || it->second.doomed) break;
+    const Entry& e = it->second;
+    r.tiers.push_back(static_cast<TierKind>(e.mem != kNone ? e.mem : kDisk));
+    ++r.matched;
+  }
+  return r;
+}
+
+absl::Status TieredStore::Delete(const ChunkKey& key) {
+  State& s = *state_;
+  absl::MutexLock lock(&s.mu);
+  auto it = s.index.find(key);
+  if (it == s.index.end() || it->second.doomed) {
+    return absl::NotFoundError(absl::StrCat("chunk ", key.ToString(), " is not stored"));
+  }
+  it->second.doomed = true;
+  MaybeReapLocked(&it->second);
+  return absl::OkStatus();
+}
+
+StoreStats TieredStore::Stats() const {
+  State& s = *state_;
+  absl::MutexLock lock(&s.mu);
+  StoreStats out;
+  out.tiers = s.stats;
+  for (int t = 0; t < kNumTierKinds; ++t) {
+    TierStats& ts = out.tiers[t];
+    ts.present = TierPresent(t);
+    if (!ts.present) continue;
+    ts.chunks = s.lru[t].count;
+    ts.bytes = s.lru[t].bytes;
+    ts.used_bytes = TierUsed(t);
+    ts.capacity_bytes = t == kDisk ? disk_->capacity_bytes() : MemTier(t)->capacity_bytes();
+  }
+  if (disk_) out.tiers[kDisk].checksum_failures = disk_->checksum_failures();
+  out.reservations_active = s.reservations.size();
+  out.reservations_expired = s.reservations_expired;
+  out.commits = s.commits;
+  out.commit_failures = s.commit_failures;
+  out.leases_active = s.leases.size();
+  out.leases_expired = s.leases_expired;
+  return out;
+}
+
+}  // namespace kvdn::storage

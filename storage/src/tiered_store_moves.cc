@@ -1,0 +1,290 @@
+// Eviction, demotion, promotion and maintenance of TieredStore. Every function here is called
+// with state_->mu held; those that do I/O release it around the I/O with the chunk pinned.
+#include <algorithm>
+#include <cstring>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "kvdn/common/chunk_format.h"
+#include "kvdn/common/hash.h"
+#include "kvdn/common/logging.h"
+#include "src/tiered_store_state.h"
+
+namespace kvdn::storage {
+
+MemoryTier* TieredStore::MemTier(int t) const {
+  return t == kGpu ? static_cast<MemoryTier*>(gpu_.get()) : static_cast<MemoryTier*>(host_.get());
+}
+
+uint64_t TieredStore::TierUsed(int t) const {
+  return t == kDisk ? disk_->used_bytes() : MemTier(t)->used_bytes();
+}
+
+bool TieredStore::TierPresent(int t) const {
+  return t == kHost || (t == kGpu && gpu_) || (t == kDisk && disk_);
+}
+
+// ---- removal and reaping -------------------------------------------------------------------------
+
+void TieredStore::FreeMemoryLocked(Entry* e) {
+  State& s = *state_;
+  if (e->mem == kNone) return;
+  s.Unlink(e, e->mem);
+  if (absl::Status st = MemTier(e->mem)->Free(e->block); !st.ok()) {
+    spdlog::error("tiered store: freeing {}: {}", e->key.ToString(), st.message());
+  }
+  e->mem = kNone;
+}
+
+void TieredStore::DropDiskCopyLocked(Entry* e) {
+  if (!e->on_disk) return;
+  state_->Unlink(e, kDisk);
+  if (absl::Status st = disk_->Delete(e->key); !st.ok()) {
+    spdlog::error("tiered store: deleting {} from disk: {}", e->key.ToString(), st.message());
+  }
+  e->on_disk = false;
+}
+
+void TieredStore::RemoveLocked(Entry* e) {
+  FreeMemoryLocked(e);
+  DropDiskCopyLocked(e);
+  const ChunkKey key = e->key;
+  state_->index.erase(key);
+}
+
+bool TieredStore::MaybeReapLocked(Entry* e) {
+  if (e->pins > 0 || e->moving) return false;
+  if (e->doomed || (e->mem == kNone && !e->on_disk)) {
+    RemoveLocked(e);
+    return true;
+  }
+  return false;
+}
+
+// ---- eviction ------------------------------------------------------------------------------------
+
+absl::StatusOr<MemoryBlock> TieredStore::AllocateLocked(int t, uint64_t size, const Entry* keep) {
+  MemoryTier* tier = MemTier(t);
+  // Each round either allocates or evicts one chunk; bound the rounds in case others refill.
+  for (size_t round = 0; round < state_->index.size() + 8; ++round) {
+    auto block = tier->Allocate(size);
+    if (block.ok()) return block;
+    if (!EvictOneLocked(t, keep)) break;
+  }
+  return absl::ResourceExhaustedError(
+      absl::StrCat(TierKindName(static_cast<TierKind>(t)), " tier has no room for ", size,
+                   " bytes: every chunk in it is leased or in transit (capacity ",
+                   tier->capacity_bytes(), ", used ", tier->used_bytes(), ")"));
+}
+
+bool TieredStore::EvictOneLocked(int t, const Entry* keep) {
+  State& s = *state_;
+  Entry* victim = s.lru[t].tail;
+  while (victim && (victim == keep || victim->moving || (t != kDisk && victim->pins > 0) ||
+                    (t == kDisk && victim->mem == kNone && victim->pins > 0))) {
+    victim = victim->prev[t];
+  }
+  if (!victim) return false;
+  TierStats& ts = s.stats[t];
+  ++ts.evictions;
+  if (t == kDisk) {
+    DropDiskCopyLocked(victim);
+    MaybeReapLocked(victim);
+    return true;
+  }
+  if (t == kHost) {
+    if (victim->on_disk || !disk_ || victim->size > disk_->capacity_bytes()) {
+      if (victim->on_disk) ++ts.demotions;
+      FreeMemoryLocked(victim);
+      MaybeReapLocked(victim);
+      return true;
+    }
+    DemoteToDiskLocked(victim);
+    return true;
+  }
+  (void)DemoteGpuToHostLocked(victim, /*for_reader=*/false);
+  return true;
+}
+
+void TieredStore::DemoteToDiskLocked(Entry* e) {
+  State& s = *state_;
+  // Make room on disk first, so the disk tier never exceeds its capacity.
+  e->moving = true;
+  ++e->pins;
+  while (disk_->used_bytes() + e->size > disk_->capacity_bytes()) {
+    if (!EvictOneLocked(kDisk, e)) break;
+  }
+  const bool room = disk_->used_bytes() + e->size <= disk_->capacity_bytes();
+  absl::Status st = absl::ResourceExhaustedError("disk tier full");
+  if (room) {
+    const ByteSpan bytes = host_->Bytes(e->block);
+    s.mu.Unlock();
+    st = disk_->Write(e->key, bytes);
+    s.mu.Lock();
+  }
+  --e->pins;
+  e->moving = false;
+  if (st.ok()) {
+    e->on_disk = true;
+    s.Link(e, kDisk);
+  } else {
+    spdlog::warn("tiered store: demoting {} to disk failed, dropping it: {}", e->key.ToString(),
+                 st.message());
+  }
+  if (e->pins == 0) {
+    if (st.ok()) ++s.stats[kHost].demotions;
+    FreeMemoryLocked(e);
+  }
+  MaybeReapLocked(e);
+}
+
+absl::Status TieredStore::DemoteGpuToHostLocked(Entry* e, bool for_reader) {
+  State& s = *state_;
+  e->moving = true;
+  ++e->pins;
+  auto hb = AllocateLocked(kHost, e->size, e);
+  absl::Status st = hb.status();
+  if (hb.ok()) {
+    const MemoryBlock gb = e->block;
+    const MutableByteSpan dst = host_->Bytes(*hb);
+    s.mu.Unlock();
+    st = gpu_->CopyOut(gb, 0, dst);
+    s.mu.Lock();
+  }
+  --e->pins;
+  e->moving = false;
+  if (st.ok() && e->pins == 0 && !e->doomed) {
+    FreeMemoryLocked(e);
+    e->mem = kHost;
+    e->block = *hb;
+    s.Link(e, kHost);
+    ++s.stats[kGpu].demotions;
+    return absl::OkStatus();
+  }
+  if (hb.ok()) (void)host_->Free(*hb);
+  if (st.ok() && e->pins > 0) {
+    st = absl::UnavailableError(absl::StrCat(
+        "chunk ", e->key.ToString(), " is leased in GPU memory by another reader; retry"));
+  } else if (!st.ok() && !for_reader) {
+    // Evicting with no room below (or a failed copy): drop the GPU copy; a disk copy stays.
+    spdlog::warn("tiered store: demoting {} from GPU failed: {}", e->key.ToString(), st.message());
+    if (e->pins == 0) FreeMemoryLocked(e);
+  }
+  MaybeReapLocked(e);
+  return st;
+}
+
+void TieredStore::MaintenanceLocked() {
+  State& s = *state_;
+  const absl::Time now = clock_->Now();
+  std::vector<uint64_t> expired;
+  for (const auto& [id, r] : s.reservations) {
+    if (!r.committing && r.expires <= now) expired.push_back(id);
+  }
+  for (uint64_t id : expired) {
+    auto it = s.reservations.find(id);
+    (void)host_->Free(it->second.block);
+    s.reserved_keys.erase(it->second.key);
+    s.reservations.erase(it);
+    s.expired_reservations.Add(id);
+    ++s.reservations_expired;
+  }
+  expired.clear();
+  for (const auto& [id, l] : s.leases) {
+    if (l.expires <= now) expired.push_back(id);
+  }
+  for (uint64_t id : expired) {
+    auto it = s.leases.find(id);
+    Entry* e = it->second.entry;
+    s.leases.erase(it);
+    s.expired_leases.Add(id);
+    ++s.leases_expired;
+    --e->pins;
+    MaybeReapLocked(e);
+  }
+  for (int t = 0; t < kNumTierKinds; ++t) {
+    if (!TierPresent(t)) continue;
+    const Tier* tier = t == kDisk ? static_cast<const Tier*>(disk_.get()) : MemTier(t);
+    if (TierUsed(t) <= tier->high_watermark_bytes()) continue;
+    while (TierUsed(t) > tier->low_watermark_bytes()) {
+      if (!EvictOneLocked(t, nullptr)) break;
+    }
+  }
+}
+
+void TieredStore::RunMaintenance() {
+  absl::MutexLock lock(&state_->mu);
+  MaintenanceLocked();
+}
+
+void TieredStore::WakeIfAboveHighLocked(int t) {
+  if (options_.maintenance_interval <= absl::ZeroDuration()) return;
+  if (MemTier(t)->used_bytes() > MemTier(t)->high_watermark_bytes()) state_->wake = true;
+}
+
+absl::Status TieredStore::PromoteFromDiskLocked(Entry* e) {
+  State& s = *state_;
+  e->moving = true;
+  ++e->pins;
+  auto hb = AllocateLocked(kHost, e->size, e);
+  absl::Status st = hb.status();
+  if (hb.ok()) {
+    const MutableByteSpan dst = host_->Bytes(*hb);
+    const ChunkKey key = e->key;
+    s.mu.Unlock();
+    auto n = disk_->Read(key, dst);
+    s.mu.Lock();
+    st = n.status();
+  }
+  --e->pins;
+  e->moving = false;
+  if (!st.ok()) {
+    if (hb.ok()) (void)host_->Free(*hb);
+    if (absl::IsDataLoss(st)) {
+      // The disk tier counted it and deleted it; forget the disk copy.
+      s.Unlink(e, kDisk);
+      e->on_disk = false;
+    }
+    MaybeReapLocked(e);
+    return st;
+  }
+  if (e->doomed) {
+    (void)host_->Free(*hb);
+    MaybeReapLocked(e);
+    return absl::OkStatus();  // the caller looks again and finds it gone
+  }
+  e->mem = kHost;
+  e->block = *hb;
+  s.Link(e, kHost);
+  ++s.stats[kHost].promotions;
+  return absl::OkStatus();
+}
+
+void TieredStore::PromoteToGpuLocked(Entry* e) {
+  State& s = *state_;
+  e->moving = true;
+  ++e->pins;
+  auto gb = AllocateLocked(kGpu, e->size, e);
+  absl::Status st = gb.status();
+  if (gb.ok()) {
+    const ByteSpan src = host_->Bytes(e->block);
+    s.mu.Unlock();
+    st = gpu_->CopyIn(*gb, 0, src);
+    s.mu.Lock();
+  }
+  --e->pins;
+  e->moving = false;
+  if (st.ok() && e->pins == 0 && !e->doomed) {
+    FreeMemoryLocked(e);
+    e->mem = kGpu;
+    e->block = *gb;
+    s.Link(e, kGpu);
+    ++s.stats[kGpu].promotions;
+    return;
+  }
+  if (gb.ok()) (void)gpu_->Free(*gb);
+  MaybeReapLocked(e);
+}
+
+}  // namespace kvdn::storage

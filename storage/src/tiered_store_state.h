@@ -1,0 +1,138 @@
+// Internal to storage/: the index entry and the mutable state of TieredStore, shared by
+// tiered_store.cc (the public calls) and tiered_store_moves.cc (eviction, demotion, promotion).
+#ifndef KVDN_STORAGE_SRC_TIERED_STORE_STATE_H_
+#define KVDN_STORAGE_SRC_TIERED_STORE_STATE_H_
+
+#include "kvdn/storage/tiered_store.h"
+
+#include <algorithm>
+#include <cstring>
+#include <deque>
+#include <thread>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/container/node_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "kvdn/common/chunk_format.h"
+#include "kvdn/common/hash.h"
+#include "kvdn/common/logging.h"
+
+namespace kvdn::storage {
+namespace internal {
+
+inline constexpr int kNone = -1;
+inline constexpr int kGpu = static_cast<int>(TierKind::kGpu);
+inline constexpr int kHost = static_cast<int>(TierKind::kHost);
+inline constexpr int kDisk = static_cast<int>(TierKind::kDisk);
+inline constexpr size_t kMaxTombstones = 1 << 16;
+// Put copies and hashes in pieces that stay in the CPU's L2 between the two.
+inline constexpr size_t kCopyHashPiece = 256 << 10;
+
+// Ids of reservations/leases that expired, so a late Commit/Release learns "expired" (ABORTED)
+// rather than "unknown" (NOT_FOUND). Bounded: the oldest are forgotten first.
+class Tombstones {
+ public:
+  void Add(uint64_t id) {
+    ids_.insert(id);
+    order_.push_back(id);
+    if (order_.size() > kMaxTombstones) {
+      ids_.erase(order_.front());
+      order_.pop_front();
+    }
+  }
+  bool Contains(uint64_t id) const { return ids_.contains(id); }
+
+ private:
+  absl::flat_hash_set<uint64_t> ids_;
+  std::deque<uint64_t> order_;
+};
+
+}  // namespace internal
+
+using namespace internal;  // NOLINT: internal header of this module
+
+struct TieredStore::Entry {
+  ChunkKey key;
+  uint64_t size = 0;  // encoded chunk bytes
+  int mem = kNone;    // kGpu or kHost when a memory copy exists
+  MemoryBlock block;  // the memory copy
+  bool on_disk = false;
+  uint32_t pins = 0;    // leases plus in-flight moves; a pinned memory copy is never freed
+  bool moving = false;  // one move at a time per chunk
+  bool doomed = false;  // deleted; removed once unpinned
+  // Intrusive LRU links, one list per tier (head = most recent).
+  Entry* prev[kNumTierKinds] = {};
+  Entry* next[kNumTierKinds] = {};
+  bool linked[kNumTierKinds] = {};
+};
+
+// All mutable state, guarded by mu.
+struct TieredStore::State {
+  struct LruList {
+    Entry* head = nullptr;
+    Entry* tail = nullptr;
+    uint64_t count = 0;
+    uint64_t bytes = 0;
+  };
+  struct PendingReservation {
+    ChunkKey key;
+    MemoryBlock block;
+    absl::Time expires;
+    bool committing = false;
+  };
+  struct LeaseRecord {
+    Entry* entry;
+    absl::Time expires;
+  };
+
+  absl::Mutex mu;
+  absl::node_hash_map<ChunkKey, Entry> index ABSL_GUARDED_BY(mu);
+  LruList lru[kNumTierKinds] ABSL_GUARDED_BY(mu);
+  absl::flat_hash_map<uint64_t, PendingReservation> reservations ABSL_GUARDED_BY(mu);
+  absl::flat_hash_map<ChunkKey, uint64_t> reserved_keys ABSL_GUARDED_BY(mu);
+  absl::flat_hash_map<uint64_t, LeaseRecord> leases ABSL_GUARDED_BY(mu);
+  Tombstones expired_reservations ABSL_GUARDED_BY(mu);
+  Tombstones expired_leases ABSL_GUARDED_BY(mu);
+  uint64_t next_id ABSL_GUARDED_BY(mu) = 1;
+  std::array<TierStats, kNumTierKinds> stats ABSL_GUARDED_BY(mu);
+  uint64_t reservations_expired ABSL_GUARDED_BY(mu) = 0;
+  uint64_t commits ABSL_GUARDED_BY(mu) = 0;
+  uint64_t commit_failures ABSL_GUARDED_BY(mu) = 0;
+  uint64_t leases_expired ABSL_GUARDED_BY(mu) = 0;
+  bool wake ABSL_GUARDED_BY(mu) = false;
+  bool stop ABSL_GUARDED_BY(mu) = false;
+  std::thread maintenance;
+
+  void Link(Entry* e, int t) {
+    LruList& l = lru[t];
+    e->prev[t] = nullptr;
+    e->next[t] = l.head;
+    if (l.head) l.head->prev[t] = e;
+    l.head = e;
+    if (!l.tail) l.tail = e;
+    e->linked[t] = true;
+    ++l.count;
+    l.bytes += e->size;
+  }
+  void Unlink(Entry* e, int t) {
+    if (!e->linked[t]) return;
+    LruList& l = lru[t];
+    if (e->prev[t]) e->prev[t]->next[t] = e->next[t]; else l.head = e->next[t];
+    if (e->next[t]) e->next[t]->prev[t] = e->prev[t]; else l.tail = e->prev[t];
+    e->prev[t] = e->next[t] = nullptr;
+    e->linked[t] = false;
+    --l.count;
+    l.bytes -= e->size;
+  }
+  void Touch(Entry* e, int t) {
+    if (!e->linked[t] || lru[t].head == e) return;
+    Unlink(e, t);
+    Link(e, t);
+  }
+};
+
+}  // namespace kvdn::storage
+
+#endif  // KVDN_STORAGE_SRC_TIERED_STORE_STATE_H_
