@@ -1,0 +1,63 @@
+#include "kvdn/storage/host_tier.h"
+
+#include <cstring>
+
+#include "gtest/gtest.h"
+#include "kvdn/testing/chunks.h"
+#include "kvdn/testing/status_matchers.h"
+
+namespace kvdn::storage {
+namespace {
+
+using ::kvdn::testing::StatusIs;
+using ::testing::HasSubstr;
+
+TEST(HostTierTest, AllocateCopyAndFree) {
+  ASSERT_OK_AND_ASSIGN(auto tier, HostTier::Create({.capacity_bytes = 8 << 20}));
+  EXPECT_EQ(tier->kind(), TierKind::kHost);
+  EXPECT_TRUE(tier->caps().host_addressable);
+  EXPECT_FALSE(tier->caps().persistent);
+  const auto data = testing::RandomBytes(1000003, 1);
+  ASSERT_OK_AND_ASSIGN(MemoryBlock b, tier->Allocate(data.size()));
+  ASSERT_OK(tier->CopyIn(b, 0, data));
+  std::vector<uint8_t> back(data.size());
+  ASSERT_OK(tier->CopyOut(b, 0, MutableByteSpan(back)));
+  EXPECT_EQ(back, data);
+  EXPECT_EQ(std::memcmp(tier->Bytes(b).data(), data.data(), data.size()), 0);
+  EXPECT_EQ(tier->used_bytes(), tier->RoundUp(data.size()));
+  ASSERT_OK(tier->Free(b));
+  EXPECT_EQ(tier->used_bytes(), 0u);
+  EXPECT_THAT(tier->Free(b), StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+TEST(HostTierTest, CopiesOutsideTheBlockAreRefused) {
+  ASSERT_OK_AND_ASSIGN(auto tier, HostTier::Create({.capacity_bytes = 1 << 20}));
+  ASSERT_OK_AND_ASSIGN(MemoryBlock b, tier->Allocate(100));
+  std::vector<uint8_t> buf(50);
+  EXPECT_THAT(tier->CopyIn(b, 60, buf),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("outside a block of 100")));
+  EXPECT_THAT(tier->CopyOut(b, ~uint64_t{0}, MutableByteSpan(buf)),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST(HostTierTest, CapacityIsEnforced) {
+  ASSERT_OK_AND_ASSIGN(auto tier, HostTier::Create({.capacity_bytes = 4 << 20}));
+  ASSERT_OK_AND_ASSIGN(MemoryBlock a, tier->Allocate(3 << 20));
+  EXPECT_THAT(tier->Allocate(2 << 20),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("host tier")));
+  ASSERT_OK(tier->Free(a));
+  EXPECT_OK(tier->Allocate(4 << 20));
+}
+
+TEST(HostTierTest, BadOptions) {
+  EXPECT_THAT(HostTier::Create({.capacity_bytes = 0}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("capacity")));
+  EXPECT_THAT(HostTier::Create({.capacity_bytes = 1 << 20, .alignment = 1000}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("alignment")));
+  EXPECT_THAT(HostTier::Create({.capacity_bytes = 1 << 20,
+                                .watermarks = {.high_watermark = 0.5, .low_watermark = 0.7}}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("watermarks")));
+}
+
+}  // namespace
+}  // namespace kvdn::storage

@@ -1,0 +1,314 @@
+#include "kvdn/storage/tiered_store.h"
+
+#include <cstring>
+
+#include "gtest/gtest.h"
+#include "kvdn/common/hash.h"
+#include "kvdn/testing/chunks.h"
+#include "kvdn/testing/status_matchers.h"
+
+namespace kvdn::storage {
+namespace {
+
+using ::kvdn::testing::KeyFor;
+using ::kvdn::testing::RandomChunk;
+using ::kvdn::testing::StatusIs;
+using ::testing::HasSubstr;
+
+constexpr uint64_t kMiB = 1 << 20;
+
+class TieredStoreTest : public ::testing::Test {
+ protected:
+  TieredStoreOptions Options(uint64_t host_bytes, bool with_disk, uint64_t disk_bytes = 1ull << 30) {
+    TieredStoreOptions o;
+    o.host.capacity_bytes = host_bytes;
+    o.host.watermarks = {.high_watermark = 0.9, .low_watermark = 0.6};
+    if (with_disk) {
+      o.disk = DiskTierOptions{.path = dir_.Sub("disk"), .capacity_bytes = disk_bytes};
+    }
+    o.maintenance_interval = absl::ZeroDuration();  // tests drive maintenance
+    o.clock = &clock_;
+    return o;
+  }
+  static std::vector<uint8_t> Chunk(uint64_t seed, uint64_t bytes = kMiB) {
+    return RandomChunk(testing::InfoForBytes(bytes), seed);
+  }
+  static void ExpectGet(TieredStore& s, const ChunkKey& k, const std::vector<uint8_t>& want) {
+    std::vector<uint8_t> got(want.size());
+    auto n = s.Get(k, MutableByteSpan(got));
+    ASSERT_TRUE(n.ok()) << n.status();
+    ASSERT_EQ(*n, want.size());
+    EXPECT_EQ(std::memcmp(got.data(), want.data(), want.size()), 0);
+  }
+  testing::TempDir dir_;
+  FakeClock clock_;
+};
+
+TEST_F(TieredStoreTest, PutGetRoundTripIsBitIdentical) {
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(64 * kMiB, false)));
+  for (int i = 0; i < 10; ++i) {
+    const auto c = Chunk(i, 100000 + 333333 * i);
+    ASSERT_OK(s->Put(KeyFor(i), c));
+    ExpectGet(*s, KeyFor(i), c);
+  }
+  const StoreStats st = s->Stats();
+  EXPECT_EQ(st.tier(TierKind::kHost).chunks, 10u);
+  EXPECT_EQ(st.tier(TierKind::kHost).hits, 10u);
+  EXPECT_EQ(st.commits, 10u);
+  EXPECT_FALSE(st.tier(TierKind::kDisk).present);
+}
+
+TEST_F(TieredStoreTest, TwoPhasePut) {
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(16 * kMiB, false)));
+  const auto c = Chunk(1);
+  ASSERT_OK_AND_ASSIGN(Reservation r, s->Reserve(KeyFor(1), c.size()));
+  EXPECT_EQ(r.buffer.size(), c.size());
+  // Invisible until committed.
+  EXPECT_EQ(s->Lookup({KeyFor(1)}).matched, 0u);
+  EXPECT_THAT(s->Reserve(KeyFor(1), c.size()),
+              StatusIs(absl::StatusCode::kAlreadyExists, HasSubstr("being written")));
+  std::memcpy(r.buffer.data(), c.data(), c.size());
+  const uint64_t checksum = DecodeChunkHeader(c)->payload_checksum;
+  ASSERT_OK(s->Commit(r.id, checksum));
+  EXPECT_EQ(s->Lookup({KeyFor(1)}).matched, 1u);
+  ExpectGet(*s, KeyFor(1), c);
+  EXPECT_THAT(s->Reserve(KeyFor(1), c.size()),
+              StatusIs(absl::StatusCode::kAlreadyExists, HasSubstr("is stored")));
+  EXPECT_THAT(s->Commit(r.id, checksum), StatusIs(absl::StatusCode::kNotFound));
+}
+
+TEST_F(TieredStoreTest, CommitRefusesCorruptOrMismatchedChunksAndFreesTheMemory) {
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(16 * kMiB, false)));
+  const auto c = Chunk(2);
+  const uint64_t checksum = DecodeChunkHeader(c)->payload_checksum;
+  // Payload corrupted in transit.
+  ASSERT_OK_AND_ASSIGN(Reservation r1, s->Reserve(KeyFor(2), c.size()));
+  std::memcpy(r1.buffer.data(), c.data(), c.size());
+  r1.buffer[c.size() / 2] ^= 1;
+  EXPECT_THAT(s->Commit(r1.id, checksum),
+              StatusIs(absl::StatusCode::kDataLoss, HasSubstr("payload checksum mismatch")));
+  // Writer's checksum differs from the header's.
+  ASSERT_OK_AND_ASSIGN(Reservation r2, s->Reserve(KeyFor(2), c.size()));
+  std::memcpy(r2.buffer.data(), c.data(), c.size());
+  EXPECT_THAT(s->Commit(r2.id, checksum + 1),
+              StatusIs(absl::StatusCode::kDataLoss, HasSubstr("does not match")));
+  // Not a chunk at all / wrong size for the reservation.
+  ASSERT_OK_AND_ASSIGN(Reservation r3, s->Reserve(KeyFor(2), c.size() + 64));
+  std::memcpy(r3.buffer.data(), c.data(), c.size());
+  EXPECT_THAT(s->Commit(r3.id, checksum),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("trailing")));
+  EXPECT_EQ(s->Lookup({KeyFor(2)}).matched, 0u);
+  const StoreStats st = s->Stats();
+  EXPECT_EQ(st.commit_failures, 3u);
+  EXPECT_EQ(st.tier(TierKind::kHost).used_bytes, 0u);
+  EXPECT_EQ(st.reservations_active, 0u);
+  // Put of a corrupt chunk is refused too.
+  auto bad = c;
+  bad[kChunkHeaderBytes + 7] ^= 2;
+  EXPECT_THAT(s->Put(KeyFor(2), bad), StatusIs(absl::StatusCode::kDataLoss));
+  bad[0] = 0;
+  EXPECT_THAT(s->Put(KeyFor(2), bad), StatusIs(absl::StatusCode::kInvalidArgument));
+  ASSERT_OK(s->Put(KeyFor(2), c));
+  ExpectGet(*s, KeyFor(2), c);
+}
+
+TEST_F(TieredStoreTest, BadReservations) {
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(4 * kMiB, false)));
+  EXPECT_THAT(s->Reserve(KeyFor(1), 10), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(s->Reserve(KeyFor(1), 2ull << 30), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(s->Reserve(KeyFor(1, "bad/ns"), kMiB), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(s->Reserve(KeyFor(1), 5 * kMiB), StatusIs(absl::StatusCode::kResourceExhausted));
+  EXPECT_THAT(s->Commit(12345, 0), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(s->Abort(12345), StatusIs(absl::StatusCode::kNotFound));
+}
+
+TEST_F(TieredStoreTest, ReservationsExpire) {
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(16 * kMiB, false)));
+  const auto c = Chunk(3);
+  ASSERT_OK_AND_ASSIGN(Reservation r, s->Reserve(KeyFor(3), c.size()));
+  std::memcpy(r.buffer.data(), c.data(), c.size());
+  clock_.Advance(absl::Seconds(31));
+  EXPECT_THAT(s->Commit(r.id, DecodeChunkHeader(c)->payload_checksum),
+              StatusIs(absl::StatusCode::kAborted, HasSubstr("expired")));
+  // Expired by maintenance, too, and the key is free again.
+  ASSERT_OK_AND_ASSIGN(Reservation r2, s->Reserve(KeyFor(3), c.size()));
+  clock_.Advance(absl::Seconds(31));
+  s->RunMaintenance();
+  EXPECT_EQ(s->Stats().tier(TierKind::kHost).used_bytes, 0u);
+  EXPECT_EQ(s->Stats().reservations_expired, 2u);
+  EXPECT_THAT(s->Commit(r2.id, 0), StatusIs(absl::StatusCode::kAborted));
+  ASSERT_OK(s->Put(KeyFor(3), c));
+}
+
+TEST_F(TieredStoreTest, LookupFindsTheLongestPrefixPerNamespace) {
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(64 * kMiB, false)));
+  const ModelSpec spec{"m", 4, 8, 128, Dtype::kBFloat16, 16};
+  std::vector<int32_t> tokens(16 * 6);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>(i * 7);
+  ASSERT_OK_AND_ASSIGN(auto keys, ChunkKeysForTokens("tenant-a", spec, tokens));
+  for (int i : {0, 1, 2, 4}) ASSERT_OK(s->Put(keys[i], Chunk(i, 100000)));
+  const LookupResult r = s->Lookup(keys);
+  EXPECT_EQ(r.matched, 3u);
+  EXPECT_EQ(r.tiers, std::vector<TierKind>(3, TierKind::kHost));
+  ASSERT_OK_AND_ASSIGN(auto other, ChunkKeysForTokens("tenant-b", spec, tokens));
+  EXPECT_EQ(s->Lookup(other).matched, 0u);
+  EXPECT_EQ(s->Lookup({}).matched, 0u);
+}
+
+TEST_F(TieredStoreTest, LeasesPinChunksAndExpire) {
+  // Room for 4 chunks of 1 MiB; each Put beyond evicts the least recently used unleased chunk.
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(4 * kMiB + 64 * 1024, false)));
+  const auto c0 = Chunk(0);
+  ASSERT_OK(s->Put(KeyFor(0), c0));
+  ASSERT_OK_AND_ASSIGN(Lease l, s->Acquire(KeyFor(0), {.ttl = absl::Seconds(10)}));
+  EXPECT_EQ(l.tier, TierKind::kHost);
+  EXPECT_EQ(std::memcmp(l.host_bytes.data(), c0.data(), c0.size()), 0);
+  for (int i = 1; i < 12; ++i) ASSERT_OK(s->Put(KeyFor(i), Chunk(i)));
+  // Chunk 0 survived eleven evicting puts because it is leased, and its bytes are intact.
+  EXPECT_EQ(std::memcmp(l.host_bytes.data(), c0.data(), c0.size()), 0);
+  EXPECT_EQ(s->Lookup({KeyFor(0)}).matched, 1u);
+  EXPECT_EQ(s->Lookup({KeyFor(1)}).matched, 0u);  // no disk tier: evicted means dropped
+  EXPECT_GT(s->Stats().tier(TierKind::kHost).evictions, 0u);
+  ASSERT_OK(s->Release(l.id));
+  EXPECT_THAT(s->Release(l.id), StatusIs(absl::StatusCode::kNotFound));
+
+  ASSERT_OK_AND_ASSIGN(Lease l2, s->Acquire(KeyFor(0), {.ttl = absl::Seconds(5)}));
+  clock_.Advance(absl::Seconds(6));
+  s->RunMaintenance();
+  EXPECT_EQ(s->Stats().leases_expired, 1u);
+  EXPECT_THAT(s->Release(l2.id), StatusIs(absl::StatusCode::kAborted, HasSubstr("expired")));
+  // An expired lease no longer pins.
+  for (int i = 20; i < 26; ++i) ASSERT_OK(s->Put(KeyFor(i), Chunk(i)));
+  EXPECT_EQ(s->Lookup({KeyFor(0)}).matched, 0u);
+}
+
+TEST_F(TieredStoreTest, EverythingLeasedMeansResourceExhausted) {
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(2 * kMiB + 64 * 1024, false)));
+  ASSERT_OK(s->Put(KeyFor(0), Chunk(0)));
+  ASSERT_OK(s->Put(KeyFor(1), Chunk(1)));
+  ASSERT_OK_AND_ASSIGN(Lease a, s->Acquire(KeyFor(0)));
+  ASSERT_OK_AND_ASSIGN(Lease b, s->Acquire(KeyFor(1)));
+  EXPECT_THAT(s->Put(KeyFor(2), Chunk(2)),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("leased")));
+  ASSERT_OK(s->Release(a.id));
+  ASSERT_OK(s->Put(KeyFor(2), Chunk(2)));
+  ASSERT_OK(s->Release(b.id));
+}
+
+TEST_F(TieredStoreTest, DeleteOfALeasedChunkHidesItAndFreesAtRelease) {
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(16 * kMiB, true)));
+  const auto c = Chunk(5);
+  ASSERT_OK(s->Put(KeyFor(5), c));
+  ASSERT_OK_AND_ASSIGN(Lease l, s->Acquire(KeyFor(5)));
+  ASSERT_OK(s->Delete(KeyFor(5)));
+  EXPECT_EQ(s->Lookup({KeyFor(5)}).matched, 0u);
+  EXPECT_THAT(s->Acquire(KeyFor(5)), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(s->Delete(KeyFor(5)), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(s->Reserve(KeyFor(5), c.size()), StatusIs(absl::StatusCode::kUnavailable));
+  EXPECT_EQ(std::memcmp(l.host_bytes.data(), c.data(), c.size()), 0);  // still intact
+  ASSERT_OK(s->Release(l.id));
+  EXPECT_EQ(s->Stats().tier(TierKind::kHost).used_bytes, 0u);
+  ASSERT_OK(s->Put(KeyFor(5), c));
+}
+
+TEST_F(TieredStoreTest, WatermarkEvictionDemotesToDiskAndHitsPromote) {
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(8 * kMiB, true)));
+  std::vector<std::vector<uint8_t>> chunks;
+  for (int i = 0; i < 20; ++i) {
+    chunks.push_back(Chunk(i));
+    ASSERT_OK(s->Put(KeyFor(i), chunks.back()));
+    s->RunMaintenance();
+  }
+  StoreStats st = s->Stats();
+  EXPECT_LE(st.tier(TierKind::kHost).used_bytes, 8 * kMiB * 9 / 10);
+  EXPECT_GT(st.tier(TierKind::kHost).demotions, 0u);
+  EXPECT_GT(st.tier(TierKind::kDisk).chunks, 0u);
+  // Every chunk is still stored, in host memory or on disk, and reads back bit-identical.
+  const LookupResult r = [&] {
+    std::vector<ChunkKey> keys;
+    for (int i = 0; i < 20; ++i) keys.push_back(KeyFor(i));
+    return s->Lookup(keys);
+  }();
+  // Lookup stops at the first absent key; all are present.
+  EXPECT_EQ(r.matched, 20u);
+  EXPECT_EQ(r.tiers[0], TierKind::kDisk);
+  EXPECT_EQ(r.tiers[19], TierKind::kHost);
+  ExpectGet(*s, KeyFor(0), chunks[0]);  // a disk hit, promoted
+  st = s->Stats();
+  EXPECT_EQ(st.tier(TierKind::kDisk).hits, 1u);
+  EXPECT_EQ(st.tier(TierKind::kHost).misses, 1u);
+  EXPECT_EQ(st.tier(TierKind::kHost).promotions, 1u);
+  EXPECT_EQ(s->Lookup({KeyFor(0)}).tiers[0], TierKind::kHost);
+  for (int i = 0; i < 20; ++i) ExpectGet(*s, KeyFor(i), chunks[i]);
+}
+
+TEST_F(TieredStoreTest, DiskWatermarkDropsTheOldest) {
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(4 * kMiB, true, 6 * kMiB)));
+  for (int i = 0; i < 16; ++i) {
+    ASSERT_OK(s->Put(KeyFor(i), Chunk(i)));
+    s->RunMaintenance();
+  }
+  const StoreStats st = s->Stats();
+  EXPECT_LE(st.tier(TierKind::kDisk).used_bytes, 6 * kMiB);
+  EXPECT_GT(st.tier(TierKind::kDisk).evictions, 0u);
+  EXPECT_EQ(s->Lookup({KeyFor(0)}).matched, 0u);
+  EXPECT_EQ(s->Lookup({KeyFor(15)}).matched, 1u);
+}
+
+TEST_F(TieredStoreTest, RestartKeepsDiskChunks) {
+  std::vector<std::vector<uint8_t>> chunks;
+  {
+    ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(4 * kMiB, true)));
+    for (int i = 0; i < 10; ++i) {
+      chunks.push_back(Chunk(i));
+      ASSERT_OK(s->Put(KeyFor(i), chunks.back()));
+      s->RunMaintenance();
+    }
+  }
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(4 * kMiB, true)));
+  const uint64_t on_disk = s->Stats().tier(TierKind::kDisk).chunks;
+  EXPECT_GE(on_disk, 6u);  // at least those demoted before the restart
+  for (int i = 0; i < 10; ++i) {
+    if (s->Lookup({KeyFor(i)}).matched == 0) continue;  // was only in memory
+    ExpectGet(*s, KeyFor(i), chunks[i]);
+  }
+  ExpectGet(*s, KeyFor(0), chunks[0]);
+}
+
+TEST_F(TieredStoreTest, CorruptDiskChunkIsDroppedNotReturned) {
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(4 * kMiB, true)));
+  auto bad = Chunk(9);
+  bad[kChunkHeaderBytes + 11] ^= 4;
+  ASSERT_OK(s->disk_tier()->Write(KeyFor(9), bad));  // as if it rotted on disk
+  // Reopen so the store indexes it.
+  s.reset();
+  ASSERT_OK_AND_ASSIGN(s, TieredStore::Open(Options(4 * kMiB, true)));
+  EXPECT_EQ(s->Lookup({KeyFor(9)}).matched, 1u);
+  std::vector<uint8_t> buf(bad.size());
+  EXPECT_THAT(s->Get(KeyFor(9), MutableByteSpan(buf)), StatusIs(absl::StatusCode::kDataLoss));
+  EXPECT_EQ(s->Lookup({KeyFor(9)}).matched, 0u);
+  const StoreStats st = s->Stats();
+  EXPECT_EQ(st.tier(TierKind::kDisk).checksum_failures, 1u);
+  EXPECT_EQ(st.tier(TierKind::kHost).used_bytes, 0u);
+}
+
+TEST_F(TieredStoreTest, GetIntoASmallBufferIsOutOfRange) {
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(4 * kMiB, false)));
+  ASSERT_OK(s->Put(KeyFor(1), Chunk(1)));
+  std::vector<uint8_t> small(100);
+  EXPECT_THAT(s->Get(KeyFor(1), MutableByteSpan(small)),
+              StatusIs(absl::StatusCode::kOutOfRange));
+  EXPECT_EQ(s->Stats().leases_active, 0u);
+  EXPECT_THAT(s->Get(KeyFor(2), MutableByteSpan(small)), StatusIs(absl::StatusCode::kNotFound));
+}
+
+TEST_F(TieredStoreTest, GpuTierWithoutAGpuFailsClearly) {
+  if (GpuAvailable()) GTEST_SKIP() << "a GPU is present; covered by tests/gpu";
+  TieredStoreOptions o = Options(4 * kMiB, false);
+  o.gpu = GpuTierOptions{};
+  EXPECT_THAT(TieredStore::Open(o), StatusIs(absl::StatusCode::kFailedPrecondition,
+                                             HasSubstr("no CUDA device")));
+}
+
+}  // namespace
+}  // namespace kvdn::storage
