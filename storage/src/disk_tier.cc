@@ -1,5 +1,6 @@
 #include "kvdn/storage/disk_tier.h"
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 
@@ -13,12 +14,16 @@
 namespace kvdn::storage {
 namespace {
 
-// Key layout in RocksDB: one prefix byte ('m' metadata, 'd' chunk bytes), then the ChunkKey as
-// u8 namespace length, namespace, u64 fingerprint (big-endian), 16-byte canonical prefix hash.
+// Key layout in RocksDB:
+//   'm' + ChunkKey (u8 namespace length, namespace, u64 BE fingerprint, 16-byte canonical hash)
+//       -> metadata: 64-byte chunk header, u64le write time (us since epoch), u64le sequence
+//   'd' + u64 BE sequence -> the encoded chunk (stored in a blob file)
+// Chunk bytes are keyed by a per-tier write sequence, not by their hash: a memtable flushes in key
+// order, so blob files hold chunks in the order they were written, and a prefix chain written
+// together is read back sequentially (kernel readahead) rather than from random offsets.
 constexpr char kMetaPrefix = 'm';
 constexpr char kDataPrefix = 'd';
-// Metadata value: the 64-byte chunk header, then u64le write time in microseconds since the epoch.
-constexpr size_t kMetaBytes = kChunkHeaderBytes + 8;
+constexpr size_t kMetaBytes = kChunkHeaderBytes + 16;
 
 std::string EncodeKey(char prefix, const ChunkKey& key) {
   std::string out;
@@ -30,6 +35,18 @@ std::string EncodeKey(char prefix, const ChunkKey& key) {
   const auto h = key.prefix_hash.Canonical();
   out.append(reinterpret_cast<const char*>(h.data()), h.size());
   return out;
+}
+
+std::string DataKey(uint64_t seq) {
+  std::string out(1, kDataPrefix);
+  for (int i = 7; i >= 0; --i) out.push_back(static_cast<char>(seq >> (8 * i)));
+  return out;
+}
+
+uint64_t GetU64Le(const char* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | static_cast<uint8_t>(p[i]);
+  return v;
 }
 
 absl::StatusOr<ChunkKey> DecodeKey(const rocksdb::Slice& s) {
@@ -62,10 +79,10 @@ absl::StatusOr<DiskChunkMeta> DecodeMeta(const rocksdb::Slice& key, const rocksd
   if (value.size() != kMetaBytes) return absl::DataLossError("disk tier: malformed metadata");
   const auto* p = reinterpret_cast<const uint8_t*>(value.data());
   KVDN_ASSIGN_OR_RETURN(ChunkHeader h, DecodeChunkHeader(ByteSpan(p, kChunkHeaderBytes)));
-  int64_t us = 0;
-  for (int i = 7; i >= 0; --i) us = (us << 8) | p[kChunkHeaderBytes + i];
+  const auto* c = reinterpret_cast<const char*>(p);
   return DiskChunkMeta{std::move(k), h, kChunkHeaderBytes + h.payload_bytes,
-                       absl::FromUnixMicros(us)};
+                       absl::FromUnixMicros(static_cast<int64_t>(GetU64Le(c + kChunkHeaderBytes))),
+                       GetU64Le(c + kChunkHeaderBytes + 8)};
 }
 
 }  // namespace
@@ -74,6 +91,7 @@ DiskTier::DiskTier(const DiskTierOptions& options) : options_(options) {}
 
 DiskTier::~DiskTier() {
   if (db_) {
+    if (absl::Status s = Sync(); !s.ok()) spdlog::warn("disk tier: sync at close: {}", s.message());
     rocksdb::Status s = db_->Close();
     if (!s.ok()) spdlog::warn("disk tier: close: {}", s.ToString());
   }
@@ -103,6 +121,15 @@ absl::StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& 
   o.max_background_jobs = 2;
   o.IncreaseParallelism(2);
   o.paranoid_checks = true;
+  // Chunks of one prefix are written together and read back in order: let the kernel read ahead
+  // in blob files instead of RocksDB's default POSIX_FADV_RANDOM.
+  o.advise_random_on_open = false;
+  // The host tier is the cache: disk reads and flushes bypass the page cache (O_DIRECT). A chunk
+  // read is then one large direct I/O the block layer splits and issues in parallel, instead of a
+  // buffered read served through the kernel's small synchronous readahead windows, and flushes skip
+  // a copy into the page cache.
+  o.use_direct_reads = options.direct_io;
+  o.use_direct_io_for_flush_and_compaction = options.direct_io;
 
   std::unique_ptr<DiskTier> tier(new DiskTier(options));
   rocksdb::DB* db = nullptr;
@@ -110,45 +137,48 @@ absl::StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& 
   tier->db_.reset(db);
 
   // Rebuild the counters from the metadata records.
-  uint64_t used = 0, chunks = 0;
+  uint64_t used = 0, chunks = 0, max_seq = 0;
   KVDN_RETURN_IF_ERROR(tier->ForEach([&](const DiskChunkMeta& m) {
     used += m.stored_bytes;
     ++chunks;
+    max_seq = std::max(max_seq, m.sequence);
     return true;
   }));
   tier->used_ = used;
   tier->chunks_ = chunks;
+  tier->next_seq_ = max_seq + 1;
   return tier;
 }
 
 absl::Status DiskTier::Write(const ChunkKey& key, ByteSpan encoded) {
   KVDN_ASSIGN_OR_RETURN(ChunkView view, DecodeChunk(encoded, /*verify_payload=*/false));
+  const uint64_t seq = next_seq_.fetch_add(1);
   std::string meta(kMetaBytes, '\0');
   std::memcpy(meta.data(), encoded.data(), kChunkHeaderBytes);
-  const int64_t now_us = absl::ToUnixMicros(absl::Now());
-  for (int i = 0; i < 8; ++i) meta[kChunkHeaderBytes + i] = static_cast<char>(now_us >> (8 * i));
-
+  const uint64_t now_us = static_cast<uint64_t>(absl::ToUnixMicros(absl::Now()));
+  for (int i = 0; i < 8; ++i) {
+    meta[kChunkHeaderBytes + i] = static_cast<char>(now_us >> (8 * i));
+    meta[kChunkHeaderBytes + 8 + i] = static_cast<char>(seq >> (8 * i));
+  }
   const std::string mkey = EncodeKey(kMetaPrefix, key);
-  // Replacing a chunk: account for the old one.
-  std::string old;
-  const bool existed = db_->Get(rocksdb::ReadOptions(), mkey, &old).ok();
-
+  // Replacing a chunk: drop its old bytes in the same batch and fix the counters.
+  auto old = Stat(key);
   rocksdb::WriteBatch batch;
+  if (old.ok()) batch.Delete(DataKey(old->sequence));
   batch.Put(mkey, meta);
-  batch.Put(EncodeKey(kDataPrefix, key),
+  batch.Put(DataKey(seq),
             rocksdb::Slice(reinterpret_cast<const char*>(encoded.data()), encoded.size()));
   rocksdb::WriteOptions wo;
-  wo.disableWAL = true;  // durability comes from the flush below (see the header comment)
+  wo.disableWAL = options_.sync_each_write;  // then durability comes from the flush below
   KVDN_RETURN_IF_ERROR(FromRocks(db_->Write(wo, &batch), "write"));
-  rocksdb::FlushOptions fo;
-  fo.wait = true;
-  fo.allow_write_stall = true;
-  KVDN_RETURN_IF_ERROR(FromRocks(db_->Flush(fo), "flush"));
-
-  if (existed && old.size() == kMetaBytes) {
-    auto h = DecodeChunkHeader(ByteSpan(reinterpret_cast<const uint8_t*>(old.data()),
-                                        kChunkHeaderBytes));
-    if (h.ok()) used_.fetch_sub(kChunkHeaderBytes + h->payload_bytes);
+  if (options_.sync_each_write) {
+    rocksdb::FlushOptions fo;
+    fo.wait = true;
+    fo.allow_write_stall = true;
+    KVDN_RETURN_IF_ERROR(FromRocks(db_->Flush(fo), "flush"));
+  }
+  if (old.ok()) {
+    used_.fetch_sub(old->stored_bytes);
   } else {
     chunks_.fetch_add(1);
   }
@@ -159,10 +189,15 @@ absl::Status DiskTier::Write(const ChunkKey& key, ByteSpan encoded) {
 absl::StatusOr<uint64_t> DiskTier::Read(const ChunkKey& key, MutableByteSpan dst) {
   rocksdb::ReadOptions ro;
   ro.verify_checksums = true;
+  auto meta = Stat(key);
+  if (!meta.ok()) {
+    if (absl::IsDataLoss(meta.status())) return DropCorrupt(key, meta.status());
+    return meta.status();
+  }
   rocksdb::PinnableSlice value;
-  rocksdb::Status rs = db_->Get(ro, db_->DefaultColumnFamily(), EncodeKey(kDataPrefix, key), &value);
+  rocksdb::Status rs = db_->Get(ro, db_->DefaultColumnFamily(), DataKey(meta->sequence), &value);
   if (rs.IsNotFound()) {
-    return absl::NotFoundError(absl::StrCat("disk tier: no chunk ", key.ToString()));
+    return DropCorrupt(key, absl::DataLossError("metadata present, chunk bytes missing"));
   }
   if (rs.IsCorruption()) return DropCorrupt(key, FromRocks(rs, "read"));
   KVDN_RETURN_IF_ERROR(FromRocks(rs, "read"));
@@ -198,22 +233,27 @@ absl::StatusOr<DiskChunkMeta> DiskTier::Stat(const ChunkKey& key) const {
   return DecodeMeta(mkey, value);
 }
 
+absl::Status DiskTier::Sync() {
+  KVDN_RETURN_IF_ERROR(FromRocks(db_->FlushWAL(/*sync=*/true), "sync WAL"));
+  rocksdb::FlushOptions fo;
+  fo.wait = true;
+  fo.allow_write_stall = true;
+  return FromRocks(db_->Flush(fo), "flush");
+}
+
 absl::Status DiskTier::Delete(const ChunkKey& key) {
   const std::string mkey = EncodeKey(kMetaPrefix, key);
-  std::string old;
-  rocksdb::Status gs = db_->Get(rocksdb::ReadOptions(), mkey, &old);
+  std::string value;
+  rocksdb::Status gs = db_->Get(rocksdb::ReadOptions(), mkey, &value);
+  if (gs.IsNotFound()) return absl::OkStatus();
+  KVDN_RETURN_IF_ERROR(FromRocks(gs, "delete"));
   rocksdb::WriteBatch batch;
   batch.Delete(mkey);
-  batch.Delete(EncodeKey(kDataPrefix, key));
+  auto meta = DecodeMeta(mkey, value);
+  if (meta.ok()) batch.Delete(DataKey(meta->sequence));
   KVDN_RETURN_IF_ERROR(FromRocks(db_->Write(rocksdb::WriteOptions(), &batch), "delete"));
-  if (gs.ok()) {
-    chunks_.fetch_sub(1);
-    if (old.size() == kMetaBytes) {
-      auto h = DecodeChunkHeader(ByteSpan(reinterpret_cast<const uint8_t*>(old.data()),
-                                          kChunkHeaderBytes));
-      if (h.ok()) used_.fetch_sub(kChunkHeaderBytes + h->payload_bytes);
-    }
-  }
+  chunks_.fetch_sub(1);
+  if (meta.ok()) used_.fetch_sub(meta->stored_bytes);
   return absl::OkStatus();
 }
 

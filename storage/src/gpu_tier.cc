@@ -49,6 +49,17 @@ absl::Status GpuTier::CopyOut(const MemoryBlock& block, uint64_t offset,
   return cuda::CopyDeviceToHost(device_, dst.data(), base_ + block.offset + offset, dst.size());
 }
 
+absl::Status GpuTier::CopyToHost(const void* device_ptr, MutableByteSpan dst) const {
+  const auto* p = static_cast<const uint8_t*>(device_ptr);
+  if (p < base_ || p > base_ + capacity_ ||
+      dst.size() > static_cast<uint64_t>(base_ + capacity_ - p)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("device range of ", dst.size(), " bytes is not inside the gpu tier's pool"));
+  }
+  if (dst.empty()) return absl::OkStatus();
+  return cuda::CopyDeviceToHost(device_, dst.data(), p, dst.size());
+}
+
 absl::StatusOr<std::string> GpuTier::ExportIpcHandle() const {
   return cuda::IpcHandle(device_, base_);
 }

@@ -1,10 +1,15 @@
 // DiskTier: chunks on local disk in RocksDB, chunk bytes in blob files and a small metadata record
 // per chunk in the LSM tree (ARCHITECTURE.md, "Storage").
 //
-// Durability: Write() returns only after the chunk and its metadata are in a flushed, fsync'd blob
-// file and SST (the memtable is written without a WAL and flushed at once; concurrent writers share
-// a flush). So every chunk whose Write returned survives a process kill or a power loss, and each
-// chunk byte is written to disk once, not twice (WAL + blob). Deletes go through the WAL.
+// Durability, two modes (DiskTierOptions::sync_each_write):
+//  - default: Write() returns once the chunk and its metadata are in RocksDB's WAL (written, not
+//    fsync'd) and memtable, so it survives a kill of the process; Sync() (called on shutdown and by
+//    the owner periodically) makes everything written so far survive a power loss too. Memtables
+//    flush into large blob files in the background; WAL files are deleted once flushed, usually
+//    before the kernel has written them back, so chunk bytes reach the device about once.
+//  - sync_each_write: the memtable is written without a WAL and flushed + fsync'd before Write()
+//    returns (one blob file per flush; concurrent writers share a flush): power-loss durable on
+//    return, at several fsyncs per chunk.
 //
 // Integrity: every Read decodes the chunk and verifies its header and payload XXH3-64 checksums. A
 // chunk that fails is deleted, counted in checksum_failures(), and reported as DATA_LOSS; its bytes
@@ -38,7 +43,9 @@ struct DiskTierOptions {
   std::string path;                              // directory; created if missing
   uint64_t capacity_bytes = uint64_t{16} << 30;  // chunk bytes; TieredStore evicts past watermarks
   WatermarkOptions watermarks;
-  uint64_t write_buffer_bytes = uint64_t{64} << 20;
+  uint64_t write_buffer_bytes = uint64_t{128} << 20;
+  bool sync_each_write = false;  // see "Durability" above
+  bool direct_io = true;         // O_DIRECT blob reads and flushes (falls back if unsupported)
 };
 
 // What the disk tier knows about one stored chunk without reading its payload.
@@ -47,6 +54,7 @@ struct DiskChunkMeta {
   ChunkHeader header;
   uint64_t stored_bytes = 0;  // encoded size: header + payload
   absl::Time written;
+  uint64_t sequence = 0;  // write order within this tier
 };
 
 class DiskTier final : public Tier {
@@ -71,6 +79,8 @@ class DiskTier final : public Tier {
   absl::StatusOr<uint64_t> Read(const ChunkKey& key, MutableByteSpan dst);
   // Metadata of one chunk; NOT_FOUND if absent.
   absl::StatusOr<DiskChunkMeta> Stat(const ChunkKey& key) const;
+  // Makes every Write that returned durable against power loss (WAL fsync + memtable flush).
+  absl::Status Sync();
   // Deletes `key`; OK if it was absent.
   absl::Status Delete(const ChunkKey& key);
   // Calls fn for every stored chunk's metadata (no payload is read). Stops early if fn returns false.
@@ -88,6 +98,7 @@ class DiskTier final : public Tier {
   const DiskTierOptions options_;
   std::unique_ptr<rocksdb::DB> db_;
 
+  std::atomic<uint64_t> next_seq_{1};
   std::atomic<uint64_t> used_{0};
   std::atomic<uint64_t> chunks_{0};
   std::atomic<uint64_t> checksum_failures_{0};

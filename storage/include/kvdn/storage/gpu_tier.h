@@ -37,6 +37,9 @@ class GpuTier final : public MemoryTier {
   absl::Status CopyIn(const MemoryBlock& block, uint64_t offset, ByteSpan src) override;
   absl::Status CopyOut(const MemoryBlock& block, uint64_t offset,
                        MutableByteSpan dst) const override;
+  // Copies device bytes at `device_ptr` (e.g. a Lease's) into host memory. INVALID_ARGUMENT unless
+  // [device_ptr, device_ptr + dst.size()) lies inside this pool.
+  absl::Status CopyToHost(const void* device_ptr, MutableByteSpan dst) const;
   // The pool's cudaIpcMemHandle_t (64 raw bytes); a peer opens it and adds a block's offset.
   absl::StatusOr<std::string> ExportIpcHandle() const;
 

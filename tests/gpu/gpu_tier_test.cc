@@ -1,0 +1,109 @@
+#include "kvdn/storage/gpu_tier.h"
+
+#include <cstring>
+
+#include "gtest/gtest.h"
+#include "kvdn/storage/tiered_store.h"
+#include "kvdn/testing/chunks.h"
+#include "kvdn/testing/status_matchers.h"
+
+namespace kvdn::storage {
+namespace {
+
+using ::kvdn::testing::KeyFor;
+using ::kvdn::testing::StatusIs;
+
+constexpr uint64_t kMiB = 1 << 20;
+
+class GpuTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!GpuAvailable()) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+TEST_F(GpuTest, PoolCopiesRoundTripOnRandomSizes) {
+  ASSERT_OK_AND_ASSIGN(auto gpu, GpuTier::Create({.capacity_bytes = 96 * kMiB}));
+  EXPECT_TRUE(gpu->caps().device_memory);
+  EXPECT_FALSE(gpu->caps().host_addressable);
+  for (uint64_t size : {uint64_t{1}, uint64_t{4095}, uint64_t{4097}, uint64_t{1000003}, 32 * kMiB + 64}) {
+    const auto data = testing::RandomBytes(size, size);
+    ASSERT_OK_AND_ASSIGN(MemoryBlock b, gpu->Allocate(size));
+    ASSERT_OK(gpu->CopyIn(b, 0, data));
+    std::vector<uint8_t> back(size, 0xCD);
+    ASSERT_OK(gpu->CopyOut(b, 0, MutableByteSpan(back)));
+    EXPECT_EQ(std::memcmp(back.data(), data.data(), size), 0) << size;
+    // A sub-range at an odd offset.
+    if (size > 100) {
+      std::vector<uint8_t> part(size / 3);
+      ASSERT_OK(gpu->CopyOut(b, 7, MutableByteSpan(part)));
+      EXPECT_EQ(std::memcmp(part.data(), data.data() + 7, part.size()), 0);
+    }
+    ASSERT_OK(gpu->Free(b));
+  }
+  EXPECT_EQ(gpu->used_bytes(), 0u);
+  ASSERT_OK_AND_ASSIGN(std::string handle, gpu->ExportIpcHandle());
+  EXPECT_EQ(handle.size(), 64u);
+}
+
+TEST_F(GpuTest, CapacityAndBadOptions) {
+  ASSERT_OK_AND_ASSIGN(auto gpu, GpuTier::Create({.capacity_bytes = 8 * kMiB}));
+  EXPECT_THAT(gpu->Allocate(9 * kMiB), StatusIs(absl::StatusCode::kResourceExhausted));
+  MemoryBlock b = *gpu->Allocate(kMiB);
+  std::vector<uint8_t> buf(16);
+  EXPECT_THAT(gpu->CopyIn(b, kMiB - 8, buf), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(gpu->CopyToHost(reinterpret_cast<void*>(16), MutableByteSpan(buf)),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(GpuTier::Create({.device = 99, .capacity_bytes = kMiB}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(GpuTier::Create({.capacity_bytes = 1ull << 50}),
+              StatusIs(absl::StatusCode::kResourceExhausted));
+}
+
+TEST_F(GpuTest, HostArenaIsPinned) {
+  ASSERT_OK_AND_ASSIGN(auto host, HostTier::Create({.capacity_bytes = 8 * kMiB}));
+  EXPECT_TRUE(host->pinned());
+}
+
+TEST_F(GpuTest, StorePromotesToGpuForGpuReadersAndDemotesUnderPressure) {
+  TieredStoreOptions o;
+  o.host.capacity_bytes = 64 * kMiB;
+  o.gpu = GpuTierOptions{.capacity_bytes = 4 * kMiB + 64 * 1024};
+  o.maintenance_interval = absl::ZeroDuration();
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(o));
+  std::vector<std::vector<uint8_t>> chunks;
+  for (int i = 0; i < 8; ++i) {
+    chunks.push_back(testing::RandomChunk(testing::InfoForBytes(kMiB), i));
+    ASSERT_OK(s->Put(KeyFor(i), chunks.back()));
+  }
+  // A GPU reader pulls each chunk into the GPU tier; only ~4 fit, older ones demote to host.
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_OK_AND_ASSIGN(Lease l, s->Acquire(KeyFor(i), {.accept_gpu = true}));
+    ASSERT_EQ(l.tier, TierKind::kGpu) << i;
+    std::vector<uint8_t> back(l.size);
+    ASSERT_OK(s->gpu_tier()->CopyToHost(l.device_ptr, MutableByteSpan(back)));
+    EXPECT_EQ(std::memcmp(back.data(), chunks[i].data(), l.size), 0) << i;
+    ASSERT_OK(s->Release(l.id));
+  }
+  StoreStats st = s->Stats();
+  EXPECT_EQ(st.tier(TierKind::kGpu).promotions, 8u);
+  EXPECT_GE(st.tier(TierKind::kGpu).demotions, 4u);
+  EXPECT_LE(st.tier(TierKind::kGpu).used_bytes, o.gpu->capacity_bytes);
+  EXPECT_EQ(s->Lookup({KeyFor(7)}).tiers[0], TierKind::kGpu);
+  EXPECT_EQ(s->Lookup({KeyFor(0)}).tiers[0], TierKind::kHost);
+  // A host reader of a GPU-resident chunk gets it moved back to host memory, intact.
+  std::vector<uint8_t> got(chunks[7].size());
+  ASSERT_OK(s->Get(KeyFor(7), MutableByteSpan(got)));
+  EXPECT_EQ(got, chunks[7]);
+  EXPECT_EQ(s->Lookup({KeyFor(7)}).tiers[0], TierKind::kHost);
+  // While a GPU reader holds a chunk, a host reader is told to retry rather than wait.
+  ASSERT_OK_AND_ASSIGN(Lease g, s->Acquire(KeyFor(6), {.accept_gpu = true}));
+  ASSERT_EQ(g.tier, TierKind::kGpu);
+  EXPECT_THAT(s->Get(KeyFor(6), MutableByteSpan(got)), StatusIs(absl::StatusCode::kUnavailable));
+  ASSERT_OK(s->Release(g.id));
+  ASSERT_OK(s->Get(KeyFor(6), MutableByteSpan(got)));
+  EXPECT_EQ(got, chunks[6]);
+}
+
+}  // namespace
+}  // namespace kvdn::storage
