@@ -1,10 +1,12 @@
 // bench/storage: the chunk store's host and disk tiers beside their physical ceilings, same run.
 //
-//   host put  = TieredStore::Put (reserve, copy + XXH3 verify, commit)   vs memcpy of the same bytes
-//   host get  = TieredStore::Get (lease, copy out, release)              vs memcpy of the same bytes
-//   disk write= DiskTier::Write, each chunk durable (flushed + fdatasync'd) vs raw sequential write()
+//   host put  = TieredStore::Put (reserve, copy + XXH3 verify, commit)   vs memcpy of the same
+//   bytes host get  = TieredStore::Get (lease, copy out, release)              vs memcpy of the
+//   same bytes disk write= DiskTier::Write, each chunk durable (flushed + fdatasync'd) vs raw
+//   sequential write()
 //               of one file of the same total size + one fdatasync at the end
-//   disk read = DiskTier::Read of every chunk, cold, checksum verified    vs raw sequential read() of
+//   disk read = DiskTier::Read of every chunk, cold, checksum verified    vs raw sequential read()
+//   of
 //               that file, cold
 // Cold: after the writes are synced, every file is dropped from the page cache with
 // posix_fadvise(POSIX_FADV_DONTNEED) and the DB is closed and reopened (empty block cache); the
@@ -118,7 +120,8 @@ void RunHost(uint64_t size, uint64_t total, int reps, std::vector<Row>& rows) {
     get_gbps.push_back(static_cast<double>(bytes * n) / l.Sum() / 1e9);
     for (double v : l.s) get_lat.Add(v);
     for (size_t i = 0; i < n; ++i) {
-      if (std::memcmp(dst[i].data(), src[i].data(), bytes) != 0) Die("host get returned wrong bytes");
+      if (std::memcmp(dst[i].data(), src[i].data(), bytes) != 0)
+        Die("host get returned wrong bytes");
     }
   }
   const std::string sz = absl::StrFormat("%d MiB", size / kMiB);
@@ -305,7 +308,9 @@ int main(int argc, char** argv) {
          CommandOutput("free -g | awk '/Mem:/ {print $2 \" GiB\"}'").c_str());
   printf("- filesystem of %s: %s\n", dir.c_str(),
          CommandOutput(("df -hT " + std::filesystem::path(dir).parent_path().string() +
-                        " | tail -1 | awk '{print $2, $1}'").c_str()).c_str());
+                        " | tail -1 | awk '{print $2, $1}'")
+                           .c_str())
+             .c_str());
   printf("- revision: %s\n", CommandOutput("git rev-parse --short HEAD 2>/dev/null").c_str());
   printf("- command: %s\n\n", cmdline.c_str());
 
@@ -314,8 +319,9 @@ int main(int argc, char** argv) {
   for (uint64_t s : sizes) RunDisk(s * kMiB, disk_total * kMiB, dir, rows);
   std::filesystem::remove_all(dir);
 
-  printf("| chunk | op | kvdn GB/s | ceiling | ceiling GB/s | ratio | target | p50 ms | p99 ms | "
-         "notes |\n|---|---|---|---|---|---|---|---|---|---|\n");
+  printf(
+      "| chunk | op | kvdn GB/s | ceiling | ceiling GB/s | ratio | target | p50 ms | p99 ms | "
+      "notes |\n|---|---|---|---|---|---|---|---|---|---|\n");
   bool all = true;
   for (const Row& r : rows) {
     const double ratio = r.gbps / r.ceiling_gbps;

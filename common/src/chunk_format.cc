@@ -85,14 +85,12 @@ void WriteChunkHeader(const ChunkInfo& info, uint64_t payload_checksum, MutableB
 absl::Status EncodeChunk(const ChunkInfo& info, ByteSpan payload, MutableByteSpan out) {
   KVDN_RETURN_IF_ERROR(info.Validate());
   if (payload.size() != info.PayloadBytes()) {
-    return absl::InvalidArgumentError(absl::StrCat("payload is ", payload.size(),
-                                                   " bytes, the chunk shape needs ",
-                                                   info.PayloadBytes()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "payload is ", payload.size(), " bytes, the chunk shape needs ", info.PayloadBytes()));
   }
   if (out.size() != info.EncodedBytes()) {
-    return absl::InvalidArgumentError(absl::StrCat("output buffer is ", out.size(),
-                                                   " bytes, the encoded chunk is ",
-                                                   info.EncodedBytes()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "output buffer is ", out.size(), " bytes, the encoded chunk is ", info.EncodedBytes()));
   }
   WriteChunkHeader(info, Xxh3_64(payload), out);
   if (!payload.empty()) std::memcpy(out.data() + kChunkHeaderBytes, payload.data(), payload.size());
@@ -108,15 +106,14 @@ absl::StatusOr<std::vector<uint8_t>> EncodeChunk(const ChunkInfo& info, ByteSpan
 
 absl::StatusOr<ChunkHeader> DecodeChunkHeader(ByteSpan data) {
   if (data.size() < kChunkHeaderBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("chunk truncated: ", data.size(),
-                                                   " bytes, a header alone is ", kChunkHeaderBytes));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "chunk truncated: ", data.size(), " bytes, a header alone is ", kChunkHeaderBytes));
   }
   const uint8_t* p = data.data();
   const uint32_t magic = GetU32(p);
   if (magic != kChunkMagic) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("chunk has wrong magic 0x%08x, expected 0x%08x (\"KVDN\")", magic,
-                        kChunkMagic));
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "chunk has wrong magic 0x%08x, expected 0x%08x (\"KVDN\")", magic, kChunkMagic));
   }
   const uint16_t version = GetU16(p + 4);
   if (version != kChunkFormatVersion) {

@@ -68,9 +68,8 @@ absl::string_view DtypeName(Dtype dtype) {
 absl::Status ValidateNamespace(absl::string_view ns) {
   if (ns.empty()) return absl::InvalidArgumentError("namespace is empty");
   if (ns.size() > kMaxNamespaceLength) {
-    return absl::InvalidArgumentError(absl::StrCat("namespace is ", ns.size(),
-                                                   " characters, the limit is ",
-                                                   kMaxNamespaceLength));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "namespace is ", ns.size(), " characters, the limit is ", kMaxNamespaceLength));
   }
   for (size_t i = 0; i < ns.size(); ++i) {
     if (!IsNamespaceChar(ns[i])) {
@@ -131,8 +130,8 @@ absl::StatusOr<ChunkKey> ChunkKey::Parse(absl::string_view text) {
   }
   const absl::string_view fp = text.substr(first + 1, last - first - 1);
   if (fp.size() != 16) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("chunk key: fingerprint must be 16 hex digits, got ", fp.size(), " characters"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "chunk key: fingerprint must be 16 hex digits, got ", fp.size(), " characters"));
   }
   for (size_t i = 0; i < fp.size(); ++i) {
     const char c = fp[i];
@@ -174,7 +173,8 @@ Hash128 ChainNext(const Hash128& prev, absl::Span<const int32_t> chunk_tokens) {
   return Xxh3_128(AsBytes(in));
 }
 
-absl::StatusOr<std::vector<ChunkKey>> ChunkKeysForTokens(absl::string_view ns, const ModelSpec& spec,
+absl::StatusOr<std::vector<ChunkKey>> ChunkKeysForTokens(absl::string_view ns,
+                                                         const ModelSpec& spec,
                                                          absl::Span<const int32_t> tokens,
                                                          bool include_tail) {
   KVDN_RETURN_IF_ERROR(ValidateNamespace(ns));

@@ -3,8 +3,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
-// libxxhash exports runtime-dispatched variants (SSE2/AVX2/AVX-512) on x86-64; the header below maps
-// the plain names onto them.
+// libxxhash exports runtime-dispatched variants (SSE2/AVX2/AVX-512) on x86-64; the header below
+// maps the plain names onto them.
 #if defined(__x86_64__)
 #include <xxh_x86dispatch.h>
 #endif

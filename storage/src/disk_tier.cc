@@ -6,10 +6,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "kvdn/common/logging.h"
 #include "rocksdb/db.h"
 #include "rocksdb/options.h"
 #include "rocksdb/write_batch.h"
-#include "kvdn/common/logging.h"
 
 namespace kvdn::storage {
 namespace {
@@ -218,8 +218,7 @@ absl::Status DiskTier::DropCorrupt(const ChunkKey& key, const absl::Status& why)
   spdlog::error("disk tier: dropping corrupt chunk {}: {}", key.ToString(), why.message());
   (void)Delete(key);
   return absl::DataLossError(absl::StrCat("disk tier: chunk ", key.ToString(),
-                                          " failed verification and was dropped: ",
-                                          why.message()));
+                                          " failed verification and was dropped: ", why.message()));
 }
 
 absl::StatusOr<DiskChunkMeta> DiskTier::Stat(const ChunkKey& key) const {

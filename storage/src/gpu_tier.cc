@@ -14,7 +14,8 @@ absl::StatusOr<std::unique_ptr<GpuTier>> GpuTier::Create(const GpuTierOptions& o
     return absl::InvalidArgumentError(
         absl::StrCat("gpu tier alignment ", a, " must be a power of two >= 256"));
   }
-  if (options.capacity_bytes == 0) return absl::InvalidArgumentError("gpu tier capacity_bytes is 0");
+  if (options.capacity_bytes == 0)
+    return absl::InvalidArgumentError("gpu tier capacity_bytes is 0");
   const int n = cuda::DeviceCount();
   if (n == 0) {
     return absl::FailedPreconditionError(

@@ -26,8 +26,8 @@ absl::StatusOr<std::unique_ptr<HostTier>> HostTier::Create(const HostTierOptions
   if (options.prefault) flags |= MAP_POPULATE;
   void* p = mmap(nullptr, capacity, PROT_READ | PROT_WRITE, flags, -1, 0);
   if (p == MAP_FAILED) {
-    return absl::ResourceExhaustedError(absl::StrCat("host tier: mmap of ", capacity,
-                                                     " bytes failed: ", std::strerror(errno)));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("host tier: mmap of ", capacity, " bytes failed: ", std::strerror(errno)));
   }
   // Large pages cut TLB misses on multi-MiB copies; advisory, so failure is fine.
   madvise(p, capacity, MADV_HUGEPAGE);

@@ -61,9 +61,8 @@ uint64_t MemoryTier::largest_free_extent() const {
 
 absl::Status MemoryTier::CheckRange(const MemoryBlock& block, uint64_t offset, uint64_t len) {
   if (offset > block.size || len > block.size - offset) {
-    return absl::InvalidArgumentError(absl::StrCat("copy of [", offset, ", +", len,
-                                                   ") falls outside a block of ", block.size,
-                                                   " bytes"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "copy of [", offset, ", +", len, ") falls outside a block of ", block.size, " bytes"));
   }
   return absl::OkStatus();
 }

@@ -75,13 +75,14 @@ absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(const TieredStore
   return store;
 }
 
-// ---- puts ----------------------------------------------------------------------------------------
+// ---- puts
+// ----------------------------------------------------------------------------------------
 
 absl::StatusOr<Reservation> TieredStore::Reserve(const ChunkKey& key, uint64_t size) {
   if (absl::Status st = ValidateNamespace(key.ns); !st.ok()) return st;
   if (size < kChunkHeaderBytes || size > kChunkHeaderBytes + kMaxChunkPayloadBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("reservation size ", size,
-                                                   " is outside [", kChunkHeaderBytes, ", ",
+    return absl::InvalidArgumentError(absl::StrCat("reservation size ", size, " is outside [",
+                                                   kChunkHeaderBytes, ", ",
                                                    kChunkHeaderBytes + kMaxChunkPayloadBytes, "]"));
   }
   State& s = *state_;
@@ -95,8 +96,8 @@ absl::StatusOr<Reservation> TieredStore::Reserve(const ChunkKey& key, uint64_t s
       return absl::AlreadyExistsError(absl::StrCat("chunk ", key.ToString(), " is stored"));
     }
     if (auto it = s.reserved_keys.find(key); it != s.reserved_keys.end()) {
-      return absl::AlreadyExistsError(absl::StrCat("chunk ", key.ToString(),
-                                                   " is being written by reservation ", it->second));
+      return absl::AlreadyExistsError(
+          absl::StrCat("chunk ", key.ToString(), " is being written by reservation ", it->second));
     }
     return absl::OkStatus();
   };
@@ -220,7 +221,8 @@ absl::Status TieredStore::Put(const ChunkKey& key, ByteSpan encoded) {
   return CommitInternal(r.id, header.payload_checksum, /*payload_verified=*/true);
 }
 
-// ---- reads ---------------------------------------------------------------------------------------
+// ---- reads
+// ---------------------------------------------------------------------------------------
 
 absl::StatusOr<Lease> TieredStore::Acquire(const ChunkKey& key, const AcquireOptions& options) {
   State& s = *state_;
@@ -269,8 +271,7 @@ absl::StatusOr<Lease> TieredStore::Acquire(const ChunkKey& key, const AcquireOpt
       KVDN_RETURN_IF_ERROR(PromoteFromDiskLocked(e));
       continue;
     }
-    if (e->mem == kHost && options.accept_gpu && gpu_ && !tried_gpu && !e->moving &&
-        e->pins == 0) {
+    if (e->mem == kHost && options.accept_gpu && gpu_ && !tried_gpu && !e->moving && e->pins == 0) {
       tried_gpu = true;  // opportunistic: on failure the host copy is leased
       PromoteToGpuLocked(e);
       continue;
@@ -314,8 +315,8 @@ absl::StatusOr<uint64_t> TieredStore::Get(const ChunkKey& key, MutableByteSpan d
   KVDN_ASSIGN_OR_RETURN(Lease lease, Acquire(key));
   if (dst.size() < lease.size) {
     (void)Release(lease.id);
-    return absl::OutOfRangeError(absl::StrCat("chunk is ", lease.size,
-                                              " bytes, destination holds ", dst.size()));
+    return absl::OutOfRangeError(
+        absl::StrCat("chunk is ", lease.size, " bytes, destination holds ", dst.size()));
   }
   std::memcpy(dst.data(), lease.host_bytes.data(), lease.size);
   KVDN_RETURN_IF_ERROR(Release(lease.id));

@@ -25,7 +25,8 @@ bool TieredStore::TierPresent(int t) const {
   return t == kHost || (t == kGpu && gpu_) || (t == kDisk && disk_);
 }
 
-// ---- removal and reaping -------------------------------------------------------------------------
+// ---- removal and reaping
+// -------------------------------------------------------------------------
 
 void TieredStore::FreeMemoryLocked(Entry* e) {
   State& s = *state_;
@@ -62,7 +63,8 @@ bool TieredStore::MaybeReapLocked(Entry* e) {
   return false;
 }
 
-// ---- eviction ------------------------------------------------------------------------------------
+// ---- eviction
+// ------------------------------------------------------------------------------------
 
 absl::StatusOr<MemoryBlock> TieredStore::AllocateLocked(int t, uint64_t size, const Entry* keep) {
   MemoryTier* tier = MemTier(t);
@@ -164,8 +166,8 @@ absl::Status TieredStore::DemoteGpuToHostLocked(Entry* e, bool for_reader) {
   }
   if (hb.ok()) (void)host_->Free(*hb);
   if (st.ok() && e->pins > 0) {
-    st = absl::UnavailableError(absl::StrCat(
-        "chunk ", e->key.ToString(), " is leased in GPU memory by another reader; retry"));
+    st = absl::UnavailableError(absl::StrCat("chunk ", e->key.ToString(),
+                                             " is leased in GPU memory by another reader; retry"));
   } else if (!st.ok() && !for_reader) {
     // Evicting with no room below (or a failed copy): drop the GPU copy; a disk copy stays.
     spdlog::warn("tiered store: demoting {} from GPU failed: {}", e->key.ToString(), st.message());

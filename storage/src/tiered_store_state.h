@@ -3,8 +3,6 @@
 #ifndef KVDN_STORAGE_SRC_TIERED_STORE_STATE_H_
 #define KVDN_STORAGE_SRC_TIERED_STORE_STATE_H_
 
-#include "kvdn/storage/tiered_store.h"
-
 #include <algorithm>
 #include <cstring>
 #include <deque>
@@ -18,6 +16,7 @@
 #include "kvdn/common/chunk_format.h"
 #include "kvdn/common/hash.h"
 #include "kvdn/common/logging.h"
+#include "kvdn/storage/tiered_store.h"
 
 namespace kvdn::storage {
 namespace internal {
@@ -119,8 +118,14 @@ struct TieredStore::State {
   void Unlink(Entry* e, int t) {
     if (!e->linked[t]) return;
     LruList& l = lru[t];
-    if (e->prev[t]) e->prev[t]->next[t] = e->next[t]; else l.head = e->next[t];
-    if (e->next[t]) e->next[t]->prev[t] = e->prev[t]; else l.tail = e->prev[t];
+    if (e->prev[t])
+      e->prev[t]->next[t] = e->next[t];
+    else
+      l.head = e->next[t];
+    if (e->next[t])
+      e->next[t]->prev[t] = e->prev[t];
+    else
+      l.tail = e->prev[t];
     e->prev[t] = e->next[t] = nullptr;
     e->linked[t] = false;
     --l.count;

@@ -1,5 +1,6 @@
 // Fuzzes the chunk decoder: any byte string must either decode to a view that lies inside the input
-// and re-encodes to the same bytes, or be refused with INVALID_ARGUMENT or DATA_LOSS. Never a crash.
+// and re-encodes to the same bytes, or be refused with INVALID_ARGUMENT or DATA_LOSS. Never a
+// crash.
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>

@@ -26,7 +26,8 @@ TEST_F(GpuTest, PoolCopiesRoundTripOnRandomSizes) {
   ASSERT_OK_AND_ASSIGN(auto gpu, GpuTier::Create({.capacity_bytes = 96 * kMiB}));
   EXPECT_TRUE(gpu->caps().device_memory);
   EXPECT_FALSE(gpu->caps().host_addressable);
-  for (uint64_t size : {uint64_t{1}, uint64_t{4095}, uint64_t{4097}, uint64_t{1000003}, 32 * kMiB + 64}) {
+  for (uint64_t size :
+       {uint64_t{1}, uint64_t{4095}, uint64_t{4097}, uint64_t{1000003}, 32 * kMiB + 64}) {
     const auto data = testing::RandomBytes(size, size);
     ASSERT_OK_AND_ASSIGN(MemoryBlock b, gpu->Allocate(size));
     ASSERT_OK(gpu->CopyIn(b, 0, data));

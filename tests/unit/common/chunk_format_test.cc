@@ -68,16 +68,16 @@ TEST(ChunkFormatTest, OversizedBuffersAndPayloads) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("1 trailing bytes")));
   // A header that declares a payload over the limit.
   auto big = RandomChunk(Small(), 3);
-  PutU32(big, 8, 1024);     // layers
-  PutU32(big, 12, 1024);    // heads
-  PutU32(big, 16, 4096);    // head_dim
-  PutU32(big, 20, 65536);   // tokens
+  PutU32(big, 8, 1024);    // layers
+  PutU32(big, 12, 1024);   // heads
+  PutU32(big, 16, 4096);   // head_dim
+  PutU32(big, 20, 65536);  // tokens
   Reseal(big);
-  EXPECT_THAT(DecodeChunk(big), StatusIs(absl::StatusCode::kInvalidArgument,
-                                         HasSubstr("oversized; the limit is")));
+  EXPECT_THAT(DecodeChunk(big),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("oversized; the limit is")));
   const ChunkInfo too_big{Dtype::kFloat32, 1024, 1024, 4096, 65536};
-  EXPECT_THAT(EncodeChunk(too_big, {}), StatusIs(absl::StatusCode::kInvalidArgument,
-                                                 HasSubstr("oversized")));
+  EXPECT_THAT(EncodeChunk(too_big, {}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("oversized")));
 }
 
 TEST(ChunkFormatTest, WrongMagicAndVersion) {
@@ -88,8 +88,8 @@ TEST(ChunkFormatTest, WrongMagicAndVersion) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("wrong magic")));
   auto bad_version = enc;
   bad_version[4] = 9;
-  EXPECT_THAT(DecodeChunk(bad_version),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("version 9 is not supported")));
+  EXPECT_THAT(DecodeChunk(bad_version), StatusIs(absl::StatusCode::kInvalidArgument,
+                                                 HasSubstr("version 9 is not supported")));
 }
 
 TEST(ChunkFormatTest, ChecksumMismatches) {

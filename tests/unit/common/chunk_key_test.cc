@@ -13,7 +13,9 @@ namespace {
 using ::kvdn::testing::StatusIs;
 using ::testing::HasSubstr;
 
-ModelSpec Llama() { return ModelSpec{"meta-llama/Meta-Llama-3-8B", 32, 8, 128, Dtype::kBFloat16, 256}; }
+ModelSpec Llama() {
+  return ModelSpec{"meta-llama/Meta-Llama-3-8B", 32, 8, 128, Dtype::kBFloat16, 256};
+}
 
 std::vector<int32_t> RandomTokens(size_t n, uint64_t seed) {
   std::mt19937 rng(seed);
@@ -24,7 +26,8 @@ std::vector<int32_t> RandomTokens(size_t n, uint64_t seed) {
 
 TEST(NamespaceTest, Validation) {
   EXPECT_OK(ValidateNamespace("tenant-A_1.prod"));
-  EXPECT_THAT(ValidateNamespace(""), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("empty")));
+  EXPECT_THAT(ValidateNamespace(""),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("empty")));
   EXPECT_THAT(ValidateNamespace(std::string(129, 'a')),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("129 characters")));
   EXPECT_THAT(ValidateNamespace("a/b"),

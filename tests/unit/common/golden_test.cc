@@ -1,5 +1,6 @@
-// Golden vectors: the hashes and bytes every kvdn client, in any language, must reproduce. The values
-// were computed by make_golden.py with the reference `xxhsum` CLI, independently of this code.
+// Golden vectors: the hashes and bytes every kvdn client, in any language, must reproduce. The
+// values were computed by make_golden.py with the reference `xxhsum` CLI, independently of this
+// code.
 #include <string>
 #include <vector>
 
@@ -67,8 +68,8 @@ TEST(GoldenTest, EncodedChunkBytes) {
   const std::vector<uint8_t> payload = {1, 2, 3, 4, 5, 6, 7, 8};
   auto encoded = EncodeChunk(info, payload);
   ASSERT_TRUE(encoded.ok()) << encoded.status();
-  EXPECT_EQ(absl::BytesToHexString(absl::string_view(
-                reinterpret_cast<const char*>(encoded->data()), encoded->size())),
+  EXPECT_EQ(absl::BytesToHexString(
+                absl::string_view(reinterpret_cast<const char*>(encoded->data()), encoded->size())),
             want_hex);
   auto view = DecodeChunk(*encoded);
   ASSERT_TRUE(view.ok()) << view.status();

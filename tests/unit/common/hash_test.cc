@@ -28,8 +28,8 @@ TEST(Hash128Test, HexRoundTripOnRandomValues) {
 }
 
 TEST(Hash128Test, FromHexRejectsBadInput) {
-  EXPECT_THAT(Hash128::FromHex("abc"), StatusIs(absl::StatusCode::kInvalidArgument,
-                                                HasSubstr("32 hex digits, got 3")));
+  EXPECT_THAT(Hash128::FromHex("abc"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("32 hex digits, got 3")));
   EXPECT_THAT(Hash128::FromHex(std::string(31, '0') + "g"),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("position 31")));
 }

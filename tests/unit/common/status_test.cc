@@ -9,9 +9,7 @@ namespace {
 
 using ::kvdn::testing::StatusIs;
 
-absl::Status FailIf(bool fail) {
-  return fail ? absl::NotFoundError("gone") : absl::OkStatus();
-}
+absl::Status FailIf(bool fail) { return fail ? absl::NotFoundError("gone") : absl::OkStatus(); }
 absl::StatusOr<int> ValueOr(bool fail) {
   if (fail) return absl::DataLossError("bad");
   return 42;
@@ -43,8 +41,8 @@ TEST(StatusMacrosTest, AssignOrReturnPropagatesAndAssigns) {
 TEST(LoggingTest, AcceptsKnownLevelsAndRejectsOthers) {
   EXPECT_OK(InitLogging("debug"));
   EXPECT_OK(InitLogging("off"));
-  EXPECT_THAT(InitLogging("loud"), StatusIs(absl::StatusCode::kInvalidArgument,
-                                            ::testing::HasSubstr("'loud'")));
+  EXPECT_THAT(InitLogging("loud"),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("'loud'")));
   EXPECT_OK(InitLogging("info"));
 }
 

@@ -1,7 +1,7 @@
 // Threads putting, getting, leasing, deleting and evicting at once on a small host tier over a real
 // disk tier, with the background maintenance thread running. Every read must return the exact bytes
-// written under its key; every error must be one of the documented, retryable ones. Run it under the
-// tsan preset to check the locking.
+// written under its key; every error must be one of the documented, retryable ones. Run it under
+// the tsan preset to check the locking.
 #include <atomic>
 #include <cstring>
 #include <random>
@@ -52,14 +52,19 @@ TEST(ConcurrencyTest, MixedOperationsKeepEveryChunkIntact) {
       const int k = static_cast<int>(rng() % kKeys);
       const ChunkKey key = testing::KeyFor(k);
       switch (rng() % 10) {
-        case 0: case 1: case 2: {
+        case 0:
+        case 1:
+        case 2: {
           absl::Status s = store->Put(key, want[k]);
           if (s.ok()) ++puts_ok;
           allowed(s, {absl::StatusCode::kAlreadyExists, absl::StatusCode::kUnavailable,
                       absl::StatusCode::kResourceExhausted});
           break;
         }
-        case 3: case 4: case 5: case 6: {
+        case 3:
+        case 4:
+        case 5:
+        case 6: {
           auto n = store->Get(key, MutableByteSpan(buf));
           if (n.ok()) {
             ++gets_ok;
@@ -83,9 +88,9 @@ TEST(ConcurrencyTest, MixedOperationsKeepEveryChunkIntact) {
             }
             allowed(store->Release(lease->id), {});
           } else {
-            allowed(lease.status(), {absl::StatusCode::kNotFound,
-                                     absl::StatusCode::kResourceExhausted,
-                                     absl::StatusCode::kUnavailable});
+            allowed(lease.status(),
+                    {absl::StatusCode::kNotFound, absl::StatusCode::kResourceExhausted,
+                     absl::StatusCode::kUnavailable});
           }
           break;
         }

@@ -1,14 +1,15 @@
 // Crash test for the disk tier: a child process writes chunks and reports each Write that returned;
-// the parent kills it with SIGKILL at a random moment, many times. After each kill the tier reopens,
-// every reported chunk reads back bit-identical, and no chunk is ever returned partial or corrupt.
+// the parent kills it with SIGKILL at a random moment, many times. After each kill the tier
+// reopens, every reported chunk reads back bit-identical, and no chunk is ever returned partial or
+// corrupt.
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <cstring>
-#include <string>
 #include <random>
+#include <string>
 #include <thread>
 
 #include "absl/container/flat_hash_map.h"
@@ -25,12 +26,13 @@ std::vector<uint8_t> ChunkFor(uint32_t id) {
 }
 
 // The writer side. It runs in a fresh process (fork + exec of this test binary), never in a plain
-// fork of the parent: RocksDB's background threads do not survive fork(), so a forked child's flushes
-// would wait forever.
+// fork of the parent: RocksDB's background threads do not survive fork(), so a forked child's
+// flushes would wait forever.
 TEST(DiskCrashChild, Writes) {
   const char* path = std::getenv("KVDN_CRASH_CHILD_PATH");
   if (path == nullptr) GTEST_SKIP() << "only runs as the crash test's child process";
-  const uint32_t first_id = static_cast<uint32_t>(std::atoll(std::getenv("KVDN_CRASH_CHILD_FIRST")));
+  const uint32_t first_id =
+      static_cast<uint32_t>(std::atoll(std::getenv("KVDN_CRASH_CHILD_FIRST")));
   const int ack_fd = std::atoi(std::getenv("KVDN_CRASH_CHILD_FD"));
   auto disk = DiskTier::Open({.path = path, .capacity_bytes = 1ull << 34});
   if (!disk.ok()) _exit(3);
@@ -56,8 +58,8 @@ pid_t StartWriter(const std::string& path, uint32_t first_id, int ack_fd) {
 TEST(DiskCrashTest, KilledWritersNeverLoseCommittedChunksOrReturnTornOnes) {
   testing::TempDir dir;
   const std::string path = dir.Sub("db");
-  const int rounds = std::getenv("KVDN_CRASH_ROUNDS") ? std::atoi(std::getenv("KVDN_CRASH_ROUNDS"))
-                                                      : 25;
+  const int rounds =
+      std::getenv("KVDN_CRASH_ROUNDS") ? std::atoi(std::getenv("KVDN_CRASH_ROUNDS")) : 25;
   std::mt19937 rng(1234);
   absl::flat_hash_map<ChunkKey, uint32_t> id_of;  // every key any child may have written
   std::vector<uint32_t> committed;

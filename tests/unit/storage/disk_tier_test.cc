@@ -57,8 +57,7 @@ TEST_F(DiskTierTest, WriteReadRoundTripAndReopen) {
 TEST_F(DiskTierTest, MissesDeletesAndSmallBuffers) {
   ASSERT_OK_AND_ASSIGN(auto disk, DiskTier::Open(Options()));
   std::vector<uint8_t> buf(1 << 20);
-  EXPECT_THAT(disk->Read(KeyFor(1), MutableByteSpan(buf)),
-              StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(disk->Read(KeyFor(1), MutableByteSpan(buf)), StatusIs(absl::StatusCode::kNotFound));
   const auto c = RandomChunk(testing::InfoForBytes(200000), 1);
   ASSERT_OK(disk->Write(KeyFor(1), c));
   EXPECT_THAT(disk->Read(KeyFor(1), MutableByteSpan(buf.data(), 100)),

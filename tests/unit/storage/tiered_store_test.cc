@@ -19,7 +19,8 @@ constexpr uint64_t kMiB = 1 << 20;
 
 class TieredStoreTest : public ::testing::Test {
  protected:
-  TieredStoreOptions Options(uint64_t host_bytes, bool with_disk, uint64_t disk_bytes = 1ull << 30) {
+  TieredStoreOptions Options(uint64_t host_bytes, bool with_disk,
+                             uint64_t disk_bytes = 1ull << 30) {
     TieredStoreOptions o;
     o.host.capacity_bytes = host_bytes;
     o.host.watermarks = {.high_watermark = 0.9, .low_watermark = 0.6};
@@ -296,8 +297,7 @@ TEST_F(TieredStoreTest, GetIntoASmallBufferIsOutOfRange) {
   ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(4 * kMiB, false)));
   ASSERT_OK(s->Put(KeyFor(1), Chunk(1)));
   std::vector<uint8_t> small(100);
-  EXPECT_THAT(s->Get(KeyFor(1), MutableByteSpan(small)),
-              StatusIs(absl::StatusCode::kOutOfRange));
+  EXPECT_THAT(s->Get(KeyFor(1), MutableByteSpan(small)), StatusIs(absl::StatusCode::kOutOfRange));
   EXPECT_EQ(s->Stats().leases_active, 0u);
   EXPECT_THAT(s->Get(KeyFor(2), MutableByteSpan(small)), StatusIs(absl::StatusCode::kNotFound));
 }
@@ -306,8 +306,8 @@ TEST_F(TieredStoreTest, GpuTierWithoutAGpuFailsClearly) {
   if (GpuAvailable()) GTEST_SKIP() << "a GPU is present; covered by tests/gpu";
   TieredStoreOptions o = Options(4 * kMiB, false);
   o.gpu = GpuTierOptions{};
-  EXPECT_THAT(TieredStore::Open(o), StatusIs(absl::StatusCode::kFailedPrecondition,
-                                             HasSubstr("no CUDA device")));
+  EXPECT_THAT(TieredStore::Open(o),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("no CUDA device")));
 }
 
 }  // namespace

@@ -11,9 +11,8 @@
 //       12    4 num_kv_heads
 //       16    4 head_dim
 //       20    4 num_tokens       <= tokens_per_chunk; a tail chunk holds fewer
-//       24    8 payload_bytes    = 2 * num_layers * num_tokens * num_kv_heads * head_dim * dtype size
-//       32    8 payload_checksum XXH3-64 (seed 0) of the payload
-//       40   16 reserved         zero
+//       24    8 payload_bytes    = 2 * num_layers * num_tokens * num_kv_heads * head_dim * dtype
+//       size 32    8 payload_checksum XXH3-64 (seed 0) of the payload 40   16 reserved         zero
 //       56    8 header_checksum  XXH3-64 (seed 0) of bytes [0, 56)
 //
 // The payload is layer-major: [layer][K|V][token][kv_head][dim], so one layer (its K then its V) is
@@ -47,7 +46,8 @@ struct ChunkInfo {
   uint32_t head_dim = 0;
   uint32_t num_tokens = 0;
 
-  // INVALID_ARGUMENT naming the field out of range, or the payload being over kMaxChunkPayloadBytes.
+  // INVALID_ARGUMENT naming the field out of range, or the payload being over
+  // kMaxChunkPayloadBytes.
   absl::Status Validate() const;
   uint64_t PayloadBytes() const;
   // Bytes of one layer (K and V) and of one of its K or V halves.
@@ -91,8 +91,8 @@ absl::StatusOr<std::vector<uint8_t>> EncodeChunk(const ChunkInfo& info, ByteSpan
 absl::StatusOr<ChunkHeader> DecodeChunkHeader(ByteSpan data);
 
 // Decodes a whole encoded chunk: the header as above, then INVALID_ARGUMENT if `data` is shorter
-// (truncated) or longer (trailing bytes) than header + payload, then, when `verify_payload`, DATA_LOSS
-// if the payload's XXH3-64 differs from the header's checksum.
+// (truncated) or longer (trailing bytes) than header + payload, then, when `verify_payload`,
+// DATA_LOSS if the payload's XXH3-64 differs from the header's checksum.
 absl::StatusOr<ChunkView> DecodeChunk(ByteSpan data, bool verify_payload = true);
 
 }  // namespace kvdn

@@ -15,9 +15,9 @@
 
 #include <cstdint>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "kvdn/common/hash.h"
 #include "kvdn/common/status.h"
@@ -86,7 +86,8 @@ Hash128 ChainNext(const Hash128& prev, absl::Span<const int32_t> chunk_tokens);
 // The keys of the chunks that cover `tokens`: one per full chunk of spec.tokens_per_chunk tokens,
 // plus one for a partial tail chunk when `include_tail` is set and tokens.size() is not a multiple.
 // INVALID_ARGUMENT when the namespace or spec is invalid.
-absl::StatusOr<std::vector<ChunkKey>> ChunkKeysForTokens(absl::string_view ns, const ModelSpec& spec,
+absl::StatusOr<std::vector<ChunkKey>> ChunkKeysForTokens(absl::string_view ns,
+                                                         const ModelSpec& spec,
                                                          absl::Span<const int32_t> tokens,
                                                          bool include_tail = false);
 

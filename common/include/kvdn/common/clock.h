@@ -1,5 +1,5 @@
-// Clock seam: code that expires things (reservations, leases) reads time through a Clock so tests can
-// drive it with FakeClock (STYLE.md 8).
+// Clock seam: code that expires things (reservations, leases) reads time through a Clock so tests
+// can drive it with FakeClock (STYLE.md 8).
 #ifndef KVDN_COMMON_CLOCK_H_
 #define KVDN_COMMON_CLOCK_H_
 

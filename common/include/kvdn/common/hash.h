@@ -1,6 +1,6 @@
 // The hash functions every kvdn client must agree on, in every language. All of them are XXH3
-// (xxHash 0.8) with seed 0 over byte strings whose layout is written here; never a language's built-in
-// hash. Golden vectors live in tests/unit/common/golden_test.cc.
+// (xxHash 0.8) with seed 0 over byte strings whose layout is written here; never a language's
+// built-in hash. Golden vectors live in tests/unit/common/golden_test.cc.
 #ifndef KVDN_COMMON_HASH_H_
 #define KVDN_COMMON_HASH_H_
 
@@ -8,8 +8,8 @@
 #include <compare>
 #include <cstdint>
 #include <string>
-#include "absl/strings/string_view.h"
 
+#include "absl/strings/string_view.h"
 #include "kvdn/common/bytes.h"
 #include "kvdn/common/status.h"
 
@@ -39,7 +39,8 @@ uint64_t Xxh3_64(ByteSpan data);
 // XXH3-128 (seed 0) of `data`.
 Hash128 Xxh3_128(ByteSpan data);
 
-// Streaming XXH3-64 (seed 0); Digest() equals Xxh3_64 of everything passed to Update. Not thread-safe.
+// Streaming XXH3-64 (seed 0); Digest() equals Xxh3_64 of everything passed to Update. Not
+// thread-safe.
 class Xxh3_64Stream {
  public:
   Xxh3_64Stream();

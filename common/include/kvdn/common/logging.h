@@ -1,5 +1,6 @@
-// Logging for kvdn: spdlog behind one initialisation call. Library code logs through spdlog's default
-// logger (spdlog::info(...), spdlog::warn(...)); the daemon and tools call InitLogging once at start.
+// Logging for kvdn: spdlog behind one initialisation call. Library code logs through spdlog's
+// default logger (spdlog::info(...), spdlog::warn(...)); the daemon and tools call InitLogging once
+// at start.
 #ifndef KVDN_COMMON_LOGGING_H_
 #define KVDN_COMMON_LOGGING_H_
 

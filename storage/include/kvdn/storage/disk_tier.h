@@ -15,8 +15,8 @@
 // chunk that fails is deleted, counted in checksum_failures(), and reported as DATA_LOSS; its bytes
 // are never returned.
 //
-// Thread-safe: every method may be called concurrently. The byte and chunk counters are exact as long
-// as no two calls write or delete the same key at the same time (TieredStore never does).
+// Thread-safe: every method may be called concurrently. The byte and chunk counters are exact as
+// long as no two calls write or delete the same key at the same time (TieredStore never does).
 #ifndef KVDN_STORAGE_DISK_TIER_H_
 #define KVDN_STORAGE_DISK_TIER_H_
 
@@ -70,12 +70,13 @@ class DiskTier final : public Tier {
   uint64_t used_bytes() const override { return used_.load(std::memory_order_relaxed); }
   const WatermarkOptions& watermarks() const override { return options_.watermarks; }
 
-  // Stores an encoded chunk (header + payload) under `key`, replacing any previous value. Checks the
-  // header (INVALID_ARGUMENT/DATA_LOSS as DecodeChunk) but not the payload, which the caller
+  // Stores an encoded chunk (header + payload) under `key`, replacing any previous value. Checks
+  // the header (INVALID_ARGUMENT/DATA_LOSS as DecodeChunk) but not the payload, which the caller
   // verified. INTERNAL/UNAVAILABLE for I/O errors.
   absl::Status Write(const ChunkKey& key, ByteSpan encoded);
-  // Copies the chunk into dst[0, size) and returns its size. NOT_FOUND if absent; OUT_OF_RANGE if dst
-  // is smaller than the chunk (nothing written); DATA_LOSS if it failed its checksum (now deleted).
+  // Copies the chunk into dst[0, size) and returns its size. NOT_FOUND if absent; OUT_OF_RANGE if
+  // dst is smaller than the chunk (nothing written); DATA_LOSS if it failed its checksum (now
+  // deleted).
   absl::StatusOr<uint64_t> Read(const ChunkKey& key, MutableByteSpan dst);
   // Metadata of one chunk; NOT_FOUND if absent.
   absl::StatusOr<DiskChunkMeta> Stat(const ChunkKey& key) const;
@@ -83,7 +84,8 @@ class DiskTier final : public Tier {
   absl::Status Sync();
   // Deletes `key`; OK if it was absent.
   absl::Status Delete(const ChunkKey& key);
-  // Calls fn for every stored chunk's metadata (no payload is read). Stops early if fn returns false.
+  // Calls fn for every stored chunk's metadata (no payload is read). Stops early if fn returns
+  // false.
   absl::Status ForEach(const std::function<bool(const DiskChunkMeta&)>& fn) const;
 
   uint64_t chunk_count() const { return chunks_.load(std::memory_order_relaxed); }

@@ -1,9 +1,11 @@
-// ExtentAllocator: hands out byte ranges of one fixed region (a host arena or a GPU pool) by offset.
+// ExtentAllocator: hands out byte ranges of one fixed region (a host arena or a GPU pool) by
+// offset.
 //
-// Best fit over free extents kept in two B-trees (by size and by offset), so an exact-size hole, the
-// common case for the few chunk sizes one model produces, is found in O(log n) and freed neighbours
-// coalesce at once. Sizes are rounded up to `alignment`. No memory is allocated per chunk beyond the
-// B-tree entries of free extents. Not thread-safe: the owning tier serialises calls.
+// Best fit over free extents kept in two B-trees (by size and by offset), so an exact-size hole,
+// the common case for the few chunk sizes one model produces, is found in O(log n) and freed
+// neighbours coalesce at once. Sizes are rounded up to `alignment`. No memory is allocated per
+// chunk beyond the B-tree entries of free extents. Not thread-safe: the owning tier serialises
+// calls.
 #ifndef KVDN_STORAGE_EXTENT_ALLOCATOR_H_
 #define KVDN_STORAGE_EXTENT_ALLOCATOR_H_
 

@@ -15,7 +15,7 @@ struct HostTierOptions {
   uint64_t capacity_bytes = uint64_t{1} << 30;  // rounded up to alignment
   uint64_t alignment = 4096;                    // power of two, >= 64
   WatermarkOptions watermarks;
-  bool prefault = true;     // touch every page at start (MAP_POPULATE): no page faults on the hot path
+  bool prefault = true;  // touch every page at start (MAP_POPULATE): no page faults on the hot path
   bool pin_for_gpu = true;  // cudaHostRegister the arena when a CUDA device is present
 };
 

@@ -1,5 +1,5 @@
-// MemoryTier: the part HostTier and GpuTier share — one region allocated once at start, carved by an
-// ExtentAllocator, with capacity and watermarks. Chunk bytes never come from malloc.
+// MemoryTier: the part HostTier and GpuTier share — one region allocated once at start, carved by
+// an ExtentAllocator, with capacity and watermarks. Chunk bytes never come from malloc.
 #ifndef KVDN_STORAGE_MEMORY_TIER_H_
 #define KVDN_STORAGE_MEMORY_TIER_H_
 

@@ -1,11 +1,12 @@
-// Tier: a place chunks can live. Three kinds, fastest first: GPU memory, pinned host memory, local disk.
-// A tier says what it can do through caps() (STYLE.md 7); TieredStore (tiered_store.h) composes them.
+// Tier: a place chunks can live. Three kinds, fastest first: GPU memory, pinned host memory, local
+// disk. A tier says what it can do through caps() (STYLE.md 7); TieredStore (tiered_store.h)
+// composes them.
 #ifndef KVDN_STORAGE_TIER_H_
 #define KVDN_STORAGE_TIER_H_
 
 #include <cstdint>
-#include "absl/strings/string_view.h"
 
+#include "absl/strings/string_view.h"
 #include "kvdn/common/status.h"
 
 namespace kvdn::storage {
@@ -21,8 +22,8 @@ struct TierCaps {
   bool device_memory = false;     // bytes live in GPU memory
 };
 
-// Capacity limits shared by every tier. Eviction starts above high_watermark * capacity and stops at
-// or below low_watermark * capacity. REQUIRES: 0 < low <= high <= 1.
+// Capacity limits shared by every tier. Eviction starts above high_watermark * capacity and stops
+// at or below low_watermark * capacity. REQUIRES: 0 < low <= high <= 1.
 struct WatermarkOptions {
   double high_watermark = 0.90;
   double low_watermark = 0.80;
@@ -41,10 +42,12 @@ class Tier {
   virtual const WatermarkOptions& watermarks() const = 0;
 
   uint64_t high_watermark_bytes() const {
-    return static_cast<uint64_t>(watermarks().high_watermark * static_cast<double>(capacity_bytes()));
+    return static_cast<uint64_t>(watermarks().high_watermark *
+                                 static_cast<double>(capacity_bytes()));
   }
   uint64_t low_watermark_bytes() const {
-    return static_cast<uint64_t>(watermarks().low_watermark * static_cast<double>(capacity_bytes()));
+    return static_cast<uint64_t>(watermarks().low_watermark *
+                                 static_cast<double>(capacity_bytes()));
   }
 };
 

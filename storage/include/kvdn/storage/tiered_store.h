@@ -6,21 +6,22 @@
 // addition, possibly one on disk. New chunks land in the host tier. Eviction demotes GPU -> host,
 // host -> disk (a chunk already on disk just loses its memory copy), and drops disk chunks past the
 // disk watermark. A hit on a disk-only chunk promotes it to the host tier (its disk copy stays); a
-// hit from a reader that accepts GPU memory promotes a host chunk to the GPU tier when there is room.
+// hit from a reader that accepts GPU memory promotes a host chunk to the GPU tier when there is
+// room.
 //
-// Puts are two-phase: Reserve(key, size) returns a writable host buffer; the writer fills it with an
-// encoded chunk (chunk_format.h) and calls Commit(id, checksum), which verifies the chunk's header
-// and payload checksum before the chunk becomes visible. Reservations not committed within
-// reservation_ttl expire and their memory is reused. Keys are content-addressed, so a key is written
-// once: Reserve of a present key returns ALREADY_EXISTS and the writer can skip the upload.
+// Puts are two-phase: Reserve(key, size) returns a writable host buffer; the writer fills it with
+// an encoded chunk (chunk_format.h) and calls Commit(id, checksum), which verifies the chunk's
+// header and payload checksum before the chunk becomes visible. Reservations not committed within
+// reservation_ttl expire and their memory is reused. Keys are content-addressed, so a key is
+// written once: Reserve of a present key returns ALREADY_EXISTS and the writer can skip the upload.
 //
-// Leases. Acquire pins a chunk's memory copy for a reader until Release or the lease's ttl: a leased
-// chunk is never evicted, moved, freed or overwritten. Delete of a leased chunk hides it at once and
-// frees it when the last lease ends.
+// Leases. Acquire pins a chunk's memory copy for a reader until Release or the lease's ttl: a
+// leased chunk is never evicted, moved, freed or overwritten. Delete of a leased chunk hides it at
+// once and frees it when the last lease ends.
 //
-// Thread-safety: every method may be called concurrently. One mutex guards the index; it is released
-// around disk I/O and device copies, during which the chunk being moved is pinned. Lock order:
-// TieredStore::mu_ before a tier's internal mutex.
+// Thread-safety: every method may be called concurrently. One mutex guards the index; it is
+// released around disk I/O and device copies, during which the chunk being moved is pinned. Lock
+// order: TieredStore::mu_ before a tier's internal mutex.
 #ifndef KVDN_STORAGE_TIERED_STORE_H_
 #define KVDN_STORAGE_TIERED_STORE_H_
 
@@ -57,14 +58,14 @@ struct TieredStoreOptions {
 struct TierStats {
   bool present = false;
   uint64_t chunks = 0;
-  uint64_t bytes = 0;            // committed chunk bytes held in this tier
-  uint64_t used_bytes = 0;       // bytes the tier has handed out (memory tiers add reservations)
+  uint64_t bytes = 0;       // committed chunk bytes held in this tier
+  uint64_t used_bytes = 0;  // bytes the tier has handed out (memory tiers add reservations)
   uint64_t capacity_bytes = 0;
-  uint64_t hits = 0;             // Acquire found the chunk in this tier first
-  uint64_t misses = 0;           // Acquire looked in this tier and did not find it
-  uint64_t evictions = 0;        // chunks removed from this tier to make room
-  uint64_t demotions = 0;        // of those, chunks moved down into the next tier
-  uint64_t promotions = 0;       // chunks moved up into this tier
+  uint64_t hits = 0;        // Acquire found the chunk in this tier first
+  uint64_t misses = 0;      // Acquire looked in this tier and did not find it
+  uint64_t evictions = 0;   // chunks removed from this tier to make room
+  uint64_t demotions = 0;   // of those, chunks moved down into the next tier
+  uint64_t promotions = 0;  // chunks moved up into this tier
   uint64_t checksum_failures = 0;
 };
 
@@ -88,8 +89,8 @@ struct Reservation {
 struct Lease {
   uint64_t id = 0;
   TierKind tier = TierKind::kHost;
-  uint64_t size = 0;     // encoded chunk bytes
-  ByteSpan host_bytes;   // the chunk, when tier == kHost
+  uint64_t size = 0;           // encoded chunk bytes
+  ByteSpan host_bytes;         // the chunk, when tier == kHost
   void* device_ptr = nullptr;  // the chunk in device memory, when tier == kGpu
   absl::Time expires;
 };
@@ -107,8 +108,8 @@ struct LookupResult {
 class TieredStore {
  public:
   // Creates the tiers. Errors from the tiers' factories (e.g. FAILED_PRECONDITION for a GPU tier
-  // without a GPU, UNAVAILABLE for a disk directory RocksDB cannot open). Chunks already on disk are
-  // indexed and served.
+  // without a GPU, UNAVAILABLE for a disk directory RocksDB cannot open). Chunks already on disk
+  // are indexed and served.
   static absl::StatusOr<std::unique_ptr<TieredStore>> Open(const TieredStoreOptions& options);
   ~TieredStore();
   TieredStore(const TieredStore&) = delete;

@@ -35,13 +35,12 @@ MATCHER_P(StatusIs, code, "") {
 #define KVDN_TESTING_CONCAT_INNER_(a, b) a##b
 #define KVDN_TESTING_CONCAT_(a, b) KVDN_TESTING_CONCAT_INNER_(a, b)
 
-#define EXPECT_OK(expr) EXPECT_TRUE((::kvdn::testing::GetStatus(expr)).ok()) \
-    << ::kvdn::testing::GetStatus(expr)
-#define ASSERT_OK(expr)                                        \
-  do {                                                         \
-    const auto& kvdn_s_ = (expr);                              \
-    ASSERT_TRUE(::kvdn::testing::GetStatus(kvdn_s_).ok())      \
-        << ::kvdn::testing::GetStatus(kvdn_s_);                \
+#define EXPECT_OK(expr) \
+  EXPECT_TRUE((::kvdn::testing::GetStatus(expr)).ok()) << ::kvdn::testing::GetStatus(expr)
+#define ASSERT_OK(expr)                                                                           \
+  do {                                                                                            \
+    const auto& kvdn_s_ = (expr);                                                                 \
+    ASSERT_TRUE(::kvdn::testing::GetStatus(kvdn_s_).ok()) << ::kvdn::testing::GetStatus(kvdn_s_); \
   } while (0)
 #define ASSERT_OK_AND_ASSIGN(lhs, expr) \
   ASSERT_OK_AND_ASSIGN_IMPL_(KVDN_TESTING_CONCAT_(kvdn_or_, __LINE__), lhs, expr)

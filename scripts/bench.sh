@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs missing packages, builds (default preset) and runs one benchmark program.
+#   scripts/bench.sh storage [storage_bench flags]     e.g. --sizes-mib 1,4,32 --disk-total-mib 1024
+set -euo pipefail
+cd "$(dirname "$0")/.."
+name=${1:-storage}
+shift || true
+scripts/install-deps.sh
+cmake --preset default >/dev/null
+cmake --build --preset default -j "$(nproc)" --target "${name}_bench"
+exec "build/default/bin/${name}_bench" "$@"
