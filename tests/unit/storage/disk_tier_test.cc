@@ -117,6 +117,35 @@ TEST_F(DiskTierTest, BitRotInABlobFileIsDetected) {
   EXPECT_THAT(disk->Read(KeyFor(2), MutableByteSpan(buf)), StatusIs(absl::StatusCode::kNotFound));
 }
 
+TEST_F(DiskTierTest, ReadManyMatchesReadForEveryKey) {
+  ASSERT_OK_AND_ASSIGN(auto disk, DiskTier::Open(Options()));
+  std::vector<std::vector<uint8_t>> want;
+  std::vector<ChunkKey> keys;
+  for (int i = 0; i < 9; ++i) {
+    want.push_back(RandomChunk(testing::InfoForBytes(40000 + 91000 * i), 100 + i));
+    keys.push_back(KeyFor(100 + i));
+    if (i != 4) ASSERT_OK(disk->Write(keys.back(), want.back()));  // key 4 is missing
+  }
+  for (int depth : {1, 3, 16}) {
+    std::vector<std::vector<uint8_t>> bufs(keys.size(), std::vector<uint8_t>(1 << 20, 0xAB));
+    std::vector<MutableByteSpan> dsts(bufs.begin(), bufs.end());
+    auto got = disk->ReadMany(keys, dsts, depth);
+    ASSERT_EQ(got.size(), keys.size());
+    for (size_t i = 0; i < keys.size(); ++i) {
+      if (i == 4) {
+        EXPECT_THAT(got[i], StatusIs(absl::StatusCode::kNotFound));
+        continue;
+      }
+      ASSERT_TRUE(got[i].ok()) << got[i].status();
+      ASSERT_EQ(*got[i], want[i].size());
+      EXPECT_EQ(std::memcmp(bufs[i].data(), want[i].data(), want[i].size()), 0) << i;
+    }
+  }
+  std::vector<uint8_t> one(10);
+  auto mismatched = disk->ReadMany(keys, {MutableByteSpan(one)});
+  EXPECT_THAT(mismatched[0], StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("differ")));
+}
+
 TEST_F(DiskTierTest, BadOptions) {
   EXPECT_THAT(DiskTier::Open({.path = ""}), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(DiskTier::Open({.path = dir_.Sub("x"), .capacity_bytes = 0}),

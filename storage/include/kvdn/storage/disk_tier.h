@@ -25,6 +25,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/time/time.h"
 #include "kvdn/common/bytes.h"
@@ -45,7 +46,8 @@ struct DiskTierOptions {
   WatermarkOptions watermarks;
   uint64_t write_buffer_bytes = uint64_t{128} << 20;
   bool sync_each_write = false;  // see "Durability" above
-  bool direct_io = true;         // O_DIRECT blob reads and flushes (falls back if unsupported)
+  bool direct_reads = true;      // O_DIRECT blob reads: no page-cache copy, one large I/O per chunk
+  bool direct_flush = true;      // O_DIRECT memtable flushes: chunk bytes skip a page-cache copy
 };
 
 // What the disk tier knows about one stored chunk without reading its payload.
@@ -78,6 +80,12 @@ class DiskTier final : public Tier {
   // dst is smaller than the chunk (nothing written); DATA_LOSS if it failed its checksum (now
   // deleted).
   absl::StatusOr<uint64_t> Read(const ChunkKey& key, MutableByteSpan dst);
+  // Reads several chunks (e.g. a prefix chain) into dsts[i], keeping up to `depth` reads in flight
+  // so one chunk's device time overlaps another's verification and copy. Result i is what Read
+  // would return for keys[i]. REQUIRES: keys.size() == dsts.size().
+  std::vector<absl::StatusOr<uint64_t>> ReadMany(absl::Span<const ChunkKey> keys,
+                                                 absl::Span<const MutableByteSpan> dsts,
+                                                 int depth = 2);
   // Metadata of one chunk; NOT_FOUND if absent.
   absl::StatusOr<DiskChunkMeta> Stat(const ChunkKey& key) const;
   // Makes every Write that returned durable against power loss (WAL fsync + memtable flush).
