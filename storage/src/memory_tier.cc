@@ -30,7 +30,7 @@ MemoryTier::MemoryTier(uint8_t* base, uint64_t capacity, uint64_t alignment,
     : base_(base), capacity_(capacity), watermarks_(watermarks), alloc_(capacity, alignment) {}
 
 absl::StatusOr<MemoryBlock> MemoryTier::Allocate(uint64_t size) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   auto offset = alloc_.Allocate(size);
   if (!offset.ok()) {
     return absl::ResourceExhaustedError(
@@ -40,22 +40,22 @@ absl::StatusOr<MemoryBlock> MemoryTier::Allocate(uint64_t size) {
 }
 
 absl::Status MemoryTier::Free(const MemoryBlock& block) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return alloc_.Free(block.offset, block.size);
 }
 
 uint64_t MemoryTier::used_bytes() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return alloc_.allocated_bytes();
 }
 
 uint64_t MemoryTier::RoundUp(uint64_t size) const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return alloc_.RoundUp(size);
 }
 
 uint64_t MemoryTier::largest_free_extent() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return alloc_.largest_free_extent();
 }
 

@@ -20,9 +20,10 @@ TieredStore::TieredStore(const TieredStoreOptions& options)
 
 TieredStore::~TieredStore() {
   {
-    absl::MutexLock lock(&state_->mu);
+    MutexLock lock(&state_->mu);
     state_->stop = true;
   }
+  state_->cv.SignalAll();
   if (state_->maintenance.joinable()) state_->maintenance.join();
 }
 
@@ -47,7 +48,7 @@ absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(const TieredStore
     std::sort(metas.begin(), metas.end(),
               [](const DiskChunkMeta& a, const DiskChunkMeta& b) { return a.written < b.written; });
     State& s = *store->state_;
-    absl::MutexLock lock(&s.mu);
+    MutexLock lock(&s.mu);
     for (const DiskChunkMeta& m : metas) {
       Entry& e = s.index[m.key];
       e.key = m.key;
@@ -62,10 +63,8 @@ absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(const TieredStore
     store->state_->maintenance = std::thread([self] {
       State& s = *self->state_;
       for (;;) {
-        absl::MutexLock lock(&s.mu);
-        s.mu.AwaitWithTimeout(absl::Condition(
-                                  +[](State* st) { return st->stop || st->wake; }, &s),
-                              self->options_.maintenance_interval);
+        MutexLock lock(&s.mu);
+        if (!s.stop && !s.wake) s.cv.WaitWithTimeout(&s.mu, self->options_.maintenance_interval);
         if (s.stop) return;
         s.wake = false;
         self->MaintenanceLocked();
@@ -86,7 +85,7 @@ absl::StatusOr<Reservation> TieredStore::Reserve(const ChunkKey& key, uint64_t s
                                                    kChunkHeaderBytes + kMaxChunkPayloadBytes, "]"));
   }
   State& s = *state_;
-  absl::MutexLock lock(&s.mu);
+  MutexLock lock(&s.mu);
   auto check_key = [&]() -> absl::Status {
     if (auto it = s.index.find(key); it != s.index.end()) {
       if (it->second.doomed) {
@@ -126,7 +125,7 @@ absl::Status TieredStore::CommitInternal(uint64_t id, uint64_t payload_checksum,
   ChunkKey key;
   MemoryBlock block;
   {
-    absl::MutexLock lock(&s.mu);
+    MutexLock lock(&s.mu);
     auto it = s.reservations.find(id);
     if (it == s.reservations.end()) {
       if (s.expired_reservations.Contains(id)) {
@@ -160,7 +159,7 @@ absl::Status TieredStore::CommitInternal(uint64_t id, uint64_t payload_checksum,
         absl::StrFormat("commit checksum %016x does not match the chunk header's %016x",
                         payload_checksum, view->header.payload_checksum));
   }
-  absl::MutexLock lock(&s.mu);
+  MutexLock lock(&s.mu);
   s.reservations.erase(id);
   s.reserved_keys.erase(key);
   if (!verdict.ok()) {
@@ -186,7 +185,7 @@ absl::Status TieredStore::CommitInternal(uint64_t id, uint64_t payload_checksum,
 
 absl::Status TieredStore::Abort(uint64_t reservation_id) {
   State& s = *state_;
-  absl::MutexLock lock(&s.mu);
+  MutexLock lock(&s.mu);
   auto it = s.reservations.find(reservation_id);
   if (it == s.reservations.end() || it->second.committing) {
     return absl::NotFoundError(absl::StrCat("no reservation ", reservation_id, " to abort"));
@@ -211,7 +210,7 @@ absl::Status TieredStore::Put(const ChunkKey& key, ByteSpan encoded) {
   }
   if (hasher.Digest() != header.payload_checksum) {
     (void)Abort(r.id);
-    absl::MutexLock lock(&state_->mu);
+    MutexLock lock(&state_->mu);
     ++state_->commit_failures;
     ++state_->stats[kHost].checksum_failures;
     return absl::DataLossError(
@@ -226,7 +225,7 @@ absl::Status TieredStore::Put(const ChunkKey& key, ByteSpan encoded) {
 
 absl::StatusOr<Lease> TieredStore::Acquire(const ChunkKey& key, const AcquireOptions& options) {
   State& s = *state_;
-  absl::MutexLock lock(&s.mu);
+  MutexLock lock(&s.mu);
   bool counted = false;
   bool tried_gpu = false;
   auto count = [&](int found) {
@@ -249,17 +248,9 @@ absl::StatusOr<Lease> TieredStore::Acquire(const ChunkKey& key, const AcquireOpt
     }
     Entry* e = &it->second;
     if (e->moving && (e->mem == kNone || (e->mem == kGpu && !options.accept_gpu))) {
-      // Wait for the move in flight, then look again (the entry may be gone by then).
-      struct MoveDone {
-        State* s;
-        const ChunkKey* key;
-      } arg{&s, &key};
-      s.mu.Await(absl::Condition(
-          +[](MoveDone* a) {
-            auto i = a->s->index.find(*a->key);
-            return i == a->s->index.end() || !i->second.moving;
-          },
-          &arg));
+      // Wait for the move in flight (every move signals cv when it ends), then look again: the
+      // entry may be gone by then.
+      s.cv.Wait(&s.mu);
       continue;
     }
     count(e->mem != kNone ? e->mem : kDisk);
@@ -295,7 +286,7 @@ absl::StatusOr<Lease> TieredStore::Acquire(const ChunkKey& key, const AcquireOpt
 
 absl::Status TieredStore::Release(uint64_t lease_id) {
   State& s = *state_;
-  absl::MutexLock lock(&s.mu);
+  MutexLock lock(&s.mu);
   auto it = s.leases.find(lease_id);
   if (it == s.leases.end()) {
     if (s.expired_leases.Contains(lease_id)) {
@@ -325,7 +316,7 @@ absl::StatusOr<uint64_t> TieredStore::Get(const ChunkKey& key, MutableByteSpan d
 
 LookupResult TieredStore::Lookup(absl::Span<const ChunkKey> chain) const {
   State& s = *state_;
-  absl::MutexLock lock(&s.mu);
+  MutexLock lock(&s.mu);
   LookupResult r;
   for (const ChunkKey& key : chain) {
     auto it = s.index.find(key);
@@ -339,7 +330,7 @@ LookupResult TieredStore::Lookup(absl::Span<const ChunkKey> chain) const {
 
 absl::Status TieredStore::Delete(const ChunkKey& key) {
   State& s = *state_;
-  absl::MutexLock lock(&s.mu);
+  MutexLock lock(&s.mu);
   auto it = s.index.find(key);
   if (it == s.index.end() || it->second.doomed) {
     return absl::NotFoundError(absl::StrCat("chunk ", key.ToString(), " is not stored"));
@@ -351,7 +342,7 @@ absl::Status TieredStore::Delete(const ChunkKey& key) {
 
 StoreStats TieredStore::Stats() const {
   State& s = *state_;
-  absl::MutexLock lock(&s.mu);
+  MutexLock lock(&s.mu);
   StoreStats out;
   out.tiers = s.stats;
   for (int t = 0; t < kNumTierKinds; ++t) {

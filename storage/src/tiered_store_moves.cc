@@ -127,6 +127,7 @@ void TieredStore::DemoteToDiskLocked(Entry* e) {
   }
   --e->pins;
   e->moving = false;
+  s.cv.SignalAll();
   if (st.ok()) {
     e->on_disk = true;
     s.Link(e, kDisk);
@@ -156,6 +157,7 @@ absl::Status TieredStore::DemoteGpuToHostLocked(Entry* e, bool for_reader) {
   }
   --e->pins;
   e->moving = false;
+  s.cv.SignalAll();
   if (st.ok() && e->pins == 0 && !e->doomed) {
     FreeMemoryLocked(e);
     e->mem = kHost;
@@ -216,13 +218,16 @@ void TieredStore::MaintenanceLocked() {
 }
 
 void TieredStore::RunMaintenance() {
-  absl::MutexLock lock(&state_->mu);
+  MutexLock lock(&state_->mu);
   MaintenanceLocked();
 }
 
 void TieredStore::WakeIfAboveHighLocked(int t) {
   if (options_.maintenance_interval <= absl::ZeroDuration()) return;
-  if (MemTier(t)->used_bytes() > MemTier(t)->high_watermark_bytes()) state_->wake = true;
+  if (MemTier(t)->used_bytes() > MemTier(t)->high_watermark_bytes()) {
+    state_->wake = true;
+    state_->cv.SignalAll();
+  }
 }
 
 absl::Status TieredStore::PromoteFromDiskLocked(Entry* e) {
@@ -241,6 +246,7 @@ absl::Status TieredStore::PromoteFromDiskLocked(Entry* e) {
   }
   --e->pins;
   e->moving = false;
+  s.cv.SignalAll();
   if (!st.ok()) {
     if (hb.ok()) (void)host_->Free(*hb);
     if (absl::IsDataLoss(st)) {
@@ -277,6 +283,7 @@ void TieredStore::PromoteToGpuLocked(Entry* e) {
   }
   --e->pins;
   e->moving = false;
+  s.cv.SignalAll();
   if (st.ok() && e->pins == 0 && !e->doomed) {
     FreeMemoryLocked(e);
     e->mem = kGpu;

@@ -12,7 +12,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/container/node_hash_map.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
+#include "kvdn/common/mutex.h"
 #include "kvdn/common/chunk_format.h"
 #include "kvdn/common/hash.h"
 #include "kvdn/common/logging.h"
@@ -86,7 +86,9 @@ struct TieredStore::State {
     absl::Time expires;
   };
 
-  absl::Mutex mu;
+  Mutex mu;
+  // Signalled when a move ends (an entry's `moving` clears) and to wake the maintenance thread.
+  CondVar cv;
   absl::node_hash_map<ChunkKey, Entry> index ABSL_GUARDED_BY(mu);
   LruList lru[kNumTierKinds] ABSL_GUARDED_BY(mu);
   absl::flat_hash_map<uint64_t, PendingReservation> reservations ABSL_GUARDED_BY(mu);

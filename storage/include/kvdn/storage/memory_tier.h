@@ -6,8 +6,8 @@
 #include <cstdint>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
 #include "kvdn/common/bytes.h"
+#include "kvdn/common/mutex.h"
 #include "kvdn/storage/extent_allocator.h"
 #include "kvdn/storage/tier.h"
 
@@ -54,7 +54,7 @@ class MemoryTier : public Tier {
   const WatermarkOptions watermarks_;
 
  private:
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   ExtentAllocator alloc_ ABSL_GUARDED_BY(mu_);
 };
 
