@@ -152,6 +152,7 @@ absl::StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& 
 
 absl::Status DiskTier::Write(const ChunkKey& key, ByteSpan encoded) {
   KVDN_ASSIGN_OR_RETURN(ChunkView view, DecodeChunk(encoded, /*verify_payload=*/false));
+  MutexLock lock(&write_mu_);
   const uint64_t seq = next_seq_.fetch_add(1);
   std::string meta(kMetaBytes, '\0');
   std::memcpy(meta.data(), encoded.data(), kChunkHeaderBytes);
@@ -267,6 +268,7 @@ absl::Status DiskTier::Sync() {
 }
 
 absl::Status DiskTier::Delete(const ChunkKey& key) {
+  MutexLock lock(&write_mu_);
   const std::string mkey = EncodeKey(kMetaPrefix, key);
   std::string value;
   rocksdb::Status gs = db_->Get(rocksdb::ReadOptions(), mkey, &value);

@@ -1,9 +1,10 @@
 // kvdn::Mutex, MutexLock and CondVar: std::mutex / std::condition_variable carrying Abseil's
 // thread-safety annotations (ABSL_GUARDED_BY works with them as with absl::Mutex).
 //
-// Why not absl::Mutex: Debian ships Abseil as shared libraries built without ThreadSanitizer, so TSan
-// cannot see absl::Mutex's happens-before edges and reports false races on everything it guards.
-// std::mutex goes through pthread, which TSan intercepts, so the tsan preset checks our locking.
+// Why not absl::Mutex: Debian ships Abseil as shared libraries built without ThreadSanitizer, so
+// TSan cannot see absl::Mutex's happens-before edges and reports false races on everything it
+// guards. std::mutex goes through pthread, which TSan intercepts, so the tsan preset checks our
+// locking.
 #ifndef KVDN_COMMON_MUTEX_H_
 #define KVDN_COMMON_MUTEX_H_
 
