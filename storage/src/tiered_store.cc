@@ -62,12 +62,23 @@ absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(const TieredStore
     TieredStore* self = store.get();
     store->state_->maintenance = std::thread([self] {
       State& s = *self->state_;
+      absl::Time last_sync = absl::Now();
       for (;;) {
-        MutexLock lock(&s.mu);
-        if (!s.stop && !s.wake) s.cv.WaitWithTimeout(&s.mu, self->options_.maintenance_interval);
-        if (s.stop) return;
-        s.wake = false;
-        self->MaintenanceLocked();
+        {
+          MutexLock lock(&s.mu);
+          if (!s.stop && !s.wake) s.cv.WaitWithTimeout(&s.mu, self->options_.maintenance_interval);
+          if (s.stop) return;
+          s.wake = false;
+          self->MaintenanceLocked();
+        }
+        // Bound what a power loss can take: make the disk tier durable every disk_sync_interval.
+        const absl::Duration every = self->options_.disk_sync_interval;
+        if (self->disk_ && every > absl::ZeroDuration() && absl::Now() - last_sync >= every) {
+          if (absl::Status st = self->disk_->Sync(); !st.ok()) {
+            spdlog::warn("tiered store: disk sync: {}", st.message());
+          }
+          last_sync = absl::Now();
+        }
       }
     });
   }

@@ -52,6 +52,9 @@ struct TieredStoreOptions {
   // Period of the background thread that expires reservations and leases and evicts down to the low
   // watermarks. Zero: no thread; the owner calls RunMaintenance().
   absl::Duration maintenance_interval = absl::Milliseconds(100);
+  // How often the maintenance thread calls DiskTier::Sync(), bounding what a power loss can take
+  // (a process crash loses nothing that was written). Zero: only on close.
+  absl::Duration disk_sync_interval = absl::Seconds(5);
   Clock* clock = nullptr;  // nullptr: Clock::Real()
 };
 
