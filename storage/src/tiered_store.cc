@@ -85,8 +85,7 @@ absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(const TieredStore
   return store;
 }
 
-// ---- puts
-// ----------------------------------------------------------------------------------------
+// ---- puts ----
 
 absl::StatusOr<Reservation> TieredStore::Reserve(const ChunkKey& key, uint64_t size) {
   if (absl::Status st = ValidateNamespace(key.ns); !st.ok()) return st;
@@ -231,8 +230,7 @@ absl::Status TieredStore::Put(const ChunkKey& key, ByteSpan encoded) {
   return CommitInternal(r.id, header.payload_checksum, /*payload_verified=*/true);
 }
 
-// ---- reads
-// ---------------------------------------------------------------------------------------
+// ---- reads ----
 
 absl::StatusOr<Lease> TieredStore::Acquire(const ChunkKey& key, const AcquireOptions& options) {
   State& s = *state_;

@@ -25,8 +25,7 @@ bool TieredStore::TierPresent(int t) const {
   return t == kHost || (t == kGpu && gpu_) || (t == kDisk && disk_);
 }
 
-// ---- removal and reaping
-// -------------------------------------------------------------------------
+// ---- removal and reaping ----
 
 void TieredStore::FreeMemoryLocked(Entry* e) {
   State& s = *state_;
@@ -63,8 +62,7 @@ bool TieredStore::MaybeReapLocked(Entry* e) {
   return false;
 }
 
-// ---- eviction
-// ------------------------------------------------------------------------------------
+// ---- eviction ----
 
 absl::StatusOr<MemoryBlock> TieredStore::AllocateLocked(int t, uint64_t size, const Entry* keep) {
   MemoryTier* tier = MemTier(t);
