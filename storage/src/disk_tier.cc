@@ -111,6 +111,10 @@ absl::StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& 
 
   rocksdb::Options o;
   o.create_if_missing = true;
+  // The LSM tree holds only 80-byte metadata records and the chunk payloads are random-looking
+  // floats: compression would cost CPU and save nothing.
+  o.compression = rocksdb::kNoCompression;
+  o.blob_compression_type = rocksdb::kNoCompression;
   o.enable_blob_files = true;
   o.min_blob_size = 256;  // chunk bytes go to blobs; 72-byte metadata stays in the LSM tree
   o.blob_file_size = 256ull << 20;
