@@ -12,10 +12,10 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/container/node_hash_map.h"
 #include "absl/strings/str_cat.h"
-#include "kvdn/common/mutex.h"
 #include "kvdn/common/chunk_format.h"
 #include "kvdn/common/hash.h"
 #include "kvdn/common/logging.h"
+#include "kvdn/common/mutex.h"
 #include "kvdn/storage/tiered_store.h"
 
 namespace kvdn::storage {
