@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -22,15 +23,26 @@ absl::StatusOr<std::unique_ptr<HostTier>> HostTier::Create(const HostTierOptions
     return absl::InvalidArgumentError("host tier capacity_bytes is 0");
   }
   const uint64_t capacity = (options.capacity_bytes + a - 1) & ~(a - 1);
-  int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
-  if (options.prefault) flags |= MAP_POPULATE;
-  void* p = mmap(nullptr, capacity, PROT_READ | PROT_WRITE, flags, -1, 0);
-  if (p == MAP_FAILED) {
+  // Over-map by 2 MiB so the arena can start on a huge-page boundary.
+  constexpr uint64_t kHuge = 2 << 20;
+  const int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+  void* raw = mmap(nullptr, capacity + kHuge, PROT_READ | PROT_WRITE, flags, -1, 0);
+  if (raw == MAP_FAILED) {
     return absl::ResourceExhaustedError(
         absl::StrCat("host tier: mmap of ", capacity, " bytes failed: ", std::strerror(errno)));
   }
-  // Large pages cut TLB misses on multi-MiB copies; advisory, so failure is fine.
+  void* p = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw) + kHuge - 1) & ~(kHuge - 1));
+  // Ask for transparent huge pages *before* faulting the arena in, so the faults allocate 2 MiB
+  // pages: multi-MiB chunk copies then take 1/512 of the TLB misses. Advisory; failure is fine.
   madvise(p, capacity, MADV_HUGEPAGE);
+  if (options.prefault) {
+    // Touch every page now (MADV_POPULATE_WRITE where the kernel has it): no faults on the hot
+    // path.
+    if (madvise(p, capacity, 23 /* MADV_POPULATE_WRITE */) != 0) {
+      for (uint64_t off = 0; off < capacity; off += 4096)
+        static_cast<volatile uint8_t*>(p)[off] = 0;
+    }
+  }
   bool pinned = false;
   if (options.pin_for_gpu && cuda::DeviceCount() > 0) {
     if (absl::Status s = cuda::RegisterHost(p, capacity); s.ok()) {
@@ -41,17 +53,19 @@ absl::StatusOr<std::unique_ptr<HostTier>> HostTier::Create(const HostTierOptions
     }
   }
   return std::unique_ptr<HostTier>(
-      new HostTier(static_cast<uint8_t*>(p), capacity, options, pinned));
+      new HostTier(static_cast<uint8_t*>(p), capacity, options, pinned, raw, capacity + kHuge));
 }
 
-HostTier::HostTier(uint8_t* base, uint64_t mapped, const HostTierOptions& options, bool pinned)
-    : MemoryTier(base, mapped, options.alignment, options.watermarks),
-      mapped_bytes_(mapped),
+HostTier::HostTier(uint8_t* base, uint64_t capacity, const HostTierOptions& options, bool pinned,
+                   void* mapping, uint64_t mapping_bytes)
+    : MemoryTier(base, capacity, options.alignment, options.watermarks),
+      mapping_(mapping),
+      mapping_bytes_(mapping_bytes),
       pinned_(pinned) {}
 
 HostTier::~HostTier() {
   if (pinned_) (void)cuda::UnregisterHost(base_);
-  munmap(base_, mapped_bytes_);
+  munmap(mapping_, mapping_bytes_);
 }
 
 absl::Status HostTier::CopyIn(const MemoryBlock& block, uint64_t offset, ByteSpan src) {

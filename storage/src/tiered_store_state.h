@@ -27,7 +27,7 @@ inline constexpr int kHost = static_cast<int>(TierKind::kHost);
 inline constexpr int kDisk = static_cast<int>(TierKind::kDisk);
 inline constexpr size_t kMaxTombstones = 1 << 16;
 // Put copies and hashes in pieces that stay in the CPU's L2 between the two.
-inline constexpr size_t kCopyHashPiece = 256 << 10;
+inline constexpr size_t kCopyHashPiece = 512 << 10;
 
 // Ids of reservations/leases that expired, so a late Commit/Release learns "expired" (ABORTED)
 // rather than "unknown" (NOT_FOUND). Bounded: the oldest are forgotten first.

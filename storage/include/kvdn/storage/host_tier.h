@@ -1,4 +1,5 @@
-// HostTier: chunk bytes in one host arena (mmap'd once at start, pre-faulted, pinned with
+// HostTier: chunk bytes in one host arena (mmap'd once at start, 2 MiB-aligned and advised for
+// transparent huge pages, pre-faulted, pinned with
 // cudaHostRegister when a GPU is present so H2D/D2H copies run at full speed and, later, registered
 // once with UCX). Allocation is an ExtentAllocator over the arena: no malloc per chunk.
 #ifndef KVDN_STORAGE_HOST_TIER_H_
@@ -41,8 +42,10 @@ class HostTier final : public MemoryTier {
   }
 
  private:
-  HostTier(uint8_t* base, uint64_t mapped, const HostTierOptions& options, bool pinned);
-  const uint64_t mapped_bytes_;
+  HostTier(uint8_t* base, uint64_t capacity, const HostTierOptions& options, bool pinned,
+           void* mapping, uint64_t mapping_bytes);
+  void* const mapping_;  // the whole mmap, of which the arena is the huge-page-aligned part
+  const uint64_t mapping_bytes_;
   const bool pinned_;
 };
 
