@@ -233,6 +233,10 @@ absl::Status TieredStore::Put(const ChunkKey& key, ByteSpan encoded) {
 // ---- reads ----
 
 absl::StatusOr<Lease> TieredStore::Acquire(const ChunkKey& key, const AcquireOptions& options) {
+  if (options.ttl <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("lease ttl must be positive, got ", absl::FormatDuration(options.ttl)));
+  }
   State& s = *state_;
   MutexLock lock(&s.mu);
   bool counted = false;

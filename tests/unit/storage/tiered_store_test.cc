@@ -300,6 +300,9 @@ TEST_F(TieredStoreTest, GetIntoASmallBufferIsOutOfRange) {
   EXPECT_THAT(s->Get(KeyFor(1), MutableByteSpan(small)), StatusIs(absl::StatusCode::kOutOfRange));
   EXPECT_EQ(s->Stats().leases_active, 0u);
   EXPECT_THAT(s->Get(KeyFor(2), MutableByteSpan(small)), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(s->Acquire(KeyFor(1), {.ttl = absl::ZeroDuration()}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("ttl")));
+  EXPECT_EQ(s->Stats().leases_active, 0u);
 }
 
 TEST_F(TieredStoreTest, GpuTierWithoutAGpuFailsClearly) {

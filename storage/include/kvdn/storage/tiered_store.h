@@ -134,8 +134,10 @@ class TieredStore {
   // Reserve + copy + Commit of an encoded chunk, hashing while copying (one pass over the bytes).
   absl::Status Put(const ChunkKey& key, ByteSpan encoded);
 
-  // Pins the chunk in memory for a reader. NOT_FOUND: not stored. DATA_LOSS: its disk copy failed
-  // verification and was dropped. RESOURCE_EXHAUSTED: it is on disk and the host tier has no room.
+  // Pins the chunk in memory for a reader. INVALID_ARGUMENT: ttl <= 0. NOT_FOUND: not stored.
+  // UNAVAILABLE: a host reader asked for a chunk a GPU reader holds; retry. DATA_LOSS: its disk
+  // copy failed verification and was dropped. RESOURCE_EXHAUSTED: it is on disk and the host tier
+  // has no room.
   absl::StatusOr<Lease> Acquire(const ChunkKey& key, const AcquireOptions& options = {});
   // Ends a lease. NOT_FOUND: unknown id. ABORTED: it had expired, so bytes read under it may have
   // been reused: discard them.
