@@ -305,6 +305,23 @@ TEST_F(TieredStoreTest, GetIntoASmallBufferIsOutOfRange) {
   EXPECT_EQ(s->Stats().leases_active, 0u);
 }
 
+TEST_F(TieredStoreTest, BadOptionsFailAtOpen) {
+  TieredStoreOptions o = Options(4 * kMiB, false);
+  o.reservation_ttl = absl::ZeroDuration();
+  EXPECT_THAT(TieredStore::Open(o),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("reservation_ttl")));
+  o = Options(4 * kMiB, false);
+  o.max_lease_ttl = -absl::Seconds(1);
+  EXPECT_THAT(TieredStore::Open(o), StatusIs(absl::StatusCode::kInvalidArgument));
+  o = Options(0, false);
+  EXPECT_THAT(TieredStore::Open(o),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("capacity")));
+  o = Options(4 * kMiB, true);
+  o.disk->watermarks = {.high_watermark = 0.5, .low_watermark = 0.9};
+  EXPECT_THAT(TieredStore::Open(o),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("watermarks")));
+}
+
 TEST_F(TieredStoreTest, GpuTierWithoutAGpuFailsClearly) {
   if (GpuAvailable()) GTEST_SKIP() << "a GPU is present; covered by tests/gpu";
   TieredStoreOptions o = Options(4 * kMiB, false);
