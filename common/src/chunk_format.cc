@@ -11,27 +11,12 @@ namespace {
 
 constexpr size_t kHeaderChecksumOffset = 56;
 
-void PutU16(uint8_t* p, uint16_t v) {
-  p[0] = static_cast<uint8_t>(v);
-  p[1] = static_cast<uint8_t>(v >> 8);
-}
-void PutU32(uint8_t* p, uint32_t v) {
-  for (int i = 0; i < 4; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-void PutU64(uint8_t* p, uint64_t v) {
-  for (int i = 0; i < 8; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-uint16_t GetU16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
-uint32_t GetU32(const uint8_t* p) {
-  uint32_t v = 0;
-  for (int i = 3; i >= 0; --i) v = (v << 8) | p[i];
-  return v;
-}
-uint64_t GetU64(const uint8_t* p) {
-  uint64_t v = 0;
-  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
-  return v;
-}
+void PutU16(uint8_t* p, uint16_t v) { StoreLe(p, v); }
+void PutU32(uint8_t* p, uint32_t v) { StoreLe(p, v); }
+void PutU64(uint8_t* p, uint64_t v) { StoreLe(p, v); }
+uint16_t GetU16(const uint8_t* p) { return LoadLe<uint16_t>(p); }
+uint32_t GetU32(const uint8_t* p) { return LoadLe<uint32_t>(p); }
+uint64_t GetU64(const uint8_t* p) { return LoadLe<uint64_t>(p); }
 
 absl::Status CheckField(absl::string_view name, uint64_t v, uint64_t hi) {
   if (v == 0 || v > hi) {

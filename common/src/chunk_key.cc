@@ -9,12 +9,14 @@
 namespace kvdn {
 namespace {
 
-void AppendU32(std::string& out, uint32_t v) {
-  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>(v >> (8 * i)));
+template <typename T>
+void AppendLe(std::string& out, T v) {
+  uint8_t b[sizeof(T)];
+  StoreLe(b, v);
+  out.append(reinterpret_cast<const char*>(b), sizeof(T));
 }
-void AppendU64(std::string& out, uint64_t v) {
-  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>(v >> (8 * i)));
-}
+void AppendU32(std::string& out, uint32_t v) { AppendLe(out, v); }
+void AppendU64(std::string& out, uint64_t v) { AppendLe(out, v); }
 ByteSpan AsBytes(const std::string& s) {
   return ByteSpan(reinterpret_cast<const uint8_t*>(s.data()), s.size());
 }
@@ -128,26 +130,8 @@ absl::StatusOr<ChunkKey> ChunkKey::Parse(absl::string_view text) {
   if (absl::Status s = ValidateNamespace(key.ns); !s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("chunk key: ", s.message()));
   }
-  const absl::string_view fp = text.substr(first + 1, last - first - 1);
-  if (fp.size() != 16) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "chunk key: fingerprint must be 16 hex digits, got ", fp.size(), " characters"));
-  }
-  for (size_t i = 0; i < fp.size(); ++i) {
-    const char c = fp[i];
-    int v;
-    if (c >= '0' && c <= '9') {
-      v = c - '0';
-    } else if (c >= 'a' && c <= 'f') {
-      v = c - 'a' + 10;
-    } else if (c >= 'A' && c <= 'F') {
-      v = c - 'A' + 10;
-    } else {
-      return absl::InvalidArgumentError(
-          absl::StrCat("chunk key: fingerprint has a non-hex character at position ", i));
-    }
-    key.fingerprint = (key.fingerprint << 4) | static_cast<uint64_t>(v);
-  }
+  KVDN_ASSIGN_OR_RETURN(key.fingerprint, ParseHex(text.substr(first + 1, last - first - 1), 16,
+                                                  "chunk key: fingerprint"));
   auto hash = Hash128::FromHex(text.substr(last + 1));
   if (!hash.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("chunk key: ", hash.status().message()));

@@ -13,7 +13,7 @@
 namespace kvdn {
 namespace {
 
-int HexValue(char c) {
+int HexDigit(char c) {
   if (c >= '0' && c <= '9') return c - '0';
   if (c >= 'a' && c <= 'f') return c - 'a' + 10;
   if (c >= 'A' && c <= 'F') return c - 'A' + 10;
@@ -31,6 +31,23 @@ std::array<uint8_t, 16> Hash128::Canonical() const {
   return out;
 }
 
+absl::StatusOr<uint64_t> ParseHex(absl::string_view text, size_t digits, absl::string_view what) {
+  if (text.size() != digits) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " must be ", digits, " hex digits, got ", text.size(), " characters"));
+  }
+  uint64_t v = 0;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const int d = HexDigit(text[i]);
+    if (d < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " has a non-hex character at position ", i));
+    }
+    v = (v << 4) | static_cast<uint64_t>(d);
+  }
+  return v;
+}
+
 std::string Hash128::ToHex() const { return absl::StrFormat("%016x%016x", high, low); }
 
 absl::StatusOr<Hash128> Hash128::FromHex(absl::string_view hex) {
@@ -40,13 +57,13 @@ absl::StatusOr<Hash128> Hash128::FromHex(absl::string_view hex) {
   }
   Hash128 h;
   for (size_t i = 0; i < 32; ++i) {
-    const int v = HexValue(hex[i]);
-    if (v < 0) {
+    const int d = HexDigit(hex[i]);
+    if (d < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("hash has a non-hex character at position ", i));
     }
     uint64_t& word = i < 16 ? h.high : h.low;
-    word = (word << 4) | static_cast<uint64_t>(v);
+    word = (word << 4) | static_cast<uint64_t>(d);
   }
   return h;
 }

@@ -44,11 +44,7 @@ std::string DataKey(uint64_t seq) {
   return out;
 }
 
-uint64_t GetU64Le(const char* p) {
-  uint64_t v = 0;
-  for (int i = 7; i >= 0; --i) v = (v << 8) | static_cast<uint8_t>(p[i]);
-  return v;
-}
+uint64_t GetU64Le(const char* p) { return LoadLe<uint64_t>(reinterpret_cast<const uint8_t*>(p)); }
 
 absl::StatusOr<ChunkKey> DecodeKey(const rocksdb::Slice& s) {
   if (s.size() < 2) return absl::DataLossError("disk tier: short key in metadata");
@@ -161,10 +157,8 @@ absl::Status DiskTier::Write(const ChunkKey& key, ByteSpan encoded) {
   std::string meta(kMetaBytes, '\0');
   std::memcpy(meta.data(), encoded.data(), kChunkHeaderBytes);
   const uint64_t now_us = static_cast<uint64_t>(absl::ToUnixMicros(absl::Now()));
-  for (int i = 0; i < 8; ++i) {
-    meta[kChunkHeaderBytes + i] = static_cast<char>(now_us >> (8 * i));
-    meta[kChunkHeaderBytes + 8 + i] = static_cast<char>(seq >> (8 * i));
-  }
+  StoreLe(reinterpret_cast<uint8_t*>(meta.data()) + kChunkHeaderBytes, now_us);
+  StoreLe(reinterpret_cast<uint8_t*>(meta.data()) + kChunkHeaderBytes + 8, seq);
   const std::string mkey = EncodeKey(kMetaPrefix, key);
   // Replacing a chunk: drop its old bytes in the same batch and fix the counters.
   auto old = Stat(key);

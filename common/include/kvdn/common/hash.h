@@ -34,6 +34,10 @@ struct Hash128 {
   }
 };
 
+// Parses exactly `digits` (1..16) hex digits, either case, into an integer. INVALID_ARGUMENT naming
+// `what` and the offending length or position otherwise.
+absl::StatusOr<uint64_t> ParseHex(absl::string_view text, size_t digits, absl::string_view what);
+
 // XXH3-64 (seed 0) of `data`. Uses the fastest SIMD path of the running CPU.
 uint64_t Xxh3_64(ByteSpan data);
 // XXH3-128 (seed 0) of `data`.
