@@ -1,5 +1,7 @@
 #include "kvdn/common/logging.h"
 
+#include <cstdlib>
+
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -19,5 +21,13 @@ absl::Status InitLogging(absl::string_view level) {
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%L%$ %t %v");
   return absl::OkStatus();
 }
+
+namespace internal {
+void CheckFailed(const char* file, int line, const char* cond, absl::string_view msg) {
+  spdlog::critical("CHECK failed at {}:{}: {}: {}", file, line, cond, msg);
+  spdlog::default_logger()->flush();
+  std::abort();
+}
+}  // namespace internal
 
 }  // namespace kvdn

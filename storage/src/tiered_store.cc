@@ -147,6 +147,10 @@ absl::Status TieredStore::CommitInternal(uint64_t id, uint64_t payload_checksum,
       return absl::FailedPreconditionError(
           absl::StrCat("reservation ", id, " is already being committed"));
     }
+    if (it->second.writers > 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("reservation ", id, " is still being written"));
+    }
     if (clock_->Now() >= it->second.expires) {
       (void)host_->Free(it->second.block);
       s.reserved_keys.erase(it->second.key);
@@ -204,6 +208,46 @@ absl::Status TieredStore::Abort(uint64_t reservation_id) {
   s.reserved_keys.erase(it->second.key);
   s.reservations.erase(it);
   return absl::OkStatus();
+}
+
+absl::StatusOr<MutableByteSpan> TieredStore::BeginWrite(uint64_t reservation_id, uint64_t size) {
+  State& s = *state_;
+  MutexLock lock(&s.mu);
+  auto it = s.reservations.find(reservation_id);
+  if (it == s.reservations.end()) {
+    if (s.expired_reservations.Contains(reservation_id)) {
+      return absl::AbortedError(
+          absl::StrCat("reservation ", reservation_id, " expired; reserve again"));
+    }
+    return absl::NotFoundError(absl::StrCat("no reservation ", reservation_id));
+  }
+  State::PendingReservation& r = it->second;
+  if (r.committing) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("reservation ", reservation_id, " is being committed"));
+  }
+  if (r.writers == 0 && clock_->Now() >= r.expires) {
+    (void)host_->Free(r.block);
+    s.reserved_keys.erase(r.key);
+    s.reservations.erase(it);
+    s.expired_reservations.Add(reservation_id);
+    ++s.reservations_expired;
+    return absl::AbortedError(
+        absl::StrCat("reservation ", reservation_id, " expired; reserve again"));
+  }
+  if (size != r.block.size) {
+    return absl::InvalidArgumentError(absl::StrCat("reservation ", reservation_id, " holds ",
+                                                   r.block.size, " bytes, not ", size));
+  }
+  ++r.writers;
+  return host_->Bytes(r.block);
+}
+
+void TieredStore::EndWrite(uint64_t reservation_id) {
+  State& s = *state_;
+  MutexLock lock(&s.mu);
+  auto it = s.reservations.find(reservation_id);
+  if (it != s.reservations.end() && it->second.writers > 0) --it->second.writers;
 }
 
 absl::Status TieredStore::Put(const ChunkKey& key, ByteSpan encoded) {
@@ -339,6 +383,103 @@ LookupResult TieredStore::Lookup(absl::Span<const ChunkKey> chain) const {
     ++r.matched;
   }
   return r;
+}
+
+namespace {
+TierKind FastestTier(int mem) { return static_cast<TierKind>(mem != kNone ? mem : kDisk); }
+}  // namespace
+
+std::vector<ChunkRecord> TieredStore::List(const ListFilter& filter) const {
+  State& s = *state_;
+  MutexLock lock(&s.mu);
+  std::vector<ChunkRecord> out;
+  for (const auto& [key, e] : s.index) {
+    if (e.doomed) continue;
+    if (filter.ns && key.ns != *filter.ns) continue;
+    if (filter.tier) {
+      const int t = static_cast<int>(*filter.tier);
+      if (!(e.mem == t || (t == kDisk && e.on_disk))) continue;
+    }
+    out.push_back(ChunkRecord{key, e.size, FastestTier(e.mem), e.on_disk, 0});
+  }
+  for (const auto& [id, l] : s.leases) {
+    (void)id;
+    // Few leases at a time: a linear pass is cheaper than an index by key.
+    for (ChunkRecord& r : out) {
+      if (r.key == l.entry->key) ++r.leases;
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<ChunkRecord> TieredStore::Describe(const ChunkKey& key) const {
+  State& s = *state_;
+  MutexLock lock(&s.mu);
+  auto it = s.index.find(key);
+  if (it == s.index.end() || it->second.doomed) {
+    return absl::NotFoundError(absl::StrCat("chunk ", key.ToString(), " is not stored"));
+  }
+  const Entry& e = it->second;
+  ChunkRecord r{key, e.size, FastestTier(e.mem), e.on_disk, 0};
+  for (const auto& [id, l] : s.leases) {
+    (void)id;
+    if (l.entry == &e) ++r.leases;
+  }
+  return r;
+}
+
+absl::StatusOr<uint64_t> TieredStore::PersistToDisk() {
+  if (!disk_) return absl::FailedPreconditionError("no disk tier to persist to");
+  State& s = *state_;
+  uint64_t written = 0;
+  {
+    MutexLock lock(&s.mu);
+    for (int t : {kGpu, kHost}) {
+      // Walk from the most recent; the list may change while the lock is dropped, so restart from
+      // the head after each write (entries already on disk are skipped).
+      for (;;) {
+        Entry* e = s.lru[t].head;
+        while (e && (e->on_disk || e->moving || e->doomed)) e = e->next[t];
+        if (!e) break;
+        if (disk_->used_bytes() + e->size > disk_->capacity_bytes()) break;
+        e->moving = true;
+        ++e->pins;
+        std::vector<uint8_t> staged;
+        ByteSpan bytes;
+        if (t == kHost) {
+          bytes = host_->Bytes(e->block);
+        } else {
+          staged.resize(e->size);
+          s.mu.Unlock();
+          absl::Status st = gpu_->CopyOut(e->block, 0, MutableByteSpan(staged));
+          s.mu.Lock();
+          if (!st.ok()) staged.clear();
+          bytes = ByteSpan(staged);
+        }
+        absl::Status st = absl::InternalError("GPU copy failed");
+        if (bytes.size() == e->size) {
+          s.mu.Unlock();
+          st = disk_->Write(e->key, bytes);
+          s.mu.Lock();
+        }
+        --e->pins;
+        e->moving = false;
+        s.cv.SignalAll();
+        if (st.ok()) {
+          e->on_disk = true;
+          s.Link(e, kDisk);
+          ++written;
+        } else {
+          spdlog::warn("tiered store: persisting {} failed: {}", e->key.ToString(), st.message());
+          MaybeReapLocked(e);
+          break;
+        }
+        MaybeReapLocked(e);
+      }
+    }
+  }
+  KVDN_RETURN_IF_ERROR(disk_->Sync());
+  return written;
 }
 
 absl::Status TieredStore::Delete(const ChunkKey& key) {

@@ -182,7 +182,7 @@ void TieredStore::MaintenanceLocked() {
   const absl::Time now = clock_->Now();
   std::vector<uint64_t> expired;
   for (const auto& [id, r] : s.reservations) {
-    if (!r.committing && r.expires <= now) expired.push_back(id);
+    if (!r.committing && r.writers == 0 && r.expires <= now) expired.push_back(id);
   }
   for (uint64_t id : expired) {
     auto it = s.reservations.find(id);

@@ -80,6 +80,7 @@ struct TieredStore::State {
     MemoryBlock block;
     absl::Time expires;
     bool committing = false;
+    uint32_t writers = 0;  // BeginWrite holders; no expiry while > 0
   };
   struct LeaseRecord {
     Entry* entry;

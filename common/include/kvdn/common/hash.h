@@ -25,6 +25,13 @@ struct Hash128 {
   std::string ToHex() const;  // 32 lowercase hex digits
   // REQUIRES nothing; returns INVALID_ARGUMENT unless `hex` is exactly 32 hex digits.
   static absl::StatusOr<Hash128> FromHex(absl::string_view hex);
+  // From the 16-byte canonical (big-endian) form.
+  static Hash128 FromCanonical(const uint8_t* bytes) {
+    Hash128 h;
+    for (int i = 0; i < 8; ++i) h.high = (h.high << 8) | bytes[i];
+    for (int i = 8; i < 16; ++i) h.low = (h.low << 8) | bytes[i];
+    return h;
+  }
 
   friend bool operator==(const Hash128&, const Hash128&) = default;
   friend auto operator<=>(const Hash128&, const Hash128&) = default;

@@ -24,6 +24,20 @@ namespace kvdn {
 // kvdn log pattern. Returns INVALID_ARGUMENT naming the level if it is not one of those.
 absl::Status InitLogging(absl::string_view level);
 
+namespace internal {
+[[noreturn]] void CheckFailed(const char* file, int line, const char* cond, absl::string_view msg);
+}  // namespace internal
+
+}  // namespace kvdn
+
+// For broken invariants that are kvdn's own bugs only (STYLE.md 3): logs and aborts.
+#define KVDN_CHECK(cond, msg)                                              \
+  do {                                                                     \
+    if (!(cond)) ::kvdn::internal::CheckFailed(__FILE__, __LINE__, #cond, msg); \
+  } while (0)
+
+namespace kvdn {
+
 }  // namespace kvdn
 
 #endif  // KVDN_COMMON_LOGGING_H_

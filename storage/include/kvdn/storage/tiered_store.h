@@ -103,6 +103,20 @@ struct AcquireOptions {
   bool accept_gpu = false;  // the reader can consume device memory (same-node engine)
 };
 
+// One stored chunk as the admin API shows it.
+struct ChunkRecord {
+  ChunkKey key;
+  uint64_t size = 0;                // encoded chunk bytes
+  TierKind tier = TierKind::kHost;  // the fastest tier holding it
+  bool on_disk = false;             // a disk copy exists (besides a memory copy, if any)
+  uint32_t leases = 0;              // readers holding it now
+};
+
+struct ListFilter {
+  std::optional<std::string> ns;     // only this namespace
+  std::optional<TierKind> tier;      // only chunks with a copy in this tier
+};
+
 struct LookupResult {
   size_t matched = 0;           // chunks of the chain present, from its start
   std::vector<TierKind> tiers;  // where each matched chunk is (memory tier if any, else disk)
@@ -131,6 +145,13 @@ class TieredStore {
   absl::Status Commit(uint64_t reservation_id, uint64_t payload_checksum);
   // Drops a reservation. NOT_FOUND if unknown or already expired.
   absl::Status Abort(uint64_t reservation_id);
+  // Lets a second party (a streamed Put, a transport) write a reservation's buffer: returns the
+  // buffer and holds the reservation so it cannot expire until EndWrite. NOT_FOUND: unknown id.
+  // ABORTED: it expired. FAILED_PRECONDITION: it is being committed. INVALID_ARGUMENT: its size is
+  // not `size`. Commit of a reservation being written is FAILED_PRECONDITION.
+  absl::StatusOr<MutableByteSpan> BeginWrite(uint64_t reservation_id, uint64_t size);
+  // Ends a BeginWrite; the reservation expires as usual from here on.
+  void EndWrite(uint64_t reservation_id);
   // Reserve + copy + Commit of an encoded chunk, hashing while copying (one pass over the bytes).
   absl::Status Put(const ChunkKey& key, ByteSpan encoded);
 
@@ -147,6 +168,14 @@ class TieredStore {
 
   // The longest prefix of `chain` that is stored (stops at the first absent key).
   LookupResult Lookup(absl::Span<const ChunkKey> chain) const;
+  // Stored chunks matching `filter`, in no particular order.
+  std::vector<ChunkRecord> List(const ListFilter& filter) const;
+  // One chunk's record; NOT_FOUND if absent.
+  absl::StatusOr<ChunkRecord> Describe(const ChunkKey& key) const;
+  // Writes memory-only chunks to the disk tier while it has room (without evicting disk chunks),
+  // most recently used first, then syncs it; for a graceful shutdown, so a restart finds them.
+  // Returns how many were written. FAILED_PRECONDITION without a disk tier.
+  absl::StatusOr<uint64_t> PersistToDisk();
   // Removes the chunk from every tier. NOT_FOUND if absent. A leased chunk disappears from lookups
   // at once and is freed when its leases end.
   absl::Status Delete(const ChunkKey& key);

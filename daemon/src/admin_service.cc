@@ -1,0 +1,239 @@
+#include "src/admin_service.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "kvdn/common/chunk_format.h"
+#include "kvdn/daemon/config.h"
+
+namespace kvdn::daemon {
+namespace {
+
+constexpr uint32_t kDefaultPageSize = 100;
+constexpr uint32_t kMaxPageSize = 10000;
+
+void SummaryToProto(const storage::ChunkRecord& r, v1::ChunkSummary* out) {
+  KeyToProto(r.key, out->mutable_key());
+  out->set_key_text(r.key.ToString());
+  out->set_size(r.size);
+  out->set_tier(TierToProto(r.tier));
+  out->set_on_disk(r.on_disk);
+  out->set_leases(r.leases);
+}
+
+// A key given either structured or printable; `what` names the request's fields in errors.
+absl::StatusOr<ChunkKey> EitherKey(bool has_key, const v1::ChunkKey& key,
+                                   const std::string& text) {
+  if (has_key && !text.empty()) {
+    return absl::InvalidArgumentError("give key or key_text, not both");
+  }
+  if (has_key) return KeyFromProto(key, "key");
+  if (text.empty()) return absl::InvalidArgumentError("key or key_text is required");
+  auto k = ChunkKey::Parse(text);
+  if (!k.ok()) return absl::InvalidArgumentError(absl::StrCat("key_text: ", k.status().message()));
+  return k;
+}
+
+}  // namespace
+
+grpc::Status AdminServiceImpl::GetStats(grpc::ServerContext* ctx, const v1::GetStatsRequest*,
+                                        v1::GetStatsResponse* resp) {
+  CallScope call(state_, Method::kAdminStats, ctx);
+  const storage::StoreStats s = state_.store->Stats();
+  resp->set_node(state_.config.node_name());
+  resp->set_version(KVDN_VERSION);
+  resp->set_uptime_seconds(absl::ToInt64Seconds(absl::Now() - state_.started));
+  for (int t = 0; t < storage::kNumTierKinds; ++t) {
+    const storage::TierStats& ts = s.tiers[t];
+    v1::TierStats* o = resp->add_tiers();
+    o->set_tier(TierToProto(static_cast<storage::TierKind>(t)));
+    o->set_present(ts.present);
+    o->set_chunks(ts.chunks);
+    o->set_bytes(ts.bytes);
+    o->set_used_bytes(ts.used_bytes);
+    o->set_capacity_bytes(ts.capacity_bytes);
+    o->set_hits(ts.hits);
+    o->set_misses(ts.misses);
+    o->set_evictions(ts.evictions);
+    o->set_demotions(ts.demotions);
+    o->set_promotions(ts.promotions);
+    o->set_checksum_failures(ts.checksum_failures);
+  }
+  resp->set_reservations_active(s.reservations_active);
+  resp->set_reservations_expired(s.reservations_expired);
+  resp->set_commits(s.commits);
+  resp->set_commit_failures(s.commit_failures);
+  resp->set_leases_active(s.leases_active);
+  resp->set_leases_expired(s.leases_expired);
+  resp->set_bytes_in(state_.bytes_in->value());
+  resp->set_bytes_out(state_.bytes_out->value());
+  resp->add_transports("grpc");
+  resp->set_draining(state_.calls.draining());
+  return call.Finish(absl::OkStatus());
+}
+
+grpc::Status AdminServiceImpl::ListChunks(grpc::ServerContext* ctx,
+                                          const v1::ListChunksRequest* req,
+                                          v1::ListChunksResponse* resp) {
+  CallScope call(state_, Method::kAdminList, ctx);
+  storage::ListFilter filter;
+  if (!req->namespace_().empty()) {
+    if (absl::Status st = ValidateNamespace(req->namespace_()); !st.ok()) {
+      return call.Finish(absl::InvalidArgumentError(absl::StrCat("namespace: ", st.message())));
+    }
+    filter.ns = req->namespace_();
+  }
+  switch (req->tier()) {
+    case v1::TIER_UNSPECIFIED:
+      break;
+    case v1::TIER_GPU:
+      filter.tier = storage::TierKind::kGpu;
+      break;
+    case v1::TIER_HOST:
+      filter.tier = storage::TierKind::kHost;
+      break;
+    case v1::TIER_DISK:
+      filter.tier = storage::TierKind::kDisk;
+      break;
+    default:
+      return call.Finish(
+          absl::InvalidArgumentError(absl::StrCat("tier: unknown value ", req->tier())));
+  }
+  if (req->page_size() > kMaxPageSize) {
+    return call.Finish(absl::InvalidArgumentError(
+        absl::StrCat("page_size ", req->page_size(), " exceeds ", kMaxPageSize)));
+  }
+  const uint32_t page_size = req->page_size() == 0 ? kDefaultPageSize : req->page_size();
+  if (!req->page_token().empty()) {
+    if (auto k = ChunkKey::Parse(req->page_token()); !k.ok()) {
+      return call.Finish(absl::InvalidArgumentError(
+          absl::StrCat("page_token: not a key from a previous page: ", k.status().message())));
+    }
+  }
+  // NOTE: paging sorts every match by its printable key, O(n log n) per page: fine for an admin
+  // tool over the ~10^5 chunks a node holds; a sorted index would be the next step.
+  std::vector<storage::ChunkRecord> all = state_.store->List(filter);
+  std::vector<std::pair<std::string, const storage::ChunkRecord*>> sorted;
+  sorted.reserve(all.size());
+  for (const auto& r : all) sorted.emplace_back(r.key.ToString(), &r);
+  std::sort(sorted.begin(), sorted.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  auto it = sorted.begin();
+  if (!req->page_token().empty()) {
+    it = std::upper_bound(sorted.begin(), sorted.end(), req->page_token(),
+                          [](const std::string& t, const auto& e) { return t < e.first; });
+  }
+  for (uint32_t n = 0; it != sorted.end() && n < page_size; ++it, ++n) {
+    SummaryToProto(*it->second, resp->add_chunks());
+  }
+  if (it != sorted.end() && resp->chunks_size() > 0) {
+    resp->set_next_page_token(resp->chunks(resp->chunks_size() - 1).key_text());
+  }
+  resp->set_total(sorted.size());
+  return call.Finish(absl::OkStatus());
+}
+
+grpc::Status AdminServiceImpl::InspectChunk(grpc::ServerContext* ctx,
+                                            const v1::InspectChunkRequest* req,
+                                            v1::InspectChunkResponse* resp) {
+  CallScope call(state_, Method::kAdminInspect, ctx);
+  auto key = EitherKey(req->has_key(), req->key(), req->key_text());
+  if (!key.ok()) return call.Finish(key.status());
+  auto record = state_.store->Describe(*key);
+  if (!record.ok()) return call.Finish(record.status());
+  // Read it under a lease and verify both checksums now. A disk-only chunk is read from disk
+  // (which verifies it, and drops it if it fails) and promoted to the host tier as on any hit.
+  auto lease = state_.store->Acquire(*key, storage::AcquireOptions{});
+  if (!lease.ok()) {
+    if (!absl::IsDataLoss(lease.status())) return call.Finish(lease.status());
+    SummaryToProto(*record, resp->mutable_chunk());
+    resp->set_checksum_ok(false);
+    resp->set_checksum_error(std::string(lease.status().message()));
+    return call.Finish(absl::OkStatus());
+  }
+  auto header = DecodeChunkHeader(lease->host_bytes);
+  absl::Status verdict =
+      header.ok() ? DecodeChunk(lease->host_bytes, /*verify_payload=*/true).status()
+                  : header.status();
+  (void)state_.store->Release(lease->id);
+  if (auto again = state_.store->Describe(*key); again.ok()) *record = *again;
+  SummaryToProto(*record, resp->mutable_chunk());
+  if (header.ok()) {
+    const ChunkInfo& info = header->info;
+    resp->set_dtype(std::string(DtypeName(info.dtype)));
+    resp->set_num_layers(info.num_layers);
+    resp->set_num_kv_heads(info.num_kv_heads);
+    resp->set_head_dim(info.head_dim);
+    resp->set_num_tokens(info.num_tokens);
+    resp->set_payload_bytes(header->payload_bytes);
+    resp->set_payload_checksum(header->payload_checksum);
+  }
+  resp->set_checksum_ok(verdict.ok());
+  if (!verdict.ok()) resp->set_checksum_error(std::string(verdict.message()));
+  return call.Finish(absl::OkStatus());
+}
+
+grpc::Status AdminServiceImpl::Evict(grpc::ServerContext* ctx, const v1::EvictRequest* req,
+                                     v1::EvictResponse* resp) {
+  CallScope call(state_, Method::kAdminEvict, ctx);
+  switch (req->target_case()) {
+    case v1::EvictRequest::kKey:
+    case v1::EvictRequest::kKeyText: {
+      auto key = EitherKey(req->has_key(), req->key(), req->key_text());
+      if (!key.ok()) return call.Finish(key.status());
+      absl::Status st = state_.store->Delete(*key);
+      if (st.ok()) resp->set_evicted(1);
+      return call.Finish(st);
+    }
+    case v1::EvictRequest::kNamespace: {
+      if (absl::Status st = ValidateNamespace(req->namespace_()); !st.ok()) {
+        return call.Finish(absl::InvalidArgumentError(absl::StrCat("namespace: ", st.message())));
+      }
+      storage::ListFilter filter;
+      filter.ns = req->namespace_();
+      uint64_t n = 0;
+      for (const storage::ChunkRecord& r : state_.store->List(filter)) {
+        if (state_.store->Delete(r.key).ok()) ++n;
+      }
+      resp->set_evicted(n);
+      return call.Finish(absl::OkStatus());
+    }
+    default:
+      return call.Finish(absl::InvalidArgumentError("Evict needs key, key_text or namespace"));
+  }
+}
+
+grpc::Status AdminServiceImpl::GetConfig(grpc::ServerContext* ctx, const v1::GetConfigRequest*,
+                                         v1::GetConfigResponse* resp) {
+  CallScope call(state_, Method::kAdminConfig, ctx);
+  *resp->mutable_config() = state_.config;
+  resp->set_json(ConfigToJson(state_.config));
+  return call.Finish(absl::OkStatus());
+}
+
+grpc::Status AdminServiceImpl::ListMembers(grpc::ServerContext* ctx,
+                                           const v1::ListMembersRequest*,
+                                           v1::ListMembersResponse* resp) {
+  CallScope call(state_, Method::kAdminMembers, ctx);
+  // Single node until the cluster issue adds etcd membership.
+  resp->set_cluster("");
+  v1::Member* m = resp->add_members();
+  m->set_node(state_.config.node_name());
+  const auto [grpc_endpoint, http_endpoint] = state_.Endpoints();
+  m->set_grpc_address(grpc_endpoint);
+  m->set_unix_socket(state_.config.unix_socket());
+  m->set_http_address(http_endpoint);
+  m->set_lease_age_seconds(absl::ToInt64Seconds(absl::Now() - state_.started));
+  m->set_chunks(state_.store->List({}).size());
+  m->set_self(true);
+  return call.Finish(absl::OkStatus());
+}
+
+grpc::Status AdminServiceImpl::Drain(grpc::ServerContext* ctx, const v1::DrainRequest*,
+                                     v1::DrainResponse* resp) {
+  CallScope call(state_, Method::kAdminDrain, ctx);
+  resp->set_in_flight(drain_());
+  return call.Finish(absl::OkStatus());
+}
+
+}  // namespace kvdn::daemon

@@ -1,0 +1,203 @@
+#include "kvdn/daemon/config.h"
+
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "google/protobuf/util/json_util.h"
+#include "kvdn/common/chunk_key.h"
+
+namespace kvdn::daemon {
+namespace {
+
+constexpr uint64_t kMiB = uint64_t{1} << 20;
+constexpr uint64_t kGiB = uint64_t{1} << 30;
+
+// MemAvailable from /proc/meminfo, in bytes; 0 when unreadable.
+uint64_t AvailableMemory() {
+  std::ifstream in("/proc/meminfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (absl::StartsWith(line, "MemAvailable:")) {
+      std::vector<absl::string_view> parts =
+          absl::StrSplit(line, ' ', absl::SkipEmpty());
+      uint64_t kib = 0;
+      if (parts.size() >= 2 && absl::SimpleAtoi(parts[1], &kib)) return kib * 1024;
+    }
+  }
+  return 0;
+}
+
+// Free bytes on the filesystem holding `path` (or its nearest existing parent).
+uint64_t FreeDiskBytes(std::string path) {
+  while (!path.empty()) {
+    struct statvfs st;
+    if (statvfs(path.c_str(), &st) == 0) return uint64_t{st.f_bavail} * st.f_frsize;
+    const size_t slash = path.find_last_of('/');
+    if (slash == std::string::npos || slash == 0) {
+      path = slash == 0 ? "/" : "";
+      if (path == "/") {
+        if (statvfs("/", &st) == 0) return uint64_t{st.f_bavail} * st.f_frsize;
+        return 0;
+      }
+    } else {
+      path.resize(slash);
+    }
+  }
+  return 0;
+}
+
+std::string DefaultDataDir() {
+  if (geteuid() == 0) return "/var/lib/kvdn";
+  if (const char* x = std::getenv("XDG_DATA_HOME"); x && *x) return absl::StrCat(x, "/kvdn");
+  if (const char* h = std::getenv("HOME"); h && *h) return absl::StrCat(h, "/.local/share/kvdn");
+  return "/tmp/kvdn";
+}
+
+bool ValidHostPort(absl::string_view a) {
+  const size_t colon = a.rfind(':');
+  if (colon == absl::string_view::npos || colon == 0) return false;
+  int port = 0;
+  return absl::SimpleAtoi(a.substr(colon + 1), &port) && port >= 0 && port <= 65535;
+}
+
+absl::Status Bad(absl::string_view field, absl::string_view why) {
+  return absl::InvalidArgumentError(absl::StrCat("config field ", field, ": ", why));
+}
+
+}  // namespace
+
+absl::StatusOr<v1::DaemonConfig> ParseConfigJson(absl::string_view json) {
+  v1::DaemonConfig config;
+  google::protobuf::util::JsonParseOptions opts;
+  opts.ignore_unknown_fields = false;
+  auto st = google::protobuf::util::JsonStringToMessage(
+      google::protobuf::StringPiece(json.data(), json.size()), &config, opts);
+  if (!st.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config is not valid JSON for kvdn.v1.DaemonConfig: ", st.message().ToString()));
+  }
+  return config;
+}
+
+absl::StatusOr<v1::DaemonConfig> LoadConfigFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open config file ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  auto config = ParseConfigJson(ss.str());
+  if (!config.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", config.status().message()));
+  }
+  return config;
+}
+
+void ApplyDefaults(v1::DaemonConfig* c) {
+  if (c->node_name().empty()) {
+    char host[256] = {};
+    gethostname(host, sizeof(host) - 1);
+    c->set_node_name(host[0] ? host : "kvdn-node");
+  }
+  if (c->data_dir().empty()) c->set_data_dir(DefaultDataDir());
+  if (c->unix_socket().empty()) c->set_unix_socket(absl::StrCat(c->data_dir(), "/kvdnd.sock"));
+  if (c->grpc_address().empty()) c->set_grpc_address("127.0.0.1:7070");
+  if (c->http_address().empty()) c->set_http_address("127.0.0.1:9470");
+  if (c->host_tier_bytes() == 0) {
+    const uint64_t avail = AvailableMemory();
+    c->set_host_tier_bytes(std::clamp<uint64_t>(avail / 4, 64 * kMiB, 64 * kGiB));
+  }
+  if (c->disk_tier_bytes() == 0 && !c->disk_tier_disabled()) {
+    const uint64_t free_bytes = FreeDiskBytes(c->data_dir());
+    c->set_disk_tier_bytes(std::clamp<uint64_t>(free_bytes / 2, 64 * kMiB, 1024 * kGiB));
+  }
+  if (c->high_watermark() == 0) c->set_high_watermark(0.95);
+  if (c->low_watermark() == 0) c->set_low_watermark(0.90);
+  if (c->max_frame_bytes() == 0) c->set_max_frame_bytes(1 << 20);
+  if (c->max_concurrent_streams() == 0) c->set_max_concurrent_streams(64);
+  if (c->max_call_duration_ms() == 0) c->set_max_call_duration_ms(60000);
+  if (c->reservation_ttl_ms() == 0) c->set_reservation_ttl_ms(30000);
+  if (c->max_lease_ttl_ms() == 0) c->set_max_lease_ttl_ms(300000);
+  if (c->max_message_bytes() == 0) c->set_max_message_bytes((4 << 20) + (64 << 10));
+  if (c->max_threads() == 0) c->set_max_threads(64);
+  if (c->drain_timeout_ms() == 0) c->set_drain_timeout_ms(10000);
+  if (c->log_level().empty()) c->set_log_level("info");
+}
+
+absl::Status ValidateConfig(const v1::DaemonConfig& c) {
+  if (c.node_name().size() > 253) return Bad("node_name", "longer than 253 characters");
+  if (c.data_dir().empty() || c.data_dir()[0] != '/') {
+    return Bad("data_dir", absl::StrCat("must be an absolute path, got \"", c.data_dir(), "\""));
+  }
+  if (c.unix_socket() != "none") {
+    if (c.unix_socket()[0] != '/') return Bad("unix_socket", "must be an absolute path or \"none\"");
+    if (c.unix_socket().size() > 107) {
+      return Bad("unix_socket", "longer than the 107 bytes a socket path may have");
+    }
+  }
+  if (c.grpc_address() != "none" && !ValidHostPort(c.grpc_address())) {
+    return Bad("grpc_address", absl::StrCat("\"", c.grpc_address(), "\" is not host:port"));
+  }
+  if (c.http_address() != "none" && !ValidHostPort(c.http_address())) {
+    return Bad("http_address", absl::StrCat("\"", c.http_address(), "\" is not host:port"));
+  }
+  if (c.unix_socket() == "none" && c.grpc_address() == "none") {
+    return Bad("grpc_address", "and unix_socket are both \"none\": nothing to serve on");
+  }
+  if (c.host_tier_bytes() < 4 * kMiB) return Bad("host_tier_bytes", "below the 4 MiB minimum");
+  if (!c.disk_tier_disabled() && c.disk_tier_bytes() < 4 * kMiB) {
+    return Bad("disk_tier_bytes", "below the 4 MiB minimum");
+  }
+  if (c.gpu_tier_bytes() != 0 && c.gpu_tier_bytes() < 4 * kMiB) {
+    return Bad("gpu_tier_bytes", "below the 4 MiB minimum (0 disables the GPU tier)");
+  }
+  if (c.gpu_device() < 0) return Bad("gpu_device", "negative");
+  if (!(c.low_watermark() > 0 && c.low_watermark() < c.high_watermark() &&
+        c.high_watermark() <= 1)) {
+    return Bad("low_watermark", absl::StrCat("need 0 < low_watermark (", c.low_watermark(),
+                                             ") < high_watermark (", c.high_watermark(), ") <= 1"));
+  }
+  if (c.max_frame_bytes() < 4096 || c.max_frame_bytes() > (4u << 20)) {
+    return Bad("max_frame_bytes", absl::StrCat(c.max_frame_bytes(), " is outside [4096, 4 MiB]"));
+  }
+  if (c.max_message_bytes() < c.max_frame_bytes() + 1024) {
+    return Bad("max_message_bytes", "must exceed max_frame_bytes by at least 1024");
+  }
+  if (c.max_concurrent_streams() > 100000) return Bad("max_concurrent_streams", "above 100000");
+  if (c.max_call_duration_ms() < 100) return Bad("max_call_duration_ms", "below 100 ms");
+  if (c.reservation_ttl_ms() < 10) return Bad("reservation_ttl_ms", "below 10 ms");
+  if (c.max_lease_ttl_ms() < 100) return Bad("max_lease_ttl_ms", "below 100 ms");
+  if (c.max_threads() < 4 || c.max_threads() > 4096) {
+    return Bad("max_threads", absl::StrCat(c.max_threads(), " is outside [4, 4096]"));
+  }
+  for (int i = 0; i < c.namespaces_size(); ++i) {
+    if (absl::Status st = ValidateNamespace(c.namespaces(i)); !st.ok()) {
+      return Bad(absl::StrCat("namespaces[", i, "]"), st.message());
+    }
+  }
+  static constexpr absl::string_view kLevels[] = {"trace", "debug", "info", "warn", "error", "off"};
+  if (std::find(std::begin(kLevels), std::end(kLevels), c.log_level()) == std::end(kLevels)) {
+    return Bad("log_level", absl::StrCat("\"", c.log_level(),
+                                         "\" is not one of trace, debug, info, warn, error, off"));
+  }
+  return absl::OkStatus();
+}
+
+std::string ConfigToJson(const v1::DaemonConfig& config) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions opts;
+  opts.add_whitespace = true;
+  opts.preserve_proto_field_names = true;
+  opts.always_print_primitive_fields = true;
+  (void)google::protobuf::util::MessageToJsonString(config, &out, opts);
+  return out;
+}
+
+}  // namespace kvdn::daemon

@@ -1,0 +1,290 @@
+#include "src/kv_service.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "kvdn/common/chunk_format.h"
+
+namespace kvdn::daemon {
+namespace {
+
+constexpr int kMaxLookupChain = 65536;
+
+absl::StatusOr<ChunkKey> CheckedKey(ServerState& state, const v1::ChunkKey& key,
+                                    absl::string_view field) {
+  KVDN_ASSIGN_OR_RETURN(ChunkKey k, KeyFromProto(key, field));
+  KVDN_RETURN_IF_ERROR(state.CheckNamespace(k.ns));
+  return k;
+}
+
+absl::Status DoLookup(ServerState& state, const v1::LookupRequest& req, v1::LookupResponse* resp) {
+  if (absl::Status st = ValidateNamespace(req.namespace_()); !st.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("namespace: ", st.message()));
+  }
+  KVDN_RETURN_IF_ERROR(state.CheckNamespace(req.namespace_()));
+  if (req.prefix_hashes_size() > kMaxLookupChain) {
+    return absl::InvalidArgumentError(absl::StrCat("prefix_hashes: ", req.prefix_hashes_size(),
+                                                   " hashes, at most ", kMaxLookupChain));
+  }
+  std::vector<ChunkKey> chain(req.prefix_hashes_size());
+  for (int i = 0; i < req.prefix_hashes_size(); ++i) {
+    const std::string& h = req.prefix_hashes(i);
+    if (h.size() != 16) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prefix_hashes[", i, "]: ", h.size(), " bytes, need 16"));
+    }
+    chain[i].ns = req.namespace_();
+    chain[i].fingerprint = req.fingerprint();
+    chain[i].prefix_hash = Hash128::FromCanonical(reinterpret_cast<const uint8_t*>(h.data()));
+  }
+  const storage::LookupResult r = state.store->Lookup(chain);
+  resp->set_matched_chunks(static_cast<uint32_t>(r.matched));
+  for (storage::TierKind t : r.tiers) resp->add_tiers(TierToProto(t));
+  return absl::OkStatus();
+}
+
+// Reads the frames of a Put stream into `buffer`. INVALID_ARGUMENT for a frame over the limit, a
+// second header, more bytes than declared, or a stream that ends short; CANCELLED when the client
+// went away.
+absl::Status ReadFrames(ServerState& state, grpc::ServerContext* ctx,
+                        grpc::ServerReader<v1::PutRequest>* reader, MutableByteSpan buffer) {
+  v1::PutRequest msg;
+  uint64_t got = 0;
+  const uint64_t max_frame = state.config.max_frame_bytes();
+  while (reader->Read(&msg)) {
+    if (msg.frame_case() != v1::PutRequest::kData) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Put frame after the header at byte ", got, " is not a data frame"));
+    }
+    const std::string& data = msg.data();
+    if (data.size() > max_frame) {
+      return absl::InvalidArgumentError(absl::StrCat("Put data frame of ", data.size(),
+                                                     " bytes exceeds max_frame_bytes ", max_frame));
+    }
+    if (got + data.size() > buffer.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("Put stream carries more than the ",
+                                                     buffer.size(), " bytes its header declared"));
+    }
+    std::memcpy(buffer.data() + got, data.data(), data.size());
+    got += data.size();
+  }
+  if (ctx->IsCancelled()) return absl::CancelledError("client cancelled the Put stream");
+  if (got != buffer.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Put stream ended after ", got, " of ", buffer.size(), " declared bytes"));
+  }
+  state.bytes_in->Inc(got);
+  return absl::OkStatus();
+}
+
+absl::Status DoPut(ServerState& state, grpc::ServerContext* ctx,
+                   grpc::ServerReader<v1::PutRequest>* reader, v1::PutResponse* resp) {
+  v1::PutRequest first;
+  if (!reader->Read(&first)) {
+    if (ctx->IsCancelled()) return absl::CancelledError("client cancelled the Put stream");
+    return absl::InvalidArgumentError("Put stream ended before its header");
+  }
+  if (first.frame_case() != v1::PutRequest::kHeader) {
+    return absl::InvalidArgumentError("the first Put message must carry the header");
+  }
+  const v1::PutRequest::Header& h = first.header();
+  if (h.size() < kChunkHeaderBytes || h.size() > kChunkHeaderBytes + kMaxChunkPayloadBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("header.size ", h.size(), " is outside [",
+                                                   kChunkHeaderBytes, ", ",
+                                                   kChunkHeaderBytes + kMaxChunkPayloadBytes, "]"));
+  }
+  storage::TieredStore& store = *state.store;
+  uint64_t id = h.reservation_id();
+  const bool own_reservation = id == 0;
+  if (own_reservation) {
+    KVDN_ASSIGN_OR_RETURN(ChunkKey key, CheckedKey(state, h.key(), "header.key"));
+    auto r = store.Reserve(key, h.size());
+    if (absl::IsAlreadyExists(r.status())) {
+      resp->set_stored(false);  // content-addressed: the same bytes are stored already
+      return absl::OkStatus();
+    }
+    KVDN_RETURN_IF_ERROR(r.status());
+    id = r->id;
+  }
+  auto buffer = store.BeginWrite(id, h.size());
+  if (!buffer.ok()) {
+    if (own_reservation) (void)store.Abort(id);
+    return buffer.status();
+  }
+  absl::Status st = ReadFrames(state, ctx, reader, *buffer);
+  store.EndWrite(id);
+  if (!own_reservation) {
+    // The writer commits (or releases) its reservation itself.
+    resp->set_stored(st.ok());
+    return st;
+  }
+  if (st.ok()) st = store.Commit(id, h.payload_checksum());  // frees the reservation on error
+  else (void)store.Abort(id);
+  resp->set_stored(st.ok());
+  return st;
+}
+
+absl::Status DoGet(ServerState& state, grpc::ServerContext* ctx, const v1::GetRequest& req,
+                   grpc::ServerWriter<v1::GetResponse>* writer) {
+  KVDN_ASSIGN_OR_RETURN(ChunkKey key, CheckedKey(state, req.key(), "key"));
+  storage::AcquireOptions opts;
+  opts.ttl = absl::Milliseconds(state.config.max_call_duration_ms());
+  KVDN_ASSIGN_OR_RETURN(storage::Lease lease, state.store->Acquire(key, opts));
+  v1::GetResponse msg;
+  msg.set_size(lease.size);
+  msg.set_tier(TierToProto(lease.tier));
+  bool ok = writer->Write(msg);
+  const ByteSpan bytes = lease.host_bytes;
+  const size_t frame = state.config.max_frame_bytes();
+  msg.clear_tier();
+  for (size_t off = 0; ok && off < bytes.size() && !ctx->IsCancelled(); off += frame) {
+    const size_t n = std::min(frame, bytes.size() - off);
+    msg.set_data(bytes.data() + off, n);
+    grpc::WriteOptions wo;
+    if (off + n == bytes.size()) wo.set_last_message();
+    ok = writer->Write(msg, wo);
+  }
+  absl::Status released = state.store->Release(lease.id);
+  if (!ok || ctx->IsCancelled()) return absl::CancelledError("client went away during Get");
+  if (!released.ok()) {
+    return absl::AbortedError(absl::StrCat("lease on ", key.ToString(),
+                                           " expired mid-transfer; discard the bytes and retry"));
+  }
+  state.bytes_out->Inc(bytes.size());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// ---- KvService ----
+
+grpc::Status KvServiceImpl::Lookup(grpc::ServerContext* ctx, const v1::LookupRequest* req,
+                                   v1::LookupResponse* resp) {
+  CallScope call(state_, Method::kLookup, ctx);
+  if (!call.admitted().ok()) return call.Finish(call.admitted());
+  return call.Finish(DoLookup(state_, *req, resp));
+}
+
+grpc::Status KvServiceImpl::Put(grpc::ServerContext* ctx,
+                                grpc::ServerReader<v1::PutRequest>* reader,
+                                v1::PutResponse* resp) {
+  CallScope call(state_, Method::kPut, ctx);
+  if (!call.admitted().ok()) return call.Finish(call.admitted());
+  return call.Finish(DoPut(state_, ctx, reader, resp));
+}
+
+grpc::Status KvServiceImpl::Get(grpc::ServerContext* ctx, const v1::GetRequest* req,
+                                grpc::ServerWriter<v1::GetResponse>* writer) {
+  CallScope call(state_, Method::kGet, ctx);
+  if (!call.admitted().ok()) return call.Finish(call.admitted());
+  return call.Finish(DoGet(state_, ctx, *req, writer));
+}
+
+grpc::Status KvServiceImpl::Reserve(grpc::ServerContext* ctx, const v1::ReserveRequest* req,
+                                    v1::ReserveResponse* resp) {
+  CallScope call(state_, Method::kReserve, ctx);
+  if (!call.admitted().ok()) return call.Finish(call.admitted());
+  auto key = CheckedKey(state_, req->key(), "key");
+  if (!key.ok()) return call.Finish(key.status());
+  auto r = state_.store->Reserve(*key, req->size());
+  if (!r.ok()) return call.Finish(r.status());
+  v1::TransferDescriptor* d = resp->mutable_transfer();
+  d->set_id(r->id);
+  d->set_size(req->size());
+  d->set_expires_unix_micros(absl::ToUnixMicros(r->expires));
+  if (storage::HostTier* host = state_.store->host_tier()) {
+    d->set_remote_offset(static_cast<uint64_t>(
+        r->buffer.data() - static_cast<uint8_t*>(host->Address(storage::MemoryBlock{}))));
+  }
+  return call.Finish(absl::OkStatus());
+}
+
+grpc::Status KvServiceImpl::Commit(grpc::ServerContext* ctx, const v1::CommitRequest* req,
+                                   v1::CommitResponse*) {
+  CallScope call(state_, Method::kCommit, ctx);
+  if (!call.admitted().ok()) return call.Finish(call.admitted());
+  if (req->reservation_id() == 0) {
+    return call.Finish(absl::InvalidArgumentError("reservation_id: must be nonzero"));
+  }
+  return call.Finish(state_.store->Commit(req->reservation_id(), req->payload_checksum()));
+}
+
+grpc::Status KvServiceImpl::Release(grpc::ServerContext* ctx, const v1::ReleaseRequest* req,
+                                    v1::ReleaseResponse*) {
+  CallScope call(state_, Method::kRelease, ctx);
+  if (!call.admitted().ok()) return call.Finish(call.admitted());
+  switch (req->target_case()) {
+    case v1::ReleaseRequest::kLeaseId:
+      return call.Finish(state_.store->Release(req->lease_id()));
+    case v1::ReleaseRequest::kReservationId:
+      return call.Finish(state_.store->Abort(req->reservation_id()));
+    default:
+      return call.Finish(
+          absl::InvalidArgumentError("Release needs lease_id or reservation_id"));
+  }
+}
+
+grpc::Status KvServiceImpl::GetDescriptor(grpc::ServerContext* ctx,
+                                          const v1::GetDescriptorRequest* req,
+                                          v1::GetDescriptorResponse* resp) {
+  CallScope call(state_, Method::kGetDescriptor, ctx);
+  if (!call.admitted().ok()) return call.Finish(call.admitted());
+  auto key = CheckedKey(state_, req->key(), "key");
+  if (!key.ok()) return call.Finish(key.status());
+  if (req->lease_ms() > state_.config.max_lease_ttl_ms()) {
+    return call.Finish(absl::InvalidArgumentError(absl::StrCat(
+        "lease_ms ", req->lease_ms(), " exceeds max_lease_ttl_ms ",
+        state_.config.max_lease_ttl_ms())));
+  }
+  storage::AcquireOptions opts;
+  if (req->lease_ms() != 0) opts.ttl = absl::Milliseconds(req->lease_ms());
+  auto lease = state_.store->Acquire(*key, opts);
+  if (!lease.ok()) return call.Finish(lease.status());
+  v1::TransferDescriptor* d = resp->mutable_transfer();
+  d->set_id(lease->id);
+  d->set_size(lease->size);
+  d->set_expires_unix_micros(absl::ToUnixMicros(lease->expires));
+  if (storage::HostTier* host = state_.store->host_tier(); host && lease->host_bytes.data()) {
+    d->set_remote_offset(static_cast<uint64_t>(
+        lease->host_bytes.data() -
+        static_cast<const uint8_t*>(host->Address(storage::MemoryBlock{}))));
+  }
+  resp->set_tier(TierToProto(lease->tier));
+  return call.Finish(absl::OkStatus());
+}
+
+grpc::Status KvServiceImpl::Delete(grpc::ServerContext* ctx, const v1::DeleteRequest* req,
+                                   v1::DeleteResponse*) {
+  CallScope call(state_, Method::kDelete, ctx);
+  if (!call.admitted().ok()) return call.Finish(call.admitted());
+  auto key = CheckedKey(state_, req->key(), "key");
+  if (!key.ok()) return call.Finish(key.status());
+  return call.Finish(state_.store->Delete(*key));
+}
+
+// ---- PeerService ----
+
+grpc::Status PeerServiceImpl::Lookup(grpc::ServerContext* ctx, const v1::LookupRequest* req,
+                                     v1::LookupResponse* resp) {
+  CallScope call(state_, Method::kPeerLookup, ctx);
+  if (!call.admitted().ok()) return call.Finish(call.admitted());
+  return call.Finish(DoLookup(state_, *req, resp));
+}
+
+grpc::Status PeerServiceImpl::Fetch(grpc::ServerContext* ctx, const v1::GetRequest* req,
+                                    grpc::ServerWriter<v1::GetResponse>* writer) {
+  CallScope call(state_, Method::kPeerFetch, ctx);
+  if (!call.admitted().ok()) return call.Finish(call.admitted());
+  return call.Finish(DoGet(state_, ctx, *req, writer));
+}
+
+grpc::Status PeerServiceImpl::Replicate(grpc::ServerContext* ctx,
+                                        grpc::ServerReader<v1::PutRequest>* reader,
+                                        v1::PutResponse* resp) {
+  CallScope call(state_, Method::kPeerReplicate, ctx);
+  if (!call.admitted().ok()) return call.Finish(call.admitted());
+  return call.Finish(DoPut(state_, ctx, reader, resp));
+}
+
+}  // namespace kvdn::daemon

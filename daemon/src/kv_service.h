@@ -1,0 +1,54 @@
+// Internal to daemon/: KvService and PeerService on the tiered store. The chunk streams (Put/Get)
+// are shared by both: PeerService.Fetch is Get and Replicate is Put, from local tiers only.
+#ifndef KVDN_DAEMON_SRC_KV_SERVICE_H_
+#define KVDN_DAEMON_SRC_KV_SERVICE_H_
+
+#include "kvdn/v1/kv_service.grpc.pb.h"
+#include "kvdn/v1/peer_service.grpc.pb.h"
+#include "src/server_state.h"
+
+namespace kvdn::daemon {
+
+class KvServiceImpl final : public v1::KvService::Service {
+ public:
+  explicit KvServiceImpl(ServerState* state) : state_(*state) {}
+
+  grpc::Status Lookup(grpc::ServerContext* ctx, const v1::LookupRequest* req,
+                      v1::LookupResponse* resp) override;
+  grpc::Status Put(grpc::ServerContext* ctx, grpc::ServerReader<v1::PutRequest>* reader,
+                   v1::PutResponse* resp) override;
+  grpc::Status Get(grpc::ServerContext* ctx, const v1::GetRequest* req,
+                   grpc::ServerWriter<v1::GetResponse>* writer) override;
+  grpc::Status Reserve(grpc::ServerContext* ctx, const v1::ReserveRequest* req,
+                       v1::ReserveResponse* resp) override;
+  grpc::Status Commit(grpc::ServerContext* ctx, const v1::CommitRequest* req,
+                      v1::CommitResponse* resp) override;
+  grpc::Status Release(grpc::ServerContext* ctx, const v1::ReleaseRequest* req,
+                       v1::ReleaseResponse* resp) override;
+  grpc::Status GetDescriptor(grpc::ServerContext* ctx, const v1::GetDescriptorRequest* req,
+                             v1::GetDescriptorResponse* resp) override;
+  grpc::Status Delete(grpc::ServerContext* ctx, const v1::DeleteRequest* req,
+                      v1::DeleteResponse* resp) override;
+
+ private:
+  ServerState& state_;
+};
+
+class PeerServiceImpl final : public v1::PeerService::Service {
+ public:
+  explicit PeerServiceImpl(ServerState* state) : state_(*state) {}
+
+  grpc::Status Lookup(grpc::ServerContext* ctx, const v1::LookupRequest* req,
+                      v1::LookupResponse* resp) override;
+  grpc::Status Fetch(grpc::ServerContext* ctx, const v1::GetRequest* req,
+                     grpc::ServerWriter<v1::GetResponse>* writer) override;
+  grpc::Status Replicate(grpc::ServerContext* ctx, grpc::ServerReader<v1::PutRequest>* reader,
+                         v1::PutResponse* resp) override;
+
+ private:
+  ServerState& state_;
+};
+
+}  // namespace kvdn::daemon
+
+#endif  // KVDN_DAEMON_SRC_KV_SERVICE_H_

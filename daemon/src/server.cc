@@ -1,0 +1,272 @@
+#include "kvdn/daemon/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "kvdn/common/logging.h"
+#include "kvdn/common/metrics.h"
+#include "kvdn/storage/tiered_store.h"
+#include "src/admin_service.h"
+#include "src/http_server.h"
+#include "src/kv_service.h"
+#include "src/server_state.h"
+
+namespace kvdn::daemon {
+namespace {
+
+const char* TierLabel(int t) {
+  switch (static_cast<storage::TierKind>(t)) {
+    case storage::TierKind::kGpu:
+      return "gpu";
+    case storage::TierKind::kHost:
+      return "host";
+    case storage::TierKind::kDisk:
+      return "disk";
+  }
+  return "unknown";
+}
+
+storage::TieredStoreOptions StoreOptions(const v1::DaemonConfig& c) {
+  storage::TieredStoreOptions o;
+  storage::WatermarkOptions wm{c.high_watermark(), c.low_watermark()};
+  o.host.capacity_bytes = c.host_tier_bytes();
+  o.host.watermarks = wm;
+  if (!c.disk_tier_disabled()) {
+    storage::DiskTierOptions d;
+    d.path = absl::StrCat(c.data_dir(), "/disk");
+    d.capacity_bytes = c.disk_tier_bytes();
+    d.watermarks = wm;
+    o.disk = d;
+  }
+  if (c.gpu_tier_bytes() != 0) {
+    storage::GpuTierOptions g;
+    g.device = c.gpu_device();
+    g.capacity_bytes = c.gpu_tier_bytes();
+    g.watermarks = wm;
+    o.gpu = g;
+  }
+  o.reservation_ttl = absl::Milliseconds(c.reservation_ttl_ms());
+  o.max_lease_ttl = absl::Milliseconds(c.max_lease_ttl_ms());
+  return o;
+}
+
+// Per-tier and store-wide figures, read from the store at scrape time.
+void CollectStore(const ServerState& state, MetricsWriter& w) {
+  const storage::StoreStats s = state.store->Stats();
+  for (int t = 0; t < storage::kNumTierKinds; ++t) {
+    const storage::TierStats& ts = s.tiers[t];
+    if (!ts.present) continue;
+    const MetricLabels l = {{"tier", TierLabel(t)}};
+    w.Gauge("kvdn_tier_chunks", "Chunks held in the tier.", l, ts.chunks);
+    w.Gauge("kvdn_tier_bytes", "Committed chunk bytes held in the tier.", l, ts.bytes);
+    w.Gauge("kvdn_tier_used_bytes", "Bytes the tier has handed out, reservations included.", l,
+            ts.used_bytes);
+    w.Gauge("kvdn_tier_capacity_bytes", "Configured capacity of the tier.", l, ts.capacity_bytes);
+    w.Counter("kvdn_tier_hits_total", "Reads served first by this tier.", l, ts.hits);
+    w.Counter("kvdn_tier_misses_total", "Reads that looked in this tier and missed.", l,
+              ts.misses);
+    w.Counter("kvdn_tier_evictions_total", "Chunks removed from this tier to make room.", l,
+              ts.evictions);
+    w.Counter("kvdn_tier_demotions_total", "Evicted chunks moved down to the next tier.", l,
+              ts.demotions);
+    w.Counter("kvdn_tier_promotions_total", "Chunks moved up into this tier on a hit.", l,
+              ts.promotions);
+    w.Counter("kvdn_checksum_failures_total",
+              "Chunks whose checksum failed verification (dropped, never served).", l,
+              ts.checksum_failures);
+  }
+  w.Gauge("kvdn_reservations_active", "Uncommitted reservations.", {}, s.reservations_active);
+  w.Counter("kvdn_reservations_expired_total", "Reservations that expired uncommitted.", {},
+            s.reservations_expired);
+  w.Counter("kvdn_commits_total", "Chunks committed.", {}, s.commits);
+  w.Counter("kvdn_commit_failures_total", "Commits refused: invalid chunk or checksum mismatch.",
+            {}, s.commit_failures);
+  w.Gauge("kvdn_leases_active", "Chunks held by readers now.", {}, s.leases_active);
+  w.Counter("kvdn_leases_expired_total", "Leases that expired before release.", {},
+            s.leases_expired);
+  w.Gauge("kvdn_calls_in_flight", "Data-plane gRPC calls in flight.", {},
+          static_cast<double>(state.calls.in_flight()));
+  w.Gauge("kvdn_draining", "1 while the daemon drains for shutdown.", {},
+          state.calls.draining() ? 1 : 0);
+  w.Gauge("kvdn_uptime_seconds", "Seconds since the daemon started.", {},
+          absl::ToDoubleSeconds(absl::Now() - state.started));
+  w.Gauge("kvdn_build_info", "Constant 1, labelled with the build.",
+          {{"version", KVDN_VERSION}, {"node", state.config.node_name()}}, 1);
+}
+
+absl::Status PrepareUnixSocket(const std::string& path) {
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
+  struct stat st;
+  if (lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("unix_socket ", path, " exists and is not a socket"));
+    }
+    unlink(path.c_str());  // a stale socket of an earlier run
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+struct Server::Impl {
+  v1::DaemonConfig config;
+  MetricsRegistry metrics;
+  std::unique_ptr<storage::TieredStore> store;
+  std::unique_ptr<ServerState> state;
+  std::unique_ptr<KvServiceImpl> kv;
+  std::unique_ptr<PeerServiceImpl> peer;
+  std::unique_ptr<AdminServiceImpl> admin;
+  std::unique_ptr<grpc::Server> grpc_server;
+  std::unique_ptr<HttpServer> http;
+  int grpc_port = 0;
+  std::atomic<bool> ready{false};
+  Mutex mu;
+  bool drained ABSL_GUARDED_BY(mu) = false;
+  uint32_t drained_in_flight ABSL_GUARDED_BY(mu) = 0;
+  bool shut_down ABSL_GUARDED_BY(mu) = false;
+
+  uint32_t Drain() {
+    MutexLock lock(&mu);
+    if (drained) return drained_in_flight;
+    drained = true;
+    ready.store(false);
+    if (grpc_server) {
+      grpc_server->GetHealthCheckService()->SetServingStatus(false);
+    }
+    drained_in_flight = static_cast<uint32_t>(state->calls.StartDrain());
+    spdlog::info("draining: {} call(s) in flight", drained_in_flight);
+    if (!state->calls.WaitIdle(absl::Milliseconds(config.drain_timeout_ms()))) {
+      spdlog::warn("drain: calls still running after {} ms; cancelling them",
+                   config.drain_timeout_ms());
+      state->calls.CancelAll();
+      (void)state->calls.WaitIdle(absl::Seconds(5));
+    }
+    if (storage::DiskTier* disk = store->disk_tier()) {
+      if (absl::Status st = disk->Sync(); !st.ok()) {
+        spdlog::error("drain: syncing the disk tier failed: {}", st.message());
+      }
+    }
+    return drained_in_flight;
+  }
+};
+
+Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Server::~Server() { Shutdown(); }
+
+int Server::grpc_port() const { return impl_->grpc_port; }
+int Server::http_port() const { return impl_->http ? impl_->http->port() : 0; }
+const v1::DaemonConfig& Server::config() const { return impl_->config; }
+uint32_t Server::Drain() { return impl_->Drain(); }
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Start(const v1::DaemonConfig& config) {
+  auto impl = std::make_unique<Impl>();
+  impl->config = config;
+  std::error_code ec;
+  std::filesystem::create_directories(config.data_dir(), ec);
+  if (ec) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot create data_dir ", config.data_dir(), ": ", ec.message()));
+  }
+  KVDN_ASSIGN_OR_RETURN(impl->store, storage::TieredStore::Open(StoreOptions(config)));
+  impl->state = std::make_unique<ServerState>(config, impl->store.get(), &impl->metrics);
+  ServerState* state = impl->state.get();
+  impl->metrics.AddCollector([state](MetricsWriter& w) { CollectStore(*state, w); });
+  impl->kv = std::make_unique<KvServiceImpl>(state);
+  impl->peer = std::make_unique<PeerServiceImpl>(state);
+  Impl* raw = impl.get();
+  impl->admin = std::make_unique<AdminServiceImpl>(state, [raw] { return raw->Drain(); });
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  if (config.unix_socket() != "none") {
+    KVDN_RETURN_IF_ERROR(PrepareUnixSocket(config.unix_socket()));
+    builder.AddListeningPort(absl::StrCat("unix:", config.unix_socket()),
+                             grpc::InsecureServerCredentials());
+  }
+  if (config.grpc_address() != "none") {
+    builder.AddListeningPort(config.grpc_address(), grpc::InsecureServerCredentials(),
+                             &impl->grpc_port);
+  }
+  builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes()));
+  builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes()));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
+                             static_cast<int>(config.max_concurrent_streams()));
+  // Detect dead clients on idle connections.
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  grpc::ResourceQuota quota("kvdnd");
+  quota.SetMaxThreads(static_cast<int>(config.max_threads()));
+  builder.SetResourceQuota(quota);
+  builder.RegisterService(impl->kv.get());
+  builder.RegisterService(impl->peer.get());
+  builder.RegisterService(impl->admin.get());
+  impl->grpc_server = builder.BuildAndStart();
+  if (!impl->grpc_server) {
+    return absl::UnavailableError(absl::StrCat(
+        "cannot serve gRPC on ", config.grpc_address(), " / unix:", config.unix_socket(),
+        " (address in use, or not a local address?)"));
+  }
+  if (config.grpc_address() != "none" && impl->grpc_port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot bind grpc_address ", config.grpc_address()));
+  }
+  if (config.http_address() != "none") {
+    HttpHandlers h;
+    h.metrics = [raw] { return raw->metrics.Render(); };
+    h.healthz = [raw] {
+      (void)raw->store->Stats();  // the store answers: its lock is not wedged
+      return absl::OkStatus();
+    };
+    h.readyz = [raw]() -> absl::Status {
+      if (raw->state->calls.draining()) return absl::UnavailableError("draining");
+      if (!raw->ready.load()) return absl::UnavailableError("starting");
+      return absl::OkStatus();
+    };
+    KVDN_ASSIGN_OR_RETURN(impl->http, HttpServer::Start(config.http_address(), std::move(h)));
+  }
+  const std::string host = config.grpc_address().substr(0, config.grpc_address().rfind(':'));
+  const std::string http_host =
+      config.http_address().substr(0, config.http_address().rfind(':'));
+  state->SetEndpoints(
+      config.grpc_address() == "none" ? "" : absl::StrCat(host, ":", impl->grpc_port),
+      impl->http ? absl::StrCat(http_host, ":", impl->http->port()) : "");
+  impl->grpc_server->GetHealthCheckService()->SetServingStatus(true);
+  impl->ready.store(true);
+  return std::unique_ptr<Server>(new Server(std::move(impl)));
+}
+
+void Server::Shutdown() {
+  if (!impl_) return;
+  {
+    MutexLock lock(&impl_->mu);
+    if (impl_->shut_down) return;
+  }
+  impl_->Drain();
+  MutexLock lock(&impl_->mu);
+  impl_->shut_down = true;
+  if (!impl_->config.persist_on_shutdown_disabled() && impl_->store->disk_tier()) {
+    auto n = impl_->store->PersistToDisk();
+    if (n.ok()) {
+      spdlog::info("shutdown: wrote {} memory-only chunk(s) to the disk tier", *n);
+    } else {
+      spdlog::error("shutdown: persisting to disk failed: {}", n.status().message());
+    }
+  }
+  impl_->http.reset();
+  impl_->grpc_server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+  impl_->grpc_server->Wait();
+  if (impl_->config.unix_socket() != "none") unlink(impl_->config.unix_socket().c_str());
+  impl_->store.reset();
+  spdlog::info("shutdown complete");
+}
+
+}  // namespace kvdn::daemon

@@ -1,0 +1,134 @@
+// Internal to daemon/: what every service of one kvdnd shares — config, store, metrics, and the
+// tracking of calls in flight (for drain, the max call duration and per-method metrics).
+#ifndef KVDN_DAEMON_SRC_SERVER_STATE_H_
+#define KVDN_DAEMON_SRC_SERVER_STATE_H_
+
+#include <grpcpp/server_context.h>
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <thread>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/time/time.h"
+#include "kvdn/common/chunk_key.h"
+#include "kvdn/common/metrics.h"
+#include "kvdn/common/mutex.h"
+#include "kvdn/storage/tiered_store.h"
+#include "kvdn/v1/common.pb.h"
+#include "kvdn/v1/config.pb.h"
+
+namespace kvdn::daemon {
+
+// Every RPC method kvdnd serves, for metrics and for drain (data-plane methods are refused while
+// draining; admin ones are not).
+enum class Method : int {
+  kLookup, kPut, kGet, kReserve, kCommit, kRelease, kGetDescriptor, kDelete,
+  kPeerLookup, kPeerFetch, kPeerReplicate,
+  kAdminStats, kAdminList, kAdminInspect, kAdminEvict, kAdminConfig, kAdminMembers, kAdminDrain,
+  kCount,
+};
+inline constexpr int kNumMethods = static_cast<int>(Method::kCount);
+const char* MethodService(Method m);
+const char* MethodName(Method m);
+bool IsAdminMethod(Method m);
+
+// Calls in flight: refuses data-plane calls while draining, cancels calls that run past the
+// configured max duration (a watchdog thread), and lets drain wait for the rest. Thread-safe.
+class CallTracker {
+ public:
+  explicit CallTracker(absl::Duration max_call_duration);
+  ~CallTracker();
+  // UNAVAILABLE while draining (unless admin). Otherwise registers the call; returns its id.
+  absl::StatusOr<uint64_t> Begin(grpc::ServerContext* ctx, bool admin);
+  void End(uint64_t id);
+  // From now on Begin refuses data-plane calls. Returns the calls in flight.
+  size_t StartDrain();
+  bool draining() const { return draining_.load(); }
+  // Waits until no data-plane call is in flight; false on timeout.
+  bool WaitIdle(absl::Duration timeout);
+  // Cancels every call in flight (TryCancel), e.g. after the drain timeout.
+  void CancelAll();
+  size_t in_flight() const;
+
+ private:
+  struct Call {
+    grpc::ServerContext* ctx;
+    absl::Time deadline;
+    bool admin;
+  };
+  void Watchdog();
+
+  const absl::Duration max_call_duration_;
+  std::atomic<bool> draining_{false};
+  mutable Mutex mu_;
+  CondVar cv_;
+  absl::flat_hash_map<uint64_t, Call> calls_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread watchdog_;
+};
+
+struct ServerState {
+  ServerState(const v1::DaemonConfig& config, storage::TieredStore* store,
+              MetricsRegistry* metrics);
+
+  // PERMISSION_DENIED when the config restricts namespaces and `ns` is not one of them.
+  absl::Status CheckNamespace(absl::string_view ns) const;
+  // The addresses actually bound (a configured port 0 becomes the port picked).
+  void SetEndpoints(std::string grpc, std::string http);
+  std::pair<std::string, std::string> Endpoints() const;
+  // Requests and latency of one finished call.
+  void RecordCall(Method m, absl::StatusCode code, absl::Duration elapsed);
+
+  const v1::DaemonConfig config;
+  storage::TieredStore* const store;
+  MetricsRegistry* const metrics;
+  const absl::Time started;
+  const absl::flat_hash_set<std::string> namespaces;
+  CallTracker calls;
+  Counter* const bytes_in;
+  Counter* const bytes_out;
+  Counter* const bad_requests;
+
+ private:
+  mutable Mutex endpoints_mu_;
+  std::string grpc_endpoint_ ABSL_GUARDED_BY(endpoints_mu_);
+  std::string http_endpoint_ ABSL_GUARDED_BY(endpoints_mu_);
+  std::array<Histogram*, kNumMethods> latency_{};
+  // requests_total{service,method,code}: created on first use of each pair.
+  std::array<std::array<std::atomic<Counter*>, 17>, kNumMethods> requests_{};
+};
+
+// One RPC from admission to its metrics. Usage:
+//   CallScope call(state, Method::kGet, ctx);
+//   if (!call.admitted().ok()) return call.Finish(call.admitted());
+//   ...
+//   return call.Finish(status);
+class CallScope {
+ public:
+  CallScope(ServerState& state, Method method, grpc::ServerContext* ctx);
+  ~CallScope();
+  const absl::Status& admitted() const { return admitted_; }
+  grpc::Status Finish(const absl::Status& status);
+
+ private:
+  ServerState& state_;
+  const Method method_;
+  const absl::Time start_;
+  absl::Status admitted_;
+  uint64_t id_ = 0;
+  bool finished_ = false;
+};
+
+// Proto <-> kvdn conversions with precise INVALID_ARGUMENT messages naming `field`.
+absl::StatusOr<ChunkKey> KeyFromProto(const v1::ChunkKey& key, absl::string_view field);
+void KeyToProto(const ChunkKey& key, v1::ChunkKey* out);
+v1::Tier TierToProto(storage::TierKind t);
+
+}  // namespace kvdn::daemon
+
+#endif  // KVDN_DAEMON_SRC_SERVER_STATE_H_
