@@ -14,6 +14,7 @@
 #include "absl/strings/str_split.h"
 #include "google/protobuf/util/json_util.h"
 #include "kvdn/common/chunk_key.h"
+#include "kvdn/common/defaults.h"
 
 namespace kvdn::daemon {
 namespace {
@@ -55,12 +56,6 @@ uint64_t FreeDiskBytes(std::string path) {
   return 0;
 }
 
-std::string DefaultDataDir() {
-  if (geteuid() == 0) return "/var/lib/kvdn";
-  if (const char* x = std::getenv("XDG_DATA_HOME"); x && *x) return absl::StrCat(x, "/kvdn");
-  if (const char* h = std::getenv("HOME"); h && *h) return absl::StrCat(h, "/.local/share/kvdn");
-  return "/tmp/kvdn";
-}
 
 bool ValidHostPort(absl::string_view a) {
   const size_t colon = a.rfind(':');
@@ -107,7 +102,7 @@ void ApplyDefaults(v1::DaemonConfig* c) {
     c->set_node_name(host[0] ? host : "kvdn-node");
   }
   if (c->data_dir().empty()) c->set_data_dir(DefaultDataDir());
-  if (c->unix_socket().empty()) c->set_unix_socket(absl::StrCat(c->data_dir(), "/kvdnd.sock"));
+  if (c->unix_socket().empty()) c->set_unix_socket(absl::StrCat(c->data_dir(), "/kvdnd.sock"));  // DefaultUnixSocket() by default
   if (c->grpc_address().empty()) c->set_grpc_address("127.0.0.1:7070");
   if (c->http_address().empty()) c->set_http_address("127.0.0.1:9470");
   if (c->host_tier_bytes() == 0) {

@@ -37,6 +37,7 @@ storage::TieredStoreOptions StoreOptions(const v1::DaemonConfig& c) {
   storage::WatermarkOptions wm{c.high_watermark(), c.low_watermark()};
   o.host.capacity_bytes = c.host_tier_bytes();
   o.host.watermarks = wm;
+  o.host.prefault_in_background = true;  // serve at once; a large arena faults in meanwhile
   if (!c.disk_tier_disabled()) {
     storage::DiskTierOptions d;
     d.path = absl::StrCat(c.data_dir(), "/disk");
@@ -262,7 +263,7 @@ void Server::Shutdown() {
     }
   }
   impl_->http.reset();
-  impl_->grpc_server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+  impl_->grpc_server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Milliseconds(500)));
   impl_->grpc_server->Wait();
   if (impl_->config.unix_socket() != "none") unlink(impl_->config.unix_socket().c_str());
   impl_->store.reset();

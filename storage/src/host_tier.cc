@@ -2,6 +2,8 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -35,7 +37,9 @@ absl::StatusOr<std::unique_ptr<HostTier>> HostTier::Create(const HostTierOptions
   // Ask for transparent huge pages *before* faulting the arena in, so the faults allocate 2 MiB
   // pages: multi-MiB chunk copies then take 1/512 of the TLB misses. Advisory; failure is fine.
   madvise(p, capacity, MADV_HUGEPAGE);
-  if (options.prefault) {
+  const bool gpu_pins = options.pin_for_gpu && cuda::DeviceCount() > 0;
+  const bool background = options.prefault && options.prefault_in_background && !gpu_pins;
+  if (options.prefault && !background) {
     // Touch every page now (MADV_POPULATE_WRITE where the kernel has it): no faults on the hot
     // path.
     if (madvise(p, capacity, 23 /* MADV_POPULATE_WRITE */) != 0) {
@@ -52,8 +56,27 @@ absl::StatusOr<std::unique_ptr<HostTier>> HostTier::Create(const HostTierOptions
                    s.message());
     }
   }
-  return std::unique_ptr<HostTier>(
+  std::unique_ptr<HostTier> tier(
       new HostTier(static_cast<uint8_t*>(p), capacity, options, pinned, raw, capacity + kHuge));
+  if (background) {
+    HostTier* t = tier.get();
+    tier->prefault_thread_ = std::thread([t, p, capacity] {
+      constexpr uint64_t kStep = 64 << 20;
+      for (uint64_t off = 0; off < capacity && !t->stop_prefault_.load(); off += kStep) {
+        const uint64_t n = std::min(kStep, capacity - off);
+        uint8_t* at = static_cast<uint8_t*>(p) + off;
+        if (madvise(at, n, 23 /* MADV_POPULATE_WRITE */) != 0) {
+          // Older kernels: a read-modify-write of one byte per page faults it in without
+          // changing what a concurrent writer put there.
+          for (uint64_t o = 0; o < n; o += 4096) {
+            auto* b = reinterpret_cast<std::atomic<uint8_t>*>(at + o);
+            b->fetch_add(0, std::memory_order_relaxed);
+          }
+        }
+      }
+    });
+  }
+  return tier;
 }
 
 HostTier::HostTier(uint8_t* base, uint64_t capacity, const HostTierOptions& options, bool pinned,
@@ -64,6 +87,8 @@ HostTier::HostTier(uint8_t* base, uint64_t capacity, const HostTierOptions& opti
       pinned_(pinned) {}
 
 HostTier::~HostTier() {
+  stop_prefault_.store(true);
+  if (prefault_thread_.joinable()) prefault_thread_.join();
   if (pinned_) (void)cuda::UnregisterHost(base_);
   munmap(mapping_, mapping_bytes_);
 }

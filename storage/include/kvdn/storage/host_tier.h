@@ -6,7 +6,9 @@
 #define KVDN_STORAGE_HOST_TIER_H_
 
 #include <cstdint>
+#include <atomic>
 #include <memory>
+#include <thread>
 
 #include "kvdn/storage/memory_tier.h"
 
@@ -17,6 +19,10 @@ struct HostTierOptions {
   uint64_t alignment = 4096;                    // power of two, >= 64
   WatermarkOptions watermarks;
   bool prefault = true;  // touch every page at start (MAP_POPULATE): no page faults on the hot path
+  // With prefault: do it on a background thread, so Create returns at once (a daemon serves while a
+  // large arena is faulted in; pages touched first by a writer simply fault then). Ignored when the
+  // arena is pinned for a GPU (registration faults it in).
+  bool prefault_in_background = false;
   bool pin_for_gpu = true;  // cudaHostRegister the arena when a CUDA device is present
 };
 
@@ -47,6 +53,8 @@ class HostTier final : public MemoryTier {
   void* const mapping_;  // the whole mmap, of which the arena is the huge-page-aligned part
   const uint64_t mapping_bytes_;
   const bool pinned_;
+  std::atomic<bool> stop_prefault_{false};
+  std::thread prefault_thread_;
 };
 
 }  // namespace kvdn::storage

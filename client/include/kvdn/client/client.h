@@ -1,0 +1,132 @@
+// The kvdn client SDK: what an inference engine links to find, save and load KV chunks through the
+// local kvdnd.
+//
+//   kvdn::client::ClientOptions opts;           // unix socket of the local daemon by default
+//   opts.ns = "tenant-a";
+//   opts.model = {"llama-3-8b", 32, 8, 128, kvdn::Dtype::kBFloat16, 256};
+//   auto client = kvdn::client::Client::Connect(opts);
+//   size_t cached = (*client)->Lookup(tokens).value();     // tokens whose KV is stored
+//   (*client)->Load(tokens, buffers);                      // that KV into the caller's buffers
+//
+// Chunks. `tokens` is cut into chunks of model.tokens_per_chunk tokens (the last one may be
+// shorter); chunk i's payload is its KV laid out layer-major [layer][K|V][token][kv_head][dim]
+// (chunk_format.h), ModelSpec-sized: 2 * layers * tokens_in_chunk * kv_heads * head_dim * dtype
+// bytes. Keys come from the prefix hash chain in common/, so two processes with the same tokens
+// and model find each other's chunks; namespaces (tenants) never share.
+//
+// Integrity: every chunk loaded is checked against its header's XXH3-64 checksum before Load
+// returns it; a mismatch is DATA_LOSS and the buffer must not be used.
+//
+// Errors: statuses from the daemon pass through (kvdn.v1 documents them); calls are retried only on
+// UNAVAILABLE, with backoff, within the call's deadline. Thread-safe: one Client may be shared by
+// many threads; the async calls run on the client's own threads.
+#ifndef KVDN_CLIENT_CLIENT_H_
+#define KVDN_CLIENT_CLIENT_H_
+
+#include <cstdint>
+#include <future>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "kvdn/common/bytes.h"
+#include "kvdn/common/chunk_key.h"
+#include "kvdn/common/status.h"
+
+namespace grpc {
+class Channel;
+}  // namespace grpc
+
+namespace kvdn::client {
+
+struct ClientOptions {
+  // gRPC target: "unix:/path/to/kvdnd.sock" or "host:port". Empty: the local daemon's default
+  // unix socket (common/defaults.h).
+  std::string target;
+  // The tenant and the model whose KV this client moves.
+  std::string ns = "default";
+  ModelSpec model;
+  // Deadline of each call (Lookup, one chunk's Put or Get, ...), retries included.
+  absl::Duration deadline = absl::Seconds(10);
+  // Attempts for a call that fails with UNAVAILABLE (the first included).
+  int max_attempts = 4;
+  absl::Duration initial_backoff = absl::Milliseconds(20);
+  // Chunks moved concurrently by one Save or Load.
+  int parallel_streams = 4;
+  // Bytes per streamed frame (the daemon accepts at most 1 MiB by default).
+  size_t frame_bytes = size_t{1} << 20;
+  // Threads that run the *Async calls.
+  int async_threads = 2;
+};
+
+struct SaveResult {
+  size_t chunks_stored = 0;   // sent and committed now
+  size_t chunks_present = 0;  // already stored (by anyone): skipped
+  uint64_t bytes_sent = 0;
+};
+
+struct LoadResult {
+  size_t tokens = 0;  // tokens whose KV is now in the caller's buffers (a prefix of `tokens`)
+  size_t chunks = 0;
+  uint64_t bytes = 0;  // payload bytes loaded
+};
+
+class Client {
+ public:
+  // Checks the options (INVALID_ARGUMENT naming the field) and creates the channel; connecting is
+  // lazy, so an absent daemon shows as UNAVAILABLE on the first call.
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(const ClientOptions& options);
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  const ClientOptions& options() const;
+  // Payload bytes of a chunk of `tokens_in_chunk` tokens for this client's model.
+  uint64_t PayloadBytes(uint32_t tokens_in_chunk) const;
+  // Payload bytes of each chunk covering `num_tokens` tokens (the last may be shorter).
+  std::vector<uint64_t> ChunkPayloadSizes(size_t num_tokens) const;
+
+  // Tokens, from the start of `tokens`, whose KV is stored.
+  absl::StatusOr<size_t> Lookup(absl::Span<const int32_t> tokens);
+  // Stores the KV of the first payloads.size() chunks of `tokens` (chunks already stored are
+  // skipped). INVALID_ARGUMENT: more payloads than chunks, or a payload of the wrong size.
+  absl::StatusOr<SaveResult> Save(absl::Span<const int32_t> tokens,
+                                  absl::Span<const ByteSpan> payloads);
+  // Loads the longest stored prefix of `tokens`, at most buffers.size() chunks, chunk i into
+  // buffers[i] (sized as ChunkPayloadSizes says, else INVALID_ARGUMENT). A chunk evicted between
+  // lookup and load ends the prefix there. DATA_LOSS: a chunk failed verification.
+  absl::StatusOr<LoadResult> Load(absl::Span<const int32_t> tokens,
+                                  absl::Span<const MutableByteSpan> buffers);
+
+  // The same, on the client's threads. The spans must stay valid until the future is ready.
+  std::future<absl::StatusOr<size_t>> LookupAsync(std::vector<int32_t> tokens);
+  std::future<absl::StatusOr<SaveResult>> SaveAsync(std::vector<int32_t> tokens,
+                                                    std::vector<ByteSpan> payloads);
+  std::future<absl::StatusOr<LoadResult>> LoadAsync(std::vector<int32_t> tokens,
+                                                    std::vector<MutableByteSpan> buffers);
+
+  // Whole encoded chunks (header + payload) by key, for tools and tests. PutEncoded returns true
+  // if stored now, false if it was already stored. GetEncoded returns the chunk size;
+  // OUT_OF_RANGE when dst is too small.
+  absl::StatusOr<bool> PutEncoded(const ChunkKey& key, ByteSpan encoded);
+  absl::StatusOr<uint64_t> GetEncoded(const ChunkKey& key, MutableByteSpan dst);
+  absl::Status Delete(const ChunkKey& key);
+
+  // The channel, for tools that call other services (kvdnctl).
+  std::shared_ptr<grpc::Channel> channel() const;
+
+ private:
+  struct Impl;
+  explicit Client(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// The gRPC channel the client uses for `target` (unix socket or host:port), with kvdn's message
+// size limits. Empty target: the local daemon's default unix socket.
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target);
+
+}  // namespace kvdn::client
+
+#endif  // KVDN_CLIENT_CLIENT_H_

@@ -1,0 +1,418 @@
+#include "kvdn/client/client.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+#include <optional>
+#include <cstring>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "kvdn/common/chunk_format.h"
+#include "kvdn/common/defaults.h"
+#include "kvdn/common/hash.h"
+#include "kvdn/proto/grpc_status.h"
+#include "kvdn/v1/kv_service.grpc.pb.h"
+#include "src/thread_pool.h"
+
+namespace kvdn::client {
+namespace {
+
+constexpr int kMaxMessageBytes = (4 << 20) + (64 << 10);
+
+void KeyToProto(const ChunkKey& key, v1::ChunkKey* out) {
+  out->set_namespace_(key.ns);
+  out->set_fingerprint(key.fingerprint);
+  const std::array<uint8_t, 16> c = key.prefix_hash.Canonical();
+  out->set_prefix_hash(c.data(), c.size());
+}
+
+absl::Status ValidateOptions(const ClientOptions& o) {
+  if (absl::Status st = ValidateNamespace(o.ns); !st.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("ClientOptions.ns: ", st.message()));
+  }
+  if (absl::Status st = o.model.Validate(); !st.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("ClientOptions.model: ", st.message()));
+  }
+  if (o.deadline <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("ClientOptions.deadline must be positive");
+  }
+  if (o.max_attempts < 1) return absl::InvalidArgumentError("ClientOptions.max_attempts < 1");
+  if (o.parallel_streams < 1 || o.parallel_streams > 256) {
+    return absl::InvalidArgumentError("ClientOptions.parallel_streams outside [1, 256]");
+  }
+  if (o.frame_bytes < 4096 || o.frame_bytes > (4u << 20)) {
+    return absl::InvalidArgumentError("ClientOptions.frame_bytes outside [4096, 4 MiB]");
+  }
+  if (o.async_threads < 1) return absl::InvalidArgumentError("ClientOptions.async_threads < 1");
+  return absl::OkStatus();
+}
+
+// Where the bytes of one streamed chunk go: the 64-byte header into `header`, the payload into
+// `payload` (whole encoded chunks: header and payload are one contiguous buffer).
+struct ChunkSink {
+  uint8_t header[kChunkHeaderBytes];
+  MutableByteSpan payload;
+  std::optional<Xxh3_64Stream> hasher;
+};
+
+}  // namespace
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  args.SetMaxSendMessageSize(kMaxMessageBytes);
+  // Separate clients get separate connections (the benchmark measures them side by side).
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  const std::string t = target.empty() ? absl::StrCat("unix:", DefaultUnixSocket()) : target;
+  return grpc::CreateCustomChannel(t, grpc::InsecureChannelCredentials(), args);
+}
+
+struct Client::Impl {
+  ClientOptions options;
+  uint64_t fingerprint = 0;
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<v1::KvService::Stub> stub;
+  std::unique_ptr<ThreadPool> streams;  // helpers of ParallelFor in Save/Load
+  std::unique_ptr<ThreadPool> async;    // the *Async calls
+
+  // Runs `attempt(ctx)` until it returns anything but UNAVAILABLE, attempts run out, or the
+  // deadline passes.
+  template <typename T, typename F>
+  T WithRetry(F attempt) {
+    const auto deadline = std::chrono::system_clock::now() +
+                          absl::ToChronoNanoseconds(options.deadline);
+    absl::Duration backoff = options.initial_backoff;
+    for (int i = 1;; ++i) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(deadline);
+      T r = attempt(&ctx);
+      if (!absl::IsUnavailable(StatusOf(r)) || i >= options.max_attempts) return r;
+      const auto wake = std::chrono::system_clock::now() + absl::ToChronoNanoseconds(backoff);
+      if (wake >= deadline) return r;
+      std::this_thread::sleep_until(wake);
+      backoff *= 2;
+    }
+  }
+  static absl::Status StatusOf(const absl::Status& s) { return s; }
+  template <typename T>
+  static absl::Status StatusOf(const absl::StatusOr<T>& s) {
+    return s.status();
+  }
+
+  // Streams parts (concatenated: the encoded chunk) as one Put.
+  absl::StatusOr<bool> PutParts(const ChunkKey& key, uint64_t payload_checksum,
+                                absl::Span<const ByteSpan> parts) {
+    uint64_t size = 0;
+    for (ByteSpan p : parts) size += p.size();
+    return WithRetry<absl::StatusOr<bool>>([&](grpc::ClientContext* ctx) -> absl::StatusOr<bool> {
+      v1::PutResponse resp;
+      auto writer = stub->Put(ctx, &resp);
+      v1::PutRequest msg;
+      v1::PutRequest::Header* h = msg.mutable_header();
+      KeyToProto(key, h->mutable_key());
+      h->set_size(size);
+      h->set_payload_checksum(payload_checksum);
+      bool ok = writer->Write(msg);
+      msg.Clear();
+      for (size_t p = 0; ok && p < parts.size(); ++p) {
+        const ByteSpan part = parts[p];
+        for (size_t off = 0; ok && off < part.size(); off += options.frame_bytes) {
+          const size_t n = std::min(options.frame_bytes, part.size() - off);
+          msg.set_data(part.data() + off, n);
+          ok = writer->Write(msg);
+        }
+      }
+      writer->WritesDone();
+      grpc::Status st = writer->Finish();
+      if (!st.ok()) return FromGrpcStatus(st);
+      return resp.stored();
+    });
+  }
+
+  // Streams one chunk; on_data(offset, bytes) receives it in order. Returns its size.
+  template <typename OnSize, typename OnData>
+  absl::StatusOr<uint64_t> GetStream(const ChunkKey& key, OnSize on_size, OnData on_data) {
+    return WithRetry<absl::StatusOr<uint64_t>>(
+        [&](grpc::ClientContext* ctx) -> absl::StatusOr<uint64_t> {
+          v1::GetRequest req;
+          KeyToProto(key, req.mutable_key());
+          auto reader = stub->Get(ctx, req);
+          v1::GetResponse msg;
+          uint64_t size = 0, got = 0;
+          bool have_size = false;
+          absl::Status local;
+          while (reader->Read(&msg)) {
+            if (msg.frame_case() == v1::GetResponse::kSize) {
+              size = msg.size();
+              have_size = true;
+              local = on_size(size);
+              if (!local.ok()) break;
+              continue;
+            }
+            const std::string& d = msg.data();
+            if (!have_size || got + d.size() > size) {
+              local = absl::InternalError("kvdnd sent more bytes than the chunk's size");
+              break;
+            }
+            on_data(got, ByteSpan(reinterpret_cast<const uint8_t*>(d.data()), d.size()));
+            got += d.size();
+          }
+          if (!local.ok()) {
+            ctx->TryCancel();
+            (void)reader->Finish();
+            return local;
+          }
+          grpc::Status st = reader->Finish();
+          if (!st.ok()) return FromGrpcStatus(st);
+          if (!have_size || got != size) {
+            return absl::UnavailableError(
+                absl::StrCat("Get stream of ", key.ToString(), " ended after ", got, " of ", size,
+                             " bytes"));
+          }
+          return size;
+        });
+  }
+
+  // Loads chunk `key` (of `tokens_in_chunk` tokens) into `payload` and verifies it.
+  absl::Status LoadChunk(const ChunkKey& key, uint32_t tokens_in_chunk, MutableByteSpan payload) {
+    ChunkSink sink;
+    sink.payload = payload;
+    const uint64_t expect = kChunkHeaderBytes + payload.size();
+    auto on_size = [&](uint64_t size) -> absl::Status {
+      sink.hasher.emplace();  // anew on each attempt
+      if (size != expect) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "chunk ", key.ToString(), " holds ", size, " bytes; this model's chunk of ",
+            tokens_in_chunk, " tokens needs ", expect, " (same fingerprint, other shape?)"));
+      }
+      return absl::OkStatus();
+    };
+    auto on_data = [&](uint64_t off, ByteSpan d) {
+      size_t i = 0;
+      if (off < kChunkHeaderBytes) {
+        i = std::min<size_t>(d.size(), kChunkHeaderBytes - off);
+        std::memcpy(sink.header + off, d.data(), i);
+      }
+      if (i < d.size()) {
+        const uint64_t poff = off + i - kChunkHeaderBytes;
+        std::memcpy(payload.data() + poff, d.data() + i, d.size() - i);
+        sink.hasher->Update(ByteSpan(payload.data() + poff, d.size() - i));
+      }
+    };
+    KVDN_RETURN_IF_ERROR(GetStream(key, on_size, on_data).status());
+    KVDN_ASSIGN_OR_RETURN(ChunkHeader h, DecodeChunkHeader(ByteSpan(sink.header, kChunkHeaderBytes)));
+    const ModelSpec& m = options.model;
+    if (h.info.dtype != m.dtype || h.info.num_layers != m.num_layers ||
+        h.info.num_kv_heads != m.num_kv_heads || h.info.head_dim != m.head_dim ||
+        h.info.num_tokens != tokens_in_chunk) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("chunk ", key.ToString(), " has another shape than this client's model"));
+    }
+    if (sink.hasher->Digest() != h.payload_checksum) {
+      return absl::DataLossError(absl::StrFormat(
+          "chunk %s: payload hashes to %016x, its header says %016x; discard the buffer",
+          key.ToString(), sink.hasher->Digest(), h.payload_checksum));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<size_t> LookupKeys(absl::Span<const ChunkKey> keys) {
+    if (keys.empty()) return 0;
+    v1::LookupRequest req;
+    req.set_namespace_(options.ns);
+    req.set_fingerprint(fingerprint);
+    for (const ChunkKey& k : keys) {
+      const std::array<uint8_t, 16> c = k.prefix_hash.Canonical();
+      req.add_prefix_hashes(c.data(), c.size());
+    }
+    return WithRetry<absl::StatusOr<size_t>>(
+        [&](grpc::ClientContext* ctx) -> absl::StatusOr<size_t> {
+          v1::LookupResponse resp;
+          grpc::Status st = stub->Lookup(ctx, req, &resp);
+          if (!st.ok()) return FromGrpcStatus(st);
+          return std::min<size_t>(resp.matched_chunks(), keys.size());
+        });
+  }
+
+  uint32_t TokensInChunk(size_t chunk, size_t num_tokens) const {
+    const size_t tpc = options.model.tokens_per_chunk;
+    return static_cast<uint32_t>(std::min(tpc, num_tokens - chunk * tpc));
+  }
+};
+
+Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Client::~Client() = default;
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
+  KVDN_RETURN_IF_ERROR(ValidateOptions(options));
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->fingerprint = ModelFingerprint(options.model);
+  impl->channel = MakeChannel(options.target);
+  impl->stub = v1::KvService::NewStub(impl->channel);
+  impl->streams = std::make_unique<ThreadPool>(options.parallel_streams - 1);
+  impl->async = std::make_unique<ThreadPool>(options.async_threads);
+  return std::unique_ptr<Client>(new Client(std::move(impl)));
+}
+
+const ClientOptions& Client::options() const { return impl_->options; }
+std::shared_ptr<grpc::Channel> Client::channel() const { return impl_->channel; }
+
+uint64_t Client::PayloadBytes(uint32_t tokens_in_chunk) const {
+  return impl_->options.model.BytesPerToken() * tokens_in_chunk;
+}
+
+std::vector<uint64_t> Client::ChunkPayloadSizes(size_t num_tokens) const {
+  const size_t tpc = impl_->options.model.tokens_per_chunk;
+  std::vector<uint64_t> out;
+  for (size_t c = 0; c * tpc < num_tokens; ++c) {
+    out.push_back(PayloadBytes(impl_->TokensInChunk(c, num_tokens)));
+  }
+  return out;
+}
+
+absl::StatusOr<size_t> Client::Lookup(absl::Span<const int32_t> tokens) {
+  const ClientOptions& o = impl_->options;
+  KVDN_ASSIGN_OR_RETURN(std::vector<ChunkKey> keys,
+                        ChunkKeysForTokens(o.ns, o.model, tokens, /*include_tail=*/true));
+  KVDN_ASSIGN_OR_RETURN(size_t matched, impl_->LookupKeys(keys));
+  return std::min(tokens.size(), matched * o.model.tokens_per_chunk);
+}
+
+absl::StatusOr<SaveResult> Client::Save(absl::Span<const int32_t> tokens,
+                                        absl::Span<const ByteSpan> payloads) {
+  const ClientOptions& o = impl_->options;
+  KVDN_ASSIGN_OR_RETURN(std::vector<ChunkKey> keys,
+                        ChunkKeysForTokens(o.ns, o.model, tokens, /*include_tail=*/true));
+  if (payloads.size() > keys.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(payloads.size(), " payloads for ", tokens.size(),
+                                                   " tokens, which make ", keys.size(), " chunks"));
+  }
+  for (size_t i = 0; i < payloads.size(); ++i) {
+    const uint64_t want = PayloadBytes(impl_->TokensInChunk(i, tokens.size()));
+    if (payloads[i].size() != want) {
+      return absl::InvalidArgumentError(absl::StrCat("payload ", i, " has ", payloads[i].size(),
+                                                     " bytes; the model needs ", want));
+    }
+  }
+  keys.resize(payloads.size());
+  SaveResult result;
+  // Chunks already stored from the start need not travel.
+  KVDN_ASSIGN_OR_RETURN(size_t present, impl_->LookupKeys(keys));
+  result.chunks_present = present;
+  std::vector<absl::Status> statuses(keys.size());
+  std::vector<char> stored(keys.size(), 0);
+  impl_->streams->ParallelFor(keys.size() - present, o.parallel_streams, [&](size_t j) {
+    const size_t i = present + j;
+    ChunkInfo info{o.model.dtype, o.model.num_layers, o.model.num_kv_heads, o.model.head_dim,
+                   impl_->TokensInChunk(i, tokens.size())};
+    const uint64_t checksum = Xxh3_64(payloads[i]);
+    uint8_t header[kChunkHeaderBytes];
+    WriteChunkHeader(info, checksum, MutableByteSpan(header, sizeof(header)));
+    const ByteSpan parts[2] = {ByteSpan(header, sizeof(header)), payloads[i]};
+    auto r = impl_->PutParts(keys[i], checksum, parts);
+    statuses[i] = r.status();
+    if (r.ok()) stored[i] = *r ? 1 : 2;
+  });
+  for (size_t i = present; i < keys.size(); ++i) {
+    KVDN_RETURN_IF_ERROR(statuses[i]);
+    if (stored[i] == 1) {
+      ++result.chunks_stored;
+      result.bytes_sent += kChunkHeaderBytes + payloads[i].size();
+    } else {
+      ++result.chunks_present;
+    }
+  }
+  return result;
+}
+
+absl::StatusOr<LoadResult> Client::Load(absl::Span<const int32_t> tokens,
+                                        absl::Span<const MutableByteSpan> buffers) {
+  const ClientOptions& o = impl_->options;
+  KVDN_ASSIGN_OR_RETURN(std::vector<ChunkKey> keys,
+                        ChunkKeysForTokens(o.ns, o.model, tokens, /*include_tail=*/true));
+  const size_t n = std::min(keys.size(), buffers.size());
+  for (size_t i = 0; i < n; ++i) {
+    const uint64_t want = PayloadBytes(impl_->TokensInChunk(i, tokens.size()));
+    if (buffers[i].size() != want) {
+      return absl::InvalidArgumentError(absl::StrCat("buffer ", i, " has ", buffers[i].size(),
+                                                     " bytes; the model's chunk needs ", want));
+    }
+  }
+  keys.resize(n);
+  KVDN_ASSIGN_OR_RETURN(size_t matched, impl_->LookupKeys(keys));
+  std::vector<absl::Status> statuses(matched);
+  impl_->streams->ParallelFor(matched, o.parallel_streams, [&](size_t i) {
+    statuses[i] = impl_->LoadChunk(keys[i], impl_->TokensInChunk(i, tokens.size()), buffers[i]);
+  });
+  LoadResult result;
+  for (size_t i = 0; i < matched; ++i) {
+    // Evicted since the lookup: the prefix ends here; the engine recomputes the rest.
+    if (absl::IsNotFound(statuses[i])) break;
+    KVDN_RETURN_IF_ERROR(statuses[i]);
+    const uint32_t t = impl_->TokensInChunk(i, tokens.size());
+    ++result.chunks;
+    result.tokens += t;
+    result.bytes += buffers[i].size();
+  }
+  return result;
+}
+
+std::future<absl::StatusOr<size_t>> Client::LookupAsync(std::vector<int32_t> tokens) {
+  auto p = std::make_shared<std::promise<absl::StatusOr<size_t>>>();
+  auto f = p->get_future();
+  impl_->async->Submit([this, p, t = std::move(tokens)] { p->set_value(Lookup(t)); });
+  return f;
+}
+
+std::future<absl::StatusOr<SaveResult>> Client::SaveAsync(std::vector<int32_t> tokens,
+                                                          std::vector<ByteSpan> payloads) {
+  auto p = std::make_shared<std::promise<absl::StatusOr<SaveResult>>>();
+  auto f = p->get_future();
+  impl_->async->Submit([this, p, t = std::move(tokens), pl = std::move(payloads)] {
+    p->set_value(Save(t, pl));
+  });
+  return f;
+}
+
+std::future<absl::StatusOr<LoadResult>> Client::LoadAsync(std::vector<int32_t> tokens,
+                                                          std::vector<MutableByteSpan> buffers) {
+  auto p = std::make_shared<std::promise<absl::StatusOr<LoadResult>>>();
+  auto f = p->get_future();
+  impl_->async->Submit([this, p, t = std::move(tokens), b = std::move(buffers)] {
+    p->set_value(Load(t, b));
+  });
+  return f;
+}
+
+absl::StatusOr<bool> Client::PutEncoded(const ChunkKey& key, ByteSpan encoded) {
+  KVDN_ASSIGN_OR_RETURN(ChunkHeader h, DecodeChunkHeader(encoded));
+  const ByteSpan parts[1] = {encoded};
+  return impl_->PutParts(key, h.payload_checksum, parts);
+}
+
+absl::StatusOr<uint64_t> Client::GetEncoded(const ChunkKey& key, MutableByteSpan dst) {
+  auto on_size = [&](uint64_t size) -> absl::Status {
+    if (size > dst.size()) {
+      return absl::OutOfRangeError(
+          absl::StrCat("chunk of ", size, " bytes does not fit a ", dst.size(), "-byte buffer"));
+    }
+    return absl::OkStatus();
+  };
+  auto on_data = [&](uint64_t off, ByteSpan d) { std::memcpy(dst.data() + off, d.data(), d.size()); };
+  return impl_->GetStream(key, on_size, on_data);
+}
+
+absl::Status Client::Delete(const ChunkKey& key) {
+  v1::DeleteRequest req;
+  KeyToProto(key, req.mutable_key());
+  return impl_->WithRetry<absl::Status>([&](grpc::ClientContext* ctx) {
+    v1::DeleteResponse resp;
+    return FromGrpcStatus(impl_->stub->Delete(ctx, req, &resp));
+  });
+}
+
+}  // namespace kvdn::client

@@ -1,0 +1,523 @@
+// Integration tests against the real kvdnd binary: SDK round trips, prefix lookup, restart,
+// a table of bad requests (each with its exact status, the daemon healthy after), drain,
+// /metrics through promtool, and every kvdnctl subcommand.
+#include <grpcpp/grpcpp.h>
+
+#include <cstring>
+#include <random>
+
+#include "daemon_process.h"
+#include "gmock/gmock.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "kvdn/client/client.h"
+#include "kvdn/common/chunk_format.h"
+#include "kvdn/proto/grpc_status.h"
+#include "kvdn/testing/chunks.h"
+#include "kvdn/testing/status_matchers.h"
+#include "kvdn/v1/admin_service.grpc.pb.h"
+#include "kvdn/v1/kv_service.grpc.pb.h"
+
+namespace kvdn {
+namespace {
+
+using ::kvdn::testing::DaemonProcess;
+using ::kvdn::testing::RandomBytes;
+using ::kvdn::testing::TempDir;
+using ::testing::HasSubstr;
+
+ModelSpec SmallModel() { return {"test-model", 2, 2, 64, Dtype::kBFloat16, 16}; }
+
+std::vector<int32_t> Tokens(size_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = static_cast<int32_t>(rng() % 128000);
+  return t;
+}
+
+std::unique_ptr<client::Client> Connect(const std::string& target, ModelSpec model = SmallModel(),
+                                        std::string ns = "tenant-a") {
+  client::ClientOptions o;
+  o.target = target;
+  o.model = std::move(model);
+  o.ns = std::move(ns);
+  o.deadline = absl::Seconds(20);
+  return client::Client::Connect(o).value();
+}
+
+// Random payloads for every chunk of `tokens`.
+std::vector<std::vector<uint8_t>> Payloads(client::Client& c, size_t tokens, uint64_t seed) {
+  std::vector<std::vector<uint8_t>> out;
+  for (uint64_t s : c.ChunkPayloadSizes(tokens)) out.push_back(RandomBytes(s, seed++));
+  return out;
+}
+std::vector<ByteSpan> Spans(const std::vector<std::vector<uint8_t>>& v) {
+  return {v.begin(), v.end()};
+}
+
+template <typename T>
+T ValueOr(const absl::StatusOr<T>& s) {
+  EXPECT_TRUE(s.ok()) << s.status();
+  return s.ok() ? *s : T{};
+}
+
+bool Serving(const std::string& target) {
+  auto stub = grpc::health::v1::Health::NewStub(client::MakeChannel(target));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  grpc::health::v1::HealthCheckResponse r;
+  return stub->Check(&ctx, {}, &r).ok() &&
+         r.status() == grpc::health::v1::HealthCheckResponse::SERVING;
+}
+
+class KvdndTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string err;
+    ASSERT_TRUE(daemon_.Start(ExtraFlags(), &err)) << err;
+  }
+  virtual std::vector<std::string> ExtraFlags() { return {}; }
+  TempDir dir_;
+  DaemonProcess daemon_{dir_.path()};
+};
+
+TEST_F(KvdndTest, SaveLoadRoundTripIsBitIdenticalOverUnixAndTcp) {
+  for (const std::string& target : {daemon_.unix_target(), daemon_.tcp_target()}) {
+    auto c = Connect(target);
+    const auto tokens = Tokens(16 * 5 + 7, target.size());  // 5 full chunks and a tail
+    auto payloads = Payloads(*c, tokens.size(), 11 + target.size());
+    ASSERT_OK_AND_ASSIGN(client::SaveResult saved, c->Save(tokens, Spans(payloads)));
+    EXPECT_EQ(saved.chunks_stored, 6u);
+    std::vector<std::vector<uint8_t>> got(payloads.size());
+    std::vector<MutableByteSpan> bufs;
+    for (size_t i = 0; i < got.size(); ++i) {
+      got[i].assign(payloads[i].size(), 0xEE);
+      bufs.emplace_back(got[i]);
+    }
+    ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, c->Load(tokens, bufs));
+    EXPECT_EQ(loaded.tokens, tokens.size());
+    EXPECT_EQ(loaded.chunks, 6u);
+    EXPECT_EQ(got, payloads);
+    // Saving again sends nothing.
+    ASSERT_OK_AND_ASSIGN(saved, c->Save(tokens, Spans(payloads)));
+    EXPECT_EQ(saved.chunks_stored, 0u);
+    EXPECT_EQ(saved.chunks_present, 6u);
+  }
+}
+
+TEST_F(KvdndTest, ThirtyTwoMiBChunkPassesInFrames) {
+  // 32 layers x 256 tokens x 8 heads x 128 dims x bf16 x (K, V) = 32 MiB per chunk.
+  auto c = Connect(daemon_.unix_target(), {"big", 32, 8, 128, Dtype::kBFloat16, 256});
+  const auto tokens = Tokens(256, 5);
+  auto payloads = Payloads(*c, tokens.size(), 99);
+  ASSERT_EQ(payloads[0].size(), 32u << 20);
+  ASSERT_OK(c->Save(tokens, Spans(payloads)).status());
+  std::vector<uint8_t> got(32u << 20);
+  MutableByteSpan buf(got);
+  ASSERT_OK_AND_ASSIGN(auto loaded, c->Load(tokens, absl::MakeSpan(&buf, 1)));
+  EXPECT_EQ(loaded.chunks, 1u);
+  EXPECT_TRUE(got == payloads[0]);
+}
+
+TEST_F(KvdndTest, LookupFindsTheLongestPrefixWithinTheNamespace) {
+  auto c = Connect(daemon_.unix_target());
+  const auto tokens = Tokens(16 * 5, 21);
+  auto payloads = Payloads(*c, tokens.size(), 3);
+  // Save the first three chunks only.
+  ASSERT_OK(c->Save(tokens, absl::MakeConstSpan(Spans(payloads).data(), 3)).status());
+  EXPECT_EQ(ValueOr(c->Lookup(tokens)), 48u);
+  // A prompt that diverges inside chunk 1 matches chunk 0 only.
+  auto diverged = tokens;
+  diverged[20] ^= 1;
+  EXPECT_EQ(ValueOr(c->Lookup(diverged)), 16u);
+  // A shorter prompt inside the stored prefix.
+  EXPECT_EQ(ValueOr(c->Lookup(absl::MakeSpan(tokens).subspan(0, 40))), 32u);
+  // Another tenant, another model: nothing.
+  EXPECT_EQ(ValueOr(Connect(daemon_.unix_target(), SmallModel(), "tenant-b")->Lookup(tokens)), 0u);
+  ModelSpec other = SmallModel();
+  other.model_name = "other-model";
+  EXPECT_EQ(ValueOr(Connect(daemon_.unix_target(), other)->Lookup(tokens)), 0u);
+}
+
+TEST_F(KvdndTest, AsyncCallsMatchSyncOnes) {
+  auto c = Connect(daemon_.unix_target());
+  const auto tokens = Tokens(16 * 3, 8);
+  auto payloads = Payloads(*c, tokens.size(), 8);
+  auto saved = c->SaveAsync(tokens, Spans(payloads)).get();
+  ASSERT_OK(saved.status());
+  EXPECT_EQ(ValueOr(c->LookupAsync(tokens).get()), 48u);
+  std::vector<std::vector<uint8_t>> got(3, std::vector<uint8_t>(payloads[0].size()));
+  std::vector<MutableByteSpan> bufs(got.begin(), got.end());
+  ASSERT_OK(c->LoadAsync(tokens, bufs).get().status());
+  EXPECT_EQ(got, payloads);
+}
+
+TEST_F(KvdndTest, RestartFindsChunksOnDisk) {
+  const auto tokens = Tokens(16 * 4, 31);
+  std::vector<std::vector<uint8_t>> payloads;
+  {
+    auto c = Connect(daemon_.unix_target());
+    payloads = Payloads(*c, tokens.size(), 77);
+    ASSERT_OK(c->Save(tokens, Spans(payloads)).status());
+  }
+  ASSERT_EQ(daemon_.Stop(), 0) << daemon_.log();  // SIGTERM: drain, persist, sync
+  std::string err;
+  ASSERT_TRUE(daemon_.Start({}, &err)) << err;
+  auto c = Connect(daemon_.unix_target());
+  EXPECT_EQ(ValueOr(c->Lookup(tokens)), 64u);
+  std::vector<std::vector<uint8_t>> got(4, std::vector<uint8_t>(payloads[0].size()));
+  std::vector<MutableByteSpan> bufs(got.begin(), got.end());
+  ASSERT_OK_AND_ASSIGN(auto loaded, c->Load(tokens, bufs));
+  EXPECT_EQ(loaded.chunks, 4u);
+  EXPECT_EQ(got, payloads);
+}
+
+// ---- bad input ----
+
+class BadRequestTest : public KvdndTest {
+ protected:
+  std::vector<std::string> ExtraFlags() override {
+    const std::string cfg = dir_.Sub("config.json");
+    std::ofstream(cfg) << R"({"reservation_ttl_ms": 300, "namespaces": ["tenant-a", "test"]})";
+    return {"--config", cfg};
+  }
+  void SetUp() override {
+    KvdndTest::SetUp();
+    stub_ = v1::KvService::NewStub(client::MakeChannel(daemon_.unix_target()));
+  }
+  static void Deadline(grpc::ClientContext* ctx) {
+    ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  }
+  static v1::ChunkKey ProtoKey(const ChunkKey& k) {
+    v1::ChunkKey p;
+    p.set_namespace_(k.ns);
+    p.set_fingerprint(k.fingerprint);
+    auto c = k.prefix_hash.Canonical();
+    p.set_prefix_hash(c.data(), c.size());
+    return p;
+  }
+  // Streams a Put: header (size, checksum) then `data` in frames of `frame` bytes (stops early
+  // after `limit` bytes when given).
+  absl::Status Put(const v1::ChunkKey& key, uint64_t size, uint64_t checksum, ByteSpan data,
+                   size_t frame = 1 << 20, uint64_t reservation_id = 0) {
+    grpc::ClientContext ctx;
+    Deadline(&ctx);
+    v1::PutResponse resp;
+    auto w = stub_->Put(&ctx, &resp);
+    v1::PutRequest m;
+    *m.mutable_header()->mutable_key() = key;
+    m.mutable_header()->set_size(size);
+    m.mutable_header()->set_payload_checksum(checksum);
+    m.mutable_header()->set_reservation_id(reservation_id);
+    bool ok = w->Write(m);
+    for (size_t off = 0; ok && off < data.size(); off += frame) {
+      m.set_data(data.data() + off, std::min(frame, data.size() - off));
+      ok = w->Write(m);
+    }
+    w->WritesDone();
+    return FromGrpcStatus(w->Finish());
+  }
+  absl::Status GetStatus(const v1::ChunkKey& key) {
+    grpc::ClientContext ctx;
+    Deadline(&ctx);
+    v1::GetRequest req;
+    *req.mutable_key() = key;
+    auto r = stub_->Get(&ctx, req);
+    v1::GetResponse m;
+    while (r->Read(&m)) {
+    }
+    return FromGrpcStatus(r->Finish());
+  }
+  void ExpectHealthy() {
+    EXPECT_TRUE(Serving(daemon_.unix_target()));
+    const auto chunk = testing::RandomChunk(testing::InfoForBytes(100000), healthy_seed_);
+    const ChunkKey k = testing::KeyFor(1000 + healthy_seed_++);
+    ASSERT_OK(Put(ProtoKey(k), chunk.size(), DecodeChunkHeader(chunk)->payload_checksum, chunk));
+    auto c = Connect(daemon_.unix_target());
+    std::vector<uint8_t> got(chunk.size());
+    EXPECT_EQ(ValueOr(c->GetEncoded(k, MutableByteSpan(got))), chunk.size());
+    EXPECT_EQ(got, chunk);
+  }
+  std::unique_ptr<v1::KvService::Stub> stub_;
+  uint64_t healthy_seed_ = 1;
+};
+
+TEST_F(BadRequestTest, EachGetsItsExactStatusAndTheDaemonStaysHealthy) {
+  const auto chunk = testing::RandomChunk(testing::InfoForBytes(3 << 20), 5);
+  const uint64_t sum = DecodeChunkHeader(chunk)->payload_checksum;
+  const v1::ChunkKey good = ProtoKey(testing::KeyFor(1));
+
+  v1::ChunkKey short_hash = good;
+  short_hash.set_prefix_hash(good.prefix_hash().substr(0, 15));
+  v1::ChunkKey bad_ns = good;
+  bad_ns.set_namespace_("no spaces/allowed");
+  v1::ChunkKey other_tenant = good;
+  other_tenant.set_namespace_("tenant-z");
+
+  struct Case {
+    const char* name;
+    std::function<absl::Status()> call;
+    absl::StatusCode code;
+    const char* message;
+  };
+  std::vector<uint8_t> corrupt = chunk;
+  corrupt[5000] ^= 0x40;
+  std::vector<uint8_t> padded = chunk;
+  padded.resize(chunk.size() + 10);
+  const std::vector<uint8_t> big_frame(2 << 20, 7);
+  const std::vector<uint8_t> huge_frame(5 << 20, 7);
+  const Case cases[] = {
+      {"malformed key (15-byte hash)", [&] { return GetStatus(short_hash); },
+       absl::StatusCode::kInvalidArgument, "prefix_hash: 15 bytes, need 16"},
+      {"malformed namespace", [&] { return GetStatus(bad_ns); },
+       absl::StatusCode::kInvalidArgument, "key.namespace"},
+      {"namespace not served", [&] { return GetStatus(other_tenant); },
+       absl::StatusCode::kPermissionDenied, "tenant-z"},
+      {"unknown key", [&] { return GetStatus(good); }, absl::StatusCode::kNotFound,
+       "is not stored"},
+      {"stream without header", [&] {
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::PutResponse resp;
+         auto w = stub_->Put(&ctx, &resp);
+         v1::PutRequest m;
+         m.set_data("abc");
+         w->Write(m);
+         w->WritesDone();
+         return FromGrpcStatus(w->Finish());
+       },
+       absl::StatusCode::kInvalidArgument, "first Put message must carry the header"},
+      {"size below a header", [&] { return Put(good, 10, sum, {}); },
+       absl::StatusCode::kInvalidArgument, "header.size 10 is outside"},
+      {"truncated stream", [&] { return Put(good, chunk.size(), sum, ByteSpan(chunk).subspan(0, chunk.size() - 100)); },
+       absl::StatusCode::kInvalidArgument, "ended after"},
+      {"more bytes than declared", [&] { return Put(good, chunk.size() - 10, sum, chunk); },
+       absl::StatusCode::kInvalidArgument, "more than the"},
+      {"wrong payload size (trailing bytes)", [&] { return Put(good, padded.size(), sum, padded); },
+       absl::StatusCode::kInvalidArgument, ""},
+      {"oversized frame (2 MiB > max_frame_bytes)", [&] { return Put(good, big_frame.size(), sum, big_frame, big_frame.size()); },
+       absl::StatusCode::kInvalidArgument, "exceeds max_frame_bytes"},
+      {"frame over the gRPC message limit", [&] { return Put(good, huge_frame.size(), sum, huge_frame, huge_frame.size()); },
+       absl::StatusCode::kResourceExhausted, ""},
+      {"payload corrupted in flight", [&] { return Put(good, corrupt.size(), sum, corrupt); },
+       absl::StatusCode::kDataLoss, "hashes to"},
+      {"commit checksum mismatch", [&]() -> absl::Status {
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::ReserveRequest rq;
+         *rq.mutable_key() = ProtoKey(testing::KeyFor(2));
+         rq.set_size(chunk.size());
+         v1::ReserveResponse rr;
+         if (auto st = stub_->Reserve(&ctx, rq, &rr); !st.ok()) return FromGrpcStatus(st);
+         KVDN_RETURN_IF_ERROR(Put(good, chunk.size(), 0, chunk, 1 << 20, rr.transfer().id()));
+         grpc::ClientContext ctx2;
+         Deadline(&ctx2);
+         v1::CommitRequest c;
+         c.set_reservation_id(rr.transfer().id());
+         c.set_payload_checksum(sum ^ 1);
+         v1::CommitResponse cr;
+         return FromGrpcStatus(stub_->Commit(&ctx2, c, &cr));
+       },
+       absl::StatusCode::kDataLoss, "does not match"},
+      {"expired reservation", [&]() -> absl::Status {
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::ReserveRequest rq;
+         *rq.mutable_key() = ProtoKey(testing::KeyFor(3));
+         rq.set_size(chunk.size());
+         v1::ReserveResponse rr;
+         if (auto st = stub_->Reserve(&ctx, rq, &rr); !st.ok()) return FromGrpcStatus(st);
+         std::this_thread::sleep_for(std::chrono::milliseconds(800));  // ttl 300 ms
+         grpc::ClientContext ctx2;
+         Deadline(&ctx2);
+         v1::CommitRequest c;
+         c.set_reservation_id(rr.transfer().id());
+         c.set_payload_checksum(sum);
+         v1::CommitResponse cr;
+         return FromGrpcStatus(stub_->Commit(&ctx2, c, &cr));
+       },
+       absl::StatusCode::kAborted, "expired"},
+      {"commit of an unknown reservation", [&]() -> absl::Status {
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::CommitRequest c;
+         c.set_reservation_id(987654321);
+         v1::CommitResponse cr;
+         return FromGrpcStatus(stub_->Commit(&ctx, c, &cr));
+       },
+       absl::StatusCode::kNotFound, "no reservation 987654321"},
+      {"release of nothing", [&]() -> absl::Status {
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::ReleaseResponse r;
+         return FromGrpcStatus(stub_->Release(&ctx, {}, &r));
+       },
+       absl::StatusCode::kInvalidArgument, "lease_id or reservation_id"},
+      {"lookup hash of the wrong length", [&]() -> absl::Status {
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::LookupRequest rq;
+         rq.set_namespace_("tenant-a");
+         rq.add_prefix_hashes(std::string(16, 'a'));
+         rq.add_prefix_hashes("short");
+         v1::LookupResponse r;
+         return FromGrpcStatus(stub_->Lookup(&ctx, rq, &r));
+       },
+       absl::StatusCode::kInvalidArgument, "prefix_hashes[1]: 5 bytes"},
+      {"lease longer than allowed", [&]() -> absl::Status {
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::GetDescriptorRequest rq;
+         *rq.mutable_key() = good;
+         rq.set_lease_ms(100000000);
+         v1::GetDescriptorResponse r;
+         return FromGrpcStatus(stub_->GetDescriptor(&ctx, rq, &r));
+       },
+       absl::StatusCode::kInvalidArgument, "exceeds max_lease_ttl_ms"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    absl::Status st = c.call();
+    EXPECT_EQ(st.code(), c.code) << st;
+    EXPECT_THAT(std::string(st.message()), HasSubstr(c.message));
+    // Nothing half-written became visible.
+    EXPECT_THAT(GetStatus(good), testing::StatusIs(absl::StatusCode::kNotFound));
+    ExpectHealthy();
+  }
+  // The good chunk still goes in after all that.
+  EXPECT_OK(Put(good, chunk.size(), sum, chunk));
+  EXPECT_OK(GetStatus(good));
+}
+
+TEST_F(KvdndTest, DrainRefusesNewDataCallsAndReadyzTurnsNotReady) {
+  EXPECT_EQ(testing::HttpGet(daemon_.http_port(), "/readyz").first, 200);
+  auto admin = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
+  grpc::ClientContext ctx;
+  v1::DrainResponse dr;
+  ASSERT_TRUE(admin->Drain(&ctx, {}, &dr).ok());
+  auto c = Connect(daemon_.unix_target());
+  c.reset();
+  client::ClientOptions o;
+  o.target = daemon_.unix_target();
+  o.model = SmallModel();
+  o.max_attempts = 1;
+  auto c1 = client::Client::Connect(o).value();
+  EXPECT_THAT(c1->Lookup(Tokens(32, 1)).status(),
+              testing::StatusIs(absl::StatusCode::kUnavailable, HasSubstr("draining")));
+  auto [code, body] = testing::HttpGet(daemon_.http_port(), "/readyz");
+  EXPECT_EQ(code, 503);
+  EXPECT_THAT(body, HasSubstr("draining"));
+  EXPECT_EQ(testing::HttpGet(daemon_.http_port(), "/healthz").first, 200);
+  EXPECT_FALSE(Serving(daemon_.unix_target()));
+  EXPECT_EQ(daemon_.Stop(), 0);
+}
+
+TEST_F(KvdndTest, MetricsPassPromtoolAndCountCalls) {
+  auto c = Connect(daemon_.unix_target());
+  const auto tokens = Tokens(16 * 2, 4);
+  auto payloads = Payloads(*c, tokens.size(), 4);
+  ASSERT_OK(c->Save(tokens, Spans(payloads)).status());
+  (void)c->Lookup(Tokens(16, 99));
+  auto [code, body] = testing::HttpGet(daemon_.http_port(), "/metrics");
+  ASSERT_EQ(code, 200);
+  const std::string file = dir_.Sub("metrics.txt");
+  std::ofstream(file) << body;
+  std::string err;
+  auto [rc, out] = testing::RunCommand("promtool check metrics < " + file, &err);
+  EXPECT_EQ(rc, 0) << out << err;
+  EXPECT_THAT(body, HasSubstr(R"(kvdn_grpc_requests_total{service="KvService",method="Put",code="OK"} 2)"));
+  EXPECT_THAT(body, HasSubstr(R"(kvdn_tier_chunks{tier="host"} 2)"));
+  EXPECT_THAT(body, HasSubstr("kvdn_payload_bytes_received_total"));
+  EXPECT_THAT(body, HasSubstr(R"(kvdn_grpc_request_duration_seconds_count{service="KvService",method="Lookup"})"));
+}
+
+TEST_F(KvdndTest, KvdnctlSubcommands) {
+  auto c = Connect(daemon_.unix_target());
+  const auto tokens = Tokens(16 * 3, 6);
+  auto payloads = Payloads(*c, tokens.size(), 6);
+  ASSERT_OK(c->Save(tokens, Spans(payloads)).status());
+  auto keys = ChunkKeysForTokens("tenant-a", SmallModel(), tokens).value();
+  const std::string ctl = std::string(KVDN_KVDNCTL_PATH) + " --target " + daemon_.unix_target();
+
+  auto [rc, out] = testing::RunCommand(ctl + " stats");
+  EXPECT_EQ(rc, 0);
+  EXPECT_THAT(out, HasSubstr("TIER"));
+  EXPECT_THAT(out, ::testing::ContainsRegex("host +3 "));
+  std::tie(rc, out) = testing::RunCommand(ctl + " --json stats");
+  EXPECT_THAT(out, HasSubstr("\"commits\": \"3\""));
+
+  std::tie(rc, out) = testing::RunCommand(ctl + " ls --namespace tenant-a --page-size 2");
+  EXPECT_EQ(rc, 0);
+  EXPECT_THAT(out, HasSubstr("2 of 3 chunk(s); next page: --page-token"));
+  std::tie(rc, out) = testing::RunCommand(ctl + " ls --namespace tenant-a --page-size 2 --all");
+  for (const auto& k : keys) EXPECT_THAT(out, HasSubstr(k.ToString()));
+  std::tie(rc, out) = testing::RunCommand(ctl + " ls --tier disk");
+  EXPECT_THAT(out, HasSubstr("0 of 0 chunk(s)"));
+  std::tie(rc, out) = testing::RunCommand(ctl + " ls --namespace nobody");
+  EXPECT_THAT(out, HasSubstr("0 of 0"));
+
+  std::tie(rc, out) = testing::RunCommand(ctl + " inspect " + keys[1].ToString());
+  EXPECT_EQ(rc, 0);
+  EXPECT_THAT(out, HasSubstr("checksum_ok  yes"));
+  EXPECT_THAT(out, HasSubstr("tokens       16"));
+  EXPECT_THAT(out, HasSubstr("dtype        bfloat16"));
+
+  std::string err;
+  std::tie(rc, out) = testing::RunCommand(ctl + " inspect not-a-key", &err);
+  EXPECT_EQ(rc, 1);
+  EXPECT_THAT(err, HasSubstr("INVALID_ARGUMENT"));
+
+  std::tie(rc, out) = testing::RunCommand(ctl + " evict " + keys[2].ToString());
+  EXPECT_THAT(out, HasSubstr("evicted 1 chunk(s)"));
+  EXPECT_EQ(ValueOr(c->Lookup(tokens)), 32u);
+  std::tie(rc, out) = testing::RunCommand(ctl + " evict " + keys[2].ToString(), &err);
+  EXPECT_EQ(rc, 1);
+  EXPECT_THAT(err, HasSubstr("NOT_FOUND"));
+  std::tie(rc, out) = testing::RunCommand(ctl + " evict --namespace tenant-a");
+  EXPECT_THAT(out, HasSubstr("evicted 2 chunk(s)"));
+  EXPECT_EQ(ValueOr(c->Lookup(tokens)), 0u);
+
+  std::tie(rc, out) = testing::RunCommand(ctl + " config");
+  EXPECT_EQ(rc, 0);
+  EXPECT_THAT(out, HasSubstr("\"host_tier_bytes\": \"268435456\""));
+  std::tie(rc, out) = testing::RunCommand(ctl + " health");
+  EXPECT_EQ(rc, 0);
+  EXPECT_THAT(out, HasSubstr("SERVING"));
+  std::tie(rc, out) = testing::RunCommand(ctl + " members");
+  EXPECT_EQ(rc, 0);
+  EXPECT_THAT(out, HasSubstr("(single node)"));
+  EXPECT_THAT(out, HasSubstr("127.0.0.1:"));
+
+  std::tie(rc, out) = testing::RunCommand(
+      std::string(KVDN_KVDNCTL_PATH) + " --timeout 1 --target unix:/nonexistent.sock stats", &err);
+  EXPECT_EQ(rc, 3);
+  EXPECT_THAT(err, HasSubstr("UNAVAILABLE"));
+}
+
+TEST(KvdndConfigTest, InvalidConfigFailsAtStartNamingTheField) {
+  TempDir dir;
+  const struct {
+    const char* json;
+    const char* field;
+  } cases[] = {
+      {R"({"low_watermark": 0.99, "high_watermark": 0.5})", "low_watermark"},
+      {R"({"max_frame_bytes": 10})", "max_frame_bytes"},
+      {R"({"namespaces": ["ok", "not ok"]})", "namespaces[1]"},
+      {R"({"no_such_field": 1})", "no_such_field"},
+      {R"({"log_level": "loud"})", "log_level"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.json);
+    const std::string cfg = dir.Sub("bad.json");
+    std::ofstream(cfg) << c.json;
+    std::string err;
+    auto [rc, out] = testing::RunCommand(std::string(KVDN_KVDND_PATH) + " --config " + cfg +
+                                             " --data-dir " + dir.Sub("data"),
+                                         &err);
+    EXPECT_EQ(rc, 2);
+    EXPECT_THAT(err, HasSubstr(c.field));
+  }
+}
+
+}  // namespace
+}  // namespace kvdn
