@@ -64,6 +64,12 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(kMaxMessageBytes);
   args.SetMaxSendMessageSize(kMaxMessageBytes);
+  // Large HTTP/2 frames and windows for bulk chunk streams (see daemon/src/server.cc).
+  args.SetInt(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, 4 << 20);
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 16 << 20);
+  args.SetInt(GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, 8 << 20);
+  args.SetInt(GRPC_ARG_TCP_READ_CHUNK_SIZE, 1 << 20);
+  args.SetInt(GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, 256 << 10);
   // Separate clients get separate connections (the benchmark measures them side by side).
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   const std::string t = target.empty() ? absl::StrCat("unix:", DefaultUnixSocket()) : target;
@@ -145,19 +151,20 @@ struct Client::Impl {
           bool have_size = false;
           absl::Status local;
           while (reader->Read(&msg)) {
-            if (msg.frame_case() == v1::GetResponse::kSize) {
+            if (!have_size) {
               size = msg.size();
               have_size = true;
               local = on_size(size);
               if (!local.ok()) break;
-              continue;
             }
             const std::string& d = msg.data();
-            if (!have_size || got + d.size() > size) {
+            if (got + d.size() > size) {
               local = absl::InternalError("kvdnd sent more bytes than the chunk's size");
               break;
             }
-            on_data(got, ByteSpan(reinterpret_cast<const uint8_t*>(d.data()), d.size()));
+            if (!d.empty()) {
+              on_data(got, ByteSpan(reinterpret_cast<const uint8_t*>(d.data()), d.size()));
+            }
             got += d.size();
           }
           if (!local.ok()) {

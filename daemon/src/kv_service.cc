@@ -134,16 +134,17 @@ absl::Status DoGet(ServerState& state, grpc::ServerContext* ctx, const v1::GetRe
   v1::GetResponse msg;
   msg.set_size(lease.size);
   msg.set_tier(TierToProto(lease.tier));
-  bool ok = writer->Write(msg);
   const ByteSpan bytes = lease.host_bytes;
   const size_t frame = state.config.max_frame_bytes();
-  msg.clear_tier();
+  bool ok = true;
   for (size_t off = 0; ok && off < bytes.size() && !ctx->IsCancelled(); off += frame) {
     const size_t n = std::min(frame, bytes.size() - off);
     msg.set_data(bytes.data() + off, n);
-    grpc::WriteOptions wo;
-    if (off + n == bytes.size()) wo.set_last_message();
-    ok = writer->Write(msg, wo);
+    ok = writer->Write(msg);
+    if (off == 0) {
+      msg.clear_size();
+      msg.clear_tier();
+    }
   }
   absl::Status released = state.store->Release(lease.id);
   if (!ok || ctx->IsCancelled()) return absl::CancelledError("client went away during Get");
