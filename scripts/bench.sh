@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs missing packages, builds (default preset) and runs one benchmark program.
 #   scripts/bench.sh storage [storage_bench flags]     e.g. --sizes-mib 1,4,32 --disk-total-mib 1024
+#   scripts/bench.sh e2e [e2e_bench flags]             e.g. --sizes-mib 1,4 --clients 1,4 --seconds 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name=${1:-storage}

@@ -10,8 +10,11 @@ PACKAGES=(
   clang libclang-rt-14-dev clang-format clang-tidy
   # libraries
   libabsl-dev libspdlog-dev libfmt-dev libxxhash-dev librocksdb-dev
-  # tests and benchmarks
-  libgtest-dev libgmock-dev googletest libbenchmark-dev
+  # daemon, SDK and CLI: gRPC + protobuf, civetweb (HTTP /metrics), CLI11
+  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
+  libcivetweb-dev civetweb libcli11-dev
+  # tests and benchmarks: promtool checks /metrics; Redis 7 is the e2e benchmark's peer
+  libgtest-dev libgmock-dev googletest libbenchmark-dev prometheus redis-server libhiredis-dev
 )
 
 missing=()

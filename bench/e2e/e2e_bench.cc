@@ -104,7 +104,8 @@ class KvdnConn final : public Conn {
 class RedisConn final : public Conn {
  public:
   RedisConn(const std::string& unix_path, int port) {
-    ctx_ = unix_path.empty() ? redisConnect("127.0.0.1", port) : redisConnectUnix(unix_path.c_str());
+    ctx_ =
+        unix_path.empty() ? redisConnect("127.0.0.1", port) : redisConnectUnix(unix_path.c_str());
   }
   ~RedisConn() override {
     if (ctx_) redisFree(ctx_);
@@ -148,8 +149,8 @@ Result Drive(const std::function<std::unique_ptr<Conn>()>& connect, int clients,
   std::atomic<bool> ok{true};
   std::atomic<uint64_t> next{0};
   const auto start = Clock::now();
-  const auto until = start + std::chrono::duration_cast<Clock::duration>(
-                                 std::chrono::duration<double>(seconds));
+  const auto until =
+      start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
   std::vector<std::thread> threads;
   for (int c = 0; c < clients; ++c) {
     threads.emplace_back([&, c] {
@@ -194,42 +195,48 @@ int main(int argc, char** argv) {
   using kvdn::MutableByteSpan;
   Options o;
   std::string cmdline = argv[0];
+  for (int i = 1; i < argc; ++i) cmdline += std::string(" ") + argv[i];
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    cmdline += " " + a;
     auto val = [&] { return i + 1 < argc ? std::string(argv[++i]) : std::string(); };
-    if (a == "--sizes-mib") o.sizes_mib = ParseList(val());
-    else if (a == "--clients") o.clients = ParseList(val());
-    else if (a == "--seconds") o.seconds = std::atof(val().c_str());
-    else if (a == "--kvdnd") o.kvdnd = val();
-    else if (a == "--redis") o.redis = val();
+    if (a == "--sizes-mib")
+      o.sizes_mib = ParseList(val());
+    else if (a == "--clients")
+      o.clients = ParseList(val());
+    else if (a == "--seconds")
+      o.seconds = std::atof(val().c_str());
+    else if (a == "--kvdnd")
+      o.kvdnd = val();
+    else if (a == "--redis")
+      o.redis = val();
     else {
-      std::fprintf(stderr, "usage: e2e_bench [--sizes-mib 1,4] [--clients 1,4] [--seconds S] "
-                           "[--kvdnd PATH] [--redis PATH]\n");
+      std::fprintf(stderr,
+                   "usage: e2e_bench [--sizes-mib 1,4] [--clients 1,4] [--seconds S] "
+                   "[--kvdnd PATH] [--redis PATH]\n");
       return 2;
     }
   }
   char tmpl[] = "/tmp/kvdn-e2e.XXXXXX";
   const std::string dir = mkdtemp(tmpl);
-  std::printf("# e2e: kvdnd (gRPC) vs Redis over loopback\n# command: %s\n# cpu: %s (%u cores)\n"
-              "# redis: %s\n# date: %s\n",
-              cmdline.c_str(), CpuModel().c_str(), std::thread::hardware_concurrency(),
-              CommandOutput((o.redis + " --version").c_str()).c_str(),
-              CommandOutput("date -u +%FT%TZ").c_str());
+  std::printf(
+      "# e2e: kvdnd (gRPC) vs Redis over loopback\n# command: %s\n# cpu: %s (%u cores)\n"
+      "# redis: %s\n# date: %s\n",
+      cmdline.c_str(), CpuModel().c_str(), std::thread::hardware_concurrency(),
+      CommandOutput((o.redis + " --version").c_str()).c_str(),
+      CommandOutput("date -u +%FT%TZ").c_str());
 
   const int redis_port = FreePort();
   const std::string redis_sock = dir + "/redis.sock";
-  const pid_t redis = Spawn({o.redis, "--port", std::to_string(redis_port), "--bind", "127.0.0.1",
-                             "--unixsocket", redis_sock, "--save", "", "--appendonly", "no",
-                             "--protected-mode", "no", "--maxmemory", "0",
-                             "--proto-max-bulk-len", "64mb"},
-                            dir + "/redis.log");
-  const pid_t kvdnd = Spawn({o.kvdnd, "--data-dir", dir + "/kvdn", "--unix-socket",
-                             dir + "/kvdnd.sock", "--grpc-address", "127.0.0.1:0",
-                             "--http-address", "none", "--host-tier-bytes", "3GiB",
-                             "--no-disk-tier", "--ready-file", dir + "/ready.json",
-                             "--log-level", "warn"},
-                            dir + "/kvdnd.log");
+  const pid_t redis =
+      Spawn({o.redis, "--port", std::to_string(redis_port), "--bind", "127.0.0.1", "--unixsocket",
+             redis_sock, "--save", "", "--appendonly", "no", "--protected-mode", "no",
+             "--maxmemory", "0", "--proto-max-bulk-len", "64mb"},
+            dir + "/redis.log");
+  const pid_t kvdnd =
+      Spawn({o.kvdnd, "--data-dir", dir + "/kvdn", "--unix-socket", dir + "/kvdnd.sock",
+             "--grpc-address", "127.0.0.1:0", "--http-address", "none", "--host-tier-bytes", "3GiB",
+             "--no-disk-tier", "--ready-file", dir + "/ready.json", "--log-level", "warn"},
+            dir + "/kvdnd.log");
   int grpc_port = 0;
   for (int i = 0; i < 400 && grpc_port == 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -260,8 +267,9 @@ int main(int argc, char** argv) {
         {"redis", [&] { return std::unique_ptr<Conn>(new RedisConn(redis_sock, 0)); }}}},
   };
 
-  std::printf("\n| transport | op | value | clients | kvdn GB/s | redis GB/s | kvdn/redis | kvdn "
-              "p50/p99 ms | redis p50/p99 ms |\n|---|---|---|---|---|---|---|---|---|\n");
+  std::printf(
+      "\n| transport | op | value | clients | kvdn GB/s | redis GB/s | kvdn/redis | kvdn "
+      "p50/p99 ms | redis p50/p99 ms |\n|---|---|---|---|---|---|---|---|---|\n");
   bool all_ok = true;
   int key_base = 0;
   for (int mib : o.sizes_mib) {
@@ -289,15 +297,15 @@ int main(int argc, char** argv) {
                          [&](Conn& c, uint64_t i) { return c.Put(base + int(i), value); });
           // Get: cycle over the last keys written (at most 256 MiB of them; older ones may have
           // been evicted from kvdn's host tier).
-          const uint64_t keys = std::max<uint64_t>(
-              1, std::min<uint64_t>(put[s].ops, (256ull << 20) / value.size()));
+          const uint64_t keys =
+              std::max<uint64_t>(1, std::min<uint64_t>(put[s].ops, (256ull << 20) / value.size()));
           const int first = base + static_cast<int>(put[s].ops - keys);
-          get[s] = Drive(systems[s].connect, clients, o.seconds, value.size(),
-                         [&](Conn& c, uint64_t i) {
-                           thread_local std::vector<uint8_t> buf;
-                           buf.resize(value.size());
-                           return c.Get(first + int(i % keys), MutableByteSpan(buf));
-                         });
+          get[s] =
+              Drive(systems[s].connect, clients, o.seconds, value.size(), [&](Conn& c, uint64_t i) {
+                thread_local std::vector<uint8_t> buf;
+                buf.resize(value.size());
+                return c.Get(first + int(i % keys), MutableByteSpan(buf));
+              });
           if (s == 1) {  // keep Redis's memory bounded between configurations
             redisContext* rc = redisConnect("127.0.0.1", redis_port);
             if (rc) {
@@ -310,10 +318,11 @@ int main(int argc, char** argv) {
         key_base += 1000000;
         for (int op = 0; op < 2; ++op) {
           const Result* r = op == 0 ? put : get;
-          std::printf("| %s | %s | %d MiB | %d | %.2f | %.2f | %.2f | %.2f / %.2f | %.2f / %.2f |\n",
-                      transport.c_str(), op == 0 ? "put" : "get", mib, clients, r[0].gbps,
-                      r[1].gbps, r[1].gbps > 0 ? r[0].gbps / r[1].gbps : 0, r[0].p50_ms,
-                      r[0].p99_ms, r[1].p50_ms, r[1].p99_ms);
+          std::printf(
+              "| %s | %s | %d MiB | %d | %.2f | %.2f | %.2f | %.2f / %.2f | %.2f / %.2f |\n",
+              transport.c_str(), op == 0 ? "put" : "get", mib, clients, r[0].gbps, r[1].gbps,
+              r[1].gbps > 0 ? r[0].gbps / r[1].gbps : 0, r[0].p50_ms, r[0].p99_ms, r[1].p50_ms,
+              r[1].p99_ms);
           std::fflush(stdout);
         }
       }
@@ -322,8 +331,9 @@ int main(int argc, char** argv) {
   Stop(kvdnd);
   Stop(redis);
   std::filesystem::remove_all(dir);
-  std::printf("\nGB/s = value bytes moved / wall time, all clients together; each client is a "
-              "thread with its own connection; kvdn Get is GetEncoded (whole chunk into the "
-              "caller's buffer), Redis GET copies the reply into the same kind of buffer.\n");
+  std::printf(
+      "\nGB/s = value bytes moved / wall time, all clients together; each client is a "
+      "thread with its own connection; kvdn Get is GetEncoded (whole chunk into the "
+      "caller's buffer), Redis GET copies the reply into the same kind of buffer.\n");
   return all_ok ? 0 : 1;
 }

@@ -61,7 +61,8 @@ int Stats(v1::AdminService::Stub& stub, const Globals& g) {
     return 0;
   }
   std::string transports;
-  for (const auto& t : r.transports()) absl::StrAppend(&transports, transports.empty() ? "" : ",", t);
+  for (const auto& t : r.transports())
+    absl::StrAppend(&transports, transports.empty() ? "" : ",", t);
   std::printf("node %s  version %s  uptime %llds  transports %s%s\n", r.node().c_str(),
               r.version().c_str(), static_cast<long long>(r.uptime_seconds()), transports.c_str(),
               r.draining() ? "  DRAINING" : "");
@@ -75,15 +76,16 @@ int Stats(v1::AdminService::Stub& stub, const Globals& g) {
            absl::StrCat(ts.checksum_failures())});
   }
   std::printf("%s", t.Render().c_str());
-  std::printf("commits %llu (refused %llu)  reservations %llu active, %llu expired  leases %llu "
-              "active, %llu expired  in %s  out %s\n",
-              static_cast<unsigned long long>(r.commits()),
-              static_cast<unsigned long long>(r.commit_failures()),
-              static_cast<unsigned long long>(r.reservations_active()),
-              static_cast<unsigned long long>(r.reservations_expired()),
-              static_cast<unsigned long long>(r.leases_active()),
-              static_cast<unsigned long long>(r.leases_expired()), HumanBytes(r.bytes_in()).c_str(),
-              HumanBytes(r.bytes_out()).c_str());
+  std::printf(
+      "commits %llu (refused %llu)  reservations %llu active, %llu expired  leases %llu "
+      "active, %llu expired  in %s  out %s\n",
+      static_cast<unsigned long long>(r.commits()),
+      static_cast<unsigned long long>(r.commit_failures()),
+      static_cast<unsigned long long>(r.reservations_active()),
+      static_cast<unsigned long long>(r.reservations_expired()),
+      static_cast<unsigned long long>(r.leases_active()),
+      static_cast<unsigned long long>(r.leases_expired()), HumanBytes(r.bytes_in()).c_str(),
+      HumanBytes(r.bytes_out()).c_str());
   return 0;
 }
 
@@ -145,16 +147,16 @@ int Inspect(v1::AdminService::Stub& stub, const Globals& g, const std::string& k
     std::printf("%s", ToJson(r).c_str());
   } else {
     const auto& c = r.chunk();
-    std::printf("key          %s\ntier         %s%s\nsize         %s (%llu bytes)\nleases       %u\n"
-                "dtype        %s\nlayers       %u\nkv_heads     %u\nhead_dim     %u\ntokens       %u\n"
-                "payload      %llu bytes\nchecksum     %016llx (XXH3-64)\nchecksum_ok  %s%s\n",
-                c.key_text().c_str(), TierName(c.tier()), c.on_disk() ? " (+ disk copy)" : "",
-                HumanBytes(c.size()).c_str(), static_cast<unsigned long long>(c.size()),
-                c.leases(), r.dtype().c_str(), r.num_layers(), r.num_kv_heads(), r.head_dim(),
-                r.num_tokens(), static_cast<unsigned long long>(r.payload_bytes()),
-                static_cast<unsigned long long>(r.payload_checksum()),
-                r.checksum_ok() ? "yes" : "NO",
-                r.checksum_ok() ? "" : absl::StrCat(" (", r.checksum_error(), ")").c_str());
+    std::printf(
+        "key          %s\ntier         %s%s\nsize         %s (%llu bytes)\nleases       %u\n"
+        "dtype        %s\nlayers       %u\nkv_heads     %u\nhead_dim     %u\ntokens       %u\n"
+        "payload      %llu bytes\nchecksum     %016llx (XXH3-64)\nchecksum_ok  %s%s\n",
+        c.key_text().c_str(), TierName(c.tier()), c.on_disk() ? " (+ disk copy)" : "",
+        HumanBytes(c.size()).c_str(), static_cast<unsigned long long>(c.size()), c.leases(),
+        r.dtype().c_str(), r.num_layers(), r.num_kv_heads(), r.head_dim(), r.num_tokens(),
+        static_cast<unsigned long long>(r.payload_bytes()),
+        static_cast<unsigned long long>(r.payload_checksum()), r.checksum_ok() ? "yes" : "NO",
+        r.checksum_ok() ? "" : absl::StrCat(" (", r.checksum_error(), ")").c_str());
   }
   return r.checksum_ok() ? 0 : 1;
 }
@@ -223,7 +225,8 @@ int Health(const std::shared_ptr<grpc::Channel>& channel, const Globals& g) {
   if (g.json) {
     std::printf("%s", ToJson(r).c_str());
   } else {
-    std::printf("%s\n", grpc::health::v1::HealthCheckResponse::ServingStatus_Name(r.status()).c_str());
+    std::printf("%s\n",
+                grpc::health::v1::HealthCheckResponse::ServingStatus_Name(r.status()).c_str());
   }
   return serving ? 0 : 3;
 }
@@ -239,7 +242,8 @@ int main(int argc, char** argv) {
   app.add_option("-t,--target", g.target,
                  "kvdnd address: unix:/path or host:port (default: the local unix socket)");
   app.add_flag("--json", g.json, "print JSON instead of tables");
-  app.add_option("--timeout", g.timeout_s, "seconds to wait for the daemon")->check(CLI::PositiveNumber);
+  app.add_option("--timeout", g.timeout_s, "seconds to wait for the daemon")
+      ->check(CLI::PositiveNumber);
   auto* stats = app.add_subcommand("stats", "tier and store statistics");
   std::string ns, tier, page_token, key;
   uint32_t page_size = 100;
@@ -247,7 +251,8 @@ int main(int argc, char** argv) {
   auto* ls = app.add_subcommand("ls", "list chunks (key order, paged)");
   ls->add_option("-n,--namespace", ns, "only this namespace");
   ls->add_option("--tier", tier, "only chunks with a copy in this tier: gpu, host, disk");
-  ls->add_option("--page-size", page_size, "chunks per page (1..10000)")->check(CLI::Range(1, 10000));
+  ls->add_option("--page-size", page_size, "chunks per page (1..10000)")
+      ->check(CLI::Range(1, 10000));
   ls->add_option("--page-token", page_token, "continue after this key");
   ls->add_flag("--all", all, "fetch every page");
   auto* inspect = app.add_subcommand("inspect", "one chunk: header, tier, size, checksum");

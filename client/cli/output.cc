@@ -12,13 +12,15 @@ std::string Table::Render() const {
   std::vector<size_t> width(headers_.size(), 0);
   for (size_t c = 0; c < headers_.size(); ++c) width[c] = headers_[c].size();
   for (const auto& r : rows_) {
-    for (size_t c = 0; c < r.size() && c < width.size(); ++c) width[c] = std::max(width[c], r[c].size());
+    for (size_t c = 0; c < r.size() && c < width.size(); ++c)
+      width[c] = std::max(width[c], r[c].size());
   }
   std::string out;
   auto line = [&](const std::vector<std::string>& r, bool header) {
     for (size_t c = 0; c < width.size(); ++c) {
       const std::string cell = c < r.size() ? r[c] : "";
-      const bool right = !header && !cell.empty() && std::isdigit(static_cast<unsigned char>(cell[0]));
+      const bool right =
+          !header && !cell.empty() && std::isdigit(static_cast<unsigned char>(cell[0]));
       const std::string pad(width[c] - cell.size(), ' ');
       out += right ? pad + cell : cell + (c + 1 < width.size() ? pad : "");
       if (c + 1 < width.size()) out += "  ";

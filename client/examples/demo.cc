@@ -40,7 +40,8 @@ struct Args {
 
 // The KV an engine would compute for chunk `c` of `tokens`: a deterministic function of the
 // tokens up to the end of that chunk (stands in for the model's prefill).
-void SynthesizeKv(absl::Span<const int32_t> tokens, size_t c, size_t tpc, kvdn::MutableByteSpan out) {
+void SynthesizeKv(absl::Span<const int32_t> tokens, size_t c, size_t tpc,
+                  kvdn::MutableByteSpan out) {
   uint64_t s = 0x9E3779B97F4A7C15ull;
   const size_t end = std::min(tokens.size(), (c + 1) * tpc);
   for (size_t i = 0; i < end; ++i) s = (s ^ static_cast<uint32_t>(tokens[i])) * 0x100000001B3ull;
@@ -107,14 +108,20 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     std::string s = argv[i];
     auto val = [&]() -> std::string { return i + 1 < argc ? argv[++i] : ""; };
-    if (s == "--kvdnd") a.kvdnd = val();
-    else if (s == "--requests") a.requests = std::max(1, std::atoi(val().c_str()));
-    else if (s == "--workers") a.workers = std::max(1, std::atoi(val().c_str()));
-    else if (s == "--layers") a.layers = static_cast<uint32_t>(std::max(1, std::atoi(val().c_str())));
-    else if (s == "--seed") a.seed = std::strtoull(val().c_str(), nullptr, 10);
+    if (s == "--kvdnd")
+      a.kvdnd = val();
+    else if (s == "--requests")
+      a.requests = std::max(1, std::atoi(val().c_str()));
+    else if (s == "--workers")
+      a.workers = std::max(1, std::atoi(val().c_str()));
+    else if (s == "--layers")
+      a.layers = static_cast<uint32_t>(std::max(1, std::atoi(val().c_str())));
+    else if (s == "--seed")
+      a.seed = std::strtoull(val().c_str(), nullptr, 10);
     else {
-      std::fprintf(stderr, "usage: kvdn_demo [--kvdnd PATH] [--requests N] [--workers N] "
-                           "[--layers N] [--seed N]\n");
+      std::fprintf(stderr,
+                   "usage: kvdn_demo [--kvdnd PATH] [--requests N] [--workers N] "
+                   "[--layers N] [--seed N]\n");
       return 2;
     }
   }
@@ -253,9 +260,10 @@ int main(int argc, char** argv) {
       Progress(++done, a.requests);
     }
   };
-  std::printf("workload: %d requests (chat turns over 24 sessions, RAG over 12 documents), %d "
-              "concurrent clients\n",
-              a.requests, a.workers);
+  std::printf(
+      "workload: %d requests (chat turns over 24 sessions, RAG over 12 documents), %d "
+      "concurrent clients\n",
+      a.requests, a.workers);
   const auto start = Clock::now();
   std::vector<std::thread> threads;
   for (int w = 0; w < a.workers; ++w) threads.emplace_back(worker, w);

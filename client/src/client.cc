@@ -3,8 +3,8 @@
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
-#include <optional>
 #include <cstring>
+#include <optional>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -88,8 +88,8 @@ struct Client::Impl {
   // deadline passes.
   template <typename T, typename F>
   T WithRetry(F attempt) {
-    const auto deadline = std::chrono::system_clock::now() +
-                          absl::ToChronoNanoseconds(options.deadline);
+    const auto deadline =
+        std::chrono::system_clock::now() + absl::ToChronoNanoseconds(options.deadline);
     absl::Duration backoff = options.initial_backoff;
     for (int i = 1;; ++i) {
       grpc::ClientContext ctx;
@@ -175,9 +175,8 @@ struct Client::Impl {
           grpc::Status st = reader->Finish();
           if (!st.ok()) return FromGrpcStatus(st);
           if (!have_size || got != size) {
-            return absl::UnavailableError(
-                absl::StrCat("Get stream of ", key.ToString(), " ended after ", got, " of ", size,
-                             " bytes"));
+            return absl::UnavailableError(absl::StrCat(
+                "Get stream of ", key.ToString(), " ended after ", got, " of ", size, " bytes"));
           }
           return size;
         });
@@ -210,7 +209,8 @@ struct Client::Impl {
       }
     };
     KVDN_RETURN_IF_ERROR(GetStream(key, on_size, on_data).status());
-    KVDN_ASSIGN_OR_RETURN(ChunkHeader h, DecodeChunkHeader(ByteSpan(sink.header, kChunkHeaderBytes)));
+    KVDN_ASSIGN_OR_RETURN(ChunkHeader h,
+                          DecodeChunkHeader(ByteSpan(sink.header, kChunkHeaderBytes)));
     const ModelSpec& m = options.model;
     if (h.info.dtype != m.dtype || h.info.num_layers != m.num_layers ||
         h.info.num_kv_heads != m.num_kv_heads || h.info.head_dim != m.head_dim ||
@@ -379,9 +379,8 @@ std::future<absl::StatusOr<SaveResult>> Client::SaveAsync(std::vector<int32_t> t
                                                           std::vector<ByteSpan> payloads) {
   auto p = std::make_shared<std::promise<absl::StatusOr<SaveResult>>>();
   auto f = p->get_future();
-  impl_->async->Submit([this, p, t = std::move(tokens), pl = std::move(payloads)] {
-    p->set_value(Save(t, pl));
-  });
+  impl_->async->Submit(
+      [this, p, t = std::move(tokens), pl = std::move(payloads)] { p->set_value(Save(t, pl)); });
   return f;
 }
 
@@ -389,9 +388,8 @@ std::future<absl::StatusOr<LoadResult>> Client::LoadAsync(std::vector<int32_t> t
                                                           std::vector<MutableByteSpan> buffers) {
   auto p = std::make_shared<std::promise<absl::StatusOr<LoadResult>>>();
   auto f = p->get_future();
-  impl_->async->Submit([this, p, t = std::move(tokens), b = std::move(buffers)] {
-    p->set_value(Load(t, b));
-  });
+  impl_->async->Submit(
+      [this, p, t = std::move(tokens), b = std::move(buffers)] { p->set_value(Load(t, b)); });
   return f;
 }
 
@@ -409,7 +407,9 @@ absl::StatusOr<uint64_t> Client::GetEncoded(const ChunkKey& key, MutableByteSpan
     }
     return absl::OkStatus();
   };
-  auto on_data = [&](uint64_t off, ByteSpan d) { std::memcpy(dst.data() + off, d.data(), d.size()); };
+  auto on_data = [&](uint64_t off, ByteSpan d) {
+    std::memcpy(dst.data() + off, d.data(), d.size());
+  };
   return impl_->GetStream(key, on_size, on_data);
 }
 

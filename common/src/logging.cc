@@ -1,7 +1,6 @@
 #include "kvdn/common/logging.h"
 
 #include <cstdlib>
-
 #include <string>
 
 #include "absl/strings/str_cat.h"

@@ -1,12 +1,11 @@
 #include "kvdn/common/metrics.h"
 
-#include "kvdn/common/logging.h"
-
 #include <cmath>
 #include <cstdio>
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "kvdn/common/logging.h"
 
 namespace kvdn {
 namespace {
@@ -75,7 +74,8 @@ void Gauge::Add(double d) { CheckAtomicAdd(value_, d); }
 Histogram::Histogram(std::vector<double> bounds)
     : bounds_(std::move(bounds)), counts_(new std::atomic<uint64_t>[bounds_.size() + 1]) {
   for (size_t i = 0; i < bounds_.size(); ++i) {
-    KVDN_CHECK(i == 0 || bounds_[i] > bounds_[i - 1], absl::StrCat("histogram bounds must increase"));
+    KVDN_CHECK(i == 0 || bounds_[i] > bounds_[i - 1],
+               absl::StrCat("histogram bounds must increase"));
   }
   for (size_t i = 0; i <= bounds_.size(); ++i) counts_[i].store(0);
 }
@@ -98,8 +98,8 @@ std::vector<uint64_t> Histogram::CumulativeCounts() const {
 }
 
 std::vector<double> LatencyBuckets() {
-  return {50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
-          100e-3, 250e-3, 500e-3, 1, 2.5, 5, 10, 30};
+  return {50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3,
+          50e-3, 100e-3, 250e-3, 500e-3, 1,    2.5,    5,    10,    30};
 }
 
 std::string EscapeLabelValue(absl::string_view v) {
@@ -150,8 +150,8 @@ MetricsRegistry::Family* MetricsRegistry::FamilyLocked(absl::string_view name,
       return f.get();
     }
   }
-  families_.push_back(std::make_unique<Family>(Family{std::string(name), std::string(help), type,
-                                                      {}}));
+  families_.push_back(
+      std::make_unique<Family>(Family{std::string(name), std::string(help), type, {}}));
   return families_.back().get();
 }
 
@@ -178,8 +178,7 @@ Histogram* MetricsRegistry::AddHistogram(absl::string_view name, absl::string_vi
   MutexLock lock(&mu_);
   Family* f = FamilyLocked(name, help, kHistogram);
   if (Family::Series* s = f->Find(labels)) return s->histogram.get();
-  f->series.push_back(
-      {labels, nullptr, nullptr, std::make_unique<Histogram>(std::move(bounds))});
+  f->series.push_back({labels, nullptr, nullptr, std::make_unique<Histogram>(std::move(bounds))});
   return f->series.back().histogram.get();
 }
 
@@ -244,8 +243,8 @@ std::string MetricsRegistry::Render() const {
         if (f->type == kCounter) {
           absl::StrAppend(&out, f->name, FormatLabels(s.labels), " ", s.counter->value(), "\n");
         } else if (f->type == kGauge) {
-          absl::StrAppend(&out, f->name, FormatLabels(s.labels), " ",
-                          FormatValue(s.gauge->value()), "\n");
+          absl::StrAppend(&out, f->name, FormatLabels(s.labels), " ", FormatValue(s.gauge->value()),
+                          "\n");
         } else {
           const std::vector<uint64_t> counts = s.histogram->CumulativeCounts();
           const std::vector<double>& bounds = s.histogram->bounds();

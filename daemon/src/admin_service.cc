@@ -22,8 +22,7 @@ void SummaryToProto(const storage::ChunkRecord& r, v1::ChunkSummary* out) {
 }
 
 // A key given either structured or printable; `what` names the request's fields in errors.
-absl::StatusOr<ChunkKey> EitherKey(bool has_key, const v1::ChunkKey& key,
-                                   const std::string& text) {
+absl::StatusOr<ChunkKey> EitherKey(bool has_key, const v1::ChunkKey& key, const std::string& text) {
   if (has_key && !text.empty()) {
     return absl::InvalidArgumentError("give key or key_text, not both");
   }
@@ -152,9 +151,9 @@ grpc::Status AdminServiceImpl::InspectChunk(grpc::ServerContext* ctx,
     return call.Finish(absl::OkStatus());
   }
   auto header = DecodeChunkHeader(lease->host_bytes);
-  absl::Status verdict =
-      header.ok() ? DecodeChunk(lease->host_bytes, /*verify_payload=*/true).status()
-                  : header.status();
+  absl::Status verdict = header.ok()
+                             ? DecodeChunk(lease->host_bytes, /*verify_payload=*/true).status()
+                             : header.status();
   (void)state_.store->Release(lease->id);
   if (auto again = state_.store->Describe(*key); again.ok()) *record = *again;
   SummaryToProto(*record, resp->mutable_chunk());
@@ -211,8 +210,7 @@ grpc::Status AdminServiceImpl::GetConfig(grpc::ServerContext* ctx, const v1::Get
   return call.Finish(absl::OkStatus());
 }
 
-grpc::Status AdminServiceImpl::ListMembers(grpc::ServerContext* ctx,
-                                           const v1::ListMembersRequest*,
+grpc::Status AdminServiceImpl::ListMembers(grpc::ServerContext* ctx, const v1::ListMembersRequest*,
                                            v1::ListMembersResponse* resp) {
   CallScope call(state_, Method::kAdminMembers, ctx);
   // Single node until the cluster issue adds etcd membership.

@@ -28,8 +28,7 @@ uint64_t AvailableMemory() {
   std::string line;
   while (std::getline(in, line)) {
     if (absl::StartsWith(line, "MemAvailable:")) {
-      std::vector<absl::string_view> parts =
-          absl::StrSplit(line, ' ', absl::SkipEmpty());
+      std::vector<absl::string_view> parts = absl::StrSplit(line, ' ', absl::SkipEmpty());
       uint64_t kib = 0;
       if (parts.size() >= 2 && absl::SimpleAtoi(parts[1], &kib)) return kib * 1024;
     }
@@ -56,7 +55,6 @@ uint64_t FreeDiskBytes(std::string path) {
   return 0;
 }
 
-
 bool ValidHostPort(absl::string_view a) {
   const size_t colon = a.rfind(':');
   if (colon == absl::string_view::npos || colon == 0) return false;
@@ -77,8 +75,8 @@ absl::StatusOr<v1::DaemonConfig> ParseConfigJson(absl::string_view json) {
   auto st = google::protobuf::util::JsonStringToMessage(
       google::protobuf::StringPiece(json.data(), json.size()), &config, opts);
   if (!st.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("config is not valid JSON for kvdn.v1.DaemonConfig: ", st.message().ToString()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config is not valid JSON for kvdn.v1.DaemonConfig: ", st.message().ToString()));
   }
   return config;
 }
@@ -102,7 +100,9 @@ void ApplyDefaults(v1::DaemonConfig* c) {
     c->set_node_name(host[0] ? host : "kvdn-node");
   }
   if (c->data_dir().empty()) c->set_data_dir(DefaultDataDir());
-  if (c->unix_socket().empty()) c->set_unix_socket(absl::StrCat(c->data_dir(), "/kvdnd.sock"));  // DefaultUnixSocket() by default
+  if (c->unix_socket().empty())
+    c->set_unix_socket(
+        absl::StrCat(c->data_dir(), "/kvdnd.sock"));  // DefaultUnixSocket() by default
   if (c->grpc_address().empty()) c->set_grpc_address("127.0.0.1:7070");
   if (c->http_address().empty()) c->set_http_address("127.0.0.1:9470");
   if (c->host_tier_bytes() == 0) {
@@ -132,7 +132,8 @@ absl::Status ValidateConfig(const v1::DaemonConfig& c) {
     return Bad("data_dir", absl::StrCat("must be an absolute path, got \"", c.data_dir(), "\""));
   }
   if (c.unix_socket() != "none") {
-    if (c.unix_socket()[0] != '/') return Bad("unix_socket", "must be an absolute path or \"none\"");
+    if (c.unix_socket()[0] != '/')
+      return Bad("unix_socket", "must be an absolute path or \"none\"");
     if (c.unix_socket().size() > 107) {
       return Bad("unix_socket", "longer than the 107 bytes a socket path may have");
     }

@@ -27,9 +27,9 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string&
   static std::once_flag init;
   std::call_once(init, [] { mg_init_library(0); });
   std::unique_ptr<HttpServer> server(new HttpServer(std::move(handlers)));
-  const char* options[] = {"listening_ports", address.c_str(), "num_threads", "4",
-                           "request_timeout_ms", "10000", "enable_keep_alive", "no",
-                           nullptr};
+  const char* options[] = {
+      "listening_ports", address.c_str(),     "num_threads", "4",    "request_timeout_ms",
+      "10000",           "enable_keep_alive", "no",          nullptr};
   mg_callbacks callbacks;
   std::memset(&callbacks, 0, sizeof(callbacks));
   callbacks.log_message = [](const ::mg_connection*, const char* message) {
@@ -38,8 +38,8 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string&
   };
   server->ctx_ = mg_start(&callbacks, nullptr, options);
   if (!server->ctx_) {
-    return absl::UnavailableError(absl::StrCat("cannot serve HTTP on ", address,
-                                               " (in use, or not a local address?)"));
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve HTTP on ", address, " (in use, or not a local address?)"));
   }
   mg_server_port ports[4];
   const int n = mg_get_server_ports(server->ctx_, 4, ports);

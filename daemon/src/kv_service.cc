@@ -119,8 +119,10 @@ absl::Status DoPut(ServerState& state, grpc::ServerContext* ctx,
     resp->set_stored(st.ok());
     return st;
   }
-  if (st.ok()) st = store.Commit(id, h.payload_checksum());  // frees the reservation on error
-  else (void)store.Abort(id);
+  if (st.ok())
+    st = store.Commit(id, h.payload_checksum());  // frees the reservation on error
+  else
+    (void)store.Abort(id);
   resp->set_stored(st.ok());
   return st;
 }
@@ -168,8 +170,7 @@ grpc::Status KvServiceImpl::Lookup(grpc::ServerContext* ctx, const v1::LookupReq
 }
 
 grpc::Status KvServiceImpl::Put(grpc::ServerContext* ctx,
-                                grpc::ServerReader<v1::PutRequest>* reader,
-                                v1::PutResponse* resp) {
+                                grpc::ServerReader<v1::PutRequest>* reader, v1::PutResponse* resp) {
   CallScope call(state_, Method::kPut, ctx);
   if (!call.admitted().ok()) return call.Finish(call.admitted());
   return call.Finish(DoPut(state_, ctx, reader, resp));
@@ -221,8 +222,7 @@ grpc::Status KvServiceImpl::Release(grpc::ServerContext* ctx, const v1::ReleaseR
     case v1::ReleaseRequest::kReservationId:
       return call.Finish(state_.store->Abort(req->reservation_id()));
     default:
-      return call.Finish(
-          absl::InvalidArgumentError("Release needs lease_id or reservation_id"));
+      return call.Finish(absl::InvalidArgumentError("Release needs lease_id or reservation_id"));
   }
 }
 
@@ -234,9 +234,9 @@ grpc::Status KvServiceImpl::GetDescriptor(grpc::ServerContext* ctx,
   auto key = CheckedKey(state_, req->key(), "key");
   if (!key.ok()) return call.Finish(key.status());
   if (req->lease_ms() > state_.config.max_lease_ttl_ms()) {
-    return call.Finish(absl::InvalidArgumentError(absl::StrCat(
-        "lease_ms ", req->lease_ms(), " exceeds max_lease_ttl_ms ",
-        state_.config.max_lease_ttl_ms())));
+    return call.Finish(absl::InvalidArgumentError(absl::StrCat("lease_ms ", req->lease_ms(),
+                                                               " exceeds max_lease_ttl_ms ",
+                                                               state_.config.max_lease_ttl_ms())));
   }
   storage::AcquireOptions opts;
   if (req->lease_ms() != 0) opts.ttl = absl::Milliseconds(req->lease_ms());
@@ -247,9 +247,9 @@ grpc::Status KvServiceImpl::GetDescriptor(grpc::ServerContext* ctx,
   d->set_size(lease->size);
   d->set_expires_unix_micros(absl::ToUnixMicros(lease->expires));
   if (storage::HostTier* host = state_.store->host_tier(); host && lease->host_bytes.data()) {
-    d->set_remote_offset(static_cast<uint64_t>(
-        lease->host_bytes.data() -
-        static_cast<const uint8_t*>(host->Address(storage::MemoryBlock{}))));
+    d->set_remote_offset(
+        static_cast<uint64_t>(lease->host_bytes.data() -
+                              static_cast<const uint8_t*>(host->Address(storage::MemoryBlock{}))));
   }
   resp->set_tier(TierToProto(lease->tier));
   return call.Finish(absl::OkStatus());

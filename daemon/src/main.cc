@@ -106,13 +106,14 @@ int main(int argc, char** argv) {
     spdlog::critical("kvdnd cannot start: {}", server.status().ToString());
     return 1;
   }
-  spdlog::info("kvdnd {} serving: node {}, unix:{}, grpc port {}, http port {}, host tier {} MiB, "
-               "disk tier {}",
-               KVDN_VERSION, config.node_name(), config.unix_socket(), (*server)->grpc_port(),
-               (*server)->http_port(), config.host_tier_bytes() >> 20,
-               config.disk_tier_disabled() ? std::string("off")
-                                           : absl::StrCat(config.disk_tier_bytes() >> 20, " MiB in ",
-                                                          config.data_dir(), "/disk"));
+  spdlog::info(
+      "kvdnd {} serving: node {}, unix:{}, grpc port {}, http port {}, host tier {} MiB, "
+      "disk tier {}",
+      KVDN_VERSION, config.node_name(), config.unix_socket(), (*server)->grpc_port(),
+      (*server)->http_port(), config.host_tier_bytes() >> 20,
+      config.disk_tier_disabled()
+          ? std::string("off")
+          : absl::StrCat(config.disk_tier_bytes() >> 20, " MiB in ", config.data_dir(), "/disk"));
   if (!ready_file.empty()) {
     const std::string json = absl::StrCat(
         "{\"grpc_port\": ", (*server)->grpc_port(), ", \"http_port\": ", (*server)->http_port(),

@@ -70,8 +70,7 @@ void CollectStore(const ServerState& state, MetricsWriter& w) {
             ts.used_bytes);
     w.Gauge("kvdn_tier_capacity_bytes", "Configured capacity of the tier.", l, ts.capacity_bytes);
     w.Counter("kvdn_tier_hits_total", "Reads served first by this tier.", l, ts.hits);
-    w.Counter("kvdn_tier_misses_total", "Reads that looked in this tier and missed.", l,
-              ts.misses);
+    w.Counter("kvdn_tier_misses_total", "Reads that looked in this tier and missed.", l, ts.misses);
     w.Counter("kvdn_tier_evictions_total", "Chunks removed from this tier to make room.", l,
               ts.evictions);
     w.Counter("kvdn_tier_demotions_total", "Evicted chunks moved down to the next tier.", l,
@@ -221,9 +220,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const v1::DaemonConfig& co
   builder.RegisterService(impl->admin.get());
   impl->grpc_server = builder.BuildAndStart();
   if (!impl->grpc_server) {
-    return absl::UnavailableError(absl::StrCat(
-        "cannot serve gRPC on ", config.grpc_address(), " / unix:", config.unix_socket(),
-        " (address in use, or not a local address?)"));
+    return absl::UnavailableError(absl::StrCat("cannot serve gRPC on ", config.grpc_address(),
+                                               " / unix:", config.unix_socket(),
+                                               " (address in use, or not a local address?)"));
   }
   if (config.grpc_address() != "none" && impl->grpc_port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot bind grpc_address ", config.grpc_address()));
@@ -243,8 +242,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const v1::DaemonConfig& co
     KVDN_ASSIGN_OR_RETURN(impl->http, HttpServer::Start(config.http_address(), std::move(h)));
   }
   const std::string host = config.grpc_address().substr(0, config.grpc_address().rfind(':'));
-  const std::string http_host =
-      config.http_address().substr(0, config.http_address().rfind(':'));
+  const std::string http_host = config.http_address().substr(0, config.http_address().rfind(':'));
   state->SetEndpoints(
       config.grpc_address() == "none" ? "" : absl::StrCat(host, ":", impl->grpc_port),
       impl->http ? absl::StrCat(http_host, ":", impl->http->port()) : "");

@@ -26,11 +26,10 @@ constexpr MethodInfo kMethods[kNumMethods] = {
 };
 
 constexpr const char* kCodeNames[17] = {
-    "OK",        "CANCELLED",          "UNKNOWN",           "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED", "NOT_FOUND",  "ALREADY_EXISTS",    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-    "UNIMPLEMENTED", "INTERNAL",       "UNAVAILABLE",       "DATA_LOSS",
-    "UNAUTHENTICATED"};
+    "OK",        "CANCELLED",      "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
+    "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
+    "DATA_LOSS", "UNAUTHENTICATED"};
 
 }  // namespace
 
@@ -130,13 +129,12 @@ ServerState::ServerState(const v1::DaemonConfig& cfg, storage::TieredStore* s, M
                              "Chunk bytes received in Put and Replicate calls.")),
       bytes_out(m->AddCounter("kvdn_payload_bytes_sent_total",
                               "Chunk bytes sent in Get and Fetch calls.")),
-      bad_requests(m->AddCounter("kvdn_bad_requests_total",
-                                 "Calls refused with INVALID_ARGUMENT.")) {
+      bad_requests(
+          m->AddCounter("kvdn_bad_requests_total", "Calls refused with INVALID_ARGUMENT.")) {
   for (int i = 0; i < kNumMethods; ++i) {
-    latency_[i] = m->AddHistogram("kvdn_grpc_request_duration_seconds",
-                                  "Time from admission to the end of a gRPC call.",
-                                  {{"service", kMethods[i].service}, {"method", kMethods[i].name}},
-                                  LatencyBuckets());
+    latency_[i] = m->AddHistogram(
+        "kvdn_grpc_request_duration_seconds", "Time from admission to the end of a gRPC call.",
+        {{"service", kMethods[i].service}, {"method", kMethods[i].name}}, LatencyBuckets());
     for (auto& c : requests_[i]) c.store(nullptr);
   }
 }
@@ -211,14 +209,14 @@ absl::StatusOr<ChunkKey> KeyFromProto(const v1::ChunkKey& key, absl::string_view
     return absl::InvalidArgumentError(absl::StrCat(field, ".namespace: ", st.message()));
   }
   if (key.prefix_hash().size() != 16) {
-    return absl::InvalidArgumentError(absl::StrCat(field, ".prefix_hash: ", key.prefix_hash().size(),
-                                                   " bytes, need 16"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".prefix_hash: ", key.prefix_hash().size(), " bytes, need 16"));
   }
   ChunkKey out;
   out.ns = key.namespace_();
   out.fingerprint = key.fingerprint();
-  out.prefix_hash = Hash128::FromCanonical(
-      reinterpret_cast<const uint8_t*>(key.prefix_hash().data()));
+  out.prefix_hash =
+      Hash128::FromCanonical(reinterpret_cast<const uint8_t*>(key.prefix_hash().data()));
   return out;
 }
 

@@ -26,9 +26,24 @@ namespace kvdn::daemon {
 // Every RPC method kvdnd serves, for metrics and for drain (data-plane methods are refused while
 // draining; admin ones are not).
 enum class Method : int {
-  kLookup, kPut, kGet, kReserve, kCommit, kRelease, kGetDescriptor, kDelete,
-  kPeerLookup, kPeerFetch, kPeerReplicate,
-  kAdminStats, kAdminList, kAdminInspect, kAdminEvict, kAdminConfig, kAdminMembers, kAdminDrain,
+  kLookup,
+  kPut,
+  kGet,
+  kReserve,
+  kCommit,
+  kRelease,
+  kGetDescriptor,
+  kDelete,
+  kPeerLookup,
+  kPeerFetch,
+  kPeerReplicate,
+  kAdminStats,
+  kAdminList,
+  kAdminInspect,
+  kAdminEvict,
+  kAdminConfig,
+  kAdminMembers,
+  kAdminDrain,
   kCount,
 };
 inline constexpr int kNumMethods = static_cast<int>(Method::kCount);

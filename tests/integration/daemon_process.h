@@ -48,14 +48,22 @@ class DaemonProcess {
   bool Start(const std::vector<std::string>& extra = {}, std::string* error = nullptr) {
     const std::string ready = dir_ + "/ready.json";
     std::filesystem::remove(ready);
-    std::vector<std::string> args = {KVDN_KVDND_PATH,      "--data-dir",
-                                     dir_ + "/data",       "--unix-socket",
-                                     dir_ + "/kvdnd.sock", "--grpc-address",
-                                     "127.0.0.1:0",        "--http-address",
-                                     "127.0.0.1:0",        "--host-tier-bytes",
-                                     "256MiB",             "--disk-tier-bytes",
-                                     "512MiB",             "--ready-file",
-                                     ready,                "--log-level",
+    std::vector<std::string> args = {KVDN_KVDND_PATH,
+                                     "--data-dir",
+                                     dir_ + "/data",
+                                     "--unix-socket",
+                                     dir_ + "/kvdnd.sock",
+                                     "--grpc-address",
+                                     "127.0.0.1:0",
+                                     "--http-address",
+                                     "127.0.0.1:0",
+                                     "--host-tier-bytes",
+                                     "256MiB",
+                                     "--disk-tier-bytes",
+                                     "512MiB",
+                                     "--ready-file",
+                                     ready,
+                                     "--log-level",
                                      "warn"};
     args.insert(args.end(), extra.begin(), extra.end());
     pid_ = fork();
@@ -133,7 +141,8 @@ inline std::pair<int, std::string> HttpGet(int port, const std::string& path) {
     close(fd);
     return {-1, ""};
   }
-  const std::string req = "GET " + path + " HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+  const std::string req =
+      "GET " + path + " HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
   (void)!write(fd, req.data(), req.size());
   std::string resp;
   char buf[65536];
@@ -147,8 +156,8 @@ inline std::pair<int, std::string> HttpGet(int port, const std::string& path) {
 
 // Runs a shell command; returns {exit code, stdout}. stderr goes to `err` when given.
 inline std::pair<int, std::string> RunCommand(const std::string& cmd, std::string* err = nullptr) {
-  const std::string err_file = std::filesystem::temp_directory_path() /
-                               ("kvdn-cmd-" + std::to_string(getpid()) + ".err");
+  const std::string err_file =
+      std::filesystem::temp_directory_path() / ("kvdn-cmd-" + std::to_string(getpid()) + ".err");
   FILE* p = popen((cmd + " 2>" + err_file).c_str(), "r");
   std::string out;
   char buf[4096];

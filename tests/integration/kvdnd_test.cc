@@ -269,13 +269,14 @@ TEST_F(BadRequestTest, EachGetsItsExactStatusAndTheDaemonStaysHealthy) {
   const Case cases[] = {
       {"malformed key (15-byte hash)", [&] { return GetStatus(short_hash); },
        absl::StatusCode::kInvalidArgument, "prefix_hash: 15 bytes, need 16"},
-      {"malformed namespace", [&] { return GetStatus(bad_ns); },
-       absl::StatusCode::kInvalidArgument, "key.namespace"},
+      {"malformed namespace", [&] { return GetStatus(bad_ns); }, absl::StatusCode::kInvalidArgument,
+       "key.namespace"},
       {"namespace not served", [&] { return GetStatus(other_tenant); },
        absl::StatusCode::kPermissionDenied, "tenant-z"},
       {"unknown key", [&] { return GetStatus(good); }, absl::StatusCode::kNotFound,
        "is not stored"},
-      {"stream without header", [&] {
+      {"stream without header",
+       [&] {
          grpc::ClientContext ctx;
          Deadline(&ctx);
          v1::PutResponse resp;
@@ -289,19 +290,23 @@ TEST_F(BadRequestTest, EachGetsItsExactStatusAndTheDaemonStaysHealthy) {
        absl::StatusCode::kInvalidArgument, "first Put message must carry the header"},
       {"size below a header", [&] { return Put(good, 10, sum, {}); },
        absl::StatusCode::kInvalidArgument, "header.size 10 is outside"},
-      {"truncated stream", [&] { return Put(good, chunk.size(), sum, ByteSpan(chunk).subspan(0, chunk.size() - 100)); },
+      {"truncated stream",
+       [&] { return Put(good, chunk.size(), sum, ByteSpan(chunk).subspan(0, chunk.size() - 100)); },
        absl::StatusCode::kInvalidArgument, "ended after"},
       {"more bytes than declared", [&] { return Put(good, chunk.size() - 10, sum, chunk); },
        absl::StatusCode::kInvalidArgument, "more than the"},
       {"wrong payload size (trailing bytes)", [&] { return Put(good, padded.size(), sum, padded); },
        absl::StatusCode::kInvalidArgument, ""},
-      {"oversized frame (2 MiB > max_frame_bytes)", [&] { return Put(good, big_frame.size(), sum, big_frame, big_frame.size()); },
+      {"oversized frame (2 MiB > max_frame_bytes)",
+       [&] { return Put(good, big_frame.size(), sum, big_frame, big_frame.size()); },
        absl::StatusCode::kInvalidArgument, "exceeds max_frame_bytes"},
-      {"frame over the gRPC message limit", [&] { return Put(good, huge_frame.size(), sum, huge_frame, huge_frame.size()); },
+      {"frame over the gRPC message limit",
+       [&] { return Put(good, huge_frame.size(), sum, huge_frame, huge_frame.size()); },
        absl::StatusCode::kResourceExhausted, ""},
       {"payload corrupted in flight", [&] { return Put(good, corrupt.size(), sum, corrupt); },
        absl::StatusCode::kDataLoss, "hashes to"},
-      {"commit checksum mismatch", [&]() -> absl::Status {
+      {"commit checksum mismatch",
+       [&]() -> absl::Status {
          grpc::ClientContext ctx;
          Deadline(&ctx);
          v1::ReserveRequest rq;
@@ -319,7 +324,8 @@ TEST_F(BadRequestTest, EachGetsItsExactStatusAndTheDaemonStaysHealthy) {
          return FromGrpcStatus(stub_->Commit(&ctx2, c, &cr));
        },
        absl::StatusCode::kDataLoss, "does not match"},
-      {"expired reservation", [&]() -> absl::Status {
+      {"expired reservation",
+       [&]() -> absl::Status {
          grpc::ClientContext ctx;
          Deadline(&ctx);
          v1::ReserveRequest rq;
@@ -337,7 +343,8 @@ TEST_F(BadRequestTest, EachGetsItsExactStatusAndTheDaemonStaysHealthy) {
          return FromGrpcStatus(stub_->Commit(&ctx2, c, &cr));
        },
        absl::StatusCode::kAborted, "expired"},
-      {"commit of an unknown reservation", [&]() -> absl::Status {
+      {"commit of an unknown reservation",
+       [&]() -> absl::Status {
          grpc::ClientContext ctx;
          Deadline(&ctx);
          v1::CommitRequest c;
@@ -346,14 +353,16 @@ TEST_F(BadRequestTest, EachGetsItsExactStatusAndTheDaemonStaysHealthy) {
          return FromGrpcStatus(stub_->Commit(&ctx, c, &cr));
        },
        absl::StatusCode::kNotFound, "no reservation 987654321"},
-      {"release of nothing", [&]() -> absl::Status {
+      {"release of nothing",
+       [&]() -> absl::Status {
          grpc::ClientContext ctx;
          Deadline(&ctx);
          v1::ReleaseResponse r;
          return FromGrpcStatus(stub_->Release(&ctx, {}, &r));
        },
        absl::StatusCode::kInvalidArgument, "lease_id or reservation_id"},
-      {"lookup hash of the wrong length", [&]() -> absl::Status {
+      {"lookup hash of the wrong length",
+       [&]() -> absl::Status {
          grpc::ClientContext ctx;
          Deadline(&ctx);
          v1::LookupRequest rq;
@@ -364,7 +373,8 @@ TEST_F(BadRequestTest, EachGetsItsExactStatusAndTheDaemonStaysHealthy) {
          return FromGrpcStatus(stub_->Lookup(&ctx, rq, &r));
        },
        absl::StatusCode::kInvalidArgument, "prefix_hashes[1]: 5 bytes"},
-      {"lease longer than allowed", [&]() -> absl::Status {
+      {"lease longer than allowed",
+       [&]() -> absl::Status {
          grpc::ClientContext ctx;
          Deadline(&ctx);
          v1::GetDescriptorRequest rq;
@@ -425,10 +435,14 @@ TEST_F(KvdndTest, MetricsPassPromtoolAndCountCalls) {
   std::string err;
   auto [rc, out] = testing::RunCommand("promtool check metrics < " + file, &err);
   EXPECT_EQ(rc, 0) << out << err;
-  EXPECT_THAT(body, HasSubstr(R"(kvdn_grpc_requests_total{service="KvService",method="Put",code="OK"} 2)"));
+  EXPECT_THAT(
+      body, HasSubstr(R"(kvdn_grpc_requests_total{service="KvService",method="Put",code="OK"} 2)"));
   EXPECT_THAT(body, HasSubstr(R"(kvdn_tier_chunks{tier="host"} 2)"));
   EXPECT_THAT(body, HasSubstr("kvdn_payload_bytes_received_total"));
-  EXPECT_THAT(body, HasSubstr(R"(kvdn_grpc_request_duration_seconds_count{service="KvService",method="Lookup"})"));
+  EXPECT_THAT(
+      body,
+      HasSubstr(
+          R"(kvdn_grpc_request_duration_seconds_count{service="KvService",method="Lookup"})"));
 }
 
 TEST_F(KvdndTest, KvdnctlSubcommands) {
@@ -511,9 +525,8 @@ TEST(KvdndConfigTest, InvalidConfigFailsAtStartNamingTheField) {
     const std::string cfg = dir.Sub("bad.json");
     std::ofstream(cfg) << c.json;
     std::string err;
-    auto [rc, out] = testing::RunCommand(std::string(KVDN_KVDND_PATH) + " --config " + cfg +
-                                             " --data-dir " + dir.Sub("data"),
-                                         &err);
+    auto [rc, out] = testing::RunCommand(
+        std::string(KVDN_KVDND_PATH) + " --config " + cfg + " --data-dir " + dir.Sub("data"), &err);
     EXPECT_EQ(rc, 2);
     EXPECT_THAT(err, HasSubstr(c.field));
   }

@@ -332,3 +332,63 @@ TEST_F(TieredStoreTest, GpuTierWithoutAGpuFailsClearly) {
 
 }  // namespace
 }  // namespace kvdn::storage
+
+namespace kvdn::storage {
+namespace {
+
+TEST_F(TieredStoreTest, WritersHoldAReservationPastItsTtl) {
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(64 * kMiB, false)));
+  const auto c = Chunk(1);
+  ASSERT_OK_AND_ASSIGN(Reservation r, s->Reserve(KeyFor(1), c.size()));
+  EXPECT_THAT(s->BeginWrite(r.id, c.size() + 1), StatusIs(absl::StatusCode::kInvalidArgument));
+  ASSERT_OK_AND_ASSIGN(MutableByteSpan buf, s->BeginWrite(r.id, c.size()));
+  EXPECT_THAT(s->Commit(r.id, 0), StatusIs(absl::StatusCode::kFailedPrecondition));
+  clock_.Advance(absl::Minutes(5));  // past the ttl while being written
+  s->RunMaintenance();
+  std::memcpy(buf.data(), c.data(), c.size());
+  s->EndWrite(r.id);
+  // Expired once the writer let go: Commit tells the caller to reserve again.
+  EXPECT_THAT(s->Commit(r.id, DecodeChunkHeader(c)->payload_checksum),
+              StatusIs(absl::StatusCode::kAborted));
+  EXPECT_THAT(s->BeginWrite(r.id, c.size()), StatusIs(absl::StatusCode::kAborted));
+  EXPECT_THAT(s->BeginWrite(424242, c.size()), StatusIs(absl::StatusCode::kNotFound));
+  // Written and committed in time: visible.
+  ASSERT_OK_AND_ASSIGN(r, s->Reserve(KeyFor(2), c.size()));
+  ASSERT_OK_AND_ASSIGN(buf, s->BeginWrite(r.id, c.size()));
+  std::memcpy(buf.data(), c.data(), c.size());
+  s->EndWrite(r.id);
+  ASSERT_OK(s->Commit(r.id, DecodeChunkHeader(c)->payload_checksum));
+  ExpectGet(*s, KeyFor(2), c);
+}
+
+TEST_F(TieredStoreTest, ListDescribeAndPersistToDisk) {
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(64 * kMiB, true)));
+  std::vector<std::vector<uint8_t>> chunks;
+  for (int i = 0; i < 5; ++i) {
+    chunks.push_back(Chunk(i));
+    ASSERT_OK(s->Put(KeyFor(i, i < 3 ? "a" : "b"), chunks.back()));
+  }
+  EXPECT_EQ(s->List({}).size(), 5u);
+  EXPECT_EQ(s->List({.ns = "a"}).size(), 3u);
+  EXPECT_EQ(s->List({.tier = TierKind::kDisk}).size(), 0u);
+  ASSERT_OK_AND_ASSIGN(Lease l, s->Acquire(KeyFor(0, "a")));
+  ASSERT_OK_AND_ASSIGN(ChunkRecord rec, s->Describe(KeyFor(0, "a")));
+  EXPECT_EQ(rec.leases, 1u);
+  EXPECT_EQ(rec.tier, TierKind::kHost);
+  EXPECT_EQ(rec.size, chunks[0].size());
+  ASSERT_OK(s->Release(l.id));
+  EXPECT_THAT(s->Describe(KeyFor(9, "a")), StatusIs(absl::StatusCode::kNotFound));
+  ASSERT_OK_AND_ASSIGN(uint64_t n, s->PersistToDisk());
+  EXPECT_EQ(n, 5u);
+  EXPECT_EQ(s->List({.tier = TierKind::kDisk}).size(), 5u);
+  ASSERT_OK_AND_ASSIGN(n, s->PersistToDisk());
+  EXPECT_EQ(n, 0u);  // nothing left to write
+  s.reset();
+  ASSERT_OK_AND_ASSIGN(s, TieredStore::Open(Options(64 * kMiB, true)));
+  for (int i = 0; i < 5; ++i) ExpectGet(*s, KeyFor(i, i < 3 ? "a" : "b"), chunks[i]);
+  ASSERT_OK_AND_ASSIGN(auto no_disk, TieredStore::Open(Options(64 * kMiB, false)));
+  EXPECT_THAT(no_disk->PersistToDisk(), StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+}  // namespace
+}  // namespace kvdn::storage

@@ -31,13 +31,11 @@ namespace internal {
 }  // namespace kvdn
 
 // For broken invariants that are kvdn's own bugs only (STYLE.md 3): logs and aborts.
-#define KVDN_CHECK(cond, msg)                                              \
-  do {                                                                     \
+#define KVDN_CHECK(cond, msg)                                                   \
+  do {                                                                          \
     if (!(cond)) ::kvdn::internal::CheckFailed(__FILE__, __LINE__, #cond, msg); \
   } while (0)
 
-namespace kvdn {
-
-}  // namespace kvdn
+namespace kvdn {}  // namespace kvdn
 
 #endif  // KVDN_COMMON_LOGGING_H_

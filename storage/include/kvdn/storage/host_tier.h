@@ -5,8 +5,8 @@
 #ifndef KVDN_STORAGE_HOST_TIER_H_
 #define KVDN_STORAGE_HOST_TIER_H_
 
-#include <cstdint>
 #include <atomic>
+#include <cstdint>
 #include <memory>
 #include <thread>
 

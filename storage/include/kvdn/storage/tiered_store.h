@@ -113,8 +113,8 @@ struct ChunkRecord {
 };
 
 struct ListFilter {
-  std::optional<std::string> ns;     // only this namespace
-  std::optional<TierKind> tier;      // only chunks with a copy in this tier
+  std::optional<std::string> ns;  // only this namespace
+  std::optional<TierKind> tier;   // only chunks with a copy in this tier
 };
 
 struct LookupResult {
