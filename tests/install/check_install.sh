@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs the build tree into a temp prefix and builds + runs a consumer project that uses
+# find_package(kvdn) and kvdn::client, as an engine's build would.
+#   check_install.sh <kvdn build dir>
+set -euo pipefail
+build=$1
+here=$(cd "$(dirname "$0")" && pwd)
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+cmake --install "$build" --prefix "$tmp/prefix" >/dev/null
+cmake -S "$here/consumer" -B "$tmp/build" -G Ninja -DCMAKE_PREFIX_PATH="$tmp/prefix" >/dev/null
+cmake --build "$tmp/build" >/dev/null
+"$tmp/build/consumer"
