@@ -444,36 +444,16 @@ absl::StatusOr<uint64_t> TieredStore::PersistToDisk() {
         if (disk_->used_bytes() + e->size > disk_->capacity_bytes()) break;
         e->moving = true;
         ++e->pins;
-        std::vector<uint8_t> staged;
-        ByteSpan bytes;
-        if (t == kHost) {
-          bytes = host_->Bytes(e->block);
-        } else {
-          staged.resize(e->size);
-          s.mu.Unlock();
-          absl::Status st = gpu_->CopyOut(e->block, 0, MutableByteSpan(staged));
-          s.mu.Lock();
-          if (!st.ok()) staged.clear();
-          bytes = ByteSpan(staged);
-        }
-        absl::Status st = absl::InternalError("GPU copy failed");
-        if (bytes.size() == e->size) {
-          s.mu.Unlock();
-          st = disk_->Write(e->key, bytes);
-          s.mu.Lock();
-        }
+        const absl::Status st = WriteToDiskLocked(e);
         --e->pins;
         e->moving = false;
         s.cv.SignalAll();
-        if (st.ok()) {
-          e->on_disk = true;
-          s.Link(e, kDisk);
-          ++written;
-        } else {
+        if (!st.ok()) {
           spdlog::warn("tiered store: persisting {} failed: {}", e->key.ToString(), st.message());
           MaybeReapLocked(e);
           break;
         }
+        ++written;
         MaybeReapLocked(e);
       }
     }

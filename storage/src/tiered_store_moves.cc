@@ -107,6 +107,30 @@ bool TieredStore::EvictOneLocked(int t, const Entry* keep) {
   return true;
 }
 
+absl::Status TieredStore::WriteToDiskLocked(Entry* e) {
+  State& s = *state_;
+  std::vector<uint8_t> staged;
+  ByteSpan bytes;
+  if (e->mem == kHost) {
+    bytes = host_->Bytes(e->block);
+  } else {  // GPU copy: stage it in host memory first
+    staged.resize(e->size);
+    s.mu.Unlock();
+    absl::Status st = gpu_->CopyOut(e->block, 0, MutableByteSpan(staged));
+    s.mu.Lock();
+    KVDN_RETURN_IF_ERROR(st);
+    bytes = ByteSpan(staged);
+  }
+  s.mu.Unlock();
+  absl::Status st = disk_->Write(e->key, bytes);
+  s.mu.Lock();
+  if (st.ok()) {
+    e->on_disk = true;
+    s.Link(e, kDisk);
+  }
+  return st;
+}
+
 void TieredStore::DemoteToDiskLocked(Entry* e) {
   State& s = *state_;
   // Make room on disk first, so the disk tier never exceeds its capacity.
@@ -116,20 +140,12 @@ void TieredStore::DemoteToDiskLocked(Entry* e) {
     if (!EvictOneLocked(kDisk, e)) break;
   }
   const bool room = disk_->used_bytes() + e->size <= disk_->capacity_bytes();
-  absl::Status st = absl::ResourceExhaustedError("disk tier full");
-  if (room) {
-    const ByteSpan bytes = host_->Bytes(e->block);
-    s.mu.Unlock();
-    st = disk_->Write(e->key, bytes);
-    s.mu.Lock();
-  }
+  const absl::Status st =
+      room ? WriteToDiskLocked(e) : absl::ResourceExhaustedError("disk tier full");
   --e->pins;
   e->moving = false;
   s.cv.SignalAll();
-  if (st.ok()) {
-    e->on_disk = true;
-    s.Link(e, kDisk);
-  } else {
+  if (!st.ok()) {
     spdlog::warn("tiered store: demoting {} to disk failed, dropping it: {}", e->key.ToString(),
                  st.message());
   }

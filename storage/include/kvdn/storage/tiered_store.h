@@ -210,6 +210,9 @@ class TieredStore {
   absl::StatusOr<MemoryBlock> AllocateLocked(int t, uint64_t size, const Entry* keep);
   // Evicts the least recently used evictable chunk of tier t; false if there is none.
   bool EvictOneLocked(int t, const Entry* keep);
+  // Writes e's memory copy (host, or GPU staged through host) to the disk tier with the lock
+  // dropped around the I/O; on success marks it on disk. REQUIRES: e pinned and moving.
+  absl::Status WriteToDiskLocked(Entry* e);
   void DemoteToDiskLocked(Entry* e);
   // UNAVAILABLE if another reader holds the GPU copy; for_reader keeps the GPU copy on failure.
   absl::Status DemoteGpuToHostLocked(Entry* e, bool for_reader);
