@@ -177,6 +177,52 @@ Result Drive(const std::function<std::unique_ptr<Conn>()>& connect, int clients,
   return r;
 }
 
+// The transport's ceiling: one connected pair of sockets (TCP loopback or unix), a writer thread
+// sending `value_bytes` messages and a reader receiving them into one buffer, for `seconds`.
+double SocketCeilingGbps(bool tcp, size_t value_bytes, double seconds) {
+  int fds[2] = {-1, -1};
+  if (tcp) {
+    int lfd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bind(lfd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+    socklen_t len = sizeof(a);
+    getsockname(lfd, reinterpret_cast<sockaddr*>(&a), &len);
+    listen(lfd, 1);
+    fds[0] = socket(AF_INET, SOCK_STREAM, 0);
+    connect(fds[0], reinterpret_cast<sockaddr*>(&a), sizeof(a));
+    fds[1] = accept(lfd, nullptr, nullptr);
+    close(lfd);
+  } else {
+    socketpair(AF_UNIX, SOCK_STREAM, 0, fds);
+  }
+  std::vector<uint8_t> src(value_bytes, 0x5A), dst(value_bytes);
+  std::atomic<bool> stop{false};
+  uint64_t received = 0;
+  std::thread reader([&] {
+    for (;;) {
+      const ssize_t n = read(fds[1], dst.data(), dst.size());
+      if (n <= 0) return;
+      received += static_cast<uint64_t>(n);
+    }
+  });
+  const auto start = Clock::now();
+  while (Seconds(start, Clock::now()) < seconds) {
+    for (size_t off = 0; off < src.size();) {
+      const ssize_t n = write(fds[0], src.data() + off, src.size() - off);
+      if (n <= 0) break;
+      off += static_cast<size_t>(n);
+    }
+  }
+  shutdown(fds[0], SHUT_WR);
+  reader.join();
+  const double wall = Seconds(start, Clock::now());
+  close(fds[0]);
+  close(fds[1]);
+  return static_cast<double>(received) / wall / 1e9;
+}
+
 std::vector<int> ParseList(const std::string& s) {
   std::vector<int> out;
   for (absl::string_view p : absl::StrSplit(s, ',')) {
@@ -268,8 +314,9 @@ int main(int argc, char** argv) {
   };
 
   std::printf(
-      "\n| transport | op | value | clients | kvdn GB/s | redis GB/s | kvdn/redis | kvdn "
-      "p50/p99 ms | redis p50/p99 ms |\n|---|---|---|---|---|---|---|---|---|\n");
+      "\n| transport | op | value | clients | kvdn GB/s | redis GB/s | kvdn/redis | socket ceiling "
+      "GB/s | kvdn/ceiling | kvdn p50/p99 ms | redis p50/p99 ms |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|\n");
   bool all_ok = true;
   int key_base = 0;
   for (int mib : o.sizes_mib) {
@@ -277,6 +324,7 @@ int main(int argc, char** argv) {
     const kvdn::ChunkInfo info = kvdn::testing::InfoForBytes(uint64_t(mib) << 20, 1);
     const std::vector<uint8_t> value = kvdn::testing::RandomChunk(info, mib);
     for (const auto& [transport, systems] : transports) {
+      const double ceiling = SocketCeilingGbps(transport == "tcp", value.size(), o.seconds / 2);
       for (int clients : o.clients) {
         Result put[2], get[2];
         for (int s = 0; s < 2; ++s) {
@@ -319,9 +367,11 @@ int main(int argc, char** argv) {
         for (int op = 0; op < 2; ++op) {
           const Result* r = op == 0 ? put : get;
           std::printf(
-              "| %s | %s | %d MiB | %d | %.2f | %.2f | %.2f | %.2f / %.2f | %.2f / %.2f |\n",
+              "| %s | %s | %d MiB | %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f / %.2f | %.2f / "
+              "%.2f |\n",
               transport.c_str(), op == 0 ? "put" : "get", mib, clients, r[0].gbps, r[1].gbps,
-              r[1].gbps > 0 ? r[0].gbps / r[1].gbps : 0, r[0].p50_ms, r[0].p99_ms, r[1].p50_ms,
+              r[1].gbps > 0 ? r[0].gbps / r[1].gbps : 0, ceiling,
+              ceiling > 0 ? r[0].gbps / ceiling : 0, r[0].p50_ms, r[0].p99_ms, r[1].p50_ms,
               r[1].p99_ms);
           std::fflush(stdout);
         }
@@ -334,6 +384,9 @@ int main(int argc, char** argv) {
   std::printf(
       "\nGB/s = value bytes moved / wall time, all clients together; each client is a "
       "thread with its own connection; kvdn Get is GetEncoded (whole chunk into the "
-      "caller's buffer), Redis GET copies the reply into the same kind of buffer.\n");
+      "caller's buffer), Redis GET copies the reply into the same kind of buffer. Socket ceiling = "
+      "one socket pair of the "
+      "same transport, one writer thread and one reader thread moving values of the same size "
+      "(no protocol, no server).\n");
   return all_ok ? 0 : 1;
 }
