@@ -1,10 +1,15 @@
 #include "src/kv_service.h"
 
+#include <grpcpp/support/proto_buffer_reader.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "kvdn/common/chunk_format.h"
+#include "kvdn/proto/get_frames.h"
+#include "kvdn/proto/grpc_status.h"
 
 namespace kvdn::daemon {
 namespace {
@@ -127,36 +132,147 @@ absl::Status DoPut(ServerState& state, grpc::ServerContext* ctx,
   return st;
 }
 
-absl::Status DoGet(ServerState& state, grpc::ServerContext* ctx, const v1::GetRequest& req,
-                   grpc::ServerWriter<v1::GetResponse>* writer) {
-  KVDN_ASSIGN_OR_RETURN(ChunkKey key, CheckedKey(state, req.key(), "key"));
-  storage::AcquireOptions opts;
-  opts.ttl = absl::Milliseconds(state.config.max_call_duration_ms());
-  KVDN_ASSIGN_OR_RETURN(storage::Lease lease, state.store->Acquire(key, opts));
-  v1::GetResponse msg;
-  msg.set_size(lease.size);
-  msg.set_tier(TierToProto(lease.tier));
-  const ByteSpan bytes = lease.host_bytes;
-  const size_t frame = state.config.max_frame_bytes();
-  bool ok = true;
-  for (size_t off = 0; ok && off < bytes.size() && !ctx->IsCancelled(); off += frame) {
-    const size_t n = std::min(frame, bytes.size() - off);
-    msg.set_data(bytes.data() + off, n);
-    ok = writer->Write(msg);
-    if (off == 0) {
-      msg.clear_size();
-      msg.clear_tier();
+// Holds a chunk's lease while gRPC holds slices of its bytes: one reference for the reactor and
+// one per frame slice (its destroy callback). The last reference releases the lease.
+class LeasePin {
+ public:
+  LeasePin(ServerState& state, uint64_t lease_id) : state_(state), lease_id_(lease_id) {
+    state_.leases_in_transport.fetch_add(1);
+  }
+  void Ref() { refs_.fetch_add(1, std::memory_order_relaxed); }
+  static void Unref(void* pin) {
+    auto* p = static_cast<LeasePin*>(pin);
+    if (p->refs_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    // An expired lease was already reclaimed by the store; the reactor reported that (ABORTED).
+    (void)p->state_.store->Release(p->lease_id_);
+    p->state_.leases_in_transport.fetch_sub(1);
+    delete p;
+  }
+
+ private:
+  ServerState& state_;
+  const uint64_t lease_id_;
+  std::atomic<int> refs_{1};
+};
+
+// One Get (or Fetch) call: admission, the lease, then the chunk in frames of max_frame_bytes,
+// each a GetResponse on the wire: a small header slice plus a slice that points into the leased
+// arena bytes. The lease outlives the call by a grace period (the watchdog cancels the call at
+// max_call_duration), so every byte gRPC sends is read while the lease holds the chunk; it is
+// released when gRPC drops the last slice. Deletes itself in OnDone.
+class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+ public:
+  GetReactor(ServerState& state, Method method, grpc::CallbackServerContext* ctx,
+             const grpc::ByteBuffer* request)
+      : state_(state), call_(state, method, ctx) {
+    if (!call_.admitted().ok()) {
+      Fail(call_.admitted());
+      return;
+    }
+    v1::GetRequest req;
+    grpc::ByteBuffer copy(*request);
+    if (!grpc::SerializationTraits<v1::GetRequest>::Deserialize(&copy, &req).ok()) {
+      Fail(absl::InvalidArgumentError("GetRequest does not parse"));
+      return;
+    }
+    auto key = CheckedKey(state_, req.key(), "key");
+    if (!key.ok()) {
+      Fail(key.status());
+      return;
+    }
+    key_ = *std::move(key);
+    // Chunks in host memory are leased here, on gRPC's thread; the rest on a thread that may
+    // block (a disk read, a copy off the GPU).
+    if (!Acquire(/*may_block=*/false)) {
+      state_.blocking_pool.Submit([this] { Acquire(/*may_block=*/true); });
     }
   }
-  absl::Status released = state.store->Release(lease.id);
-  if (!ok || ctx->IsCancelled()) return absl::CancelledError("client went away during Get");
-  if (!released.ok()) {
-    return absl::AbortedError(absl::StrCat("lease on ", key.ToString(),
-                                           " expired mid-transfer; discard the bytes and retry"));
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      Fail(absl::CancelledError("client went away during Get"));
+      return;
+    }
+    WriteNext();
   }
-  state.bytes_out->Inc(bytes.size());
-  return absl::OkStatus();
-}
+
+  void OnCancel() override { cancelled_.store(true); }
+
+  void OnDone() override {
+    absl::Status final = final_;
+    if (cancelled_.load() && final.ok()) final = absl::CancelledError("Get cancelled");
+    if (final.ok()) state_.bytes_out->Inc(bytes_.size());
+    (void)call_.Finish(final);
+    if (pin_ != nullptr) LeasePin::Unref(pin_);
+    delete this;
+  }
+
+ private:
+  // Leases the chunk and starts writing. False when it would block and may_block is false.
+  bool Acquire(bool may_block) {
+    storage::AcquireOptions opts;
+    opts.ttl = absl::Milliseconds(state_.config.max_call_duration_ms()) + kLeaseGrace;
+    opts.may_block = may_block;
+    absl::StatusOr<storage::Lease> lease = state_.store->Acquire(key_, opts);
+    if (!may_block && storage::IsWouldBlock(lease.status())) return false;
+    if (!lease.ok()) {
+      Fail(lease.status());
+      return true;
+    }
+    pin_ = new LeasePin(state_, lease->id);
+    expires_ = lease->expires;
+    tier_ = TierToProto(lease->tier);
+    bytes_ = lease->host_bytes;
+    WriteNext();
+    return true;
+  }
+
+  // Writes the next frame; the last one together with the status.
+  void WriteNext() {
+    if (off_ >= bytes_.size()) {  // only after a write that was not the last (not reached)
+      Fail(absl::InternalError("Get wrote past the chunk"));
+      return;
+    }
+    if (absl::Now() >= expires_) {
+      Fail(absl::AbortedError(absl::StrCat("lease on ", key_.ToString(),
+                                           " expired mid-transfer; discard the bytes and retry")));
+      return;
+    }
+    const size_t n = std::min<size_t>(state_.config.max_frame_bytes(), bytes_.size() - off_);
+    uint8_t header[proto::kMaxGetFrameHeaderBytes];
+    const size_t h = proto::EncodeGetFrameHeader(off_ == 0, bytes_.size(), tier_, n, header);
+    pin_->Ref();
+    grpc::Slice slices[2] = {
+        grpc::Slice(header, h),
+        grpc::Slice(const_cast<uint8_t*>(bytes_.data() + off_), n, &LeasePin::Unref, pin_)};
+    frame_ = grpc::ByteBuffer(slices, 2);
+    off_ += n;
+    if (off_ == bytes_.size()) {
+      StartWriteAndFinish(&frame_, grpc::WriteOptions(), grpc::Status::OK);
+    } else {
+      StartWrite(&frame_);
+    }
+  }
+
+  void Fail(const absl::Status& status) {
+    final_ = status;
+    Finish(ToGrpcStatus(status));
+  }
+
+  static constexpr absl::Duration kLeaseGrace = absl::Seconds(10);
+
+  ServerState& state_;
+  CallScope call_;
+  ChunkKey key_;
+  LeasePin* pin_ = nullptr;
+  absl::Time expires_;
+  v1::Tier tier_ = v1::TIER_UNSPECIFIED;
+  ByteSpan bytes_;
+  size_t off_ = 0;
+  grpc::ByteBuffer frame_;
+  absl::Status final_;
+  std::atomic<bool> cancelled_{false};
+};
 
 }  // namespace
 
@@ -176,11 +292,9 @@ grpc::Status KvServiceImpl::Put(grpc::ServerContext* ctx,
   return call.Finish(DoPut(state_, ctx, reader, resp));
 }
 
-grpc::Status KvServiceImpl::Get(grpc::ServerContext* ctx, const v1::GetRequest* req,
-                                grpc::ServerWriter<v1::GetResponse>* writer) {
-  CallScope call(state_, Method::kGet, ctx);
-  if (!call.admitted().ok()) return call.Finish(call.admitted());
-  return call.Finish(DoGet(state_, ctx, *req, writer));
+grpc::ServerWriteReactor<grpc::ByteBuffer>* KvServiceImpl::Get(grpc::CallbackServerContext* ctx,
+                                                               const grpc::ByteBuffer* request) {
+  return new GetReactor(state_, Method::kGet, ctx, request);
 }
 
 grpc::Status KvServiceImpl::Reserve(grpc::ServerContext* ctx, const v1::ReserveRequest* req,
@@ -273,11 +387,9 @@ grpc::Status PeerServiceImpl::Lookup(grpc::ServerContext* ctx, const v1::LookupR
   return call.Finish(DoLookup(state_, *req, resp));
 }
 
-grpc::Status PeerServiceImpl::Fetch(grpc::ServerContext* ctx, const v1::GetRequest* req,
-                                    grpc::ServerWriter<v1::GetResponse>* writer) {
-  CallScope call(state_, Method::kPeerFetch, ctx);
-  if (!call.admitted().ok()) return call.Finish(call.admitted());
-  return call.Finish(DoGet(state_, ctx, *req, writer));
+grpc::ServerWriteReactor<grpc::ByteBuffer>* PeerServiceImpl::Fetch(
+    grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request) {
+  return new GetReactor(state_, Method::kPeerFetch, ctx, request);
 }
 
 grpc::Status PeerServiceImpl::Replicate(grpc::ServerContext* ctx,

@@ -1,5 +1,7 @@
 // Internal to daemon/: KvService and PeerService on the tiered store. The chunk streams (Put/Get)
 // are shared by both: PeerService.Fetch is Get and Replicate is Put, from local tiers only.
+// Get and Fetch are raw callback methods: their frames go out as slices over the leased arena
+// bytes (proto/get_frames.h), without a protobuf copy; the other methods are synchronous.
 #ifndef KVDN_DAEMON_SRC_KV_SERVICE_H_
 #define KVDN_DAEMON_SRC_KV_SERVICE_H_
 
@@ -9,7 +11,8 @@
 
 namespace kvdn::daemon {
 
-class KvServiceImpl final : public v1::KvService::Service {
+class KvServiceImpl final
+    : public v1::KvService::WithRawCallbackMethod_Get<v1::KvService::Service> {
  public:
   explicit KvServiceImpl(ServerState* state) : state_(*state) {}
 
@@ -17,8 +20,8 @@ class KvServiceImpl final : public v1::KvService::Service {
                       v1::LookupResponse* resp) override;
   grpc::Status Put(grpc::ServerContext* ctx, grpc::ServerReader<v1::PutRequest>* reader,
                    v1::PutResponse* resp) override;
-  grpc::Status Get(grpc::ServerContext* ctx, const v1::GetRequest* req,
-                   grpc::ServerWriter<v1::GetResponse>* writer) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Get(grpc::CallbackServerContext* ctx,
+                                                  const grpc::ByteBuffer* request) override;
   grpc::Status Reserve(grpc::ServerContext* ctx, const v1::ReserveRequest* req,
                        v1::ReserveResponse* resp) override;
   grpc::Status Commit(grpc::ServerContext* ctx, const v1::CommitRequest* req,
@@ -34,14 +37,15 @@ class KvServiceImpl final : public v1::KvService::Service {
   ServerState& state_;
 };
 
-class PeerServiceImpl final : public v1::PeerService::Service {
+class PeerServiceImpl final
+    : public v1::PeerService::WithRawCallbackMethod_Fetch<v1::PeerService::Service> {
  public:
   explicit PeerServiceImpl(ServerState* state) : state_(*state) {}
 
   grpc::Status Lookup(grpc::ServerContext* ctx, const v1::LookupRequest* req,
                       v1::LookupResponse* resp) override;
-  grpc::Status Fetch(grpc::ServerContext* ctx, const v1::GetRequest* req,
-                     grpc::ServerWriter<v1::GetResponse>* writer) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Fetch(grpc::CallbackServerContext* ctx,
+                                                    const grpc::ByteBuffer* request) override;
   grpc::Status Replicate(grpc::ServerContext* ctx, grpc::ServerReader<v1::PutRequest>* reader,
                          v1::PutResponse* resp) override;
 

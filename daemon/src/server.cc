@@ -272,6 +272,18 @@ void Server::Shutdown() {
   impl_->grpc_server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Milliseconds(500)));
   impl_->grpc_server->Wait();
   if (impl_->config.unix_socket() != "none") unlink(impl_->config.unix_socket().c_str());
+  impl_->grpc_server.reset();
+  // Get frames are slices over leased arena bytes; gRPC drops the last of them as its transports
+  // close. The store (and the arena) must outlive them.
+  const absl::Time until = absl::Now() + absl::Seconds(5);
+  while (impl_->state->leases_in_transport.load() > 0 && absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  if (const int64_t n = impl_->state->leases_in_transport.load(); n > 0) {
+    spdlog::error("shutdown: gRPC still holds frames of {} lease(s); leaving the store open", n);
+    (void)impl_->store.release();  // leaked on purpose: the process is exiting
+    return;
+  }
   impl_->store.reset();
   spdlog::info("shutdown complete");
 }

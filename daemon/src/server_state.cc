@@ -51,7 +51,7 @@ CallTracker::~CallTracker() {
   watchdog_.join();
 }
 
-absl::StatusOr<uint64_t> CallTracker::Begin(grpc::ServerContext* ctx, bool admin) {
+absl::StatusOr<uint64_t> CallTracker::Begin(grpc::ServerContextBase* ctx, bool admin) {
   if (!admin && draining_.load()) {
     return absl::UnavailableError("kvdnd is draining (shutting down); use another node or retry");
   }
@@ -175,7 +175,7 @@ void ServerState::RecordCall(Method m, absl::StatusCode code, absl::Duration ela
 
 // ---- CallScope ----
 
-CallScope::CallScope(ServerState& state, Method method, grpc::ServerContext* ctx)
+CallScope::CallScope(ServerState& state, Method method, grpc::ServerContextBase* ctx)
     : state_(state), method_(method), start_(absl::Now()) {
   auto id = state_.calls.Begin(ctx, IsAdminMethod(method));
   if (id.ok()) {

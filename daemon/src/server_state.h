@@ -17,6 +17,7 @@
 #include "kvdn/common/chunk_key.h"
 #include "kvdn/common/metrics.h"
 #include "kvdn/common/mutex.h"
+#include "kvdn/common/thread_pool.h"
 #include "kvdn/storage/tiered_store.h"
 #include "kvdn/v1/common.pb.h"
 #include "kvdn/v1/config.pb.h"
@@ -58,7 +59,7 @@ class CallTracker {
   explicit CallTracker(absl::Duration max_call_duration);
   ~CallTracker();
   // UNAVAILABLE while draining (unless admin). Otherwise registers the call; returns its id.
-  absl::StatusOr<uint64_t> Begin(grpc::ServerContext* ctx, bool admin);
+  absl::StatusOr<uint64_t> Begin(grpc::ServerContextBase* ctx, bool admin);
   void End(uint64_t id);
   // From now on Begin refuses data-plane calls. Returns the calls in flight.
   size_t StartDrain();
@@ -71,7 +72,7 @@ class CallTracker {
 
  private:
   struct Call {
-    grpc::ServerContext* ctx;
+    grpc::ServerContextBase* ctx;
     absl::Time deadline;
     bool admin;
   };
@@ -108,6 +109,11 @@ struct ServerState {
   Counter* const bytes_in;
   Counter* const bytes_out;
   Counter* const bad_requests;
+  // Leases that gRPC still holds slices of (Get frames point into the arena until sent). The
+  // store must outlive them: shutdown waits for this to reach zero.
+  std::atomic<int64_t> leases_in_transport{0};
+  // Runs what may block (disk reads, moves off the GPU) for callback handlers, which must not.
+  ThreadPool blocking_pool{4};
 
  private:
   mutable Mutex endpoints_mu_;
@@ -125,7 +131,7 @@ struct ServerState {
 //   return call.Finish(status);
 class CallScope {
  public:
-  CallScope(ServerState& state, Method method, grpc::ServerContext* ctx);
+  CallScope(ServerState& state, Method method, grpc::ServerContextBase* ctx);
   ~CallScope();
   const absl::Status& admitted() const { return admitted_; }
   grpc::Status Finish(const absl::Status& status);

@@ -276,6 +276,10 @@ absl::Status TieredStore::Put(const ChunkKey& key, ByteSpan encoded) {
 
 // ---- reads ----
 
+bool IsWouldBlock(const absl::Status& status) {
+  return absl::IsUnavailable(status) && status.message() == kWouldBlock;
+}
+
 absl::StatusOr<Lease> TieredStore::Acquire(const ChunkKey& key, const AcquireOptions& options) {
   if (options.ttl <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError(
@@ -304,6 +308,9 @@ absl::StatusOr<Lease> TieredStore::Acquire(const ChunkKey& key, const AcquireOpt
       return absl::NotFoundError(absl::StrCat("chunk ", key.ToString(), " is not stored"));
     }
     Entry* e = &it->second;
+    if (!options.may_block && (e->mem == kNone || (e->mem == kGpu && !options.accept_gpu))) {
+      return absl::UnavailableError(kWouldBlock);
+    }
     if (e->moving && (e->mem == kNone || (e->mem == kGpu && !options.accept_gpu))) {
       // Wait for the move in flight (every move signals cv when it ends), then look again: the
       // entry may be gone by then.
@@ -319,7 +326,8 @@ absl::StatusOr<Lease> TieredStore::Acquire(const ChunkKey& key, const AcquireOpt
       KVDN_RETURN_IF_ERROR(PromoteFromDiskLocked(e));
       continue;
     }
-    if (e->mem == kHost && options.accept_gpu && gpu_ && !tried_gpu && !e->moving && e->pins == 0) {
+    if (e->mem == kHost && options.accept_gpu && options.may_block && gpu_ && !tried_gpu &&
+        !e->moving && e->pins == 0) {
       tried_gpu = true;  // opportunistic: on failure the host copy is leased
       PromoteToGpuLocked(e);
       continue;

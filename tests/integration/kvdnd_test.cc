@@ -5,6 +5,8 @@
 
 #include <cstring>
 #include <random>
+#include <string>
+#include <thread>
 
 #include "daemon_process.h"
 #include "gmock/gmock.h"
@@ -397,6 +399,77 @@ TEST_F(BadRequestTest, EachGetsItsExactStatusAndTheDaemonStaysHealthy) {
   // The good chunk still goes in after all that.
   EXPECT_OK(Put(good, chunk.size(), sum, chunk));
   EXPECT_OK(GetStatus(good));
+}
+
+// Get's frames are written as raw slices over the arena (proto/get_frames.h): a client using the
+// generated stub reads them as ordinary GetResponse messages. A Get cancelled mid-stream releases
+// its lease (the chunk can be deleted at once) and the daemon keeps serving.
+TEST_F(BadRequestTest, GeneratedStubReadsGetFramesAndACancelledGetReleasesItsLease) {
+  const auto chunk = testing::RandomChunk(testing::InfoForBytes(8 << 20), 11);
+  const ChunkKey key = testing::KeyFor(77);
+  ASSERT_OK(Put(ProtoKey(key), chunk.size(), DecodeChunkHeader(chunk)->payload_checksum, chunk));
+  {
+    grpc::ClientContext ctx;
+    Deadline(&ctx);
+    v1::GetRequest req;
+    *req.mutable_key() = ProtoKey(key);
+    auto r = stub_->Get(&ctx, req);
+    v1::GetResponse m;
+    std::string got;
+    int frames = 0;
+    while (r->Read(&m)) {
+      if (frames++ == 0) {
+        EXPECT_EQ(m.size(), chunk.size());
+        EXPECT_EQ(m.tier(), v1::TIER_HOST);
+      } else {
+        EXPECT_EQ(m.size(), 0u);
+      }
+      EXPECT_LE(m.data().size(), 1u << 20);
+      got += m.data();
+    }
+    ASSERT_OK(FromGrpcStatus(r->Finish()));
+    EXPECT_EQ(frames, static_cast<int>((chunk.size() + (1 << 20) - 1) >> 20));
+    ASSERT_EQ(got.size(), chunk.size());
+    EXPECT_EQ(std::memcmp(got.data(), chunk.data(), chunk.size()), 0);
+  }
+  auto admin = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
+  auto leases = [&]() -> int64_t {
+    grpc::ClientContext ctx;
+    Deadline(&ctx);
+    v1::InspectChunkRequest req;
+    *req.mutable_key() = ProtoKey(key);
+    v1::InspectChunkResponse resp;
+    if (!admin->InspectChunk(&ctx, req, &resp).ok()) return -1;
+    return resp.chunk().leases();
+  };
+  EXPECT_EQ(leases(), 0);
+  for (int round = 0; round < 5; ++round) {
+    grpc::ClientContext ctx;
+    Deadline(&ctx);
+    v1::GetRequest req;
+    *req.mutable_key() = ProtoKey(key);
+    auto r = stub_->Get(&ctx, req);
+    v1::GetResponse m;
+    ASSERT_TRUE(r->Read(&m));
+    ctx.TryCancel();
+    while (r->Read(&m)) {
+    }
+    EXPECT_EQ(r->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  // gRPC drops the cancelled streams' frames, and with them the leases.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  int64_t n = -1;
+  while ((n = leases()) != 0 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(n, 0);
+  ExpectHealthy();
+  auto c = Connect(daemon_.unix_target());
+  std::vector<uint8_t> again(chunk.size());
+  EXPECT_EQ(ValueOr(c->GetEncoded(key, MutableByteSpan(again))), chunk.size());
+  EXPECT_TRUE(again == chunk);
+  ASSERT_OK(c->Delete(key));
+  EXPECT_EQ(leases(), -1);
 }
 
 TEST_F(KvdndTest, DrainRefusesNewDataCallsAndReadyzTurnsNotReady) {

@@ -243,6 +243,38 @@ TEST_F(TieredStoreTest, WatermarkEvictionDemotesToDiskAndHitsPromote) {
   for (int i = 0; i < 20; ++i) ExpectGet(*s, KeyFor(i), chunks[i]);
 }
 
+TEST_F(TieredStoreTest, NonBlockingAcquireServesMemoryAndRefusesDiskReads) {
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(8 * kMiB, true)));
+  std::vector<std::vector<uint8_t>> chunks;
+  for (int i = 0; i < 20; ++i) {
+    chunks.push_back(Chunk(i));
+    ASSERT_OK(s->Put(KeyFor(i), chunks.back()));
+    s->RunMaintenance();
+  }
+  ASSERT_EQ(s->Lookup({KeyFor(0)}).tiers[0], TierKind::kDisk);
+  AcquireOptions nb;
+  nb.may_block = false;
+  const StoreStats before = s->Stats();
+  // On disk only: would block, and nothing is counted or promoted.
+  auto l = s->Acquire(KeyFor(0), nb);
+  EXPECT_TRUE(IsWouldBlock(l.status())) << l.status();
+  EXPECT_EQ(s->Stats().tier(TierKind::kDisk).hits, before.tier(TierKind::kDisk).hits);
+  EXPECT_EQ(s->Lookup({KeyFor(0)}).tiers[0], TierKind::kDisk);
+  // In host memory: leased at once, bit-identical.
+  ASSERT_OK_AND_ASSIGN(Lease h, s->Acquire(KeyFor(19), nb));
+  ASSERT_EQ(h.size, chunks[19].size());
+  EXPECT_EQ(std::memcmp(h.host_bytes.data(), chunks[19].data(), h.size), 0);
+  ASSERT_OK(s->Release(h.id));
+  // Absent: NOT_FOUND as usual, not "would block".
+  auto missing = s->Acquire(KeyFor(99), nb);
+  EXPECT_THAT(missing.status(), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_FALSE(IsWouldBlock(missing.status()));
+  // The blocking call then promotes it.
+  ExpectGet(*s, KeyFor(0), chunks[0]);
+  ASSERT_OK_AND_ASSIGN(Lease p, s->Acquire(KeyFor(0), nb));
+  ASSERT_OK(s->Release(p.id));
+}
+
 TEST_F(TieredStoreTest, DiskWatermarkDropsTheOldest) {
   ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(4 * kMiB, true, 6 * kMiB)));
   for (int i = 0; i < 16; ++i) {

@@ -101,7 +101,16 @@ struct Lease {
 struct AcquireOptions {
   absl::Duration ttl = absl::Seconds(30);  // clamped to max_lease_ttl
   bool accept_gpu = false;  // the reader can consume device memory (same-node engine)
+  // false: instead of waiting for a move in flight, reading the chunk from disk or copying it off
+  // the GPU, Acquire fails with kWouldBlock (so an event-loop caller can retry on a thread that
+  // may block). Counts no hit or miss then.
+  bool may_block = true;
 };
+
+// The message of the UNAVAILABLE status Acquire returns when `may_block` is false and it would
+// have to block. Test with IsWouldBlock.
+inline constexpr char kWouldBlock[] = "acquire would block";
+bool IsWouldBlock(const absl::Status& status);
 
 // One stored chunk as the admin API shows it.
 struct ChunkRecord {

@@ -1,6 +1,6 @@
-// Internal to client/: a fixed pool of threads running queued tasks, and ParallelFor on it.
-#ifndef KVDN_CLIENT_SRC_THREAD_POOL_H_
-#define KVDN_CLIENT_SRC_THREAD_POOL_H_
+// A fixed pool of threads running queued tasks, and ParallelFor on it.
+#ifndef KVDN_COMMON_THREAD_POOL_H_
+#define KVDN_COMMON_THREAD_POOL_H_
 
 #include <atomic>
 #include <deque>
@@ -10,7 +10,7 @@
 
 #include "kvdn/common/mutex.h"
 
-namespace kvdn::client {
+namespace kvdn {
 
 // Thread-safe. The destructor runs the tasks still queued, then joins.
 class ThreadPool {
@@ -86,6 +86,6 @@ class ThreadPool {
   std::vector<std::thread> workers_;
 };
 
-}  // namespace kvdn::client
+}  // namespace kvdn
 
-#endif  // KVDN_CLIENT_SRC_THREAD_POOL_H_
+#endif  // KVDN_COMMON_THREAD_POOL_H_

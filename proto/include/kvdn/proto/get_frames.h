@@ -1,0 +1,48 @@
+// The wire form of kvdn.v1.GetResponse, written and read without copying the chunk bytes into a
+// protobuf string: kvdnd sends each frame as a small header slice followed by a slice that points
+// into its host arena, and the client copies the data straight from gRPC's receive slices into
+// the caller's buffer. The bytes on the wire are exactly those of a GetResponse message, so any
+// gRPC client that uses the generated stubs reads them as usual.
+#ifndef KVDN_PROTO_GET_FRAMES_H_
+#define KVDN_PROTO_GET_FRAMES_H_
+
+#include <grpcpp/support/byte_buffer.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
+#include "kvdn/v1/common.pb.h"
+
+namespace kvdn::proto {
+
+// Enough for every header EncodeGetFrameHeader writes.
+inline constexpr size_t kMaxGetFrameHeaderBytes = 32;
+
+// Writes the fields of a GetResponse that precede its data bytes into `out`: `size` and `tier`
+// when `first` (the first message of a stream), then the data field's tag and length
+// (`data_len`). The message is these bytes followed by the `data_len` data bytes. Returns the
+// number of bytes written, at most kMaxGetFrameHeaderBytes.
+size_t EncodeGetFrameHeader(bool first, uint64_t size, v1::Tier tier, size_t data_len,
+                            uint8_t* out);
+
+// What one GetResponse message held besides its data.
+struct GetFrameFields {
+  bool has_size = false;  // the size field was present (nonzero)
+  uint64_t size = 0;
+  int tier = 0;
+};
+
+// Parses one serialized GetResponse held in `message`, calling `on_data` with the pieces of its
+// data field in order as they lie in gRPC's slices (the pointers are valid during the call only).
+// Fields before the data field are in `fields` by the time on_data is first called when the
+// sender wrote them first (kvdnd and the protobuf serializer both do: size is field 1). Unknown
+// fields are skipped. INTERNAL when the message is not a well-formed GetResponse or holds its
+// data field twice.
+absl::Status ParseGetFrame(const grpc::ByteBuffer& message, GetFrameFields* fields,
+                           absl::FunctionRef<void(const uint8_t* data, size_t n)> on_data);
+
+}  // namespace kvdn::proto
+
+#endif  // KVDN_PROTO_GET_FRAMES_H_
