@@ -1,0 +1,478 @@
+// kernels_bench: kvdn's GPU kernels beside the ceilings measured in the same run (GPU machine).
+//   - ceilings: a device-to-device copy and a read-only streaming kernel over buffers >= 4x L2;
+//   - InjectLayer / ExtractLayer moving >= 64 MiB, GB/s counting bytes read + written, beside
+//     the device-to-device copy;
+//   - PagedDecodeAttention (Llama-3-8B shapes: 32 q / 8 kv heads, head_dim 128, bf16, vLLM NHD,
+//     block 16, random block tables) for batch x context, cold L2 (KV pools rotated, > 2x L2 in
+//     all), prefetch off / on / auto: time, GB/s of KV read, % of the streaming kernel.
+// Correctness is checked on random data before timing (against the fp64 reference).
+//
+//   kernels_bench [--json FILE] [--quick]
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kvdn/kernels/decode_attention.h"
+#include "kvdn/kernels/paged_kv.h"
+#include "reference.h"
+
+namespace {
+
+using namespace kvdn;
+using namespace kvdn::kernels;
+
+#define CHECK_CUDA(expr)                                                                         \
+  do {                                                                                           \
+    cudaError_t e_ = (expr);                                                                     \
+    if (e_ != cudaSuccess) {                                                                     \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                              \
+    }                                                                                            \
+  } while (0)
+#define CHECK_OK(expr)                                                               \
+  do {                                                                               \
+    absl::Status s_ = (expr);                                                        \
+    if (!s_.ok()) {                                                                  \
+      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, s_.ToString().c_str()); \
+      std::exit(1);                                                                  \
+    }                                                                                \
+  } while (0)
+
+__global__ void FillRandom(uint16_t* p, size_t n, uint64_t seed, bool bf16) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x) {
+    uint64_t x = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+    x ^= x >> 31;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 29;
+    // Uniform in [-1, 1) as bf16/fp16 bits (no zeros-only data).
+    const float f = static_cast<float>(x >> 40) / static_cast<float>(1ull << 23) - 1.0f;
+    if (bf16) {
+      uint32_t u;
+      memcpy(&u, &f, 4);
+      p[i] = static_cast<uint16_t>(u >> 16);
+    } else {
+      p[i] = __half_as_ushort(__float2half(f));
+    }
+  }
+}
+
+__global__ void StreamRead(const uint4* p, size_t n, uint4* sink) {
+  uint4 acc = make_uint4(0, 0, 0, 0);
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p + i));
+    acc.x ^= v.x;
+    acc.y ^= v.y;
+    acc.z ^= v.z;
+    acc.w ^= v.w;
+  }
+  if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x12345678u) sink[threadIdx.x] = acc;
+}
+
+struct Timer {
+  cudaEvent_t a, b;
+  Timer() {
+    CHECK_CUDA(cudaEventCreate(&a));
+    CHECK_CUDA(cudaEventCreate(&b));
+  }
+  ~Timer() {
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+  }
+  template <typename F>
+  double MedianMs(int reps, F&& f) {
+    std::vector<float> t;
+    for (int i = 0; i < reps + 3; ++i) {
+      CHECK_CUDA(cudaEventRecord(a));
+      f(i);
+      CHECK_CUDA(cudaEventRecord(b));
+      CHECK_CUDA(cudaEventSynchronize(b));
+      float ms;
+      CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
+      if (i >= 3) t.push_back(ms);  // warm-up
+    }
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+  }
+};
+
+struct Json {
+  std::string s = "[";
+  void Add(const std::string& obj) { s += (s.size() > 1 ? ",\n" : "\n") + obj; }
+  std::string Done() const { return s + "\n]\n"; }
+};
+
+std::string Fmt(const char* f, ...) {
+  char buf[1024];
+  va_list ap;
+  va_start(ap, f);
+  std::vsnprintf(buf, sizeof(buf), f, ap);
+  va_end(ap);
+  return buf;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string json_path;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
+    if (!std::strcmp(argv[i], "--quick")) quick = true;
+  }
+  cudaDeviceProp prop;
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  const size_t l2 = prop.l2CacheSize;
+  std::printf("# kernels_bench on %s (%d SMs, L2 %zu MiB)\n", prop.name, prop.multiProcessorCount,
+              l2 >> 20);
+  Json json;
+  Timer timer;
+
+  // ---- Ceilings ----
+  const size_t big = std::max<size_t>(size_t{1} << 30, 8 * l2);
+  void *a, *b;
+  CHECK_CUDA(cudaMalloc(&a, big));
+  CHECK_CUDA(cudaMalloc(&b, big));
+  FillRandom<<<1024, 256>>>(static_cast<uint16_t*>(a), big / 2, 1, true);
+  uint4* sink;
+  CHECK_CUDA(cudaMalloc(&sink, 4096));
+  const double copy_ms = timer.MedianMs(
+      20, [&](int) { CHECK_CUDA(cudaMemcpyAsync(b, a, big, cudaMemcpyDeviceToDevice)); });
+  const double d2d = 2.0 * big / (copy_ms * 1e-3) / 1e9;
+  const double stream_ms = timer.MedianMs(20, [&](int) {
+    StreamRead<<<prop.multiProcessorCount * 8, 512>>>(static_cast<const uint4*>(a), big / 16, sink);
+  });
+  const double streaming = big / (stream_ms * 1e-3) / 1e9;
+  std::printf(
+      "\nceilings: device-to-device copy %.0f GB/s (read + write), streaming read %.0f "
+      "GB/s (%zu MiB buffers)\n",
+      d2d, streaming, big >> 20);
+  json.Add(Fmt("{\"kind\":\"ceiling\",\"d2d_gbps\":%.1f,\"stream_gbps\":%.1f,\"gpu\":\"%s\"}", d2d,
+               streaming, prop.name));
+  CHECK_CUDA(cudaFree(b));
+
+  // ---- Inject / extract ----
+  std::printf(
+      "\n| op | layout | block | tokens | MiB moved | ms | GB/s (r+w) | %% of d2d copy |\n"
+      "|---|---|---|---|---|---|---|---|\n");
+  {
+    const int heads = 8, dim = 128, tokens = 32768;
+    for (PagedKvLayout layout :
+         {PagedKvLayout::kNhd, PagedKvLayout::kNhdCombined, PagedKvLayout::kHnd}) {
+      for (int bs : {16, 1}) {
+        PagedKvLayer c;
+        c.layout = layout;
+        c.block_size = bs;
+        c.num_kv_heads = heads;
+        c.head_dim = dim;
+        c.dtype = Dtype::kBFloat16;
+        const int nblk = tokens / bs;
+        c.num_blocks = nblk;
+        const size_t tensor = size_t{static_cast<size_t>(nblk)} * bs * heads * dim * 2;
+        const size_t layer = ChunkLayerBytes(c, tokens);
+        // Three chunk buffers and caches rotated: > 2x L2 of distinct bytes per op.
+        const int sets = 3;
+        std::vector<void*> chunk(sets), k(sets), v(sets);
+        for (int s = 0; s < sets; ++s) {
+          CHECK_CUDA(cudaMalloc(&chunk[s], layer));
+          CHECK_CUDA(
+              cudaMalloc(&k[s], layout == PagedKvLayout::kNhdCombined ? 2 * tensor : tensor));
+          v[s] = nullptr;
+          if (layout != PagedKvLayout::kNhdCombined) CHECK_CUDA(cudaMalloc(&v[s], tensor));
+          FillRandom<<<1024, 256>>>(static_cast<uint16_t*>(chunk[s]), layer / 2, s + 7, true);
+        }
+        std::vector<int32_t> table(nblk);
+        std::iota(table.begin(), table.end(), 0);
+        std::shuffle(table.begin(), table.end(), std::mt19937(1));
+        int32_t* dtable;
+        CHECK_CUDA(cudaMalloc(&dtable, nblk * 4));
+        CHECK_CUDA(cudaMemcpy(dtable, table.data(), nblk * 4, cudaMemcpyHostToDevice));
+        for (int inject = 1; inject >= 0; --inject) {
+          const double ms = timer.MedianMs(20, [&](int i) {
+            PagedKvLayer ci = c;
+            ci.k = k[i % sets];
+            ci.v = v[i % sets];
+            TokenRange r{dtable, nblk, 0, tokens};
+            if (inject) {
+              CHECK_OK(InjectLayer(chunk[i % sets], ci, r, nullptr));
+            } else {
+              CHECK_OK(ExtractLayer(ci, r, chunk[i % sets], nullptr));
+            }
+          });
+          const double gbps = 2.0 * layer / (ms * 1e-3) / 1e9;
+          std::printf("| %s | %s | %d | %d | %.0f | %.3f | %.0f | %.0f%% |\n",
+                      inject ? "inject" : "extract", LayoutName(layout), bs, tokens,
+                      layer / 1048576.0, ms, gbps, 100 * gbps / d2d);
+          json.Add(
+              Fmt("{\"kind\":\"copy\",\"op\":\"%s\",\"layout\":\"%s\",\"block\":%d,"
+                  "\"bytes\":%zu,\"ms\":%.4f,\"gbps\":%.1f,\"pct_d2d\":%.1f}",
+                  inject ? "inject" : "extract", LayoutName(layout), bs, layer, ms, gbps,
+                  100 * gbps / d2d));
+        }
+        for (int s = 0; s < sets; ++s) {
+          cudaFree(chunk[s]);
+          cudaFree(k[s]);
+          if (v[s]) cudaFree(v[s]);
+        }
+        cudaFree(dtable);
+      }
+    }
+  }
+
+  // ---- Decode attention ----
+  const int QH = 32, KVH = 8, D = 128, BS = 16;
+  std::vector<int> batches = {1, 8, 32, 64, 128};
+  std::vector<int> contexts = {1024, 4096, 16384, 32768};
+  if (quick) {
+    batches = {1, 8, 64};
+    contexts = {1024, 32768};
+  }
+  // Correctness first: one small shape per mode, fp64 reference.
+  {
+    const int B = 3, ctx = 1500, mb = (ctx + BS - 1) / BS, nb = B * mb;
+    std::vector<uint16_t> q(B * QH * D), k(size_t{static_cast<size_t>(nb)} * BS * KVH * D),
+        v(k.size());
+    std::mt19937 rng(9);
+    std::normal_distribution<float> nd;
+    for (auto* vec : {&q, &k, &v}) {
+      for (auto& x : *vec) x = reference::FloatToBf16(nd(rng));
+    }
+    std::vector<int32_t> tbl(nb);
+    std::iota(tbl.begin(), tbl.end(), 0);
+    std::shuffle(tbl.begin(), tbl.end(), rng);
+    std::vector<int32_t> ctxs = {ctx, 700, 1};
+    void *dq, *dk, *dv, *dout, *ws;
+    int32_t *dt, *dc;
+    CHECK_CUDA(cudaMalloc(&dq, q.size() * 2));
+    CHECK_CUDA(cudaMalloc(&dk, k.size() * 2));
+    CHECK_CUDA(cudaMalloc(&dv, v.size() * 2));
+    CHECK_CUDA(cudaMalloc(&dout, q.size() * 2));
+    CHECK_CUDA(cudaMalloc(&dt, tbl.size() * 4));
+    CHECK_CUDA(cudaMalloc(&dc, 12));
+    CHECK_CUDA(cudaMalloc(&ws, 64 << 20));
+    CHECK_CUDA(cudaMemcpy(dq, q.data(), q.size() * 2, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(dk, k.data(), k.size() * 2, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(dv, v.data(), v.size() * 2, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(dt, tbl.data(), tbl.size() * 4, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(dc, ctxs.data(), 12, cudaMemcpyHostToDevice));
+    const auto ref =
+        reference::DecodeAttention(q.data(), k.data(), v.data(), tbl.data(), ctxs.data(), B, QH,
+                                   KVH, D, BS, mb, true, 1 / std::sqrt(128.0));
+    for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn, PrefetchMode::kAuto}) {
+      DecodeAttentionArgs args;
+      args.q = dq;
+      args.k_cache = dk;
+      args.v_cache = dv;
+      args.block_tables = dt;
+      args.context_lens = dc;
+      args.out = dout;
+      args.batch = B;
+      args.num_q_heads = QH;
+      args.num_kv_heads = KVH;
+      args.block_size = BS;
+      args.num_blocks = nb;
+      args.max_blocks_per_seq = mb;
+      args.max_context_len = ctx;
+      args.prefetch = pf;
+      args.workspace = ws;
+      args.workspace_bytes = 64 << 20;
+      CHECK_CUDA(cudaMemset(dout, 0xFF, q.size() * 2));
+      CHECK_OK(PagedDecodeAttention(args, nullptr));
+      std::vector<uint16_t> out(q.size());
+      CHECK_CUDA(cudaMemcpy(out.data(), dout, out.size() * 2, cudaMemcpyDeviceToHost));
+      double num = 0, den = 0;
+      for (size_t i = 0; i < out.size(); ++i) {
+        const double o = reference::Bf16ToFloat(out[i]);
+        num += (o - ref[i]) * (o - ref[i]);
+        den += ref[i] * ref[i];
+      }
+      const double rel = std::sqrt(num / den);
+      std::printf("check: decode prefetch=%s relative error %.2e %s\n", PrefetchModeName(pf), rel,
+                  rel < 1e-2 ? "ok" : "FAILED");
+      if (!(rel < 1e-2)) return 1;
+    }
+    for (void* p : {dq, dk, dv, dout, ws}) cudaFree(p);
+    cudaFree(dt);
+    cudaFree(dc);
+  }
+
+  std::printf(
+      "\n| batch | context | KV MiB | splits | CTAs/SM | off us | on us | auto us (pf) | "
+      "auto GB/s | auto %% of streaming | on/off | auto/off |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  for (int B : batches) {
+    for (int ctx : contexts) {
+      const int mb = ctx / BS;
+      const int nb = B * mb;
+      const size_t cache_elems = size_t{static_cast<size_t>(nb)} * BS * KVH * D;
+      const size_t kv_bytes = 2 * cache_elems * 2;
+      int pools = static_cast<int>(std::ceil(2.5 * l2 / kv_bytes));
+      pools = std::clamp(pools, 1, 64);
+      if (pools == 1 && kv_bytes < 4 * l2) pools = 2;
+      std::vector<void*> kp(pools), vp(pools);
+      for (int p = 0; p < pools; ++p) {
+        CHECK_CUDA(cudaMalloc(&kp[p], cache_elems * 2));
+        CHECK_CUDA(cudaMalloc(&vp[p], cache_elems * 2));
+        FillRandom<<<2048, 256>>>(static_cast<uint16_t*>(kp[p]), cache_elems, 3 * p + 1, true);
+        FillRandom<<<2048, 256>>>(static_cast<uint16_t*>(vp[p]), cache_elems, 3 * p + 2, true);
+      }
+      std::vector<int32_t> tbl(nb);
+      std::iota(tbl.begin(), tbl.end(), 0);
+      std::shuffle(tbl.begin(), tbl.end(), std::mt19937(B * 131 + ctx));
+      std::vector<int32_t> ctxs(B, ctx);
+      void *dq, *dout, *ws;
+      int32_t *dt, *dc;
+      CHECK_CUDA(cudaMalloc(&dq, size_t{static_cast<size_t>(B)} * QH * D * 2));
+      CHECK_CUDA(cudaMalloc(&dout, size_t{static_cast<size_t>(B)} * QH * D * 2));
+      CHECK_CUDA(cudaMalloc(&dt, tbl.size() * 4));
+      CHECK_CUDA(cudaMalloc(&dc, B * 4));
+      FillRandom<<<64, 256>>>(static_cast<uint16_t*>(dq), size_t{static_cast<size_t>(B)} * QH * D,
+                              99, true);
+      CHECK_CUDA(cudaMemcpy(dt, tbl.data(), tbl.size() * 4, cudaMemcpyHostToDevice));
+      CHECK_CUDA(cudaMemcpy(dc, ctxs.data(), B * 4, cudaMemcpyHostToDevice));
+      DecodeAttentionArgs args;
+      args.q = dq;
+      args.block_tables = dt;
+      args.context_lens = dc;
+      args.out = dout;
+      args.batch = B;
+      args.num_q_heads = QH;
+      args.num_kv_heads = KVH;
+      args.block_size = BS;
+      args.num_blocks = nb;
+      args.max_blocks_per_seq = mb;
+      args.max_context_len = ctx;
+      args.k_cache = kp[0];
+      args.v_cache = vp[0];
+      auto plan = PlanDecodeAttention(args);
+      CHECK_OK(plan.status());
+      CHECK_CUDA(cudaMalloc(&ws, std::max<size_t>(plan->workspace_bytes, 16)));
+      args.workspace = ws;
+      args.workspace_bytes = plan->workspace_bytes;
+      double us[3];
+      for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn, PrefetchMode::kAuto}) {
+        args.prefetch = pf;
+        us[static_cast<int>(pf)] = 1e3 * timer.MedianMs(30, [&](int i) {
+          DecodeAttentionArgs x = args;
+          x.k_cache = kp[i % pools];
+          x.v_cache = vp[i % pools];
+          CHECK_OK(PagedDecodeAttention(x, nullptr));
+        });
+      }
+      const double gbps = kv_bytes / (us[2] * 1e-6) / 1e9;
+      std::printf(
+          "| %d | %d | %.0f | %d | %.2f | %.1f | %.1f | %.1f (%s) | %.0f | %.0f%% | %.2f | "
+          "%.2f |\n",
+          B, ctx, kv_bytes / 1048576.0, plan->num_splits, plan->ctas_per_sm, us[0], us[1], us[2],
+          plan->prefetch ? "on" : "off", gbps, 100 * gbps / streaming, us[0] / us[1],
+          us[0] / us[2]);
+      std::fflush(stdout);
+      json.Add(
+          Fmt("{\"kind\":\"decode\",\"batch\":%d,\"context\":%d,\"kv_bytes\":%zu,"
+              "\"splits\":%d,\"ctas_per_sm\":%.3f,\"off_us\":%.2f,\"on_us\":%.2f,"
+              "\"auto_us\":%.2f,\"auto_prefetch\":%s,\"auto_gbps\":%.1f,"
+              "\"pct_stream\":%.1f}",
+              B, ctx, kv_bytes, plan->num_splits, plan->ctas_per_sm, us[0], us[1], us[2],
+              plan->prefetch ? "true" : "false", gbps, 100 * gbps / streaming));
+      for (int p = 0; p < pools; ++p) {
+        cudaFree(kp[p]);
+        cudaFree(vp[p]);
+      }
+      for (void* p : {dq, dout, ws}) cudaFree(p);
+      cudaFree(dt);
+      cudaFree(dc);
+    }
+  }
+  // The paper's regime: no split-KV (one CTA per sequence x kv head), prefetch off vs on.
+  std::printf(
+      "\n| batch | context | splits | CTAs/SM | off us | on us | on/off "
+      "|\n|---|---|---|---|---|---|---|\n");
+  for (int B : {1, 8, 32}) {
+    for (int ctx : {4096, 32768}) {
+      const int mb = ctx / BS, nb = B * mb;
+      const size_t cache_elems = size_t{static_cast<size_t>(nb)} * BS * KVH * D;
+      const size_t kv_bytes = 2 * cache_elems * 2;
+      int pools = std::clamp(static_cast<int>(std::ceil(2.5 * l2 / kv_bytes)), 2, 64);
+      std::vector<void*> kp(pools), vp(pools);
+      for (int p = 0; p < pools; ++p) {
+        CHECK_CUDA(cudaMalloc(&kp[p], cache_elems * 2));
+        CHECK_CUDA(cudaMalloc(&vp[p], cache_elems * 2));
+        FillRandom<<<2048, 256>>>(static_cast<uint16_t*>(kp[p]), cache_elems, 3 * p + 1, true);
+        FillRandom<<<2048, 256>>>(static_cast<uint16_t*>(vp[p]), cache_elems, 3 * p + 2, true);
+      }
+      std::vector<int32_t> tbl(nb);
+      std::iota(tbl.begin(), tbl.end(), 0);
+      std::shuffle(tbl.begin(), tbl.end(), std::mt19937(7));
+      std::vector<int32_t> ctxs(B, ctx);
+      void *dq, *dout;
+      int32_t *dt, *dc;
+      CHECK_CUDA(cudaMalloc(&dq, size_t{static_cast<size_t>(B)} * QH * D * 2));
+      CHECK_CUDA(cudaMalloc(&dout, size_t{static_cast<size_t>(B)} * QH * D * 2));
+      CHECK_CUDA(cudaMalloc(&dt, tbl.size() * 4));
+      CHECK_CUDA(cudaMalloc(&dc, B * 4));
+      FillRandom<<<64, 256>>>(static_cast<uint16_t*>(dq), size_t{static_cast<size_t>(B)} * QH * D,
+                              5, true);
+      CHECK_CUDA(cudaMemcpy(dt, tbl.data(), tbl.size() * 4, cudaMemcpyHostToDevice));
+      CHECK_CUDA(cudaMemcpy(dc, ctxs.data(), B * 4, cudaMemcpyHostToDevice));
+      DecodeAttentionArgs args;
+      args.q = dq;
+      args.block_tables = dt;
+      args.context_lens = dc;
+      args.out = dout;
+      args.batch = B;
+      args.num_q_heads = QH;
+      args.num_kv_heads = KVH;
+      args.block_size = BS;
+      args.num_blocks = nb;
+      args.max_blocks_per_seq = mb;
+      args.max_context_len = ctx;
+      args.num_splits = 1;
+      double us[2];
+      for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn}) {
+        args.prefetch = pf;
+        us[static_cast<int>(pf)] = 1e3 * timer.MedianMs(20, [&](int i) {
+          DecodeAttentionArgs x = args;
+          x.k_cache = kp[i % pools];
+          x.v_cache = vp[i % pools];
+          CHECK_OK(PagedDecodeAttention(x, nullptr));
+        });
+      }
+      std::printf("| %d | %d | 1 | %.2f | %.1f | %.1f | %.2f |\n", B, ctx,
+                  B * KVH / static_cast<double>(prop.multiProcessorCount), us[0], us[1],
+                  us[0] / us[1]);
+      json.Add(
+          Fmt("{\"kind\":\"nosplit\",\"batch\":%d,\"context\":%d,\"off_us\":%.2f,"
+              "\"on_us\":%.2f}",
+              B, ctx, us[0], us[1]));
+      for (int p = 0; p < pools; ++p) {
+        cudaFree(kp[p]);
+        cudaFree(vp[p]);
+      }
+      cudaFree(dq);
+      cudaFree(dout);
+      cudaFree(dt);
+      cudaFree(dc);
+    }
+  }
+  if (!json_path.empty()) {
+    FILE* f = std::fopen(json_path.c_str(), "w");
+    if (f) {
+      std::fputs(json.Done().c_str(), f);
+      std::fclose(f);
+    }
+  }
+  return 0;
+}

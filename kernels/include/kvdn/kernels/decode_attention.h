@@ -1,0 +1,71 @@
+// Paged decode attention with in-loop L2 prefetch: one query token per sequence, reading K/V
+// from an engine's paged cache (vLLM NHD layout), GQA or MHA, head_dim 128, bf16 or fp16.
+//
+// The method of arXiv 2504.06319: while a warp computes on its current KV block it issues
+// cp.async.bulk.prefetch.L2 for the block it reads next, hiding HBM latency. Measured on the
+// lent H100 (kernels/README.md), the prefetch pays where few CTAs are in flight and costs where
+// many are, so a policy turns it on by CTAs per SM (PrefetchMode::kAuto), and split-KV gives
+// small batches enough CTAs to fill the GPU.
+#ifndef KVDN_KERNELS_DECODE_ATTENTION_H_
+#define KVDN_KERNELS_DECODE_ATTENTION_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kvdn/common/chunk_key.h"
+
+namespace kvdn::kernels {
+
+enum class PrefetchMode : uint8_t { kOff = 0, kOn = 1, kAuto = 2 };
+const char* PrefetchModeName(PrefetchMode mode);
+
+struct DecodeAttentionArgs {
+  const void* q = nullptr;                // [batch][num_q_heads][head_dim]
+  const void* k_cache = nullptr;          // [num_blocks][block_size][num_kv_heads][head_dim]
+  const void* v_cache = nullptr;          // same shape as k_cache
+  const int32_t* block_tables = nullptr;  // [batch][max_blocks_per_seq], device
+  const int32_t* context_lens = nullptr;  // [batch], device; each in [0, max_context_len]
+  void* out = nullptr;                    // [batch][num_q_heads][head_dim]
+  int32_t batch = 0;
+  int32_t num_q_heads = 0;  // a multiple of num_kv_heads; q heads per kv head in {1, 2, 4, 8}
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 128;   // 128 only
+  int32_t block_size = 16;  // any >= 1
+  int32_t num_blocks = 0;
+  int32_t max_blocks_per_seq = 0;
+  int32_t max_context_len = 0;     // host-side bound on context_lens (plans the splits)
+  Dtype dtype = Dtype::kBFloat16;  // kBFloat16 or kFloat16
+  float scale = 0;                 // softmax scale; 0 means 1/sqrt(head_dim)
+  PrefetchMode prefetch = PrefetchMode::kAuto;
+  int32_t num_splits = 0;     // KV splits per sequence; 0 = chosen to fill the GPU
+  void* workspace = nullptr;  // DecodeAttentionWorkspaceBytes bytes (unused with one split)
+  size_t workspace_bytes = 0;
+};
+
+// What PagedDecodeAttention does with `args` on the current device.
+struct DecodePlan {
+  int32_t num_splits = 1;
+  int32_t split_tokens = 0;  // KV tokens per split (a multiple of block_size)
+  bool prefetch = false;
+  int64_t ctas = 0;            // CTAs of the main kernel
+  double ctas_per_sm = 0;      // ctas / multiprocessors
+  size_t workspace_bytes = 0;  // needed for this plan
+};
+
+// Validates `args` and plans the launch. INVALID_ARGUMENT naming the bad field.
+absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& args);
+
+// Enqueues the attention on `stream`: out = softmax(q K^T * scale) V per (sequence, q head),
+// over the first context_lens[b] tokens. Sequences with context 0 get zeros. INVALID_ARGUMENT
+// for bad arguments or a workspace smaller than the plan needs; INTERNAL for a failed launch.
+// `plan` (optional) receives the plan used.
+absl::Status PagedDecodeAttention(const DecodeAttentionArgs& args, cudaStream_t stream,
+                                  DecodePlan* plan = nullptr);
+
+}  // namespace kvdn::kernels
+
+#endif  // KVDN_KERNELS_DECODE_ATTENTION_H_

@@ -1,0 +1,83 @@
+// kvdn::kernels — moving KV between kvdn's chunks and an inference engine's paged KV cache on the
+// GPU, and warming the GPU's L2 with the pages an attention kernel reads next.
+//
+// A chunk's payload is layer-major, `[layer][K|V][token][kv_head][dim]` (ARCHITECTURE.md), so one
+// layer of a chunk is one contiguous range: K for all its tokens, then V. The engine's cache is
+// paged: a sequence's token at position p lives in block `block_table[p / block_size]`, slot
+// `p % block_size`. Three layouts are understood (PagedKvLayout).
+//
+// Thread-safety: the functions only enqueue work on the caller's stream; they never synchronize.
+// Pointers are device pointers (or managed/host-mapped memory the device can address).
+#ifndef KVDN_KERNELS_PAGED_KV_H_
+#define KVDN_KERNELS_PAGED_KV_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "kvdn/common/chunk_key.h"
+
+namespace kvdn::kernels {
+
+enum class PagedKvLayout : uint8_t {
+  // vLLM: separate K and V tensors, each [num_blocks, block_size, num_kv_heads, head_dim].
+  kNhd = 0,
+  // vLLM (some backends): one tensor [num_blocks, 2, block_size, num_kv_heads, head_dim]
+  // (K at [:, 0], V at [:, 1]); `v` is unused and must be null.
+  kNhdCombined = 1,
+  // FlashInfer / SGLang: separate K and V tensors, each [num_pages, num_kv_heads, page_size,
+  // head_dim].
+  kHnd = 2,
+};
+const char* LayoutName(PagedKvLayout layout);
+
+// One layer of an engine's paged KV cache, described without copying it.
+struct PagedKvLayer {
+  void* k = nullptr;
+  void* v = nullptr;  // null for kNhdCombined
+  PagedKvLayout layout = PagedKvLayout::kNhd;
+  int32_t num_blocks = 0;
+  int32_t block_size = 0;  // tokens per block (page), any value >= 1
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  Dtype dtype = Dtype::kBFloat16;
+};
+
+// Which tokens of a sequence one call moves: `num_tokens` tokens starting at sequence position
+// `first_token`, through `block_table` (device int32, `block_table_len` entries: block ids for
+// positions [0, block_table_len * block_size)).
+struct TokenRange {
+  const int32_t* block_table = nullptr;
+  int32_t block_table_len = 0;
+  int32_t first_token = 0;
+  int32_t num_tokens = 0;
+};
+
+// Bytes of one chunk layer for `num_tokens` tokens: 2 * num_tokens * kv_heads * head_dim * elem.
+uint64_t ChunkLayerBytes(const PagedKvLayer& cache, int32_t num_tokens);
+
+// Copies one chunk layer (`src`, contiguous `[K|V][token][kv_head][dim]`, ChunkLayerBytes bytes)
+// into the cache's blocks for `range`, bit for bit. Block-table entries outside
+// [0, num_blocks) are skipped (nothing is written for those tokens) rather than written out of
+// bounds. INVALID_ARGUMENT for a bad shape, a range past the block table, or a null pointer;
+// INTERNAL with CUDA's message when the launch fails.
+absl::Status InjectLayer(const void* src, const PagedKvLayer& cache, const TokenRange& range,
+                         cudaStream_t stream);
+
+// The inverse: gathers `range` from the cache into `dst` (contiguous chunk layer). Tokens whose
+// block-table entry is out of range are left unwritten in `dst`.
+absl::Status ExtractLayer(const PagedKvLayer& cache, const TokenRange& range, void* dst,
+                          cudaStream_t stream);
+
+// Prefetches into L2 the K and V bytes of the blocks that `range` covers (in token order), as
+// much as fits `l2_budget_bytes` (0: no limit), with cp.async.bulk.prefetch.L2 (sm_90; a plain
+// no-op prefetch on older GPUs). For engines that keep their own attention kernel: enqueue it on
+// a side stream just before that kernel. Returns the bytes it asked for in `*bytes` when not
+// null. Nothing is written.
+absl::Status PrefetchL2(const PagedKvLayer& cache, const TokenRange& range,
+                        uint64_t l2_budget_bytes, cudaStream_t stream, uint64_t* bytes = nullptr);
+
+}  // namespace kvdn::kernels
+
+#endif  // KVDN_KERNELS_PAGED_KV_H_

@@ -1,0 +1,197 @@
+// Validation, planning and dispatch for PagedDecodeAttention (STYLE.md 12, layer 2).
+#include <cmath>
+#include <cstdint>
+
+#include "absl/strings/str_cat.h"
+#include "kvdn/kernels/decode_attention.h"
+#include "src/decode_attention.cuh"
+
+namespace kvdn::kernels {
+namespace {
+
+using detail::kHeadDim;
+
+absl::Status CudaStatus(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(e)));
+}
+
+// Smallest split worth a CTA (tokens): below it the CTA's fixed costs (q load, merge, combine)
+// outweigh its reads.
+constexpr int kMinSplitTokens = 256;
+
+// Prefetch policy (kAuto): on while CTAs in flight per SM stay at or under this. Measured on the
+// lent H100 (kernels/README.md, bench/results/kernels-*.md).
+constexpr double kPrefetchMaxCtasPerSm = 2.0;
+
+template <typename F>
+cudaError_t Dispatch(Dtype dtype, int group, bool prefetch, F&& f) {
+  auto by_group = [&](auto t) -> cudaError_t {
+    using T = decltype(t);
+    switch (group) {
+      case 1:
+        return prefetch ? f.template operator()<T, 1, true>()
+                        : f.template operator()<T, 1, false>();
+      case 2:
+        return prefetch ? f.template operator()<T, 2, true>()
+                        : f.template operator()<T, 2, false>();
+      case 4:
+        return prefetch ? f.template operator()<T, 4, true>()
+                        : f.template operator()<T, 4, false>();
+      case 8:
+        return prefetch ? f.template operator()<T, 8, true>()
+                        : f.template operator()<T, 8, false>();
+    }
+    return cudaErrorInvalidValue;
+  };
+  return dtype == Dtype::kBFloat16 ? by_group(__nv_bfloat16{}) : by_group(__half{});
+}
+
+struct DeviceInfo {
+  int sms = 0;
+};
+
+absl::StatusOr<DeviceInfo> CurrentDevice() {
+  int dev = 0;
+  if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return CudaStatus(e, "cudaGetDevice");
+  DeviceInfo info;
+  if (cudaError_t e = cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev);
+      e != cudaSuccess) {
+    return CudaStatus(e, "cudaDeviceGetAttribute");
+  }
+  return info;
+}
+
+absl::Status Validate(const DecodeAttentionArgs& a) {
+  auto bad = [](auto... parts) { return absl::InvalidArgumentError(absl::StrCat(parts...)); };
+  if (!a.q || !a.k_cache || !a.v_cache || !a.block_tables || !a.context_lens || !a.out) {
+    return bad("q, k_cache, v_cache, block_tables, context_lens and out must be non-null");
+  }
+  if (a.batch < 1) return bad("batch ", a.batch, " < 1");
+  if (a.num_kv_heads < 1 || a.num_q_heads < 1 || a.num_q_heads % a.num_kv_heads != 0) {
+    return bad("num_q_heads ", a.num_q_heads, " must be a positive multiple of num_kv_heads ",
+               a.num_kv_heads);
+  }
+  const int group = a.num_q_heads / a.num_kv_heads;
+  if (group != 1 && group != 2 && group != 4 && group != 8) {
+    return bad("q heads per kv head is ", group, "; supported: 1, 2, 4, 8");
+  }
+  if (a.head_dim != kHeadDim) return bad("head_dim ", a.head_dim, " unsupported (128 only)");
+  if (a.dtype != Dtype::kBFloat16 && a.dtype != Dtype::kFloat16) {
+    return bad("dtype must be bf16 or fp16");
+  }
+  if (a.block_size < 1 || a.num_blocks < 1 || a.max_blocks_per_seq < 1) {
+    return bad("block_size, num_blocks and max_blocks_per_seq must be >= 1");
+  }
+  if (a.max_context_len < 0 ||
+      int64_t{a.max_context_len} > int64_t{a.max_blocks_per_seq} * a.block_size) {
+    return bad("max_context_len ", a.max_context_len,
+               " outside [0, max_blocks_per_seq x block_size = ",
+               int64_t{a.max_blocks_per_seq} * a.block_size, "]");
+  }
+  if (a.num_splits < 0) return bad("num_splits ", a.num_splits, " < 0");
+  if (!std::isfinite(a.scale) || a.scale < 0) return bad("scale must be finite and >= 0");
+  for (const void* ptr : {a.q, a.k_cache, a.v_cache, static_cast<const void*>(a.out)}) {
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
+      return bad("q, k_cache, v_cache and out must be 16-byte aligned");
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+const char* PrefetchModeName(PrefetchMode mode) {
+  switch (mode) {
+    case PrefetchMode::kOff:
+      return "off";
+    case PrefetchMode::kOn:
+      return "on";
+    case PrefetchMode::kAuto:
+      return "auto";
+  }
+  return "?";
+}
+
+absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
+  if (absl::Status st = Validate(a); !st.ok()) return st;
+  absl::StatusOr<DeviceInfo> dev = CurrentDevice();
+  if (!dev.ok()) return dev.status();
+  const int group = a.num_q_heads / a.num_kv_heads;
+  int per_sm = 0;
+  cudaError_t e = Dispatch(a.dtype, group, false, [&]<typename T, int G, bool P>() {
+    return detail::DecodeOccupancy<T, G, P>(&per_sm);
+  });
+  if (e != cudaSuccess) return CudaStatus(e, "occupancy query");
+  const int64_t base = int64_t{a.batch} * a.num_kv_heads;
+  const int ctx = std::max(a.max_context_len, 1);
+  DecodePlan plan;
+  int64_t splits = a.num_splits;
+  if (splits == 0) {
+    // Enough CTAs for one full wave, without splits shorter than kMinSplitTokens.
+    const int64_t wave = int64_t{dev->sms} * std::max(per_sm, 1);
+    splits = (wave + base - 1) / base;
+    splits = std::min<int64_t>(splits, (ctx + kMinSplitTokens - 1) / kMinSplitTokens);
+    splits = std::max<int64_t>(splits, 1);
+  }
+  int64_t split_tokens = (ctx + splits - 1) / splits;
+  split_tokens = (split_tokens + a.block_size - 1) / a.block_size * a.block_size;
+  splits = (ctx + split_tokens - 1) / split_tokens;  // no split left empty by the rounding
+  plan.num_splits = static_cast<int32_t>(splits);
+  plan.split_tokens = static_cast<int32_t>(split_tokens);
+  plan.ctas = base * splits;
+  plan.ctas_per_sm = static_cast<double>(plan.ctas) / dev->sms;
+  switch (a.prefetch) {
+    case PrefetchMode::kOff:
+      plan.prefetch = false;
+      break;
+    case PrefetchMode::kOn:
+      plan.prefetch = true;
+      break;
+    case PrefetchMode::kAuto:
+      plan.prefetch = plan.ctas_per_sm <= kPrefetchMaxCtasPerSm;
+      break;
+  }
+  plan.workspace_bytes = splits == 1 ? 0
+                                     : static_cast<size_t>(a.batch) * a.num_q_heads * splits *
+                                           (kHeadDim + 1) * sizeof(float);
+  return plan;
+}
+
+absl::Status PagedDecodeAttention(const DecodeAttentionArgs& a, cudaStream_t stream,
+                                  DecodePlan* plan_out) {
+  absl::StatusOr<DecodePlan> plan = PlanDecodeAttention(a);
+  if (!plan.ok()) return plan.status();
+  if (plan_out != nullptr) *plan_out = *plan;
+  if (plan->workspace_bytes > a.workspace_bytes || (plan->workspace_bytes > 0 && !a.workspace)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "workspace of ", a.workspace_bytes, " bytes; this plan needs ", plan->workspace_bytes));
+  }
+  detail::DecodeParams p{};
+  p.q = a.q;
+  p.k = a.k_cache;
+  p.v = a.v_cache;
+  p.block_tables = a.block_tables;
+  p.context_lens = a.context_lens;
+  p.out = a.out;
+  p.ws_o = static_cast<float*>(a.workspace);
+  p.ws_lse = p.ws_o == nullptr ? nullptr
+                               : p.ws_o + static_cast<size_t>(a.batch) * a.num_q_heads *
+                                              plan->num_splits * kHeadDim;
+  p.q_heads = a.num_q_heads;
+  p.kv_heads = a.num_kv_heads;
+  p.block_size = a.block_size;
+  p.num_blocks = a.num_blocks;
+  p.max_blocks_per_seq = a.max_blocks_per_seq;
+  p.num_splits = plan->num_splits;
+  p.split_tokens = plan->split_tokens;
+  const float scale = a.scale == 0 ? 1.0f / std::sqrt(static_cast<float>(a.head_dim)) : a.scale;
+  p.scale_log2 = scale * 1.4426950408889634f;
+  const int group = a.num_q_heads / a.num_kv_heads;
+  cudaError_t e = Dispatch(a.dtype, group, plan->prefetch, [&]<typename T, int G, bool P>() {
+    return detail::LaunchDecode<T, G, P>(p, a.batch, stream);
+  });
+  return CudaStatus(e, "PagedDecodeAttention launch");
+}
+
+}  // namespace kvdn::kernels

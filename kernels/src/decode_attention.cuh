@@ -1,0 +1,313 @@
+// Kernels behind PagedDecodeAttention (STYLE.md 12, layer 1).
+//
+// Main kernel: one CTA per (KV split, kv head, sequence), 4 warps. The CTA serves the G query
+// heads that share its kv head (GQA), so each K/V row is read once for all of them. A half-warp
+// works on one token at a time: its 16 lanes hold 8 of the 128 dims each (one 16-byte load per
+// row), so a warp covers two tokens per step and keeps U steps of K and V loads in flight. Warp w
+// takes the split's blocks w, w+4, ...; with kPrefetch it first issues an L2 bulk prefetch of the
+// K and V rows (this kv head) of the block it takes next. Online softmax (base 2) per half-warp;
+// the 8 half-warps merge through shared memory. With one split the CTA writes the output;
+// otherwise a normalized partial output and its log2-sum-exp go to the workspace, and the
+// combine kernel merges the splits.
+#ifndef KVDN_KERNELS_SRC_DECODE_ATTENTION_CUH_
+#define KVDN_KERNELS_SRC_DECODE_ATTENTION_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "src/l2_prefetch.cuh"
+
+namespace kvdn::kernels::detail {
+
+inline constexpr int kHeadDim = 128;
+inline constexpr int kDecodeWarps = 4;
+inline constexpr int kDecodeThreads = kDecodeWarps * 32;
+
+struct DecodeParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const int32_t* block_tables;
+  const int32_t* context_lens;
+  void* out;
+  float* ws_o;    // [batch][q_heads][splits][128]
+  float* ws_lse;  // [batch][q_heads][splits]
+  int32_t q_heads;
+  int32_t kv_heads;
+  int32_t block_size;
+  int32_t num_blocks;
+  int32_t max_blocks_per_seq;
+  int32_t num_splits;
+  int32_t split_tokens;
+  float scale_log2;  // softmax scale * log2(e)
+};
+
+template <typename T>
+struct Vec8;  // 8 elements of T in one 16-byte load
+template <>
+struct Vec8<__nv_bfloat16> {
+  static __device__ __forceinline__ void ToFloat(const uint4& u, float* f) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 x = __bfloat1622float2(h[i]);
+      f[2 * i] = x.x;
+      f[2 * i + 1] = x.y;
+    }
+  }
+  static __device__ __forceinline__ __nv_bfloat16 FromFloat(float x) { return __float2bfloat16(x); }
+};
+template <>
+struct Vec8<__half> {
+  static __device__ __forceinline__ void ToFloat(const uint4& u, float* f) {
+    const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 x = __half22float2(h[i]);
+      f[2 * i] = x.x;
+      f[2 * i + 1] = x.y;
+    }
+  }
+  static __device__ __forceinline__ __half FromFloat(float x) { return __float2half(x); }
+};
+
+__device__ __forceinline__ uint4 LoadStreaming(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+// Steps in flight per half-warp: fewer for large groups (registers).
+template <int G>
+struct DecodeUnroll {
+  static constexpr int value = G >= 8 ? 2 : 4;
+};
+
+template <typename T, int G, bool kPrefetch>
+__global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams p) {
+  constexpr int U = DecodeUnroll<G>::value;
+  const int split = blockIdx.x;
+  const int kvh = blockIdx.y;
+  const int b = blockIdx.z;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int half = lane / 16;  // which token of the warp's pair
+  const int sub = lane % 16;   // dims [sub * 8, sub * 8 + 8)
+  const int hw = warp * 2 + half;
+
+  const int ctx = p.context_lens[b];
+  const int start = split * p.split_tokens;
+  const int end = min(ctx, start + p.split_tokens);
+  const int q_head0 = kvh * G;
+
+  __shared__ float s_m[kDecodeWarps * 2][G];
+  __shared__ float s_l[kDecodeWarps * 2][G];
+  __shared__ float s_acc[kDecodeWarps * 2][G][kHeadDim];
+
+  if (start >= end) {  // an empty split (short sequence) or an empty sequence
+    if (p.num_splits == 1) {
+      T* out = static_cast<T*>(p.out);
+      for (int i = threadIdx.x; i < G * kHeadDim; i += blockDim.x) {
+        out[(int64_t{b} * p.q_heads + q_head0) * kHeadDim + i] = Vec8<T>::FromFloat(0.f);
+      }
+    } else {
+      for (int i = threadIdx.x; i < G * kHeadDim; i += blockDim.x) {
+        const int g = i / kHeadDim;
+        const int64_t row = (int64_t{b} * p.q_heads + q_head0 + g) * p.num_splits + split;
+        p.ws_o[row * kHeadDim + i % kHeadDim] = 0.f;
+        if (i % kHeadDim == 0) p.ws_lse[row] = -INFINITY;
+      }
+    }
+    return;
+  }
+
+  // q for the group, pre-scaled into the base-2 domain.
+  float qf[G][8];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const T* q = static_cast<const T*>(p.q) + (int64_t{b} * p.q_heads + q_head0 + g) * kHeadDim;
+    const uint4 u = *reinterpret_cast<const uint4*>(q + sub * 8);
+    Vec8<T>::ToFloat(u, qf[g]);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) qf[g][e] *= p.scale_log2;
+  }
+
+  float m[G], l[G], acc[G][8];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
+  }
+
+  const int32_t* table = p.block_tables + int64_t{b} * p.max_blocks_per_seq;
+  const int bs = p.block_size;
+  const int first_blk = start / bs;
+  const int last_blk = (end - 1) / bs;
+  const int64_t row_stride = int64_t{p.kv_heads} * kHeadDim;  // elements between slots
+  const T* kbase = static_cast<const T*>(p.k) + int64_t{kvh} * kHeadDim + sub * 8;
+  const T* vbase = static_cast<const T*>(p.v) + int64_t{kvh} * kHeadDim + sub * 8;
+
+  for (int blk = first_blk + warp; blk <= last_blk; blk += kDecodeWarps) {
+    const int64_t phys = table[blk];
+    if (phys < 0 || phys >= p.num_blocks) continue;  // a bad table entry reads nothing
+    if (kPrefetch) {
+      const int next = blk + kDecodeWarps;
+      if (next <= last_blk) {
+        const int64_t pn = table[next];
+        for (int slot = lane; pn >= 0 && pn < p.num_blocks && slot < bs; slot += 32) {
+          const int64_t row = (pn * bs + slot) * row_stride + int64_t{kvh} * kHeadDim;
+          PrefetchL2Bytes(static_cast<const T*>(p.k) + row, kHeadDim * sizeof(T));
+          PrefetchL2Bytes(static_cast<const T*>(p.v) + row, kHeadDim * sizeof(T));
+        }
+      }
+    }
+    const int tok0 = max(start, blk * bs);
+    const int tok1 = min(end, (blk + 1) * bs);
+    // The whole warp runs the same steps (the shuffles below need every lane).
+    for (int t0 = tok0; t0 < tok1; t0 += 2 * U) {
+      const int t = t0 + half;
+      uint4 kr[U], vr[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int tt = t + 2 * u;
+        kr[u] = make_uint4(0, 0, 0, 0);
+        vr[u] = make_uint4(0, 0, 0, 0);
+        if (tt < tok1) {
+          const int64_t off = (phys * bs + (tt - blk * bs)) * row_stride;
+          kr[u] = LoadStreaming(kbase + off);
+          vr[u] = LoadStreaming(vbase + off);
+        }
+      }
+      float s[U][G];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        float kf[8];
+        Vec8<T>::ToFloat(kr[u], kf);
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          float d = 0.f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) d = fmaf(qf[g][e], kf[e], d);
+          s[u][g] = d;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+#pragma unroll
+          for (int o = 8; o >= 1; o /= 2) s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], o);
+          if (t + 2 * u >= tok1) s[u][g] = -INFINITY;
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float mx = m[g];
+#pragma unroll
+        for (int u = 0; u < U; ++u) mx = fmaxf(mx, s[u][g]);
+        // m = -inf, mx finite: 0. Both -inf (no valid token yet for this half-warp): keep.
+        const float alpha = mx == -INFINITY ? 1.f : exp2f(m[g] - mx);
+        m[g] = mx;
+        l[g] *= alpha;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] *= alpha;
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (t + 2 * u >= tok1) continue;
+        float vf[8];
+        Vec8<T>::ToFloat(vr[u], vf);
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float pr = exp2f(s[u][g] - m[g]);
+          l[g] += pr;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(pr, vf[e], acc[g][e]);
+        }
+      }
+    }
+  }
+
+  // Merge the 8 half-warps.
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    if (sub == 0) {
+      s_m[hw][g] = m[g];
+      s_l[hw][g] = l[g];
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) s_acc[hw][g][sub * 8 + e] = acc[g][e];
+  }
+  __syncthreads();
+  const int d = threadIdx.x;  // kDecodeThreads == kHeadDim
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int h = 0; h < kDecodeWarps * 2; ++h) mx = fmaxf(mx, s_m[h][g]);
+    float lsum = 0.f, o = 0.f;
+#pragma unroll
+    for (int h = 0; h < kDecodeWarps * 2; ++h) {
+      const float w = s_m[h][g] == -INFINITY ? 0.f : exp2f(s_m[h][g] - mx);
+      lsum += s_l[h][g] * w;
+      o += s_acc[h][g][d] * w;
+    }
+    const float val = o / lsum;
+    if (p.num_splits == 1) {
+      T* out = static_cast<T*>(p.out);
+      out[(int64_t{b} * p.q_heads + q_head0 + g) * kHeadDim + d] = Vec8<T>::FromFloat(val);
+    } else {
+      const int64_t row = (int64_t{b} * p.q_heads + q_head0 + g) * p.num_splits + split;
+      p.ws_o[row * kHeadDim + d] = val;
+      if (d == 0) p.ws_lse[row] = mx + log2f(lsum);
+    }
+  }
+}
+
+// Merges the splits of one (sequence, q head): weights 2^(lse_s - max).
+template <typename T>
+__global__ void __launch_bounds__(kHeadDim) CombineSplitsKernel(DecodeParams p) {
+  const int64_t row0 = int64_t{blockIdx.x} * p.num_splits;  // blockIdx.x = b * q_heads + h
+  const int d = threadIdx.x;
+  float mx = -INFINITY;
+  for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, p.ws_lse[row0 + s]);
+  float wsum = 0.f, o = 0.f;
+  if (mx != -INFINITY) {
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float lse = p.ws_lse[row0 + s];
+      if (lse == -INFINITY) continue;
+      const float w = exp2f(lse - mx);
+      wsum += w;
+      o += w * p.ws_o[(row0 + s) * kHeadDim + d];
+    }
+  }
+  T* out = static_cast<T*>(p.out);
+  out[int64_t{blockIdx.x} * kHeadDim + d] = Vec8<T>::FromFloat(wsum > 0.f ? o / wsum : 0.f);
+}
+
+template <typename T, int G, bool kPrefetch>
+cudaError_t LaunchDecode(const DecodeParams& p, int batch, cudaStream_t stream) {
+  const dim3 grid(p.num_splits, p.kv_heads, batch);
+  PagedDecodeKernel<T, G, kPrefetch><<<grid, kDecodeThreads, 0, stream>>>(p);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess || p.num_splits == 1) return e;
+  CombineSplitsKernel<T><<<batch * p.q_heads, kHeadDim, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int G, bool kPrefetch>
+cudaError_t DecodeOccupancy(int* ctas_per_sm) {
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      ctas_per_sm, PagedDecodeKernel<T, G, kPrefetch>, kDecodeThreads, 0);
+}
+
+}  // namespace kvdn::kernels::detail
+
+#endif  // KVDN_KERNELS_SRC_DECODE_ATTENTION_CUH_

@@ -1,0 +1,155 @@
+// Validation and dispatch for InjectLayer / ExtractLayer / PrefetchL2 (layer 2 of STYLE.md 12).
+#include <cstdint>
+
+#include "absl/strings/str_cat.h"
+#include "kvdn/kernels/paged_kv.h"
+#include "src/paged_copy.cuh"
+
+namespace kvdn::kernels {
+namespace {
+
+absl::Status CudaStatus(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(e)));
+}
+
+bool Aligned(const void* p, uintptr_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
+
+absl::Status ValidateCache(const PagedKvLayer& c) {
+  if (c.k == nullptr) return absl::InvalidArgumentError("cache.k is null");
+  if (c.layout == PagedKvLayout::kNhdCombined) {
+    if (c.v != nullptr) {
+      return absl::InvalidArgumentError("cache.v must be null for the combined NHD layout");
+    }
+  } else if (c.layout == PagedKvLayout::kNhd || c.layout == PagedKvLayout::kHnd) {
+    if (c.v == nullptr) return absl::InvalidArgumentError("cache.v is null");
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cache.layout ", static_cast<int>(c.layout), " is not a PagedKvLayout"));
+  }
+  if (c.num_blocks < 1 || c.block_size < 1 || c.num_kv_heads < 1 || c.head_dim < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cache shape needs num_blocks, block_size, num_kv_heads, head_dim >= 1; got ",
+                     c.num_blocks, ", ", c.block_size, ", ", c.num_kv_heads, ", ", c.head_dim));
+  }
+  if (DtypeSize(c.dtype) == 0) return absl::InvalidArgumentError("cache.dtype is not a Dtype");
+  return absl::OkStatus();
+}
+
+absl::Status ValidateRange(const PagedKvLayer& c, const TokenRange& r) {
+  if (r.num_tokens < 0 || r.first_token < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("token range [", r.first_token, ", +",
+                                                   r.num_tokens, ") has a negative bound"));
+  }
+  if (r.num_tokens > 0 && r.block_table == nullptr) {
+    return absl::InvalidArgumentError("range.block_table is null");
+  }
+  const int64_t end = int64_t{r.first_token} + r.num_tokens;
+  if (end > int64_t{r.block_table_len} * c.block_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tokens up to position ", end, " need ", (end + c.block_size - 1) / c.block_size,
+        " block-table entries; the table has ", r.block_table_len));
+  }
+  return absl::OkStatus();
+}
+
+template <bool kInject>
+absl::Status Copy(void* chunk, const PagedKvLayer& c, const TokenRange& r, cudaStream_t stream) {
+  if (absl::Status st = ValidateCache(c); !st.ok()) return st;
+  if (absl::Status st = ValidateRange(c, r); !st.ok()) return st;
+  if (r.num_tokens > 0 && chunk == nullptr) {
+    return absl::InvalidArgumentError(kInject ? "src is null" : "dst is null");
+  }
+  detail::PagedCopyParams p{};
+  p.chunk = chunk;
+  p.k = c.k;
+  p.v = c.v;
+  p.block_table = r.block_table;
+  p.block_table_len = r.block_table_len;
+  p.num_blocks = c.num_blocks;
+  p.block_size = c.block_size;
+  p.heads = c.num_kv_heads;
+  p.first_token = r.first_token;
+  p.num_tokens = r.num_tokens;
+  p.layout = static_cast<int32_t>(c.layout);
+  const int64_t row_bytes = int64_t{c.head_dim} * static_cast<int64_t>(DtypeSize(c.dtype));
+  // The widest vector every row start is aligned to.
+  const bool ptrs16 = Aligned(chunk, 16) && Aligned(c.k, 16) && (!c.v || Aligned(c.v, 16));
+  const bool ptrs4 = Aligned(chunk, 4) && Aligned(c.k, 4) && (!c.v || Aligned(c.v, 4));
+  const bool ptrs2 = Aligned(chunk, 2) && Aligned(c.k, 2) && (!c.v || Aligned(c.v, 2));
+  cudaError_t e;
+  if (row_bytes % 16 == 0 && ptrs16) {
+    p.row_vecs = static_cast<int32_t>(row_bytes / 16);
+    e = detail::LaunchPagedCopy<uint4, kInject>(p, stream);
+  } else if (row_bytes % 4 == 0 && ptrs4) {
+    p.row_vecs = static_cast<int32_t>(row_bytes / 4);
+    e = detail::LaunchPagedCopy<uint32_t, kInject>(p, stream);
+  } else if (row_bytes % 2 == 0 && ptrs2) {
+    p.row_vecs = static_cast<int32_t>(row_bytes / 2);
+    e = detail::LaunchPagedCopy<uint16_t, kInject>(p, stream);
+  } else {
+    p.row_vecs = static_cast<int32_t>(row_bytes);
+    e = detail::LaunchPagedCopy<uint8_t, kInject>(p, stream);
+  }
+  return CudaStatus(e, kInject ? "InjectLayer launch" : "ExtractLayer launch");
+}
+
+}  // namespace
+
+const char* LayoutName(PagedKvLayout layout) {
+  switch (layout) {
+    case PagedKvLayout::kNhd:
+      return "NHD";
+    case PagedKvLayout::kNhdCombined:
+      return "NHD-combined";
+    case PagedKvLayout::kHnd:
+      return "HND";
+  }
+  return "?";
+}
+
+uint64_t ChunkLayerBytes(const PagedKvLayer& c, int32_t num_tokens) {
+  return 2ull * static_cast<uint64_t>(num_tokens) * static_cast<uint64_t>(c.num_kv_heads) *
+         static_cast<uint64_t>(c.head_dim) * DtypeSize(c.dtype);
+}
+
+absl::Status InjectLayer(const void* src, const PagedKvLayer& cache, const TokenRange& range,
+                         cudaStream_t stream) {
+  return Copy<true>(const_cast<void*>(src), cache, range, stream);
+}
+
+absl::Status ExtractLayer(const PagedKvLayer& cache, const TokenRange& range, void* dst,
+                          cudaStream_t stream) {
+  return Copy<false>(dst, cache, range, stream);
+}
+
+absl::Status PrefetchL2(const PagedKvLayer& c, const TokenRange& r, uint64_t l2_budget_bytes,
+                        cudaStream_t stream, uint64_t* bytes) {
+  if (absl::Status st = ValidateCache(c); !st.ok()) return st;
+  if (absl::Status st = ValidateRange(c, r); !st.ok()) return st;
+  const int64_t row_bytes = int64_t{c.head_dim} * static_cast<int64_t>(DtypeSize(c.dtype));
+  if (row_bytes % 16 != 0 || !Aligned(c.k, 16) || (c.v && !Aligned(c.v, 16))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "L2 prefetch needs 16-byte aligned rows: head_dim x element = ", row_bytes, " bytes"));
+  }
+  int64_t tokens = r.num_tokens;
+  const int64_t per_token = 2 * row_bytes * c.num_kv_heads;
+  if (l2_budget_bytes != 0) {
+    tokens = std::min<int64_t>(tokens, static_cast<int64_t>(l2_budget_bytes) / per_token);
+  }
+  if (bytes != nullptr) *bytes = static_cast<uint64_t>(tokens * per_token);
+  detail::PrefetchParams p{};
+  p.k = static_cast<const char*>(c.k);
+  p.v = static_cast<const char*>(c.v);
+  p.block_table = r.block_table;
+  p.num_blocks = c.num_blocks;
+  p.block_size = c.block_size;
+  p.heads = c.num_kv_heads;
+  p.row_bytes = static_cast<int32_t>(row_bytes);
+  p.first_token = r.first_token;
+  p.num_tokens = static_cast<int32_t>(tokens);
+  p.layout = static_cast<int32_t>(c.layout);
+  return CudaStatus(detail::LaunchPrefetch(p, stream), "PrefetchL2 launch");
+}
+
+}  // namespace kvdn::kernels

@@ -1,0 +1,423 @@
+// kvdn::kernels against the CPU references (kernels/reference): copies bit for bit, attention
+// within 1e-2 relative error of fp64. GTEST_SKIP without a GPU; run on the GPU machine.
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kvdn/kernels/decode_attention.h"
+#include "kvdn/kernels/paged_kv.h"
+#include "kvdn/testing/status_matchers.h"
+#include "reference.h"
+
+namespace kvdn::kernels {
+namespace {
+
+using ::kvdn::testing::StatusIs;
+using ::testing::HasSubstr;
+
+#define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << cudaGetErrorString(cudaGetLastError())
+
+bool HaveGpu() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+// A device buffer that frees itself.
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
+    if (cudaMalloc(&p_, std::max<size_t>(bytes, 16)) != cudaSuccess) p_ = nullptr;
+  }
+  ~DeviceBuffer() { cudaFree(p_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void* get() const { return p_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(p_);
+  }
+  cudaError_t Upload(const void* src) {
+    return cudaMemcpy(p_, src, bytes_, cudaMemcpyHostToDevice);
+  }
+  cudaError_t Download(void* dst) const {
+    return cudaMemcpy(dst, p_, bytes_, cudaMemcpyDeviceToHost);
+  }
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_;
+};
+
+std::vector<uint8_t> Random(size_t n, std::mt19937_64& rng) {
+  std::vector<uint8_t> v(n);
+  for (auto& b : v) b = static_cast<uint8_t>(rng());
+  return v;
+}
+
+class KernelsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+struct CopyCase {
+  PagedKvLayout layout;
+  int block_size;
+  int heads;
+  int head_dim;
+  Dtype dtype;
+  int first_token;
+  int num_tokens;
+};
+
+std::string Name(const CopyCase& c) {
+  return std::string(LayoutName(c.layout)) + " bs=" + std::to_string(c.block_size) +
+         " H=" + std::to_string(c.heads) + " D=" + std::to_string(c.head_dim) +
+         (c.dtype == Dtype::kBFloat16 ? " bf16" : " fp16") +
+         " first=" + std::to_string(c.first_token) + " n=" + std::to_string(c.num_tokens);
+}
+
+// Injects a random chunk layer into a poisoned cache, then extracts it into a poisoned buffer;
+// both compared bit for bit with the CPU reference run on the same inputs.
+void RunCopyCase(const CopyCase& c, uint64_t seed) {
+  SCOPED_TRACE(Name(c));
+  std::mt19937_64 rng(seed);
+  const int end = c.first_token + c.num_tokens;
+  const int table_len = (end + c.block_size - 1) / c.block_size + 1;
+  const int num_blocks = table_len + 5;
+  std::vector<int32_t> table(num_blocks);
+  std::iota(table.begin(), table.end(), 0);
+  std::shuffle(table.begin(), table.end(), rng);
+  table.resize(table_len);
+  PagedKvLayer cache;
+  cache.layout = c.layout;
+  cache.num_blocks = num_blocks;
+  cache.block_size = c.block_size;
+  cache.num_kv_heads = c.heads;
+  cache.head_dim = c.head_dim;
+  cache.dtype = c.dtype;
+  const size_t elem = DtypeSize(c.dtype);
+  const size_t tensor = size_t{static_cast<size_t>(num_blocks)} * c.block_size * c.heads *
+                        c.head_dim * elem * (c.layout == PagedKvLayout::kNhdCombined ? 2 : 1);
+  const size_t layer = ChunkLayerBytes(cache, c.num_tokens);
+  const bool two = c.layout != PagedKvLayout::kNhdCombined;
+
+  // Inject.
+  std::vector<uint8_t> src = Random(layer, rng);
+  std::vector<uint8_t> k_host(tensor, 0xCD), v_host(two ? tensor : 0, 0xCD);
+  DeviceBuffer d_src(layer), d_k(tensor), d_v(two ? tensor : 16), d_table(table.size() * 4);
+  CUDA_OK(d_src.Upload(src.data()));
+  CUDA_OK(d_k.Upload(k_host.data()));
+  if (two) {
+    CUDA_OK(d_v.Upload(v_host.data()));
+  }
+  CUDA_OK(d_table.Upload(table.data()));
+  cache.k = d_k.get();
+  cache.v = two ? d_v.get() : nullptr;
+  TokenRange range{d_table.as<int32_t>(), table_len, c.first_token, c.num_tokens};
+  ASSERT_OK(InjectLayer(d_src.get(), cache, range, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  reference::InjectLayer(src.data(), cache, k_host.data(), two ? v_host.data() : nullptr,
+                         table.data(), c.first_token, c.num_tokens);
+  std::vector<uint8_t> k_got(tensor), v_got(two ? tensor : 0);
+  CUDA_OK(d_k.Download(k_got.data()));
+  if (two) {
+    CUDA_OK(d_v.Download(v_got.data()));
+  }
+  EXPECT_EQ(std::memcmp(k_got.data(), k_host.data(), tensor), 0) << "K differs after inject";
+  if (two) {
+    EXPECT_EQ(std::memcmp(v_got.data(), v_host.data(), tensor), 0) << "V after inject";
+  }
+
+  // Extract from a fully random cache.
+  k_host = Random(tensor, rng);
+  if (two) v_host = Random(tensor, rng);
+  CUDA_OK(d_k.Upload(k_host.data()));
+  if (two) {
+    CUDA_OK(d_v.Upload(v_host.data()));
+  }
+  std::vector<uint8_t> want(layer, 0xAB), got(layer);
+  CUDA_OK(d_src.Upload(want.data()));  // poison
+  ASSERT_OK(ExtractLayer(cache, range, d_src.get(), nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  reference::ExtractLayer(cache, k_host.data(), two ? v_host.data() : nullptr, table.data(),
+                          c.first_token, c.num_tokens, want.data());
+  CUDA_OK(d_src.Download(got.data()));
+  EXPECT_EQ(std::memcmp(got.data(), want.data(), layer), 0) << "extract differs";
+}
+
+TEST_F(KernelsTest, InjectExtractMatchTheReferenceBitForBit) {
+  uint64_t seed = 1;
+  for (PagedKvLayout layout :
+       {PagedKvLayout::kNhd, PagedKvLayout::kNhdCombined, PagedKvLayout::kHnd}) {
+    for (int bs : {1, 3, 16, 17, 64}) {
+      for (Dtype dt : {Dtype::kBFloat16, Dtype::kFloat16}) {
+        for (auto [first, n] : {std::pair{0, 256}, std::pair{5, 255}, std::pair{37, 1}}) {
+          RunCopyCase({layout, bs, 8, 128, dt, first, n}, seed++);
+        }
+      }
+    }
+    // Odd head shapes take the narrower vector paths (144-byte rows: 16; 14-byte rows: 2).
+    RunCopyCase({layout, 16, 3, 72, Dtype::kBFloat16, 3, 100}, seed++);
+    RunCopyCase({layout, 5, 2, 7, Dtype::kFloat16, 1, 33}, seed++);
+    RunCopyCase({layout, 16, 32, 128, Dtype::kBFloat16, 0, 4096}, seed++);
+  }
+}
+
+TEST_F(KernelsTest, BadBlockTableEntriesAreSkippedNotWritten) {
+  PagedKvLayer cache;
+  cache.num_blocks = 4;
+  cache.block_size = 2;
+  cache.num_kv_heads = 1;
+  cache.head_dim = 8;
+  const size_t tensor = 4 * 2 * 8 * 2;
+  std::vector<uint8_t> poison(tensor, 0xCD);
+  DeviceBuffer k(tensor), v(tensor), src(ChunkLayerBytes(cache, 8)), table(4 * 4);
+  CUDA_OK(k.Upload(poison.data()));
+  CUDA_OK(v.Upload(poison.data()));
+  std::vector<uint8_t> data(ChunkLayerBytes(cache, 8), 0x11);
+  CUDA_OK(src.Upload(data.data()));
+  const std::vector<int32_t> bad = {-1, 4, 1000, -7};
+  CUDA_OK(table.Upload(bad.data()));
+  cache.k = k.get();
+  cache.v = v.get();
+  ASSERT_OK(InjectLayer(src.get(), cache, {table.as<int32_t>(), 4, 0, 8}, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<uint8_t> got(tensor);
+  CUDA_OK(k.Download(got.data()));
+  EXPECT_EQ(got, poison);
+  CUDA_OK(v.Download(got.data()));
+  EXPECT_EQ(got, poison);
+}
+
+TEST_F(KernelsTest, BadCopyArgumentsAreInvalidArgument) {
+  DeviceBuffer k(4096), v(4096), src(4096), table(64);
+  PagedKvLayer cache;
+  cache.k = k.get();
+  cache.v = v.get();
+  cache.num_blocks = 2;
+  cache.block_size = 16;
+  cache.num_kv_heads = 1;
+  cache.head_dim = 32;
+  TokenRange r{table.as<int32_t>(), 2, 0, 32};
+  EXPECT_OK(InjectLayer(src.get(), cache, r, nullptr));
+  EXPECT_THAT(InjectLayer(src.get(), cache, {table.as<int32_t>(), 2, 1, 32}, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("the table has 2")));
+  EXPECT_THAT(InjectLayer(nullptr, cache, r, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("src is null")));
+  EXPECT_THAT(ExtractLayer(cache, r, nullptr, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("dst is null")));
+  PagedKvLayer no_v = cache;
+  no_v.v = nullptr;
+  EXPECT_THAT(InjectLayer(src.get(), no_v, r, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("cache.v is null")));
+  PagedKvLayer combined = cache;
+  combined.layout = PagedKvLayout::kNhdCombined;
+  EXPECT_THAT(InjectLayer(src.get(), combined, r, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("must be null")));
+  PagedKvLayer zero = cache;
+  zero.head_dim = 0;
+  EXPECT_THAT(InjectLayer(src.get(), zero, r, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("head_dim")));
+  EXPECT_THAT(InjectLayer(src.get(), cache, {nullptr, 2, 0, 32}, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("block_table is null")));
+  EXPECT_THAT(InjectLayer(src.get(), cache, {table.as<int32_t>(), 2, -1, 3}, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("negative")));
+}
+
+TEST_F(KernelsTest, PrefetchRespectsTheBudgetAndWritesNothing) {
+  std::mt19937_64 rng(3);
+  PagedKvLayer cache;
+  cache.num_blocks = 64;
+  cache.block_size = 16;
+  cache.num_kv_heads = 8;
+  cache.head_dim = 128;
+  const size_t tensor = size_t{64} * 16 * 8 * 128 * 2;
+  auto kh = Random(tensor, rng), vh = Random(tensor, rng);
+  DeviceBuffer k(tensor), v(tensor), table(64 * 4);
+  CUDA_OK(k.Upload(kh.data()));
+  CUDA_OK(v.Upload(vh.data()));
+  std::vector<int32_t> t(64);
+  std::iota(t.begin(), t.end(), 0);
+  std::shuffle(t.begin(), t.end(), rng);
+  CUDA_OK(table.Upload(t.data()));
+  cache.k = k.get();
+  cache.v = v.get();
+  uint64_t bytes = 0;
+  ASSERT_OK(PrefetchL2(cache, {table.as<int32_t>(), 64, 0, 1024}, 0, nullptr, &bytes));
+  EXPECT_EQ(bytes, tensor * 2);
+  ASSERT_OK(PrefetchL2(cache, {table.as<int32_t>(), 64, 0, 1024}, 1 << 20, nullptr, &bytes));
+  EXPECT_EQ(bytes, 1u << 20);  // 256 tokens x 4 KiB
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<uint8_t> got(tensor);
+  CUDA_OK(k.Download(got.data()));
+  EXPECT_EQ(got, kh);
+  CUDA_OK(v.Download(got.data()));
+  EXPECT_EQ(got, vh);
+  PagedKvLayer odd = cache;
+  odd.head_dim = 4;  // 8-byte rows
+  EXPECT_THAT(PrefetchL2(odd, {table.as<int32_t>(), 64, 0, 16}, 0, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("16-byte aligned rows")));
+}
+
+struct AttnCase {
+  int q_heads;
+  int kv_heads;
+  Dtype dtype;
+  int block_size;
+  std::vector<int> contexts;  // per sequence
+  PrefetchMode prefetch;
+  int splits;  // 0 = auto
+};
+
+void RunAttention(const AttnCase& c, uint64_t seed) {
+  const bool bf16 = c.dtype == Dtype::kBFloat16;
+  const int batch = static_cast<int>(c.contexts.size());
+  const int max_ctx = *std::max_element(c.contexts.begin(), c.contexts.end());
+  SCOPED_TRACE(::testing::Message()
+               << c.q_heads << "/" << c.kv_heads << (bf16 ? " bf16" : " fp16")
+               << " bs=" << c.block_size << " batch=" << batch << " max_ctx=" << max_ctx
+               << " prefetch=" << PrefetchModeName(c.prefetch) << " splits=" << c.splits);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  auto to16 = [&](float f) { return bf16 ? reference::FloatToBf16(f) : reference::FloatToFp16(f); };
+  const int D = 128;
+  const int max_blocks = std::max(1, (max_ctx + c.block_size - 1) / c.block_size);
+  const int num_blocks = batch * max_blocks + 3;
+  std::vector<int32_t> pool(num_blocks);
+  std::iota(pool.begin(), pool.end(), 0);
+  std::shuffle(pool.begin(), pool.end(), rng);
+  std::vector<int32_t> tables(static_cast<size_t>(batch) * max_blocks);
+  for (size_t i = 0; i < tables.size(); ++i) tables[i] = pool[i];
+  const size_t cache_elems = static_cast<size_t>(num_blocks) * c.block_size * c.kv_heads * D;
+  std::vector<uint16_t> q(static_cast<size_t>(batch) * c.q_heads * D), k(cache_elems),
+      v(cache_elems);
+  for (auto& x : q) x = to16(normal(rng));
+  for (auto& x : k) x = to16(normal(rng));
+  for (auto& x : v) x = to16(normal(rng));
+  DeviceBuffer dq(q.size() * 2), dk(k.size() * 2), dv(v.size() * 2), dt(tables.size() * 4),
+      dctx(c.contexts.size() * 4), dout(q.size() * 2);
+  CUDA_OK(dq.Upload(q.data()));
+  CUDA_OK(dk.Upload(k.data()));
+  CUDA_OK(dv.Upload(v.data()));
+  CUDA_OK(dt.Upload(tables.data()));
+  CUDA_OK(dctx.Upload(c.contexts.data()));
+  CUDA_OK(cudaMemset(dout.get(), 0xFF, q.size() * 2));  // NaN in both formats
+  DecodeAttentionArgs a;
+  a.q = dq.get();
+  a.k_cache = dk.get();
+  a.v_cache = dv.get();
+  a.block_tables = dt.as<int32_t>();
+  a.context_lens = dctx.as<int32_t>();
+  a.out = dout.get();
+  a.batch = batch;
+  a.num_q_heads = c.q_heads;
+  a.num_kv_heads = c.kv_heads;
+  a.block_size = c.block_size;
+  a.num_blocks = num_blocks;
+  a.max_blocks_per_seq = max_blocks;
+  a.max_context_len = max_ctx;
+  a.dtype = c.dtype;
+  a.prefetch = c.prefetch;
+  a.num_splits = c.splits;
+  ASSERT_OK_AND_ASSIGN(DecodePlan plan, PlanDecodeAttention(a));
+  DeviceBuffer ws(plan.workspace_bytes);
+  a.workspace = ws.get();
+  a.workspace_bytes = plan.workspace_bytes;
+  ASSERT_OK(PagedDecodeAttention(a, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<uint16_t> out(q.size());
+  CUDA_OK(dout.Download(out.data()));
+  const std::vector<double> ref = reference::DecodeAttention(
+      q.data(), k.data(), v.data(), tables.data(), c.contexts.data(), batch, c.q_heads, c.kv_heads,
+      D, c.block_size, max_blocks, bf16, 1.0 / std::sqrt(128.0));
+  double num = 0, den = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    const double o = bf16 ? reference::Bf16ToFloat(out[i]) : reference::Fp16ToFloat(out[i]);
+    ASSERT_FALSE(std::isnan(o)) << "output " << i << " not written";
+    num += (o - ref[i]) * (o - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  const double rel = den == 0 ? std::sqrt(num) : std::sqrt(num / den);
+  EXPECT_LT(rel, 1e-2) << "relative error " << rel << " (" << plan.num_splits << " splits)";
+}
+
+TEST_F(KernelsTest, DecodeAttentionMatchesTheFp64Reference) {
+  uint64_t seed = 100;
+  const std::vector<std::vector<int>> batches = {
+      {1}, {17}, {4096}, {1000, 1, 0, 333, 2048, 15, 16, 17}};
+  for (auto [qh, kvh] : {std::pair{32, 8}, std::pair{64, 8}, std::pair{32, 32}, std::pair{8, 4}}) {
+    for (Dtype dt : {Dtype::kBFloat16, Dtype::kFloat16}) {
+      // Every block size for the Llama-3-8B shape; block 16 for the others.
+      for (int bs : qh == 32 && kvh == 8 ? std::vector<int>{16, 64, 7} : std::vector<int>{16}) {
+        for (const auto& ctx : batches) {
+          for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn}) {
+            RunAttention({qh, kvh, dt, bs, ctx, pf, 0}, seed++);
+          }
+        }
+      }
+    }
+  }
+  // A large batch (79 sequences) of random lengths.
+  std::mt19937 rng(5);
+  std::vector<int> ctx(79);
+  for (int& x : ctx) x = static_cast<int>(rng() % 1500);
+  RunAttention({32, 8, Dtype::kBFloat16, 16, ctx, PrefetchMode::kAuto, 0}, seed++);
+}
+
+// Small shapes at the edges (also what compute-sanitizer runs): empty and one-token sequences,
+// forced split counts including more splits than blocks, a token count off the block grid.
+TEST_F(KernelsTest, DecodeAttentionEdgeCases) {
+  uint64_t seed = 900;
+  for (int splits : {1, 2, 3, 64}) {
+    for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn}) {
+      RunAttention({32, 8, Dtype::kBFloat16, 16, {3000, 70, 1, 0}, pf, splits}, seed++);
+    }
+  }
+  RunAttention({8, 8, Dtype::kFloat16, 5, {1, 2, 3, 4, 5, 6, 7}, PrefetchMode::kOn, 0}, seed++);
+  RunAttention({16, 2, Dtype::kBFloat16, 64, {0}, PrefetchMode::kAuto, 0}, seed++);
+}
+
+TEST_F(KernelsTest, BadAttentionArgumentsAreInvalidArgument) {
+  DeviceBuffer buf(1 << 20);
+  DecodeAttentionArgs a;
+  a.q = a.k_cache = a.v_cache = buf.get();
+  a.out = buf.get();
+  a.block_tables = a.context_lens = buf.as<int32_t>();
+  a.batch = 1;
+  a.num_q_heads = 32;
+  a.num_kv_heads = 8;
+  a.block_size = 16;
+  a.num_blocks = 4;
+  a.max_blocks_per_seq = 4;
+  a.max_context_len = 64;
+  EXPECT_OK(PlanDecodeAttention(a).status());
+  auto bad = [&](auto mutate, const char* what) {
+    DecodeAttentionArgs b = a;
+    mutate(b);
+    EXPECT_THAT(PlanDecodeAttention(b).status(),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(what)));
+  };
+  bad([](auto& b) { b.num_q_heads = 12; }, "multiple of num_kv_heads");
+  bad([](auto& b) { b.num_q_heads = 128; }, "supported: 1, 2, 4, 8");
+  bad([](auto& b) { b.head_dim = 64; }, "128 only");
+  bad([](auto& b) { b.dtype = Dtype::kFloat32; }, "bf16 or fp16");
+  bad([](auto& b) { b.max_context_len = 65; }, "max_context_len 65");
+  bad([](auto& b) { b.q = nullptr; }, "non-null");
+  bad([](auto& b) { b.out = static_cast<char*>(b.out) + 2; }, "16-byte aligned");
+  bad([](auto& b) { b.batch = 0; }, "batch 0");
+  DecodeAttentionArgs c = a;
+  c.num_splits = 4;
+  EXPECT_THAT(PagedDecodeAttention(c, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("workspace of 0 bytes")));
+}
+
+}  // namespace
+}  // namespace kvdn::kernels
