@@ -396,10 +396,10 @@ int main(int argc, char** argv) {
       cudaFree(dc);
     }
   }
-  // The paper's regime: no split-KV (one CTA per sequence x kv head), prefetch off vs on.
+  // The paper's regime: no split-KV (one CTA per sequence x kv head), prefetch off / on / auto.
   std::printf(
-      "\n| batch | context | splits | CTAs/SM | off us | on us | on/off "
-      "|\n|---|---|---|---|---|---|---|\n");
+      "\n| batch | context | splits | CTAs/SM | off us | on us | auto us (pf) | on/off | auto/off "
+      "|\n|---|---|---|---|---|---|---|---|---|\n");
   for (int B : {1, 8, 32}) {
     for (int ctx : {4096, 32768}) {
       const int mb = ctx / BS, nb = B * mb;
@@ -440,8 +440,12 @@ int main(int argc, char** argv) {
       args.max_blocks_per_seq = mb;
       args.max_context_len = ctx;
       args.num_splits = 1;
-      double us[2];
-      for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn}) {
+      double us[3];
+      args.k_cache = kp[0];
+      args.v_cache = vp[0];
+      auto plan = PlanDecodeAttention(args);
+      CHECK_OK(plan.status());
+      for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn, PrefetchMode::kAuto}) {
         args.prefetch = pf;
         us[static_cast<int>(pf)] = 1e3 * timer.MedianMs(20, [&](int i) {
           DecodeAttentionArgs x = args;
@@ -450,13 +454,13 @@ int main(int argc, char** argv) {
           CHECK_OK(PagedDecodeAttention(x, nullptr));
         });
       }
-      std::printf("| %d | %d | 1 | %.2f | %.1f | %.1f | %.2f |\n", B, ctx,
-                  B * KVH / static_cast<double>(prop.multiProcessorCount), us[0], us[1],
-                  us[0] / us[1]);
+      std::printf("| %d | %d | 1 | %.2f | %.1f | %.1f | %.1f (%s) | %.2f | %.2f |\n", B, ctx,
+                  plan->ctas_per_sm, us[0], us[1], us[2], plan->prefetch ? "on" : "off",
+                  us[0] / us[1], us[0] / us[2]);
       json.Add(
           Fmt("{\"kind\":\"nosplit\",\"batch\":%d,\"context\":%d,\"off_us\":%.2f,"
-              "\"on_us\":%.2f}",
-              B, ctx, us[0], us[1]));
+              "\"on_us\":%.2f,\"auto_us\":%.2f}",
+              B, ctx, us[0], us[1], us[2]));
       for (int p = 0; p < pools; ++p) {
         cudaFree(kp[p]);
         cudaFree(vp[p]);

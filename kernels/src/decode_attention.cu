@@ -20,9 +20,12 @@ absl::Status CudaStatus(cudaError_t e, const char* what) {
 // outweigh its reads.
 constexpr int kMinSplitTokens = 256;
 
-// Prefetch policy (kAuto): on while CTAs in flight per SM stay at or under this. Measured on the
-// lent H100 (kernels/README.md, bench/results/kernels-*.md).
+// Prefetch policy (kAuto), from the lent H100 (bench/results/kernels-2026-11-23.md): the
+// in-loop prefetch gained 10-14% where each CTA walks a long run of blocks with few CTAs per SM
+// (no split-KV, <= 2 CTAs per SM), was within +-5% with split-KV's short runs, and lost up to
+// 17% with many CTAs over large KV. So: on only with few CTAs per SM and long runs per warp.
 constexpr double kPrefetchMaxCtasPerSm = 2.0;
+constexpr int64_t kPrefetchMinBlocksPerWarp = 16;
 
 template <typename F>
 cudaError_t Dispatch(Dtype dtype, int group, bool prefetch, F&& f) {
@@ -89,7 +92,9 @@ absl::Status Validate(const DecodeAttentionArgs& a) {
                " outside [0, max_blocks_per_seq x block_size = ",
                int64_t{a.max_blocks_per_seq} * a.block_size, "]");
   }
-  if (a.num_splits < 0) return bad("num_splits ", a.num_splits, " < 0");
+  if (a.num_splits < 0 || a.num_splits > 65535) {
+    return bad("num_splits ", a.num_splits, " outside [0, 65535]");
+  }
   if (!std::isfinite(a.scale) || a.scale < 0) return bad("scale must be finite and >= 0");
   for (const void* ptr : {a.q, a.k_cache, a.v_cache, static_cast<const void*>(a.out)}) {
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
@@ -149,7 +154,9 @@ absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
       plan.prefetch = true;
       break;
     case PrefetchMode::kAuto:
-      plan.prefetch = plan.ctas_per_sm <= kPrefetchMaxCtasPerSm;
+      plan.prefetch = plan.ctas_per_sm <= kPrefetchMaxCtasPerSm &&
+                      split_tokens / (int64_t{a.block_size} * detail::kDecodeWarps) >=
+                          kPrefetchMinBlocksPerWarp;
       break;
   }
   plan.workspace_bytes = splits == 1 ? 0

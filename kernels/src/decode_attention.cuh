@@ -91,8 +91,11 @@ struct DecodeUnroll {
 template <typename T, int G, bool kPrefetch>
 __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams p) {
   constexpr int U = DecodeUnroll<G>::value;
-  const int split = blockIdx.x;
-  const int kvh = blockIdx.y;
+  // kv heads vary fastest in the grid: the CTAs of one (sequence, split) run side by side and
+  // read the same KV blocks (each its head's rows), so DRAM sees whole blocks, not 256-byte rows
+  // strided by num_kv_heads x 256 bytes at different times.
+  const int kvh = blockIdx.x;
+  const int split = blockIdx.y;
   const int b = blockIdx.z;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -158,13 +161,18 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
     const int64_t phys = table[blk];
     if (phys < 0 || phys >= p.num_blocks) continue;  // a bad table entry reads nothing
     if (kPrefetch) {
+      // The block this warp reads next: each of the kv-head CTAs that read it asks L2 for one
+      // contiguous 1/num_kv_heads of its K and of its V (two bulk prefetches per CTA and block),
+      // so together they fetch it whole, in a few large requests.
       const int next = blk + kDecodeWarps;
-      if (next <= last_blk) {
+      if (lane < 2 && next <= last_blk) {
         const int64_t pn = table[next];
-        for (int slot = lane; pn >= 0 && pn < p.num_blocks && slot < bs; slot += 32) {
-          const int64_t row = (pn * bs + slot) * row_stride + int64_t{kvh} * kHeadDim;
-          PrefetchL2Bytes(static_cast<const T*>(p.k) + row, kHeadDim * sizeof(T));
-          PrefetchL2Bytes(static_cast<const T*>(p.v) + row, kHeadDim * sizeof(T));
+        if (pn >= 0 && pn < p.num_blocks) {
+          const int64_t block_elems = int64_t{bs} * row_stride;
+          const int64_t slice = int64_t{bs} * kHeadDim;  // block_elems / kv_heads
+          const T* base = static_cast<const T*>(lane == 0 ? p.k : p.v);
+          PrefetchL2Bytes(base + pn * block_elems + kvh * slice,
+                          static_cast<uint32_t>(slice * sizeof(T)));
         }
       }
     }
@@ -294,7 +302,7 @@ __global__ void __launch_bounds__(kHeadDim) CombineSplitsKernel(DecodeParams p) 
 
 template <typename T, int G, bool kPrefetch>
 cudaError_t LaunchDecode(const DecodeParams& p, int batch, cudaStream_t stream) {
-  const dim3 grid(p.num_splits, p.kv_heads, batch);
+  const dim3 grid(p.kv_heads, p.num_splits, batch);
   PagedDecodeKernel<T, G, kPrefetch><<<grid, kDecodeThreads, 0, stream>>>(p);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || p.num_splits == 1) return e;

@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(256) PagedCopyKernel(PagedCopyParams p) {
   }
 }
 
-inline constexpr int kCopyTokensPerCta = 16;
+inline constexpr int kCopyTokensPerCta = 8;
 
 template <typename Vec, bool kInject>
 cudaError_t LaunchPagedCopy(const PagedCopyParams& p, cudaStream_t stream) {
