@@ -311,8 +311,8 @@ int main(int argc, char** argv) {
 
   std::printf(
       "\n| batch | context | KV MiB | splits | CTAs/SM | off us | on us | auto us (pf) | "
-      "auto GB/s | auto %% of streaming | on/off | auto/off |\n"
-      "|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+      "auto GB/s | auto %% of streaming | on/off | auto/off | lanes | 16-lane auto us |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (int B : batches) {
     for (int ctx : contexts) {
       const int mb = ctx / BS;
@@ -372,13 +372,30 @@ int main(int argc, char** argv) {
           CHECK_OK(PagedDecodeAttention(x, nullptr));
         });
       }
+      // The other lane layout (16 lanes per token), auto prefetch, for comparison.
+      args.prefetch = PrefetchMode::kAuto;
+      args.lanes_per_token = 16;
+      auto plan16 = PlanDecodeAttention(args);
+      CHECK_OK(plan16.status());
+      void* ws16;
+      CHECK_CUDA(cudaMalloc(&ws16, std::max<size_t>(plan16->workspace_bytes, 16)));
+      const double us16 = 1e3 * timer.MedianMs(30, [&](int i) {
+        DecodeAttentionArgs x = args;
+        x.k_cache = kp[i % pools];
+        x.v_cache = vp[i % pools];
+        x.workspace = ws16;
+        x.workspace_bytes = plan16->workspace_bytes;
+        CHECK_OK(PagedDecodeAttention(x, nullptr));
+      });
+      args.lanes_per_token = 0;
+      cudaFree(ws16);
       const double gbps = kv_bytes / (us[2] * 1e-6) / 1e9;
       std::printf(
           "| %d | %d | %.0f | %d | %.2f | %.1f | %.1f | %.1f (%s) | %.0f | %.0f%% | %.2f | "
-          "%.2f |\n",
+          "%.2f | %d | %.1f |\n",
           B, ctx, kv_bytes / 1048576.0, plan->num_splits, plan->ctas_per_sm, us[0], us[1], us[2],
-          plan->prefetch ? "on" : "off", gbps, 100 * gbps / streaming, us[0] / us[1],
-          us[0] / us[2]);
+          plan->prefetch ? "on" : "off", gbps, 100 * gbps / streaming, us[0] / us[1], us[0] / us[2],
+          plan->lanes_per_token, us16);
       std::fflush(stdout);
       json.Add(
           Fmt("{\"kind\":\"decode\",\"batch\":%d,\"context\":%d,\"kv_bytes\":%zu,"

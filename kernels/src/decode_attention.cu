@@ -20,34 +20,47 @@ absl::Status CudaStatus(cudaError_t e, const char* what) {
 // outweigh its reads.
 constexpr int kMinSplitTokens = 256;
 
-// Prefetch policy (kAuto), from the lent H100 (bench/results/kernels-2026-11-23.md): the
-// in-loop prefetch gained 10-14% where each CTA walks a long run of blocks with few CTAs per SM
-// (no split-KV, <= 2 CTAs per SM), was within +-5% with split-KV's short runs, and lost up to
-// 17% with many CTAs over large KV. So: on only with few CTAs per SM and long runs per warp.
+// Lanes per token for groups <= 4 when the caller leaves it to us.
+constexpr int kDefaultLanes = 8;
+
+// Prefetch policy (kAuto), from the lent H100 (bench/results/kernels-2026-11-23.md). With 16
+// lanes per token (four CTAs per SM) the in-loop prefetch gained 10-14% where each CTA walks a
+// long run of blocks with few CTAs per SM, was within +-5% with split-KV's short runs, and lost
+// up to 17% with many CTAs over large KV: on only with few CTAs per SM and long runs per warp.
 constexpr double kPrefetchMaxCtasPerSm = 2.0;
 constexpr int64_t kPrefetchMinBlocksPerWarp = 16;
 
+// Runtime -> compile-time dispatch: dtype x group x lanes per token x prefetch.
 template <typename F>
-cudaError_t Dispatch(Dtype dtype, int group, bool prefetch, F&& f) {
-  auto by_group = [&](auto t) -> cudaError_t {
-    using T = decltype(t);
+cudaError_t Dispatch(Dtype dtype, int group, int lanes, bool prefetch, F&& f) {
+  auto with = [&]<typename T, int G, int L>() -> cudaError_t {
+    return prefetch ? f.template operator()<T, G, L, true>()
+                    : f.template operator()<T, G, L, false>();
+  };
+  auto by_group = [&]<typename T>() -> cudaError_t {
     switch (group) {
       case 1:
-        return prefetch ? f.template operator()<T, 1, true>()
-                        : f.template operator()<T, 1, false>();
+        return lanes == 8 ? with.template operator()<T, 1, 8>()
+                          : with.template operator()<T, 1, 16>();
       case 2:
-        return prefetch ? f.template operator()<T, 2, true>()
-                        : f.template operator()<T, 2, false>();
+        return lanes == 8 ? with.template operator()<T, 2, 8>()
+                          : with.template operator()<T, 2, 16>();
       case 4:
-        return prefetch ? f.template operator()<T, 4, true>()
-                        : f.template operator()<T, 4, false>();
+        return lanes == 8 ? with.template operator()<T, 4, 8>()
+                          : with.template operator()<T, 4, 16>();
       case 8:
-        return prefetch ? f.template operator()<T, 8, true>()
-                        : f.template operator()<T, 8, false>();
+        return with.template operator()<T, 8, 16>();
     }
     return cudaErrorInvalidValue;
   };
-  return dtype == Dtype::kBFloat16 ? by_group(__nv_bfloat16{}) : by_group(__half{});
+  return dtype == Dtype::kBFloat16 ? by_group.template operator()<__nv_bfloat16>()
+                                   : by_group.template operator()<__half>();
+}
+
+// Lanes per token: 16 for groups of 8 (registers, shared memory), else `requested` or 8.
+int LanesFor(int group, int requested) {
+  if (group >= 8) return 16;
+  return requested == 16 ? 16 : kDefaultLanes;
 }
 
 struct DeviceInfo {
@@ -92,6 +105,9 @@ absl::Status Validate(const DecodeAttentionArgs& a) {
                " outside [0, max_blocks_per_seq x block_size = ",
                int64_t{a.max_blocks_per_seq} * a.block_size, "]");
   }
+  if (a.lanes_per_token != 0 && a.lanes_per_token != 8 && a.lanes_per_token != 16) {
+    return bad("lanes_per_token ", a.lanes_per_token, " must be 0, 8 or 16");
+  }
   if (a.num_splits < 0 || a.num_splits > 65535) {
     return bad("num_splits ", a.num_splits, " outside [0, 65535]");
   }
@@ -124,8 +140,9 @@ absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
   if (!dev.ok()) return dev.status();
   const int group = a.num_q_heads / a.num_kv_heads;
   int per_sm = 0;
-  cudaError_t e = Dispatch(a.dtype, group, false, [&]<typename T, int G, bool P>() {
-    return detail::DecodeOccupancy<T, G, P>(&per_sm);
+  const int lanes = LanesFor(group, a.lanes_per_token);
+  cudaError_t e = Dispatch(a.dtype, group, lanes, false, [&]<typename T, int G, int L, bool P>() {
+    return detail::DecodeOccupancy<T, G, L, P>(&per_sm);
   });
   if (e != cudaSuccess) return CudaStatus(e, "occupancy query");
   const int64_t base = int64_t{a.batch} * a.num_kv_heads;
@@ -133,9 +150,10 @@ absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
   DecodePlan plan;
   int64_t splits = a.num_splits;
   if (splits == 0) {
-    // Enough CTAs for one full wave, without splits shorter than kMinSplitTokens.
+    // As many CTAs as one wave holds (never a second, partial wave: 1.2 waves measured slower
+    // than 1), without splits shorter than kMinSplitTokens.
     const int64_t wave = int64_t{dev->sms} * std::max(per_sm, 1);
-    splits = (wave + base - 1) / base;
+    splits = wave / base;
     splits = std::min<int64_t>(splits, (ctx + kMinSplitTokens - 1) / kMinSplitTokens);
     splits = std::max<int64_t>(splits, 1);
   }
@@ -143,6 +161,7 @@ absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
   split_tokens = (split_tokens + a.block_size - 1) / a.block_size * a.block_size;
   splits = (ctx + split_tokens - 1) / split_tokens;  // no split left empty by the rounding
   plan.num_splits = static_cast<int32_t>(splits);
+  plan.lanes_per_token = lanes;
   plan.split_tokens = static_cast<int32_t>(split_tokens);
   plan.ctas = base * splits;
   plan.ctas_per_sm = static_cast<double>(plan.ctas) / dev->sms;
@@ -154,9 +173,12 @@ absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
       plan.prefetch = true;
       break;
     case PrefetchMode::kAuto:
-      plan.prefetch = plan.ctas_per_sm <= kPrefetchMaxCtasPerSm &&
-                      split_tokens / (int64_t{a.block_size} * detail::kDecodeWarps) >=
-                          kPrefetchMinBlocksPerWarp;
+      // 8 lanes per token (two CTAs per SM): the prefetch measured +5-15% from batch 8 up and
+      // neutral (+-4%) at batch 1. 16 lanes: only with few CTAs and long runs (see above).
+      plan.prefetch =
+          lanes == 8 || (plan.ctas_per_sm <= kPrefetchMaxCtasPerSm &&
+                         split_tokens / (int64_t{a.block_size} * detail::kDecodeWarps) >=
+                             kPrefetchMinBlocksPerWarp);
       break;
   }
   plan.workspace_bytes = splits == 1 ? 0
@@ -195,9 +217,10 @@ absl::Status PagedDecodeAttention(const DecodeAttentionArgs& a, cudaStream_t str
   const float scale = a.scale == 0 ? 1.0f / std::sqrt(static_cast<float>(a.head_dim)) : a.scale;
   p.scale_log2 = scale * 1.4426950408889634f;
   const int group = a.num_q_heads / a.num_kv_heads;
-  cudaError_t e = Dispatch(a.dtype, group, plan->prefetch, [&]<typename T, int G, bool P>() {
-    return detail::LaunchDecode<T, G, P>(p, a.batch, stream);
-  });
+  cudaError_t e = Dispatch(a.dtype, group, plan->lanes_per_token, plan->prefetch,
+                           [&]<typename T, int G, int L, bool P>() {
+                             return detail::LaunchDecode<T, G, L, P>(p, a.batch, stream);
+                           });
   return CudaStatus(e, "PagedDecodeAttention launch");
 }
 

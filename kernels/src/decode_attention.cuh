@@ -82,15 +82,26 @@ __device__ __forceinline__ uint4 LoadStreaming(const void* p) {
   return r;
 }
 
-// Steps in flight per half-warp: fewer for large groups (registers).
-template <int G>
-struct DecodeUnroll {
-  static constexpr int value = G >= 8 ? 2 : 4;
+// How a warp splits one K/V row: kLanes lanes per token, kDims dims per lane (kDims / 8 16-byte
+// loads per row), kTokens tokens per warp step, U steps in flight. Large groups keep 16 lanes per
+// token (registers: q and the accumulators are G x kDims floats per lane); smaller groups use 8,
+// which halves the shuffle reduction and the softmax work per token.
+template <int G, int kLanesPerToken>
+struct DecodeShape {
+  static constexpr int kLanes = kLanesPerToken;
+  static constexpr int kDims = kHeadDim / kLanes;
+  static constexpr int kVecs = kDims / 8;
+  static constexpr int kTokens = 32 / kLanes;
+  static constexpr int kGroups = kDecodeWarps * kTokens;  // token groups per CTA
+  static constexpr int U = G * kDims >= 64 ? 2 : 4;
+  static_assert(kGroups * G * kHeadDim * 4 <= 32768, "merge buffer over 32 KiB");
 };
 
-template <typename T, int G, bool kPrefetch>
+template <typename T, int G, int kLanes, bool kPrefetch>
 __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams p) {
-  constexpr int U = DecodeUnroll<G>::value;
+  using S = DecodeShape<G, kLanes>;
+  constexpr int U = S::U;
+  constexpr int kDims = S::kDims;
   // kv heads vary fastest in the grid: the CTAs of one (sequence, split) run side by side and
   // read the same KV blocks (each its head's rows), so DRAM sees whole blocks, not 256-byte rows
   // strided by num_kv_heads x 256 bytes at different times.
@@ -99,18 +110,18 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
   const int b = blockIdx.z;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int half = lane / 16;  // which token of the warp's pair
-  const int sub = lane % 16;   // dims [sub * 8, sub * 8 + 8)
-  const int hw = warp * 2 + half;
+  const int grp = lane / S::kLanes;  // which token of the warp's step
+  const int sub = lane % S::kLanes;  // dims [sub * kDims, (sub + 1) * kDims)
+  const int hw = warp * S::kTokens + grp;
 
   const int ctx = p.context_lens[b];
   const int start = split * p.split_tokens;
   const int end = min(ctx, start + p.split_tokens);
   const int q_head0 = kvh * G;
 
-  __shared__ float s_m[kDecodeWarps * 2][G];
-  __shared__ float s_l[kDecodeWarps * 2][G];
-  __shared__ float s_acc[kDecodeWarps * 2][G][kHeadDim];
+  __shared__ float s_m[S::kGroups][G];
+  __shared__ float s_l[S::kGroups][G];
+  __shared__ float s_acc[S::kGroups][G][kHeadDim];
 
   if (start >= end) {  // an empty split (short sequence) or an empty sequence
     if (p.num_splits == 1) {
@@ -130,23 +141,26 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
   }
 
   // q for the group, pre-scaled into the base-2 domain.
-  float qf[G][8];
+  float qf[G][kDims];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     const T* q = static_cast<const T*>(p.q) + (int64_t{b} * p.q_heads + q_head0 + g) * kHeadDim;
-    const uint4 u = *reinterpret_cast<const uint4*>(q + sub * 8);
-    Vec8<T>::ToFloat(u, qf[g]);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) qf[g][e] *= p.scale_log2;
+    for (int w = 0; w < S::kVecs; ++w) {
+      const uint4 u = *reinterpret_cast<const uint4*>(q + sub * kDims + w * 8);
+      Vec8<T>::ToFloat(u, &qf[g][w * 8]);
+    }
+#pragma unroll
+    for (int e = 0; e < kDims; ++e) qf[g][e] *= p.scale_log2;
   }
 
-  float m[G], l[G], acc[G][8];
+  float m[G], l[G], acc[G][kDims];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.f;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
+    for (int e = 0; e < kDims; ++e) acc[g][e] = 0.f;
   }
 
   const int32_t* table = p.block_tables + int64_t{b} * p.max_blocks_per_seq;
@@ -154,8 +168,8 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
   const int first_blk = start / bs;
   const int last_blk = (end - 1) / bs;
   const int64_t row_stride = int64_t{p.kv_heads} * kHeadDim;  // elements between slots
-  const T* kbase = static_cast<const T*>(p.k) + int64_t{kvh} * kHeadDim + sub * 8;
-  const T* vbase = static_cast<const T*>(p.v) + int64_t{kvh} * kHeadDim + sub * 8;
+  const T* kbase = static_cast<const T*>(p.k) + int64_t{kvh} * kHeadDim + sub * kDims;
+  const T* vbase = static_cast<const T*>(p.v) + int64_t{kvh} * kHeadDim + sub * kDims;
 
   for (int blk = first_blk + warp; blk <= last_blk; blk += kDecodeWarps) {
     const int64_t phys = table[blk];
@@ -179,30 +193,37 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
     const int tok0 = max(start, blk * bs);
     const int tok1 = min(end, (blk + 1) * bs);
     // The whole warp runs the same steps (the shuffles below need every lane).
-    for (int t0 = tok0; t0 < tok1; t0 += 2 * U) {
-      const int t = t0 + half;
-      uint4 kr[U], vr[U];
+    for (int t0 = tok0; t0 < tok1; t0 += S::kTokens * U) {
+      const int t = t0 + grp;
+      uint4 kr[U][S::kVecs], vr[U][S::kVecs];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int tt = t + 2 * u;
-        kr[u] = make_uint4(0, 0, 0, 0);
-        vr[u] = make_uint4(0, 0, 0, 0);
+        const int tt = t + S::kTokens * u;
+#pragma unroll
+        for (int w = 0; w < S::kVecs; ++w) {
+          kr[u][w] = make_uint4(0, 0, 0, 0);
+          vr[u][w] = make_uint4(0, 0, 0, 0);
+        }
         if (tt < tok1) {
           const int64_t off = (phys * bs + (tt - blk * bs)) * row_stride;
-          kr[u] = LoadStreaming(kbase + off);
-          vr[u] = LoadStreaming(vbase + off);
+#pragma unroll
+          for (int w = 0; w < S::kVecs; ++w) {
+            kr[u][w] = LoadStreaming(kbase + off + w * 8);
+            vr[u][w] = LoadStreaming(vbase + off + w * 8);
+          }
         }
       }
       float s[U][G];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        float kf[8];
-        Vec8<T>::ToFloat(kr[u], kf);
+        float kf[kDims];
+#pragma unroll
+        for (int w = 0; w < S::kVecs; ++w) Vec8<T>::ToFloat(kr[u][w], &kf[w * 8]);
 #pragma unroll
         for (int g = 0; g < G; ++g) {
           float d = 0.f;
 #pragma unroll
-          for (int e = 0; e < 8; ++e) d = fmaf(qf[g][e], kf[e], d);
+          for (int e = 0; e < kDims; ++e) d = fmaf(qf[g][e], kf[e], d);
           s[u][g] = d;
         }
       }
@@ -211,8 +232,10 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
 #pragma unroll
         for (int g = 0; g < G; ++g) {
 #pragma unroll
-          for (int o = 8; o >= 1; o /= 2) s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], o);
-          if (t + 2 * u >= tok1) s[u][g] = -INFINITY;
+          for (int o = S::kLanes / 2; o >= 1; o /= 2) {
+            s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], o);
+          }
+          if (t + S::kTokens * u >= tok1) s[u][g] = -INFINITY;
         }
       }
 #pragma unroll
@@ -220,30 +243,31 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
         float mx = m[g];
 #pragma unroll
         for (int u = 0; u < U; ++u) mx = fmaxf(mx, s[u][g]);
-        // m = -inf, mx finite: 0. Both -inf (no valid token yet for this half-warp): keep.
+        // m = -inf, mx finite: 0. Both -inf (no valid token yet for this group): keep.
         const float alpha = mx == -INFINITY ? 1.f : exp2f(m[g] - mx);
         m[g] = mx;
         l[g] *= alpha;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[g][e] *= alpha;
+        for (int e = 0; e < kDims; ++e) acc[g][e] *= alpha;
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        if (t + 2 * u >= tok1) continue;
-        float vf[8];
-        Vec8<T>::ToFloat(vr[u], vf);
+        if (t + S::kTokens * u >= tok1) continue;
+        float vf[kDims];
+#pragma unroll
+        for (int w = 0; w < S::kVecs; ++w) Vec8<T>::ToFloat(vr[u][w], &vf[w * 8]);
 #pragma unroll
         for (int g = 0; g < G; ++g) {
           const float pr = exp2f(s[u][g] - m[g]);
           l[g] += pr;
 #pragma unroll
-          for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(pr, vf[e], acc[g][e]);
+          for (int e = 0; e < kDims; ++e) acc[g][e] = fmaf(pr, vf[e], acc[g][e]);
         }
       }
     }
   }
 
-  // Merge the 8 half-warps.
+  // Merge the token groups.
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     if (sub == 0) {
@@ -251,7 +275,7 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
       s_l[hw][g] = l[g];
     }
 #pragma unroll
-    for (int e = 0; e < 8; ++e) s_acc[hw][g][sub * 8 + e] = acc[g][e];
+    for (int e = 0; e < kDims; ++e) s_acc[hw][g][sub * kDims + e] = acc[g][e];
   }
   __syncthreads();
   const int d = threadIdx.x;  // kDecodeThreads == kHeadDim
@@ -259,10 +283,10 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
   for (int g = 0; g < G; ++g) {
     float mx = -INFINITY;
 #pragma unroll
-    for (int h = 0; h < kDecodeWarps * 2; ++h) mx = fmaxf(mx, s_m[h][g]);
+    for (int h = 0; h < S::kGroups; ++h) mx = fmaxf(mx, s_m[h][g]);
     float lsum = 0.f, o = 0.f;
 #pragma unroll
-    for (int h = 0; h < kDecodeWarps * 2; ++h) {
+    for (int h = 0; h < S::kGroups; ++h) {
       const float w = s_m[h][g] == -INFINITY ? 0.f : exp2f(s_m[h][g] - mx);
       lsum += s_l[h][g] * w;
       o += s_acc[h][g][d] * w;
@@ -300,20 +324,20 @@ __global__ void __launch_bounds__(kHeadDim) CombineSplitsKernel(DecodeParams p) 
   out[int64_t{blockIdx.x} * kHeadDim + d] = Vec8<T>::FromFloat(wsum > 0.f ? o / wsum : 0.f);
 }
 
-template <typename T, int G, bool kPrefetch>
+template <typename T, int G, int kLanes, bool kPrefetch>
 cudaError_t LaunchDecode(const DecodeParams& p, int batch, cudaStream_t stream) {
   const dim3 grid(p.kv_heads, p.num_splits, batch);
-  PagedDecodeKernel<T, G, kPrefetch><<<grid, kDecodeThreads, 0, stream>>>(p);
+  PagedDecodeKernel<T, G, kLanes, kPrefetch><<<grid, kDecodeThreads, 0, stream>>>(p);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || p.num_splits == 1) return e;
   CombineSplitsKernel<T><<<batch * p.q_heads, kHeadDim, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T, int G, bool kPrefetch>
+template <typename T, int G, int kLanes, bool kPrefetch>
 cudaError_t DecodeOccupancy(int* ctas_per_sm) {
   return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      ctas_per_sm, PagedDecodeKernel<T, G, kPrefetch>, kDecodeThreads, 0);
+      ctas_per_sm, PagedDecodeKernel<T, G, kLanes, kPrefetch>, kDecodeThreads, 0);
 }
 
 }  // namespace kvdn::kernels::detail

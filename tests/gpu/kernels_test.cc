@@ -274,17 +274,18 @@ struct AttnCase {
   int block_size;
   std::vector<int> contexts;  // per sequence
   PrefetchMode prefetch;
-  int splits;  // 0 = auto
+  int splits;     // 0 = auto
+  int lanes = 0;  // lanes per token (0 = default)
 };
 
 void RunAttention(const AttnCase& c, uint64_t seed) {
   const bool bf16 = c.dtype == Dtype::kBFloat16;
   const int batch = static_cast<int>(c.contexts.size());
   const int max_ctx = *std::max_element(c.contexts.begin(), c.contexts.end());
-  SCOPED_TRACE(::testing::Message()
-               << c.q_heads << "/" << c.kv_heads << (bf16 ? " bf16" : " fp16")
-               << " bs=" << c.block_size << " batch=" << batch << " max_ctx=" << max_ctx
-               << " prefetch=" << PrefetchModeName(c.prefetch) << " splits=" << c.splits);
+  SCOPED_TRACE(::testing::Message() << c.q_heads << "/" << c.kv_heads << (bf16 ? " bf16" : " fp16")
+                                    << " bs=" << c.block_size << " batch=" << batch << " max_ctx="
+                                    << max_ctx << " prefetch=" << PrefetchModeName(c.prefetch)
+                                    << " splits=" << c.splits << " lanes=" << c.lanes);
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.f, 1.f);
   auto to16 = [&](float f) { return bf16 ? reference::FloatToBf16(f) : reference::FloatToFp16(f); };
@@ -327,6 +328,7 @@ void RunAttention(const AttnCase& c, uint64_t seed) {
   a.dtype = c.dtype;
   a.prefetch = c.prefetch;
   a.num_splits = c.splits;
+  a.lanes_per_token = c.lanes;
   ASSERT_OK_AND_ASSIGN(DecodePlan plan, PlanDecodeAttention(a));
   DeviceBuffer ws(plan.workspace_bytes);
   a.workspace = ws.get();
@@ -378,8 +380,14 @@ TEST_F(KernelsTest, DecodeAttentionEdgeCases) {
   uint64_t seed = 900;
   for (int splits : {1, 2, 3, 64}) {
     for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn}) {
-      RunAttention({32, 8, Dtype::kBFloat16, 16, {3000, 70, 1, 0}, pf, splits}, seed++);
+      for (int lanes : {8, 16}) {
+        RunAttention({32, 8, Dtype::kBFloat16, 16, {3000, 70, 1, 0}, pf, splits, lanes}, seed++);
+      }
     }
+  }
+  for (int lanes : {8, 16}) {
+    RunAttention({32, 32, Dtype::kFloat16, 16, {999, 2}, PrefetchMode::kOn, 0, lanes}, seed++);
+    RunAttention({16, 8, Dtype::kBFloat16, 64, {4000, 2}, PrefetchMode::kOff, 0, lanes}, seed++);
   }
   RunAttention({8, 8, Dtype::kFloat16, 5, {1, 2, 3, 4, 5, 6, 7}, PrefetchMode::kOn, 0}, seed++);
   RunAttention({16, 2, Dtype::kBFloat16, 64, {0}, PrefetchMode::kAuto, 0}, seed++);
@@ -413,6 +421,7 @@ TEST_F(KernelsTest, BadAttentionArgumentsAreInvalidArgument) {
   bad([](auto& b) { b.q = nullptr; }, "non-null");
   bad([](auto& b) { b.out = static_cast<char*>(b.out) + 2; }, "16-byte aligned");
   bad([](auto& b) { b.batch = 0; }, "batch 0");
+  bad([](auto& b) { b.lanes_per_token = 4; }, "lanes_per_token 4");
   DecodeAttentionArgs c = a;
   c.num_splits = 4;
   EXPECT_THAT(PagedDecodeAttention(c, nullptr),

@@ -41,7 +41,10 @@ struct DecodeAttentionArgs {
   Dtype dtype = Dtype::kBFloat16;  // kBFloat16 or kFloat16
   float scale = 0;                 // softmax scale; 0 means 1/sqrt(head_dim)
   PrefetchMode prefetch = PrefetchMode::kAuto;
-  int32_t num_splits = 0;     // KV splits per sequence; 0 = chosen to fill the GPU
+  int32_t num_splits = 0;  // KV splits per sequence; 0 = chosen to fill the GPU
+  // Lanes of a warp that share one K/V row: 8 or 16 (0 = the measured default; groups of 8
+  // always use 16). A tuning knob for benchmarks; results agree either way.
+  int32_t lanes_per_token = 0;
   void* workspace = nullptr;  // DecodeAttentionWorkspaceBytes bytes (unused with one split)
   size_t workspace_bytes = 0;
 };
@@ -51,6 +54,7 @@ struct DecodePlan {
   int32_t num_splits = 1;
   int32_t split_tokens = 0;  // KV tokens per split (a multiple of block_size)
   bool prefetch = false;
+  int32_t lanes_per_token = 16;
   int64_t ctas = 0;            // CTAs of the main kernel
   double ctas_per_sm = 0;      // ctas / multiprocessors
   size_t workspace_bytes = 0;  // needed for this plan
