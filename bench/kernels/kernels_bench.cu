@@ -109,6 +109,94 @@ struct Timer {
   }
 };
 
+// One decode shape on the device (Llama-3-8B heads, bf16, NHD): KV pools rotated so that their
+// total is > 2x L2 (at least two unless one alone is > 4x L2), a shuffled block table, random q,
+// every sequence at `ctx` tokens.
+class DecodeSetup {
+ public:
+  static constexpr int kQHeads = 32, kKvHeads = 8, kDim = 128, kBlock = 16;
+  DecodeSetup(int batch, int ctx, size_t l2, uint32_t seed) {
+    const int mb = ctx / kBlock, nb = batch * mb;
+    const size_t cache_elems = size_t{static_cast<size_t>(nb)} * kBlock * kKvHeads * kDim;
+    kv_bytes = 2 * cache_elems * 2;
+    int pools = std::clamp(static_cast<int>(std::ceil(2.5 * l2 / kv_bytes)), 1, 64);
+    if (pools == 1 && kv_bytes < 4 * l2) pools = 2;
+    for (int p = 0; p < pools; ++p) {
+      void *k, *v;
+      CHECK_CUDA(cudaMalloc(&k, cache_elems * 2));
+      CHECK_CUDA(cudaMalloc(&v, cache_elems * 2));
+      FillRandom<<<2048, 256>>>(static_cast<uint16_t*>(k), cache_elems, 3 * p + 1, true);
+      FillRandom<<<2048, 256>>>(static_cast<uint16_t*>(v), cache_elems, 3 * p + 2, true);
+      k_.push_back(k);
+      v_.push_back(v);
+    }
+    std::vector<int32_t> tbl(nb);
+    std::iota(tbl.begin(), tbl.end(), 0);
+    std::shuffle(tbl.begin(), tbl.end(), std::mt19937(seed));
+    const std::vector<int32_t> ctxs(batch, ctx);
+    const size_t q_elems = size_t{static_cast<size_t>(batch)} * kQHeads * kDim;
+    CHECK_CUDA(cudaMalloc(&q_, q_elems * 2));
+    CHECK_CUDA(cudaMalloc(&out_, q_elems * 2));
+    CHECK_CUDA(cudaMalloc(&table_, tbl.size() * 4));
+    CHECK_CUDA(cudaMalloc(&ctx_lens_, batch * 4));
+    FillRandom<<<64, 256>>>(static_cast<uint16_t*>(q_), q_elems, seed, true);
+    CHECK_CUDA(cudaMemcpy(table_, tbl.data(), tbl.size() * 4, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(ctx_lens_, ctxs.data(), batch * 4, cudaMemcpyHostToDevice));
+    args_.q = q_;
+    args_.block_tables = table_;
+    args_.context_lens = ctx_lens_;
+    args_.out = out_;
+    args_.batch = batch;
+    args_.num_q_heads = kQHeads;
+    args_.num_kv_heads = kKvHeads;
+    args_.block_size = kBlock;
+    args_.num_blocks = nb;
+    args_.max_blocks_per_seq = mb;
+    args_.max_context_len = ctx;
+    args_.k_cache = k_[0];
+    args_.v_cache = v_[0];
+  }
+  ~DecodeSetup() {
+    for (size_t p = 0; p < k_.size(); ++p) {
+      cudaFree(k_[p]);
+      cudaFree(v_[p]);
+    }
+    for (void* p : {q_, out_, static_cast<void*>(table_), static_cast<void*>(ctx_lens_)}) {
+      cudaFree(p);
+    }
+  }
+  DecodeSetup(const DecodeSetup&) = delete;
+  DecodeSetup& operator=(const DecodeSetup&) = delete;
+
+  // The shape's arguments on pool 0, without workspace.
+  const DecodeAttentionArgs& args() const { return args_; }
+  // Median microseconds of `reps` launches of `a` (its plan's workspace allocated here), the KV
+  // pools rotated launch by launch.
+  double TimeUs(Timer& timer, DecodeAttentionArgs a, int reps) {
+    auto plan = PlanDecodeAttention(a);
+    CHECK_OK(plan.status());
+    void* ws;
+    CHECK_CUDA(cudaMalloc(&ws, std::max<size_t>(plan->workspace_bytes, 16)));
+    a.workspace = ws;
+    a.workspace_bytes = plan->workspace_bytes;
+    const double us = 1e3 * timer.MedianMs(reps, [&](int i) {
+      a.k_cache = k_[i % k_.size()];
+      a.v_cache = v_[i % v_.size()];
+      CHECK_OK(PagedDecodeAttention(a, nullptr));
+    });
+    cudaFree(ws);
+    return us;
+  }
+
+  size_t kv_bytes = 0;
+
+ private:
+  std::vector<void*> k_, v_;
+  void *q_ = nullptr, *out_ = nullptr;
+  int32_t *table_ = nullptr, *ctx_lens_ = nullptr;
+  DecodeAttentionArgs args_;
+};
+
 struct Json {
   std::string s = "[";
   void Add(const std::string& obj) { s += (s.size() > 1 ? ",\n" : "\n") + obj; }
@@ -315,80 +403,20 @@ int main(int argc, char** argv) {
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (int B : batches) {
     for (int ctx : contexts) {
-      const int mb = ctx / BS;
-      const int nb = B * mb;
-      const size_t cache_elems = size_t{static_cast<size_t>(nb)} * BS * KVH * D;
-      const size_t kv_bytes = 2 * cache_elems * 2;
-      int pools = static_cast<int>(std::ceil(2.5 * l2 / kv_bytes));
-      pools = std::clamp(pools, 1, 64);
-      if (pools == 1 && kv_bytes < 4 * l2) pools = 2;
-      std::vector<void*> kp(pools), vp(pools);
-      for (int p = 0; p < pools; ++p) {
-        CHECK_CUDA(cudaMalloc(&kp[p], cache_elems * 2));
-        CHECK_CUDA(cudaMalloc(&vp[p], cache_elems * 2));
-        FillRandom<<<2048, 256>>>(static_cast<uint16_t*>(kp[p]), cache_elems, 3 * p + 1, true);
-        FillRandom<<<2048, 256>>>(static_cast<uint16_t*>(vp[p]), cache_elems, 3 * p + 2, true);
-      }
-      std::vector<int32_t> tbl(nb);
-      std::iota(tbl.begin(), tbl.end(), 0);
-      std::shuffle(tbl.begin(), tbl.end(), std::mt19937(B * 131 + ctx));
-      std::vector<int32_t> ctxs(B, ctx);
-      void *dq, *dout, *ws;
-      int32_t *dt, *dc;
-      CHECK_CUDA(cudaMalloc(&dq, size_t{static_cast<size_t>(B)} * QH * D * 2));
-      CHECK_CUDA(cudaMalloc(&dout, size_t{static_cast<size_t>(B)} * QH * D * 2));
-      CHECK_CUDA(cudaMalloc(&dt, tbl.size() * 4));
-      CHECK_CUDA(cudaMalloc(&dc, B * 4));
-      FillRandom<<<64, 256>>>(static_cast<uint16_t*>(dq), size_t{static_cast<size_t>(B)} * QH * D,
-                              99, true);
-      CHECK_CUDA(cudaMemcpy(dt, tbl.data(), tbl.size() * 4, cudaMemcpyHostToDevice));
-      CHECK_CUDA(cudaMemcpy(dc, ctxs.data(), B * 4, cudaMemcpyHostToDevice));
-      DecodeAttentionArgs args;
-      args.q = dq;
-      args.block_tables = dt;
-      args.context_lens = dc;
-      args.out = dout;
-      args.batch = B;
-      args.num_q_heads = QH;
-      args.num_kv_heads = KVH;
-      args.block_size = BS;
-      args.num_blocks = nb;
-      args.max_blocks_per_seq = mb;
-      args.max_context_len = ctx;
-      args.k_cache = kp[0];
-      args.v_cache = vp[0];
+      DecodeSetup setup(B, ctx, l2, static_cast<uint32_t>(B * 131 + ctx));
+      DecodeAttentionArgs args = setup.args();
       auto plan = PlanDecodeAttention(args);
       CHECK_OK(plan.status());
-      CHECK_CUDA(cudaMalloc(&ws, std::max<size_t>(plan->workspace_bytes, 16)));
-      args.workspace = ws;
-      args.workspace_bytes = plan->workspace_bytes;
       double us[3];
       for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn, PrefetchMode::kAuto}) {
         args.prefetch = pf;
-        us[static_cast<int>(pf)] = 1e3 * timer.MedianMs(30, [&](int i) {
-          DecodeAttentionArgs x = args;
-          x.k_cache = kp[i % pools];
-          x.v_cache = vp[i % pools];
-          CHECK_OK(PagedDecodeAttention(x, nullptr));
-        });
+        us[static_cast<int>(pf)] = setup.TimeUs(timer, args, 30);
       }
       // The other lane layout (16 lanes per token), auto prefetch, for comparison.
       args.prefetch = PrefetchMode::kAuto;
       args.lanes_per_token = 16;
-      auto plan16 = PlanDecodeAttention(args);
-      CHECK_OK(plan16.status());
-      void* ws16;
-      CHECK_CUDA(cudaMalloc(&ws16, std::max<size_t>(plan16->workspace_bytes, 16)));
-      const double us16 = 1e3 * timer.MedianMs(30, [&](int i) {
-        DecodeAttentionArgs x = args;
-        x.k_cache = kp[i % pools];
-        x.v_cache = vp[i % pools];
-        x.workspace = ws16;
-        x.workspace_bytes = plan16->workspace_bytes;
-        CHECK_OK(PagedDecodeAttention(x, nullptr));
-      });
-      args.lanes_per_token = 0;
-      cudaFree(ws16);
+      const double us16 = setup.TimeUs(timer, args, 30);
+      const size_t kv_bytes = setup.kv_bytes;
       const double gbps = kv_bytes / (us[2] * 1e-6) / 1e9;
       std::printf(
           "| %d | %d | %.0f | %d | %.2f | %.1f | %.1f | %.1f (%s) | %.0f | %.0f%% | %.2f | "
@@ -401,16 +429,9 @@ int main(int argc, char** argv) {
           Fmt("{\"kind\":\"decode\",\"batch\":%d,\"context\":%d,\"kv_bytes\":%zu,"
               "\"splits\":%d,\"ctas_per_sm\":%.3f,\"off_us\":%.2f,\"on_us\":%.2f,"
               "\"auto_us\":%.2f,\"auto_prefetch\":%s,\"auto_gbps\":%.1f,"
-              "\"pct_stream\":%.1f}",
+              "\"pct_stream\":%.1f,\"lanes16_auto_us\":%.2f}",
               B, ctx, kv_bytes, plan->num_splits, plan->ctas_per_sm, us[0], us[1], us[2],
-              plan->prefetch ? "true" : "false", gbps, 100 * gbps / streaming));
-      for (int p = 0; p < pools; ++p) {
-        cudaFree(kp[p]);
-        cudaFree(vp[p]);
-      }
-      for (void* p : {dq, dout, ws}) cudaFree(p);
-      cudaFree(dt);
-      cudaFree(dc);
+              plan->prefetch ? "true" : "false", gbps, 100 * gbps / streaming, us16));
     }
   }
   // The paper's regime: no split-KV (one CTA per sequence x kv head), prefetch off / on / auto.
@@ -419,57 +440,15 @@ int main(int argc, char** argv) {
       "|\n|---|---|---|---|---|---|---|---|---|\n");
   for (int B : {1, 8, 32}) {
     for (int ctx : {4096, 32768}) {
-      const int mb = ctx / BS, nb = B * mb;
-      const size_t cache_elems = size_t{static_cast<size_t>(nb)} * BS * KVH * D;
-      const size_t kv_bytes = 2 * cache_elems * 2;
-      int pools = std::clamp(static_cast<int>(std::ceil(2.5 * l2 / kv_bytes)), 2, 64);
-      std::vector<void*> kp(pools), vp(pools);
-      for (int p = 0; p < pools; ++p) {
-        CHECK_CUDA(cudaMalloc(&kp[p], cache_elems * 2));
-        CHECK_CUDA(cudaMalloc(&vp[p], cache_elems * 2));
-        FillRandom<<<2048, 256>>>(static_cast<uint16_t*>(kp[p]), cache_elems, 3 * p + 1, true);
-        FillRandom<<<2048, 256>>>(static_cast<uint16_t*>(vp[p]), cache_elems, 3 * p + 2, true);
-      }
-      std::vector<int32_t> tbl(nb);
-      std::iota(tbl.begin(), tbl.end(), 0);
-      std::shuffle(tbl.begin(), tbl.end(), std::mt19937(7));
-      std::vector<int32_t> ctxs(B, ctx);
-      void *dq, *dout;
-      int32_t *dt, *dc;
-      CHECK_CUDA(cudaMalloc(&dq, size_t{static_cast<size_t>(B)} * QH * D * 2));
-      CHECK_CUDA(cudaMalloc(&dout, size_t{static_cast<size_t>(B)} * QH * D * 2));
-      CHECK_CUDA(cudaMalloc(&dt, tbl.size() * 4));
-      CHECK_CUDA(cudaMalloc(&dc, B * 4));
-      FillRandom<<<64, 256>>>(static_cast<uint16_t*>(dq), size_t{static_cast<size_t>(B)} * QH * D,
-                              5, true);
-      CHECK_CUDA(cudaMemcpy(dt, tbl.data(), tbl.size() * 4, cudaMemcpyHostToDevice));
-      CHECK_CUDA(cudaMemcpy(dc, ctxs.data(), B * 4, cudaMemcpyHostToDevice));
-      DecodeAttentionArgs args;
-      args.q = dq;
-      args.block_tables = dt;
-      args.context_lens = dc;
-      args.out = dout;
-      args.batch = B;
-      args.num_q_heads = QH;
-      args.num_kv_heads = KVH;
-      args.block_size = BS;
-      args.num_blocks = nb;
-      args.max_blocks_per_seq = mb;
-      args.max_context_len = ctx;
+      DecodeSetup setup(B, ctx, l2, 7);
+      DecodeAttentionArgs args = setup.args();
       args.num_splits = 1;
-      double us[3];
-      args.k_cache = kp[0];
-      args.v_cache = vp[0];
       auto plan = PlanDecodeAttention(args);
       CHECK_OK(plan.status());
+      double us[3];
       for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn, PrefetchMode::kAuto}) {
         args.prefetch = pf;
-        us[static_cast<int>(pf)] = 1e3 * timer.MedianMs(20, [&](int i) {
-          DecodeAttentionArgs x = args;
-          x.k_cache = kp[i % pools];
-          x.v_cache = vp[i % pools];
-          CHECK_OK(PagedDecodeAttention(x, nullptr));
-        });
+        us[static_cast<int>(pf)] = setup.TimeUs(timer, args, 20);
       }
       std::printf("| %d | %d | 1 | %.2f | %.1f | %.1f | %.1f (%s) | %.2f | %.2f |\n", B, ctx,
                   plan->ctas_per_sm, us[0], us[1], us[2], plan->prefetch ? "on" : "off",
@@ -478,14 +457,6 @@ int main(int argc, char** argv) {
           Fmt("{\"kind\":\"nosplit\",\"batch\":%d,\"context\":%d,\"off_us\":%.2f,"
               "\"on_us\":%.2f,\"auto_us\":%.2f}",
               B, ctx, us[0], us[1], us[2]));
-      for (int p = 0; p < pools; ++p) {
-        cudaFree(kp[p]);
-        cudaFree(vp[p]);
-      }
-      cudaFree(dq);
-      cudaFree(dout);
-      cudaFree(dt);
-      cudaFree(dc);
     }
   }
   if (!json_path.empty()) {

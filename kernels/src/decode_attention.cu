@@ -4,17 +4,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "kvdn/kernels/decode_attention.h"
+#include "src/cuda_status.h"
 #include "src/decode_attention.cuh"
 
 namespace kvdn::kernels {
 namespace {
 
 using detail::kHeadDim;
-
-absl::Status CudaStatus(cudaError_t e, const char* what) {
-  if (e == cudaSuccess) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(e)));
-}
 
 // Smallest split worth a CTA (tokens): below it the CTA's fixed costs (q load, merge, combine)
 // outweigh its reads.

@@ -3,15 +3,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "kvdn/kernels/paged_kv.h"
+#include "src/cuda_status.h"
 #include "src/paged_copy.cuh"
 
 namespace kvdn::kernels {
 namespace {
-
-absl::Status CudaStatus(cudaError_t e, const char* what) {
-  if (e == cudaSuccess) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(e)));
-}
 
 bool Aligned(const void* p, uintptr_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
 
