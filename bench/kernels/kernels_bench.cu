@@ -459,6 +459,34 @@ int main(int argc, char** argv) {
               B, ctx, us[0], us[1], us[2]));
     }
   }
+  // Prefetch distance (blocks ahead per warp) at small batch, default plan.
+  std::printf(
+      "\n| batch | context | splits | off us | on d=1 us | on d=2 us | on d=4 us | on d=8 us | "
+      "best on/off |\n|---|---|---|---|---|---|---|---|---|\n");
+  for (int B : {1, 8}) {
+    for (int ctx : {4096, 32768}) {
+      DecodeSetup setup(B, ctx, l2, 11);
+      DecodeAttentionArgs args = setup.args();
+      auto plan = PlanDecodeAttention(args);
+      CHECK_OK(plan.status());
+      args.prefetch = PrefetchMode::kOff;
+      const double off = setup.TimeUs(timer, args, 30);
+      args.prefetch = PrefetchMode::kOn;
+      double on[4], best = 1e30;
+      const int dist[4] = {1, 2, 4, 8};
+      for (int i = 0; i < 4; ++i) {
+        args.prefetch_distance = dist[i];
+        on[i] = setup.TimeUs(timer, args, 30);
+        best = std::min(best, on[i]);
+      }
+      std::printf("| %d | %d | %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f |\n", B, ctx,
+                  plan->num_splits, off, on[0], on[1], on[2], on[3], off / best);
+      json.Add(
+          Fmt("{\"kind\":\"distance\",\"batch\":%d,\"context\":%d,\"off_us\":%.2f,"
+              "\"d1_us\":%.2f,\"d2_us\":%.2f,\"d4_us\":%.2f,\"d8_us\":%.2f}",
+              B, ctx, off, on[0], on[1], on[2], on[3]));
+    }
+  }
   if (!json_path.empty()) {
     FILE* f = std::fopen(json_path.c_str(), "w");
     if (f) {

@@ -104,6 +104,9 @@ absl::Status Validate(const DecodeAttentionArgs& a) {
   if (a.lanes_per_token != 0 && a.lanes_per_token != 8 && a.lanes_per_token != 16) {
     return bad("lanes_per_token ", a.lanes_per_token, " must be 0, 8 or 16");
   }
+  if (a.prefetch_distance < 0 || a.prefetch_distance > 64) {
+    return bad("prefetch_distance ", a.prefetch_distance, " outside [0, 64]");
+  }
   if (a.num_splits < 0 || a.num_splits > 65535) {
     return bad("num_splits ", a.num_splits, " outside [0, 65535]");
   }
@@ -210,6 +213,7 @@ absl::Status PagedDecodeAttention(const DecodeAttentionArgs& a, cudaStream_t str
   p.max_blocks_per_seq = a.max_blocks_per_seq;
   p.num_splits = plan->num_splits;
   p.split_tokens = plan->split_tokens;
+  p.prefetch_distance = a.prefetch_distance == 0 ? 1 : a.prefetch_distance;
   const float scale = a.scale == 0 ? 1.0f / std::sqrt(static_cast<float>(a.head_dim)) : a.scale;
   p.scale_log2 = scale * 1.4426950408889634f;
   const int group = a.num_q_heads / a.num_kv_heads;

@@ -42,7 +42,8 @@ struct DecodeParams {
   int32_t max_blocks_per_seq;
   int32_t num_splits;
   int32_t split_tokens;
-  float scale_log2;  // softmax scale * log2(e)
+  int32_t prefetch_distance;  // blocks ahead, per warp (>= 1)
+  float scale_log2;           // softmax scale * log2(e)
 };
 
 template <typename T>
@@ -175,11 +176,14 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
     const int64_t phys = table[blk];
     if (phys < 0 || phys >= p.num_blocks) continue;  // a bad table entry reads nothing
     if (kPrefetch) {
-      // The block this warp reads next: each of the kv-head CTAs that read it asks L2 for one
-      // contiguous 1/num_kv_heads of its K and of its V (two bulk prefetches per CTA and block),
-      // so together they fetch it whole, in a few large requests.
-      const int next = blk + kDecodeWarps;
-      if (lane < 2 && next <= last_blk) {
+      // The block this warp reads `prefetch_distance` iterations ahead (on its first iteration,
+      // every one up to there): each of the kv-head CTAs that read it asks L2 for one contiguous
+      // 1/num_kv_heads of its K and of its V (two bulk prefetches per CTA and block), so together
+      // they fetch it whole, in a few large requests.
+      const int first = blk == first_blk + warp ? 1 : p.prefetch_distance;
+      for (int k = first; lane < 2 && k <= p.prefetch_distance; ++k) {
+        const int next = blk + k * kDecodeWarps;
+        if (next > last_blk) break;
         const int64_t pn = table[next];
         if (pn >= 0 && pn < p.num_blocks) {
           const int64_t block_elems = int64_t{bs} * row_stride;

@@ -274,8 +274,9 @@ struct AttnCase {
   int block_size;
   std::vector<int> contexts;  // per sequence
   PrefetchMode prefetch;
-  int splits;     // 0 = auto
-  int lanes = 0;  // lanes per token (0 = default)
+  int splits;        // 0 = auto
+  int lanes = 0;     // lanes per token (0 = default)
+  int distance = 0;  // prefetch distance (0 = default)
 };
 
 void RunAttention(const AttnCase& c, uint64_t seed) {
@@ -329,6 +330,7 @@ void RunAttention(const AttnCase& c, uint64_t seed) {
   a.prefetch = c.prefetch;
   a.num_splits = c.splits;
   a.lanes_per_token = c.lanes;
+  a.prefetch_distance = c.distance;
   ASSERT_OK_AND_ASSIGN(DecodePlan plan, PlanDecodeAttention(a));
   DeviceBuffer ws(plan.workspace_bytes);
   a.workspace = ws.get();
@@ -391,6 +393,10 @@ TEST_F(KernelsTest, DecodeAttentionEdgeCases) {
   }
   RunAttention({8, 8, Dtype::kFloat16, 5, {1, 2, 3, 4, 5, 6, 7}, PrefetchMode::kOn, 0}, seed++);
   RunAttention({16, 2, Dtype::kBFloat16, 64, {0}, PrefetchMode::kAuto, 0}, seed++);
+  for (int distance : {2, 5}) {
+    RunAttention({32, 8, Dtype::kBFloat16, 16, {3000, 70, 1}, PrefetchMode::kOn, 0, 8, distance},
+                 seed++);
+  }
 }
 
 TEST_F(KernelsTest, BadAttentionArgumentsAreInvalidArgument) {
@@ -422,6 +428,7 @@ TEST_F(KernelsTest, BadAttentionArgumentsAreInvalidArgument) {
   bad([](auto& b) { b.out = static_cast<char*>(b.out) + 2; }, "16-byte aligned");
   bad([](auto& b) { b.batch = 0; }, "batch 0");
   bad([](auto& b) { b.lanes_per_token = 4; }, "lanes_per_token 4");
+  bad([](auto& b) { b.prefetch_distance = 65; }, "prefetch_distance 65");
   DecodeAttentionArgs c = a;
   c.num_splits = 4;
   EXPECT_THAT(PagedDecodeAttention(c, nullptr),

@@ -45,6 +45,9 @@ struct DecodeAttentionArgs {
   // Lanes of a warp that share one K/V row: 8 or 16 (0 = the measured default; groups of 8
   // always use 16). A tuning knob for benchmarks; results agree either way.
   int32_t lanes_per_token = 0;
+  // With prefetch: how many of its blocks ahead each warp prefetches (0 = 1, the block it reads
+  // next). A tuning knob for benchmarks.
+  int32_t prefetch_distance = 0;
   void* workspace = nullptr;  // DecodeAttentionWorkspaceBytes bytes (unused with one split)
   size_t workspace_bytes = 0;
 };
