@@ -41,6 +41,15 @@ class TieredStoreTest : public ::testing::Test {
     ASSERT_EQ(*n, want.size());
     EXPECT_EQ(std::memcmp(got.data(), want.data(), want.size()), 0);
   }
+  // Puts 20 1-MiB chunks (keys 0..19) into an 8-MiB host tier with a disk tier, running
+  // maintenance after each, so the oldest are demoted to disk.
+  static void PutPastTheHostWatermark(TieredStore& s, std::vector<std::vector<uint8_t>>* chunks) {
+    for (int i = 0; i < 20; ++i) {
+      chunks->push_back(Chunk(i));
+      ASSERT_OK(s.Put(KeyFor(i), chunks->back()));
+      s.RunMaintenance();
+    }
+  }
   testing::TempDir dir_;
   FakeClock clock_;
 };
@@ -215,11 +224,7 @@ TEST_F(TieredStoreTest, DeleteOfALeasedChunkHidesItAndFreesAtRelease) {
 TEST_F(TieredStoreTest, WatermarkEvictionDemotesToDiskAndHitsPromote) {
   ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(8 * kMiB, true)));
   std::vector<std::vector<uint8_t>> chunks;
-  for (int i = 0; i < 20; ++i) {
-    chunks.push_back(Chunk(i));
-    ASSERT_OK(s->Put(KeyFor(i), chunks.back()));
-    s->RunMaintenance();
-  }
+  ASSERT_NO_FATAL_FAILURE(PutPastTheHostWatermark(*s, &chunks));
   StoreStats st = s->Stats();
   EXPECT_LE(st.tier(TierKind::kHost).used_bytes, 8 * kMiB * 9 / 10);
   EXPECT_GT(st.tier(TierKind::kHost).demotions, 0u);
@@ -246,11 +251,7 @@ TEST_F(TieredStoreTest, WatermarkEvictionDemotesToDiskAndHitsPromote) {
 TEST_F(TieredStoreTest, NonBlockingAcquireServesMemoryAndRefusesDiskReads) {
   ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(8 * kMiB, true)));
   std::vector<std::vector<uint8_t>> chunks;
-  for (int i = 0; i < 20; ++i) {
-    chunks.push_back(Chunk(i));
-    ASSERT_OK(s->Put(KeyFor(i), chunks.back()));
-    s->RunMaintenance();
-  }
+  ASSERT_NO_FATAL_FAILURE(PutPastTheHostWatermark(*s, &chunks));
   ASSERT_EQ(s->Lookup({KeyFor(0)}).tiers[0], TierKind::kDisk);
   AcquireOptions nb;
   nb.may_block = false;
