@@ -48,7 +48,7 @@ struct DecodeAttentionArgs {
   // With prefetch: how many of its blocks ahead each warp prefetches (0 = 1, the block it reads
   // next). A tuning knob for benchmarks.
   int32_t prefetch_distance = 0;
-  void* workspace = nullptr;  // DecodeAttentionWorkspaceBytes bytes (unused with one split)
+  void* workspace = nullptr;  // PlanDecodeAttention(args)->workspace_bytes (none with one split)
   size_t workspace_bytes = 0;
 };
 
