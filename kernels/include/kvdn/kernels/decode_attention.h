@@ -3,9 +3,9 @@
 //
 // The method of arXiv 2504.06319: while a warp computes on its current KV block it issues
 // cp.async.bulk.prefetch.L2 for the block it reads next, hiding HBM latency. Measured on the
-// lent H100 (kernels/README.md), the prefetch pays where few CTAs are in flight and costs where
-// many are, so a policy turns it on by CTAs per SM (PrefetchMode::kAuto), and split-KV gives
-// small batches enough CTAs to fill the GPU.
+// lent H100 (kernels/README.md), the prefetch pays where few warps are resident per SM and
+// costs where many are, so PrefetchMode::kAuto turns it on by the kernel variant and CTAs per SM;
+// split-KV gives small batches enough CTAs to fill the GPU.
 #ifndef KVDN_KERNELS_DECODE_ATTENTION_H_
 #define KVDN_KERNELS_DECODE_ATTENTION_H_
 
@@ -57,10 +57,10 @@ struct DecodePlan {
   int32_t num_splits = 1;
   int32_t split_tokens = 0;  // KV tokens per split (a multiple of block_size)
   bool prefetch = false;
-  int32_t lanes_per_token = 16;
-  int64_t ctas = 0;            // CTAs of the main kernel
-  double ctas_per_sm = 0;      // ctas / multiprocessors
-  size_t workspace_bytes = 0;  // needed for this plan
+  int32_t lanes_per_token = 16;  // the kernel variant (8 for groups <= 4 by default)
+  int64_t ctas = 0;              // CTAs of the main kernel
+  double ctas_per_sm = 0;        // ctas / multiprocessors
+  size_t workspace_bytes = 0;    // needed for this plan
 };
 
 // Validates `args` and plans the launch. INVALID_ARGUMENT naming the bad field.
