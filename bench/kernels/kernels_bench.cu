@@ -188,6 +188,51 @@ class DecodeSetup {
     return us;
   }
 
+  // Two layers back to back on the default stream (layer A = one pool, layer B = the next), the
+  // in-loop prefetch off. With `prefetch_next`, PrefetchL2 of all of layer B's pages is enqueued
+  // on `side` as layer A starts (what an engine's SDK does for the next layer); the timing joins
+  // `side` before it stops. Median microseconds over `reps`, pools rotated.
+  double TimeTwoLayersUs(Timer& timer, DecodeAttentionArgs a, int reps, bool prefetch_next,
+                         cudaStream_t side, cudaEvent_t start, cudaEvent_t side_done) {
+    a.prefetch = PrefetchMode::kOff;
+    auto plan = PlanDecodeAttention(a);
+    CHECK_OK(plan.status());
+    void* ws;
+    CHECK_CUDA(cudaMalloc(&ws, std::max<size_t>(plan->workspace_bytes, 16)));
+    a.workspace = ws;
+    a.workspace_bytes = plan->workspace_bytes;
+    const size_t n = k_.size();
+    const double us = 1e3 * timer.MedianMs(reps, [&](int i) {
+      const size_t la = (2 * i) % n, lb = (2 * i + 1) % n;
+      if (prefetch_next) {
+        CHECK_CUDA(cudaEventRecord(start, nullptr));
+        CHECK_CUDA(cudaStreamWaitEvent(side, start));
+        PagedKvLayer cache;
+        cache.k = k_[lb];
+        cache.v = v_[lb];
+        cache.num_blocks = a.num_blocks;
+        cache.block_size = a.block_size;
+        cache.num_kv_heads = a.num_kv_heads;
+        cache.head_dim = a.head_dim;
+        for (int b = 0; b < a.batch; ++b) {
+          const TokenRange r{table_ + int64_t{b} * a.max_blocks_per_seq, a.max_blocks_per_seq, 0,
+                             a.max_context_len};
+          CHECK_OK(PrefetchL2(cache, r, 0, side));
+        }
+        CHECK_CUDA(cudaEventRecord(side_done, side));
+      }
+      a.k_cache = k_[la];
+      a.v_cache = v_[la];
+      CHECK_OK(PagedDecodeAttention(a, nullptr));
+      a.k_cache = k_[lb];
+      a.v_cache = v_[lb];
+      CHECK_OK(PagedDecodeAttention(a, nullptr));
+      if (prefetch_next) CHECK_CUDA(cudaStreamWaitEvent(nullptr, side_done));
+    });
+    cudaFree(ws);
+    return us;
+  }
+
   size_t kv_bytes = 0;
 
  private:
@@ -486,6 +531,35 @@ int main(int argc, char** argv) {
               "\"d1_us\":%.2f,\"d2_us\":%.2f,\"d4_us\":%.2f,\"d8_us\":%.2f}",
               B, ctx, off, on[0], on[1], on[2], on[3]));
     }
+  }
+  // PrefetchL2 (the API for engines that keep their own attention kernel): the next layer's
+  // pages prefetched on a side stream while this layer's attention runs.
+  std::printf(
+      "\n| batch | context | layer KV MiB | two layers us | with PrefetchL2 of layer 2 us | "
+      "speedup |\n|---|---|---|---|---|---|\n");
+  {
+    cudaStream_t side;
+    cudaEvent_t start, side_done;
+    CHECK_CUDA(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+    CHECK_CUDA(cudaEventCreateWithFlags(&start, cudaEventDisableTiming));
+    CHECK_CUDA(cudaEventCreateWithFlags(&side_done, cudaEventDisableTiming));
+    for (auto [B, ctx] : {std::pair{1, 2048}, std::pair{1, 4096}, std::pair{8, 512},
+                          std::pair{8, 1024}, std::pair{32, 512}}) {
+      DecodeSetup setup(B, ctx, l2, 13);
+      const double base =
+          setup.TimeTwoLayersUs(timer, setup.args(), 30, false, side, start, side_done);
+      const double pf =
+          setup.TimeTwoLayersUs(timer, setup.args(), 30, true, side, start, side_done);
+      std::printf("| %d | %d | %.0f | %.1f | %.1f | %.2f |\n", B, ctx, setup.kv_bytes / 1048576.0,
+                  base, pf, base / pf);
+      json.Add(
+          Fmt("{\"kind\":\"prefetch_api\",\"batch\":%d,\"context\":%d,"
+              "\"base_us\":%.2f,\"prefetch_us\":%.2f}",
+              B, ctx, base, pf));
+    }
+    cudaStreamDestroy(side);
+    cudaEventDestroy(start);
+    cudaEventDestroy(side_done);
   }
   if (!json_path.empty()) {
     FILE* f = std::fopen(json_path.c_str(), "w");
