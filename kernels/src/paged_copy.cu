@@ -124,26 +124,31 @@ absl::Status PrefetchL2(const PagedKvLayer& c, const TokenRange& r, uint64_t l2_
   if (absl::Status st = ValidateCache(c); !st.ok()) return st;
   if (absl::Status st = ValidateRange(c, r); !st.ok()) return st;
   const int64_t row_bytes = int64_t{c.head_dim} * static_cast<int64_t>(DtypeSize(c.dtype));
-  if (row_bytes % 16 != 0 || !Aligned(c.k, 16) || (c.v && !Aligned(c.v, 16))) {
+  const int64_t block_bytes = row_bytes * c.num_kv_heads * c.block_size;
+  if (block_bytes % 16 != 0 || !Aligned(c.k, 16) || (c.v && !Aligned(c.v, 16))) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "L2 prefetch needs 16-byte aligned rows: head_dim x element = ", row_bytes, " bytes"));
+        "L2 prefetch needs 16-byte aligned blocks: block_size x kv_heads x head_dim x element = ",
+        block_bytes, " bytes"));
   }
-  int64_t tokens = r.num_tokens;
-  const int64_t per_token = 2 * row_bytes * c.num_kv_heads;
+  // Whole blocks covering the range, in token order, within the budget.
+  int64_t first = 0, count = 0;
+  if (r.num_tokens > 0) {
+    first = r.first_token / c.block_size;
+    count = (int64_t{r.first_token} + r.num_tokens - 1) / c.block_size - first + 1;
+  }
   if (l2_budget_bytes != 0) {
-    tokens = std::min<int64_t>(tokens, static_cast<int64_t>(l2_budget_bytes) / per_token);
+    count = std::min<int64_t>(count, static_cast<int64_t>(l2_budget_bytes) / (2 * block_bytes));
   }
-  if (bytes != nullptr) *bytes = static_cast<uint64_t>(tokens * per_token);
+  if (bytes != nullptr) *bytes = static_cast<uint64_t>(count * 2 * block_bytes);
   detail::PrefetchParams p{};
   p.k = static_cast<const char*>(c.k);
   p.v = static_cast<const char*>(c.v);
   p.block_table = r.block_table;
   p.num_blocks = c.num_blocks;
   p.block_size = c.block_size;
-  p.heads = c.num_kv_heads;
-  p.row_bytes = static_cast<int32_t>(row_bytes);
-  p.first_token = r.first_token;
-  p.num_tokens = static_cast<int32_t>(tokens);
+  p.block_bytes = block_bytes;
+  p.first_block = static_cast<int32_t>(first);
+  p.num_table_blocks = static_cast<int32_t>(count);
   p.layout = static_cast<int32_t>(c.layout);
   return CudaStatus(detail::LaunchPrefetch(p, stream), "PrefetchL2 launch");
 }

@@ -105,54 +105,42 @@ cudaError_t LaunchPagedCopy(const PagedCopyParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// L2 prefetch of whole rows (K and V) of the blocks covering [first_token, first_token + n):
-// one bulk prefetch per (kv, token, head) row in the NHD/HND layouts. `row_bytes` is a multiple
-// of 16 and rows are 16-byte aligned (checked by the caller).
+// L2 prefetch of the whole blocks (pages) that hold tokens [first_token, first_token + n): one
+// bulk prefetch per block for K and one for V. In all three layouts a block's K (and its V) is
+// one contiguous range of `block_bytes`: NHD and HND [block][...], combined [block][K|V][...].
+// NOTE: whole blocks, not rows: 256-byte bulk prefetches per row swamped the copy engine (a
+// 64 MiB prefetch took 0.6 ms and stalled the attention beside it; bench/results).
 struct PrefetchParams {
   const char* k;
   const char* v;
   const int32_t* block_table;
   int32_t num_blocks;
   int32_t block_size;
-  int32_t heads;
-  int32_t row_bytes;
-  int32_t first_token;
-  int32_t num_tokens;
+  int64_t block_bytes;  // one block's K (or V): block_size x heads x row bytes
+  int32_t first_block;  // index into block_table
+  int32_t num_table_blocks;
   int32_t layout;
 };
 
 __global__ void PrefetchKernel(PrefetchParams p) {
-  const int64_t rows = 2 * int64_t{p.num_tokens} * p.heads;
-  for (int64_t r = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; r < rows;
-       r += int64_t{gridDim.x} * blockDim.x) {
-    const int head = static_cast<int>(r % p.heads);
-    const int64_t q = r / p.heads;
-    const int kv = q >= p.num_tokens ? 1 : 0;
-    const int64_t pos = p.first_token + (q - int64_t{kv} * p.num_tokens);
-    const int32_t block = p.block_table[pos / p.block_size];
+  const int64_t ops = 2 * int64_t{p.num_table_blocks};
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < ops;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int kv = static_cast<int>(i & 1);
+    const int32_t block = p.block_table[p.first_block + (i >> 1)];
     if (block < 0 || block >= p.num_blocks) continue;
-    const int slot = static_cast<int>(pos % p.block_size);
-    int64_t row;
-    switch (p.layout) {
-      case 1:
-        row = ((int64_t{block} * 2 + kv) * p.block_size + slot) * p.heads + head;
-        break;
-      case 2:
-        row = (int64_t{block} * p.heads + head) * p.block_size + slot;
-        break;
-      default:
-        row = (int64_t{block} * p.block_size + slot) * p.heads + head;
-    }
-    const char* base = kv == 0 || p.layout == 1 ? p.k : p.v;
-    PrefetchL2Bytes(base + row * p.row_bytes, static_cast<uint32_t>(p.row_bytes));
+    const char* addr = p.layout == 1 ? p.k + (int64_t{block} * 2 + kv) * p.block_bytes
+                                     : (kv == 0 ? p.k : p.v) + int64_t{block} * p.block_bytes;
+    // Bulk prefetches take up to 2^32 - 16 bytes; blocks are far smaller.
+    PrefetchL2Bytes(addr, static_cast<uint32_t>(p.block_bytes));
   }
 }
 
 inline cudaError_t LaunchPrefetch(const PrefetchParams& p, cudaStream_t stream) {
-  const int64_t rows = 2 * int64_t{p.num_tokens} * p.heads;
-  if (rows == 0) return cudaSuccess;
-  const int64_t ctas = (rows + 255) / 256;
-  PrefetchKernel<<<static_cast<unsigned>(ctas < 4096 ? ctas : 4096), 256, 0, stream>>>(p);
+  const int64_t ops = 2 * int64_t{p.num_table_blocks};
+  if (ops == 0) return cudaSuccess;
+  const int64_t ctas = (ops + 127) / 128;
+  PrefetchKernel<<<static_cast<unsigned>(ctas < 1024 ? ctas : 1024), 128, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

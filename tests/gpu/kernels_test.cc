@@ -254,7 +254,7 @@ TEST_F(KernelsTest, PrefetchRespectsTheBudgetAndWritesNothing) {
   ASSERT_OK(PrefetchL2(cache, {table.as<int32_t>(), 64, 0, 1024}, 0, nullptr, &bytes));
   EXPECT_EQ(bytes, tensor * 2);
   ASSERT_OK(PrefetchL2(cache, {table.as<int32_t>(), 64, 0, 1024}, 1 << 20, nullptr, &bytes));
-  EXPECT_EQ(bytes, 1u << 20);  // 256 tokens x 4 KiB
+  EXPECT_EQ(bytes, 1u << 20);  // 16 blocks x (K + V) x 32 KiB
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<uint8_t> got(tensor);
   CUDA_OK(k.Download(got.data()));
@@ -262,9 +262,14 @@ TEST_F(KernelsTest, PrefetchRespectsTheBudgetAndWritesNothing) {
   CUDA_OK(v.Download(got.data()));
   EXPECT_EQ(got, vh);
   PagedKvLayer odd = cache;
-  odd.head_dim = 4;  // 8-byte rows
+  odd.head_dim = 4;  // 8-byte blocks
+  odd.num_kv_heads = 1;
+  odd.block_size = 1;
   EXPECT_THAT(PrefetchL2(odd, {table.as<int32_t>(), 64, 0, 16}, 0, nullptr),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("16-byte aligned rows")));
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("16-byte aligned blocks")));
+  // A range starting mid-block prefetches the whole first and last blocks.
+  ASSERT_OK(PrefetchL2(cache, {table.as<int32_t>(), 64, 5, 20}, 0, nullptr, &bytes));
+  EXPECT_EQ(bytes, 2u * 2 * 32768);  // blocks 0 and 1, K and V, 32 KiB each
 }
 
 struct AttnCase {

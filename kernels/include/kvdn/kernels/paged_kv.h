@@ -70,11 +70,12 @@ absl::Status InjectLayer(const void* src, const PagedKvLayer& cache, const Token
 absl::Status ExtractLayer(const PagedKvLayer& cache, const TokenRange& range, void* dst,
                           cudaStream_t stream);
 
-// Prefetches into L2 the K and V bytes of the blocks that `range` covers (in token order), as
-// much as fits `l2_budget_bytes` (0: no limit), with cp.async.bulk.prefetch.L2 (sm_90; a plain
-// no-op prefetch on older GPUs). For engines that keep their own attention kernel: enqueue it on
-// a side stream just before that kernel. Returns the bytes it asked for in `*bytes` when not
-// null. Nothing is written.
+// Prefetches into L2 the K and V of the whole blocks that `range` covers (in token order), as
+// many blocks as fit `l2_budget_bytes` (0: no limit), one cp.async.bulk.prefetch.L2 per block's K
+// and V (sm_90; a plain one-line prefetch on older GPUs). For engines that keep their own
+// attention kernel: enqueue it on a side stream as the previous layer's attention starts. Returns
+// the bytes it asked for in `*bytes` when not null. Nothing is written. INVALID_ARGUMENT when a
+// block is not a multiple of 16 bytes or the cache is not 16-byte aligned.
 absl::Status PrefetchL2(const PagedKvLayer& cache, const TokenRange& range,
                         uint64_t l2_budget_bytes, cudaStream_t stream, uint64_t* bytes = nullptr);
 
