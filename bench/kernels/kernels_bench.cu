@@ -189,9 +189,9 @@ class DecodeSetup {
   }
 
   // Two layers back to back on the default stream (layer A = one pool, layer B = the next), the
-  // in-loop prefetch off. With `prefetch_next`, PrefetchL2 of all of layer B's pages is enqueued
-  // on `side` as layer A starts (what an engine's SDK does for the next layer); the timing joins
-  // `side` before it stops. Median microseconds over `reps`, pools rotated.
+  // in-loop prefetch off. With `prefetch_next`, PrefetchL2Batch of all of layer B's pages is
+  // enqueued on `side` as layer A starts (what an engine's SDK does for the next layer); the timing
+  // joins `side` before it stops. Median microseconds over `reps`, pools rotated.
   double TimeTwoLayersUs(Timer& timer, DecodeAttentionArgs a, int reps, bool prefetch_next,
                          cudaStream_t side, cudaEvent_t start, cudaEvent_t side_done) {
     a.prefetch = PrefetchMode::kOff;
@@ -214,11 +214,7 @@ class DecodeSetup {
         cache.block_size = a.block_size;
         cache.num_kv_heads = a.num_kv_heads;
         cache.head_dim = a.head_dim;
-        for (int b = 0; b < a.batch; ++b) {
-          const TokenRange r{table_ + int64_t{b} * a.max_blocks_per_seq, a.max_blocks_per_seq, 0,
-                             a.max_context_len};
-          CHECK_OK(PrefetchL2(cache, r, 0, side));
-        }
+        CHECK_OK(PrefetchL2Batch(cache, table_, a.max_blocks_per_seq, ctx_lens_, a.batch, 0, side));
         CHECK_CUDA(cudaEventRecord(side_done, side));
       }
       a.k_cache = k_[la];

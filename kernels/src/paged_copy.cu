@@ -153,4 +153,43 @@ absl::Status PrefetchL2(const PagedKvLayer& c, const TokenRange& r, uint64_t l2_
   return CudaStatus(detail::LaunchPrefetch(p, stream), "PrefetchL2 launch");
 }
 
+absl::Status PrefetchL2Batch(const PagedKvLayer& c, const int32_t* block_tables,
+                             int32_t max_blocks_per_seq, const int32_t* context_lens, int32_t batch,
+                             uint64_t l2_budget_bytes, cudaStream_t stream, uint64_t* bytes) {
+  if (absl::Status st = ValidateCache(c); !st.ok()) return st;
+  if (batch < 1 || max_blocks_per_seq < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("batch ", batch, " and max_blocks_per_seq ",
+                                                   max_blocks_per_seq, " must be >= 1"));
+  }
+  if (block_tables == nullptr || context_lens == nullptr) {
+    return absl::InvalidArgumentError("block_tables and context_lens must be non-null");
+  }
+  const int64_t row_bytes = int64_t{c.head_dim} * static_cast<int64_t>(DtypeSize(c.dtype));
+  const int64_t block_bytes = row_bytes * c.num_kv_heads * c.block_size;
+  if (block_bytes % 16 != 0 || !Aligned(c.k, 16) || (c.v && !Aligned(c.v, 16))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "L2 prefetch needs 16-byte aligned blocks: block_size x kv_heads x head_dim x element = ",
+        block_bytes, " bytes"));
+  }
+  int64_t per_seq = max_blocks_per_seq;
+  if (l2_budget_bytes != 0) {
+    per_seq = std::min<int64_t>(per_seq,
+                                static_cast<int64_t>(l2_budget_bytes) / batch / (2 * block_bytes));
+  }
+  if (bytes != nullptr) *bytes = static_cast<uint64_t>(per_seq * batch * 2 * block_bytes);
+  detail::BatchPrefetchParams p{};
+  p.k = static_cast<const char*>(c.k);
+  p.v = static_cast<const char*>(c.v);
+  p.block_tables = block_tables;
+  p.context_lens = context_lens;
+  p.batch = batch;
+  p.max_blocks_per_seq = max_blocks_per_seq;
+  p.max_blocks = static_cast<int32_t>(per_seq);
+  p.num_blocks = c.num_blocks;
+  p.block_size = c.block_size;
+  p.block_bytes = block_bytes;
+  p.layout = static_cast<int32_t>(c.layout);
+  return CudaStatus(detail::LaunchBatchPrefetch(p, stream), "PrefetchL2Batch launch");
+}
+
 }  // namespace kvdn::kernels

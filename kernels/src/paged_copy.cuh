@@ -144,6 +144,48 @@ inline cudaError_t LaunchPrefetch(const PrefetchParams& p, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
+// The batched form: one op per (sequence, block, K|V) for the blocks under context_lens[b],
+// at most `max_blocks` per sequence.
+struct BatchPrefetchParams {
+  const char* k;
+  const char* v;
+  const int32_t* block_tables;
+  const int32_t* context_lens;
+  int32_t batch;
+  int32_t max_blocks_per_seq;
+  int32_t max_blocks;  // budget per sequence
+  int32_t num_blocks;
+  int32_t block_size;
+  int64_t block_bytes;
+  int32_t layout;
+};
+
+__global__ void BatchPrefetchKernel(BatchPrefetchParams p) {
+  const int64_t ops = int64_t{p.batch} * p.max_blocks * 2;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < ops;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int kv = static_cast<int>(i & 1);
+    const int64_t j = i >> 1;
+    const int b = static_cast<int>(j / p.max_blocks);
+    const int blk = static_cast<int>(j % p.max_blocks);
+    const int ctx = p.context_lens[b];
+    if (blk >= (ctx + p.block_size - 1) / p.block_size || blk >= p.max_blocks_per_seq) continue;
+    const int32_t block = p.block_tables[int64_t{b} * p.max_blocks_per_seq + blk];
+    if (block < 0 || block >= p.num_blocks) continue;
+    const char* addr = p.layout == 1 ? p.k + (int64_t{block} * 2 + kv) * p.block_bytes
+                                     : (kv == 0 ? p.k : p.v) + int64_t{block} * p.block_bytes;
+    PrefetchL2Bytes(addr, static_cast<uint32_t>(p.block_bytes));
+  }
+}
+
+inline cudaError_t LaunchBatchPrefetch(const BatchPrefetchParams& p, cudaStream_t stream) {
+  const int64_t ops = int64_t{p.batch} * p.max_blocks * 2;
+  if (ops == 0) return cudaSuccess;
+  const int64_t ctas = (ops + 127) / 128;
+  BatchPrefetchKernel<<<static_cast<unsigned>(ctas < 1024 ? ctas : 1024), 128, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
 }  // namespace kvdn::kernels::detail
 
 #endif  // KVDN_KERNELS_SRC_PAGED_COPY_CUH_

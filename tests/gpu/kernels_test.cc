@@ -267,6 +267,23 @@ TEST_F(KernelsTest, PrefetchRespectsTheBudgetAndWritesNothing) {
   odd.block_size = 1;
   EXPECT_THAT(PrefetchL2(odd, {table.as<int32_t>(), 64, 0, 16}, 0, nullptr),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("16-byte aligned blocks")));
+  // The batched form: 2 sequences x 32 blocks of the same table (contexts 512 and 100 tokens).
+  DeviceBuffer lens(8);
+  const std::vector<int32_t> ctx_lens = {512, 100};
+  CUDA_OK(lens.Upload(ctx_lens.data()));
+  ASSERT_OK(
+      PrefetchL2Batch(cache, table.as<int32_t>(), 32, lens.as<int32_t>(), 2, 0, nullptr, &bytes));
+  EXPECT_EQ(bytes, 2u * 32 * 2 * 32768);
+  ASSERT_OK(PrefetchL2Batch(cache, table.as<int32_t>(), 32, lens.as<int32_t>(), 2, 1 << 20, nullptr,
+                            &bytes));
+  EXPECT_EQ(bytes, 1u << 20);  // 8 blocks per sequence
+  EXPECT_THAT(PrefetchL2Batch(cache, table.as<int32_t>(), 32, nullptr, 2, 0, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("context_lens")));
+  EXPECT_THAT(PrefetchL2Batch(cache, table.as<int32_t>(), 0, lens.as<int32_t>(), 2, 0, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_blocks_per_seq 0")));
+  CUDA_OK(cudaDeviceSynchronize());
+  CUDA_OK(k.Download(got.data()));
+  EXPECT_EQ(got, kh);
   // A range starting mid-block prefetches the whole first and last blocks.
   ASSERT_OK(PrefetchL2(cache, {table.as<int32_t>(), 64, 5, 20}, 0, nullptr, &bytes));
   EXPECT_EQ(bytes, 2u * 2 * 32768);  // blocks 0 and 1, K and V, 32 KiB each

@@ -79,6 +79,17 @@ absl::Status ExtractLayer(const PagedKvLayer& cache, const TokenRange& range, vo
 absl::Status PrefetchL2(const PagedKvLayer& cache, const TokenRange& range,
                         uint64_t l2_budget_bytes, cudaStream_t stream, uint64_t* bytes = nullptr);
 
+// PrefetchL2 for a whole batch in one launch, from the tensors an engine's attention already
+// takes: `block_tables` [batch][max_blocks_per_seq] and `context_lens` [batch] (device int32).
+// Every block holding one of the first context_lens[b] tokens of each sequence is prefetched
+// (K and V), as many as `l2_budget_bytes` allows when nonzero (the budget is split evenly over
+// the sequences). `*bytes` (when not null) gets the most it may ask for. INVALID_ARGUMENT as
+// PrefetchL2, or for batch < 1 or max_blocks_per_seq < 1.
+absl::Status PrefetchL2Batch(const PagedKvLayer& cache, const int32_t* block_tables,
+                             int32_t max_blocks_per_seq, const int32_t* context_lens, int32_t batch,
+                             uint64_t l2_budget_bytes, cudaStream_t stream,
+                             uint64_t* bytes = nullptr);
+
 }  // namespace kvdn::kernels
 
 #endif  // KVDN_KERNELS_PAGED_KV_H_
