@@ -1,0 +1,301 @@
+// Internal to kernels_bench: error checks, data fills, the timer, the decode-shape fixture and
+// the JSON writer. Included by kernels_bench.cu only.
+#ifndef KVDN_BENCH_KERNELS_KERNELS_BENCH_UTIL_CUH_
+#define KVDN_BENCH_KERNELS_KERNELS_BENCH_UTIL_CUH_
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kvdn/kernels/decode_attention.h"
+#include "kvdn/kernels/paged_kv.h"
+
+namespace kvdn::bench_kernels {
+
+using namespace kvdn;
+using namespace kvdn::kernels;
+
+#define CHECK_CUDA(expr)                                                                         \
+  do {                                                                                           \
+    cudaError_t e_ = (expr);                                                                     \
+    if (e_ != cudaSuccess) {                                                                     \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                              \
+    }                                                                                            \
+  } while (0)
+#define CHECK_OK(expr)                                                               \
+  do {                                                                               \
+    absl::Status s_ = (expr);                                                        \
+    if (!s_.ok()) {                                                                  \
+      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, s_.ToString().c_str()); \
+      std::exit(1);                                                                  \
+    }                                                                                \
+  } while (0)
+
+__global__ void FillRandom(uint16_t* p, size_t n, uint64_t seed, bool bf16) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x) {
+    uint64_t x = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+    x ^= x >> 31;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 29;
+    // Uniform in [-1, 1) as bf16/fp16 bits (no zeros-only data).
+    const float f = static_cast<float>(x >> 40) / static_cast<float>(1ull << 23) - 1.0f;
+    if (bf16) {
+      uint32_t u;
+      memcpy(&u, &f, 4);
+      p[i] = static_cast<uint16_t>(u >> 16);
+    } else {
+      p[i] = __half_as_ushort(__float2half(f));
+    }
+  }
+}
+
+__global__ void StreamRead(const uint4* p, size_t n, uint4* sink) {
+  uint4 acc = make_uint4(0, 0, 0, 0);
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p + i));
+    acc.x ^= v.x;
+    acc.y ^= v.y;
+    acc.z ^= v.z;
+    acc.w ^= v.w;
+  }
+  if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x12345678u) sink[threadIdx.x] = acc;
+}
+
+// Compute-bound filler standing in for an engine's MLP between two attention layers: FMAs in
+// registers, no memory traffic.
+__global__ void ComputeFiller(int iters, float* sink) {
+  float a = threadIdx.x * 1e-3f, b = 1.0001f, c = 0.9999f;
+  for (int i = 0; i < iters; ++i) {
+    a = fmaf(a, b, c);
+    b = fmaf(b, c, a);
+  }
+  if (a == 1234.5f) sink[threadIdx.x] = b;
+}
+
+struct Timer {
+  cudaEvent_t a, b;
+  Timer() {
+    CHECK_CUDA(cudaEventCreate(&a));
+    CHECK_CUDA(cudaEventCreate(&b));
+  }
+  ~Timer() {
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+  }
+  template <typename F>
+  double MedianMs(int reps, F&& f) {
+    std::vector<float> t;
+    for (int i = 0; i < reps + 3; ++i) {
+      CHECK_CUDA(cudaEventRecord(a));
+      f(i);
+      CHECK_CUDA(cudaEventRecord(b));
+      CHECK_CUDA(cudaEventSynchronize(b));
+      float ms;
+      CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
+      if (i >= 3) t.push_back(ms);  // warm-up
+    }
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+  }
+};
+
+// One decode shape on the device (Llama-3-8B heads, bf16, NHD): KV pools rotated so that their
+// total is > 2x L2 (at least two unless one alone is > 4x L2), a shuffled block table, random q,
+// every sequence at `ctx` tokens.
+class DecodeSetup {
+ public:
+  static constexpr int kQHeads = 32, kKvHeads = 8, kDim = 128, kBlock = 16;
+  DecodeSetup(int batch, int ctx, size_t l2, uint32_t seed) {
+    const int mb = ctx / kBlock, nb = batch * mb;
+    const size_t cache_elems = size_t{static_cast<size_t>(nb)} * kBlock * kKvHeads * kDim;
+    kv_bytes = 2 * cache_elems * 2;
+    int pools = std::clamp(static_cast<int>(std::ceil(2.5 * l2 / kv_bytes)), 1, 64);
+    if (pools == 1 && kv_bytes < 4 * l2) pools = 2;
+    for (int p = 0; p < pools; ++p) {
+      void *k, *v;
+      CHECK_CUDA(cudaMalloc(&k, cache_elems * 2));
+      CHECK_CUDA(cudaMalloc(&v, cache_elems * 2));
+      FillRandom<<<2048, 256>>>(static_cast<uint16_t*>(k), cache_elems, 3 * p + 1, true);
+      FillRandom<<<2048, 256>>>(static_cast<uint16_t*>(v), cache_elems, 3 * p + 2, true);
+      k_.push_back(k);
+      v_.push_back(v);
+    }
+    std::vector<int32_t> tbl(nb);
+    std::iota(tbl.begin(), tbl.end(), 0);
+    std::shuffle(tbl.begin(), tbl.end(), std::mt19937(seed));
+    const std::vector<int32_t> ctxs(batch, ctx);
+    const size_t q_elems = size_t{static_cast<size_t>(batch)} * kQHeads * kDim;
+    CHECK_CUDA(cudaMalloc(&q_, q_elems * 2));
+    CHECK_CUDA(cudaMalloc(&out_, q_elems * 2));
+    CHECK_CUDA(cudaMalloc(&table_, tbl.size() * 4));
+    CHECK_CUDA(cudaMalloc(&ctx_lens_, batch * 4));
+    FillRandom<<<64, 256>>>(static_cast<uint16_t*>(q_), q_elems, seed, true);
+    CHECK_CUDA(cudaMemcpy(table_, tbl.data(), tbl.size() * 4, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(ctx_lens_, ctxs.data(), batch * 4, cudaMemcpyHostToDevice));
+    args_.q = q_;
+    args_.block_tables = table_;
+    args_.context_lens = ctx_lens_;
+    args_.out = out_;
+    args_.batch = batch;
+    args_.num_q_heads = kQHeads;
+    args_.num_kv_heads = kKvHeads;
+    args_.block_size = kBlock;
+    args_.num_blocks = nb;
+    args_.max_blocks_per_seq = mb;
+    args_.max_context_len = ctx;
+    args_.k_cache = k_[0];
+    args_.v_cache = v_[0];
+  }
+  ~DecodeSetup() {
+    for (size_t p = 0; p < k_.size(); ++p) {
+      cudaFree(k_[p]);
+      cudaFree(v_[p]);
+    }
+    for (void* p : {q_, out_, static_cast<void*>(table_), static_cast<void*>(ctx_lens_)}) {
+      cudaFree(p);
+    }
+  }
+  DecodeSetup(const DecodeSetup&) = delete;
+  DecodeSetup& operator=(const DecodeSetup&) = delete;
+
+  // The shape's arguments on pool 0, without workspace.
+  const DecodeAttentionArgs& args() const { return args_; }
+  // Median microseconds of `reps` launches of `a` (its plan's workspace allocated here), the KV
+  // pools rotated launch by launch.
+  double TimeUs(Timer& timer, DecodeAttentionArgs a, int reps) {
+    auto plan = PlanDecodeAttention(a);
+    CHECK_OK(plan.status());
+    void* ws;
+    CHECK_CUDA(cudaMalloc(&ws, std::max<size_t>(plan->workspace_bytes, 16)));
+    a.workspace = ws;
+    a.workspace_bytes = plan->workspace_bytes;
+    const double us = 1e3 * timer.MedianMs(reps, [&](int i) {
+      a.k_cache = k_[i % k_.size()];
+      a.v_cache = v_[i % v_.size()];
+      CHECK_OK(PagedDecodeAttention(a, nullptr));
+    });
+    cudaFree(ws);
+    return us;
+  }
+
+  // Two layers back to back on the default stream (layer A = one pool, layer B = the next), the
+  // in-loop prefetch off. With `prefetch_next`, PrefetchL2Batch of all of layer B's pages is
+  // enqueued on `side` as layer A starts (what an engine's SDK does for the next layer); the timing
+  // joins `side` before it stops. Median microseconds over `reps`, pools rotated.
+  double TimeTwoLayersUs(Timer& timer, DecodeAttentionArgs a, int reps, bool prefetch_next,
+                         cudaStream_t side, cudaEvent_t start, cudaEvent_t side_done) {
+    a.prefetch = PrefetchMode::kOff;
+    auto plan = PlanDecodeAttention(a);
+    CHECK_OK(plan.status());
+    void* ws;
+    CHECK_CUDA(cudaMalloc(&ws, std::max<size_t>(plan->workspace_bytes, 16)));
+    a.workspace = ws;
+    a.workspace_bytes = plan->workspace_bytes;
+    const size_t n = k_.size();
+    const double us = 1e3 * timer.MedianMs(reps, [&](int i) {
+      const size_t la = (2 * i) % n, lb = (2 * i + 1) % n;
+      if (prefetch_next) {
+        CHECK_CUDA(cudaEventRecord(start, nullptr));
+        CHECK_CUDA(cudaStreamWaitEvent(side, start));
+        PagedKvLayer cache;
+        cache.k = k_[lb];
+        cache.v = v_[lb];
+        cache.num_blocks = a.num_blocks;
+        cache.block_size = a.block_size;
+        cache.num_kv_heads = a.num_kv_heads;
+        cache.head_dim = a.head_dim;
+        CHECK_OK(PrefetchL2Batch(cache, table_, a.max_blocks_per_seq, ctx_lens_, a.batch, 0, side));
+        CHECK_CUDA(cudaEventRecord(side_done, side));
+      }
+      a.k_cache = k_[la];
+      a.v_cache = v_[la];
+      CHECK_OK(PagedDecodeAttention(a, nullptr));
+      a.k_cache = k_[lb];
+      a.v_cache = v_[lb];
+      CHECK_OK(PagedDecodeAttention(a, nullptr));
+      if (prefetch_next) CHECK_CUDA(cudaStreamWaitEvent(nullptr, side_done));
+    });
+    cudaFree(ws);
+    return us;
+  }
+
+  // A compute-bound filler (`filler_iters`, standing in for the MLP between attention layers),
+  // then one layer's attention (in-loop prefetch off); with `prefetch`, PrefetchL2Batch of that
+  // layer's pages is enqueued on `side` as the filler starts. Median microseconds over `reps`.
+  double TimeFillerThenLayerUs(Timer& timer, DecodeAttentionArgs a, int reps, bool prefetch,
+                               int filler_iters, int filler_ctas, float* sink, cudaStream_t side,
+                               cudaEvent_t start, cudaEvent_t side_done) {
+    a.prefetch = PrefetchMode::kOff;
+    auto plan = PlanDecodeAttention(a);
+    CHECK_OK(plan.status());
+    void* ws;
+    CHECK_CUDA(cudaMalloc(&ws, std::max<size_t>(plan->workspace_bytes, 16)));
+    a.workspace = ws;
+    a.workspace_bytes = plan->workspace_bytes;
+    const double us = 1e3 * timer.MedianMs(reps, [&](int i) {
+      const size_t l = i % k_.size();
+      PagedKvLayer cache;
+      cache.k = k_[l];
+      cache.v = v_[l];
+      cache.num_blocks = a.num_blocks;
+      cache.block_size = a.block_size;
+      cache.num_kv_heads = a.num_kv_heads;
+      cache.head_dim = a.head_dim;
+      if (prefetch) {
+        CHECK_CUDA(cudaEventRecord(start, nullptr));
+        CHECK_CUDA(cudaStreamWaitEvent(side, start));
+        CHECK_OK(PrefetchL2Batch(cache, table_, a.max_blocks_per_seq, ctx_lens_, a.batch, 0, side));
+        CHECK_CUDA(cudaEventRecord(side_done, side));
+      }
+      ComputeFiller<<<filler_ctas, 256>>>(filler_iters, sink);
+      a.k_cache = k_[l];
+      a.v_cache = v_[l];
+      CHECK_OK(PagedDecodeAttention(a, nullptr));
+      if (prefetch) CHECK_CUDA(cudaStreamWaitEvent(nullptr, side_done));
+    });
+    cudaFree(ws);
+    return us;
+  }
+
+  size_t kv_bytes = 0;
+
+ private:
+  std::vector<void*> k_, v_;
+  void *q_ = nullptr, *out_ = nullptr;
+  int32_t *table_ = nullptr, *ctx_lens_ = nullptr;
+  DecodeAttentionArgs args_;
+};
+
+struct Json {
+  std::string s = "[";
+  void Add(const std::string& obj) { s += (s.size() > 1 ? ",\n" : "\n") + obj; }
+  std::string Done() const { return s + "\n]\n"; }
+};
+
+std::string Fmt(const char* f, ...) {
+  char buf[1024];
+  va_list ap;
+  va_start(ap, f);
+  std::vsnprintf(buf, sizeof(buf), f, ap);
+  va_end(ap);
+  return buf;
+}
+
+}  // namespace kvdn::bench_kernels
+
+#endif  // KVDN_BENCH_KERNELS_KERNELS_BENCH_UTIL_CUH_
