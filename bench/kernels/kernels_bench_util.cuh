@@ -178,12 +178,7 @@ class DecodeSetup {
   // Median microseconds of `reps` launches of `a` (its plan's workspace allocated here), the KV
   // pools rotated launch by launch.
   double TimeUs(Timer& timer, DecodeAttentionArgs a, int reps) {
-    auto plan = PlanDecodeAttention(a);
-    CHECK_OK(plan.status());
-    void* ws;
-    CHECK_CUDA(cudaMalloc(&ws, std::max<size_t>(plan->workspace_bytes, 16)));
-    a.workspace = ws;
-    a.workspace_bytes = plan->workspace_bytes;
+    void* ws = AttachWorkspace(&a);
     const double us = 1e3 * timer.MedianMs(reps, [&](int i) {
       a.k_cache = k_[i % k_.size()];
       a.v_cache = v_[i % v_.size()];
@@ -200,28 +195,11 @@ class DecodeSetup {
   double TimeTwoLayersUs(Timer& timer, DecodeAttentionArgs a, int reps, bool prefetch_next,
                          cudaStream_t side, cudaEvent_t start, cudaEvent_t side_done) {
     a.prefetch = PrefetchMode::kOff;
-    auto plan = PlanDecodeAttention(a);
-    CHECK_OK(plan.status());
-    void* ws;
-    CHECK_CUDA(cudaMalloc(&ws, std::max<size_t>(plan->workspace_bytes, 16)));
-    a.workspace = ws;
-    a.workspace_bytes = plan->workspace_bytes;
+    void* ws = AttachWorkspace(&a);
     const size_t n = k_.size();
     const double us = 1e3 * timer.MedianMs(reps, [&](int i) {
       const size_t la = (2 * i) % n, lb = (2 * i + 1) % n;
-      if (prefetch_next) {
-        CHECK_CUDA(cudaEventRecord(start, nullptr));
-        CHECK_CUDA(cudaStreamWaitEvent(side, start));
-        PagedKvLayer cache;
-        cache.k = k_[lb];
-        cache.v = v_[lb];
-        cache.num_blocks = a.num_blocks;
-        cache.block_size = a.block_size;
-        cache.num_kv_heads = a.num_kv_heads;
-        cache.head_dim = a.head_dim;
-        CHECK_OK(PrefetchL2Batch(cache, table_, a.max_blocks_per_seq, ctx_lens_, a.batch, 0, side));
-        CHECK_CUDA(cudaEventRecord(side_done, side));
-      }
+      if (prefetch_next) PrefetchOnSide(lb, a, side, start, side_done);
       a.k_cache = k_[la];
       a.v_cache = v_[la];
       CHECK_OK(PagedDecodeAttention(a, nullptr));
@@ -241,27 +219,10 @@ class DecodeSetup {
                                int filler_iters, int filler_ctas, float* sink, cudaStream_t side,
                                cudaEvent_t start, cudaEvent_t side_done) {
     a.prefetch = PrefetchMode::kOff;
-    auto plan = PlanDecodeAttention(a);
-    CHECK_OK(plan.status());
-    void* ws;
-    CHECK_CUDA(cudaMalloc(&ws, std::max<size_t>(plan->workspace_bytes, 16)));
-    a.workspace = ws;
-    a.workspace_bytes = plan->workspace_bytes;
+    void* ws = AttachWorkspace(&a);
     const double us = 1e3 * timer.MedianMs(reps, [&](int i) {
       const size_t l = i % k_.size();
-      PagedKvLayer cache;
-      cache.k = k_[l];
-      cache.v = v_[l];
-      cache.num_blocks = a.num_blocks;
-      cache.block_size = a.block_size;
-      cache.num_kv_heads = a.num_kv_heads;
-      cache.head_dim = a.head_dim;
-      if (prefetch) {
-        CHECK_CUDA(cudaEventRecord(start, nullptr));
-        CHECK_CUDA(cudaStreamWaitEvent(side, start));
-        CHECK_OK(PrefetchL2Batch(cache, table_, a.max_blocks_per_seq, ctx_lens_, a.batch, 0, side));
-        CHECK_CUDA(cudaEventRecord(side_done, side));
-      }
+      if (prefetch) PrefetchOnSide(l, a, side, start, side_done);
       ComputeFiller<<<filler_ctas, 256>>>(filler_iters, sink);
       a.k_cache = k_[l];
       a.v_cache = v_[l];
@@ -275,6 +236,33 @@ class DecodeSetup {
   size_t kv_bytes = 0;
 
  private:
+  // Plans `a`, allocates its workspace and points `a` at it; the caller frees the result.
+  static void* AttachWorkspace(DecodeAttentionArgs* a) {
+    auto plan = PlanDecodeAttention(*a);
+    CHECK_OK(plan.status());
+    void* ws;
+    CHECK_CUDA(cudaMalloc(&ws, std::max<size_t>(plan->workspace_bytes, 16)));
+    a->workspace = ws;
+    a->workspace_bytes = plan->workspace_bytes;
+    return ws;
+  }
+  // Enqueues PrefetchL2Batch of pool `pool`'s pages on `side`, started when the default stream
+  // reaches this point; `side_done` marks its end (the caller joins it).
+  void PrefetchOnSide(size_t pool, const DecodeAttentionArgs& a, cudaStream_t side,
+                      cudaEvent_t start, cudaEvent_t side_done) {
+    CHECK_CUDA(cudaEventRecord(start, nullptr));
+    CHECK_CUDA(cudaStreamWaitEvent(side, start));
+    PagedKvLayer cache;
+    cache.k = k_[pool];
+    cache.v = v_[pool];
+    cache.num_blocks = a.num_blocks;
+    cache.block_size = a.block_size;
+    cache.num_kv_heads = a.num_kv_heads;
+    cache.head_dim = a.head_dim;
+    CHECK_OK(PrefetchL2Batch(cache, table_, a.max_blocks_per_seq, ctx_lens_, a.batch, 0, side));
+    CHECK_CUDA(cudaEventRecord(side_done, side));
+  }
+
   std::vector<void*> k_, v_;
   void *q_ = nullptr, *out_ = nullptr;
   int32_t *table_ = nullptr, *ctx_lens_ = nullptr;
