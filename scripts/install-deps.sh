@@ -13,6 +13,8 @@ PACKAGES=(
   # daemon, SDK and CLI: gRPC + protobuf, civetweb (HTTP /metrics), CLI11
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libcivetweb-dev civetweb libcli11-dev
+  # data plane: UCX (ucx-utils brings ucx_perftest, the transfer benchmark's ceiling)
+  libucx-dev ucx-utils
   # tests and benchmarks: promtool checks /metrics; Redis 7 is the e2e benchmark's peer
   libgtest-dev libgmock-dev googletest libbenchmark-dev prometheus redis-server libhiredis-dev
 )
