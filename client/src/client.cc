@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <optional>
+#include <sys/mman.h>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -18,6 +20,7 @@
 #include "kvdn/proto/get_frames.h"
 #include "kvdn/proto/grpc_status.h"
 #include "kvdn/v1/kv_service.grpc.pb.h"
+#include "src/data_plane.h"
 
 namespace kvdn::client {
 namespace {
@@ -176,6 +179,70 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target) {
   return grpc::CreateCustomChannel(t, grpc::InsecureChannelCredentials(), args);
 }
 
+// The registered receive pool: one mapping, first-fit over 4 KiB-aligned extents. Thread-safe.
+class ReceivePool {
+ public:
+  explicit ReceivePool(size_t bytes) : size_((bytes + 4095) & ~size_t{4095}) {
+    void* p = mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+      size_ = 0;
+      return;
+    }
+    base_ = static_cast<uint8_t*>(p);
+    free_[0] = size_;
+  }
+  ~ReceivePool() {
+    if (base_ != nullptr) munmap(base_, size_);
+  }
+  uint8_t* base() const { return base_; }
+  size_t size() const { return size_; }
+  MutableByteSpan Allocate(size_t n) {
+    const size_t need = (std::max<size_t>(n, 1) + 4095) & ~size_t{4095};
+    MutexLock lock(&mu_);
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+      if (it->second < need) continue;
+      const size_t off = it->first;
+      const size_t rest = it->second - need;
+      free_.erase(it);
+      if (rest > 0) free_[off + need] = rest;
+      used_[off] = need;
+      return MutableByteSpan(base_ + off, n);
+    }
+    return {};
+  }
+  void Free(MutableByteSpan b) {
+    if (b.data() == nullptr) return;
+    MutexLock lock(&mu_);
+    auto it = used_.find(static_cast<size_t>(b.data() - base_));
+    if (it == used_.end()) return;
+    size_t off = it->first;
+    size_t len = it->second;
+    used_.erase(it);
+    auto next = free_.find(off + len);
+    if (next != free_.end()) {
+      len += next->second;
+      free_.erase(next);
+    }
+    auto prev = free_.lower_bound(off);
+    if (prev != free_.begin()) {
+      --prev;
+      if (prev->first + prev->second == off) {
+        off = prev->first;
+        len += prev->second;
+        free_.erase(prev);
+      }
+    }
+    free_[off] = len;
+  }
+
+ private:
+  uint8_t* base_ = nullptr;
+  size_t size_;
+  Mutex mu_;
+  std::map<size_t, size_t> free_ ABSL_GUARDED_BY(mu_);  // offset -> bytes
+  std::map<size_t, size_t> used_ ABSL_GUARDED_BY(mu_);
+};
+
 struct Client::Impl {
   ClientOptions options;
   uint64_t fingerprint = 0;
@@ -184,6 +251,42 @@ struct Client::Impl {
   std::unique_ptr<grpc::GenericStub> generic;  // Get, read as raw frames (GetCall)
   std::unique_ptr<ThreadPool> streams;         // helpers of ParallelFor in Save/Load
   std::unique_ptr<ThreadPool> async;           // the *Async calls
+  std::unique_ptr<ReceivePool> pool;           // receive_pool_bytes > 0
+
+  // The UCX data plane, opened on first use; null = gRPC. A failed session is reopened.
+  Mutex dp_mu;
+  std::shared_ptr<DataPlaneClient> dp ABSL_GUARDED_BY(dp_mu);
+  absl::Time dp_retry_at ABSL_GUARDED_BY(dp_mu) = absl::InfinitePast();
+  absl::Status dp_error ABSL_GUARDED_BY(dp_mu);
+
+  // The session to move payloads over, or null for gRPC. Errors only with DataPlane::kUcx.
+  absl::StatusOr<std::shared_ptr<DataPlaneClient>> DataPlane() {
+    if (options.data_plane == ClientOptions::DataPlane::kGrpc) return nullptr;
+    MutexLock lock(&dp_mu);
+    if (dp && dp->healthy()) return dp;
+    dp.reset();
+    if (absl::Now() >= dp_retry_at) {
+      const bool same_host = options.target.empty() || absl::StartsWith(options.target, "unix:");
+      auto opened = DataPlaneClient::Open(stub.get(), same_host, options.ucx_transports,
+                                          options.deadline);
+      if (opened.ok() && pool && pool->base() != nullptr) {
+        if (absl::Status st = (*opened)->RegisterPool(pool->base(), pool->size()); !st.ok()) {
+          opened = st;
+        }
+      }
+      if (opened.ok()) {
+        dp = std::move(*opened);
+        return dp;
+      }
+      dp_error = opened.status();
+      dp_retry_at = absl::Now() + absl::Seconds(5);
+    }
+    if (options.data_plane == ClientOptions::DataPlane::kUcx) {
+      return absl::UnavailableError(
+          absl::StrCat("the UCX data plane is unavailable: ", dp_error.message()));
+    }
+    return nullptr;
+  }
 
   // Runs `attempt(ctx)` until it returns anything but UNAVAILABLE, attempts run out, or the
   // deadline passes.
@@ -209,11 +312,18 @@ struct Client::Impl {
     return s.status();
   }
 
-  // Streams parts (concatenated: the encoded chunk) as one Put.
+  // Streams parts (concatenated: the encoded chunk) as one Put. Over UCX: parts are the 64-byte
+  // header and the payload.
   absl::StatusOr<bool> PutParts(const ChunkKey& key, uint64_t payload_checksum,
                                 absl::Span<const ByteSpan> parts) {
     uint64_t size = 0;
     for (ByteSpan p : parts) size += p.size();
+    KVDN_ASSIGN_OR_RETURN(std::shared_ptr<DataPlaneClient> d, DataPlane());
+    if (d != nullptr && parts.size() == 2 && parts[0].size() == kChunkHeaderBytes) {
+      return WithRetry<absl::StatusOr<bool>>([&](grpc::ClientContext* ctx) {
+        return d->Put(key, 0, parts[0], parts[1], absl::FromChrono(ctx->deadline()));
+      });
+    }
     return WithRetry<absl::StatusOr<bool>>([&](grpc::ClientContext* ctx) -> absl::StatusOr<bool> {
       v1::PutResponse resp;
       auto writer = stub->Put(ctx, &resp);
@@ -277,7 +387,24 @@ struct Client::Impl {
         sink.hasher->Update(ByteSpan(payload.data() + poff, d.size() - i));
       }
     };
-    KVDN_RETURN_IF_ERROR(GetStream(key, on_size, on_data).status());
+    KVDN_ASSIGN_OR_RETURN(std::shared_ptr<DataPlaneClient> d, DataPlane());
+    if (d != nullptr) {
+      // Straight into the caller's buffer; hashed after (one pass, like the gRPC path's).
+      auto place = [&](ByteSpan header, uint64_t payload_bytes) -> absl::StatusOr<MutableByteSpan> {
+        KVDN_RETURN_IF_ERROR(on_size(kChunkHeaderBytes + payload_bytes));
+        if (header.size() != kChunkHeaderBytes) {
+          return absl::InternalError("kvdnd sent a chunk header of the wrong size");
+        }
+        std::memcpy(sink.header, header.data(), kChunkHeaderBytes);
+        return payload;
+      };
+      KVDN_RETURN_IF_ERROR(WithRetry<absl::Status>([&](grpc::ClientContext* ctx) {
+        return d->Get(key, 0, place, absl::FromChrono(ctx->deadline())).status();
+      }));
+      sink.hasher->Update(payload);
+    } else {
+      KVDN_RETURN_IF_ERROR(GetStream(key, on_size, on_data).status());
+    }
     KVDN_ASSIGN_OR_RETURN(ChunkHeader h,
                           DecodeChunkHeader(ByteSpan(sink.header, kChunkHeaderBytes)));
     const ModelSpec& m = options.model;
@@ -332,6 +459,13 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& opt
   impl->generic = std::make_unique<grpc::GenericStub>(impl->channel);
   impl->streams = std::make_unique<ThreadPool>(options.parallel_streams - 1);
   impl->async = std::make_unique<ThreadPool>(options.async_threads);
+  if (options.receive_pool_bytes > 0) {
+    impl->pool = std::make_unique<ReceivePool>(options.receive_pool_bytes);
+    if (impl->pool->base() == nullptr) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "ClientOptions.receive_pool_bytes: cannot map ", options.receive_pool_bytes, " bytes"));
+    }
+  }
   return std::unique_ptr<Client>(new Client(std::move(impl)));
 }
 
@@ -465,11 +599,30 @@ std::future<absl::StatusOr<LoadResult>> Client::LoadAsync(std::vector<int32_t> t
 
 absl::StatusOr<bool> Client::PutEncoded(const ChunkKey& key, ByteSpan encoded) {
   KVDN_ASSIGN_OR_RETURN(ChunkHeader h, DecodeChunkHeader(encoded));
-  const ByteSpan parts[1] = {encoded};
+  const ByteSpan parts[2] = {encoded.subspan(0, kChunkHeaderBytes),
+                             encoded.subspan(kChunkHeaderBytes)};
   return impl_->PutParts(key, h.payload_checksum, parts);
 }
 
 absl::StatusOr<uint64_t> Client::GetEncoded(const ChunkKey& key, MutableByteSpan dst) {
+  KVDN_ASSIGN_OR_RETURN(std::shared_ptr<DataPlaneClient> d, impl_->DataPlane());
+  if (d != nullptr) {
+    auto place = [&](ByteSpan header, uint64_t payload_bytes) -> absl::StatusOr<MutableByteSpan> {
+      if (kChunkHeaderBytes + payload_bytes > dst.size()) {
+        return absl::OutOfRangeError(absl::StrCat("chunk of ", kChunkHeaderBytes + payload_bytes,
+                                                  " bytes does not fit a ", dst.size(),
+                                                  "-byte buffer"));
+      }
+      std::memcpy(dst.data(), header.data(), std::min(header.size(), kChunkHeaderBytes));
+      return dst.subspan(kChunkHeaderBytes, payload_bytes);
+    };
+    return impl_->WithRetry<absl::StatusOr<uint64_t>>(
+        [&](grpc::ClientContext* ctx) -> absl::StatusOr<uint64_t> {
+          KVDN_ASSIGN_OR_RETURN(uint64_t n,
+                                d->Get(key, 0, place, absl::FromChrono(ctx->deadline())));
+          return kChunkHeaderBytes + n;
+        });
+  }
   auto on_size = [&](uint64_t size) -> absl::Status {
     if (size > dst.size()) {
       return absl::OutOfRangeError(
@@ -477,10 +630,78 @@ absl::StatusOr<uint64_t> Client::GetEncoded(const ChunkKey& key, MutableByteSpan
     }
     return absl::OkStatus();
   };
-  auto on_data = [&](uint64_t off, ByteSpan d) {
-    std::memcpy(dst.data() + off, d.data(), d.size());
+  auto on_data = [&](uint64_t off, ByteSpan bytes) {
+    std::memcpy(dst.data() + off, bytes.data(), bytes.size());
   };
   return impl_->GetStream(key, on_size, on_data);
+}
+
+absl::StatusOr<TransferDescriptor> Client::AcquireDescriptor(const ChunkKey& key,
+                                                             absl::Duration lease) {
+  v1::GetDescriptorRequest req;
+  KeyToProto(key, req.mutable_key());
+  req.set_lease_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(lease)));
+  return impl_->WithRetry<absl::StatusOr<TransferDescriptor>>(
+      [&](grpc::ClientContext* ctx) -> absl::StatusOr<TransferDescriptor> {
+        v1::GetDescriptorResponse resp;
+        grpc::Status st = impl_->stub->GetDescriptor(ctx, req, &resp);
+        if (!st.ok()) return FromGrpcStatus(st);
+        TransferDescriptor d;
+        d.lease_id = resp.transfer().id();
+        d.size = resp.transfer().size();
+        d.worker_address = resp.transfer().worker_address();
+        d.expires = absl::FromUnixMicros(resp.transfer().expires_unix_micros());
+        return d;
+      });
+}
+
+absl::StatusOr<uint64_t> Client::ReadDescriptor(const TransferDescriptor& desc,
+                                                MutableByteSpan dst) {
+  KVDN_ASSIGN_OR_RETURN(std::shared_ptr<DataPlaneClient> d, impl_->DataPlane());
+  if (d == nullptr) {
+    return absl::FailedPreconditionError("ReadDescriptor needs the UCX data plane; there is none");
+  }
+  if (desc.worker_address.empty() || desc.worker_address != d->daemon_address()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "descriptor of lease ", desc.lease_id,
+        desc.worker_address.empty() ? " names no UCX worker"
+                                    : " belongs to another daemon than this client's"));
+  }
+  auto place = [&](ByteSpan header, uint64_t payload_bytes) -> absl::StatusOr<MutableByteSpan> {
+    if (kChunkHeaderBytes + payload_bytes > dst.size()) {
+      return absl::OutOfRangeError(absl::StrCat("chunk of ", kChunkHeaderBytes + payload_bytes,
+                                                " bytes does not fit a ", dst.size(),
+                                                "-byte buffer"));
+    }
+    std::memcpy(dst.data(), header.data(), std::min(header.size(), kChunkHeaderBytes));
+    return dst.subspan(kChunkHeaderBytes, payload_bytes);
+  };
+  KVDN_ASSIGN_OR_RETURN(uint64_t n, d->Get(ChunkKey{}, desc.lease_id, place,
+                                           absl::Now() + impl_->options.deadline));
+  return kChunkHeaderBytes + n;
+}
+
+absl::Status Client::ReleaseDescriptor(const TransferDescriptor& desc) {
+  v1::ReleaseRequest req;
+  req.set_lease_id(desc.lease_id);
+  return impl_->WithRetry<absl::Status>([&](grpc::ClientContext* ctx) {
+    v1::ReleaseResponse resp;
+    return FromGrpcStatus(impl_->stub->Release(ctx, req, &resp));
+  });
+}
+
+std::string Client::DataPlaneInUse() {
+  auto d = impl_->DataPlane();
+  if (!d.ok() || *d == nullptr) return "grpc";
+  return absl::StrCat("ucx: ", (*d)->transports());
+}
+
+MutableByteSpan Client::AllocateBuffer(size_t size) {
+  return impl_->pool ? impl_->pool->Allocate(size) : MutableByteSpan();
+}
+
+void Client::FreeBuffer(MutableByteSpan buffer) {
+  if (impl_->pool) impl_->pool->Free(buffer);
 }
 
 absl::Status Client::Delete(const ChunkKey& key) {

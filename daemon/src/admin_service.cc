@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvdn/common/chunk_format.h"
 #include "kvdn/daemon/config.h"
+#include "src/data_plane.h"
 
 namespace kvdn::daemon {
 namespace {
@@ -67,6 +68,9 @@ grpc::Status AdminServiceImpl::GetStats(grpc::ServerContext* ctx, const v1::GetS
   resp->set_bytes_in(state_.bytes_in->value());
   resp->set_bytes_out(state_.bytes_out->value());
   resp->add_transports("grpc");
+  if (state_.data_plane != nullptr) {
+    for (const std::string& d : state_.data_plane->Describe()) resp->add_transports(d);
+  }
   resp->set_draining(state_.calls.draining());
   return call.Finish(absl::OkStatus());
 }

@@ -124,6 +124,8 @@ void ApplyDefaults(v1::DaemonConfig* c) {
   if (c->max_threads() == 0) c->set_max_threads(64);
   if (c->drain_timeout_ms() == 0) c->set_drain_timeout_ms(10000);
   if (c->log_level().empty()) c->set_log_level("info");
+  if (c->data_plane_transports().empty()) c->set_data_plane_transports("auto");
+  if (c->max_data_plane_sessions() == 0) c->set_max_data_plane_sessions(1024);
 }
 
 absl::Status ValidateConfig(const v1::DaemonConfig& c) {

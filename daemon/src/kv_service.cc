@@ -1,4 +1,5 @@
 #include "src/kv_service.h"
+#include "src/data_plane.h"
 
 #include <grpcpp/support/proto_buffer_reader.h>
 
@@ -6,6 +7,7 @@
 #include <atomic>
 #include <cstring>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "kvdn/common/chunk_format.h"
 #include "kvdn/proto/get_frames.h"
@@ -309,6 +311,9 @@ grpc::Status KvServiceImpl::Reserve(grpc::ServerContext* ctx, const v1::ReserveR
   d->set_id(r->id);
   d->set_size(req->size());
   d->set_expires_unix_micros(absl::ToUnixMicros(r->expires));
+  if (state_.data_plane != nullptr) {
+    d->set_worker_address(state_.data_plane->AddressFor(absl::StartsWith(ctx->peer(), "unix:")));
+  }
   if (storage::HostTier* host = state_.store->host_tier()) {
     d->set_remote_offset(static_cast<uint64_t>(
         r->buffer.data() - static_cast<uint8_t*>(host->Address(storage::MemoryBlock{}))));
@@ -360,6 +365,9 @@ grpc::Status KvServiceImpl::GetDescriptor(grpc::ServerContext* ctx,
   d->set_id(lease->id);
   d->set_size(lease->size);
   d->set_expires_unix_micros(absl::ToUnixMicros(lease->expires));
+  if (state_.data_plane != nullptr) {
+    d->set_worker_address(state_.data_plane->AddressFor(absl::StartsWith(ctx->peer(), "unix:")));
+  }
   if (storage::HostTier* host = state_.store->host_tier(); host && lease->host_bytes.data()) {
     d->set_remote_offset(
         static_cast<uint64_t>(lease->host_bytes.data() -
@@ -376,6 +384,33 @@ grpc::Status KvServiceImpl::Delete(grpc::ServerContext* ctx, const v1::DeleteReq
   auto key = CheckedKey(state_, req->key(), "key");
   if (!key.ok()) return call.Finish(key.status());
   return call.Finish(state_.store->Delete(*key));
+}
+
+grpc::Status KvServiceImpl::OpenDataPlane(grpc::ServerContext* ctx,
+                                          const v1::OpenDataPlaneRequest* req,
+                                          v1::OpenDataPlaneResponse* resp) {
+  CallScope call(state_, Method::kOpenDataPlane, ctx);
+  if (!call.admitted().ok()) return call.Finish(call.admitted());
+  if (state_.data_plane == nullptr) {
+    return call.Finish(absl::UnavailableError(
+        "this kvdnd serves no UCX data plane (data_plane_transports is off); use gRPC"));
+  }
+  const bool same_host = absl::StartsWith(ctx->peer(), "unix:");
+  auto r = state_.data_plane->Open(*req, same_host);
+  if (!r.ok()) return call.Finish(r.status());
+  *resp = std::move(*r);
+  return call.Finish(absl::OkStatus());
+}
+
+grpc::Status KvServiceImpl::CloseDataPlane(grpc::ServerContext* ctx,
+                                           const v1::CloseDataPlaneRequest* req,
+                                           v1::CloseDataPlaneResponse*) {
+  CallScope call(state_, Method::kCloseDataPlane, ctx);
+  if (!call.admitted().ok()) return call.Finish(call.admitted());
+  if (state_.data_plane == nullptr) {
+    return call.Finish(absl::NotFoundError("this kvdnd serves no UCX data plane"));
+  }
+  return call.Finish(state_.data_plane->Close(req->session_id()));
 }
 
 // ---- PeerService ----

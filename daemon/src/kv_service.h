@@ -32,6 +32,10 @@ class KvServiceImpl final
                              v1::GetDescriptorResponse* resp) override;
   grpc::Status Delete(grpc::ServerContext* ctx, const v1::DeleteRequest* req,
                       v1::DeleteResponse* resp) override;
+  grpc::Status OpenDataPlane(grpc::ServerContext* ctx, const v1::OpenDataPlaneRequest* req,
+                             v1::OpenDataPlaneResponse* resp) override;
+  grpc::Status CloseDataPlane(grpc::ServerContext* ctx, const v1::CloseDataPlaneRequest* req,
+                              v1::CloseDataPlaneResponse* resp) override;
 
  private:
   ServerState& state_;

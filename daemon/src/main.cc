@@ -32,7 +32,8 @@ int main(int argc, char** argv) {
   std::string config_path, ready_file;
   bool print_config = false;
   kvdn::v1::DaemonConfig flags;
-  std::string data_dir, unix_socket, grpc_address, http_address, node_name, log_level;
+  std::string data_dir, unix_socket, grpc_address, http_address, node_name, log_level,
+      data_plane;
   uint64_t host_bytes = 0, disk_bytes = 0, gpu_bytes = 0;
   bool no_disk = false, no_persist = false;
   std::vector<std::string> namespaces;
@@ -54,6 +55,8 @@ int main(int argc, char** argv) {
   app.add_flag("--no-persist-on-shutdown", no_persist,
                "do not write memory-only chunks to disk on SIGTERM");
   app.add_option("--namespace", namespaces, "serve only these namespaces (repeatable)");
+  app.add_option("--data-plane-transports", data_plane,
+                 "UCX data plane: off, auto, or UCX_TLS names for remote clients (e.g. tcp)");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off");
   app.add_option("--ready-file", ready_file,
                  "once serving, write {grpc_port, http_port, unix_socket, pid} as JSON here");
@@ -75,6 +78,7 @@ int main(int argc, char** argv) {
   if (!http_address.empty()) config.set_http_address(http_address);
   if (!node_name.empty()) config.set_node_name(node_name);
   if (!log_level.empty()) config.set_log_level(log_level);
+  if (!data_plane.empty()) config.set_data_plane_transports(data_plane);
   if (host_bytes) config.set_host_tier_bytes(host_bytes);
   if (disk_bytes) config.set_disk_tier_bytes(disk_bytes);
   if (gpu_bytes) config.set_gpu_tier_bytes(gpu_bytes);

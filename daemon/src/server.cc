@@ -12,6 +12,7 @@
 #include "kvdn/common/logging.h"
 #include "kvdn/common/metrics.h"
 #include "kvdn/storage/tiered_store.h"
+#include "src/data_plane.h"
 #include "src/admin_service.h"
 #include "src/http_server.h"
 #include "src/kv_service.h"
@@ -121,6 +122,7 @@ struct Server::Impl {
   MetricsRegistry metrics;
   std::unique_ptr<storage::TieredStore> store;
   std::unique_ptr<ServerState> state;
+  std::unique_ptr<DataPlane> data_plane;
   std::unique_ptr<KvServiceImpl> kv;
   std::unique_ptr<PeerServiceImpl> peer;
   std::unique_ptr<AdminServiceImpl> admin;
@@ -180,6 +182,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const v1::DaemonConfig& co
   impl->state = std::make_unique<ServerState>(config, impl->store.get(), &impl->metrics);
   ServerState* state = impl->state.get();
   impl->metrics.AddCollector([state](MetricsWriter& w) { CollectStore(*state, w); });
+  KVDN_ASSIGN_OR_RETURN(impl->data_plane, DataPlane::Start(state));
+  state->data_plane = impl->data_plane.get();
   impl->kv = std::make_unique<KvServiceImpl>(state);
   impl->peer = std::make_unique<PeerServiceImpl>(state);
   Impl* raw = impl.get();
@@ -273,6 +277,9 @@ void Server::Shutdown() {
   impl_->grpc_server->Wait();
   if (impl_->config.unix_socket() != "none") unlink(impl_->config.unix_socket().c_str());
   impl_->grpc_server.reset();
+  // Ends the data plane's transfers in flight (their leases and reservations are released).
+  impl_->data_plane.reset();
+  impl_->state->data_plane = nullptr;
   // Get frames are slices over leased arena bytes; gRPC drops the last of them as its transports
   // close. The store (and the arena) must outlive them.
   const absl::Time until = absl::Now() + absl::Seconds(5);

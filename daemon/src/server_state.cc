@@ -18,6 +18,8 @@ constexpr MethodInfo kMethods[kNumMethods] = {
     {"KvService", "Get", false},           {"KvService", "Reserve", false},
     {"KvService", "Commit", false},        {"KvService", "Release", false},
     {"KvService", "GetDescriptor", false}, {"KvService", "Delete", false},
+    {"KvService", "OpenDataPlane", false}, {"KvService", "CloseDataPlane", false},
+    {"DataPlane", "UcxGet", false},        {"DataPlane", "UcxPut", false},
     {"PeerService", "Lookup", false},      {"PeerService", "Fetch", false},
     {"PeerService", "Replicate", false},   {"AdminService", "GetStats", true},
     {"AdminService", "ListChunks", true},  {"AdminService", "InspectChunk", true},

@@ -35,6 +35,10 @@ enum class Method : int {
   kRelease,
   kGetDescriptor,
   kDelete,
+  kOpenDataPlane,
+  kCloseDataPlane,
+  kUcxGet,  // data-plane requests (UCX active messages, not gRPC calls)
+  kUcxPut,
   kPeerLookup,
   kPeerFetch,
   kPeerReplicate,
@@ -88,6 +92,8 @@ class CallTracker {
   std::thread watchdog_;
 };
 
+class DataPlane;
+
 struct ServerState {
   ServerState(const v1::DaemonConfig& config, storage::TieredStore* store,
               MetricsRegistry* metrics);
@@ -114,6 +120,10 @@ struct ServerState {
   std::atomic<int64_t> leases_in_transport{0};
   // Runs what may block (disk reads, moves off the GPU) for callback handlers, which must not.
   ThreadPool blocking_pool{4};
+  // The UCX data plane; null when off. Set before the services start, constant after.
+  DataPlane* data_plane = nullptr;
+  // Data-plane transfers whose lease or reservation is held by a transport (shutdown waits).
+  std::atomic<int64_t> data_plane_in_flight{0};
 
  private:
   mutable Mutex endpoints_mu_;

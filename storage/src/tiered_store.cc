@@ -367,6 +367,28 @@ absl::Status TieredStore::Release(uint64_t lease_id) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<Lease> TieredStore::HoldLease(uint64_t lease_id, absl::Time until) {
+  State& s = *state_;
+  MutexLock lock(&s.mu);
+  auto it = s.leases.find(lease_id);
+  if (it == s.leases.end()) {
+    if (s.expired_leases.Contains(lease_id)) {
+      return absl::AbortedError(absl::StrCat("lease ", lease_id, " expired; take a new one"));
+    }
+    return absl::NotFoundError(absl::StrCat("no lease ", lease_id));
+  }
+  State::LeaseRecord& l = it->second;
+  l.expires = std::max(l.expires, std::min(until, clock_->Now() + options_.max_lease_ttl));
+  Entry* e = l.entry;
+  Lease lease{lease_id, static_cast<TierKind>(e->mem), e->size, {}, nullptr, l.expires};
+  if (e->mem == kHost) {
+    lease.host_bytes = host_->Bytes(e->block);
+  } else {
+    lease.device_ptr = gpu_->Address(e->block);
+  }
+  return lease;
+}
+
 absl::StatusOr<uint64_t> TieredStore::Get(const ChunkKey& key, MutableByteSpan dst) {
   KVDN_ASSIGN_OR_RETURN(Lease lease, Acquire(key));
   if (dst.size() < lease.size) {

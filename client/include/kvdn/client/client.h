@@ -59,6 +59,25 @@ struct ClientOptions {
   size_t frame_bytes = size_t{1} << 20;
   // Threads that run the *Async calls.
   int async_threads = 2;
+  // How chunk payloads travel. kAuto: over the daemon's UCX data plane when it offers one (shared
+  // memory to a daemon on this host, else tcp/RDMA), else as gRPC frames. kGrpc: gRPC only.
+  // kUcx: UCX only (UNAVAILABLE without it). Results are identical bit for bit either way.
+  enum class DataPlane { kAuto, kGrpc, kUcx };
+  DataPlane data_plane = DataPlane::kAuto;
+  // UCX transports (UCX_TLS names, e.g. "tcp"). Empty: shared memory ("posix,cma") to a daemon on
+  // a unix socket, UCX's own choice otherwise.
+  std::string ucx_transports;
+  // Bytes of registered memory the client keeps for receiving (AllocateBuffer). 0: none.
+  uint64_t receive_pool_bytes = 0;
+};
+
+// Where a chunk lies for a zero-copy read (KvService.GetDescriptor): valid until Release or
+// `expires`, on the daemon whose UCX worker is `worker_address`.
+struct TransferDescriptor {
+  uint64_t lease_id = 0;
+  uint64_t size = 0;  // encoded chunk bytes
+  std::string worker_address;
+  absl::Time expires;
 };
 
 struct SaveResult {
@@ -113,6 +132,21 @@ class Client {
   absl::StatusOr<bool> PutEncoded(const ChunkKey& key, ByteSpan encoded);
   absl::StatusOr<uint64_t> GetEncoded(const ChunkKey& key, MutableByteSpan dst);
   absl::Status Delete(const ChunkKey& key);
+
+  // The zero-copy read path: lease a chunk (lease: how long, 0 for the daemon's default), read it
+  // over UCX into dst (OUT_OF_RANGE when too small; FAILED_PRECONDITION for a descriptor of another
+  // daemon or without UCX; NOT_FOUND for an unknown lease; ABORTED when it expired), release it.
+  absl::StatusOr<TransferDescriptor> AcquireDescriptor(const ChunkKey& key, absl::Duration lease);
+  absl::StatusOr<uint64_t> ReadDescriptor(const TransferDescriptor& d, MutableByteSpan dst);
+  absl::Status ReleaseDescriptor(const TransferDescriptor& d);
+
+  // What payloads travel over now: "grpc", or "ucx: <transports>".
+  std::string DataPlaneInUse();
+  // A buffer from the registered receive pool (receive_pool_bytes): loads into it need no memory
+  // registration. Empty span when the pool has no room (or there is no pool). Return it with
+  // FreeBuffer.
+  MutableByteSpan AllocateBuffer(size_t size);
+  void FreeBuffer(MutableByteSpan buffer);
 
   // The channel, for tools that call other services (kvdnctl).
   std::shared_ptr<grpc::Channel> channel() const;

@@ -172,6 +172,10 @@ class TieredStore {
   // Ends a lease. NOT_FOUND: unknown id. ABORTED: it had expired, so bytes read under it may have
   // been reused: discard them.
   absl::Status Release(uint64_t lease_id);
+  // A live lease (for a transport that reads under a lease another call took), extended to end no
+  // sooner than `until` (at most max_lease_ttl from now), so it cannot expire mid-transfer.
+  // NOT_FOUND: unknown id. ABORTED: it expired.
+  absl::StatusOr<Lease> HoldLease(uint64_t lease_id, absl::Time until);
   // Acquire + copy into dst + Release. OUT_OF_RANGE if dst is too small. Returns the chunk size.
   absl::StatusOr<uint64_t> Get(const ChunkKey& key, MutableByteSpan dst);
 

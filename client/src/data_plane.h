@@ -1,0 +1,90 @@
+// Internal to client/: the client's side of the UCX data plane (proto/kvdn/v1/data_plane.proto).
+// One session with the local daemon: Get replies land straight in the caller's buffer (the chunk
+// header rides in the reply's header), Put payloads leave straight from the caller's buffer.
+// Thread-safe: many threads may Get and Put at once; each call blocks its thread until its
+// transfer is over (never past its deadline plus the transport's grace, see transfer/transport.h).
+#ifndef KVDN_CLIENT_SRC_DATA_PLANE_H_
+#define KVDN_CLIENT_SRC_DATA_PLANE_H_
+
+#include <atomic>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/functional/function_ref.h"
+#include "kvdn/common/bytes.h"
+#include "kvdn/common/chunk_key.h"
+#include "kvdn/common/mutex.h"
+#include "kvdn/transfer/ucx_transport.h"
+#include "kvdn/v1/kv_service.grpc.pb.h"
+
+namespace kvdn::client {
+
+class DataPlaneClient {
+ public:
+  // Where a Get's payload goes, given the chunk's 64-byte header and payload size: a buffer of
+  // exactly that size, or the error that ends the Get. Runs on the transport's thread: no blocking.
+  using Place = absl::FunctionRef<absl::StatusOr<MutableByteSpan>(ByteSpan header,
+                                                                  uint64_t payload_bytes)>;
+
+  // Creates the transport and opens a session. `same_host`: the daemon runs on this host (a unix
+  // socket target): shared memory then. `transports`: UCX_TLS names, empty for the default.
+  // UNAVAILABLE when the daemon serves no UCX or UCX cannot start.
+  static absl::StatusOr<std::unique_ptr<DataPlaneClient>> Open(v1::KvService::Stub* stub,
+                                                               bool same_host,
+                                                               const std::string& transports,
+                                                               absl::Duration deadline);
+  // Closes the session (best effort) and the transport.
+  ~DataPlaneClient();
+  DataPlaneClient(const DataPlaneClient&) = delete;
+  DataPlaneClient& operator=(const DataPlaneClient&) = delete;
+
+  // A whole chunk by key, or the chunk under a lease from GetDescriptor (lease_id != 0; then
+  // `key` is unused). Returns the payload size. Daemon errors pass through (NOT_FOUND: unknown key
+  // or lease; ABORTED: the lease expired); DEADLINE_EXCEEDED when no reply came in time.
+  absl::StatusOr<uint64_t> Get(const ChunkKey& key, uint64_t lease_id, Place place,
+                               absl::Time deadline);
+  // Stores header + payload under `key`, or writes them into a reservation (reservation_id != 0,
+  // left uncommitted). True if stored now, false if already stored.
+  absl::StatusOr<bool> Put(const ChunkKey& key, uint64_t reservation_id, ByteSpan chunk_header,
+                           ByteSpan payload, absl::Time deadline);
+
+  // The daemon's worker address for this session (what its descriptors carry).
+  const std::string& daemon_address() const { return daemon_address_; }
+  const std::string& transports() const { return transports_; }
+  // False once the session failed (the daemon died or closed it): open a new one.
+  bool healthy() const { return healthy_.load(); }
+  // Registers the client's receive pool: Gets into it name the registration.
+  absl::Status RegisterPool(void* base, size_t size) {
+    KVDN_ASSIGN_OR_RETURN(pool_, transport_->Register(base, size));
+    return absl::OkStatus();
+  }
+
+  struct Pending;
+
+ private:
+  DataPlaneClient() = default;
+  void OnGetReply(std::unique_ptr<transfer::Incoming> in);
+  void OnPutReply(std::unique_ptr<transfer::Incoming> in);
+  std::shared_ptr<Pending> Take(uint64_t request_id);
+  absl::Status Wait(uint64_t request_id, const std::shared_ptr<Pending>& p, absl::Time deadline);
+
+  // Constant after Open.
+  v1::KvService::Stub* stub_ = nullptr;
+  std::unique_ptr<transfer::UcxTransport> transport_;
+  transfer::PeerId daemon_ = 0;
+  uint64_t session_ = 0;
+  std::string daemon_address_;
+  std::string transports_;
+  std::unique_ptr<transfer::MemoryRegion> pool_;  // set right after Open, or never
+
+  std::atomic<bool> healthy_{true};
+  std::atomic<uint64_t> next_request_{1};
+  Mutex mu_;
+  absl::flat_hash_map<uint64_t, std::shared_ptr<Pending>> pending_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace kvdn::client
+
+#endif  // KVDN_CLIENT_SRC_DATA_PLANE_H_

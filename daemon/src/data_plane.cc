@@ -1,0 +1,358 @@
+#include "src/data_plane.h"
+
+#include <unistd.h>
+
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "kvdn/common/chunk_format.h"
+#include "kvdn/common/logging.h"
+#include "kvdn/v1/data_plane.pb.h"
+
+namespace kvdn::daemon {
+namespace {
+
+using transfer::Incoming;
+
+// Extra lease time past a transfer's deadline: the transport ends a transfer by its deadline plus
+// its cancel grace, and the lease must outlive any read of the arena bytes.
+constexpr absl::Duration kLeaseSlack = absl::Seconds(30);
+
+ByteSpan AsByteSpan(const std::string& s) {
+  return ByteSpan(reinterpret_cast<const uint8_t*>(s.data()), s.size());
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<DataPlane>> DataPlane::Start(ServerState* state) {
+  const std::string& tls = state->config.data_plane_transports();
+  if (tls == "off") return std::unique_ptr<DataPlane>();
+  std::unique_ptr<DataPlane> dp(new DataPlane(state));
+  storage::HostTier* host = state->store->host_tier();
+  transfer::UcxTransportOptions o;
+  o.name = "kvdnd-local";
+  o.transports = "posix,cma";
+  auto local = transfer::UcxTransport::Create(o);
+  if (local.ok()) {
+    dp->local_ = std::move(*local);
+  } else {
+    spdlog::warn("data plane: no shared-memory transport ({}); same-host clients use the other",
+                 local.status().message());
+  }
+  o.name = "kvdnd-remote";
+  o.transports = tls == "auto" ? "" : tls;
+  auto remote = transfer::UcxTransport::Create(o);
+  if (!remote.ok()) {
+    return absl::Status(remote.status().code(),
+                        absl::StrCat("data_plane_transports: ", remote.status().message()));
+  }
+  dp->remote_ = std::move(*remote);
+  DataPlane* raw = dp.get();
+  for (transfer::UcxTransport* t : {dp->local_.get(), dp->remote_.get()}) {
+    if (t == nullptr) continue;
+    KVDN_ASSIGN_OR_RETURN(auto region, t->Register(host->arena_base(), host->capacity_bytes()));
+    (t == dp->local_.get() ? dp->local_arena_ : dp->remote_arena_) = std::move(region);
+    t->SetHandler(v1::DATA_PLANE_GET, [raw](std::unique_ptr<Incoming> in) {
+      raw->OnGet(std::move(in));
+    });
+    t->SetHandler(v1::DATA_PLANE_PUT, [raw](std::unique_ptr<Incoming> in) {
+      raw->OnPut(std::move(in));
+    });
+    t->SetPeerFailureHandler([raw, t](transfer::PeerId peer, const absl::Status&) {
+      raw->OnPeerFailure(t, peer);
+    });
+  }
+  spdlog::info("data plane: {}", absl::StrJoin(dp->Describe(), "; "));
+  return dp;
+}
+
+DataPlane::~DataPlane() {
+  // Transports end what is in flight (each done callback releases its lease or reservation).
+  local_arena_.reset();
+  remote_arena_.reset();
+  local_.reset();
+  remote_.reset();
+}
+
+std::vector<std::string> DataPlane::Describe() const {
+  std::vector<std::string> out;
+  if (local_) out.push_back(absl::StrCat("ucx-local: ", local_->Describe()));
+  out.push_back(absl::StrCat("ucx-remote: ", remote_->Describe()));
+  return out;
+}
+
+absl::StatusOr<v1::OpenDataPlaneResponse> DataPlane::Open(const v1::OpenDataPlaneRequest& req,
+                                                          bool same_host) {
+  const bool local = same_host && req.pid() > 0 && local_ != nullptr;
+  transfer::UcxTransport* t = local ? local_.get() : remote_.get();
+  {
+    MutexLock lock(&mu_);
+    if (sessions_.size() >= state_.config.max_data_plane_sessions()) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          sessions_.size(), " data-plane sessions open (max_data_plane_sessions); close some"));
+    }
+  }
+  transfer::ConnectOptions co;
+  co.peer_pid = local ? req.pid() : 0;
+  auto peer = t->Connect(req.worker_address(), co);
+  if (!peer.ok()) {
+    return absl::Status(peer.status().code(),
+                        absl::StrCat("worker_address: ", peer.status().message()));
+  }
+  Session s{t, local ? local_arena_.get() : remote_arena_.get(), *peer, co.peer_pid,
+            req.client_name()};
+  v1::OpenDataPlaneResponse resp;
+  {
+    MutexLock lock(&mu_);
+    const uint64_t id = next_session_++;
+    sessions_[id] = s;
+    resp.set_session_id(id);
+  }
+  resp.set_worker_address(t->address());
+  resp.set_pid(local ? getpid() : 0);
+  resp.set_transports(t->Describe());
+  return resp;
+}
+
+absl::Status DataPlane::Close(uint64_t session_id) {
+  Session s;
+  {
+    MutexLock lock(&mu_);
+    auto it = sessions_.find(session_id);
+    if (it == sessions_.end()) {
+      return absl::NotFoundError(absl::StrCat("no data-plane session ", session_id));
+    }
+    s = it->second;
+    sessions_.erase(it);
+  }
+  s.transport->Disconnect(s.peer);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<DataPlane::Session> DataPlane::FindSession(uint64_t id) const {
+  MutexLock lock(&mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("no session ", id));
+  return it->second;
+}
+
+void DataPlane::OnPeerFailure(transfer::Transport* t, transfer::PeerId peer) {
+  MutexLock lock(&mu_);
+  for (auto it = sessions_.begin(); it != sessions_.end();) {
+    auto here = it++;
+    if (here->second.transport == t && here->second.peer == peer) sessions_.erase(here);
+  }
+}
+
+absl::Time DataPlane::DeadlineOf(int64_t unix_micros) const {
+  const absl::Time cap =
+      absl::Now() + absl::Milliseconds(state_.config.max_call_duration_ms());
+  if (unix_micros <= 0) return cap;
+  return std::min(cap, absl::FromUnixMicros(unix_micros));
+}
+
+void DataPlane::ReplyGet(const Session& s, uint64_t request_id, const absl::Status& st,
+                         absl::Time start) {
+  v1::DataPlaneGetReply reply;
+  reply.set_request_id(request_id);
+  reply.set_code(static_cast<int32_t>(st.code()));
+  reply.set_message(std::string(st.message()));
+  state_.RecordCall(Method::kUcxGet, st.code(), absl::Now() - start);
+  s.transport->Send(s.peer, v1::DATA_PLANE_GET_REPLY, reply.SerializeAsString(), {}, nullptr,
+                    absl::Now() + absl::Seconds(10), [](absl::Status) {});
+}
+
+void DataPlane::ReplyPut(const Session& s, uint64_t request_id, const absl::Status& st,
+                         bool stored, absl::Time start) {
+  v1::DataPlanePutReply reply;
+  reply.set_request_id(request_id);
+  reply.set_code(static_cast<int32_t>(st.code()));
+  reply.set_message(std::string(st.message()));
+  reply.set_stored(stored);
+  state_.RecordCall(Method::kUcxPut, st.code(), absl::Now() - start);
+  s.transport->Send(s.peer, v1::DATA_PLANE_PUT_REPLY, reply.SerializeAsString(), {}, nullptr,
+                    absl::Now() + absl::Seconds(10), [](absl::Status) {});
+}
+
+void DataPlane::OnGet(std::unique_ptr<Incoming> in) {
+  const absl::Time start = absl::Now();
+  v1::DataPlaneGetRequest req;
+  if (!req.ParseFromString(in->header())) {
+    state_.bad_requests->Inc();
+    spdlog::debug("data plane: unparsable Get request dropped");
+    return;
+  }
+  auto session = FindSession(req.session_id());
+  if (!session.ok()) {
+    state_.bad_requests->Inc();
+    spdlog::debug("data plane: Get for unknown session {} dropped", req.session_id());
+    return;
+  }
+  const Session s = *session;
+  const absl::Time deadline = DeadlineOf(req.deadline_unix_micros());
+  const uint64_t rid = req.request_id();
+  if (state_.calls.draining()) {
+    return ReplyGet(s, rid, absl::UnavailableError("kvdnd is draining; use another node or retry"),
+                    start);
+  }
+  if (req.target_case() == v1::DataPlaneGetRequest::kLeaseId) {
+    auto lease = state_.store->HoldLease(req.lease_id(), deadline + kLeaseSlack);
+    if (!lease.ok()) {
+      return ReplyGet(s, rid,
+                      absl::Status(lease.status().code(),
+                                   absl::StrCat("lease_id: ", lease.status().message())),
+                      start);
+    }
+    return SendChunk(s, rid, deadline, *lease, /*owned=*/false, start);
+  }
+  if (req.target_case() != v1::DataPlaneGetRequest::kKey) {
+    return ReplyGet(s, rid, absl::InvalidArgumentError("Get request names neither key nor lease"),
+                    start);
+  }
+  auto key = KeyFromProto(req.key(), "key");
+  absl::Status st = key.status();
+  if (st.ok()) st = state_.CheckNamespace(key->ns);
+  if (!st.ok()) return ReplyGet(s, rid, st, start);
+  storage::AcquireOptions opts;
+  opts.ttl = deadline - absl::Now() + kLeaseSlack;
+  opts.may_block = false;
+  auto lease = state_.store->Acquire(*key, opts);
+  if (storage::IsWouldBlock(lease.status())) {
+    // On disk (or moving): read it on a thread that may block.
+    state_.blocking_pool.Submit([this, s, rid, deadline, k = *key, opts, start]() mutable {
+      opts.may_block = true;
+      auto l = state_.store->Acquire(k, opts);
+      if (!l.ok()) return ReplyGet(s, rid, l.status(), start);
+      SendChunk(s, rid, deadline, *l, /*owned=*/true, start);
+    });
+    return;
+  }
+  if (!lease.ok()) return ReplyGet(s, rid, lease.status(), start);
+  SendChunk(s, rid, deadline, *lease, /*owned=*/true, start);
+}
+
+void DataPlane::SendChunk(const Session& s, uint64_t request_id, absl::Time deadline,
+                          const storage::Lease& lease, bool owned, absl::Time start) {
+  if (lease.tier != storage::TierKind::kHost || lease.size < kChunkHeaderBytes) {
+    if (owned) (void)state_.store->Release(lease.id);
+    return ReplyGet(s, request_id,
+                    absl::FailedPreconditionError(
+                        "the lease is on GPU memory, which this data plane does not serve"),
+                    start);
+  }
+  v1::DataPlaneGetReply reply;
+  reply.set_request_id(request_id);
+  reply.set_tier(TierToProto(lease.tier));
+  reply.set_chunk_header(lease.host_bytes.data(), kChunkHeaderBytes);
+  const ByteSpan payload = lease.host_bytes.subspan(kChunkHeaderBytes);
+  state_.data_plane_in_flight.fetch_add(1);
+  s.transport->Send(
+      s.peer, v1::DATA_PLANE_GET_REPLY, reply.SerializeAsString(), payload, s.arena, deadline,
+      [this, id = lease.id, owned, size = lease.size, start](absl::Status st) {
+        if (owned) (void)state_.store->Release(id);
+        if (st.ok()) state_.bytes_out->Inc(static_cast<double>(size));
+        state_.RecordCall(Method::kUcxGet, st.code(), absl::Now() - start);
+        if (!st.ok()) spdlog::debug("data plane: Get transfer failed: {}", st.ToString());
+        state_.data_plane_in_flight.fetch_sub(1);
+      });
+}
+
+void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
+  const absl::Time start = absl::Now();
+  v1::DataPlanePutRequest req;
+  if (!req.ParseFromString(in->header())) {
+    state_.bad_requests->Inc();
+    return;
+  }
+  auto session = FindSession(req.session_id());
+  if (!session.ok()) {
+    state_.bad_requests->Inc();
+    return;
+  }
+  const Session s = *session;
+  const uint64_t rid = req.request_id();
+  if (state_.calls.draining()) {
+    return ReplyPut(s, rid, absl::UnavailableError("kvdnd is draining; use another node or retry"),
+                    false, start);
+  }
+  auto header = DecodeChunkHeader(AsByteSpan(req.chunk_header()));
+  if (!header.ok()) {
+    return ReplyPut(s, rid,
+                    absl::Status(header.status().code(),
+                                 absl::StrCat("chunk_header: ", header.status().message())),
+                    false, start);
+  }
+  if (header->payload_bytes != in->payload_bytes()) {
+    return ReplyPut(s, rid,
+                    absl::InvalidArgumentError(absl::StrCat(
+                        "the chunk header says ", header->payload_bytes,
+                        " payload bytes; the message carries ", in->payload_bytes())),
+                    false, start);
+  }
+  auto holder = std::make_shared<std::unique_ptr<Incoming>>(std::move(in));
+  const absl::Time deadline = DeadlineOf(req.deadline_unix_micros());
+  const uint64_t size = kChunkHeaderBytes + header->payload_bytes;
+  if (req.target_case() == v1::DataPlanePutRequest::kReservationId) {
+    return PutInto(s, rid, deadline, holder, req.chunk_header(), req.reservation_id(),
+                   /*commit=*/false, header->payload_checksum, start);
+  }
+  if (req.target_case() != v1::DataPlanePutRequest::kKey) {
+    return ReplyPut(s, rid, absl::InvalidArgumentError("Put names neither key nor reservation"),
+                    false, start);
+  }
+  auto key = KeyFromProto(req.key(), "key");
+  absl::Status st = key.status();
+  if (st.ok()) st = state_.CheckNamespace(key->ns);
+  if (!st.ok()) return ReplyPut(s, rid, st, false, start);
+  // Reserve may evict (and write to disk): off the progress thread.
+  state_.blocking_pool.Submit([this, s, rid, deadline, holder, k = *key, size,
+                               ch = req.chunk_header(), sum = header->payload_checksum, start] {
+    auto r = state_.store->Reserve(k, size);
+    if (absl::IsAlreadyExists(r.status())) {
+      holder->reset();  // content-addressed: the same bytes are stored already
+      return ReplyPut(s, rid, absl::OkStatus(), false, start);
+    }
+    if (!r.ok()) return ReplyPut(s, rid, r.status(), false, start);
+    PutInto(s, rid, deadline, holder, ch, r->id, /*commit=*/true, sum, start);
+  });
+}
+
+void DataPlane::PutInto(const Session& s, uint64_t request_id, absl::Time deadline,
+                        std::shared_ptr<std::unique_ptr<Incoming>> in, std::string chunk_header,
+                        uint64_t reservation_id, bool commit, uint64_t checksum,
+                        absl::Time start) {
+  const uint64_t size = kChunkHeaderBytes + (*in)->payload_bytes();
+  auto buffer = state_.store->BeginWrite(reservation_id, size);
+  if (!buffer.ok()) {
+    if (commit) (void)state_.store->Abort(reservation_id);
+    return ReplyPut(s, request_id,
+                    absl::Status(buffer.status().code(),
+                                 absl::StrCat("reservation_id: ", buffer.status().message())),
+                    false, start);
+  }
+  std::memcpy(buffer->data(), chunk_header.data(), kChunkHeaderBytes);
+  state_.data_plane_in_flight.fetch_add(1);
+  s.transport->Receive(
+      std::move(*in), buffer->subspan(kChunkHeaderBytes), s.arena, deadline,
+      [this, s, request_id, reservation_id, commit, checksum, size, start](absl::Status st) {
+        state_.store->EndWrite(reservation_id);
+        if (!st.ok() || !commit) {
+          if (!st.ok() && commit) (void)state_.store->Abort(reservation_id);
+          if (st.ok()) state_.bytes_in->Inc(static_cast<double>(size));
+          ReplyPut(s, request_id, st, st.ok(), start);
+          state_.data_plane_in_flight.fetch_sub(1);
+          return;
+        }
+        // The checksum pass over the payload: off the progress thread.
+        state_.blocking_pool.Submit([this, s, request_id, reservation_id, checksum, size, start] {
+          const absl::Status c = state_.store->Commit(reservation_id, checksum);
+          if (c.ok()) state_.bytes_in->Inc(static_cast<double>(size));
+          ReplyPut(s, request_id, c, c.ok(), start);
+          state_.data_plane_in_flight.fetch_sub(1);
+        });
+      });
+}
+
+}  // namespace kvdn::daemon

@@ -1,0 +1,81 @@
+// Internal to daemon/: the UCX data plane (proto/kvdn/v1/data_plane.proto). Two transports: one on
+// shared memory (posix + cma) for clients on this host, one on what UCX finds (tcp, RDMA) for the
+// others; the host arena is registered once with each. Get replies send the chunk payload
+// straight from the leased arena bytes; Put requests are pulled straight into the reserved arena
+// bytes. Sessions are opened over gRPC (KvService.OpenDataPlane).
+//
+// Thread-safety: thread-safe. Requests are handled on the transports' progress threads; what may
+// block (disk reads, eviction on Reserve, the Commit checksum pass) runs on the blocking pool.
+#ifndef KVDN_DAEMON_SRC_DATA_PLANE_H_
+#define KVDN_DAEMON_SRC_DATA_PLANE_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "kvdn/transfer/ucx_transport.h"
+#include "kvdn/v1/kv_service.pb.h"
+#include "src/server_state.h"
+
+namespace kvdn::daemon {
+
+class DataPlane {
+ public:
+  // Nullptr when config.data_plane_transports is "off". INVALID_ARGUMENT naming
+  // data_plane_transports for unknown transports; UNAVAILABLE when UCX cannot start.
+  static absl::StatusOr<std::unique_ptr<DataPlane>> Start(ServerState* state);
+  // Stops both transports (transfers in flight end; their leases and reservations are released).
+  ~DataPlane();
+
+  // KvService.OpenDataPlane / CloseDataPlane. `same_host`: the call came over the unix socket.
+  absl::StatusOr<v1::OpenDataPlaneResponse> Open(const v1::OpenDataPlaneRequest& req,
+                                                 bool same_host);
+  absl::Status Close(uint64_t session_id);
+  // The worker address a client of that kind connects to (what descriptors carry).
+  std::string AddressFor(bool same_host) const {
+    return same_host && local_ ? local_->address() : remote_->address();
+  }
+  // "ucx-local:..." and "ucx-remote:...", for GetStats.
+  std::vector<std::string> Describe() const;
+
+ private:
+  struct Session {
+    transfer::Transport* transport = nullptr;
+    const transfer::MemoryRegion* arena = nullptr;
+    transfer::PeerId peer = 0;
+    int pid = 0;
+    std::string name;
+  };
+  explicit DataPlane(ServerState* state) : state_(*state) {}
+
+  absl::StatusOr<Session> FindSession(uint64_t id) const;
+  void OnPeerFailure(transfer::Transport* t, transfer::PeerId peer);
+  void OnGet(std::unique_ptr<transfer::Incoming> in);
+  void OnPut(std::unique_ptr<transfer::Incoming> in);
+  // Serves a leased chunk (released after the send when `owned`).
+  void SendChunk(const Session& s, uint64_t request_id, absl::Time deadline,
+                 const storage::Lease& lease, bool owned, absl::Time start);
+  void PutInto(const Session& s, uint64_t request_id, absl::Time deadline,
+               std::shared_ptr<std::unique_ptr<transfer::Incoming>> in, std::string chunk_header,
+               uint64_t reservation_id, bool commit, uint64_t checksum, absl::Time start);
+  void ReplyGet(const Session& s, uint64_t request_id, const absl::Status& st, absl::Time start);
+  void ReplyPut(const Session& s, uint64_t request_id, const absl::Status& st, bool stored,
+                absl::Time start);
+  absl::Time DeadlineOf(int64_t unix_micros) const;
+
+  ServerState& state_;
+  // Constant after Start.
+  std::unique_ptr<transfer::UcxTransport> local_;
+  std::unique_ptr<transfer::UcxTransport> remote_;
+  std::unique_ptr<transfer::MemoryRegion> local_arena_;
+  std::unique_ptr<transfer::MemoryRegion> remote_arena_;
+
+  mutable Mutex mu_;
+  absl::flat_hash_map<uint64_t, Session> sessions_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_session_ ABSL_GUARDED_BY(mu_) = 1;
+};
+
+}  // namespace kvdn::daemon
+
+#endif  // KVDN_DAEMON_SRC_DATA_PLANE_H_
