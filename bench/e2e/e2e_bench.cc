@@ -36,7 +36,11 @@ struct Options {
   double seconds = 2;
   std::string kvdnd = KVDN_KVDND_PATH;
   std::string redis = "redis-server";
+  // kvdn's payload path: "grpc" (this benchmark's subject) or "ucx" (the data plane, for a first
+  // look; bench/transfer is its benchmark).
+  std::string data_plane = "grpc";
 };
+std::string g_data_plane = "grpc";
 
 int FreePort() {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -86,6 +90,8 @@ class KvdnConn final : public Conn {
     client::ClientOptions o;
     o.target = target;
     o.model = {"bench", 1, 1, 64, Dtype::kBFloat16, 256};
+    o.data_plane = g_data_plane == "ucx" ? client::ClientOptions::DataPlane::kUcx
+                                         : client::ClientOptions::DataPlane::kGrpc;
     c_ = client::Client::Connect(o).value();
   }
   bool Put(int key, ByteSpan value) override {
@@ -255,19 +261,22 @@ int main(int argc, char** argv) {
       o.kvdnd = val();
     else if (a == "--redis")
       o.redis = val();
+    else if (a == "--data-plane")
+      o.data_plane = val();
     else {
       std::fprintf(stderr,
                    "usage: e2e_bench [--sizes-mib 1,4] [--clients 1,4] [--seconds S] "
-                   "[--kvdnd PATH] [--redis PATH]\n");
+                   "[--kvdnd PATH] [--redis PATH] [--data-plane grpc|ucx]\n");
       return 2;
     }
   }
+  g_data_plane = o.data_plane;
   char tmpl[] = "/tmp/kvdn-e2e.XXXXXX";
   const std::string dir = mkdtemp(tmpl);
   std::printf(
-      "# e2e: kvdnd (gRPC) vs Redis over loopback\n# command: %s\n# cpu: %s (%u cores)\n"
+      "# e2e: kvdnd (payloads over %s) vs Redis over loopback\n# command: %s\n# cpu: %s (%u cores)\n"
       "# redis: %s\n# date: %s\n",
-      cmdline.c_str(), CpuModel().c_str(), std::thread::hardware_concurrency(),
+      o.data_plane.c_str(), cmdline.c_str(), CpuModel().c_str(), std::thread::hardware_concurrency(),
       CommandOutput((o.redis + " --version").c_str()).c_str(),
       CommandOutput("date -u +%FT%TZ").c_str());
 
