@@ -2,12 +2,12 @@
 
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cstring>
 #include <map>
 #include <optional>
-#include <sys/mman.h>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -267,8 +267,8 @@ struct Client::Impl {
     dp.reset();
     if (absl::Now() >= dp_retry_at) {
       const bool same_host = options.target.empty() || absl::StartsWith(options.target, "unix:");
-      auto opened = DataPlaneClient::Open(stub.get(), same_host, options.ucx_transports,
-                                          options.deadline);
+      auto opened =
+          DataPlaneClient::Open(stub.get(), same_host, options.ucx_transports, options.deadline);
       if (opened.ok() && pool && pool->base() != nullptr) {
         if (absl::Status st = (*opened)->RegisterPool(pool->base(), pool->size()); !st.ok()) {
           opened = st;
@@ -676,8 +676,8 @@ absl::StatusOr<uint64_t> Client::ReadDescriptor(const TransferDescriptor& desc,
     std::memcpy(dst.data(), header.data(), std::min(header.size(), kChunkHeaderBytes));
     return dst.subspan(kChunkHeaderBytes, payload_bytes);
   };
-  KVDN_ASSIGN_OR_RETURN(uint64_t n, d->Get(ChunkKey{}, desc.lease_id, place,
-                                           absl::Now() + impl_->options.deadline));
+  KVDN_ASSIGN_OR_RETURN(
+      uint64_t n, d->Get(ChunkKey{}, desc.lease_id, place, absl::Now() + impl_->options.deadline));
   return kChunkHeaderBytes + n;
 }
 

@@ -27,9 +27,9 @@ void KeyToProto(const ChunkKey& key, v1::ChunkKey* out) {
 struct DataPlaneClient::Pending {
   Mutex mu;
   CondVar cv;
-  bool replied ABSL_GUARDED_BY(mu) = false;   // reply handled (and its payload received)
-  bool sent ABSL_GUARDED_BY(mu) = false;      // the request's send ended
-  bool receiving ABSL_GUARDED_BY(mu) = false; // a payload is being received into the buffer
+  bool replied ABSL_GUARDED_BY(mu) = false;    // reply handled (and its payload received)
+  bool sent ABSL_GUARDED_BY(mu) = false;       // the request's send ended
+  bool receiving ABSL_GUARDED_BY(mu) = false;  // a payload is being received into the buffer
   absl::Status status ABSL_GUARDED_BY(mu);
   uint64_t payload_bytes = 0;
   bool stored = false;
@@ -64,12 +64,12 @@ absl::StatusOr<std::unique_ptr<DataPlaneClient>> DataPlaneClient::Open(
   o.transports = !transports.empty() ? transports : same_host ? "posix,cma" : "";
   KVDN_ASSIGN_OR_RETURN(dp->transport_, transfer::UcxTransport::Create(o));
   DataPlaneClient* raw = dp.get();
-  dp->transport_->SetHandler(v1::DATA_PLANE_GET_REPLY, [raw](std::unique_ptr<transfer::Incoming> in) {
-    raw->OnGetReply(std::move(in));
-  });
-  dp->transport_->SetHandler(v1::DATA_PLANE_PUT_REPLY, [raw](std::unique_ptr<transfer::Incoming> in) {
-    raw->OnPutReply(std::move(in));
-  });
+  dp->transport_->SetHandler(
+      v1::DATA_PLANE_GET_REPLY,
+      [raw](std::unique_ptr<transfer::Incoming> in) { raw->OnGetReply(std::move(in)); });
+  dp->transport_->SetHandler(
+      v1::DATA_PLANE_PUT_REPLY,
+      [raw](std::unique_ptr<transfer::Incoming> in) { raw->OnPutReply(std::move(in)); });
   dp->transport_->SetPeerFailureHandler(
       [raw](transfer::PeerId, const absl::Status&) { raw->healthy_.store(false); });
 
@@ -212,8 +212,8 @@ absl::StatusOr<bool> DataPlaneClient::Put(const ChunkKey& key, uint64_t reservat
     MutexLock lock(&mu_);
     pending_[rid] = p;
   }
-  transport_->Send(daemon_, v1::DATA_PLANE_PUT, req.SerializeAsString(), payload, nullptr,
-                   deadline, [p](absl::Status st) { p->SendEnded(st); });
+  transport_->Send(daemon_, v1::DATA_PLANE_PUT, req.SerializeAsString(), payload, nullptr, deadline,
+                   [p](absl::Status st) { p->SendEnded(st); });
   KVDN_RETURN_IF_ERROR(Wait(rid, p, deadline));
   return p->stored;
 }

@@ -25,8 +25,8 @@ class DataPlaneClient {
  public:
   // Where a Get's payload goes, given the chunk's 64-byte header and payload size: a buffer of
   // exactly that size, or the error that ends the Get. Runs on the transport's thread: no blocking.
-  using Place = absl::FunctionRef<absl::StatusOr<MutableByteSpan>(ByteSpan header,
-                                                                  uint64_t payload_bytes)>;
+  using Place =
+      absl::FunctionRef<absl::StatusOr<MutableByteSpan>(ByteSpan header, uint64_t payload_bytes)>;
 
   // Creates the transport and opens a session. `same_host`: the daemon runs on this host (a unix
   // socket target): shared memory then. `transports`: UCX_TLS names, empty for the default.

@@ -54,15 +54,12 @@ absl::StatusOr<std::unique_ptr<DataPlane>> DataPlane::Start(ServerState* state) 
     if (t == nullptr) continue;
     KVDN_ASSIGN_OR_RETURN(auto region, t->Register(host->arena_base(), host->capacity_bytes()));
     (t == dp->local_.get() ? dp->local_arena_ : dp->remote_arena_) = std::move(region);
-    t->SetHandler(v1::DATA_PLANE_GET, [raw](std::unique_ptr<Incoming> in) {
-      raw->OnGet(std::move(in));
-    });
-    t->SetHandler(v1::DATA_PLANE_PUT, [raw](std::unique_ptr<Incoming> in) {
-      raw->OnPut(std::move(in));
-    });
-    t->SetPeerFailureHandler([raw, t](transfer::PeerId peer, const absl::Status&) {
-      raw->OnPeerFailure(t, peer);
-    });
+    t->SetHandler(v1::DATA_PLANE_GET,
+                  [raw](std::unique_ptr<Incoming> in) { raw->OnGet(std::move(in)); });
+    t->SetHandler(v1::DATA_PLANE_PUT,
+                  [raw](std::unique_ptr<Incoming> in) { raw->OnPut(std::move(in)); });
+    t->SetPeerFailureHandler(
+        [raw, t](transfer::PeerId peer, const absl::Status&) { raw->OnPeerFailure(t, peer); });
   }
   spdlog::info("data plane: {}", absl::StrJoin(dp->Describe(), "; "));
   return dp;
@@ -147,8 +144,7 @@ void DataPlane::OnPeerFailure(transfer::Transport* t, transfer::PeerId peer) {
 }
 
 absl::Time DataPlane::DeadlineOf(int64_t unix_micros) const {
-  const absl::Time cap =
-      absl::Now() + absl::Milliseconds(state_.config.max_call_duration_ms());
+  const absl::Time cap = absl::Now() + absl::Milliseconds(state_.config.max_call_duration_ms());
   if (unix_micros <= 0) return cap;
   return std::min(cap, absl::FromUnixMicros(unix_micros));
 }
@@ -164,8 +160,8 @@ void DataPlane::ReplyGet(const Session& s, uint64_t request_id, const absl::Stat
                     absl::Now() + absl::Seconds(10), [](absl::Status) {});
 }
 
-void DataPlane::ReplyPut(const Session& s, uint64_t request_id, const absl::Status& st,
-                         bool stored, absl::Time start) {
+void DataPlane::ReplyPut(const Session& s, uint64_t request_id, const absl::Status& st, bool stored,
+                         absl::Time start) {
   v1::DataPlanePutReply reply;
   reply.set_request_id(request_id);
   reply.set_code(static_cast<int32_t>(st.code()));
@@ -200,10 +196,10 @@ void DataPlane::OnGet(std::unique_ptr<Incoming> in) {
   if (req.target_case() == v1::DataPlaneGetRequest::kLeaseId) {
     auto lease = state_.store->HoldLease(req.lease_id(), deadline + kLeaseSlack);
     if (!lease.ok()) {
-      return ReplyGet(s, rid,
-                      absl::Status(lease.status().code(),
-                                   absl::StrCat("lease_id: ", lease.status().message())),
-                      start);
+      return ReplyGet(
+          s, rid,
+          absl::Status(lease.status().code(), absl::StrCat("lease_id: ", lease.status().message())),
+          start);
     }
     return SendChunk(s, rid, deadline, *lease, /*owned=*/false, start);
   }
@@ -248,15 +244,16 @@ void DataPlane::SendChunk(const Session& s, uint64_t request_id, absl::Time dead
   reply.set_chunk_header(lease.host_bytes.data(), kChunkHeaderBytes);
   const ByteSpan payload = lease.host_bytes.subspan(kChunkHeaderBytes);
   state_.data_plane_in_flight.fetch_add(1);
-  s.transport->Send(
-      s.peer, v1::DATA_PLANE_GET_REPLY, reply.SerializeAsString(), payload, s.arena, deadline,
-      [this, id = lease.id, owned, size = lease.size, start](absl::Status st) {
-        if (owned) (void)state_.store->Release(id);
-        if (st.ok()) state_.bytes_out->Inc(static_cast<double>(size));
-        state_.RecordCall(Method::kUcxGet, st.code(), absl::Now() - start);
-        if (!st.ok()) spdlog::debug("data plane: Get transfer failed: {}", st.ToString());
-        state_.data_plane_in_flight.fetch_sub(1);
-      });
+  s.transport->Send(s.peer, v1::DATA_PLANE_GET_REPLY, reply.SerializeAsString(), payload, s.arena,
+                    deadline,
+                    [this, id = lease.id, owned, size = lease.size, start](absl::Status st) {
+                      if (owned) (void)state_.store->Release(id);
+                      if (st.ok()) state_.bytes_out->Inc(static_cast<double>(size));
+                      state_.RecordCall(Method::kUcxGet, st.code(), absl::Now() - start);
+                      if (!st.ok())
+                        spdlog::debug("data plane: Get transfer failed: {}", st.ToString());
+                      state_.data_plane_in_flight.fetch_sub(1);
+                    });
 }
 
 void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
@@ -286,9 +283,9 @@ void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
   }
   if (header->payload_bytes != in->payload_bytes()) {
     return ReplyPut(s, rid,
-                    absl::InvalidArgumentError(absl::StrCat(
-                        "the chunk header says ", header->payload_bytes,
-                        " payload bytes; the message carries ", in->payload_bytes())),
+                    absl::InvalidArgumentError(
+                        absl::StrCat("the chunk header says ", header->payload_bytes,
+                                     " payload bytes; the message carries ", in->payload_bytes())),
                     false, start);
   }
   auto holder = std::make_shared<std::unique_ptr<Incoming>>(std::move(in));
@@ -321,8 +318,7 @@ void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
 
 void DataPlane::PutInto(const Session& s, uint64_t request_id, absl::Time deadline,
                         std::shared_ptr<std::unique_ptr<Incoming>> in, std::string chunk_header,
-                        uint64_t reservation_id, bool commit, uint64_t checksum,
-                        absl::Time start) {
+                        uint64_t reservation_id, bool commit, uint64_t checksum, absl::Time start) {
   const uint64_t size = kChunkHeaderBytes + (*in)->payload_bytes();
   auto buffer = state_.store->BeginWrite(reservation_id, size);
   if (!buffer.ok()) {

@@ -1,5 +1,4 @@
 #include "src/kv_service.h"
-#include "src/data_plane.h"
 
 #include <grpcpp/support/proto_buffer_reader.h>
 
@@ -12,6 +11,7 @@
 #include "kvdn/common/chunk_format.h"
 #include "kvdn/proto/get_frames.h"
 #include "kvdn/proto/grpc_status.h"
+#include "src/data_plane.h"
 
 namespace kvdn::daemon {
 namespace {

@@ -32,8 +32,7 @@ int main(int argc, char** argv) {
   std::string config_path, ready_file;
   bool print_config = false;
   kvdn::v1::DaemonConfig flags;
-  std::string data_dir, unix_socket, grpc_address, http_address, node_name, log_level,
-      data_plane;
+  std::string data_dir, unix_socket, grpc_address, http_address, node_name, log_level, data_plane;
   uint64_t host_bytes = 0, disk_bytes = 0, gpu_bytes = 0;
   bool no_disk = false, no_persist = false;
   std::vector<std::string> namespaces;

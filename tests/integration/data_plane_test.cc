@@ -28,7 +28,7 @@ using ::kvdn::testing::StatusIs;
 using ::kvdn::testing::TempDir;
 using ::testing::HasSubstr;
 
-ModelSpec Model() { return {"dp-model", 4, 8, 128, Dtype::kBFloat16, 256}; }  // 2 MiB chunks
+ModelSpec Model() { return {"dp-model", 4, 8, 128, Dtype::kBFloat16, 256}; }    // 2 MiB chunks
 ModelSpec BigModel() { return {"dp-big", 32, 8, 128, Dtype::kBFloat16, 256}; }  // 32 MiB
 
 std::vector<int32_t> Tokens(size_t n, uint64_t seed) {

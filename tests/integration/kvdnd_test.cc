@@ -509,7 +509,8 @@ TEST_F(KvdndTest, MetricsPassPromtoolAndCountCalls) {
   auto [rc, out] = testing::RunCommand("promtool check metrics < " + file, &err);
   EXPECT_EQ(rc, 0) << out << err;
   EXPECT_THAT(
-      body, HasSubstr(R"(kvdn_grpc_requests_total{service="DataPlane",method="UcxPut",code="OK"} 2)"));
+      body,
+      HasSubstr(R"(kvdn_grpc_requests_total{service="DataPlane",method="UcxPut",code="OK"} 2)"));
   EXPECT_THAT(body, HasSubstr(R"(kvdn_tier_chunks{tier="host"} 2)"));
   EXPECT_THAT(body, HasSubstr("kvdn_payload_bytes_received_total"));
   EXPECT_THAT(

@@ -114,8 +114,8 @@ class UcxTransportTest : public ::testing::TestWithParam<std::string> {
 };
 
 TEST_P(UcxTransportTest, PayloadsOfEverySizeArriveBitForBit) {
-  const size_t sizes[] = {0,         1,           7,       64,          4095, 8192, 8193,
-                          65537,     (1u << 20) + 3, 4u << 20, (32u << 20)};
+  const size_t sizes[] = {0,        1,          7, 64, 4095, 8192, 8193, 65537, (1u << 20) + 3,
+                          4u << 20, (32u << 20)};
   uint64_t seed = 1;
   for (size_t n : sizes) {
     RoundTrip(RandomBytes(n, seed++), absl::StrCat("header-", n));
@@ -175,8 +175,8 @@ TEST_P(UcxTransportTest, ManyConcurrentTransfers) {
 }
 
 TEST_P(UcxTransportTest, BadInputGetsPreciseErrors) {
-  EXPECT_THAT(a_->Connect("garbage", {}), StatusIs(absl::StatusCode::kInvalidArgument,
-                                               HasSubstr("not a kvdn UCX address")));
+  EXPECT_THAT(a_->Connect("garbage", {}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not a kvdn UCX address")));
   std::string corrupted = b_->address();
   corrupted[corrupted.size() / 2] ^= 0x5a;
   EXPECT_THAT(a_->Connect(corrupted, {}),

@@ -56,15 +56,16 @@ void FaultInjectingTransport::TimerLoop() {
       cv_.Wait(&mu_);
       continue;
     }
-    auto first = std::min_element(timers_.begin(), timers_.end(), [](const Timed& a, const Timed& b) {
-      return a.when < b.when || (a.when == b.when && a.seq < b.seq);
-    });
+    auto first =
+        std::min_element(timers_.begin(), timers_.end(), [](const Timed& a, const Timed& b) {
+          return a.when < b.when || (a.when == b.when && a.seq < b.seq);
+        });
     const absl::Time now = absl::Now();
     if (first->when > now && !stop_) {
       cv_.WaitWithTimeout(&mu_, first->when - now);
       continue;
     }
-    absl::AnyInvocable<void() &&> fn = std::move(first->fn);
+    absl::AnyInvocable<void()&&> fn = std::move(first->fn);
     timers_.erase(first);
     mu_.Unlock();
     std::move(fn)();
@@ -92,13 +93,13 @@ absl::StatusOr<PeerId> FaultInjectingTransport::Connect(absl::string_view addres
 void FaultInjectingTransport::Disconnect(PeerId peer) { base_->Disconnect(peer); }
 
 absl::StatusOr<std::unique_ptr<MemoryRegion>> FaultInjectingTransport::Register(void* base,
-                                                                               size_t size) {
+                                                                                size_t size) {
   return base_->Register(base, size);
 }
 
-void FaultInjectingTransport::Send(PeerId peer, uint16_t type, std::string header,
-                                   ByteSpan payload, const MemoryRegion* region,
-                                   absl::Time deadline, DoneCallback done) {
+void FaultInjectingTransport::Send(PeerId peer, uint16_t type, std::string header, ByteSpan payload,
+                                   const MemoryRegion* region, absl::Time deadline,
+                                   DoneCallback done) {
   absl::Duration delay;
   {
     MutexLock lock(&mu_);
@@ -119,8 +120,8 @@ void FaultInjectingTransport::Send(PeerId peer, uint16_t type, std::string heade
     case Fate::kPass:
       break;
   }
-  At(absl::Now() + delay, [this, peer, type, header = std::move(header), payload, region,
-                           deadline, done = std::move(done)]() mutable {
+  At(absl::Now() + delay, [this, peer, type, header = std::move(header), payload, region, deadline,
+                           done = std::move(done)]() mutable {
     base_->Send(peer, type, std::move(header), payload, region, deadline, std::move(done));
   });
 }
@@ -141,10 +142,10 @@ void FaultInjectingTransport::Receive(std::unique_ptr<Incoming> incoming, Mutabl
     });
     return;
   }
-  At(absl::Now() + delay, [this, in = std::move(incoming), dst, region, deadline,
-                           done = std::move(done)]() mutable {
-    base_->Receive(std::move(in), dst, region, deadline, std::move(done));
-  });
+  At(absl::Now() + delay,
+     [this, in = std::move(incoming), dst, region, deadline, done = std::move(done)]() mutable {
+       base_->Receive(std::move(in), dst, region, deadline, std::move(done));
+     });
 }
 
 }  // namespace kvdn::transfer

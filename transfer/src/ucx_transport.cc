@@ -6,9 +6,9 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <array>
 #include <atomic>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <deque>
@@ -51,10 +51,10 @@ bool ProcessAlive(int pid) { return pid > 0 && (kill(pid, 0) == 0 || errno == EP
 
 bool KnownTransport(absl::string_view t) {
   static const absl::flat_hash_set<absl::string_view> kKnown = {
-      "all", "self", "tcp", "sm", "shm", "mm", "posix", "sysv", "cma", "knem", "xpmem", "ib",
-      "rc", "rc_v", "rc_x", "rc_verbs", "rc_mlx5", "ud", "ud_v", "ud_x", "ud_verbs", "ud_mlx5",
-      "dc", "dc_x", "dc_mlx5", "cuda", "cuda_copy", "cuda_ipc", "gdr_copy", "rocm", "rocm_copy",
-      "rocm_ipc"};
+      "all",     "self", "tcp",       "sm",       "shm",      "mm",      "posix",     "sysv",
+      "cma",     "knem", "xpmem",     "ib",       "rc",       "rc_v",    "rc_x",      "rc_verbs",
+      "rc_mlx5", "ud",   "ud_v",      "ud_x",     "ud_verbs", "ud_mlx5", "dc",        "dc_x",
+      "dc_mlx5", "cuda", "cuda_copy", "cuda_ipc", "gdr_copy", "rocm",    "rocm_copy", "rocm_ipc"};
   return kKnown.contains(t);
 }
 
@@ -106,7 +106,7 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
   size_t max_header = 0;
   TransportCaps caps;
   std::vector<std::string> resources;  // "tl/device" UCX may use
-  bool peer_errors = true;  // UCP_ERR_HANDLING_MODE_PEER on every connection
+  bool peer_errors = true;             // UCP_ERR_HANDLING_MODE_PEER on every connection
   int worker_fd = -1;
   int wake_fd = -1;
   std::array<HandlerSlot, kMaxTypes> slots;
@@ -284,8 +284,8 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
     if (stopping) return Finish(op, absl::UnavailableError("transport is shutting down"));
     Peer* p = Find(peer);
     if (p == nullptr) {
-      return Finish(op, absl::NotFoundError(absl::StrCat(
-                            "no peer ", absl::Hex(peer), " (disconnected, failed or never made)")));
+      return Finish(op, absl::NotFoundError(absl::StrCat("no peer ", absl::Hex(peer),
+                                                         " (disconnected, failed or never made)")));
     }
     op->ep = p->ep;
     ucp_request_param_t param{};
@@ -403,9 +403,10 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
         to_abandon.push_back(op);
       } else if (!op->warned) {
         op->warned = true;
-        spdlog::warn("ucx {}: a transfer is stuck past its deadline and its peer (pid {}) lives: "
-                     "holding its memory until it ends",
-                     options.name, pid);
+        spdlog::warn(
+            "ucx {}: a transfer is stuck past its deadline and its peer (pid {}) lives: "
+            "holding its memory until it ends",
+            options.name, pid);
       }
     }
     for (Op* op : to_abandon) {
@@ -502,8 +503,7 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
     }
     RunTasks();
     if (!in_flight.empty()) {
-      spdlog::warn("ucx {}: {} transfers did not end at shutdown", options.name,
-               in_flight.size());
+      spdlog::warn("ucx {}: {} transfers did not end at shutdown", options.name, in_flight.size());
     }
     thread_id.store(std::thread::id());
   }
@@ -576,9 +576,8 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(
   ucp_context_h context = nullptr;
   st = ucp_init(&params, config.get(), &context);
   if (st != UCS_OK) {
-    return absl::UnavailableError(
-        absl::StrCat("UCX found no usable transport (transports '", options.transports,
-                     "'): ", ucs_status_string(st)));
+    return absl::UnavailableError(absl::StrCat("UCX found no usable transport (transports '",
+                                               options.transports, "'): ", ucs_status_string(st)));
   }
   impl->context.reset(context);
 
@@ -735,8 +734,8 @@ absl::StatusOr<PeerId> UcxTransport::Connect(absl::string_view address,
                                              const ConnectOptions& options) {
   if (address.size() <= kAddressPrefix ||
       std::memcmp(address.data(), kAddressMagic, sizeof(kAddressMagic)) != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "not a kvdn UCX address (", address.size(), " bytes without the KVDNUCX1 prefix)"));
+    return absl::InvalidArgumentError(absl::StrCat("not a kvdn UCX address (", address.size(),
+                                                   " bytes without the KVDNUCX1 prefix)"));
   }
   uint64_t sum;
   std::memcpy(&sum, address.data() + sizeof(kAddressMagic), sizeof(sum));
@@ -783,8 +782,8 @@ void UcxTransport::Send(PeerId peer, uint16_t type, std::string header, ByteSpan
   if (type >= kMaxTypes) {
     bad = absl::InvalidArgumentError(absl::StrCat("message type ", type, " >= ", kMaxTypes));
   } else if (header.size() > impl_->max_header) {
-    bad = absl::InvalidArgumentError(absl::StrCat("header of ", header.size(),
-                                                  " bytes exceeds ", impl_->max_header));
+    bad = absl::InvalidArgumentError(
+        absl::StrCat("header of ", header.size(), " bytes exceeds ", impl_->max_header));
   } else if (region != nullptr && !payload.empty() &&
              !region->Contains(payload.data(), payload.size())) {
     bad = absl::InvalidArgumentError("payload lies outside the registered region named");
@@ -803,9 +802,8 @@ void UcxTransport::Receive(std::unique_ptr<Incoming> incoming, MutableByteSpan d
                            const MemoryRegion* region, absl::Time deadline, DoneCallback done) {
   absl::Status bad;
   if (dst.size() != incoming->payload_bytes()) {
-    bad = absl::InvalidArgumentError(absl::StrCat("receive buffer of ", dst.size(),
-                                                  " bytes for a payload of ",
-                                                  incoming->payload_bytes()));
+    bad = absl::InvalidArgumentError(absl::StrCat(
+        "receive buffer of ", dst.size(), " bytes for a payload of ", incoming->payload_bytes()));
   } else if (region != nullptr && !dst.empty() && !region->Contains(dst.data(), dst.size())) {
     bad = absl::InvalidArgumentError("receive buffer lies outside the registered region named");
   }

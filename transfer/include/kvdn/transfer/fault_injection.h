@@ -48,8 +48,7 @@ class FaultInjectingTransport final : public Transport {
   size_t max_header_bytes() const override { return base_->max_header_bytes(); }
   void SetHandler(uint16_t type, MessageHandler handler) override;
   void SetPeerFailureHandler(PeerFailureHandler handler) override;
-  absl::StatusOr<PeerId> Connect(absl::string_view address,
-                                 const ConnectOptions& options) override;
+  absl::StatusOr<PeerId> Connect(absl::string_view address, const ConnectOptions& options) override;
   void Disconnect(PeerId peer) override;
   absl::StatusOr<std::unique_ptr<MemoryRegion>> Register(void* base, size_t size) override;
   void Send(PeerId peer, uint16_t type, std::string header, ByteSpan payload,

@@ -1,8 +1,9 @@
 // The data plane's transport: moves messages — a small header and an optional payload — between
 // processes, the payload from the sender's memory straight into a buffer the receiver picks after
 // reading the header. A protocol that answers carries in its header who to answer (kvdnd's data
-// plane: a session id, whose PeerId the daemon got from Connect). kvdnd and the client SDK speak their protocol (proto/kvdn/v1/data_plane.proto)
-// over it; UcxTransport is the implementation, FaultInjectingTransport a decorator for tests.
+// plane: a session id, whose PeerId the daemon got from Connect). kvdnd and the client SDK speak
+// their protocol (proto/kvdn/v1/data_plane.proto) over it; UcxTransport is the implementation,
+// FaultInjectingTransport a decorator for tests.
 //
 // Lifecycle of a transfer (post -> poll until done -> release):
 //   1. The sender posts Send(peer, type, header, payload, region, deadline, done). The payload's

@@ -51,8 +51,7 @@ class UcxTransport final : public Transport {
   size_t max_header_bytes() const override;
   void SetHandler(uint16_t type, MessageHandler handler) override;
   void SetPeerFailureHandler(PeerFailureHandler handler) override;
-  absl::StatusOr<PeerId> Connect(absl::string_view address,
-                                 const ConnectOptions& options) override;
+  absl::StatusOr<PeerId> Connect(absl::string_view address, const ConnectOptions& options) override;
   // True when connections use UCX's peer error handling (see UcxTransportOptions::transports).
   bool detects_peer_failure() const;
   void Disconnect(PeerId peer) override;
