@@ -274,10 +274,11 @@ int main(int argc, char** argv) {
   char tmpl[] = "/tmp/kvdn-e2e.XXXXXX";
   const std::string dir = mkdtemp(tmpl);
   std::printf(
-      "# e2e: kvdnd (payloads over %s) vs Redis over loopback\n# command: %s\n# cpu: %s (%u cores)\n"
+      "# e2e: kvdnd (payloads over %s) vs Redis over loopback\n# command: %s\n# cpu: %s (%u "
+      "cores)\n"
       "# redis: %s\n# date: %s\n",
-      o.data_plane.c_str(), cmdline.c_str(), CpuModel().c_str(), std::thread::hardware_concurrency(),
-      CommandOutput((o.redis + " --version").c_str()).c_str(),
+      o.data_plane.c_str(), cmdline.c_str(), CpuModel().c_str(),
+      std::thread::hardware_concurrency(), CommandOutput((o.redis + " --version").c_str()).c_str(),
       CommandOutput("date -u +%FT%TZ").c_str());
 
   const int redis_port = FreePort();
