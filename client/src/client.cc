@@ -34,6 +34,19 @@ void KeyToProto(const ChunkKey& key, v1::ChunkKey* out) {
   out->set_prefix_hash(c.data(), c.size());
 }
 
+// A data-plane Get's destination for a whole encoded chunk in dst: the header into its first 64
+// bytes, the payload after them. OUT_OF_RANGE when it does not fit.
+absl::StatusOr<MutableByteSpan> PlaceEncoded(MutableByteSpan dst, ByteSpan header,
+                                             uint64_t payload_bytes) {
+  if (kChunkHeaderBytes + payload_bytes > dst.size()) {
+    return absl::OutOfRangeError(absl::StrCat("chunk of ", kChunkHeaderBytes + payload_bytes,
+                                              " bytes does not fit a ", dst.size(),
+                                              "-byte buffer"));
+  }
+  std::memcpy(dst.data(), header.data(), std::min(header.size(), kChunkHeaderBytes));
+  return dst.subspan(kChunkHeaderBytes, payload_bytes);
+}
+
 absl::Status ValidateOptions(const ClientOptions& o) {
   if (absl::Status st = ValidateNamespace(o.ns); !st.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("ClientOptions.ns: ", st.message()));
@@ -607,15 +620,7 @@ absl::StatusOr<bool> Client::PutEncoded(const ChunkKey& key, ByteSpan encoded) {
 absl::StatusOr<uint64_t> Client::GetEncoded(const ChunkKey& key, MutableByteSpan dst) {
   KVDN_ASSIGN_OR_RETURN(std::shared_ptr<DataPlaneClient> d, impl_->DataPlane());
   if (d != nullptr) {
-    auto place = [&](ByteSpan header, uint64_t payload_bytes) -> absl::StatusOr<MutableByteSpan> {
-      if (kChunkHeaderBytes + payload_bytes > dst.size()) {
-        return absl::OutOfRangeError(absl::StrCat("chunk of ", kChunkHeaderBytes + payload_bytes,
-                                                  " bytes does not fit a ", dst.size(),
-                                                  "-byte buffer"));
-      }
-      std::memcpy(dst.data(), header.data(), std::min(header.size(), kChunkHeaderBytes));
-      return dst.subspan(kChunkHeaderBytes, payload_bytes);
-    };
+    auto place = [&](ByteSpan h, uint64_t n) { return PlaceEncoded(dst, h, n); };
     return impl_->WithRetry<absl::StatusOr<uint64_t>>(
         [&](grpc::ClientContext* ctx) -> absl::StatusOr<uint64_t> {
           KVDN_ASSIGN_OR_RETURN(uint64_t n,
@@ -667,15 +672,7 @@ absl::StatusOr<uint64_t> Client::ReadDescriptor(const TransferDescriptor& desc,
         desc.worker_address.empty() ? " names no UCX worker"
                                     : " belongs to another daemon than this client's"));
   }
-  auto place = [&](ByteSpan header, uint64_t payload_bytes) -> absl::StatusOr<MutableByteSpan> {
-    if (kChunkHeaderBytes + payload_bytes > dst.size()) {
-      return absl::OutOfRangeError(absl::StrCat("chunk of ", kChunkHeaderBytes + payload_bytes,
-                                                " bytes does not fit a ", dst.size(),
-                                                "-byte buffer"));
-    }
-    std::memcpy(dst.data(), header.data(), std::min(header.size(), kChunkHeaderBytes));
-    return dst.subspan(kChunkHeaderBytes, payload_bytes);
-  };
+  auto place = [&](ByteSpan h, uint64_t n) { return PlaceEncoded(dst, h, n); };
   KVDN_ASSIGN_OR_RETURN(
       uint64_t n, d->Get(ChunkKey{}, desc.lease_id, place, absl::Now() + impl_->options.deadline));
   return kChunkHeaderBytes + n;
