@@ -15,9 +15,14 @@
 #include "daemon_process.h"
 #include "kvdn/client/client.h"
 #include "kvdn/common/chunk_format.h"
+#include "kvdn/common/hash.h"
+#include "kvdn/common/mutex.h"
 #include "kvdn/testing/chunks.h"
 #include "kvdn/testing/status_matchers.h"
+#include "kvdn/transfer/ucx_transport.h"
 #include "kvdn/v1/admin_service.grpc.pb.h"
+#include "kvdn/v1/data_plane.pb.h"
+#include "kvdn/v1/kv_service.grpc.pb.h"
 
 namespace kvdn {
 namespace {
@@ -220,6 +225,131 @@ TEST_F(DataPlaneTest, AClientKilledMidTransferLeavesNoLeaseAndAHealthyDaemon) {
   auto g = Connect(daemon_.unix_target(), DP::kGrpc, BigModel());
   RoundTrip(*g, *c, 256, 57);
   EXPECT_EQ(daemon_.Stop(), 0);
+}
+
+// Raw data-plane messages, as a buggy or hostile client would send them: each gets its exact
+// status in the reply (or, with no session to answer, is dropped and counted), and the daemon
+// stays healthy and stores nothing.
+class RawDataPlaneTest : public DataPlaneTest {
+ protected:
+  void SetUp() override {
+    DataPlaneTest::SetUp();
+    transfer::UcxTransportOptions o;
+    o.transports = "posix,cma";
+    ASSERT_OK_AND_ASSIGN(t_, transfer::UcxTransport::Create(o));
+    t_->SetHandler(v1::DATA_PLANE_GET_REPLY, [this](std::unique_ptr<transfer::Incoming> in) {
+      v1::DataPlaneGetReply r;
+      r.ParseFromString(in->header());
+      Deliver(r.code(), r.message());
+    });
+    t_->SetHandler(v1::DATA_PLANE_PUT_REPLY, [this](std::unique_ptr<transfer::Incoming> in) {
+      v1::DataPlanePutReply r;
+      r.ParseFromString(in->header());
+      Deliver(r.code(), r.message());
+    });
+    auto stub = v1::KvService::NewStub(client::MakeChannel(daemon_.unix_target()));
+    v1::OpenDataPlaneRequest req;
+    req.set_worker_address(t_->address());
+    req.set_pid(getpid());
+    v1::OpenDataPlaneResponse resp;
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(stub->OpenDataPlane(&ctx, req, &resp).ok());
+    session_ = resp.session_id();
+    ASSERT_OK_AND_ASSIGN(peer_, t_->Connect(resp.worker_address(), {resp.pid()}));
+    // A malformed worker address is refused naming the field.
+    v1::OpenDataPlaneRequest bad;
+    bad.set_worker_address("not an address");
+    grpc::ClientContext ctx2;
+    const grpc::Status st = stub->OpenDataPlane(&ctx2, bad, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(st.error_message(), HasSubstr("worker_address"));
+  }
+  void TearDown() override { t_.reset(); }
+  void Deliver(int code, std::string message) {
+    MutexLock lock(&mu_);
+    replies_.emplace_back(code, std::move(message));
+    cv_.SignalAll();
+  }
+  // Sends one message and returns the reply's status (UNKNOWN "no reply" after 3 s).
+  absl::Status Exchange(uint16_t type, const google::protobuf::Message& header, ByteSpan payload) {
+    t_->Send(peer_, type, header.SerializeAsString(), payload, nullptr,
+             absl::Now() + absl::Seconds(5), [](absl::Status) {});
+    MutexLock lock(&mu_);
+    const absl::Time end = absl::Now() + absl::Seconds(3);
+    while (replies_.empty() && absl::Now() < end) cv_.WaitWithTimeout(&mu_, end - absl::Now());
+    if (replies_.empty()) return absl::UnknownError("no reply");
+    auto [code, msg] = replies_.front();
+    replies_.erase(replies_.begin());
+    return absl::Status(static_cast<absl::StatusCode>(code), msg);
+  }
+  void SetKey(v1::ChunkKey* k, std::string ns = "tenant-a") {
+    k->set_namespace_(std::move(ns));
+    k->set_fingerprint(42);
+    k->set_prefix_hash(std::string(16, 'h'));
+  }
+
+  std::unique_ptr<transfer::UcxTransport> t_;
+  transfer::PeerId peer_ = 0;
+  uint64_t session_ = 0;
+  Mutex mu_;
+  CondVar cv_;
+  std::vector<std::pair<int, std::string>> replies_ ABSL_GUARDED_BY(mu_);
+};
+
+TEST_F(RawDataPlaneTest, EachBadMessageGetsItsExactStatusAndNothingIsStored) {
+  const ChunkInfo info{Dtype::kBFloat16, 1, 1, 64, 16};
+  auto payload = RandomBytes(info.PayloadBytes(), 1);
+  uint8_t header[kChunkHeaderBytes];
+  WriteChunkHeader(info, Xxh3_64(ByteSpan(payload)), MutableByteSpan(header, sizeof(header)));
+  auto put = [&](auto edit) {
+    v1::DataPlanePutRequest r;
+    r.set_session_id(session_);
+    r.set_request_id(1);
+    SetKey(r.mutable_key());
+    r.set_chunk_header(header, sizeof(header));
+    edit(r);
+    return r;
+  };
+  // Garbage chunk header.
+  EXPECT_THAT(Exchange(v1::DATA_PLANE_PUT, put([](auto& r) { r.set_chunk_header("short"); }),
+                       ByteSpan(payload)),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("chunk_header")));
+  // Payload size differing from the header's.
+  EXPECT_THAT(Exchange(v1::DATA_PLANE_PUT, put([](auto&) {}),
+                       ByteSpan(payload).subspan(0, payload.size() - 8)),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("payload bytes")));
+  // Payload whose checksum is not the header's: DATA_LOSS at commit.
+  auto corrupted = payload;
+  corrupted[5] ^= 1;
+  EXPECT_THAT(Exchange(v1::DATA_PLANE_PUT, put([](auto&) {}), ByteSpan(corrupted)),
+              StatusIs(absl::StatusCode::kDataLoss));
+  // Malformed namespace; unknown reservation.
+  EXPECT_THAT(
+      Exchange(v1::DATA_PLANE_PUT, put([&](auto& r) { SetKey(r.mutable_key(), "bad ns!"); }),
+               ByteSpan(payload)),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("namespace")));
+  EXPECT_THAT(Exchange(v1::DATA_PLANE_PUT, put([](auto& r) { r.set_reservation_id(777); }),
+                       ByteSpan(payload)),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("reservation_id")));
+  // Get: no target; unknown key; unknown lease.
+  v1::DataPlaneGetRequest g;
+  g.set_session_id(session_);
+  EXPECT_THAT(Exchange(v1::DATA_PLANE_GET, g, {}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("neither key nor lease")));
+  SetKey(g.mutable_key());
+  EXPECT_THAT(Exchange(v1::DATA_PLANE_GET, g, {}), StatusIs(absl::StatusCode::kNotFound));
+  g.set_lease_id(31337);
+  EXPECT_THAT(Exchange(v1::DATA_PLANE_GET, g, {}),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("lease_id")));
+  // Unknown session: nobody to answer; dropped and counted.
+  g.set_session_id(session_ + 1000);
+  EXPECT_THAT(Exchange(v1::DATA_PLANE_GET, g, {}), StatusIs(absl::StatusCode::kUnknown));
+  auto [code, body] = testing::HttpGet(daemon_.http_port(), "/metrics");
+  EXPECT_THAT(body, ::testing::ContainsRegex("kvdn_bad_requests_total [1-9]"));
+  // Nothing was stored, and a well-formed Put still works.
+  EXPECT_THAT(body, HasSubstr(R"(kvdn_tier_chunks{tier="host"} 0)"));
+  EXPECT_OK(Exchange(v1::DATA_PLANE_PUT, put([](auto&) {}), ByteSpan(payload)));
+  EXPECT_EQ(LeasesActive(daemon_.unix_target()), 0u);
 }
 
 TEST(DataPlaneOffTest, ADaemonWithoutUcxServesGrpcAndRefusesUcxPrecisely) {
