@@ -23,8 +23,8 @@ struct UcxTransportOptions {
   // connections use UCX's peer error handling (UCP_ERR_HANDLING_MODE_PEER): a dead peer fails its
   // transfers at once — without it UCX 1.13 aborts the process when a tcp peer dies. With shared
   // memory only ("posix,cma", "sm"), connections go without it, because it costs UCX 1.13 its
-  // shared-memory and zero-copy paths (4 MiB ucp_am_bw on loopback: tcp 6.2 -> 2.9 GB/s, tcp+cma
-  // 18.3 -> 3.0, posix+cma refused); a dead peer is then noticed by its process id
+  // shared-memory and zero-copy paths (transfer/README.md has the measurements); a dead peer is
+  // then noticed by its process id
   // (ConnectOptions::peer_pid).
   std::string transports;
   // A name for logs and Describe().
