@@ -27,13 +27,6 @@ namespace {
 
 constexpr int kMaxMessageBytes = (4 << 20) + (64 << 10);
 
-void KeyToProto(const ChunkKey& key, v1::ChunkKey* out) {
-  out->set_namespace_(key.ns);
-  out->set_fingerprint(key.fingerprint);
-  const std::array<uint8_t, 16> c = key.prefix_hash.Canonical();
-  out->set_prefix_hash(c.data(), c.size());
-}
-
 // A data-plane Get's destination for a whole encoded chunk in dst: the header into its first 64
 // bytes, the payload after them. OUT_OF_RANGE when it does not fit.
 absl::StatusOr<MutableByteSpan> PlaceEncoded(MutableByteSpan dst, ByteSpan header,

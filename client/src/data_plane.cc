@@ -11,7 +11,6 @@
 #include "kvdn/v1/data_plane.pb.h"
 
 namespace kvdn::client {
-namespace {
 
 void KeyToProto(const ChunkKey& key, v1::ChunkKey* out) {
   out->set_namespace_(key.ns);
@@ -19,8 +18,6 @@ void KeyToProto(const ChunkKey& key, v1::ChunkKey* out) {
   const std::array<uint8_t, 16> c = key.prefix_hash.Canonical();
   out->set_prefix_hash(c.data(), c.size());
 }
-
-}  // namespace
 
 // One request waiting for its reply (and, for a Put, for its send to end: the payload is the
 // caller's memory until then).

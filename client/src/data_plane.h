@@ -21,6 +21,9 @@
 
 namespace kvdn::client {
 
+// ChunkKey -> its proto form (both payload paths use it).
+void KeyToProto(const ChunkKey& key, v1::ChunkKey* out);
+
 class DataPlaneClient {
  public:
   // Where a Get's payload goes, given the chunk's 64-byte header and payload size: a buffer of

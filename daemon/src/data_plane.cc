@@ -103,6 +103,12 @@ absl::StatusOr<v1::OpenDataPlaneResponse> DataPlane::Open(const v1::OpenDataPlan
   v1::OpenDataPlaneResponse resp;
   {
     MutexLock lock(&mu_);
+    // Checked again: other sessions may have opened while this one connected.
+    if (sessions_.size() >= state_.config.max_data_plane_sessions()) {
+      t->Disconnect(*peer);
+      return absl::ResourceExhaustedError(absl::StrCat(
+          sessions_.size(), " data-plane sessions open (max_data_plane_sessions); close some"));
+    }
     const uint64_t id = next_session_++;
     sessions_[id] = s;
     resp.set_session_id(id);
