@@ -4,28 +4,18 @@
 // 127.0.0.1 and over a unix socket.
 //
 //   e2e_bench [--sizes-mib 1,4] [--clients 1,4] [--seconds 2] [--kvdnd PATH] [--redis PATH]
-#include <hiredis/hiredis.h>
 #include <netinet/in.h>
-#include <signal.h>
 #include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
-#include <cstring>
-#include <filesystem>
 #include <functional>
 #include <string>
 #include <thread>
 #include <vector>
 
-#include "absl/strings/numbers.h"
-#include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
-#include "bench_util.h"
-#include "kvdn/client/client.h"
 #include "kvdn/common/chunk_format.h"
-#include "kvdn/testing/chunks.h"
+#include "loopback_util.h"
 
 namespace kvdn::bench {
 namespace {
@@ -40,149 +30,6 @@ struct Options {
   // look; bench/transfer is its benchmark).
   std::string data_plane = "grpc";
 };
-std::string g_data_plane = "grpc";
-
-int FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  socklen_t len = sizeof(a);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
-}
-
-pid_t Spawn(std::vector<std::string> args, const std::string& log) {
-  pid_t pid = fork();
-  if (pid == 0) {
-    FILE* f = std::fopen(log.c_str(), "w");
-    if (f) {
-      dup2(fileno(f), 1);
-      dup2(fileno(f), 2);
-    }
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    execvp(argv[0], argv.data());
-    _exit(127);
-  }
-  return pid;
-}
-
-void Stop(pid_t pid) {
-  kill(pid, SIGTERM);
-  waitpid(pid, nullptr, 0);
-}
-
-// One system under test, as the benchmark drives it: per-client connections doing put/get.
-class Conn {
- public:
-  virtual ~Conn() = default;
-  virtual bool Put(int key, ByteSpan value) = 0;
-  virtual bool Get(int key, MutableByteSpan dst) = 0;
-};
-
-class KvdnConn final : public Conn {
- public:
-  explicit KvdnConn(const std::string& target) {
-    client::ClientOptions o;
-    o.target = target;
-    o.model = {"bench", 1, 1, 64, Dtype::kBFloat16, 256};
-    o.data_plane = g_data_plane == "ucx" ? client::ClientOptions::DataPlane::kUcx
-                                         : client::ClientOptions::DataPlane::kGrpc;
-    c_ = client::Client::Connect(o).value();
-  }
-  bool Put(int key, ByteSpan value) override {
-    auto r = c_->PutEncoded(testing::KeyFor(key, "bench"), value);
-    return r.ok();
-  }
-  bool Get(int key, MutableByteSpan dst) override {
-    auto r = c_->GetEncoded(testing::KeyFor(key, "bench"), dst);
-    return r.ok() && *r == dst.size();
-  }
-
- private:
-  std::unique_ptr<client::Client> c_;
-};
-
-class RedisConn final : public Conn {
- public:
-  RedisConn(const std::string& unix_path, int port) {
-    ctx_ =
-        unix_path.empty() ? redisConnect("127.0.0.1", port) : redisConnectUnix(unix_path.c_str());
-  }
-  ~RedisConn() override {
-    if (ctx_) redisFree(ctx_);
-  }
-  bool Put(int key, ByteSpan value) override {
-    const std::string k = absl::StrCat("bench:", key);
-    auto* r = static_cast<redisReply*>(
-        redisCommand(ctx_, "SET %b %b", k.data(), k.size(), value.data(), value.size()));
-    const bool ok = r && r->type == REDIS_REPLY_STATUS;
-    if (r) freeReplyObject(r);
-    return ok;
-  }
-  bool Get(int key, MutableByteSpan dst) override {
-    const std::string k = absl::StrCat("bench:", key);
-    auto* r = static_cast<redisReply*>(redisCommand(ctx_, "GET %b", k.data(), k.size()));
-    const bool ok = r && r->type == REDIS_REPLY_STRING && r->len == dst.size();
-    // Into the caller's buffer, as kvdn's GetEncoded does.
-    if (ok) std::memcpy(dst.data(), r->str, r->len);
-    if (r) freeReplyObject(r);
-    return ok;
-  }
-
- private:
-  redisContext* ctx_ = nullptr;
-};
-
-struct Result {
-  double gbps = 0;
-  double p50_ms = 0;
-  double p99_ms = 0;
-  uint64_t ops = 0;
-  bool ok = true;
-};
-
-// `clients` threads, each with its own connection, run `op(conn, i)` for `seconds`.
-Result Drive(const std::function<std::unique_ptr<Conn>()>& connect, int clients, double seconds,
-             uint64_t bytes_per_op, const std::function<bool(Conn&, uint64_t)>& op) {
-  std::vector<std::unique_ptr<Conn>> conns;
-  for (int c = 0; c < clients; ++c) conns.push_back(connect());
-  std::vector<Latencies> lat(clients);
-  std::atomic<bool> ok{true};
-  std::atomic<uint64_t> next{0};
-  const auto start = Clock::now();
-  const auto until =
-      start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
-  std::vector<std::thread> threads;
-  for (int c = 0; c < clients; ++c) {
-    threads.emplace_back([&, c] {
-      while (Clock::now() < until) {
-        const auto t0 = Clock::now();
-        if (!op(*conns[c], next.fetch_add(1))) {
-          ok = false;
-          return;
-        }
-        lat[c].Add(Seconds(t0, Clock::now()));
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  const double wall = Seconds(start, Clock::now());
-  Latencies all;
-  for (auto& l : lat) all.s.insert(all.s.end(), l.s.begin(), l.s.end());
-  Result r;
-  r.ops = all.s.size();
-  r.gbps = static_cast<double>(r.ops * bytes_per_op) / wall / 1e9;
-  r.p50_ms = all.Percentile(0.5) * 1e3;
-  r.p99_ms = all.Percentile(0.99) * 1e3;
-  r.ok = ok;
-  return r;
-}
-
 // The transport's ceiling: one connected pair of sockets (TCP loopback or unix), a writer thread
 // sending `value_bytes` messages and a reader receiving them into one buffer, for `seconds`.
 double SocketCeilingGbps(bool tcp, size_t value_bytes, double seconds) {
@@ -229,15 +76,6 @@ double SocketCeilingGbps(bool tcp, size_t value_bytes, double seconds) {
   return static_cast<double>(received) / wall / 1e9;
 }
 
-std::vector<int> ParseList(const std::string& s) {
-  std::vector<int> out;
-  for (absl::string_view p : absl::StrSplit(s, ',')) {
-    int v = 0;
-    if (absl::SimpleAtoi(p, &v) && v > 0) out.push_back(v);
-  }
-  return out;
-}
-
 }  // namespace
 }  // namespace kvdn::bench
 
@@ -270,9 +108,8 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  g_data_plane = o.data_plane;
-  char tmpl[] = "/tmp/kvdn-e2e.XXXXXX";
-  const std::string dir = mkdtemp(tmpl);
+  const auto data_plane = o.data_plane == "ucx" ? kvdn::client::ClientOptions::DataPlane::kUcx
+                                                : kvdn::client::ClientOptions::DataPlane::kGrpc;
   std::printf(
       "# e2e: kvdnd (payloads over %s) vs Redis over loopback\n# command: %s\n# cpu: %s (%u "
       "cores)\n"
@@ -280,47 +117,25 @@ int main(int argc, char** argv) {
       o.data_plane.c_str(), cmdline.c_str(), CpuModel().c_str(),
       std::thread::hardware_concurrency(), CommandOutput((o.redis + " --version").c_str()).c_str(),
       CommandOutput("date -u +%FT%TZ").c_str());
-
-  const int redis_port = FreePort();
-  const std::string redis_sock = dir + "/redis.sock";
-  const pid_t redis =
-      Spawn({o.redis, "--port", std::to_string(redis_port), "--bind", "127.0.0.1", "--unixsocket",
-             redis_sock, "--save", "", "--appendonly", "no", "--protected-mode", "no",
-             "--maxmemory", "0", "--proto-max-bulk-len", "64mb"},
-            dir + "/redis.log");
-  const pid_t kvdnd =
-      Spawn({o.kvdnd, "--data-dir", dir + "/kvdn", "--unix-socket", dir + "/kvdnd.sock",
-             "--grpc-address", "127.0.0.1:0", "--http-address", "none", "--host-tier-bytes", "3GiB",
-             "--no-disk-tier", "--ready-file", dir + "/ready.json", "--log-level", "warn"},
-            dir + "/kvdnd.log");
-  int grpc_port = 0;
-  for (int i = 0; i < 400 && grpc_port == 0; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    const std::string j = CommandOutput(("cat " + dir + "/ready.json 2>/dev/null").c_str());
-    const size_t at = j.find("\"grpc_port\": ");
-    if (at != std::string::npos) grpc_port = std::atoi(j.c_str() + at + 13);
-  }
-  if (grpc_port == 0) {
-    std::fprintf(stderr, "kvdnd did not start: %s\n",
-                 CommandOutput(("cat " + dir + "/kvdnd.log").c_str()).c_str());
-    Stop(redis);
+  Servers servers({.kvdnd = o.kvdnd, .redis = o.redis});
+  if (!servers.error().empty()) {
+    std::fprintf(stderr, "%s\n", servers.error().c_str());
     return 1;
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // redis listening
 
   struct System {
     std::string name;
     std::function<std::unique_ptr<Conn>()> connect;
   };
-  const std::string tcp = absl::StrCat("127.0.0.1:", grpc_port);
-  const std::string unix_target = "unix:" + dir + "/kvdnd.sock";
+  const std::string tcp = servers.kvdn_tcp();
+  const std::string unix_target = servers.kvdn_unix();
   const std::vector<std::pair<std::string, std::vector<System>>> transports = {
       {"tcp",
-       {{"kvdn", [&] { return std::unique_ptr<Conn>(new KvdnConn(tcp)); }},
-        {"redis", [&] { return std::unique_ptr<Conn>(new RedisConn("", redis_port)); }}}},
+       {{"kvdn", [&] { return std::unique_ptr<Conn>(new KvdnConn(tcp, data_plane)); }},
+        {"redis", [&] { return std::unique_ptr<Conn>(new RedisConn("", servers.redis_port())); }}}},
       {"unix",
-       {{"kvdn", [&] { return std::unique_ptr<Conn>(new KvdnConn(unix_target)); }},
-        {"redis", [&] { return std::unique_ptr<Conn>(new RedisConn(redis_sock, 0)); }}}},
+       {{"kvdn", [&] { return std::unique_ptr<Conn>(new KvdnConn(unix_target, data_plane)); }},
+        {"redis", [&] { return std::unique_ptr<Conn>(new RedisConn(servers.redis_sock(), 0)); }}}},
   };
 
   std::printf(
@@ -338,39 +153,13 @@ int main(int argc, char** argv) {
       for (int clients : o.clients) {
         Result put[2], get[2];
         for (int s = 0; s < 2; ++s) {
-          auto conn = systems[s].connect();
-          // Correctness first: a value goes in and comes back bit-identical.
-          std::vector<uint8_t> back(value.size());
-          const int probe = key_base + 999999;
-          if (!conn->Put(probe, value) || !conn->Get(probe, MutableByteSpan(back)) ||
-              back != value) {
+          std::tie(put[s], get[s]) =
+              PutThenGet(systems[s].connect, clients, o.seconds, value, key_base);
+          if (!put[s].ok && !get[s].ok && put[s].ops == 0) {
             std::fprintf(stderr, "%s over %s: round trip failed\n", systems[s].name.c_str(),
                          transport.c_str());
-            all_ok = false;
-            continue;
           }
-          // Put: each op a new key (kvdn keys are content-addressed: a repeat is a no-op).
-          const int base = key_base;
-          put[s] = Drive(systems[s].connect, clients, o.seconds, value.size(),
-                         [&](Conn& c, uint64_t i) { return c.Put(base + int(i), value); });
-          // Get: cycle over the last keys written (at most 256 MiB of them; older ones may have
-          // been evicted from kvdn's host tier).
-          const uint64_t keys =
-              std::max<uint64_t>(1, std::min<uint64_t>(put[s].ops, (256ull << 20) / value.size()));
-          const int first = base + static_cast<int>(put[s].ops - keys);
-          get[s] =
-              Drive(systems[s].connect, clients, o.seconds, value.size(), [&](Conn& c, uint64_t i) {
-                thread_local std::vector<uint8_t> buf;
-                buf.resize(value.size());
-                return c.Get(first + int(i % keys), MutableByteSpan(buf));
-              });
-          if (s == 1) {  // keep Redis's memory bounded between configurations
-            redisContext* rc = redisConnect("127.0.0.1", redis_port);
-            if (rc) {
-              freeReplyObject(redisCommand(rc, "FLUSHALL"));
-              redisFree(rc);
-            }
-          }
+          if (s == 1) servers.FlushRedis();
           all_ok = all_ok && put[s].ok && get[s].ok;
         }
         key_base += 1000000;
@@ -388,9 +177,6 @@ int main(int argc, char** argv) {
       }
     }
   }
-  Stop(kvdnd);
-  Stop(redis);
-  std::filesystem::remove_all(dir);
   std::printf(
       "\nGB/s = value bytes moved / wall time, all clients together; each client is a "
       "thread with its own connection; kvdn Get is GetEncoded (whole chunk into the "

@@ -185,20 +185,30 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target) {
   return grpc::CreateCustomChannel(t, grpc::InsecureChannelCredentials(), args);
 }
 
-// The registered receive pool: one mapping, first-fit over 4 KiB-aligned extents. Thread-safe.
+// The registered buffer pool: one mapping, first-fit over 4 KiB-aligned extents. Thread-safe.
+// Backed by transparent huge pages where the kernel gives them and faulted in at creation: the
+// kernel pins a 4 MiB chunk's pages for a shared-memory (cma) copy as 2 pages instead of 1024, and
+// no transfer pays first-touch faults.
 class ReceivePool {
  public:
   explicit ReceivePool(size_t bytes) : size_((bytes + 4095) & ~size_t{4095}) {
-    void* p = mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    constexpr size_t kHuge = size_t{2} << 20;
+    mapped_ = size_ + kHuge;
+    void* p = mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) {
       size_ = 0;
       return;
     }
-    base_ = static_cast<uint8_t*>(p);
+    mapping_ = p;
+    base_ = static_cast<uint8_t*>(p) + (kHuge - reinterpret_cast<uintptr_t>(p) % kHuge) % kHuge;
+    (void)madvise(base_, size_, MADV_HUGEPAGE);  // advisory
+    if (madvise(base_, size_, 23 /* MADV_POPULATE_WRITE */) != 0) {
+      for (size_t off = 0; off < size_; off += 4096) base_[off] = 0;
+    }
     free_[0] = size_;
   }
   ~ReceivePool() {
-    if (base_ != nullptr) munmap(base_, size_);
+    if (mapping_ != nullptr) munmap(mapping_, mapped_);
   }
   uint8_t* base() const { return base_; }
   size_t size() const { return size_; }
@@ -242,6 +252,8 @@ class ReceivePool {
   }
 
  private:
+  void* mapping_ = nullptr;
+  size_t mapped_ = 0;
   uint8_t* base_ = nullptr;
   size_t size_;
   Mutex mu_;

@@ -209,7 +209,9 @@ absl::StatusOr<bool> DataPlaneClient::Put(const ChunkKey& key, uint64_t reservat
     MutexLock lock(&mu_);
     pending_[rid] = p;
   }
-  transport_->Send(daemon_, v1::DATA_PLANE_PUT, req.SerializeAsString(), payload, nullptr, deadline,
+  const transfer::MemoryRegion* region =
+      pool_ && pool_->Contains(payload.data(), payload.size()) ? pool_.get() : nullptr;
+  transport_->Send(daemon_, v1::DATA_PLANE_PUT, req.SerializeAsString(), payload, region, deadline,
                    [p](absl::Status st) { p->SendEnded(st); });
   KVDN_RETURN_IF_ERROR(Wait(rid, p, deadline));
   return p->stored;

@@ -58,7 +58,7 @@ class DataPlaneClient {
   const std::string& transports() const { return transports_; }
   // False once the session failed (the daemon died or closed it): open a new one.
   bool healthy() const { return healthy_.load(); }
-  // Registers the client's receive pool: Gets into it name the registration.
+  // Registers the client's buffer pool: Gets into it and Puts from it name the registration.
   absl::Status RegisterPool(void* base, size_t size) {
     KVDN_ASSIGN_OR_RETURN(pool_, transport_->Register(base, size));
     return absl::OkStatus();

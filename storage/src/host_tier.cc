@@ -33,7 +33,7 @@ absl::StatusOr<std::unique_ptr<HostTier>> HostTier::Create(const HostTierOptions
     return absl::ResourceExhaustedError(
         absl::StrCat("host tier: mmap of ", capacity, " bytes failed: ", std::strerror(errno)));
   }
-  void* p = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw) + kHuge - 1) & ~(kHuge - 1));
+  void* p = static_cast<uint8_t*>(raw) + (kHuge - reinterpret_cast<uintptr_t>(raw) % kHuge) % kHuge;
   // Ask for transparent huge pages *before* faulting the arena in, so the faults allocate 2 MiB
   // pages: multi-MiB chunk copies then take 1/512 of the TLB misses. Advisory; failure is fine.
   madvise(p, capacity, MADV_HUGEPAGE);

@@ -87,7 +87,8 @@ absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(const TieredStore
 
 // ---- puts ----
 
-absl::StatusOr<Reservation> TieredStore::Reserve(const ChunkKey& key, uint64_t size) {
+absl::StatusOr<Reservation> TieredStore::Reserve(const ChunkKey& key, uint64_t size,
+                                                 const ReserveOptions& options) {
   if (absl::Status st = ValidateNamespace(key.ns); !st.ok()) return st;
   if (size < kChunkHeaderBytes || size > kChunkHeaderBytes + kMaxChunkPayloadBytes) {
     return absl::InvalidArgumentError(absl::StrCat("reservation size ", size, " is outside [",
@@ -111,7 +112,7 @@ absl::StatusOr<Reservation> TieredStore::Reserve(const ChunkKey& key, uint64_t s
     return absl::OkStatus();
   };
   KVDN_RETURN_IF_ERROR(check_key());
-  KVDN_ASSIGN_OR_RETURN(MemoryBlock block, AllocateLocked(kHost, size, nullptr));
+  KVDN_ASSIGN_OR_RETURN(MemoryBlock block, AllocateLocked(kHost, size, nullptr, options.may_block));
   // Allocation may have dropped the lock to evict; another writer may have taken the key.
   if (absl::Status st = check_key(); !st.ok()) {
     (void)host_->Free(block);

@@ -64,13 +64,18 @@ bool TieredStore::MaybeReapLocked(Entry* e) {
 
 // ---- eviction ----
 
-absl::StatusOr<MemoryBlock> TieredStore::AllocateLocked(int t, uint64_t size, const Entry* keep) {
+absl::StatusOr<MemoryBlock> TieredStore::AllocateLocked(int t, uint64_t size, const Entry* keep,
+                                                        bool may_block) {
   MemoryTier* tier = MemTier(t);
   // Each round either allocates or evicts one chunk; bound the rounds in case others refill.
   for (size_t round = 0; round < state_->index.size() + 8; ++round) {
     auto block = tier->Allocate(size);
     if (block.ok()) return block;
-    if (!EvictOneLocked(t, keep)) break;
+    bool would_block = false;
+    if (!EvictOneLocked(t, keep, may_block, &would_block)) {
+      if (would_block) return absl::UnavailableError(kWouldBlock);
+      break;
+    }
   }
   return absl::ResourceExhaustedError(
       absl::StrCat(TierKindName(static_cast<TierKind>(t)), " tier has no room for ", size,
@@ -78,7 +83,7 @@ absl::StatusOr<MemoryBlock> TieredStore::AllocateLocked(int t, uint64_t size, co
                    tier->capacity_bytes(), ", used ", tier->used_bytes(), ")"));
 }
 
-bool TieredStore::EvictOneLocked(int t, const Entry* keep) {
+bool TieredStore::EvictOneLocked(int t, const Entry* keep, bool may_block, bool* would_block) {
   State& s = *state_;
   Entry* victim = s.lru[t].tail;
   while (victim && (victim == keep || victim->moving || (t != kDisk && victim->pins > 0) ||
@@ -86,6 +91,12 @@ bool TieredStore::EvictOneLocked(int t, const Entry* keep) {
     victim = victim->prev[t];
   }
   if (!victim) return false;
+  const bool needs_io = t == kGpu || (t == kHost && !victim->on_disk && disk_ &&
+                                      victim->size <= disk_->capacity_bytes());
+  if (needs_io && !may_block) {
+    if (would_block != nullptr) *would_block = true;
+    return false;
+  }
   TierStats& ts = s.stats[t];
   ++ts.evictions;
   if (t == kDisk) {

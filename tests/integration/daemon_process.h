@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -65,6 +66,15 @@ class DaemonProcess {
                                      ready,
                                      "--log-level",
                                      "warn"};
+    // A flag in `extra` replaces the default's (CLI11 refuses a flag given twice).
+    for (size_t i = 1; i + 1 < args.size();) {
+      if (std::find(extra.begin(), extra.end(), args[i]) != extra.end()) {
+        args.erase(args.begin() + static_cast<std::ptrdiff_t>(i),
+                   args.begin() + static_cast<std::ptrdiff_t>(i) + 2);
+      } else {
+        i += 2;
+      }
+    }
     args.insert(args.end(), extra.begin(), extra.end());
     pid_ = fork();
     if (pid_ == 0) {

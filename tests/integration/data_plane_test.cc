@@ -33,7 +33,7 @@ using ::kvdn::testing::StatusIs;
 using ::kvdn::testing::TempDir;
 using ::testing::HasSubstr;
 
-ModelSpec Model() { return {"dp-model", 4, 8, 128, Dtype::kBFloat16, 256}; }    // 2 MiB chunks
+ModelSpec Model() { return {"dp-model", 4, 8, 128, Dtype::kBFloat16, 256}; }    // 4 MiB chunks
 ModelSpec BigModel() { return {"dp-big", 32, 8, 128, Dtype::kBFloat16, 256}; }  // 32 MiB
 
 std::vector<int32_t> Tokens(size_t n, uint64_t seed) {
@@ -141,6 +141,39 @@ TEST_F(DataPlaneTest, ThirtyTwoMiBChunksAndManyConcurrentTransfers) {
   for (auto& t : threads) t.join();
   EXPECT_EQ(failures.load(), 0);
   EXPECT_EQ(LeasesActive(daemon_.unix_target()), 0u);
+}
+
+// Saves into a host tier far smaller than the data: most reservations need a chunk demoted to disk
+// first, which kvdnd does off its progress thread (Reserve would block); every chunk loads back
+// identical, most of them from disk.
+TEST(DataPlaneSpillTest, PutsIntoAFullHostTierWaitForDemotionAndLoadBackIdentical) {
+  using DP = client::ClientOptions::DataPlane;
+  TempDir dir;
+  DaemonProcess daemon(dir.path());
+  std::string err;
+  ASSERT_TRUE(daemon.Start({"--host-tier-bytes", "48MiB"}, &err)) << err;
+  auto c = Connect(daemon.unix_target(), DP::kUcx);
+  const auto t = Tokens(256 * 40, 77);  // 40 chunks, 160 MiB
+  std::vector<std::vector<uint8_t>> p;
+  for (uint64_t s : c->ChunkPayloadSizes(t.size())) p.push_back(RandomBytes(s, 500 + p.size()));
+  std::vector<ByteSpan> spans(p.begin(), p.end());
+  ASSERT_OK_AND_ASSIGN(auto saved, c->Save(t, spans));
+  EXPECT_EQ(saved.chunks_stored, p.size());
+  std::vector<std::vector<uint8_t>> g;
+  std::vector<MutableByteSpan> b;
+  for (auto& x : p) g.emplace_back(x.size());
+  for (auto& x : g) b.emplace_back(x);
+  ASSERT_OK_AND_ASSIGN(auto r, c->Load(t, b));
+  EXPECT_EQ(r.tokens, t.size());
+  for (size_t i = 0; i < p.size(); ++i) EXPECT_TRUE(g[i] == p[i]) << "chunk " << i;
+  auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon.unix_target()));
+  grpc::ClientContext ctx;
+  v1::GetStatsResponse st;
+  ASSERT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
+  uint64_t demotions = 0;
+  for (const auto& tier : st.tiers()) demotions += tier.demotions();
+  EXPECT_GT(demotions, 0u);
+  EXPECT_EQ(LeasesActive(daemon.unix_target()), 0u);
 }
 
 TEST_F(DataPlaneTest, DescriptorsExpiredUnknownAndForeignGetPreciseErrors) {

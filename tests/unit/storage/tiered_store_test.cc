@@ -276,6 +276,44 @@ TEST_F(TieredStoreTest, NonBlockingAcquireServesMemoryAndRefusesDiskReads) {
   ASSERT_OK(s->Release(p.id));
 }
 
+TEST_F(TieredStoreTest, NonBlockingReserveEvictsOnlyWhatNeedsNoDiskWrite) {
+  const uint64_t two_mib_chunk = Chunk(0, 2 * kMiB).size();
+  for (bool with_disk : {true, false}) {
+    SCOPED_TRACE(with_disk ? "with a disk tier" : "without a disk tier");
+    ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(4 * kMiB + 256 * 1024, with_disk)));
+    for (int i = 0; i < 3; ++i) ASSERT_OK(s->Put(KeyFor(i), Chunk(i)));
+    const StoreStats before = s->Stats();
+    ReserveOptions nb;
+    nb.may_block = false;
+    auto r = s->Reserve(KeyFor(7), two_mib_chunk, nb);
+    if (with_disk) {
+      // Room means demoting a chunk to disk first: would block, and nothing moved.
+      EXPECT_TRUE(IsWouldBlock(r.status())) << r.status();
+      const StoreStats after = s->Stats();
+      EXPECT_EQ(after.tier(TierKind::kHost).evictions, before.tier(TierKind::kHost).evictions);
+      EXPECT_EQ(after.tier(TierKind::kHost).chunks, 3u);
+      EXPECT_EQ(s->Lookup({KeyFor(0), KeyFor(1), KeyFor(2)}).matched, 3u);
+      // The blocking call demotes and reserves.
+      r = s->Reserve(KeyFor(7), two_mib_chunk);
+      ASSERT_OK(r.status());
+      EXPECT_GT(s->Stats().tier(TierKind::kHost).demotions, 0u);
+    } else {
+      // Eviction drops chunks (no disk to write): done inline.
+      ASSERT_OK(r.status());
+      EXPECT_GT(s->Stats().tier(TierKind::kHost).evictions, 0u);
+    }
+    const std::vector<uint8_t> c = Chunk(70, 2 * kMiB);
+    ASSERT_EQ(c.size(), two_mib_chunk);
+    std::memcpy(r->buffer.data(), c.data(), c.size());
+    ASSERT_OK_AND_ASSIGN(ChunkView v, DecodeChunk(c, false));
+    ASSERT_OK(s->Commit(r->id, v.header.payload_checksum));
+    ExpectGet(*s, KeyFor(7), c);
+    // A key already stored is ALREADY_EXISTS, not "would block".
+    auto again = s->Reserve(KeyFor(7), two_mib_chunk, nb);
+    EXPECT_THAT(again.status(), StatusIs(absl::StatusCode::kAlreadyExists));
+  }
+}
+
 TEST_F(TieredStoreTest, DiskWatermarkDropsTheOldest) {
   ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(4 * kMiB, true, 6 * kMiB)));
   for (int i = 0; i < 16; ++i) {

@@ -67,7 +67,9 @@ struct ClientOptions {
   // UCX transports (UCX_TLS names, e.g. "tcp"). Empty: shared memory ("posix,cma") to a daemon on
   // a unix socket, UCX's own choice otherwise.
   std::string ucx_transports;
-  // Bytes of registered memory the client keeps for receiving (AllocateBuffer). 0: none.
+  // Bytes of registered memory (huge pages where the kernel gives them, faulted in at Connect) the
+  // client keeps for payloads (AllocateBuffer): Gets into it and Saves/Puts from it take UCX's
+  // registered path. 0: none.
   uint64_t receive_pool_bytes = 0;
 };
 
@@ -142,9 +144,9 @@ class Client {
 
   // What payloads travel over now: "grpc", or "ucx: <transports>".
   std::string DataPlaneInUse();
-  // A buffer from the registered receive pool (receive_pool_bytes): loads into it need no memory
-  // registration. Empty span when the pool has no room (or there is no pool). Return it with
-  // FreeBuffer.
+  // A buffer from the registered pool (receive_pool_bytes): loads into it and saves from it need
+  // no memory registration. Empty span when the pool has no room (or there is no pool). Return it
+  // with FreeBuffer.
   MutableByteSpan AllocateBuffer(size_t size);
   void FreeBuffer(MutableByteSpan buffer);
 

@@ -107,9 +107,16 @@ struct AcquireOptions {
   bool may_block = true;
 };
 
-// The message of the UNAVAILABLE status Acquire returns when `may_block` is false and it would
-// have to block. Test with IsWouldBlock.
-inline constexpr char kWouldBlock[] = "acquire would block";
+struct ReserveOptions {
+  // false: instead of evicting a chunk that must first be written to the disk tier, Reserve fails
+  // with kWouldBlock (an event-loop caller then retries on a thread that may block). Evicting
+  // chunks that need no I/O (already on disk, or no disk tier) is done either way.
+  bool may_block = true;
+};
+
+// The message of the UNAVAILABLE status Acquire and Reserve return when `may_block` is false and
+// they would have to block. Test with IsWouldBlock.
+inline constexpr char kWouldBlock[] = "the call would block";
 bool IsWouldBlock(const absl::Status& status);
 
 // One stored chunk as the admin API shows it.
@@ -145,7 +152,9 @@ class TieredStore {
   // INVALID_ARGUMENT: bad namespace, or size outside [header, header + max payload].
   // ALREADY_EXISTS: the key is stored or being written by another reservation.
   // UNAVAILABLE: the key is being deleted; retry. RESOURCE_EXHAUSTED: no room even after eviction.
-  absl::StatusOr<Reservation> Reserve(const ChunkKey& key, uint64_t size);
+  // kWouldBlock (UNAVAILABLE, IsWouldBlock): options.may_block is false and room needs disk I/O.
+  absl::StatusOr<Reservation> Reserve(const ChunkKey& key, uint64_t size,
+                                      const ReserveOptions& options = {});
   // Phase two: verifies the reserved bytes are one encoded chunk of exactly the reserved size whose
   // header checksum is `payload_checksum` and whose payload hashes to it; then publishes it.
   // NOT_FOUND: unknown id. ABORTED: the reservation expired (Reserve again). INVALID_ARGUMENT: the
@@ -219,10 +228,13 @@ class TieredStore {
   void RemoveLocked(Entry* e);
   // Removes a doomed or copy-less entry once unpinned; true if `e` was erased (it dangles now).
   bool MaybeReapLocked(Entry* e);
-  // A block in memory tier t, evicting unpinned chunks (never `keep`) until one fits.
-  absl::StatusOr<MemoryBlock> AllocateLocked(int t, uint64_t size, const Entry* keep);
-  // Evicts the least recently used evictable chunk of tier t; false if there is none.
-  bool EvictOneLocked(int t, const Entry* keep);
+  // A block in memory tier t, evicting unpinned chunks (never `keep`) until one fits. With
+  // may_block false, kWouldBlock where the next eviction would write to disk.
+  absl::StatusOr<MemoryBlock> AllocateLocked(int t, uint64_t size, const Entry* keep,
+                                             bool may_block = true);
+  // Evicts the least recently used evictable chunk of tier t; false if there is none, or (with
+  // may_block false, *would_block set) if evicting it needs disk I/O.
+  bool EvictOneLocked(int t, const Entry* keep, bool may_block = true, bool* would_block = nullptr);
   // Writes e's memory copy (host, or GPU staged through host) to the disk tier with the lock
   // dropped around the I/O; on success marks it on disk. REQUIRES: e pinned and moving.
   absl::Status WriteToDiskLocked(Entry* e);
