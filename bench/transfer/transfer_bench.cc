@@ -44,6 +44,7 @@ struct Options {
   bool receive_pool = true;
   int host_tier_mib = 4096;
   int rounds = 3;
+  int data_plane_threads = 0;  // kvdnd's --data-plane-threads; 0: its default
   // What to measure: kvdn over UCX ("ucx"), ucx_perftest, Redis, kvdn over gRPC. Leaving some
   // out is for diagnosis (profiling one of them); a recorded run measures all.
   std::set<std::string> systems = {"ucx", "perftest", "redis", "grpc"};
@@ -145,6 +146,8 @@ int main(int argc, char** argv) {
       for (absl::string_view v : absl::StrSplit(val(), ',', absl::SkipEmpty())) {
         o.systems.emplace(v);
       }
+    } else if (a == "--data-plane-threads") {
+      o.data_plane_threads = std::atoi(val().c_str());
     } else if (a == "--rounds") {
       o.rounds = std::max(1, std::atoi(val().c_str()));
     } else if (a == "--host-tier-mib") {
@@ -155,7 +158,8 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: transfer_bench [--sizes-mib 1,4,32] [--clients 1,4] [--seconds S] "
                    "[--transports shm,tcp] [--kvdnd PATH] [--redis PATH] [--ucx-perftest PATH] "
-                   "[--no-receive-pool] [--host-tier-mib N] [--rounds N] [--systems "
+                   "[--no-receive-pool] [--host-tier-mib N] [--rounds N] [--data-plane-threads N] "
+                   "[--systems "
                    "ucx,perftest,redis,grpc]\n");
       return 2;
     }
@@ -185,8 +189,14 @@ int main(int argc, char** argv) {
       CommandOutput("ucx_info -v | head -1 | sed 's/^# *//'").c_str(),
       CommandOutput((o.redis + " --version").c_str()).c_str(),
       CommandOutput("date -u +%FT%TZ").c_str());
-  Servers servers(
-      {.kvdnd = o.kvdnd, .redis = o.redis, .host_tier_bytes = uint64_t(o.host_tier_mib) << 20});
+  std::vector<std::string> kvdnd_args;
+  if (o.data_plane_threads > 0) {
+    kvdnd_args = {"--data-plane-threads", std::to_string(o.data_plane_threads)};
+  }
+  Servers servers({.kvdnd = o.kvdnd,
+                   .redis = o.redis,
+                   .host_tier_bytes = uint64_t(o.host_tier_mib) << 20,
+                   .kvdnd_args = kvdnd_args});
   if (!servers.error().empty()) {
     std::fprintf(stderr, "%s\n", servers.error().c_str());
     return 1;

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -126,6 +127,9 @@ void ApplyDefaults(v1::DaemonConfig* c) {
   if (c->log_level().empty()) c->set_log_level("info");
   if (c->data_plane_transports().empty()) c->set_data_plane_transports("auto");
   if (c->max_data_plane_sessions() == 0) c->set_max_data_plane_sessions(1024);
+  if (c->data_plane_threads() == 0) {
+    c->set_data_plane_threads(std::clamp(std::thread::hardware_concurrency(), 2u, 8u));
+  }
 }
 
 absl::Status ValidateConfig(const v1::DaemonConfig& c) {
@@ -172,6 +176,9 @@ absl::Status ValidateConfig(const v1::DaemonConfig& c) {
   if (c.max_call_duration_ms() < 100) return Bad("max_call_duration_ms", "below 100 ms");
   if (c.reservation_ttl_ms() < 10) return Bad("reservation_ttl_ms", "below 10 ms");
   if (c.max_lease_ttl_ms() < 100) return Bad("max_lease_ttl_ms", "below 100 ms");
+  if (c.data_plane_threads() > 64) {
+    return Bad("data_plane_threads", absl::StrCat(c.data_plane_threads(), " is above 64"));
+  }
   if (c.max_threads() < 4 || c.max_threads() > 4096) {
     return Bad("max_threads", absl::StrCat(c.max_threads(), " is outside [4, 4096]"));
   }

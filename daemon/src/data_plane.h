@@ -1,11 +1,14 @@
-// Internal to daemon/: the UCX data plane (proto/kvdn/v1/data_plane.proto). Two transports: one on
-// shared memory (posix + cma) for clients on this host, one on what UCX finds (tcp, RDMA) for the
-// others; the host arena is registered once with each. Get replies send the chunk payload
-// straight from the leased arena bytes; Put requests are pulled straight into the reserved arena
-// bytes. Sessions are opened over gRPC (KvService.OpenDataPlane).
+// Internal to daemon/: the UCX data plane (proto/kvdn/v1/data_plane.proto). Two kinds of
+// transport: shared memory (posix + cma) for clients on this host, what UCX finds (tcp, RDMA) for
+// the others; of each, `data_plane_threads` lanes (a UCX transport with its own worker and
+// progress thread), with the host arena registered once with each lane. A session lives on one
+// lane, the least loaded when it opens. Get replies send the chunk payload straight from the
+// leased arena bytes; Put requests are pulled straight into the reserved arena bytes. Sessions are
+// opened over gRPC (KvService.OpenDataPlane).
 //
-// Thread-safety: thread-safe. Requests are handled on the transports' progress threads; what may
-// block (disk reads, eviction on Reserve, the Commit checksum pass) runs on the blocking pool.
+// Thread-safety: thread-safe. Requests are handled on the lanes' progress threads; what may block
+// (disk reads, eviction that writes to disk, the checksum pass of large chunks) runs on the
+// blocking pool.
 #ifndef KVDN_DAEMON_SRC_DATA_PLANE_H_
 #define KVDN_DAEMON_SRC_DATA_PLANE_H_
 
@@ -34,12 +37,18 @@ class DataPlane {
   absl::Status Close(uint64_t session_id);
   // The worker address a client of that kind connects to (what descriptors carry).
   std::string AddressFor(bool same_host) const {
-    return same_host && local_ ? local_->address() : remote_->address();
+    return same_host && !local_.empty() ? local_[0].transport->address()
+                                        : remote_[0].transport->address();
   }
   // "ucx-local:..." and "ucx-remote:...", for GetStats.
   std::vector<std::string> Describe() const;
 
  private:
+  // One UCX transport (worker + progress thread) and the arena's registration with it.
+  struct Lane {
+    std::unique_ptr<transfer::UcxTransport> transport;
+    std::unique_ptr<transfer::MemoryRegion> arena;
+  };
   struct Session {
     transfer::Transport* transport = nullptr;
     const transfer::MemoryRegion* arena = nullptr;
@@ -50,6 +59,8 @@ class DataPlane {
   explicit DataPlane(ServerState* state) : state_(*state) {}
 
   absl::StatusOr<Session> FindSession(uint64_t id) const;
+  // The lane of `lanes` with the fewest sessions.
+  const Lane& LeastLoaded(const std::vector<Lane>& lanes) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void OnPeerFailure(transfer::Transport* t, transfer::PeerId peer);
   void OnGet(std::unique_ptr<transfer::Incoming> in);
   void OnPut(std::unique_ptr<transfer::Incoming> in);
@@ -65,11 +76,9 @@ class DataPlane {
   absl::Time DeadlineOf(int64_t unix_micros) const;
 
   ServerState& state_;
-  // Constant after Start.
-  std::unique_ptr<transfer::UcxTransport> local_;
-  std::unique_ptr<transfer::UcxTransport> remote_;
-  std::unique_ptr<transfer::MemoryRegion> local_arena_;
-  std::unique_ptr<transfer::MemoryRegion> remote_arena_;
+  // Constant after Start. local_ may be empty (no shared memory); remote_ is not.
+  std::vector<Lane> local_;
+  std::vector<Lane> remote_;
 
   mutable Mutex mu_;
   absl::flat_hash_map<uint64_t, Session> sessions_ ABSL_GUARDED_BY(mu_);

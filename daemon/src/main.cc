@@ -56,6 +56,10 @@ int main(int argc, char** argv) {
   app.add_option("--namespace", namespaces, "serve only these namespaces (repeatable)");
   app.add_option("--data-plane-transports", data_plane,
                  "UCX data plane: off, auto, or UCX_TLS names for remote clients (e.g. tcp)");
+  uint32_t data_plane_threads = 0;
+  app.add_option("--data-plane-threads", data_plane_threads,
+                 "UCX workers (progress threads) per data-plane transport kind (default: one per "
+                 "core, 2..8)");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off");
   app.add_option("--ready-file", ready_file,
                  "once serving, write {grpc_port, http_port, unix_socket, pid} as JSON here");
@@ -78,6 +82,7 @@ int main(int argc, char** argv) {
   if (!node_name.empty()) config.set_node_name(node_name);
   if (!log_level.empty()) config.set_log_level(log_level);
   if (!data_plane.empty()) config.set_data_plane_transports(data_plane);
+  if (data_plane_threads != 0) config.set_data_plane_threads(data_plane_threads);
   if (host_bytes) config.set_host_tier_bytes(host_bytes);
   if (disk_bytes) config.set_disk_tier_bytes(disk_bytes);
   if (gpu_bytes) config.set_gpu_tier_bytes(gpu_bytes);

@@ -12,6 +12,7 @@
 #include <random>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "daemon_process.h"
 #include "kvdn/client/client.h"
 #include "kvdn/common/chunk_format.h"
@@ -141,6 +142,42 @@ TEST_F(DataPlaneTest, ThirtyTwoMiBChunksAndManyConcurrentTransfers) {
   for (auto& t : threads) t.join();
   EXPECT_EQ(failures.load(), 0);
   EXPECT_EQ(LeasesActive(daemon_.unix_target()), 0u);
+}
+
+// With two lanes per transport kind, sessions go to the least loaded: two clients on this host
+// land on different shared-memory lanes, and both move bytes correctly.
+TEST(DataPlaneLanesTest, SessionsSpreadOverLanes) {
+  using DP = client::ClientOptions::DataPlane;
+  TempDir dir;
+  DaemonProcess daemon(dir.path());
+  std::string err;
+  ASSERT_TRUE(daemon.Start({"--data-plane-threads", "2"}, &err)) << err;
+  auto a = Connect(daemon.unix_target(), DP::kUcx);
+  auto b = Connect(daemon.unix_target(), DP::kUcx);
+  const auto t = Tokens(256 * 2, 9);
+  std::vector<std::vector<uint8_t>> p;
+  for (uint64_t s : a->ChunkPayloadSizes(t.size())) p.push_back(RandomBytes(s, 90 + p.size()));
+  std::vector<ByteSpan> spans(p.begin(), p.end());
+  ASSERT_OK(a->Save(t, spans).status());
+  std::vector<std::vector<uint8_t>> g;
+  std::vector<MutableByteSpan> bufs;
+  for (auto& x : p) g.emplace_back(x.size());
+  for (auto& x : g) bufs.emplace_back(x);
+  ASSERT_OK(b->Load(t, bufs).status());
+  EXPECT_TRUE(g == p);
+  auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon.unix_target()));
+  grpc::ClientContext ctx;
+  v1::GetStatsResponse st;
+  ASSERT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
+  int local_lanes_with_a_peer = 0, remote_lanes = 0;
+  for (const auto& tr : st.transports()) {
+    if (absl::StartsWith(tr, "ucx-local[") && absl::StrContains(tr, "peers=[posix")) {
+      ++local_lanes_with_a_peer;
+    }
+    if (absl::StartsWith(tr, "ucx-remote[")) ++remote_lanes;
+  }
+  EXPECT_EQ(local_lanes_with_a_peer, 2);
+  EXPECT_EQ(remote_lanes, 2);
 }
 
 // Saves into a host tier far smaller than the data: most reservations need a chunk demoted to disk

@@ -26,6 +26,8 @@ TEST(ConfigTest, EmbeddedDefaultsAreValid) {
   EXPECT_GE(c.host_tier_bytes(), 64u << 20);
   EXPECT_LE(c.host_tier_bytes(), 64ull << 30);
   EXPECT_FALSE(c.node_name().empty());
+  EXPECT_GE(c.data_plane_threads(), 2u);
+  EXPECT_LE(c.data_plane_threads(), 8u);
 }
 
 TEST(ConfigTest, JsonOverridesAndRoundTrips) {
@@ -48,6 +50,7 @@ TEST(ConfigTest, EachBadFieldIsNamed) {
       {R"({"low_watermark": 0.96})", "low_watermark"},
       {R"({"max_frame_bytes": 10000000})", "max_frame_bytes"},
       {R"({"max_threads": 1})", "max_threads"},
+      {R"({"data_plane_threads": 65})", "data_plane_threads"},
       {R"({"namespaces": ["bad/ns"]})", "namespaces[0]"},
       {R"({"log_level": "verbose"})", "log_level"},
   };
