@@ -1,0 +1,100 @@
+// A real etcd (Debian's etcd-server) for tests: one member in a temporary directory on free
+// loopback ports, stopped with SIGTERM (or killed with Kill) at the end.
+#ifndef KVDN_TESTS_CLUSTER_ETCD_PROCESS_H_
+#define KVDN_TESTS_CLUSTER_ETCD_PROCESS_H_
+
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kvdn/daemon/etcd_client.h"
+
+namespace kvdn::testing {
+
+inline int FreeLoopbackPort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  socklen_t len = sizeof(a);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+class EtcdProcess {
+ public:
+  explicit EtcdProcess(std::string dir) : dir_(std::move(dir)) {}
+  ~EtcdProcess() { Stop(); }
+
+  // Starts etcd and waits until it answers (20 s). False with the reason in `error` otherwise.
+  bool Start(std::string* error) {
+    if (client_port_ == 0) {
+      client_port_ = FreeLoopbackPort();
+      peer_port_ = FreeLoopbackPort();
+    }
+    const std::string client = absl::StrCat("http://127.0.0.1:", client_port_);
+    const std::string peer = absl::StrCat("http://127.0.0.1:", peer_port_);
+    std::vector<std::string> args = {"etcd",
+                                     "--name=kvdn-test",
+                                     "--data-dir=" + dir_ + "/etcd",
+                                     "--listen-client-urls=" + client,
+                                     "--advertise-client-urls=" + client,
+                                     "--listen-peer-urls=" + peer,
+                                     "--initial-advertise-peer-urls=" + peer,
+                                     "--initial-cluster=kvdn-test=" + peer,
+                                     "--log-level=error"};
+    const std::string log = dir_ + "/etcd.log";
+    pid_ = fork();
+    if (pid_ == 0) {
+      if (FILE* f = std::fopen(log.c_str(), "a")) {
+        dup2(fileno(f), 1);
+        dup2(fileno(f), 2);
+      }
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execvp(argv[0], argv.data());
+      std::fprintf(stderr, "cannot run etcd (install etcd-server: scripts/install-deps.sh)\n");
+      _exit(127);
+    }
+    auto c = daemon::EtcdClient::Connect({.endpoints = {endpoint()}}).value();
+    for (int i = 0; i < 200; ++i) {
+      if (c->Get("/kvdn-test/ping").ok()) return true;
+      int status = 0;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    if (error != nullptr) *error = "etcd did not start; see " + log;
+    return false;
+  }
+  void Stop(int sig = SIGTERM) {
+    if (pid_ <= 0) return;
+    kill(pid_, sig);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+  std::string endpoint() const { return absl::StrCat("127.0.0.1:", client_port_); }
+
+ private:
+  std::string dir_;
+  int client_port_ = 0;
+  int peer_port_ = 0;
+  pid_t pid_ = -1;
+};
+
+}  // namespace kvdn::testing
+
+#endif  // KVDN_TESTS_CLUSTER_ETCD_PROCESS_H_
