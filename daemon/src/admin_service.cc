@@ -217,8 +217,22 @@ grpc::Status AdminServiceImpl::GetConfig(grpc::ServerContext* ctx, const v1::Get
 grpc::Status AdminServiceImpl::ListMembers(grpc::ServerContext* ctx, const v1::ListMembersRequest*,
                                            v1::ListMembersResponse* resp) {
   CallScope call(state_, Method::kAdminMembers, ctx);
-  // Single node until the cluster issue adds etcd membership.
-  resp->set_cluster("");
+  std::map<std::string, MemberRecord> view;
+  {
+    MutexLock lock(&state_.cluster.mu);
+    if (state_.cluster.membership) view = state_.cluster.membership->Members();
+  }
+  if (state_.cluster.configured) resp->set_cluster(state_.config.cluster_name());
+  // Others as etcd lists them (their chunk counts are theirs to tell: 0 here); this node from
+  // its own state, also while it has not joined.
+  const absl::Time now = absl::Now();
+  for (const auto& [node, r] : view) {
+    if (node == state_.config.node_name()) continue;
+    v1::Member* o = resp->add_members();
+    o->set_node(node);
+    o->set_grpc_address(r.grpc_address);
+    o->set_lease_age_seconds(absl::ToInt64Seconds(now - r.joined));
+  }
   v1::Member* m = resp->add_members();
   m->set_node(state_.config.node_name());
   const auto [grpc_endpoint, http_endpoint] = state_.Endpoints();

@@ -127,6 +127,8 @@ void ApplyDefaults(v1::DaemonConfig* c) {
   if (c->log_level().empty()) c->set_log_level("info");
   if (c->data_plane_transports().empty()) c->set_data_plane_transports("auto");
   if (c->max_data_plane_sessions() == 0) c->set_max_data_plane_sessions(1024);
+  if (c->cluster_name().empty()) c->set_cluster_name("default");
+  if (c->membership_ttl_ms() == 0) c->set_membership_ttl_ms(10000);
   if (c->data_plane_threads() == 0) {
     c->set_data_plane_threads(std::clamp(std::thread::hardware_concurrency(), 2u, 8u));
   }
@@ -176,6 +178,24 @@ absl::Status ValidateConfig(const v1::DaemonConfig& c) {
   if (c.max_call_duration_ms() < 100) return Bad("max_call_duration_ms", "below 100 ms");
   if (c.reservation_ttl_ms() < 10) return Bad("reservation_ttl_ms", "below 10 ms");
   if (c.max_lease_ttl_ms() < 100) return Bad("max_lease_ttl_ms", "below 100 ms");
+  for (int i = 0; i < c.etcd_endpoints_size(); ++i) {
+    const std::string& e = c.etcd_endpoints(i);
+    const size_t colon = e.rfind(':');
+    if (colon == std::string::npos || colon == 0 || colon + 1 == e.size() ||
+        e.find_first_not_of("0123456789", colon + 1) != std::string::npos) {
+      return Bad(absl::StrCat("etcd_endpoints[", i, "]"),
+                 absl::StrCat("\"", e, "\" is not host:port"));
+    }
+  }
+  if (c.cluster_name().size() > 63 ||
+      c.cluster_name().find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                         "0123456789._-") != std::string::npos) {
+    return Bad("cluster_name", absl::StrCat("\"", c.cluster_name(),
+                                            "\" must be 1-63 characters of [A-Za-z0-9._-]"));
+  }
+  if (c.membership_ttl_ms() < 2000) {
+    return Bad("membership_ttl_ms", absl::StrCat(c.membership_ttl_ms(), " is below 2000"));
+  }
   if (c.data_plane_threads() > 64) {
     return Bad("data_plane_threads", absl::StrCat(c.data_plane_threads(), " is above 64"));
   }

@@ -68,12 +68,17 @@ int HttpServer::Handle(::mg_connection* conn, void* self_ptr) {
     Reply(conn, 200, "OK", "text/plain; version=0.0.4; charset=utf-8", self->handlers_.metrics());
     return 200;
   }
-  absl::Status st = uri == "/healthz" ? self->handlers_.healthz() : self->handlers_.readyz();
+  absl::StatusOr<std::string> st = std::string("ok");
+  if (uri == "/healthz") {
+    if (absl::Status h = self->handlers_.healthz(); !h.ok()) st = h;
+  } else {
+    st = self->handlers_.readyz();
+  }
   if (st.ok()) {
-    Reply(conn, 200, "OK", "text/plain", "ok\n");
+    Reply(conn, 200, "OK", "text/plain", absl::StrCat(*st, "\n"));
     return 200;
   }
-  Reply(conn, 503, "Service Unavailable", "text/plain", absl::StrCat(st.message(), "\n"));
+  Reply(conn, 503, "Service Unavailable", "text/plain", absl::StrCat(st.status().message(), "\n"));
   return 503;
 }
 

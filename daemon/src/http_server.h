@@ -18,7 +18,8 @@ struct HttpHandlers {
   std::function<std::string()> metrics;
   // OK: 200 with "ok"; otherwise 503 with the status message.
   std::function<absl::Status()> healthz;
-  std::function<absl::Status()> readyz;
+  // OK: 200 with the string as the body (e.g. "ok (degraded: ...)"); an error: 503.
+  std::function<absl::StatusOr<std::string>()> readyz;
 };
 
 // Thread-safe; handlers run on civetweb's worker threads.

@@ -56,6 +56,15 @@ int main(int argc, char** argv) {
   app.add_option("--namespace", namespaces, "serve only these namespaces (repeatable)");
   app.add_option("--data-plane-transports", data_plane,
                  "UCX data plane: off, auto, or UCX_TLS names for remote clients (e.g. tcp)");
+  std::vector<std::string> etcd_endpoints;
+  std::string cluster_name, advertise_address;
+  uint32_t membership_ttl_ms = 0;
+  app.add_option("--etcd", etcd_endpoints,
+                 "etcd client address host:port (repeatable): join a cluster; none: single node");
+  app.add_option("--cluster", cluster_name, "cluster name (default \"default\")");
+  app.add_option("--advertise-address", advertise_address,
+                 "host:port other nodes reach this node's gRPC on");
+  app.add_option("--membership-ttl-ms", membership_ttl_ms, "etcd lease TTL (default 10000)");
   uint32_t data_plane_threads = 0;
   app.add_option("--data-plane-threads", data_plane_threads,
                  "UCX workers (progress threads) per data-plane transport kind (default: one per "
@@ -83,6 +92,10 @@ int main(int argc, char** argv) {
   if (!log_level.empty()) config.set_log_level(log_level);
   if (!data_plane.empty()) config.set_data_plane_transports(data_plane);
   if (data_plane_threads != 0) config.set_data_plane_threads(data_plane_threads);
+  for (const std::string& e : etcd_endpoints) config.add_etcd_endpoints(e);
+  if (!cluster_name.empty()) config.set_cluster_name(cluster_name);
+  if (!advertise_address.empty()) config.set_advertise_address(advertise_address);
+  if (membership_ttl_ms != 0) config.set_membership_ttl_ms(membership_ttl_ms);
   if (host_bytes) config.set_host_tier_bytes(host_bytes);
   if (disk_bytes) config.set_disk_tier_bytes(disk_bytes);
   if (gpu_bytes) config.set_gpu_tier_bytes(gpu_bytes);

@@ -130,6 +130,80 @@ struct Server::Impl {
   std::unique_ptr<HttpServer> http;
   int grpc_port = 0;
   std::atomic<bool> ready{false};
+  // Retries joining the cluster while etcd is unreachable; stopped by LeaveCluster.
+  std::thread joiner;
+  Mutex join_mu;
+  CondVar join_cv;
+  bool join_stop ABSL_GUARDED_BY(join_mu) = false;
+
+  MembershipOptions MembershipOptionsFor() {
+    MembershipOptions o;
+    o.etcd.endpoints.assign(config.etcd_endpoints().begin(), config.etcd_endpoints().end());
+    o.cluster = config.cluster_name();
+    o.self.node = config.node_name();
+    o.self.grpc_address =
+        !config.advertise_address().empty() ? config.advertise_address() : state->Endpoints().first;
+    if (data_plane) o.self.data_plane = data_plane->AddressFor(/*same_host=*/false);
+    o.ttl = absl::Milliseconds(config.membership_ttl_ms());
+    return o;
+  }
+  // Joins the cluster now; if etcd cannot be reached, serves single-node (degraded) and keeps
+  // trying on a thread. Other errors (a bad node name, the name taken) are returned.
+  absl::Status JoinCluster() {
+    if (config.etcd_endpoints_size() == 0) return absl::OkStatus();
+    state->cluster.configured = true;
+    auto m = Membership::Join(MembershipOptionsFor());
+    if (m.ok()) {
+      MutexLock lock(&state->cluster.mu);
+      state->cluster.membership = std::move(*m);
+      spdlog::info("cluster {}: joined as {}", config.cluster_name(), config.node_name());
+      return absl::OkStatus();
+    }
+    if (!absl::IsUnavailable(m.status()) && !absl::IsDeadlineExceeded(m.status())) {
+      return m.status();
+    }
+    spdlog::warn("cluster {}: {}; serving as a single node until etcd answers",
+                 config.cluster_name(), m.status().message());
+    joiner = std::thread([this] {
+      for (;;) {
+        {
+          MutexLock lock(&join_mu);
+          const absl::Time until = absl::Now() + absl::Seconds(2);
+          while (!join_stop && absl::Now() < until)
+            join_cv.WaitWithTimeout(&join_mu, until - absl::Now());
+          if (join_stop) return;
+        }
+        auto again = Membership::Join(MembershipOptionsFor());
+        if (again.ok()) {
+          MutexLock lock(&state->cluster.mu);
+          state->cluster.membership = std::move(*again);
+          spdlog::info("cluster {}: joined as {}", config.cluster_name(), config.node_name());
+          return;
+        }
+        if (!absl::IsUnavailable(again.status()) && !absl::IsDeadlineExceeded(again.status())) {
+          spdlog::error("cluster {}: cannot join: {}", config.cluster_name(),
+                        again.status().message());
+          return;
+        }
+      }
+    });
+    return absl::OkStatus();
+  }
+  // Leaves the cluster (the others see this node go at once), stops the joiner.
+  void LeaveCluster() {
+    {
+      MutexLock lock(&join_mu);
+      join_stop = true;
+      join_cv.SignalAll();
+    }
+    if (joiner.joinable()) joiner.join();
+    std::unique_ptr<Membership> m;
+    {
+      MutexLock lock(&state->cluster.mu);
+      m = std::move(state->cluster.membership);
+    }
+    m.reset();
+  }
   Mutex mu;
   bool drained ABSL_GUARDED_BY(mu) = false;
   uint32_t drained_in_flight ABSL_GUARDED_BY(mu) = 0;
@@ -140,6 +214,7 @@ struct Server::Impl {
     if (drained) return drained_in_flight;
     drained = true;
     ready.store(false);
+    LeaveCluster();  // peers stop routing here before the calls drain
     if (grpc_server) {
       grpc_server->GetHealthCheckService()->SetServingStatus(false);
     }
@@ -181,7 +256,19 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const v1::DaemonConfig& co
   KVDN_ASSIGN_OR_RETURN(impl->store, storage::TieredStore::Open(StoreOptions(config)));
   impl->state = std::make_unique<ServerState>(config, impl->store.get(), &impl->metrics);
   ServerState* state = impl->state.get();
-  impl->metrics.AddCollector([state](MetricsWriter& w) { CollectStore(*state, w); });
+  impl->metrics.AddCollector([state](MetricsWriter& w) {
+    CollectStore(*state, w);
+    if (!state->cluster.configured) return;
+    size_t members = 0;
+    {
+      MutexLock lock(&state->cluster.mu);
+      if (state->cluster.membership) members = state->cluster.membership->Members().size();
+    }
+    w.Gauge("kvdn_cluster_members", "Live cluster members this node knows of, itself included.", {},
+            static_cast<double>(members));
+    w.Gauge("kvdn_cluster_degraded", "1 while etcd is unreachable: membership may be stale.", {},
+            state->cluster.Degraded() ? 1 : 0);
+  });
   KVDN_ASSIGN_OR_RETURN(impl->data_plane, DataPlane::Start(state));
   state->data_plane = impl->data_plane.get();
   impl->kv = std::make_unique<KvServiceImpl>(state);
@@ -238,10 +325,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const v1::DaemonConfig& co
       (void)raw->store->Stats();  // the store answers: its lock is not wedged
       return absl::OkStatus();
     };
-    h.readyz = [raw]() -> absl::Status {
+    h.readyz = [raw]() -> absl::StatusOr<std::string> {
       if (raw->state->calls.draining()) return absl::UnavailableError("draining");
       if (!raw->ready.load()) return absl::UnavailableError("starting");
-      return absl::OkStatus();
+      // Still ready: it serves its own tiers and the members it last knew.
+      if (raw->state->cluster.Degraded()) return std::string("ok (degraded: etcd unreachable)");
+      return std::string("ok");
     };
     KVDN_ASSIGN_OR_RETURN(impl->http, HttpServer::Start(config.http_address(), std::move(h)));
   }
@@ -250,6 +339,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const v1::DaemonConfig& co
   state->SetEndpoints(
       config.grpc_address() == "none" ? "" : absl::StrCat(host, ":", impl->grpc_port),
       impl->http ? absl::StrCat(http_host, ":", impl->http->port()) : "");
+  KVDN_RETURN_IF_ERROR(impl->JoinCluster());
   impl->grpc_server->GetHealthCheckService()->SetServingStatus(true);
   impl->ready.store(true);
   return std::unique_ptr<Server>(new Server(std::move(impl)));

@@ -18,6 +18,7 @@
 #include "kvdn/common/metrics.h"
 #include "kvdn/common/mutex.h"
 #include "kvdn/common/thread_pool.h"
+#include "kvdn/daemon/membership.h"
 #include "kvdn/storage/tiered_store.h"
 #include "kvdn/v1/common.pb.h"
 #include "kvdn/v1/config.pb.h"
@@ -124,6 +125,19 @@ struct ServerState {
   DataPlane* data_plane = nullptr;
   // Data-plane transfers whose lease or reservation is held by a transport (shutdown waits).
   std::atomic<int64_t> data_plane_in_flight{0};
+
+  // Cluster membership (config.etcd_endpoints); `membership` is null while single node or not yet
+  // joined. `degraded`: etcd configured but unreachable (or not joined yet).
+  struct Cluster {
+    mutable Mutex mu;
+    std::unique_ptr<Membership> membership ABSL_GUARDED_BY(mu);
+    bool configured = false;  // constant after Start
+    bool Degraded() const {
+      MutexLock lock(&mu);
+      return configured && (membership == nullptr || membership->degraded());
+    }
+  };
+  Cluster cluster;
 
  private:
   mutable Mutex endpoints_mu_;

@@ -57,7 +57,9 @@ class MembershipTest : public ::testing::Test {
 };
 
 TEST(MemberRecordTest, JsonRoundTripAndBadInput) {
-  MemberRecord r{"node-a", "10.0.0.1:7070", "KVDNUCX1...", absl::FromUnixMillis(1700000000123)};
+  // The data-plane address is binary (a UCX worker address).
+  MemberRecord r{"node-a", "10.0.0.1:7070", std::string("KVDNUCX1\x00\xff\x80", 11),
+                 absl::FromUnixMillis(1700000000123)};
   ASSERT_OK_AND_ASSIGN(MemberRecord back, MemberRecord::FromJson(r.ToJson()));
   EXPECT_EQ(back.node, r.node);
   EXPECT_EQ(back.grpc_address, r.grpc_address);

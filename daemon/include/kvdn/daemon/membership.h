@@ -27,7 +27,7 @@ namespace kvdn::daemon {
 struct MemberRecord {
   std::string node;
   std::string grpc_address;  // host:port other nodes and clients reach it on
-  std::string data_plane;    // its UCX worker address for remote peers (opaque), may be empty
+  std::string data_plane;    // its UCX worker address for remote peers (binary), may be empty
   absl::Time joined;         // when this registration was made
 
   std::string ToJson() const;

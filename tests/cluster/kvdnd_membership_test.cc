@@ -1,0 +1,162 @@
+// kvdnd processes joining a cluster through a real etcd (label: cluster): each lists the other
+// (AdminService.ListMembers, what kvdnctl members shows); a node killed with SIGKILL drops out
+// within the lease TTL; a node that drains leaves at once; with etcd down a node keeps serving,
+// /readyz says degraded (still 200) and kvdn_cluster_degraded is 1; a bad cluster name stops
+// kvdnd at start naming the field.
+#include <gmock/gmock.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include <thread>
+
+#include "daemon_process.h"
+#include "etcd_process.h"
+#include "kvdn/client/client.h"
+#include "kvdn/testing/chunks.h"
+#include "kvdn/testing/status_matchers.h"
+#include "kvdn/v1/admin_service.grpc.pb.h"
+
+namespace kvdn {
+namespace {
+
+using ::kvdn::testing::DaemonProcess;
+using ::kvdn::testing::EtcdProcess;
+using ::kvdn::testing::TempDir;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+template <typename Pred>
+bool Eventually(Pred pred, absl::Duration limit) {
+  const absl::Time until = absl::Now() + limit;
+  while (absl::Now() < until) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return pred();
+}
+
+// node -> grpc address, as ListMembers reports them.
+std::map<std::string, std::string> Members(const DaemonProcess& d, std::string* cluster = nullptr) {
+  auto stub = v1::AdminService::NewStub(client::MakeChannel(d.unix_target()));
+  grpc::ClientContext ctx;
+  v1::ListMembersResponse r;
+  std::map<std::string, std::string> out;
+  if (!stub->ListMembers(&ctx, {}, &r).ok()) return out;
+  if (cluster != nullptr) *cluster = r.cluster();
+  for (const auto& m : r.members()) out[m.node()] = m.grpc_address();
+  return out;
+}
+
+std::vector<std::string> Nodes(const DaemonProcess& d) {
+  std::vector<std::string> out;
+  for (const auto& [n, a] : Members(d)) out.push_back(n);
+  return out;
+}
+
+class KvdndMembershipTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string err;
+    ASSERT_TRUE(etcd_.Start(&err)) << err;
+  }
+  std::vector<std::string> Flags(const std::string& node) {
+    return {"--etcd", etcd_.endpoint(),      "--cluster", "c1", "--node-name",
+            node,     "--membership-ttl-ms", "3000"};
+  }
+  // Both daemons' logs, for failure messages.
+  std::string Logs() {
+    return "node-a log:\n" + testing::ReadFile(dir_a_.path() + "/kvdnd.log") + "\nnode-b log:\n" +
+           testing::ReadFile(dir_b_.path() + "/kvdnd.log");
+  }
+  TempDir etcd_dir_, dir_a_, dir_b_;
+  EtcdProcess etcd_{etcd_dir_.path()};
+  DaemonProcess a_{dir_a_.path()};
+  DaemonProcess b_{dir_b_.path()};
+};
+
+TEST_F(KvdndMembershipTest, NodesSeeEachOtherAndAKilledNodeDropsOutWithinTheTtl) {
+  std::string err;
+  ASSERT_TRUE(a_.Start(Flags("node-a"), &err)) << err;
+  ASSERT_TRUE(b_.Start(Flags("node-b"), &err)) << err;
+  ASSERT_TRUE(Eventually([&] { return Nodes(a_).size() == 2; }, absl::Seconds(5))) << Logs();
+  std::string cluster;
+  auto m = Members(a_, &cluster);
+  EXPECT_EQ(cluster, "c1");
+  EXPECT_EQ(m.at("node-b"), b_.tcp_target());  // advertised: the bound gRPC address
+  EXPECT_THAT(Nodes(b_), ElementsAre("node-a", "node-b"));
+  b_.Kill();
+  const absl::Time killed = absl::Now();
+  EXPECT_TRUE(Eventually([&] { return Nodes(a_).size() == 1; }, absl::Seconds(8)));
+  EXPECT_LT(absl::Now() - killed, absl::Seconds(3 + 3));  // TTL plus etcd's expiry granularity
+  // A node that drains (SIGTERM) leaves at once.
+  DaemonProcess c{dir_b_.path()};
+  ASSERT_TRUE(c.Start(Flags("node-c"), &err)) << err;
+  ASSERT_TRUE(Eventually([&] { return Nodes(a_).size() == 2; }, absl::Seconds(5))) << Logs();
+  EXPECT_EQ(c.Stop(), 0);
+  EXPECT_TRUE(Eventually([&] { return Nodes(a_).size() == 1; }, absl::Seconds(1)));
+}
+
+TEST_F(KvdndMembershipTest, EtcdDownMeansDegradedButServing) {
+  std::string err;
+  ASSERT_TRUE(a_.Start(Flags("node-a"), &err)) << err;
+  ASSERT_TRUE(b_.Start(Flags("node-b"), &err)) << err;
+  ASSERT_TRUE(Eventually([&] { return Nodes(a_).size() == 2; }, absl::Seconds(5))) << Logs();
+  EXPECT_EQ(testing::HttpGet(a_.http_port(), "/readyz"), std::make_pair(200, std::string("ok\n")));
+  EXPECT_THAT(testing::HttpGet(a_.http_port(), "/metrics").second,
+              HasSubstr("kvdn_cluster_degraded 0"));
+  etcd_.Stop();
+  EXPECT_TRUE(Eventually(
+      [&] {
+        return testing::HttpGet(a_.http_port(), "/readyz").second.find("degraded") !=
+               std::string::npos;
+      },
+      absl::Seconds(8)));
+  EXPECT_EQ(testing::HttpGet(a_.http_port(), "/readyz").first, 200);
+  auto metrics = testing::HttpGet(a_.http_port(), "/metrics").second;
+  EXPECT_THAT(metrics, HasSubstr("kvdn_cluster_degraded 1"));
+  EXPECT_THAT(metrics, HasSubstr("kvdn_cluster_members 2"));  // the last view, kept
+  EXPECT_EQ(Nodes(a_).size(), 2u);
+  // Still serving: bytes round-trip through node A.
+  client::ClientOptions o;
+  o.target = a_.unix_target();
+  o.model = {"m", 2, 2, 64, Dtype::kBFloat16, 16};
+  auto c = client::Client::Connect(o).value();
+  const ChunkInfo info = testing::InfoForBytes(1 << 20, 1);
+  const std::vector<uint8_t> chunk = testing::RandomChunk(info, 5);
+  ASSERT_OK(c->PutEncoded(testing::KeyFor(5, "default"), chunk).status());
+  std::vector<uint8_t> back(chunk.size());
+  ASSERT_OK(c->GetEncoded(testing::KeyFor(5, "default"), MutableByteSpan(back)).status());
+  EXPECT_EQ(back, chunk);
+  // etcd back: no longer degraded.
+  ASSERT_TRUE(etcd_.Start(&err)) << err;
+  EXPECT_TRUE(
+      Eventually([&] { return testing::HttpGet(a_.http_port(), "/readyz").second == "ok\n"; },
+                 absl::Seconds(10)));
+}
+
+TEST_F(KvdndMembershipTest, AStartWithoutEtcdServesSingleNodeThenJoins) {
+  etcd_.Stop();
+  std::string err;
+  ASSERT_TRUE(a_.Start(Flags("node-a"), &err)) << err;
+  EXPECT_THAT(testing::HttpGet(a_.http_port(), "/readyz").second, HasSubstr("degraded"));
+  EXPECT_THAT(Nodes(a_), ElementsAre("node-a"));
+  ASSERT_TRUE(etcd_.Start(&err)) << err;
+  EXPECT_TRUE(
+      Eventually([&] { return testing::HttpGet(a_.http_port(), "/readyz").second == "ok\n"; },
+                 absl::Seconds(10)));
+  ASSERT_TRUE(b_.Start(Flags("node-b"), &err)) << err;
+  EXPECT_TRUE(Eventually([&] { return Nodes(a_).size() == 2; }, absl::Seconds(5)));
+}
+
+TEST_F(KvdndMembershipTest, BadClusterSettingsStopKvdndNamingTheField) {
+  std::string err;
+  auto flags = Flags("node-a");
+  flags[3] = "bad/name";
+  EXPECT_FALSE(a_.Start(flags, &err));
+  EXPECT_THAT(err, HasSubstr("cluster_name"));
+  EXPECT_FALSE(b_.Start({"--etcd", "no-port"}, &err));
+  EXPECT_THAT(err, HasSubstr("etcd_endpoints[0]"));
+}
+
+}  // namespace
+}  // namespace kvdn
