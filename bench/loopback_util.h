@@ -30,21 +30,11 @@
 #include "bench_util.h"
 #include "kvdn/client/client.h"
 #include "kvdn/testing/chunks.h"
+#include "kvdn/testing/waiting.h"
 
 namespace kvdn::bench {
 
-// A TCP port on 127.0.0.1 free at the time of the call.
-inline int FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  socklen_t len = sizeof(a);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
-}
+using ::kvdn::testing::FreeLoopbackPort;
 
 // Starts `args` with stdout and stderr in `log`, `env` ("NAME=value") added to the environment.
 inline pid_t Spawn(std::vector<std::string> args, const std::string& log,
@@ -86,7 +76,7 @@ class Servers {
   explicit Servers(const Options& o) {
     char tmpl[] = "/tmp/kvdn-bench.XXXXXX";
     dir_ = mkdtemp(tmpl);
-    redis_port_ = FreePort();
+    redis_port_ = FreeLoopbackPort();
     redis_sock_ = dir_ + "/redis.sock";
     redis_ = Spawn({o.redis, "--port", std::to_string(redis_port_), "--bind", "127.0.0.1",
                     "--unixsocket", redis_sock_, "--save", "", "--appendonly", "no",
@@ -359,11 +349,13 @@ inline Result Drive(const std::function<std::unique_ptr<Conn>()>& connect, int c
 // after a round trip checked bit for bit, each Put (from Conn::Source) writes a new key from
 // `key_base` on (kvdn
 // keys are content-addressed: a repeat would be a no-op), each Get reads one of the last keys
-// written (at most 256 MiB of them, so none has been evicted) into a buffer of the system's
+// written (at most `get_window_bytes` of them — keep it well below kvdnd's host tier, so none
+// has been evicted) into a buffer of the system's
 // kind. {put, get}; both !ok when the round trip fails.
 inline std::pair<Result, Result> PutThenGet(const std::function<std::unique_ptr<Conn>()>& connect,
                                             int clients, double seconds,
-                                            const std::vector<uint8_t>& value, int key_base) {
+                                            const std::vector<uint8_t>& value, int key_base,
+                                            uint64_t get_window_bytes = 256ull << 20) {
   std::pair<Result, Result> r;
   {
     auto conn = connect();
@@ -379,7 +371,7 @@ inline std::pair<Result, Result> PutThenGet(const std::function<std::unique_ptr<
   r.first = Drive(connect, clients, seconds, value.size(),
                   [&](Conn& c, uint64_t i) { return c.Put(key_base + int(i), c.Source(value)); });
   const uint64_t keys =
-      std::max<uint64_t>(1, std::min<uint64_t>(r.first.ops, (256ull << 20) / value.size()));
+      std::max<uint64_t>(1, std::min<uint64_t>(r.first.ops, get_window_bytes / value.size()));
   const int first = key_base + static_cast<int>(r.first.ops - keys);
   r.second = Drive(connect, clients, seconds, value.size(), [&](Conn& c, uint64_t i) {
     return c.Get(first + int(i % keys), c.Buffer(value.size()));

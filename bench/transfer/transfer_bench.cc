@@ -59,7 +59,7 @@ std::string UcxTls(const std::string& transport) {
 // messages over `tls`, 0 when it fails (`note` says why).
 double PerftestGbps(const Options& o, const std::string& tls, size_t size, bool error_handling,
                     std::string* note) {
-  const int port = FreePort();
+  const int port = FreeLoopbackPort();
   const int iters = static_cast<int>(std::clamp<uint64_t>((6ull << 30) / size, 60, 3000));
   const std::string flags =
       absl::StrFormat("-p %d -t ucp_am_bw -s %u -n %d -w %d%s", port, size, iters,
@@ -247,7 +247,9 @@ int main(int argc, char** argv) {
           }
           for (int s = 0; s < 3; ++s) {
             if (o.systems.count(names[s]) == 0) continue;
-            auto [p, g] = PutThenGet(systems[s], clients, o.seconds, value, key_base);
+            auto [p, g] =
+                PutThenGet(systems[s], clients, o.seconds, value, key_base,
+                           std::min<uint64_t>(256ull << 20, (uint64_t(o.host_tier_mib) << 20) / 4));
             key_base += 1000000;
             if (s == 1) servers.FlushRedis();
             if (!p.ok || !g.ok) {

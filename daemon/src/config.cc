@@ -56,13 +56,6 @@ uint64_t FreeDiskBytes(std::string path) {
   return 0;
 }
 
-bool ValidHostPort(absl::string_view a) {
-  const size_t colon = a.rfind(':');
-  if (colon == absl::string_view::npos || colon == 0) return false;
-  int port = 0;
-  return absl::SimpleAtoi(a.substr(colon + 1), &port) && port >= 0 && port <= 65535;
-}
-
 absl::Status Bad(absl::string_view field, absl::string_view why) {
   return absl::InvalidArgumentError(absl::StrCat("config field ", field, ": ", why));
 }
@@ -180,9 +173,7 @@ absl::Status ValidateConfig(const v1::DaemonConfig& c) {
   if (c.max_lease_ttl_ms() < 100) return Bad("max_lease_ttl_ms", "below 100 ms");
   for (int i = 0; i < c.etcd_endpoints_size(); ++i) {
     const std::string& e = c.etcd_endpoints(i);
-    const size_t colon = e.rfind(':');
-    if (colon == std::string::npos || colon == 0 || colon + 1 == e.size() ||
-        e.find_first_not_of("0123456789", colon + 1) != std::string::npos) {
+    if (!ValidHostPort(e)) {
       return Bad(absl::StrCat("etcd_endpoints[", i, "]"),
                  absl::StrCat("\"", e, "\" is not host:port"));
     }
@@ -223,6 +214,13 @@ std::string ConfigToJson(const v1::DaemonConfig& config) {
   opts.always_print_primitive_fields = true;
   (void)google::protobuf::util::MessageToJsonString(config, &out, opts);
   return out;
+}
+
+bool ValidHostPort(absl::string_view a) {
+  const size_t colon = a.rfind(':');
+  if (colon == absl::string_view::npos || colon == 0) return false;
+  int port = 0;
+  return absl::SimpleAtoi(a.substr(colon + 1), &port) && port >= 0 && port <= 65535;
 }
 
 }  // namespace kvdn::daemon

@@ -12,6 +12,7 @@
 #include "etcd/rpc.grpc.pb.h"
 #include "kvdn/common/mutex.h"
 #include "kvdn/common/status.h"
+#include "kvdn/daemon/config.h"
 
 namespace kvdn::daemon {
 namespace {
@@ -182,9 +183,7 @@ absl::StatusOr<std::unique_ptr<EtcdClient>> EtcdClient::Connect(const EtcdOption
   impl->options = options;
   impl->joined = absl::StrJoin(options.endpoints, ",");
   for (const std::string& e : options.endpoints) {
-    const size_t colon = e.rfind(':');
-    if (e.empty() || colon == std::string::npos || colon == 0 || colon + 1 == e.size() ||
-        e.find_first_not_of("0123456789", colon + 1) != std::string::npos) {
+    if (!ValidHostPort(e)) {
       return absl::InvalidArgumentError(absl::StrCat("etcd endpoint \"", e, "\" is not host:port"));
     }
     auto ep = std::make_unique<Impl::Endpoint>();

@@ -19,20 +19,11 @@ namespace kvdn::daemon {
 namespace {
 
 using ::kvdn::testing::EtcdProcess;
+using ::kvdn::testing::Eventually;
 using ::kvdn::testing::StatusIs;
 using ::testing::HasSubstr;
 
 // Polls `pred` every 100 ms for up to `limit`.
-template <typename Pred>
-bool Eventually(Pred pred, absl::Duration limit) {
-  const absl::Time until = absl::Now() + limit;
-  while (absl::Now() < until) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  return pred();
-}
-
 class EtcdClientTest : public ::testing::Test {
  protected:
   void SetUp() override {

@@ -3,9 +3,7 @@
 #ifndef KVDN_TESTS_CLUSTER_ETCD_PROCESS_H_
 #define KVDN_TESTS_CLUSTER_ETCD_PROCESS_H_
 
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -16,20 +14,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "kvdn/daemon/etcd_client.h"
+#include "kvdn/testing/waiting.h"
 
 namespace kvdn::testing {
-
-inline int FreeLoopbackPort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  socklen_t len = sizeof(a);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
-}
 
 class EtcdProcess {
  public:

@@ -21,19 +21,10 @@ namespace {
 
 using ::kvdn::testing::DaemonProcess;
 using ::kvdn::testing::EtcdProcess;
+using ::kvdn::testing::Eventually;
 using ::kvdn::testing::TempDir;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
-
-template <typename Pred>
-bool Eventually(Pred pred, absl::Duration limit) {
-  const absl::Time until = absl::Now() + limit;
-  while (absl::Now() < until) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  return pred();
-}
 
 // node -> grpc address, as ListMembers reports them.
 std::map<std::string, std::string> Members(const DaemonProcess& d, std::string* cluster = nullptr) {

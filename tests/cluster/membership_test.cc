@@ -16,19 +16,10 @@ namespace kvdn::daemon {
 namespace {
 
 using ::kvdn::testing::EtcdProcess;
+using ::kvdn::testing::Eventually;
 using ::kvdn::testing::StatusIs;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
-
-template <typename Pred>
-bool Eventually(Pred pred, absl::Duration limit) {
-  const absl::Time until = absl::Now() + limit;
-  while (absl::Now() < until) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  return pred();
-}
 
 std::vector<std::string> Names(const Membership& m) {
   std::vector<std::string> out;

@@ -26,6 +26,9 @@ absl::Status ValidateConfig(const v1::DaemonConfig& config);
 // The config as the JSON a file would hold (all fields, proto names).
 std::string ConfigToJson(const v1::DaemonConfig& config);
 
+// "host:port" with a port in [0, 65535] (host not resolved).
+bool ValidHostPort(absl::string_view address);
+
 }  // namespace kvdn::daemon
 
 #endif  // KVDN_DAEMON_CONFIG_H_
