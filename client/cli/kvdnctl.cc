@@ -207,7 +207,7 @@ int Members(v1::AdminService::Stub& stub, const Globals& g) {
   Table t({"NODE", "GRPC", "HTTP", "LEASE_AGE", "CHUNKS", "SELF"});
   for (const auto& m : r.members()) {
     t.Add({m.node(), m.grpc_address(), m.http_address(), absl::StrCat(m.lease_age_seconds(), "s"),
-           absl::StrCat(m.chunks()), m.self() ? "*" : ""});
+           m.has_chunks() ? absl::StrCat(m.chunks()) : "-", m.self() ? "*" : ""});
   }
   std::printf("cluster %s\n%s", r.cluster().empty() ? "(single node)" : r.cluster().c_str(),
               t.Render().c_str());

@@ -74,6 +74,14 @@ TEST_F(KvdndMembershipTest, NodesSeeEachOtherAndAKilledNodeDropsOutWithinTheTtl)
   auto m = Members(a_, &cluster);
   EXPECT_EQ(cluster, "c1");
   EXPECT_EQ(m.at("node-b"), b_.tcp_target());  // advertised: the bound gRPC address
+  {
+    // Chunk counts: the answering node's only (not a made-up 0 for the others).
+    auto stub = v1::AdminService::NewStub(client::MakeChannel(a_.unix_target()));
+    grpc::ClientContext ctx;
+    v1::ListMembersResponse r;
+    ASSERT_TRUE(stub->ListMembers(&ctx, {}, &r).ok());
+    for (const auto& mem : r.members()) EXPECT_EQ(mem.has_chunks(), mem.self()) << mem.node();
+  }
   EXPECT_THAT(Nodes(b_), ElementsAre("node-a", "node-b"));
   b_.Kill();
   const absl::Time killed = absl::Now();
