@@ -184,6 +184,10 @@ absl::Status ValidateConfig(const v1::DaemonConfig& c) {
     return Bad("cluster_name", absl::StrCat("\"", c.cluster_name(),
                                             "\" must be 1-63 characters of [A-Za-z0-9._-]"));
   }
+  if (!c.advertise_address().empty() && !ValidHostPort(c.advertise_address())) {
+    return Bad("advertise_address",
+               absl::StrCat("\"", c.advertise_address(), "\" is not host:port"));
+  }
   if (c.membership_ttl_ms() < 2000) {
     return Bad("membership_ttl_ms", absl::StrCat(c.membership_ttl_ms(), " is below 2000"));
   }

@@ -51,6 +51,10 @@ TEST(ConfigTest, EachBadFieldIsNamed) {
       {R"({"max_frame_bytes": 10000000})", "max_frame_bytes"},
       {R"({"max_threads": 1})", "max_threads"},
       {R"({"data_plane_threads": 65})", "data_plane_threads"},
+      {R"({"etcd_endpoints": ["10.0.0.1:2379", "no-port"]})", "etcd_endpoints[1]"},
+      {R"({"cluster_name": "a/b"})", "cluster_name"},
+      {R"({"advertise_address": "10.0.0.1"})", "advertise_address"},
+      {R"({"membership_ttl_ms": 1000})", "membership_ttl_ms"},
       {R"({"namespaces": ["bad/ns"]})", "namespaces[0]"},
       {R"({"log_level": "verbose"})", "log_level"},
   };
