@@ -31,6 +31,8 @@ const char* TierName(v1::Tier t) {
       return "host";
     case v1::TIER_DISK:
       return "disk";
+    case v1::TIER_REMOTE:
+      return "remote";
     default:
       return "-";
   }

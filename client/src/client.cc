@@ -20,7 +20,7 @@
 #include "kvdn/proto/get_frames.h"
 #include "kvdn/proto/grpc_status.h"
 #include "kvdn/v1/kv_service.grpc.pb.h"
-#include "src/data_plane.h"
+#include "kvdn/client/data_plane_client.h"
 
 namespace kvdn::client {
 namespace {

@@ -17,9 +17,6 @@ void AppendLe(std::string& out, T v) {
 }
 void AppendU32(std::string& out, uint32_t v) { AppendLe(out, v); }
 void AppendU64(std::string& out, uint64_t v) { AppendLe(out, v); }
-ByteSpan AsBytes(const std::string& s) {
-  return ByteSpan(reinterpret_cast<const uint8_t*>(s.data()), s.size());
-}
 bool IsNamespaceChar(char c) {
   return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
          c == '_' || c == '-';

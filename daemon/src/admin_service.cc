@@ -1,11 +1,13 @@
 #include "src/admin_service.h"
 
 #include <algorithm>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "kvdn/common/chunk_format.h"
 #include "kvdn/daemon/config.h"
 #include "src/data_plane.h"
+#include "src/peer_router.h"
 
 namespace kvdn::daemon {
 namespace {
@@ -223,15 +225,22 @@ grpc::Status AdminServiceImpl::ListMembers(grpc::ServerContext* ctx, const v1::L
     if (state_.cluster.membership) view = state_.cluster.membership->Members();
   }
   if (state_.cluster.configured) resp->set_cluster(state_.config.cluster_name());
-  // Others as etcd lists them (their chunk counts are theirs to tell: 0 here); this node from
-  // its own state, also while it has not joined.
+  // Others as etcd lists them, with the chunk counts of those that answer in time (asked in
+  // parallel); this node from its own state, also while it has not joined.
   const absl::Time now = absl::Now();
+  std::map<std::string, uint64_t> chunks;
+  if (state_.router != nullptr) {
+    chunks = state_.router->PeerChunks(
+        std::min(absl::FromChrono(ctx->deadline()),
+                 now + absl::Milliseconds(state_.config.peer_timeout_ms())));
+  }
   for (const auto& [node, r] : view) {
     if (node == state_.config.node_name()) continue;
     v1::Member* o = resp->add_members();
     o->set_node(node);
     o->set_grpc_address(r.grpc_address);
     o->set_lease_age_seconds(absl::ToInt64Seconds(now - r.joined));
+    if (auto it = chunks.find(node); it != chunks.end()) o->set_chunks(it->second);
   }
   v1::Member* m = resp->add_members();
   m->set_node(state_.config.node_name());

@@ -122,6 +122,9 @@ void ApplyDefaults(v1::DaemonConfig* c) {
   if (c->max_data_plane_sessions() == 0) c->set_max_data_plane_sessions(1024);
   if (c->cluster_name().empty()) c->set_cluster_name("default");
   if (c->membership_ttl_ms() == 0) c->set_membership_ttl_ms(10000);
+  if (c->replicas() == 0) c->set_replicas(1);
+  if (c->peer_timeout_ms() == 0) c->set_peer_timeout_ms(1000);
+  if (c->replication_queue_limit() == 0) c->set_replication_queue_limit(4096);
   if (c->data_plane_threads() == 0) {
     c->set_data_plane_threads(std::clamp(std::thread::hardware_concurrency(), 2u, 8u));
   }
@@ -190,6 +193,14 @@ absl::Status ValidateConfig(const v1::DaemonConfig& c) {
   }
   if (c.membership_ttl_ms() < 2000) {
     return Bad("membership_ttl_ms", absl::StrCat(c.membership_ttl_ms(), " is below 2000"));
+  }
+  if (c.replicas() > 8) return Bad("replicas", absl::StrCat(c.replicas(), " is above 8"));
+  if (c.peer_timeout_ms() < 50 || c.peer_timeout_ms() > 60000) {
+    return Bad("peer_timeout_ms", absl::StrCat(c.peer_timeout_ms(), " is outside [50, 60000]"));
+  }
+  if (c.replication_queue_limit() > (1u << 20)) {
+    return Bad("replication_queue_limit",
+               absl::StrCat(c.replication_queue_limit(), " is above 1048576"));
   }
   if (c.data_plane_threads() > 64) {
     return Bad("data_plane_threads", absl::StrCat(c.data_plane_threads(), " is above 64"));

@@ -10,6 +10,7 @@
 #include "kvdn/common/chunk_format.h"
 #include "kvdn/common/logging.h"
 #include "kvdn/v1/data_plane.pb.h"
+#include "src/peer_router.h"
 
 namespace kvdn::daemon {
 namespace {
@@ -23,9 +24,6 @@ constexpr absl::Duration kLeaseSlack = absl::Seconds(30);
 // Encoded chunks up to this size are committed (hashed) on the progress thread.
 constexpr uint64_t kInlineCommitBytes = (uint64_t{4} << 20) + kChunkHeaderBytes;
 
-ByteSpan AsByteSpan(const std::string& s) {
-  return ByteSpan(reinterpret_cast<const uint8_t*>(s.data()), s.size());
-}
 
 }  // namespace
 
@@ -116,6 +114,10 @@ const DataPlane::Lane& DataPlane::LeastLoaded(const std::vector<Lane>& lanes) co
 absl::StatusOr<v1::OpenDataPlaneResponse> DataPlane::Open(const v1::OpenDataPlaneRequest& req,
                                                           bool same_host) {
   const bool local = same_host && req.pid() > 0 && !local_.empty();
+  if (req.peer_node().size() > 253) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("peer_node: ", req.peer_node().size(), " characters, at most 253"));
+  }
   const Lane* lane;
   {
     MutexLock lock(&mu_);
@@ -133,7 +135,7 @@ absl::StatusOr<v1::OpenDataPlaneResponse> DataPlane::Open(const v1::OpenDataPlan
     return absl::Status(peer.status().code(),
                         absl::StrCat("worker_address: ", peer.status().message()));
   }
-  Session s{t, lane->arena.get(), *peer, co.peer_pid, req.client_name()};
+  Session s{t, lane->arena.get(), *peer, co.peer_pid, req.client_name(), !req.peer_node().empty()};
   v1::OpenDataPlaneResponse resp;
   {
     MutexLock lock(&mu_);
@@ -255,11 +257,18 @@ void DataPlane::OnGet(std::unique_ptr<Incoming> in) {
   opts.ttl = deadline - absl::Now() + kLeaseSlack;
   opts.may_block = false;
   auto lease = state_.store->Acquire(*key, opts);
-  if (storage::IsWouldBlock(lease.status())) {
-    // On disk (or moving): read it on a thread that may block.
-    state_.blocking_pool.Submit([this, s, rid, deadline, k = *key, opts, start]() mutable {
+  const bool fetch = absl::IsNotFound(lease.status()) && !s.from_peer && state_.HasPeers();
+  if (storage::IsWouldBlock(lease.status()) || fetch) {
+    // On disk (or moving), or on the owners: read it on a thread that may block.
+    state_.blocking_pool.Submit([this, s, rid, deadline, k = *key, opts, start, fetch]() mutable {
       opts.may_block = true;
-      auto l = state_.store->Acquire(k, opts);
+      absl::StatusOr<storage::Lease> l = absl::NotFoundError("");
+      if (fetch) {
+        const absl::Status fetched = state_.router->Fetch(k, deadline);
+        l = fetched.ok() ? state_.store->Acquire(k, opts) : fetched;
+      } else {
+        l = state_.store->Acquire(k, opts);
+      }
       if (!l.ok()) return ReplyGet(s, rid, l.status(), start);
       SendChunk(s, rid, deadline, *l, /*owned=*/true, start);
     });
@@ -314,7 +323,7 @@ void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
     return ReplyPut(s, rid, absl::UnavailableError("kvdnd is draining; use another node or retry"),
                     false, start);
   }
-  auto header = DecodeChunkHeader(AsByteSpan(req.chunk_header()));
+  auto header = DecodeChunkHeader(AsBytes(req.chunk_header()));
   if (!header.ok()) {
     return ReplyPut(s, rid,
                     absl::Status(header.status().code(),
@@ -393,8 +402,10 @@ void DataPlane::PutInto(const Session& s, uint64_t request_id, absl::Time deadli
         // than a thread hop), else on the blocking pool, so the progress thread goes on moving the
         // others while it is hashed in parallel.
         auto finish = [this, s, request_id, reservation_id, checksum, size, start] {
-          const absl::Status c = state_.store->Commit(reservation_id, checksum);
+          ChunkKey key;
+          const absl::Status c = state_.store->Commit(reservation_id, checksum, &key);
           if (c.ok()) state_.bytes_in->Inc(static_cast<double>(size));
+          if (c.ok() && !s.from_peer) state_.Written(key);
           ReplyPut(s, request_id, c, c.ok(), start);
           state_.data_plane_in_flight.fetch_sub(1);
         };

@@ -55,6 +55,8 @@ class DataPlane {
     transfer::PeerId peer = 0;
     int pid = 0;
     std::string name;
+    // Opened by another kvdnd (peer_node): its Gets read local tiers only, its Puts are replicas.
+    bool from_peer = false;
   };
   explicit DataPlane(ServerState* state) : state_(*state) {}
 

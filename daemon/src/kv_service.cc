@@ -12,11 +12,18 @@
 #include "kvdn/proto/get_frames.h"
 #include "kvdn/proto/grpc_status.h"
 #include "src/data_plane.h"
+#include "src/peer_router.h"
 
 namespace kvdn::daemon {
 namespace {
 
 constexpr int kMaxLookupChain = 65536;
+
+// When the caller stops waiting (its deadline, at most max_call_duration from now).
+absl::Time CallDeadline(ServerState& state, const grpc::ServerContextBase* ctx) {
+  const absl::Time cap = absl::Now() + absl::Milliseconds(state.config.max_call_duration_ms());
+  return std::min(cap, absl::FromChrono(ctx->deadline()));
+}
 
 absl::StatusOr<ChunkKey> CheckedKey(ServerState& state, const v1::ChunkKey& key,
                                     absl::string_view field) {
@@ -25,7 +32,8 @@ absl::StatusOr<ChunkKey> CheckedKey(ServerState& state, const v1::ChunkKey& key,
   return k;
 }
 
-absl::Status DoLookup(ServerState& state, const v1::LookupRequest& req, v1::LookupResponse* resp) {
+// The chain of a Lookup or Probe request, validated.
+absl::StatusOr<std::vector<ChunkKey>> ChainOf(ServerState& state, const v1::LookupRequest& req) {
   if (absl::Status st = ValidateNamespace(req.namespace_()); !st.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("namespace: ", st.message()));
   }
@@ -45,9 +53,22 @@ absl::Status DoLookup(ServerState& state, const v1::LookupRequest& req, v1::Look
     chain[i].fingerprint = req.fingerprint();
     chain[i].prefix_hash = Hash128::FromCanonical(reinterpret_cast<const uint8_t*>(h.data()));
   }
+  return chain;
+}
+
+// The longest stored prefix; `forward`: chunks past the local prefix may be on peers (KvService;
+// PeerService answers for its local tiers only).
+absl::Status DoLookup(ServerState& state, grpc::ServerContext* ctx, const v1::LookupRequest& req,
+                      v1::LookupResponse* resp, bool forward) {
+  KVDN_ASSIGN_OR_RETURN(std::vector<ChunkKey> chain, ChainOf(state, req));
   const storage::LookupResult r = state.store->Lookup(chain);
   resp->set_matched_chunks(static_cast<uint32_t>(r.matched));
   for (storage::TierKind t : r.tiers) resp->add_tiers(TierToProto(t));
+  if (forward && r.matched < chain.size() && state.HasPeers()) {
+    const size_t remote = state.router->Probe(chain, r.matched, CallDeadline(state, ctx));
+    resp->set_matched_chunks(static_cast<uint32_t>(r.matched + remote));
+    for (size_t i = 0; i < remote; ++i) resp->add_tiers(v1::TIER_REMOTE);
+  }
   return absl::OkStatus();
 }
 
@@ -85,8 +106,10 @@ absl::Status ReadFrames(ServerState& state, grpc::ServerContext* ctx,
   return absl::OkStatus();
 }
 
+// `replica`: the chunk comes from a peer (PeerService.Replicate) and is not replicated again.
 absl::Status DoPut(ServerState& state, grpc::ServerContext* ctx,
-                   grpc::ServerReader<v1::PutRequest>* reader, v1::PutResponse* resp) {
+                   grpc::ServerReader<v1::PutRequest>* reader, v1::PutResponse* resp,
+                   bool replica) {
   v1::PutRequest first;
   if (!reader->Read(&first)) {
     if (ctx->IsCancelled()) return absl::CancelledError("client cancelled the Put stream");
@@ -126,11 +149,13 @@ absl::Status DoPut(ServerState& state, grpc::ServerContext* ctx,
     resp->set_stored(st.ok());
     return st;
   }
+  ChunkKey key;
   if (st.ok())
-    st = store.Commit(id, h.payload_checksum());  // frees the reservation on error
+    st = store.Commit(id, h.payload_checksum(), &key);  // frees the reservation on error
   else
     (void)store.Abort(id);
   resp->set_stored(st.ok());
+  if (st.ok() && !replica) state.Written(key);
   return st;
 }
 
@@ -166,7 +191,10 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   GetReactor(ServerState& state, Method method, grpc::CallbackServerContext* ctx,
              const grpc::ByteBuffer* request)
-      : state_(state), call_(state, method, ctx) {
+      : state_(state),
+        call_(state, method, ctx),
+        forward_(method == Method::kGet),
+        deadline_(CallDeadline(state, ctx)) {
     if (!call_.admitted().ok()) {
       Fail(call_.admitted());
       return;
@@ -217,6 +245,12 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     opts.may_block = may_block;
     absl::StatusOr<storage::Lease> lease = state_.store->Acquire(key_, opts);
     if (!may_block && storage::IsWouldBlock(lease.status())) return false;
+    if (absl::IsNotFound(lease.status()) && forward_ && state_.HasPeers()) {
+      // A local miss: from the owners (into the host tier), on a thread that may block.
+      if (!may_block) return false;
+      absl::Status fetched = state_.router->Fetch(key_, deadline_);
+      lease = fetched.ok() ? state_.store->Acquire(key_, opts) : fetched;
+    }
     if (!lease.ok()) {
       Fail(lease.status());
       return true;
@@ -265,6 +299,8 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
 
   ServerState& state_;
   CallScope call_;
+  const bool forward_;  // KvService.Get: a local miss is asked of the peers
+  const absl::Time deadline_;
   ChunkKey key_;
   LeasePin* pin_ = nullptr;
   absl::Time expires_;
@@ -284,14 +320,14 @@ grpc::Status KvServiceImpl::Lookup(grpc::ServerContext* ctx, const v1::LookupReq
                                    v1::LookupResponse* resp) {
   CallScope call(state_, Method::kLookup, ctx);
   if (!call.admitted().ok()) return call.Finish(call.admitted());
-  return call.Finish(DoLookup(state_, *req, resp));
+  return call.Finish(DoLookup(state_, ctx, *req, resp, /*forward=*/true));
 }
 
 grpc::Status KvServiceImpl::Put(grpc::ServerContext* ctx,
                                 grpc::ServerReader<v1::PutRequest>* reader, v1::PutResponse* resp) {
   CallScope call(state_, Method::kPut, ctx);
   if (!call.admitted().ok()) return call.Finish(call.admitted());
-  return call.Finish(DoPut(state_, ctx, reader, resp));
+  return call.Finish(DoPut(state_, ctx, reader, resp, /*replica=*/false));
 }
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* KvServiceImpl::Get(grpc::CallbackServerContext* ctx,
@@ -328,7 +364,10 @@ grpc::Status KvServiceImpl::Commit(grpc::ServerContext* ctx, const v1::CommitReq
   if (req->reservation_id() == 0) {
     return call.Finish(absl::InvalidArgumentError("reservation_id: must be nonzero"));
   }
-  return call.Finish(state_.store->Commit(req->reservation_id(), req->payload_checksum()));
+  ChunkKey key;
+  absl::Status st = state_.store->Commit(req->reservation_id(), req->payload_checksum(), &key);
+  if (st.ok()) state_.Written(key);
+  return call.Finish(st);
 }
 
 grpc::Status KvServiceImpl::Release(grpc::ServerContext* ctx, const v1::ReleaseRequest* req,
@@ -419,7 +458,21 @@ grpc::Status PeerServiceImpl::Lookup(grpc::ServerContext* ctx, const v1::LookupR
                                      v1::LookupResponse* resp) {
   CallScope call(state_, Method::kPeerLookup, ctx);
   if (!call.admitted().ok()) return call.Finish(call.admitted());
-  return call.Finish(DoLookup(state_, *req, resp));
+  return call.Finish(DoLookup(state_, ctx, *req, resp, /*forward=*/false));
+}
+
+grpc::Status PeerServiceImpl::Probe(grpc::ServerContext* ctx, const v1::LookupRequest* req,
+                                    v1::ProbeResponse* resp) {
+  CallScope call(state_, Method::kPeerProbe, ctx);
+  if (!call.admitted().ok()) return call.Finish(call.admitted());
+  if (req->prefix_hashes_size() == 0) {  // a member list's question: how much is stored here
+    resp->set_chunks(state_.store->List({}).size());
+    return call.Finish(absl::OkStatus());
+  }
+  auto chain = ChainOf(state_, *req);
+  if (!chain.ok()) return call.Finish(chain.status());
+  for (const ChunkKey& key : *chain) resp->add_present(state_.store->Describe(key).ok());
+  return call.Finish(absl::OkStatus());
 }
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* PeerServiceImpl::Fetch(
@@ -432,7 +485,7 @@ grpc::Status PeerServiceImpl::Replicate(grpc::ServerContext* ctx,
                                         v1::PutResponse* resp) {
   CallScope call(state_, Method::kPeerReplicate, ctx);
   if (!call.admitted().ok()) return call.Finish(call.admitted());
-  return call.Finish(DoPut(state_, ctx, reader, resp));
+  return call.Finish(DoPut(state_, ctx, reader, resp, /*replica=*/true));
 }
 
 }  // namespace kvdn::daemon

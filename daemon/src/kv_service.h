@@ -52,6 +52,8 @@ class PeerServiceImpl final
                                                     const grpc::ByteBuffer* request) override;
   grpc::Status Replicate(grpc::ServerContext* ctx, grpc::ServerReader<v1::PutRequest>* reader,
                          v1::PutResponse* resp) override;
+  grpc::Status Probe(grpc::ServerContext* ctx, const v1::LookupRequest* req,
+                     v1::ProbeResponse* resp) override;
 
  private:
   ServerState& state_;

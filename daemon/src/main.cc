@@ -65,6 +65,10 @@ int main(int argc, char** argv) {
   app.add_option("--advertise-address", advertise_address,
                  "host:port other nodes reach this node's gRPC on");
   app.add_option("--membership-ttl-ms", membership_ttl_ms, "etcd lease TTL (default 10000)");
+  uint32_t replicas = 0, peer_timeout_ms = 0;
+  app.add_option("--replicas", replicas, "copies of each chunk on its owners (default 1)");
+  app.add_option("--peer-timeout-ms", peer_timeout_ms,
+                 "deadline of each call to a peer (default 1000)");
   uint32_t data_plane_threads = 0;
   app.add_option("--data-plane-threads", data_plane_threads,
                  "UCX workers (progress threads) per data-plane transport kind (default: one per "
@@ -96,6 +100,8 @@ int main(int argc, char** argv) {
   if (!cluster_name.empty()) config.set_cluster_name(cluster_name);
   if (!advertise_address.empty()) config.set_advertise_address(advertise_address);
   if (membership_ttl_ms != 0) config.set_membership_ttl_ms(membership_ttl_ms);
+  if (replicas != 0) config.set_replicas(replicas);
+  if (peer_timeout_ms != 0) config.set_peer_timeout_ms(peer_timeout_ms);
   if (host_bytes) config.set_host_tier_bytes(host_bytes);
   if (disk_bytes) config.set_disk_tier_bytes(disk_bytes);
   if (gpu_bytes) config.set_gpu_tier_bytes(gpu_bytes);

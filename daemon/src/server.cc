@@ -16,6 +16,7 @@
 #include "src/data_plane.h"
 #include "src/http_server.h"
 #include "src/kv_service.h"
+#include "src/peer_router.h"
 #include "src/server_state.h"
 
 namespace kvdn::daemon {
@@ -123,6 +124,7 @@ struct Server::Impl {
   std::unique_ptr<storage::TieredStore> store;
   std::unique_ptr<ServerState> state;
   std::unique_ptr<DataPlane> data_plane;
+  std::unique_ptr<PeerRouter> router;  // with a cluster
   std::unique_ptr<KvServiceImpl> kv;
   std::unique_ptr<PeerServiceImpl> peer;
   std::unique_ptr<AdminServiceImpl> admin;
@@ -145,7 +147,16 @@ struct Server::Impl {
         !config.advertise_address().empty() ? config.advertise_address() : state->Endpoints().first;
     if (data_plane) o.self.data_plane = data_plane->AddressFor(/*same_host=*/false);
     o.ttl = absl::Milliseconds(config.membership_ttl_ms());
+    PeerRouter* r = router.get();
+    o.on_change = [r](const std::map<std::string, MemberRecord>& view) { r->SetMembers(view); };
     return o;
+  }
+  void Joined(std::unique_ptr<Membership> m) {
+    router->SetMembers(m->Members());
+    MutexLock lock(&state->cluster.mu);
+    state->cluster.membership = std::move(m);
+    spdlog::info("cluster {}: joined as {} ({} replica(s) per chunk)", config.cluster_name(),
+                 config.node_name(), config.replicas());
   }
   // Joins the cluster now; if etcd cannot be reached, serves single-node (degraded) and keeps
   // trying on a thread. Other errors (a bad node name, the name taken) are returned.
@@ -154,9 +165,7 @@ struct Server::Impl {
     state->cluster.configured = true;
     auto m = Membership::Join(MembershipOptionsFor());
     if (m.ok()) {
-      MutexLock lock(&state->cluster.mu);
-      state->cluster.membership = std::move(*m);
-      spdlog::info("cluster {}: joined as {}", config.cluster_name(), config.node_name());
+      Joined(std::move(*m));
       return absl::OkStatus();
     }
     if (!absl::IsUnavailable(m.status()) && !absl::IsDeadlineExceeded(m.status())) {
@@ -175,9 +184,7 @@ struct Server::Impl {
         }
         auto again = Membership::Join(MembershipOptionsFor());
         if (again.ok()) {
-          MutexLock lock(&state->cluster.mu);
-          state->cluster.membership = std::move(*again);
-          spdlog::info("cluster {}: joined as {}", config.cluster_name(), config.node_name());
+          Joined(std::move(*again));
           return;
         }
         if (!absl::IsUnavailable(again.status()) && !absl::IsDeadlineExceeded(again.status())) {
@@ -271,6 +278,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const v1::DaemonConfig& co
   });
   KVDN_ASSIGN_OR_RETURN(impl->data_plane, DataPlane::Start(state));
   state->data_plane = impl->data_plane.get();
+  if (config.etcd_endpoints_size() > 0) {
+    impl->router = std::make_unique<PeerRouter>(state);
+    state->router = impl->router.get();
+  }
   impl->kv = std::make_unique<KvServiceImpl>(state);
   impl->peer = std::make_unique<PeerServiceImpl>(state);
   Impl* raw = impl.get();
@@ -370,6 +381,8 @@ void Server::Shutdown() {
   // Ends the data plane's transfers in flight (their leases and reservations are released).
   impl_->data_plane.reset();
   impl_->state->data_plane = nullptr;
+  // Replication and peer sessions end before the arena they send from and receive into.
+  if (impl_->router) impl_->router->Stop();
   // Get frames are slices over leased arena bytes; gRPC drops the last of them as its transports
   // close. The store (and the arena) must outlive them.
   const absl::Time until = absl::Now() + absl::Seconds(5);

@@ -4,6 +4,7 @@
 #include "absl/strings/str_format.h"
 #include "kvdn/common/logging.h"
 #include "kvdn/proto/grpc_status.h"
+#include "src/peer_router.h"
 
 namespace kvdn::daemon {
 namespace {
@@ -21,7 +22,7 @@ constexpr MethodInfo kMethods[kNumMethods] = {
     {"KvService", "OpenDataPlane", false}, {"KvService", "CloseDataPlane", false},
     {"DataPlane", "UcxGet", false},        {"DataPlane", "UcxPut", false},
     {"PeerService", "Lookup", false},      {"PeerService", "Fetch", false},
-    {"PeerService", "Replicate", false},   {"AdminService", "GetStats", true},
+    {"PeerService", "Replicate", false},   {"PeerService", "Probe", false},   {"AdminService", "GetStats", true},
     {"AdminService", "ListChunks", true},  {"AdminService", "InspectChunk", true},
     {"AdminService", "Evict", true},       {"AdminService", "GetConfig", true},
     {"AdminService", "ListMembers", true}, {"AdminService", "Drain", true},
@@ -239,6 +240,12 @@ v1::Tier TierToProto(storage::TierKind t) {
       return v1::TIER_DISK;
   }
   return v1::TIER_UNSPECIFIED;
+}
+
+bool ServerState::HasPeers() const { return router != nullptr && router->HasPeers(); }
+
+void ServerState::Written(const ChunkKey& key) {
+  if (router != nullptr) router->Replicate(key);
 }
 
 }  // namespace kvdn::daemon

@@ -43,6 +43,7 @@ enum class Method : int {
   kPeerLookup,
   kPeerFetch,
   kPeerReplicate,
+  kPeerProbe,
   kAdminStats,
   kAdminList,
   kAdminInspect,
@@ -94,6 +95,7 @@ class CallTracker {
 };
 
 class DataPlane;
+class PeerRouter;
 
 struct ServerState {
   ServerState(const v1::DaemonConfig& config, storage::TieredStore* store,
@@ -138,6 +140,13 @@ struct ServerState {
     }
   };
   Cluster cluster;
+  // Routes local misses to peers and replicates writes (peer_router.h); null without a cluster.
+  // Set before the services start, constant after.
+  PeerRouter* router = nullptr;
+  // True when a local miss should be asked of the peers (a cluster with other members).
+  bool HasPeers() const;
+  // A client (not a peer) stored `key` here: queue it for its owners.
+  void Written(const ChunkKey& key);
 
  private:
   mutable Mutex endpoints_mu_;

@@ -126,12 +126,13 @@ absl::StatusOr<Reservation> TieredStore::Reserve(const ChunkKey& key, uint64_t s
   return Reservation{id, host_->Bytes(block), expires};
 }
 
-absl::Status TieredStore::Commit(uint64_t reservation_id, uint64_t payload_checksum) {
-  return CommitInternal(reservation_id, payload_checksum, /*payload_verified=*/false);
+absl::Status TieredStore::Commit(uint64_t reservation_id, uint64_t payload_checksum,
+                                 ChunkKey* key) {
+  return CommitInternal(reservation_id, payload_checksum, /*payload_verified=*/false, key);
 }
 
 absl::Status TieredStore::CommitInternal(uint64_t id, uint64_t payload_checksum,
-                                         bool payload_verified) {
+                                         bool payload_verified, ChunkKey* committed_key) {
   State& s = *state_;
   ChunkKey key;
   MemoryBlock block;
@@ -195,6 +196,7 @@ absl::Status TieredStore::CommitInternal(uint64_t id, uint64_t payload_checksum,
   e.block = block;
   s.Link(&e, kHost);
   ++s.commits;
+  if (committed_key != nullptr) *committed_key = key;
   return absl::OkStatus();
 }
 

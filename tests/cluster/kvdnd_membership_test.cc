@@ -1,5 +1,6 @@
 // kvdnd processes joining a cluster through a real etcd (label: cluster): each lists the other
-// (AdminService.ListMembers, what kvdnctl members shows); a node killed with SIGKILL drops out
+// (AdminService.ListMembers, what kvdnctl members shows, with each answering member's chunk
+// count); a node killed with SIGKILL drops out
 // within the lease TTL; a node that drains leaves at once; with etcd down a node keeps serving,
 // /readyz says degraded (still 200) and kvdn_cluster_degraded is 1; a bad cluster name stops
 // kvdnd at start naming the field.
@@ -74,17 +75,41 @@ TEST_F(KvdndMembershipTest, NodesSeeEachOtherAndAKilledNodeDropsOutWithinTheTtl)
   auto m = Members(a_, &cluster);
   EXPECT_EQ(cluster, "c1");
   EXPECT_EQ(m.at("node-b"), b_.tcp_target());  // advertised: the bound gRPC address
-  {
-    // Chunk counts: the answering node's only (not a made-up 0 for the others).
+  // Chunk counts: every member that answers tells its own (b holds one chunk).
+  auto counts = [&] {
     auto stub = v1::AdminService::NewStub(client::MakeChannel(a_.unix_target()));
     grpc::ClientContext ctx;
     v1::ListMembersResponse r;
-    ASSERT_TRUE(stub->ListMembers(&ctx, {}, &r).ok());
-    for (const auto& mem : r.members()) EXPECT_EQ(mem.has_chunks(), mem.self()) << mem.node();
+    EXPECT_TRUE(stub->ListMembers(&ctx, {}, &r).ok());
+    std::map<std::string, int64_t> out;  // -1: no count
+    for (const auto& mem : r.members()) {
+      out[mem.node()] = mem.has_chunks() ? static_cast<int64_t>(mem.chunks()) : -1;
+    }
+    return out;
+  };
+  {
+    client::ClientOptions o;
+    o.target = b_.unix_target();
+    o.model = {"m", 4, 8, 128, Dtype::kBFloat16, 16};
+    auto cb = client::Client::Connect(o);
+    ASSERT_TRUE(cb.ok()) << cb.status();
+    const std::vector<uint8_t> chunk = testing::RandomChunk(testing::InfoForBytes(4096), 1);
+    ASSERT_TRUE((*cb)->PutEncoded(testing::KeyFor(1, "default"), chunk).ok());
+  }
+  {
+    auto c = counts();
+    EXPECT_EQ(c["node-b"], 1);
+    EXPECT_GE(c["node-a"], 0);  // 0 or 1: a has a count (the chunk is replicated there if it owns it)
   }
   EXPECT_THAT(Nodes(b_), ElementsAre("node-a", "node-b"));
   b_.Kill();
   const absl::Time killed = absl::Now();
+  // Still listed until its lease lapses, but with no count (not a made-up 0).
+  {
+    auto c = counts();
+    EXPECT_GE(c["node-a"], 0);
+    EXPECT_EQ(c["node-b"], -1);
+  }
   EXPECT_TRUE(Eventually([&] { return Nodes(a_).size() == 1; }, absl::Seconds(8)));
   EXPECT_LT(absl::Now() - killed, absl::Seconds(3 + 3));  // TTL plus etcd's expiry granularity
   // A node that drains (SIGTERM) leaves at once.

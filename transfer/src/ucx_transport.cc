@@ -58,10 +58,6 @@ bool KnownTransport(absl::string_view t) {
   return kKnown.contains(t);
 }
 
-ByteSpan AsBytes(absl::string_view s) {
-  return ByteSpan(reinterpret_cast<const uint8_t*>(s.data()), s.size());
-}
-
 // A payload waiting at the receiver: UCX's descriptor (rendezvous or persistent eager data).
 struct PendingPayload {
   void* data = nullptr;  // UCX's descriptor (rendezvous) or persistent eager data, to release

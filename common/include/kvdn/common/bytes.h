@@ -4,12 +4,18 @@
 
 #include <cstdint>
 
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 
 namespace kvdn {
 
 using ByteSpan = absl::Span<const uint8_t>;
 using MutableByteSpan = absl::Span<uint8_t>;
+
+// The bytes of a string (a protobuf `bytes` field, a std::string buffer).
+inline ByteSpan AsBytes(absl::string_view s) {
+  return ByteSpan(reinterpret_cast<const uint8_t*>(s.data()), s.size());
+}
 
 // Little-endian integers in byte buffers, whatever the host's byte order (every kvdn wire and disk
 // layout is little-endian unless it says otherwise).

@@ -159,8 +159,9 @@ class TieredStore {
   // header checksum is `payload_checksum` and whose payload hashes to it; then publishes it.
   // NOT_FOUND: unknown id. ABORTED: the reservation expired (Reserve again). INVALID_ARGUMENT: the
   // bytes are not a valid chunk of that size. DATA_LOSS: checksum mismatch. On any error the
-  // reservation is gone and its memory freed.
-  absl::Status Commit(uint64_t reservation_id, uint64_t payload_checksum);
+  // reservation is gone and its memory freed. `key`, when given, is set to the reservation's key
+  // (on success).
+  absl::Status Commit(uint64_t reservation_id, uint64_t payload_checksum, ChunkKey* key = nullptr);
   // Drops a reservation. NOT_FOUND if unknown or already expired.
   absl::Status Abort(uint64_t reservation_id);
   // Lets a second party (a streamed Put, a transport) write a reservation's buffer: returns the
@@ -222,7 +223,8 @@ class TieredStore {
   MemoryTier* MemTier(int t) const;
   uint64_t TierUsed(int t) const;
   bool TierPresent(int t) const;
-  absl::Status CommitInternal(uint64_t id, uint64_t payload_checksum, bool payload_verified);
+  absl::Status CommitInternal(uint64_t id, uint64_t payload_checksum, bool payload_verified,
+                              ChunkKey* committed_key = nullptr);
   void FreeMemoryLocked(Entry* e);
   void DropDiskCopyLocked(Entry* e);
   void RemoveLocked(Entry* e);

@@ -1,4 +1,4 @@
-#include "src/data_plane.h"
+#include "kvdn/client/data_plane_client.h"
 
 #include <grpcpp/grpcpp.h>
 #include <unistd.h>
@@ -53,11 +53,11 @@ struct DataPlaneClient::Pending {
 
 absl::StatusOr<std::unique_ptr<DataPlaneClient>> DataPlaneClient::Open(
     v1::KvService::Stub* stub, bool same_host, const std::string& transports,
-    absl::Duration deadline) {
+    absl::Duration deadline, const std::string& peer_node) {
   std::unique_ptr<DataPlaneClient> dp(new DataPlaneClient());
   dp->stub_ = stub;
   transfer::UcxTransportOptions o;
-  o.name = "kvdn-client";
+  o.name = peer_node.empty() ? "kvdn-client" : "kvdnd-peer";
   o.transports = !transports.empty() ? transports : same_host ? "posix,cma" : "";
   KVDN_ASSIGN_OR_RETURN(dp->transport_, transfer::UcxTransport::Create(o));
   DataPlaneClient* raw = dp.get();
@@ -73,7 +73,9 @@ absl::StatusOr<std::unique_ptr<DataPlaneClient>> DataPlaneClient::Open(
   v1::OpenDataPlaneRequest req;
   req.set_worker_address(dp->transport_->address());
   req.set_pid(same_host ? getpid() : 0);
-  req.set_client_name(absl::StrCat("pid ", getpid()));
+  req.set_client_name(peer_node.empty() ? absl::StrCat("pid ", getpid())
+                                        : absl::StrCat("kvdnd ", peer_node));
+  req.set_peer_node(peer_node);
   v1::OpenDataPlaneResponse resp;
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + deadline));

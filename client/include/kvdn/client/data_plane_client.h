@@ -1,10 +1,11 @@
-// Internal to client/: the client's side of the UCX data plane (proto/kvdn/v1/data_plane.proto).
-// One session with the local daemon: Get replies land straight in the caller's buffer (the chunk
+// The client's side of the UCX data plane (proto/kvdn/v1/data_plane.proto), used by the SDK
+// (Client) and by kvdnd itself to fetch from and replicate to its peers. Not a stable API for
+// engines: use Client. One session with a daemon: Get replies land straight in the caller's buffer (the chunk
 // header rides in the reply's header), Put payloads leave straight from the caller's buffer.
 // Thread-safe: many threads may Get and Put at once; each call blocks its thread until its
 // transfer is over (never past its deadline plus the transport's grace, see transfer/transport.h).
-#ifndef KVDN_CLIENT_SRC_DATA_PLANE_H_
-#define KVDN_CLIENT_SRC_DATA_PLANE_H_
+#ifndef KVDN_CLIENT_DATA_PLANE_CLIENT_H_
+#define KVDN_CLIENT_DATA_PLANE_CLIENT_H_
 
 #include <atomic>
 #include <memory>
@@ -33,11 +34,13 @@ class DataPlaneClient {
 
   // Creates the transport and opens a session. `same_host`: the daemon runs on this host (a unix
   // socket target): shared memory then. `transports`: UCX_TLS names, empty for the default.
-  // UNAVAILABLE when the daemon serves no UCX or UCX cannot start.
+  // UNAVAILABLE when the daemon serves no UCX or UCX cannot start. `peer_node`: set by a kvdnd
+  // that opens the session for its own clients (OpenDataPlaneRequest.peer_node).
   static absl::StatusOr<std::unique_ptr<DataPlaneClient>> Open(v1::KvService::Stub* stub,
                                                                bool same_host,
                                                                const std::string& transports,
-                                                               absl::Duration deadline);
+                                                               absl::Duration deadline,
+                                                               const std::string& peer_node = "");
   // Closes the session (best effort) and the transport.
   ~DataPlaneClient();
   DataPlaneClient(const DataPlaneClient&) = delete;
@@ -90,4 +93,4 @@ class DataPlaneClient {
 
 }  // namespace kvdn::client
 
-#endif  // KVDN_CLIENT_SRC_DATA_PLANE_H_
+#endif  // KVDN_CLIENT_DATA_PLANE_CLIENT_H_

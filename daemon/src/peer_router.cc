@@ -1,0 +1,500 @@
+#include "src/peer_router.h"
+
+#include <grpcpp/grpcpp.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "kvdn/client/client.h"
+#include "kvdn/client/data_plane_client.h"
+#include "kvdn/common/chunk_format.h"
+#include "kvdn/proto/grpc_status.h"
+#include "kvdn/v1/peer_service.grpc.pb.h"
+
+namespace kvdn::daemon {
+
+// One other member: its gRPC stubs and, once opened, a UCX data-plane session with it.
+struct PeerRouter::Peer {
+  Peer(std::string n, std::string a)
+      : node(std::move(n)),
+        address(std::move(a)),
+        channel(client::MakeChannel(address)),
+        peer_stub(v1::PeerService::NewStub(channel)),
+        kv_stub(v1::KvService::NewStub(channel)) {}
+
+  bool Failing() const { return absl::ToUnixMicros(absl::Now()) < failing_until.load(); }
+
+  const std::string node;
+  const std::string address;  // host:port of its gRPC
+  const std::shared_ptr<grpc::Channel> channel;
+  const std::unique_ptr<v1::PeerService::Stub> peer_stub;
+  const std::unique_ptr<v1::KvService::Stub> kv_stub;
+  std::atomic<int64_t> failing_until{0};  // Unix micros
+
+  Mutex mu;  // held while a session opens: one attempt at a time
+  std::shared_ptr<client::DataPlaneClient> session ABSL_GUARDED_BY(mu);
+  absl::Time grpc_only_until ABSL_GUARDED_BY(mu) = absl::InfinitePast();
+};
+
+namespace {
+
+constexpr int kWorkers = 2;
+// After a peer refused or failed to open a UCX session: gRPC for this long, then try again.
+constexpr absl::Duration kSessionRetry = absl::Seconds(5);
+
+void SetKey(const ChunkKey& key, v1::ChunkKey* out) { client::KeyToProto(key, out); }
+
+grpc::ClientContext* WithDeadline(grpc::ClientContext* ctx, absl::Time deadline) {
+  ctx->set_deadline(absl::ToChronoTime(deadline));
+  return ctx;
+}
+
+// Errors that say the peer itself is unreachable or broken (not that it lacks the chunk).
+bool IsPeerFailure(const absl::Status& st) {
+  switch (st.code()) {
+    case absl::StatusCode::kUnavailable:
+    case absl::StatusCode::kDeadlineExceeded:
+    case absl::StatusCode::kCancelled:
+    case absl::StatusCode::kUnknown:
+    case absl::StatusCode::kInternal:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+PeerRouter::PeerRouter(ServerState* state)
+    : state_(*state),
+      self_(state->config.node_name()),
+      replicas_(std::max<uint32_t>(1, state->config.replicas())),
+      peer_timeout_(absl::Milliseconds(state->config.peer_timeout_ms())),
+      suspect_for_(absl::Milliseconds(state->config.membership_ttl_ms())),
+      fetch_hit_(state->metrics->AddCounter("kvdn_peer_fetch_total",
+                                            "Local misses asked of peers, by result.",
+                                            {{"result", "hit"}})),
+      fetch_miss_(state->metrics->AddCounter("kvdn_peer_fetch_total",
+                                             "Local misses asked of peers, by result.",
+                                             {{"result", "miss"}})),
+      fetch_error_(state->metrics->AddCounter("kvdn_peer_fetch_total",
+                                              "Local misses asked of peers, by result.",
+                                              {{"result", "error"}})),
+      fetch_bytes_(state->metrics->AddCounter(
+          "kvdn_peer_fetch_bytes_total", "Chunk bytes fetched from peers into the host tier.")),
+      repl_sent_(state->metrics->AddCounter("kvdn_replication_total",
+                                            "Writes queued for an owner, by outcome.",
+                                            {{"result", "sent"}})),
+      repl_present_(state->metrics->AddCounter("kvdn_replication_total",
+                                               "Writes queued for an owner, by outcome.",
+                                               {{"result", "present"}})),
+      repl_failed_(state->metrics->AddCounter("kvdn_replication_total",
+                                              "Writes queued for an owner, by outcome.",
+                                              {{"result", "failed"}})),
+      repl_dropped_(state->metrics->AddCounter("kvdn_replication_total",
+                                               "Writes queued for an owner, by outcome.",
+                                               {{"result", "dropped"}})),
+      peer_failures_(state->metrics->AddCounter(
+          "kvdn_peer_failures_total",
+          "Calls to a peer that found it unreachable or broken (it is then skipped for a TTL).")),
+      view_(std::make_shared<View>()) {
+  state->metrics->AddCollector([this](MetricsWriter& w) {
+    w.Gauge("kvdn_replication_queue_depth", "Writes waiting to be replicated to their owners.", {},
+            static_cast<double>(queue_depth()));
+  });
+  for (int i = 0; i < kWorkers; ++i) workers_.emplace_back([this] { Work(); });
+}
+
+PeerRouter::~PeerRouter() { Stop(); }
+
+void PeerRouter::Stop() {
+  {
+    MutexLock lock(&mu_);
+    if (stop_) return;
+    stop_ = true;
+    repl_dropped_->Inc(queue_.size());
+    queue_.clear();
+  }
+  cv_.SignalAll();
+  for (std::thread& t : workers_) t.join();
+  MutexLock lock(&mu_);
+  view_ = std::make_shared<View>();  // sessions close as their last user lets go
+}
+
+void PeerRouter::SetMembers(const std::map<std::string, MemberRecord>& members) {
+  auto v = std::make_shared<View>();
+  std::shared_ptr<const View> old = view();
+  for (const auto& [node, record] : members) {
+    v->members.push_back(node);
+    if (node == self_) continue;
+    auto it = old->peers.find(node);
+    if (it != old->peers.end() && it->second->address == record.grpc_address) {
+      v->peers[node] = it->second;  // keep its channel and session
+    } else {
+      v->peers[node] = std::make_shared<Peer>(node, record.grpc_address);
+    }
+  }
+  if (std::find(v->members.begin(), v->members.end(), self_) == v->members.end()) {
+    v->members.push_back(self_);  // this node serves whether or not etcd lists it now
+  }
+  v->placement = std::make_unique<Placement>(v->members);
+  MutexLock lock(&mu_);
+  view_ = std::move(v);
+}
+
+std::shared_ptr<const PeerRouter::View> PeerRouter::view() const {
+  MutexLock lock(&mu_);
+  return view_;
+}
+
+bool PeerRouter::HasPeers() const { return !view()->peers.empty(); }
+
+size_t PeerRouter::queue_depth() const {
+  MutexLock lock(&mu_);
+  return queue_.size();
+}
+
+std::vector<std::shared_ptr<PeerRouter::Peer>> PeerRouter::Candidates(const View& v,
+                                                                      const ChunkKey& key) const {
+  std::vector<std::shared_ptr<Peer>> out;
+  if (v.placement == nullptr) return out;
+  for (const std::string& node : v.placement->Owners(key, replicas_ + 1)) {
+    auto it = v.peers.find(node);
+    if (it != v.peers.end() && !it->second->Failing()) out.push_back(it->second);
+  }
+  return out;
+}
+
+bool PeerRouter::MaybeSuspect(Peer& peer, const absl::Status& st) {
+  if (!IsPeerFailure(st)) return false;
+  peer_failures_->Inc();
+  const bool was = peer.Failing();
+  peer.failing_until.store(absl::ToUnixMicros(absl::Now() + suspect_for_));
+  if (!was) {
+    spdlog::warn("cluster: peer {} ({}) failed: {}; skipping it for {}", peer.node, peer.address,
+                 st.ToString(), absl::FormatDuration(suspect_for_));
+  }
+  std::shared_ptr<client::DataPlaneClient> session;
+  {
+    MutexLock lock(&peer.mu);
+    session = std::move(peer.session);  // reopened once it answers again
+  }
+  // Closing it tells the peer (a call that may wait out its own deadline): not on this thread.
+  if (session != nullptr) state_.blocking_pool.Submit([s = std::move(session)] {});
+  return true;
+}
+
+std::shared_ptr<client::DataPlaneClient> PeerRouter::SessionWith(Peer& peer, absl::Time deadline) {
+  storage::HostTier* host = state_.store->host_tier();
+  if (state_.data_plane == nullptr || host == nullptr) return nullptr;
+  MutexLock lock(&peer.mu);
+  if (peer.session != nullptr && !peer.session->healthy()) peer.session.reset();
+  if (peer.session == nullptr && absl::Now() >= peer.grpc_only_until) {
+    const std::string& tls = state_.config.data_plane_transports();
+    auto opened = client::DataPlaneClient::Open(peer.kv_stub.get(), /*same_host=*/false,
+                                                tls == "auto" ? "" : tls, deadline - absl::Now(),
+                                                self_);
+    absl::Status st = opened.status();
+    // The arena registered with the session: fetched payloads land in it, replicas leave from it.
+    if (st.ok()) st = (*opened)->RegisterPool(host->arena_base(), host->capacity_bytes());
+    if (st.ok()) {
+      peer.session = std::move(*opened);
+    } else {
+      peer.grpc_only_until = absl::Now() + kSessionRetry;
+      spdlog::info("cluster: no UCX session with {} ({}); gRPC for {}", peer.node, st.ToString(),
+                   absl::FormatDuration(kSessionRetry));
+    }
+  }
+  return peer.session;
+}
+
+// ---- reads ----
+
+absl::Status PeerRouter::Fetch(const ChunkKey& key, absl::Time deadline) {
+  std::shared_ptr<const View> v = view();
+  for (const std::shared_ptr<Peer>& peer : Candidates(*v, key)) {
+    const absl::Time now = absl::Now();
+    if (now >= deadline) break;
+    const absl::Status st = FetchFrom(*peer, key, std::min(deadline, now + peer_timeout_));
+    if (st.ok()) {
+      fetch_hit_->Inc();
+      return absl::OkStatus();
+    }
+    if (absl::IsAlreadyExists(st)) return absl::OkStatus();  // arrived meanwhile (another fetch)
+    if (absl::IsNotFound(st)) continue;
+    if (!MaybeSuspect(*peer, st)) {
+      fetch_error_->Inc();
+      spdlog::warn("cluster: fetching {} from {}: {}", key.ToString(), peer->node, st.ToString());
+    }
+  }
+  fetch_miss_->Inc();
+  return absl::NotFoundError(
+      absl::StrCat("chunk ", key.ToString(), " is stored neither here nor on its owners"));
+}
+
+absl::Status PeerRouter::FetchFrom(Peer& peer, const ChunkKey& key, absl::Time deadline) {
+  std::shared_ptr<client::DataPlaneClient> session = SessionWith(peer, deadline);
+  if (session == nullptr) return FetchGrpc(peer, key, deadline);
+
+  // The payload lands in bytes reserved in the host tier; where that would block (room must be
+  // made by writing to disk), in a buffer stored after the transfer.
+  storage::TieredStore& store = *state_.store;
+  uint64_t reservation = 0;
+  uint64_t checksum = 0;
+  std::string bounce;
+  auto place = [&](ByteSpan header, uint64_t payload_bytes) -> absl::StatusOr<MutableByteSpan> {
+    KVDN_ASSIGN_OR_RETURN(ChunkHeader h, DecodeChunkHeader(header));
+    if (h.payload_bytes != payload_bytes) {
+      return absl::DataLossError(absl::StrCat("peer sent ", payload_bytes,
+                                              " payload bytes for a header that says ",
+                                              h.payload_bytes));
+    }
+    checksum = h.payload_checksum;
+    const uint64_t size = kChunkHeaderBytes + payload_bytes;
+    auto r = store.Reserve(key, size, {.may_block = false});
+    MutableByteSpan buffer;
+    if (r.ok()) {
+      KVDN_ASSIGN_OR_RETURN(buffer, store.BeginWrite(r->id, size));
+      reservation = r->id;
+    } else if (storage::IsWouldBlock(r.status())) {
+      bounce.resize(size);
+      buffer = MutableByteSpan(reinterpret_cast<uint8_t*>(bounce.data()), size);
+    } else {
+      return r.status();
+    }
+    std::memcpy(buffer.data(), header.data(), kChunkHeaderBytes);
+    return buffer.subspan(kChunkHeaderBytes);
+  };
+  absl::StatusOr<uint64_t> got = session->Get(key, 0, place, deadline);
+  if (reservation != 0) store.EndWrite(reservation);
+  if (!got.ok()) {
+    if (reservation != 0) (void)store.Abort(reservation);
+    return got.status();
+  }
+  absl::Status st = reservation != 0
+                        ? store.Commit(reservation, checksum)
+                        : store.Put(key, AsBytes(bounce));  // both verify the payload
+  if (st.ok()) fetch_bytes_->Inc(kChunkHeaderBytes + *got);
+  return st;
+}
+
+absl::Status PeerRouter::FetchGrpc(Peer& peer, const ChunkKey& key, absl::Time deadline) {
+  v1::GetRequest req;
+  SetKey(key, req.mutable_key());
+  grpc::ClientContext ctx;
+  auto reader = peer.peer_stub->Fetch(WithDeadline(&ctx, deadline), req);
+  v1::GetResponse msg;
+  std::string chunk;
+  uint64_t size = 0;
+  bool first = true;
+  while (reader->Read(&msg)) {
+    if (first) {
+      size = msg.size();
+      if (size > kChunkHeaderBytes + kMaxChunkPayloadBytes) {
+        ctx.TryCancel();
+        return absl::DataLossError(absl::StrCat("peer announced a chunk of ", size, " bytes"));
+      }
+      chunk.reserve(size);
+      first = false;
+    }
+    chunk.append(msg.data());
+  }
+  grpc::Status gs = reader->Finish();
+  if (!gs.ok()) return FromGrpcStatus(gs);
+  if (chunk.size() != size) {
+    return absl::DataLossError(absl::StrCat("peer sent ", chunk.size(), " of ", size, " bytes"));
+  }
+  absl::Status st = state_.store->Put(key, AsBytes(chunk));
+  if (st.ok()) fetch_bytes_->Inc(chunk.size());
+  return st;
+}
+
+size_t PeerRouter::Probe(absl::Span<const ChunkKey> chain, size_t from, absl::Time deadline) {
+  std::shared_ptr<const View> v = view();
+  if (from >= chain.size() || v->peers.empty()) return 0;
+  // One request per peer, for the chunks it may hold.
+  struct Ask {
+    std::shared_ptr<Peer> peer;
+    std::vector<size_t> index;  // into chain
+    v1::LookupRequest req;
+    v1::ProbeResponse resp;
+    grpc::ClientContext ctx;
+    grpc::Status status;
+  };
+  absl::flat_hash_map<std::string, std::unique_ptr<Ask>> asks;
+  for (size_t i = from; i < chain.size(); ++i) {
+    for (std::shared_ptr<Peer>& p : Candidates(*v, chain[i])) {
+      std::unique_ptr<Ask>& a = asks[p->node];
+      if (a == nullptr) {
+        a = std::make_unique<Ask>();
+        a->peer = p;
+        a->req.set_namespace_(chain[i].ns);
+        a->req.set_fingerprint(chain[i].fingerprint);
+      }
+      a->index.push_back(i);
+      const std::array<uint8_t, 16> h = chain[i].prefix_hash.Canonical();
+      a->req.add_prefix_hashes(h.data(), h.size());
+    }
+  }
+  Mutex mu;
+  CondVar cv;
+  size_t pending = asks.size();
+  const absl::Time until = std::min(deadline, absl::Now() + peer_timeout_);
+  for (auto& [node, a] : asks) {
+    Ask* raw = a.get();
+    a->peer->peer_stub->async()->Probe(WithDeadline(&a->ctx, until), &a->req, &a->resp,
+                                       [raw, &mu, &cv, &pending](grpc::Status s) {
+                                         raw->status = std::move(s);
+                                         MutexLock lock(&mu);
+                                         if (--pending == 0) cv.SignalAll();
+                                       });
+  }
+  {
+    MutexLock lock(&mu);
+    while (pending > 0) cv.Wait(&mu);  // each call ends by its deadline
+  }
+  std::vector<bool> present(chain.size(), false);
+  for (auto& [node, a] : asks) {
+    if (!a->status.ok()) {
+      MaybeSuspect(*a->peer, FromGrpcStatus(a->status));
+      continue;
+    }
+    for (size_t j = 0; j < a->index.size() && j < static_cast<size_t>(a->resp.present_size());
+         ++j) {
+      if (a->resp.present(static_cast<int>(j))) present[a->index[j]] = true;
+    }
+  }
+  size_t n = 0;
+  while (from + n < chain.size() && present[from + n]) ++n;
+  return n;
+}
+
+std::map<std::string, uint64_t> PeerRouter::PeerChunks(absl::Time deadline) {
+  std::shared_ptr<const View> v = view();
+  struct Ask {
+    v1::LookupRequest req;
+    v1::ProbeResponse resp;
+    grpc::ClientContext ctx;
+    grpc::Status status;
+  };
+  std::map<std::string, std::unique_ptr<Ask>> asks;
+  Mutex mu;
+  CondVar cv;
+  size_t pending = v->peers.size();
+  for (const auto& [node, peer] : v->peers) {
+    auto a = std::make_unique<Ask>();
+    Ask* raw = a.get();
+    peer->peer_stub->async()->Probe(WithDeadline(&a->ctx, deadline), &a->req, &a->resp,
+                                    [raw, &mu, &cv, &pending](grpc::Status s) {
+                                      raw->status = std::move(s);
+                                      MutexLock lock(&mu);
+                                      if (--pending == 0) cv.SignalAll();
+                                    });
+    asks[node] = std::move(a);
+  }
+  {
+    MutexLock lock(&mu);
+    while (pending > 0) cv.Wait(&mu);
+  }
+  std::map<std::string, uint64_t> out;
+  for (auto& [node, a] : asks) {
+    if (a->status.ok()) out[node] = a->resp.chunks();
+  }
+  return out;
+}
+
+// ---- writes ----
+
+void PeerRouter::Replicate(const ChunkKey& key) {
+  std::shared_ptr<const View> v = view();
+  if (v->peers.empty() || v->placement == nullptr) return;
+  const size_t limit = state_.config.replication_queue_limit();
+  size_t queued = 0;
+  {
+    MutexLock lock(&mu_);
+    if (stop_) return;
+    for (const std::string& node : v->placement->Owners(key, replicas_)) {
+      auto it = v->peers.find(node);
+      if (it == v->peers.end()) continue;  // this node is an owner: stored already
+      if (it->second->Failing() || queue_.size() >= limit) {
+        repl_dropped_->Inc();
+        continue;
+      }
+      queue_.push_back(Job{key, it->second});
+      ++queued;
+    }
+  }
+  if (queued > 0) cv_.SignalAll();
+}
+
+void PeerRouter::Work() {
+  for (;;) {
+    Job job;
+    {
+      MutexLock lock(&mu_);
+      while (!stop_ && queue_.empty()) cv_.Wait(&mu_);
+      if (stop_) return;
+      job = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    if (job.peer->Failing()) {
+      repl_dropped_->Inc();
+      continue;
+    }
+    const absl::Status st = Send(*job.peer, job.key, absl::Now() + peer_timeout_);
+    if (st.ok()) continue;
+    if (absl::IsNotFound(st)) continue;  // deleted or evicted here before its turn: nothing to send
+    repl_failed_->Inc();
+    if (!MaybeSuspect(*job.peer, st)) {
+      spdlog::warn("cluster: replicating {} to {}: {}", job.key.ToString(), job.peer->node,
+                   st.ToString());
+    }
+  }
+}
+
+absl::Status PeerRouter::Send(Peer& peer, const ChunkKey& key, absl::Time deadline) {
+  storage::AcquireOptions opts;
+  opts.ttl = deadline - absl::Now() + absl::Seconds(10);
+  KVDN_ASSIGN_OR_RETURN(storage::Lease lease, state_.store->Acquire(key, opts));
+  const ByteSpan chunk = lease.host_bytes;
+  absl::StatusOr<bool> stored = absl::FailedPreconditionError("not sent");
+  std::shared_ptr<client::DataPlaneClient> session = SessionWith(peer, deadline);
+  if (chunk.size() < kChunkHeaderBytes) {
+    (void)state_.store->Release(lease.id);
+    return absl::FailedPreconditionError("leased chunk is not in host memory");
+  }
+  if (session != nullptr) {
+    stored = session->Put(key, 0, chunk.first(kChunkHeaderBytes),
+                          chunk.subspan(kChunkHeaderBytes), deadline);
+  } else {
+    grpc::ClientContext ctx;
+    v1::PutResponse resp;
+    auto writer = peer.peer_stub->Replicate(WithDeadline(&ctx, deadline), &resp);
+    v1::PutRequest msg;
+    v1::PutRequest::Header* h = msg.mutable_header();
+    SetKey(key, h->mutable_key());
+    h->set_size(chunk.size());
+    auto header = DecodeChunkHeader(chunk);
+    h->set_payload_checksum(header.ok() ? header->payload_checksum : 0);
+    bool ok = writer->Write(msg);
+    const size_t frame = state_.config.max_frame_bytes();
+    for (size_t off = 0; ok && off < chunk.size(); off += frame) {
+      msg.Clear();
+      const size_t n = std::min(frame, chunk.size() - off);
+      msg.set_data(chunk.data() + off, n);
+      ok = writer->Write(msg);
+    }
+    writer->WritesDone();
+    grpc::Status gs = writer->Finish();
+    stored = gs.ok() ? absl::StatusOr<bool>(resp.stored()) : FromGrpcStatus(gs);
+  }
+  (void)state_.store->Release(lease.id);
+  if (!stored.ok()) return stored.status();
+  (*stored ? repl_sent_ : repl_present_)->Inc();
+  return absl::OkStatus();
+}
+
+}  // namespace kvdn::daemon

@@ -1,0 +1,129 @@
+// Internal to daemon/: what makes one kvdnd part of a cluster (ARCHITECTURE.md "Cluster") once it
+// has joined — reads that miss locally go to the chunk's owners, writes go to them afterwards.
+//
+// Placement: rendezvous hashing (placement.h) over the live members gives each key's owners, the
+// `replicas` highest-ranked nodes. Reads ask those and one node more: right after a member joins,
+// the chunks it comes to own are still on the node ranked just below it.
+//
+// Reads (Fetch, Probe): each candidate gets at most one peer_timeout_ms; a peer that fails
+// (unreachable, timed out, its session broken) is then skipped for membership_ttl_ms — by then
+// membership has dropped it if it is gone — so a dead or partitioned peer costs one deadline,
+// not one per chunk. A fetched chunk is stored in the local host tier (edge caching), verified.
+// Payloads travel over the peers' UCX data plane (a session per peer, its Gets land straight in
+// the reserved arena bytes), or PeerService.Fetch where a peer serves no UCX.
+//
+// Writes (Replicate): a chunk written by a client here is queued for each of its owners that is
+// not this node; two workers send them (UCX Put from the leased arena bytes, or
+// PeerService.Replicate). The queue is bounded (replication_queue_limit): past it a write is not
+// replicated — counted, never blocking the writer. Writes for a peer that is failing are dropped,
+// counted. No backfill: a node that (re)joins receives only new writes, at the workers' pace, and
+// fills from reads.
+//
+// Thread-safety: thread-safe. Fetch and Probe block: call them where blocking is allowed.
+#ifndef KVDN_DAEMON_SRC_PEER_ROUTER_H_
+#define KVDN_DAEMON_SRC_PEER_ROUTER_H_
+
+#include <deque>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/types/span.h"
+#include "kvdn/common/chunk_key.h"
+#include "kvdn/common/metrics.h"
+#include "kvdn/common/mutex.h"
+#include "kvdn/daemon/membership.h"
+#include "kvdn/daemon/placement.h"
+#include "src/server_state.h"
+
+namespace kvdn::client {
+class DataPlaneClient;
+}  // namespace kvdn::client
+
+namespace kvdn::daemon {
+
+class PeerRouter {
+ public:
+  explicit PeerRouter(ServerState* state);
+  // Stop().
+  ~PeerRouter();
+  PeerRouter(const PeerRouter&) = delete;
+  PeerRouter& operator=(const PeerRouter&) = delete;
+
+  // A new membership view (this node included or not). Peers that left are forgotten.
+  void SetMembers(const std::map<std::string, MemberRecord>& members);
+  // Members other than this node are known.
+  bool HasPeers() const;
+
+  // Copies `key` from the first candidate peer that holds it into the local host tier. NOT_FOUND
+  // when none does or none answered by `deadline` (a clean miss: the engine recomputes).
+  absl::Status Fetch(const ChunkKey& key, absl::Time deadline);
+  // How many of chain[from], chain[from + 1], ... in a row the peers hold (asked in parallel, one
+  // call per peer).
+  size_t Probe(absl::Span<const ChunkKey> chain, size_t from, absl::Time deadline);
+  // Queues a chunk a client wrote here for its owners.
+  void Replicate(const ChunkKey& key);
+  size_t queue_depth() const;
+
+  // Chunks each peer holds, by node, for those that answered by `deadline`.
+  std::map<std::string, uint64_t> PeerChunks(absl::Time deadline);
+
+  // Ends the replication workers (queued writes are dropped) and the peer sessions.
+  void Stop();
+
+  struct Peer;
+
+ private:
+  struct View {
+    std::vector<std::string> members;  // placement's input, this node included
+    std::unique_ptr<Placement> placement;
+    absl::flat_hash_map<std::string, std::shared_ptr<Peer>> peers;  // not this node
+  };
+  struct Job {
+    ChunkKey key;
+    std::shared_ptr<Peer> peer;
+  };
+
+  std::shared_ptr<const View> view() const;
+  // Peers that may hold `key`, best first, skipping failing ones.
+  std::vector<std::shared_ptr<Peer>> Candidates(const View& v, const ChunkKey& key) const;
+  // The UCX session with `peer`, opened if need be; nullptr: use gRPC (this node or the peer
+  // serves no UCX, or opening failed within the last few seconds).
+  std::shared_ptr<client::DataPlaneClient> SessionWith(Peer& peer, absl::Time deadline);
+  absl::Status FetchFrom(Peer& peer, const ChunkKey& key, absl::Time deadline);
+  absl::Status FetchGrpc(Peer& peer, const ChunkKey& key, absl::Time deadline);
+  absl::Status Send(Peer& peer, const ChunkKey& key, absl::Time deadline);
+  // Marks a peer failing after an error that says it is unreachable; true if it was such an error.
+  bool MaybeSuspect(Peer& peer, const absl::Status& st);
+  void Work();
+
+  ServerState& state_;
+  const std::string self_;
+  const size_t replicas_;
+  const absl::Duration peer_timeout_;
+  const absl::Duration suspect_for_;
+
+  Counter* const fetch_hit_;
+  Counter* const fetch_miss_;
+  Counter* const fetch_error_;
+  Counter* const fetch_bytes_;
+  Counter* const repl_sent_;
+  Counter* const repl_present_;
+  Counter* const repl_failed_;
+  Counter* const repl_dropped_;
+  Counter* const peer_failures_;
+
+  mutable Mutex mu_;
+  std::shared_ptr<const View> view_ ABSL_GUARDED_BY(mu_);
+  std::deque<Job> queue_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  CondVar cv_;
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace kvdn::daemon
+
+#endif  // KVDN_DAEMON_SRC_PEER_ROUTER_H_
