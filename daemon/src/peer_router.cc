@@ -325,7 +325,13 @@ size_t PeerRouter::Probe(absl::Span<const ChunkKey> chain, size_t from, absl::Ti
     grpc::Status status;
   };
   absl::flat_hash_map<std::string, std::unique_ptr<Ask>> asks;
+  std::vector<bool> present(chain.size(), false);
   for (size_t i = from; i < chain.size(); ++i) {
+    // Past the local prefix this node may still hold some (those it owns, or fetched before).
+    if (state_.store->Describe(chain[i]).ok()) {
+      present[i] = true;
+      continue;
+    }
     for (std::shared_ptr<Peer>& p : Candidates(*v, chain[i])) {
       std::unique_ptr<Ask>& a = asks[p->node];
       if (a == nullptr) {
@@ -356,7 +362,6 @@ size_t PeerRouter::Probe(absl::Span<const ChunkKey> chain, size_t from, absl::Ti
     MutexLock lock(&mu);
     while (pending > 0) cv.Wait(&mu);  // each call ends by its deadline
   }
-  std::vector<bool> present(chain.size(), false);
   for (auto& [node, a] : asks) {
     if (!a->status.ok()) {
       MaybeSuspect(*a->peer, FromGrpcStatus(a->status));

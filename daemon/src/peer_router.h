@@ -61,8 +61,8 @@ class PeerRouter {
   // Copies `key` from the first candidate peer that holds it into the local host tier. NOT_FOUND
   // when none does or none answered by `deadline` (a clean miss: the engine recomputes).
   absl::Status Fetch(const ChunkKey& key, absl::Time deadline);
-  // How many of chain[from], chain[from + 1], ... in a row the peers hold (asked in parallel, one
-  // call per peer).
+  // How many of chain[from], chain[from + 1], ... in a row this node or the peers hold (the peers
+  // asked in parallel, one call each, for what is not here).
   size_t Probe(absl::Span<const ChunkKey> chain, size_t from, absl::Time deadline);
   // Queues a chunk a client wrote here for its owners.
   void Replicate(const ChunkKey& key);

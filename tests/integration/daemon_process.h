@@ -140,13 +140,15 @@ class DaemonProcess {
   int http_port_ = 0;
 };
 
-// GET http://127.0.0.1:port/path; returns {status code, body}, {-1, ""} on a socket error.
-inline std::pair<int, std::string> HttpGet(int port, const std::string& path) {
+// GET http://host:port/path (an IPv4 address); returns {status code, body}, {-1, ""} on a socket
+// error.
+inline std::pair<int, std::string> HttpGet(int port, const std::string& path,
+                                           const std::string& host = "127.0.0.1") {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  inet_pton(AF_INET, host.c_str(), &addr.sin_addr);
   if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
     close(fd);
     return {-1, ""};

@@ -19,6 +19,7 @@
 #include "kvdn/testing/status_matchers.h"
 #include "kvdn/v1/admin_service.grpc.pb.h"
 #include "kvdn/v1/kv_service.grpc.pb.h"
+#include "kvdn/v1/peer_service.grpc.pb.h"
 
 namespace kvdn {
 namespace {
@@ -386,6 +387,42 @@ TEST_F(BadRequestTest, EachGetsItsExactStatusAndTheDaemonStaysHealthy) {
          return FromGrpcStatus(stub_->GetDescriptor(&ctx, rq, &r));
        },
        absl::StatusCode::kInvalidArgument, "exceeds max_lease_ttl_ms"},
+      {"peer probe with a 3-byte hash",
+       [&] {
+         auto peer = v1::PeerService::NewStub(client::MakeChannel(daemon_.unix_target()));
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::LookupRequest rq;
+         rq.set_namespace_("test");
+         rq.add_prefix_hashes(good.prefix_hash());
+         rq.add_prefix_hashes("abc");
+         v1::ProbeResponse r;
+         return FromGrpcStatus(peer->Probe(&ctx, rq, &r));
+       },
+       absl::StatusCode::kInvalidArgument, "prefix_hashes[1]: 3 bytes, need 16"},
+      {"peer probe of a namespace not served",
+       [&] {
+         auto peer = v1::PeerService::NewStub(client::MakeChannel(daemon_.unix_target()));
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::LookupRequest rq;
+         rq.set_namespace_("tenant-z");
+         rq.add_prefix_hashes(good.prefix_hash());
+         v1::ProbeResponse r;
+         return FromGrpcStatus(peer->Probe(&ctx, rq, &r));
+       },
+       absl::StatusCode::kPermissionDenied, "tenant-z"},
+      {"data-plane session with an overlong peer_node",
+       [&] {
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::OpenDataPlaneRequest rq;
+         rq.set_worker_address("x");
+         rq.set_peer_node(std::string(300, 'n'));
+         v1::OpenDataPlaneResponse r;
+         return FromGrpcStatus(stub_->OpenDataPlane(&ctx, rq, &r));
+       },
+       absl::StatusCode::kInvalidArgument, "peer_node: 300 characters, at most 253"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);

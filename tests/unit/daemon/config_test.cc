@@ -55,6 +55,10 @@ TEST(ConfigTest, EachBadFieldIsNamed) {
       {R"({"cluster_name": "a/b"})", "cluster_name"},
       {R"({"advertise_address": "10.0.0.1"})", "advertise_address"},
       {R"({"membership_ttl_ms": 1000})", "membership_ttl_ms"},
+      {R"({"replicas": 9})", "replicas"},
+      {R"({"peer_timeout_ms": 10})", "peer_timeout_ms"},
+      {R"({"peer_timeout_ms": 60001})", "peer_timeout_ms"},
+      {R"({"replication_queue_limit": 2000000})", "replication_queue_limit"},
       {R"({"namespaces": ["bad/ns"]})", "namespaces[0]"},
       {R"({"log_level": "verbose"})", "log_level"},
   };
