@@ -15,8 +15,9 @@ PACKAGES=(
   libcivetweb-dev civetweb libcli11-dev
   # data plane: UCX (ucx-utils brings ucx_perftest, the transfer benchmark's ceiling)
   libucx-dev ucx-utils
-  # cluster membership: etcd v3 (the cluster tests start their own)
-  etcd-server
+  # cluster membership: etcd v3 (the cluster tests start their own); iproute2 for the
+  # network-namespace cluster (scripts/cluster.sh)
+  etcd-server iproute2
   # tests and benchmarks: promtool checks /metrics; Redis 7 is the e2e benchmark's peer
   libgtest-dev libgmock-dev googletest libbenchmark-dev prometheus redis-server libhiredis-dev
 )

@@ -99,7 +99,8 @@ TEST_F(KvdndMembershipTest, NodesSeeEachOtherAndAKilledNodeDropsOutWithinTheTtl)
   {
     auto c = counts();
     EXPECT_EQ(c["node-b"], 1);
-    EXPECT_GE(c["node-a"], 0);  // 0 or 1: a has a count (the chunk is replicated there if it owns it)
+    EXPECT_GE(c["node-a"],
+              0);  // 0 or 1: a has a count (the chunk is replicated there if it owns it)
   }
   EXPECT_THAT(Nodes(b_), ElementsAre("node-a", "node-b"));
   b_.Kill();
