@@ -10,6 +10,8 @@
 //   - a node whose link goes down costs reads one peer deadline, drops out of membership within
 //     the lease TTL, and reads route around it; with the link back it rejoins;
 //   - with etcd stopped the nodes report degraded and keep serving their known members.
+#include "kvdn/testing/netns_cluster.h"
+
 #include <gmock/gmock.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
@@ -21,7 +23,6 @@
 #include "daemon_process.h"
 #include "kvdn/client/client.h"
 #include "kvdn/daemon/placement.h"
-#include "kvdn/testing/netns_cluster.h"
 #include "kvdn/testing/waiting.h"
 #include "kvdn/v1/admin_service.grpc.pb.h"
 

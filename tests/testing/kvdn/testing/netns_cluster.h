@@ -51,11 +51,11 @@ class NetnsCluster {
     c->script_ = script;
     c->bin_ = bin;
     c->dir_ = absl::StrCat("/tmp/kvdn-netns-", getpid(), "-", serial);
-    const std::string cmd = absl::StrCat(
-        script, " up --dir ", c->dir_, " --prefix k", id, " --subnet ", 100 + id % 150,
-        " --nodes ", o.nodes, " --replicas ", o.replicas, " --ttl-ms ", o.ttl_ms,
-        " --peer-timeout-ms ", o.peer_timeout_ms, " --host-tier-mib ", o.host_tier_mib, " --bin ",
-        bin, " > ", c->dir_, ".up.log 2>&1");
+    const std::string cmd =
+        absl::StrCat(script, " up --dir ", c->dir_, " --prefix k", id, " --subnet ", 100 + id % 150,
+                     " --nodes ", o.nodes, " --replicas ", o.replicas, " --ttl-ms ", o.ttl_ms,
+                     " --peer-timeout-ms ", o.peer_timeout_ms, " --host-tier-mib ", o.host_tier_mib,
+                     " --bin ", bin, " > ", c->dir_, ".up.log 2>&1");
     if (std::system(cmd.c_str()) != 0) {
       *error = absl::StrCat("scripts/cluster.sh up failed: ", ReadAll(c->dir_ + ".up.log"));
       return nullptr;
@@ -74,10 +74,9 @@ class NetnsCluster {
   void Down() {
     if (!up_) return;
     up_ = false;
-    (void)std::system(
-        absl::StrCat(script_, " down --dir ", dir_, " >/dev/null 2>&1; rm -rf ", dir_, " ",
-                     dir_, ".up.log")
-            .c_str());
+    (void)std::system(absl::StrCat(script_, " down --dir ", dir_, " >/dev/null 2>&1; rm -rf ", dir_,
+                                   " ", dir_, ".up.log")
+                          .c_str());
   }
 
   // Node i is 1-based, as the script names them (node1..nodeN).
