@@ -13,6 +13,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "kvdn/client/data_plane_client.h"
 #include "kvdn/common/chunk_format.h"
 #include "kvdn/common/defaults.h"
 #include "kvdn/common/hash.h"
@@ -20,7 +21,6 @@
 #include "kvdn/proto/get_frames.h"
 #include "kvdn/proto/grpc_status.h"
 #include "kvdn/v1/kv_service.grpc.pb.h"
-#include "kvdn/client/data_plane_client.h"
 
 namespace kvdn::client {
 namespace {

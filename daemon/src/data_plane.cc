@@ -24,7 +24,6 @@ constexpr absl::Duration kLeaseSlack = absl::Seconds(30);
 // Encoded chunks up to this size are committed (hashed) on the progress thread.
 constexpr uint64_t kInlineCommitBytes = (uint64_t{4} << 20) + kChunkHeaderBytes;
 
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<DataPlane>> DataPlane::Start(ServerState* state) {

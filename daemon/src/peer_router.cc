@@ -74,9 +74,8 @@ PeerRouter::PeerRouter(ServerState* state)
       replicas_(std::max<uint32_t>(1, state->config.replicas())),
       peer_timeout_(absl::Milliseconds(state->config.peer_timeout_ms())),
       suspect_for_(absl::Milliseconds(state->config.membership_ttl_ms())),
-      fetch_hit_(state->metrics->AddCounter("kvdn_peer_fetch_total",
-                                            "Local misses asked of peers, by result.",
-                                            {{"result", "hit"}})),
+      fetch_hit_(state->metrics->AddCounter(
+          "kvdn_peer_fetch_total", "Local misses asked of peers, by result.", {{"result", "hit"}})),
       fetch_miss_(state->metrics->AddCounter("kvdn_peer_fetch_total",
                                              "Local misses asked of peers, by result.",
                                              {{"result", "miss"}})),
@@ -194,9 +193,9 @@ std::shared_ptr<client::DataPlaneClient> PeerRouter::SessionWith(Peer& peer, abs
   if (peer.session != nullptr && !peer.session->healthy()) peer.session.reset();
   if (peer.session == nullptr && absl::Now() >= peer.grpc_only_until) {
     const std::string& tls = state_.config.data_plane_transports();
-    auto opened = client::DataPlaneClient::Open(peer.kv_stub.get(), /*same_host=*/false,
-                                                tls == "auto" ? "" : tls, deadline - absl::Now(),
-                                                self_);
+    auto opened =
+        client::DataPlaneClient::Open(peer.kv_stub.get(), /*same_host=*/false,
+                                      tls == "auto" ? "" : tls, deadline - absl::Now(), self_);
     absl::Status st = opened.status();
     // The arena registered with the session: fetched payloads land in it, replicas leave from it.
     if (st.ok()) st = (*opened)->RegisterPool(host->arena_base(), host->capacity_bytes());
@@ -248,9 +247,8 @@ absl::Status PeerRouter::FetchFrom(Peer& peer, const ChunkKey& key, absl::Time d
   auto place = [&](ByteSpan header, uint64_t payload_bytes) -> absl::StatusOr<MutableByteSpan> {
     KVDN_ASSIGN_OR_RETURN(ChunkHeader h, DecodeChunkHeader(header));
     if (h.payload_bytes != payload_bytes) {
-      return absl::DataLossError(absl::StrCat("peer sent ", payload_bytes,
-                                              " payload bytes for a header that says ",
-                                              h.payload_bytes));
+      return absl::DataLossError(absl::StrCat(
+          "peer sent ", payload_bytes, " payload bytes for a header that says ", h.payload_bytes));
     }
     checksum = h.payload_checksum;
     const uint64_t size = kChunkHeaderBytes + payload_bytes;
@@ -274,9 +272,8 @@ absl::Status PeerRouter::FetchFrom(Peer& peer, const ChunkKey& key, absl::Time d
     if (reservation != 0) (void)store.Abort(reservation);
     return got.status();
   }
-  absl::Status st = reservation != 0
-                        ? store.Commit(reservation, checksum)
-                        : store.Put(key, AsBytes(bounce));  // both verify the payload
+  absl::Status st = reservation != 0 ? store.Commit(reservation, checksum)
+                                     : store.Put(key, AsBytes(bounce));  // both verify the payload
   if (st.ok()) fetch_bytes_->Inc(kChunkHeaderBytes + *got);
   return st;
 }
@@ -472,8 +469,8 @@ absl::Status PeerRouter::Send(Peer& peer, const ChunkKey& key, absl::Time deadli
     return absl::FailedPreconditionError("leased chunk is not in host memory");
   }
   if (session != nullptr) {
-    stored = session->Put(key, 0, chunk.first(kChunkHeaderBytes),
-                          chunk.subspan(kChunkHeaderBytes), deadline);
+    stored = session->Put(key, 0, chunk.first(kChunkHeaderBytes), chunk.subspan(kChunkHeaderBytes),
+                          deadline);
   } else {
     grpc::ClientContext ctx;
     v1::PutResponse resp;

@@ -1,8 +1,8 @@
 // The client's side of the UCX data plane (proto/kvdn/v1/data_plane.proto), used by the SDK
 // (Client) and by kvdnd itself to fetch from and replicate to its peers. Not a stable API for
-// engines: use Client. One session with a daemon: Get replies land straight in the caller's buffer (the chunk
-// header rides in the reply's header), Put payloads leave straight from the caller's buffer.
-// Thread-safe: many threads may Get and Put at once; each call blocks its thread until its
+// engines: use Client. One session with a daemon: Get replies land straight in the caller's buffer
+// (the chunk header rides in the reply's header), Put payloads leave straight from the caller's
+// buffer. Thread-safe: many threads may Get and Put at once; each call blocks its thread until its
 // transfer is over (never past its deadline plus the transport's grace, see transfer/transport.h).
 #ifndef KVDN_CLIENT_DATA_PLANE_CLIENT_H_
 #define KVDN_CLIENT_DATA_PLANE_CLIENT_H_
