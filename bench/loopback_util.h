@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -26,6 +27,8 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "bench_util.h"
 #include "kvdn/client/client.h"
@@ -377,6 +380,66 @@ inline std::pair<Result, Result> PutThenGet(const std::function<std::unique_ptr<
     return c.Get(first + int(i % keys), c.Buffer(value.size()));
   });
   return r;
+}
+
+// Where the two ucx_perftest processes run: by default both on this host over loopback; a
+// prefix (e.g. {"ip", "netns", "exec", "ns1"}) runs one inside a network namespace, and
+// `server_ip` is then the server's address as the client reaches it.
+struct PerftestPair {
+  std::string perftest = "ucx_perftest";
+  std::vector<std::string> server_prefix;
+  std::vector<std::string> client_prefix;
+  std::string server_ip = "127.0.0.1";
+  std::vector<std::string> env;  // "NAME=value" for both, besides UCX_TLS
+};
+
+// ucx_perftest ucp_am_bw between two processes: GB/s (1e9 bytes/s) of `size`-byte messages over
+// `tls` (with peer error handling, -e, when `error_handling`), 0 when it fails (`note` says why).
+inline double PerftestGbps(const PerftestPair& p, const std::string& tls, size_t size,
+                           bool error_handling, std::string* note) {
+  const int port = FreeLoopbackPort();
+  const int iters = static_cast<int>(std::clamp<uint64_t>((6ull << 30) / size, 60, 3000));
+  const std::string flags =
+      absl::StrFormat("-p %d -t ucp_am_bw -s %u -n %d -w %d%s", port, size, iters,
+                      std::max(10, iters / 10), error_handling ? " -e" : "");
+  const std::string log = absl::StrFormat("/tmp/kvdn-perftest-%d.log", getpid());
+  std::vector<std::string> args = p.server_prefix;
+  args.push_back(p.perftest);
+  for (absl::string_view f : absl::StrSplit(flags, ' ')) args.emplace_back(f);
+  std::vector<std::string> env = p.env;
+  env.push_back("UCX_TLS=" + tls);
+  const pid_t server = Spawn(args, log, env);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const std::string out = CommandOutput(
+      absl::StrCat(absl::StrJoin(p.client_prefix, " "), " env ", absl::StrJoin(env, " "),
+                   " timeout 120 ", p.perftest, " ", p.server_ip, " ", flags, " 2>&1")
+          .c_str());
+  kill(server, SIGKILL);
+  waitpid(server, nullptr, 0);
+  std::remove(log.c_str());
+  // "Final: iters p50 avg overall bw_avg bw_overall rate_avg rate_overall", bandwidth in 2^20
+  // bytes per second.
+  const size_t at = out.find("Final:");
+  if (at == std::string::npos) {
+    const size_t err = out.find("no active messages transport");
+    *note = err != std::string::npos ? out.substr(err, 60) : "ucx_perftest failed";
+    return 0;
+  }
+  std::vector<std::string> cols =
+      absl::StrSplit(out.substr(at, out.find('\n', at) - at), ' ', absl::SkipEmpty());
+  double mbps = 0;
+  if (cols.size() < 7 || !absl::SimpleAtod(cols[6], &mbps)) {
+    *note = "unparsed ucx_perftest output";
+    return 0;
+  }
+  return mbps * 1048576.0 / 1e9;
+}
+
+// The median of `v` (0 when empty).
+inline double Median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
 }
 
 // "1,4,32" -> {1, 4, 32}; entries that are not positive integers are dropped.

@@ -55,49 +55,12 @@ std::string UcxTls(const std::string& transport) {
   return transport == "shm" ? "posix,cma" : "tcp";
 }
 
-// ucx_perftest ucp_am_bw between two processes on this host: GB/s (1e9 bytes/s) of `size`-byte
-// messages over `tls`, 0 when it fails (`note` says why).
+// ucx_perftest ucp_am_bw between two processes on this host, as `o` names it.
 double PerftestGbps(const Options& o, const std::string& tls, size_t size, bool error_handling,
                     std::string* note) {
-  const int port = FreeLoopbackPort();
-  const int iters = static_cast<int>(std::clamp<uint64_t>((6ull << 30) / size, 60, 3000));
-  const std::string flags =
-      absl::StrFormat("-p %d -t ucp_am_bw -s %u -n %d -w %d%s", port, size, iters,
-                      std::max(10, iters / 10), error_handling ? " -e" : "");
-  const std::string log = absl::StrFormat("/tmp/kvdn-perftest-%d.log", getpid());
-  std::vector<std::string> args = {o.ucx_perftest};
-  for (absl::string_view f : absl::StrSplit(flags, ' ')) args.emplace_back(f);
-  const pid_t server = Spawn(args, log, {"UCX_TLS=" + tls});
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  const std::string out = CommandOutput(
-      absl::StrCat("UCX_TLS=", tls, " timeout 120 ", o.ucx_perftest, " 127.0.0.1 ", flags, " 2>&1")
-          .c_str());
-  kill(server, SIGKILL);
-  waitpid(server, nullptr, 0);
-  std::remove(log.c_str());
-  // "Final: iters p50 avg overall bw_avg bw_overall rate_avg rate_overall", bandwidth in 2^20
-  // bytes per second.
-  const size_t at = out.find("Final:");
-  if (at == std::string::npos) {
-    const size_t err = out.find("no active messages transport");
-    *note = err != std::string::npos ? out.substr(err, 60) : "ucx_perftest failed";
-    return 0;
-  }
-  std::vector<std::string> cols =
-      absl::StrSplit(out.substr(at, out.find('\n', at) - at), ' ', absl::SkipEmpty());
-  double mbps = 0;
-  if (cols.size() < 7 || !absl::SimpleAtod(cols[6], &mbps)) {
-    *note = "unparsed ucx_perftest output";
-    return 0;
-  }
-  return mbps * 1048576.0 / 1e9;
-}
-
-// The median of `v` (0 when empty).
-double Median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
+  PerftestPair p;
+  p.perftest = o.ucx_perftest;
+  return kvdn::bench::PerftestGbps(p, tls, size, error_handling, note);
 }
 
 // The result of the median run by throughput (a zero Result when there was none).

@@ -271,6 +271,39 @@ TEST_F(NetnsClusterTest, ACutLinkDropsTheNodeReadsRouteAroundItAndItRejoins) {
   EXPECT_EQ(LoadAndCheck(2), static_cast<size_t>(kChunks));
 }
 
+// An engine in another network namespace than its node's kvdnd (a pod without hostNetwork) talks
+// to it over the unix socket and shared memory; UCX cannot wake either side across namespaces,
+// so the transport writes the peer's eventfd itself (transfer/README). The session says so, and
+// loads are bit-identical.
+TEST_F(NetnsClusterTest, AClientInAnotherNetworkNamespaceUsesSharedMemoryWithWakeups) {
+  Up(/*replicas=*/1);
+  MakeData(7);
+  client::ClientOptions o;
+  o.target = "unix:" + cluster_->Socket(1);
+  o.ns = "netns";
+  o.model = Model();
+  auto c = client::Client::Connect(o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_THAT((*c)->DataPlaneInUse(), ::testing::HasSubstr("posix"));
+  std::vector<ByteSpan> spans(payloads_.begin(), payloads_.end());
+  ASSERT_TRUE((*c)->Save(tokens_, spans).ok());
+  std::vector<std::vector<uint8_t>> bufs;
+  std::vector<MutableByteSpan> out;
+  for (const auto& p : payloads_) bufs.emplace_back(p.size(), 0);
+  for (auto& b : bufs) out.emplace_back(b);
+  auto r = (*c)->Load(tokens_, out);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->chunks, static_cast<size_t>(kChunks));
+  EXPECT_TRUE(bufs == payloads_);
+  auto stub = v1::AdminService::NewStub(client::MakeChannel(cluster_->Grpc(1)));
+  grpc::ClientContext ctx;
+  v1::GetStatsResponse stats;
+  ASSERT_TRUE(stub->GetStats(&ctx, {}, &stats).ok());
+  std::string transports;
+  for (const auto& t : stats.transports()) transports += t + "; ";
+  EXPECT_THAT(transports, ::testing::HasSubstr("posix/memory+cma/memory(netns-wake)"));
+}
+
 TEST_F(NetnsClusterTest, WithEtcdStoppedTheClusterKeepsServingItsKnownMembers) {
   Up(/*replicas=*/1);
   ASSERT_TRUE(cluster_->KillEtcd());

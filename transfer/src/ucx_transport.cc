@@ -3,6 +3,8 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -33,11 +35,38 @@ namespace {
 
 // Message types are AM ids below this bound (one handler slot each).
 constexpr uint16_t kMaxTypes = 32;
-// address() = magic + XXH3-64 of the UCX worker address + the UCX worker address. The checksum
-// keeps bytes that are not one of our addresses (a foreign or corrupted descriptor) away from UCX,
-// which would parse them unchecked.
-constexpr char kAddressMagic[8] = {'K', 'V', 'D', 'N', 'U', 'C', 'X', '1'};
-constexpr size_t kAddressPrefix = sizeof(kAddressMagic) + 8;
+// address() = magic + XXH3-64 of the rest + this process's pid and its progress thread's wake
+// eventfd (int32 each, little-endian) + the UCX worker address. The checksum keeps bytes that are
+// not one of our addresses (a foreign or corrupted descriptor) away from UCX, which would parse
+// them unchecked. Version 1 (from older peers) had no pid and eventfd.
+constexpr char kAddressMagic[8] = {'K', 'V', 'D', 'N', 'U', 'C', 'X', '2'};
+constexpr char kAddressMagicV1[8] = {'K', 'V', 'D', 'N', 'U', 'C', 'X', '1'};
+constexpr size_t kAddressPrefixV1 = sizeof(kAddressMagic) + 8;
+constexpr size_t kAddressPrefix = kAddressPrefixV1 + 8;
+
+// The network namespace of a process (its inode), 0 when unknown.
+ino_t NetNamespace(const std::string& pid) {
+  struct stat st {};
+  return stat(("/proc/" + pid + "/ns/net").c_str(), &st) == 0 ? st.st_ino : 0;
+}
+
+// A same-host peer in another network namespace does not hear UCX's shared-memory wake-ups: UCX
+// signals a sleeping receiver through an abstract unix socket, and those are per network
+// namespace (a Kubernetes pod and a DaemonSet pod without hostNetwork, say). Its progress thread
+// would notice our messages only when its poll times out (up to 100 ms each). For such a peer this
+// returns a copy of its wake eventfd (pidfd_getfd: the ptrace access cma needs anyway), which we
+// write after each message to it; -1 when not needed or not possible.
+int CrossNamespaceWakeFd(int pid, int remote_fd) {
+  if (pid <= 0 || remote_fd < 0) return -1;
+  const ino_t mine = NetNamespace("self");
+  const ino_t theirs = NetNamespace(std::to_string(pid));
+  if (mine == 0 || theirs == 0 || mine == theirs) return -1;
+  const int pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+  if (pidfd < 0) return -1;
+  const int fd = static_cast<int>(syscall(SYS_pidfd_getfd, pidfd, remote_fd, 0));
+  close(pidfd);
+  return fd;
+}
 
 // UCX_TLS names UCX 1.13 knows (with its aliases), so a typo fails at Create, naming itself.
 // Transports that stay on this host.
@@ -87,7 +116,8 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
     ucp_ep_h ep = nullptr;
     uint32_t generation = 1;
     bool live = false;
-    int pid = 0;  // ConnectOptions::peer_pid
+    int pid = 0;       // ConnectOptions::peer_pid
+    int wake_fd = -1;  // the peer's wake eventfd, when it needs us to write it (see above)
   };
   struct HandlerSlot {
     Impl* impl = nullptr;
@@ -194,6 +224,8 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
     slot_by_ep.erase(p.ep);
     CloseEp(p.ep, force);
     p.ep = nullptr;
+    if (p.wake_fd >= 0) close(p.wake_fd);
+    p.wake_fd = -1;
     free_slots.push_back(slot);
   }
 
@@ -209,8 +241,12 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
     if (self->on_peer_failure) self->on_peer_failure(id, absl::UnavailableError(st.message()));
   }
 
-  absl::StatusOr<PeerId> ConnectOnThread(const std::string& ucx_address, int pid) {
-    if (stopping) return absl::UnavailableError("transport is shutting down");
+  absl::StatusOr<PeerId> ConnectOnThread(const std::string& ucx_address, int pid,
+                                         int peer_wake_fd) {
+    if (stopping) {
+      if (peer_wake_fd >= 0) close(peer_wake_fd);
+      return absl::UnavailableError("transport is shutting down");
+    }
     ucp_ep_params_t params{};
     params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                         UCP_EP_PARAM_FIELD_ERR_HANDLER;
@@ -220,7 +256,10 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
     params.err_handler.arg = this;
     ucp_ep_h ep = nullptr;
     const ucs_status_t st = ucp_ep_create(worker.get(), &params, &ep);
-    if (st != UCS_OK) return ucx::FromUcs(st, "ucp_ep_create");
+    if (st != UCS_OK) {
+      if (peer_wake_fd >= 0) close(peer_wake_fd);
+      return ucx::FromUcs(st, "ucp_ep_create");
+    }
     uint32_t slot;
     if (!free_slots.empty()) {
       slot = free_slots.back();
@@ -233,6 +272,7 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
     peers[slot].ep = ep;
     peers[slot].live = true;
     peers[slot].pid = pid;
+    peers[slot].wake_fd = peer_wake_fd;
     slot_by_ep[ep] = slot;
     return IdOf(slot);
   }
@@ -294,10 +334,15 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
       param.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMH;
       param.memh = memh->get();
     }
+    const int wake = p->wake_fd;
     Started(op,
             ucp_am_send_nbx(p->ep, type, op->header.data(), op->header.size(), payload.data(),
                             payload.size(), &param),
             "ucp_am_send_nbx");
+    if (wake >= 0) {
+      const uint64_t one = 1;
+      (void)!write(wake, &one, sizeof(one));
+    }
   }
 
   void ReceiveOnThread(PendingPayload* pl, MutableByteSpan dst, const ucx::MemHandle* memh,
@@ -628,16 +673,21 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(
   if (st != UCS_OK) return ucx::FromUcs(st, "ucp_worker_get_address");
   {
     ucx::WorkerAddress owned(worker, addr, addr_len);
-    const uint64_t sum = Xxh3_64(AsBytes(owned.bytes()));
+    impl->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (impl->wake_fd < 0) return absl::InternalError("eventfd failed");
+    uint8_t ids[8];
+    StoreLe<int32_t>(ids, static_cast<int32_t>(getpid()));
+    StoreLe<int32_t>(ids + 4, impl->wake_fd);
+    std::string rest(reinterpret_cast<const char*>(ids), sizeof(ids));
+    rest.append(owned.bytes().data(), owned.bytes().size());
+    const uint64_t sum = Xxh3_64(AsBytes(rest));
     impl->address.assign(kAddressMagic, sizeof(kAddressMagic));
     impl->address.append(reinterpret_cast<const char*>(&sum), sizeof(sum));
-    impl->address.append(owned.bytes().data(), owned.bytes().size());
+    impl->address.append(rest);
   }
 
   st = ucp_worker_get_efd(worker, &impl->worker_fd);
   if (st != UCS_OK) return ucx::FromUcs(st, "ucp_worker_get_efd");
-  impl->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (impl->wake_fd < 0) return absl::InternalError("eventfd failed");
 
   for (uint16_t t = 0; t < kMaxTypes; ++t) {
     impl->slots[t] = Impl::HandlerSlot{impl.get(), t};
@@ -698,7 +748,9 @@ std::string UcxTransport::Describe() const {
         if (std::find(tls.begin(), tls.end(), tl) == tls.end()) tls.push_back(tl);
       }
       std::free(buf);
-      per_peer.push_back(absl::StrJoin(tls, "+"));
+      // A peer in another network namespace, woken through its eventfd.
+      per_peer.push_back(
+          absl::StrCat(absl::StrJoin(tls, "+"), p.wake_fd >= 0 ? "(netns-wake)" : ""));
     }
     return per_peer;
   });
@@ -728,22 +780,33 @@ bool UcxTransport::detects_peer_failure() const { return impl_->peer_errors; }
 
 absl::StatusOr<PeerId> UcxTransport::Connect(absl::string_view address,
                                              const ConnectOptions& options) {
-  if (address.size() <= kAddressPrefix ||
-      std::memcmp(address.data(), kAddressMagic, sizeof(kAddressMagic)) != 0) {
+  const bool v1 = address.size() > kAddressPrefixV1 &&
+                  std::memcmp(address.data(), kAddressMagicV1, sizeof(kAddressMagicV1)) == 0;
+  if (!v1 && (address.size() <= kAddressPrefix ||
+              std::memcmp(address.data(), kAddressMagic, sizeof(kAddressMagic)) != 0)) {
     return absl::InvalidArgumentError(absl::StrCat("not a kvdn UCX address (", address.size(),
-                                                   " bytes without the KVDNUCX1 prefix)"));
+                                                   " bytes without the KVDNUCX2 prefix)"));
   }
   uint64_t sum;
   std::memcpy(&sum, address.data() + sizeof(kAddressMagic), sizeof(sum));
-  const absl::string_view ucx_address = address.substr(kAddressPrefix);
-  if (Xxh3_64(AsBytes(ucx_address)) != sum) {
+  const absl::string_view rest = address.substr(kAddressPrefixV1);
+  if (Xxh3_64(AsBytes(rest)) != sum) {
     return absl::InvalidArgumentError("UCX address fails its checksum (corrupted or truncated)");
   }
   if (impl_->OnProgressThread()) {
     return absl::FailedPreconditionError("Connect called on the transport's progress thread");
   }
-  const std::string copy(ucx_address);
-  return impl_->RunSync([&] { return impl_->ConnectOnThread(copy, options.peer_pid); });
+  int wake_fd = -1;
+  if (!v1) {
+    const auto* ids = reinterpret_cast<const uint8_t*>(rest.data());
+    const int32_t pid = LoadLe<int32_t>(ids);
+    // Only for the process the caller vouches for (its pid came with the session).
+    if (options.peer_pid > 0 && pid == options.peer_pid) {
+      wake_fd = CrossNamespaceWakeFd(pid, LoadLe<int32_t>(ids + 4));
+    }
+  }
+  const std::string copy(rest.substr(v1 ? 0 : 8));
+  return impl_->RunSync([&] { return impl_->ConnectOnThread(copy, options.peer_pid, wake_fd); });
 }
 
 void UcxTransport::Disconnect(PeerId peer) {
