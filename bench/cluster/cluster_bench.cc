@@ -3,7 +3,7 @@
 // network namespaces, scripts/cluster.sh).
 //
 //   cluster_bench [--chunk-mib 4] [--chunks-per-seq 8] [--seqs 12] [--rounds 3]
-//                 [--host-tier-mib 1536] [--ucx-perftest PATH]
+//                 [--host-tier-mib 1536] [--streams 4] [--ucx-perftest PATH]
 //
 // Data: for each node k, `seqs` token sequences of `chunks-per-seq` chunks, in namespace set<k>,
 // every chunk owned by node k (rendezvous placement, 1 replica) and saved through node k, so node
@@ -21,6 +21,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <random>
 
 #include "absl/strings/str_format.h"
@@ -38,6 +39,7 @@ struct Options {
   int seqs = 12;
   int rounds = 3;
   int host_tier_mib = 1536;
+  int streams = 4;  // ClientOptions::parallel_streams: chunks one Load moves at once
   std::string ucx_perftest = "ucx_perftest";
 };
 
@@ -48,7 +50,11 @@ struct DataSet {
 
 ModelSpec Model(const Options& o) {
   // Llama-3-8B's KV shape: 128 KiB per token (32 layers x K,V x 8 heads x 128 x bf16).
-  return {"llama-3-8b", 32, 8, 128, Dtype::kBFloat16,
+  return {"llama-3-8b",
+          32,
+          8,
+          128,
+          Dtype::kBFloat16,
           static_cast<uint32_t>((uint64_t(o.chunk_mib) << 20) / (128 << 10))};
 }
 
@@ -60,6 +66,7 @@ std::unique_ptr<client::Client> Connect(const std::string& socket, const std::st
   co.model = Model(o);
   co.deadline = absl::Seconds(30);
   co.receive_pool_bytes = pool_bytes;
+  co.parallel_streams = o.streams;
   auto c = client::Client::Connect(co);
   if (!c.ok()) {
     std::fprintf(stderr, "connect %s: %s\n", socket.c_str(), c.status().ToString().c_str());
@@ -82,8 +89,8 @@ DataSet MakeSet(const Options& o, const std::string& owner, const std::string& n
       for (uint32_t t = 0; t < m.tokens_per_chunk; ++t) {
         tokens[have * m.tokens_per_chunk + t] = static_cast<int32_t>(rng() % 128000);
       }
-      auto keys = ChunkKeysForTokens(
-          ns, m, absl::MakeSpan(tokens).first((have + 1) * m.tokens_per_chunk));
+      auto keys =
+          ChunkKeysForTokens(ns, m, absl::MakeSpan(tokens).first((have + 1) * m.tokens_per_chunk));
       if (placement.Owners(keys->back(), 1)[0] == owner) ++have;
     }
     set.seqs.push_back(tokens);
@@ -120,9 +127,9 @@ uint64_t LoadAll(client::Client& c, const DataSet& set, const std::vector<size_t
   for (size_t s : seqs) {
     auto r = c.Load(set.seqs[s], bufs);
     if (!r.ok() || r->tokens != set.seqs[s].size()) {
-      std::fprintf(stderr, "load %s seq %zu: %s\n", set.ns.c_str(), s,
-                   r.ok() ? absl::StrCat(r->tokens, " tokens only").c_str()
-                          : r.status().ToString().c_str());
+      std::fprintf(
+          stderr, "load %s seq %zu: %s\n", set.ns.c_str(), s,
+          r.ok() ? absl::StrCat(r->tokens, " tokens only").c_str() : r.status().ToString().c_str());
       std::exit(1);
     }
     uint64_t got_s = 0, got_i = 0;
@@ -135,6 +142,28 @@ uint64_t LoadAll(client::Client& c, const DataSet& set, const std::vector<size_t
     bytes += r->bytes;
   }
   return bytes;
+}
+
+// Host CPU time (all cores, jiffies) busy and total, from /proc/stat.
+std::pair<uint64_t, uint64_t> CpuTimes() {
+  std::ifstream f("/proc/stat");
+  std::string cpu;
+  uint64_t v[8] = {};
+  f >> cpu;
+  for (uint64_t& x : v) f >> x;
+  const uint64_t idle = v[3] + v[4];
+  uint64_t total = 0;
+  for (uint64_t x : v) total += x;
+  return {total - idle, total};
+}
+
+// The share of the host's CPU busy while `fn` runs.
+template <typename F>
+double BusyWhile(F fn) {
+  const auto a = CpuTimes();
+  fn();
+  const auto b = CpuTimes();
+  return b.second > a.second ? double(b.first - a.first) / double(b.second - a.second) : 0;
 }
 
 void EvictNamespace(const std::string& grpc, const std::string& ns) {
@@ -161,12 +190,14 @@ int Main(int argc, char** argv) {
       o.rounds = std::max(1, std::atoi(val().c_str()));
     } else if (a == "--host-tier-mib") {
       o.host_tier_mib = std::atoi(val().c_str());
+    } else if (a == "--streams") {
+      o.streams = std::max(1, std::atoi(val().c_str()));
     } else if (a == "--ucx-perftest") {
       o.ucx_perftest = val();
     } else {
       std::fprintf(stderr,
                    "usage: cluster_bench [--chunk-mib N] [--chunks-per-seq N] [--seqs N] "
-                   "[--rounds N] [--host-tier-mib N] [--ucx-perftest PATH]\n");
+                   "[--rounds N] [--host-tier-mib N] [--streams N] [--ucx-perftest PATH]\n");
       return 2;
     }
   }
@@ -190,10 +221,10 @@ int Main(int argc, char** argv) {
   const uint64_t seq_bytes = chunk * o.chunks_per_seq;
   std::printf(
       "# cluster: remote Load across veth vs local Load vs ucx_perftest (3 nodes in netns)\n"
-      "# host: %s, %u cores; %d MiB chunks, %d per sequence, %d sequences per set; median of %d "
-      "rounds\n",
+      "# host: %s, %u cores; %d MiB chunks, %d per sequence, %d sequences per set, %d chunks in "
+      "flight per Load; median of %d rounds\n",
       CpuModel().c_str(), std::thread::hardware_concurrency(), o.chunk_mib, o.chunks_per_seq,
-      o.seqs, o.rounds);
+      o.seqs, o.streams, o.rounds);
 
   std::vector<DataSet> sets;
   for (int k = 1; k <= 3; ++k) {
@@ -212,9 +243,12 @@ int Main(int argc, char** argv) {
   pp.env = {"UCX_NET_DEVICES=eth0"};
 
   std::vector<double> perftest, local, remote, aggregate;
+  std::vector<double> cpu_perftest, cpu_remote;
   for (int round = 0; round < o.rounds; ++round) {
     std::string note;
-    perftest.push_back(PerftestGbps(pp, "tcp", chunk, /*error_handling=*/true, &note));
+    cpu_perftest.push_back(BusyWhile([&] {
+      perftest.push_back(PerftestGbps(pp, "tcp", chunk, /*error_handling=*/true, &note));
+    }));
     if (perftest.back() == 0) std::fprintf(stderr, "ucx_perftest: %s\n", note.c_str());
 
     auto timed = [&](int node, const DataSet& set, const std::vector<size_t>& seqs) {
@@ -236,10 +270,10 @@ int Main(int argc, char** argv) {
       local.push_back(bytes / s / 1e9);
     }
     EvictNamespace(cluster->Grpc(3), "set1");
-    {
+    cpu_remote.push_back(BusyWhile([&] {
       auto [bytes, s] = timed(3, sets[0], all);
       remote.push_back(bytes / s / 1e9);
-    }
+    }));
     // Aggregate: node k's two clients load halves of set k+1 (edge copies dropped first).
     for (int k = 1; k <= 3; ++k) EvictNamespace(cluster->Grpc(k), sets[k % 3].ns);
     std::atomic<uint64_t> total{0};
@@ -256,18 +290,22 @@ int Main(int argc, char** argv) {
     }
     for (auto& t : threads) t.join();
     aggregate.push_back(total.load() / Seconds(t0, Clock::now()) / 1e9);
-    std::printf("## round %d: ucx_perftest %.2f GB/s, local %.2f, remote %.2f, aggregate %.2f\n",
-                round + 1, perftest.back(), local.back(), remote.back(), aggregate.back());
+    std::printf(
+        "## round %d: ucx_perftest %.2f GB/s (host CPU %.0f%% busy), local %.2f, remote %.2f "
+        "(host CPU %.0f%% busy), aggregate %.2f\n",
+        round + 1, perftest.back(), 100 * cpu_perftest.back(), local.back(), remote.back(),
+        100 * cpu_remote.back(), aggregate.back());
     std::fflush(stdout);
   }
   const double p = Median(perftest), l = Median(local), r = Median(remote), a = Median(aggregate);
   std::printf(
-      "\n| measure | GB/s | / ucx_perftest |\n|---|---|---|\n"
-      "| ucx_perftest ucp_am_bw, tcp over veth, %d MiB, -e | %.2f | 1.00 |\n"
-      "| local Load (node1, its own chunks, shm) | %.2f | %.2f |\n"
-      "| remote Load (node3 <- node1 over veth) | %.2f | %.2f |\n"
-      "| aggregate, 3 nodes x 2 clients, all remote | %.2f | %.2f |\n",
-      o.chunk_mib, p, l, p > 0 ? l / p : 0, r, p > 0 ? r / p : 0, a, p > 0 ? a / p : 0);
+      "\n| measure | GB/s | / ucx_perftest | host CPU busy |\n|---|---|---|---|\n"
+      "| ucx_perftest ucp_am_bw, tcp over veth, %d MiB, -e | %.2f | 1.00 | %.0f%% |\n"
+      "| local Load (node1, its own chunks, shm) | %.2f | %.2f | |\n"
+      "| remote Load (node3 <- node1 over veth) | %.2f | %.2f | %.0f%% |\n"
+      "| aggregate, 3 nodes x 2 clients, all remote | %.2f | %.2f | |\n",
+      o.chunk_mib, p, 100 * Median(cpu_perftest), l, p > 0 ? l / p : 0, r, p > 0 ? r / p : 0,
+      100 * Median(cpu_remote), a, p > 0 ? a / p : 0);
   std::printf("\ntarget: remote Load >= 0.80 of ucx_perftest on that link: %.2f -> %s\n",
               p > 0 ? r / p : 0, p > 0 && r >= 0.8 * p ? "met" : "MISSED");
   cluster->Down();

@@ -121,8 +121,9 @@ struct ServerState {
   // Leases that gRPC still holds slices of (Get frames point into the arena until sent). The
   // store must outlive them: shutdown waits for this to reach zero.
   std::atomic<int64_t> leases_in_transport{0};
-  // Runs what may block (disk reads, moves off the GPU) for callback handlers, which must not.
-  ThreadPool blocking_pool{4};
+  // Runs what may block (disk reads, moves off the GPU, fetches from peers) for callback
+  // handlers, which must not. 8: a fetch waits on the network most of its time.
+  ThreadPool blocking_pool{8};
   // The UCX data plane; null when off. Set before the services start, constant after.
   DataPlane* data_plane = nullptr;
   // Data-plane transfers whose lease or reservation is held by a transport (shutdown waits).
