@@ -297,6 +297,24 @@ int Main(int argc, char** argv) {
         100 * cpu_remote.back(), aggregate.back());
     std::fflush(stdout);
   }
+  // Where a remote chunk's time goes: node3 serving its client (fetch included) vs node1 serving
+  // node3, mean per chunk over the whole run, from their /metrics.
+  auto mean_ms = [&](int node, const std::string& method) {
+    const std::string body =
+        CommandOutput(absl::StrCat("curl -s http://", cluster->Ip(node), ":9470/metrics").c_str());
+    auto value = [&](const std::string& name) {
+      const std::string key =
+          absl::StrCat(name, "{service=\"DataPlane\",method=\"", method, "\"} ");
+      const size_t at = body.find(key);
+      return at == std::string::npos ? 0.0 : std::atof(body.c_str() + at + key.size());
+    };
+    const double n = value("kvdn_grpc_request_duration_seconds_count");
+    return n > 0 ? 1e3 * value("kvdn_grpc_request_duration_seconds_sum") / n : 0.0;
+  };
+  std::printf(
+      "# mean per chunk: node3 UcxGet (its clients, fetches included) %.2f ms; node1 "
+      "UcxGet (node3's fetches and its own client) %.2f ms\n",
+      mean_ms(3, "UcxGet"), mean_ms(1, "UcxGet"));
   const double p = Median(perftest), l = Median(local), r = Median(remote), a = Median(aggregate);
   std::printf(
       "\n| measure | GB/s | / ucx_perftest | host CPU busy |\n|---|---|---|---|\n"

@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 
@@ -16,8 +17,14 @@
 
 namespace kvdn::daemon {
 
-// One other member: its gRPC stubs and, once opened, a UCX data-plane session with it.
-struct PeerRouter::Peer {
+// Sessions (each a UCX worker, progress thread and connection) kept with each peer, used in turn.
+// Several large transfers in flight on one UCX tcp connection went slower together than one at a
+// time (bench/results/cluster-2026-11-23.md): one transfer per connection at a time is what
+// ucx_perftest measures, so in-flight fetches and replicas spread over this many.
+constexpr int kSessionsPerPeer = 4;
+
+// One other member: its gRPC stubs and, once opened, UCX data-plane sessions with it.
+struct PeerRouter::Peer : std::enable_shared_from_this<PeerRouter::Peer> {
   Peer(std::string n, std::string a)
       : node(std::move(n)),
         address(std::move(a)),
@@ -35,7 +42,9 @@ struct PeerRouter::Peer {
   std::atomic<int64_t> failing_until{0};  // Unix micros
 
   Mutex mu;  // held while a session opens: one attempt at a time
-  std::shared_ptr<client::DataPlaneClient> session ABSL_GUARDED_BY(mu);
+  std::array<std::shared_ptr<client::DataPlaneClient>, kSessionsPerPeer> sessions
+      ABSL_GUARDED_BY(mu);
+  std::atomic<uint32_t> next_session{0};
   absl::Time grpc_only_until ABSL_GUARDED_BY(mu) = absl::InfinitePast();
 };
 
@@ -176,22 +185,27 @@ bool PeerRouter::MaybeSuspect(Peer& peer, const absl::Status& st) {
     spdlog::warn("cluster: peer {} ({}) failed: {}; skipping it for {}", peer.node, peer.address,
                  st.ToString(), absl::FormatDuration(suspect_for_));
   }
-  std::shared_ptr<client::DataPlaneClient> session;
+  std::array<std::shared_ptr<client::DataPlaneClient>, kSessionsPerPeer> sessions;
   {
     MutexLock lock(&peer.mu);
-    session = std::move(peer.session);  // reopened once it answers again
+    sessions.swap(peer.sessions);  // reopened once it answers again
   }
-  // Closing it tells the peer (a call that may wait out its own deadline): not on this thread.
-  if (session != nullptr) state_.blocking_pool.Submit([s = std::move(session)] {});
+  // Closing them tells the peer (calls that may wait out their deadline): not on this thread. The
+  // sessions call through the peer's stub: it stays alive until they are closed.
+  state_.blocking_pool.Submit([s = std::move(sessions), keep = peer.shared_from_this()]() mutable {
+    for (auto& session : s) session.reset();
+  });
   return true;
 }
 
 std::shared_ptr<client::DataPlaneClient> PeerRouter::SessionWith(Peer& peer, absl::Time deadline) {
   storage::HostTier* host = state_.store->host_tier();
   if (state_.data_plane == nullptr || host == nullptr) return nullptr;
+  const uint32_t i = peer.next_session.fetch_add(1) % kSessionsPerPeer;
   MutexLock lock(&peer.mu);
-  if (peer.session != nullptr && !peer.session->healthy()) peer.session.reset();
-  if (peer.session == nullptr && absl::Now() >= peer.grpc_only_until) {
+  std::shared_ptr<client::DataPlaneClient>& session = peer.sessions[i];
+  if (session != nullptr && !session->healthy()) session.reset();
+  if (session == nullptr && absl::Now() >= peer.grpc_only_until) {
     const std::string& tls = state_.config.data_plane_transports();
     auto opened =
         client::DataPlaneClient::Open(peer.kv_stub.get(), /*same_host=*/false,
@@ -200,14 +214,14 @@ std::shared_ptr<client::DataPlaneClient> PeerRouter::SessionWith(Peer& peer, abs
     // The arena registered with the session: fetched payloads land in it, replicas leave from it.
     if (st.ok()) st = (*opened)->RegisterPool(host->arena_base(), host->capacity_bytes());
     if (st.ok()) {
-      peer.session = std::move(*opened);
+      session = std::move(*opened);
     } else {
       peer.grpc_only_until = absl::Now() + kSessionRetry;
       spdlog::info("cluster: no UCX session with {} ({}); gRPC for {}", peer.node, st.ToString(),
                    absl::FormatDuration(kSessionRetry));
     }
   }
-  return peer.session;
+  return session;
 }
 
 // ---- reads ----
@@ -385,8 +399,10 @@ std::map<std::string, uint64_t> PeerRouter::PeerChunks(absl::Time deadline) {
   std::map<std::string, std::unique_ptr<Ask>> asks;
   Mutex mu;
   CondVar cv;
-  size_t pending = v->peers.size();
+  size_t pending = 0;
+  for (const auto& [node, peer] : v->peers) pending += peer->Failing() ? 0 : 1;
   for (const auto& [node, peer] : v->peers) {
+    if (peer->Failing()) continue;  // it would only time out again: no count
     auto a = std::make_unique<Ask>();
     Ask* raw = a.get();
     peer->peer_stub->async()->Probe(WithDeadline(&a->ctx, deadline), &a->req, &a->resp,
@@ -403,7 +419,11 @@ std::map<std::string, uint64_t> PeerRouter::PeerChunks(absl::Time deadline) {
   }
   std::map<std::string, uint64_t> out;
   for (auto& [node, a] : asks) {
-    if (a->status.ok()) out[node] = a->resp.chunks();
+    if (a->status.ok()) {
+      out[node] = a->resp.chunks();
+    } else {
+      MaybeSuspect(*v->peers.at(node), FromGrpcStatus(a->status));
+    }
   }
   return out;
 }

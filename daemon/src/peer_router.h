@@ -68,7 +68,8 @@ class PeerRouter {
   void Replicate(const ChunkKey& key);
   size_t queue_depth() const;
 
-  // Chunks each peer holds, by node, for those that answered by `deadline`.
+  // Chunks each peer holds, by node, for those that answered by `deadline` (failing peers are not
+  // asked).
   std::map<std::string, uint64_t> PeerChunks(absl::Time deadline);
 
   // Ends the replication workers (queued writes are dropped) and the peer sessions.

@@ -52,6 +52,10 @@ class NetnsClusterTest : public ::testing::Test {
     setenv("UCX_NET_DEVICES", cluster_->Get("KVDN_BRIDGE").c_str(), 1);
   }
   void TearDown() override {
+    // No node crashed along the way (a killed one was SIGKILLed: it logs nothing).
+    for (int i = 1; cluster_ != nullptr && i <= 3; ++i) {
+      EXPECT_EQ(cluster_->Log(i).find("Caught signal"), std::string::npos) << "node" << i;
+    }
     if (HasFailure() && cluster_ != nullptr) {
       for (int i = 1; i <= 3; ++i) {
         const std::string log = cluster_->Log(i);

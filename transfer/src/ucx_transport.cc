@@ -151,6 +151,8 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
   std::vector<Peer> peers;  // slot index = low 32 bits of PeerId (from 1)
   std::vector<uint32_t> free_slots;
   absl::flat_hash_map<ucp_ep_h, uint32_t> slot_by_ep;
+  int cross_ns_peers = 0;         // peers with a wake_fd
+  std::vector<ucp_ep_h> touched;  // see Touch
   absl::flat_hash_set<Op*> in_flight;
   std::vector<void*> closing;  // ucp_ep_close_nbx requests not yet done
   bool stopping = false;
@@ -207,6 +209,28 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
     return &p;
   }
 
+  // Cross-namespace peers (Peer::wake_fd) hear nothing UCX itself sends them (rendezvous
+  // requests and acks go out inside ucp_worker_progress and request starts): after each such
+  // step the endpoints it involved are written. `touched` collects them; only kept while a
+  // cross-namespace peer exists.
+  void Touch(ucp_ep_h ep) {
+    if (cross_ns_peers > 0 && ep != nullptr) touched.push_back(ep);
+  }
+  void WakeTouched() {
+    if (touched.empty()) return;
+    std::sort(touched.begin(), touched.end());
+    touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+    for (ucp_ep_h ep : touched) {
+      auto it = slot_by_ep.find(ep);
+      if (it == slot_by_ep.end()) continue;
+      const int fd = peers[it->second].wake_fd;
+      if (fd < 0) continue;
+      const uint64_t one = 1;
+      (void)!write(fd, &one, sizeof(one));
+    }
+    touched.clear();
+  }
+
   void CloseEp(ucp_ep_h ep, bool force) {
     ucp_request_param_t param{};
     param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
@@ -224,7 +248,10 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
     slot_by_ep.erase(p.ep);
     CloseEp(p.ep, force);
     p.ep = nullptr;
-    if (p.wake_fd >= 0) close(p.wake_fd);
+    if (p.wake_fd >= 0) {
+      close(p.wake_fd);
+      --cross_ns_peers;
+    }
     p.wake_fd = -1;
     free_slots.push_back(slot);
   }
@@ -273,6 +300,7 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
     peers[slot].live = true;
     peers[slot].pid = pid;
     peers[slot].wake_fd = peer_wake_fd;
+    if (peer_wake_fd >= 0) ++cross_ns_peers;
     slot_by_ep[ep] = slot;
     return IdOf(slot);
   }
@@ -280,6 +308,7 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
   // ---- operations ----
 
   void Finish(Op* op, absl::Status st) {
+    Touch(op->ep);
     if (op->abandoned) {  // its done ran when it was abandoned
       delete op;
       return;
@@ -334,15 +363,12 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
       param.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMH;
       param.memh = memh->get();
     }
-    const int wake = p->wake_fd;
+    Touch(p->ep);
     Started(op,
             ucp_am_send_nbx(p->ep, type, op->header.data(), op->header.size(), payload.data(),
                             payload.size(), &param),
             "ucp_am_send_nbx");
-    if (wake >= 0) {
-      const uint64_t one = 1;
-      (void)!write(wake, &one, sizeof(one));
-    }
+    WakeTouched();
   }
 
   void ReceiveOnThread(PendingPayload* pl, MutableByteSpan dst, const ucx::MemHandle* memh,
@@ -370,8 +396,10 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
       param.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMH;
       param.memh = memh->get();
     }
+    Touch(pl->reply_ep);
     Started(op, ucp_am_recv_data_nbx(worker.get(), pl->data, dst.data(), dst.size(), &param),
             "ucp_am_recv_data_nbx");
+    WakeTouched();
   }
 
   static ucs_status_t OnMessage(void* arg, const void* header, size_t header_length, void* data,
@@ -493,6 +521,11 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
     while (!stop.load()) {
       bool worked = false;
       while (ucp_worker_progress(worker.get()) != 0) worked = true;
+      if (worked && cross_ns_peers > 0) {
+        // Progress may have sent protocol messages to any peer with a transfer in flight.
+        for (Op* op : in_flight) Touch(op->ep);
+      }
+      WakeTouched();
       worked |= RunTasks();
       const absl::Time now = absl::Now();
       if (now >= next_check) {
