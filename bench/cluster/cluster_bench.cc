@@ -244,6 +244,7 @@ int Main(int argc, char** argv) {
 
   std::vector<double> perftest, local, remote, aggregate;
   std::vector<double> cpu_perftest, cpu_remote;
+  std::vector<double> ratio;  // per round: remote / the mean of the ucx_perftest runs around it
   for (int round = 0; round < o.rounds; ++round) {
     std::string note;
     cpu_perftest.push_back(BusyWhile([&] {
@@ -274,6 +275,11 @@ int Main(int argc, char** argv) {
       auto [bytes, s] = timed(3, sets[0], all);
       remote.push_back(bytes / s / 1e9);
     }));
+    // ucx_perftest again right after: this VM's link speed drifts by 2x within minutes, so each
+    // round's remote Load is judged against the mean of the runs just before and just after it.
+    const double after = PerftestGbps(pp, "tcp", chunk, /*error_handling=*/true, &note);
+    const double around = after > 0 ? (perftest.back() + after) / 2 : perftest.back();
+    ratio.push_back(around > 0 ? remote.back() / around : 0);
     // Aggregate: node k's two clients load halves of set k+1 (edge copies dropped first).
     for (int k = 1; k <= 3; ++k) EvictNamespace(cluster->Grpc(k), sets[k % 3].ns);
     std::atomic<uint64_t> total{0};
@@ -292,9 +298,10 @@ int Main(int argc, char** argv) {
     aggregate.push_back(total.load() / Seconds(t0, Clock::now()) / 1e9);
     std::printf(
         "## round %d: ucx_perftest %.2f GB/s (host CPU %.0f%% busy), local %.2f, remote %.2f "
-        "(host CPU %.0f%% busy), aggregate %.2f\n",
+        "(host CPU %.0f%% busy), ucx_perftest after %.2f, remote / perftest around it %.2f, "
+        "aggregate %.2f\n",
         round + 1, perftest.back(), 100 * cpu_perftest.back(), local.back(), remote.back(),
-        100 * cpu_remote.back(), aggregate.back());
+        100 * cpu_remote.back(), after, ratio.back(), aggregate.back());
     std::fflush(stdout);
   }
   // Where a remote chunk's time goes: node3 serving its client (fetch included) vs node1 serving
@@ -324,8 +331,11 @@ int Main(int argc, char** argv) {
       "| aggregate, 3 nodes x 2 clients, all remote | %.2f | %.2f | |\n",
       o.chunk_mib, p, 100 * Median(cpu_perftest), l, p > 0 ? l / p : 0, r, p > 0 ? r / p : 0,
       100 * Median(cpu_remote), a, p > 0 ? a / p : 0);
-  std::printf("\ntarget: remote Load >= 0.80 of ucx_perftest on that link: %.2f -> %s\n",
-              p > 0 ? r / p : 0, p > 0 && r >= 0.8 * p ? "met" : "MISSED");
+  const double rr = Median(ratio);
+  std::printf(
+      "\ntarget: remote Load >= 0.80 of ucx_perftest on that link (median over rounds of remote / "
+      "the ucx_perftest runs around it): %.2f -> %s\n",
+      rr, rr >= 0.8 ? "met" : "MISSED");
   cluster->Down();
   return 0;
 }
