@@ -68,6 +68,13 @@ absl::Status DoLookup(ServerState& state, grpc::ServerContext* ctx, const v1::Lo
     const size_t remote = state.router->Probe(chain, r.matched, CallDeadline(state, ctx));
     resp->set_matched_chunks(static_cast<uint32_t>(r.matched + remote));
     for (size_t i = 0; i < remote; ++i) resp->add_tiers(v1::TIER_REMOTE);
+    if (remote > 0 && !state.config.peer_prefetch_disabled()) {
+      // Each candidate may cost a peer deadline; R owners and one more.
+      const absl::Duration budget = absl::Milliseconds(state.config.peer_timeout_ms()) *
+                                    static_cast<int64_t>(state.config.replicas() + 2);
+      state.router->Prefetch(absl::MakeConstSpan(chain).subspan(r.matched, remote),
+                             absl::Now() + budget);
+    }
   }
   return absl::OkStatus();
 }

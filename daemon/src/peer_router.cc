@@ -105,6 +105,12 @@ PeerRouter::PeerRouter(ServerState* state)
       repl_dropped_(state->metrics->AddCounter("kvdn_replication_total",
                                                "Writes queued for an owner, by outcome.",
                                                {{"result", "dropped"}})),
+      prefetched_(state->metrics->AddCounter(
+          "kvdn_peer_prefetch_total",
+          "Chunks a Lookup found on peers and fetched here before the client asked for them.")),
+      prefetch_skipped_(state->metrics->AddCounter(
+          "kvdn_peer_prefetch_skipped_total",
+          "Chunks a Lookup found on peers but left for Get (the read-ahead queue was full).")),
       peer_failures_(state->metrics->AddCounter(
           "kvdn_peer_failures_total",
           "Calls to a peer that found it unreachable or broken (it is then skipped for a TTL).")),
@@ -226,7 +232,62 @@ std::shared_ptr<client::DataPlaneClient> PeerRouter::SessionWith(Peer& peer, abs
 
 // ---- reads ----
 
+struct PeerRouter::Inflight {
+  Mutex mu;
+  CondVar cv;
+  bool done ABSL_GUARDED_BY(mu) = false;
+  absl::Status status ABSL_GUARDED_BY(mu);
+};
+
 absl::Status PeerRouter::Fetch(const ChunkKey& key, absl::Time deadline) {
+  // One fetch per key at a time: a Get that comes while a read-ahead (or another Get) fetches the
+  // chunk waits for that one instead of racing it for the reservation.
+  std::shared_ptr<Inflight> f;
+  bool mine = false;
+  {
+    MutexLock lock(&mu_);
+    auto [it, inserted] = inflight_.try_emplace(key);
+    if (inserted) it->second = std::make_shared<Inflight>();
+    f = it->second;
+    mine = inserted;
+  }
+  if (!mine) {
+    MutexLock lock(&f->mu);
+    while (!f->done && absl::Now() < deadline)
+      f->cv.WaitWithTimeout(&f->mu, deadline - absl::Now());
+    if (f->done) return f->status;
+    return absl::NotFoundError(absl::StrCat(
+        "chunk ", key.ToString(), " was still being fetched from a peer at the deadline"));
+  }
+  const absl::Status st = FetchNow(key, deadline);
+  {
+    MutexLock lock(&mu_);
+    inflight_.erase(key);
+  }
+  MutexLock lock(&f->mu);
+  f->done = true;
+  f->status = st;
+  f->cv.SignalAll();
+  return st;
+}
+
+void PeerRouter::Prefetch(absl::Span<const ChunkKey> keys, absl::Time deadline) {
+  for (const ChunkKey& key : keys) {
+    if (prefetch_queued_.load() >= kMaxPrefetchQueued) {
+      prefetch_skipped_->Inc();
+      continue;
+    }
+    prefetch_queued_.fetch_add(1);
+    prefetch_pool_.Submit([this, key, deadline] {
+      prefetch_queued_.fetch_sub(1);
+      if (state_.store->Describe(key).ok()) return;  // here already (a Get fetched it first)
+      if (Fetch(key, deadline).ok()) prefetched_->Inc();
+    });
+  }
+}
+
+absl::Status PeerRouter::FetchNow(const ChunkKey& key, absl::Time deadline) {
+  if (state_.store->Describe(key).ok()) return absl::OkStatus();  // fetched by the one before
   std::shared_ptr<const View> v = view();
   for (const std::shared_ptr<Peer>& peer : Candidates(*v, key)) {
     const absl::Time now = absl::Now();

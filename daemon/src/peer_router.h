@@ -5,6 +5,10 @@
 // `replicas` highest-ranked nodes. Reads ask those and one node more: right after a member joins,
 // the chunks it comes to own are still on the node ranked just below it.
 //
+// Read-ahead: the chunks a Lookup finds on peers are fetched at once, in the background (the engine
+// loads them next; a Lookup is the first it says of a request), so the client's Gets find them
+// here or in flight; config peer_prefetch_disabled turns it off.
+//
 // Reads (Fetch, Probe): each candidate gets at most one peer_timeout_ms; a peer that fails
 // (unreachable, timed out, its session broken) is then skipped for membership_ttl_ms — by then
 // membership has dropped it if it is gone — so a dead or partitioned peer costs one deadline,
@@ -23,6 +27,7 @@
 #ifndef KVDN_DAEMON_SRC_PEER_ROUTER_H_
 #define KVDN_DAEMON_SRC_PEER_ROUTER_H_
 
+#include <atomic>
 #include <deque>
 #include <map>
 #include <memory>
@@ -35,6 +40,7 @@
 #include "kvdn/common/chunk_key.h"
 #include "kvdn/common/metrics.h"
 #include "kvdn/common/mutex.h"
+#include "kvdn/common/thread_pool.h"
 #include "kvdn/daemon/membership.h"
 #include "kvdn/daemon/placement.h"
 #include "src/server_state.h"
@@ -61,6 +67,9 @@ class PeerRouter {
   // Copies `key` from the first candidate peer that holds it into the local host tier. NOT_FOUND
   // when none does or none answered by `deadline` (a clean miss: the engine recomputes).
   absl::Status Fetch(const ChunkKey& key, absl::Time deadline);
+  // Read-ahead: starts fetching `keys` (found on peers by a Lookup: the engine loads them next) in
+  // the background, a bounded number at a time; Gets for them then wait for those fetches.
+  void Prefetch(absl::Span<const ChunkKey> keys, absl::Time deadline);
   // How many of chain[from], chain[from + 1], ... in a row this node or the peers hold (the peers
   // asked in parallel, one call each, for what is not here).
   size_t Probe(absl::Span<const ChunkKey> chain, size_t from, absl::Time deadline);
@@ -83,6 +92,7 @@ class PeerRouter {
     std::unique_ptr<Placement> placement;
     absl::flat_hash_map<std::string, std::shared_ptr<Peer>> peers;  // not this node
   };
+  struct Inflight;
   struct Job {
     ChunkKey key;
     std::shared_ptr<Peer> peer;
@@ -94,6 +104,8 @@ class PeerRouter {
   // The UCX session with `peer`, opened if need be; nullptr: use gRPC (this node or the peer
   // serves no UCX, or opening failed within the last few seconds).
   std::shared_ptr<client::DataPlaneClient> SessionWith(Peer& peer, absl::Time deadline);
+  // Fetch without the in-flight bookkeeping.
+  absl::Status FetchNow(const ChunkKey& key, absl::Time deadline);
   absl::Status FetchFrom(Peer& peer, const ChunkKey& key, absl::Time deadline);
   absl::Status FetchGrpc(Peer& peer, const ChunkKey& key, absl::Time deadline);
   absl::Status Send(Peer& peer, const ChunkKey& key, absl::Time deadline);
@@ -115,14 +127,22 @@ class PeerRouter {
   Counter* const repl_present_;
   Counter* const repl_failed_;
   Counter* const repl_dropped_;
+  Counter* const prefetched_;
+  Counter* const prefetch_skipped_;
   Counter* const peer_failures_;
 
   mutable Mutex mu_;
   std::shared_ptr<const View> view_ ABSL_GUARDED_BY(mu_);
   std::deque<Job> queue_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<ChunkKey, std::shared_ptr<Inflight>> inflight_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   CondVar cv_;
   std::vector<std::thread> workers_;
+
+  // Read-ahead fetches waiting or running, at most kMaxPrefetchQueued.
+  static constexpr int kMaxPrefetchQueued = 256;
+  std::atomic<int> prefetch_queued_{0};
+  ThreadPool prefetch_pool_{4};  // last: its threads end before the rest goes
 };
 
 }  // namespace kvdn::daemon

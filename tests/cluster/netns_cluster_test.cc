@@ -4,7 +4,7 @@
 // nodes fetch and replicate among themselves over UCX tcp across the veth links.
 //
 //   - a chunk saved on node1 loads on node3 bit-identical; node3 keeps what it fetched (edge
-//     cache) and its metrics count the fetches;
+//     cache) and its metrics count the fetches, one per chunk; a Lookup reads ahead;
 //   - kill -9 a node: with 2 replicas every chunk still loads (from the replica), with 1 the
 //     chunks it owned miss cleanly, within one peer deadline, before and after membership drops it;
 //   - a node whose link goes down costs reads one peer deadline, drops out of membership within
@@ -209,6 +209,23 @@ TEST_F(NetnsClusterTest, SavedOnOneNodeLoadsBitIdenticalOnAnother) {
   EXPECT_EQ(Metric(3, "kvdn_peer_fetch_total{result=\"hit\"}"), kChunks - owned.at("node3"));
   EXPECT_EQ(Metric(1, "kvdn_replication_queue_depth"), 0);
   EXPECT_EQ(Metric(1, "kvdn_replication_total{result=\"sent\"}"), kChunks - owned.at("node1"));
+}
+
+// A Lookup that finds chunks on peers fetches them at once (read-ahead); the Load that follows
+// finds them here and fetches nothing more.
+TEST_F(NetnsClusterTest, ALookupReadsAheadWhatThePeersHold) {
+  Up(/*replicas=*/1);
+  MakeData(8);
+  Save(1);
+  WaitReplicated(1);
+  const auto owned = Owned({"node1", "node2", "node3"}, 1);
+  auto c3 = ClientFor(3);
+  ASSERT_NE(c3, nullptr);
+  EXPECT_EQ(c3->Lookup(tokens_).value_or(0), tokens_.size());
+  EXPECT_TRUE(Eventually([&] { return Members(3)["node3"] == kChunks; }, absl::Seconds(10)));
+  EXPECT_EQ(Metric(3, "kvdn_peer_prefetch_total"), kChunks - owned.at("node3"));
+  EXPECT_EQ(LoadAndCheck(3), static_cast<size_t>(kChunks));
+  EXPECT_EQ(Metric(3, "kvdn_peer_fetch_total{result=\"hit\"}"), kChunks - owned.at("node3"));
 }
 
 TEST_F(NetnsClusterTest, KilledOwnerWithTwoReplicasReadsGoToTheReplica) {
