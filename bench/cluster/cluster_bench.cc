@@ -2,8 +2,8 @@
 // clients, and ucx_perftest over the same veth link, all in one run (needs root: the nodes run in
 // network namespaces, scripts/cluster.sh).
 //
-//   cluster_bench [--chunk-mib 4] [--chunks-per-seq 8] [--seqs 12] [--rounds 3]
-//                 [--host-tier-mib 1536] [--streams 4] [--ucx-perftest PATH]
+//   cluster_bench [--chunk-mib 4] [--chunks-per-seq 8] [--seqs 16] [--rounds 3]
+//                 [--host-tier-mib 2048] [--streams 4] [--ucx-perftest PATH]
 //
 // Data: for each node k, `seqs` token sequences of `chunks-per-seq` chunks, in namespace set<k>,
 // every chunk owned by node k (rendezvous placement, 1 replica) and saved through node k, so node
@@ -36,9 +36,11 @@ namespace {
 struct Options {
   int chunk_mib = 4;
   int chunks_per_seq = 8;
-  int seqs = 12;
+  int seqs = 16;
   int rounds = 3;
-  int host_tier_mib = 1536;
+  // Room for a node's own set, the edge copies of one other set and the aggregate's: nothing may
+  // spill to the disk tier, or the run measures RocksDB.
+  int host_tier_mib = 2048;
   int streams = 4;  // ClientOptions::parallel_streams: chunks one Load moves at once
   std::string ucx_perftest = "ucx_perftest";
 };
@@ -318,6 +320,20 @@ int Main(int argc, char** argv) {
     const double n = value("kvdn_grpc_request_duration_seconds_count");
     return n > 0 ? 1e3 * value("kvdn_grpc_request_duration_seconds_sum") / n : 0.0;
   };
+  // The run is only about memory tiers and the link: say so if anything touched the disk tier.
+  auto sample = [&](int node, const std::string& name) {
+    const std::string body = CommandOutput(
+        absl::StrCat("curl -s http://", cluster->Ip(node), ":9470/metrics").c_str());
+    const size_t at = body.find("\n" + name + " ");
+    return at == std::string::npos ? 0.0 : std::atof(body.c_str() + at + name.size() + 2);
+  };
+  double disk = 0;
+  for (int k = 1; k <= 3; ++k) {
+    disk += sample(k, "kvdn_tier_hits_total{tier=\"disk\"}") +
+            sample(k, "kvdn_tier_demotions_total{tier=\"host\"}");
+  }
+  std::printf("# disk tier: %.0f reads and demotions over the run%s\n", disk,
+              disk > 0 ? " (WARNING: the host tier was too small; raise --host-tier-mib)" : "");
   std::printf(
       "# mean per chunk: node3 UcxGet (its clients, fetches included) %.2f ms; node1 "
       "UcxGet (node3's fetches and its own client) %.2f ms\n",
