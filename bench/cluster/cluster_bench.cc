@@ -306,27 +306,14 @@ int Main(int argc, char** argv) {
         100 * cpu_remote.back(), after, ratio.back(), aggregate.back());
     std::fflush(stdout);
   }
-  // Where a remote chunk's time goes: node3 serving its client (fetch included) vs node1 serving
-  // node3, mean per chunk over the whole run, from their /metrics.
-  auto mean_ms = [&](int node, const std::string& method) {
+  // One sample of a node's /metrics (0 when absent).
+  auto sample = [&](int node, const std::string& name) {
     const std::string body =
         CommandOutput(absl::StrCat("curl -s http://", cluster->Ip(node), ":9470/metrics").c_str());
-    auto value = [&](const std::string& name) {
-      const std::string key =
-          absl::StrCat(name, "{service=\"DataPlane\",method=\"", method, "\"} ");
-      const size_t at = body.find(key);
-      return at == std::string::npos ? 0.0 : std::atof(body.c_str() + at + key.size());
-    };
-    const double n = value("kvdn_grpc_request_duration_seconds_count");
-    return n > 0 ? 1e3 * value("kvdn_grpc_request_duration_seconds_sum") / n : 0.0;
-  };
-  // The run is only about memory tiers and the link: say so if anything touched the disk tier.
-  auto sample = [&](int node, const std::string& name) {
-    const std::string body = CommandOutput(
-        absl::StrCat("curl -s http://", cluster->Ip(node), ":9470/metrics").c_str());
     const size_t at = body.find("\n" + name + " ");
     return at == std::string::npos ? 0.0 : std::atof(body.c_str() + at + name.size() + 2);
   };
+  // The run is only about memory tiers and the link: say so if anything touched the disk tier.
   double disk = 0;
   for (int k = 1; k <= 3; ++k) {
     disk += sample(k, "kvdn_tier_hits_total{tier=\"disk\"}") +
@@ -334,10 +321,17 @@ int Main(int argc, char** argv) {
   }
   std::printf("# disk tier: %.0f reads and demotions over the run%s\n", disk,
               disk > 0 ? " (WARNING: the host tier was too small; raise --host-tier-mib)" : "");
+  // Where a remote chunk's time goes: node3 serving its client (fetch included) vs node1 serving
+  // node3, mean per chunk over the whole run.
+  auto mean_ms = [&](int node) {
+    const std::string labels = "{service=\"DataPlane\",method=\"UcxGet\"}";
+    const double n = sample(node, "kvdn_grpc_request_duration_seconds_count" + labels);
+    return n > 0 ? 1e3 * sample(node, "kvdn_grpc_request_duration_seconds_sum" + labels) / n : 0.0;
+  };
   std::printf(
-      "# mean per chunk: node3 UcxGet (its clients, fetches included) %.2f ms; node1 "
-      "UcxGet (node3's fetches and its own client) %.2f ms\n",
-      mean_ms(3, "UcxGet"), mean_ms(1, "UcxGet"));
+      "# mean per chunk: node3 UcxGet (its clients, fetches included) %.2f ms; node1 UcxGet "
+      "(node3's fetches and its own client) %.2f ms\n",
+      mean_ms(3), mean_ms(1));
   const double p = Median(perftest), l = Median(local), r = Median(remote), a = Median(aggregate);
   std::printf(
       "\n| measure | GB/s | / ucx_perftest | host CPU busy |\n|---|---|---|---|\n"

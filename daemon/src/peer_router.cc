@@ -384,46 +384,23 @@ absl::Status PeerRouter::FetchGrpc(Peer& peer, const ChunkKey& key, absl::Time d
   return st;
 }
 
-size_t PeerRouter::Probe(absl::Span<const ChunkKey> chain, size_t from, absl::Time deadline) {
-  std::shared_ptr<const View> v = view();
-  if (from >= chain.size() || v->peers.empty()) return 0;
-  // One request per peer, for the chunks it may hold.
-  struct Ask {
-    std::shared_ptr<Peer> peer;
-    std::vector<size_t> index;  // into chain
-    v1::LookupRequest req;
-    v1::ProbeResponse resp;
-    grpc::ClientContext ctx;
-    grpc::Status status;
-  };
-  absl::flat_hash_map<std::string, std::unique_ptr<Ask>> asks;
-  std::vector<bool> present(chain.size(), false);
-  for (size_t i = from; i < chain.size(); ++i) {
-    // Past the local prefix this node may still hold some (those it owns, or fetched before).
-    if (state_.store->Describe(chain[i]).ok()) {
-      present[i] = true;
-      continue;
-    }
-    for (std::shared_ptr<Peer>& p : Candidates(*v, chain[i])) {
-      std::unique_ptr<Ask>& a = asks[p->node];
-      if (a == nullptr) {
-        a = std::make_unique<Ask>();
-        a->peer = p;
-        a->req.set_namespace_(chain[i].ns);
-        a->req.set_fingerprint(chain[i].fingerprint);
-      }
-      a->index.push_back(i);
-      const std::array<uint8_t, 16> h = chain[i].prefix_hash.Canonical();
-      a->req.add_prefix_hashes(h.data(), h.size());
-    }
-  }
+// One PeerService.Probe per peer, all in flight at once; returns when each has ended (by
+// `deadline`). A peer whose call failed as unreachable is marked failing.
+struct PeerRouter::ProbeCall {
+  std::shared_ptr<Peer> peer;
+  v1::LookupRequest req;
+  v1::ProbeResponse resp;
+  grpc::ClientContext ctx;
+  grpc::Status status;
+};
+
+void PeerRouter::ProbeAll(std::vector<std::unique_ptr<ProbeCall>>& calls, absl::Time deadline) {
   Mutex mu;
   CondVar cv;
-  size_t pending = asks.size();
-  const absl::Time until = std::min(deadline, absl::Now() + peer_timeout_);
-  for (auto& [node, a] : asks) {
-    Ask* raw = a.get();
-    a->peer->peer_stub->async()->Probe(WithDeadline(&a->ctx, until), &a->req, &a->resp,
+  size_t pending = calls.size();
+  for (std::unique_ptr<ProbeCall>& c : calls) {
+    ProbeCall* raw = c.get();
+    c->peer->peer_stub->async()->Probe(WithDeadline(&c->ctx, deadline), &c->req, &c->resp,
                                        [raw, &mu, &cv, &pending](grpc::Status s) {
                                          raw->status = std::move(s);
                                          MutexLock lock(&mu);
@@ -434,14 +411,46 @@ size_t PeerRouter::Probe(absl::Span<const ChunkKey> chain, size_t from, absl::Ti
     MutexLock lock(&mu);
     while (pending > 0) cv.Wait(&mu);  // each call ends by its deadline
   }
-  for (auto& [node, a] : asks) {
-    if (!a->status.ok()) {
-      MaybeSuspect(*a->peer, FromGrpcStatus(a->status));
+  for (std::unique_ptr<ProbeCall>& c : calls) {
+    if (!c->status.ok()) MaybeSuspect(*c->peer, FromGrpcStatus(c->status));
+  }
+}
+
+size_t PeerRouter::Probe(absl::Span<const ChunkKey> chain, size_t from, absl::Time deadline) {
+  std::shared_ptr<const View> v = view();
+  if (from >= chain.size() || v->peers.empty()) return 0;
+  // One request per peer, for the chunks it may hold; index[k][j]: the chain position of the
+  // j-th hash asked of calls[k].
+  std::vector<std::unique_ptr<ProbeCall>> calls;
+  std::vector<std::vector<size_t>> index;
+  absl::flat_hash_map<std::string, size_t> call_of;
+  std::vector<bool> present(chain.size(), false);
+  for (size_t i = from; i < chain.size(); ++i) {
+    // Past the local prefix this node may still hold some (those it owns, or fetched before).
+    if (state_.store->Describe(chain[i]).ok()) {
+      present[i] = true;
       continue;
     }
-    for (size_t j = 0; j < a->index.size() && j < static_cast<size_t>(a->resp.present_size());
-         ++j) {
-      if (a->resp.present(static_cast<int>(j))) present[a->index[j]] = true;
+    for (std::shared_ptr<Peer>& p : Candidates(*v, chain[i])) {
+      auto [it, inserted] = call_of.try_emplace(p->node, calls.size());
+      if (inserted) {
+        calls.push_back(std::make_unique<ProbeCall>());
+        calls.back()->peer = p;
+        calls.back()->req.set_namespace_(chain[i].ns);
+        calls.back()->req.set_fingerprint(chain[i].fingerprint);
+        index.emplace_back();
+      }
+      index[it->second].push_back(i);
+      const std::array<uint8_t, 16> h = chain[i].prefix_hash.Canonical();
+      calls[it->second]->req.add_prefix_hashes(h.data(), h.size());
+    }
+  }
+  ProbeAll(calls, std::min(deadline, absl::Now() + peer_timeout_));
+  for (size_t k = 0; k < calls.size(); ++k) {
+    if (!calls[k]->status.ok()) continue;
+    const v1::ProbeResponse& r = calls[k]->resp;
+    for (size_t j = 0; j < index[k].size() && j < static_cast<size_t>(r.present_size()); ++j) {
+      if (r.present(static_cast<int>(j))) present[index[k][j]] = true;
     }
   }
   size_t n = 0;
@@ -451,40 +460,16 @@ size_t PeerRouter::Probe(absl::Span<const ChunkKey> chain, size_t from, absl::Ti
 
 std::map<std::string, uint64_t> PeerRouter::PeerChunks(absl::Time deadline) {
   std::shared_ptr<const View> v = view();
-  struct Ask {
-    v1::LookupRequest req;
-    v1::ProbeResponse resp;
-    grpc::ClientContext ctx;
-    grpc::Status status;
-  };
-  std::map<std::string, std::unique_ptr<Ask>> asks;
-  Mutex mu;
-  CondVar cv;
-  size_t pending = 0;
-  for (const auto& [node, peer] : v->peers) pending += peer->Failing() ? 0 : 1;
+  std::vector<std::unique_ptr<ProbeCall>> calls;  // no chunks named: the count
   for (const auto& [node, peer] : v->peers) {
     if (peer->Failing()) continue;  // it would only time out again: no count
-    auto a = std::make_unique<Ask>();
-    Ask* raw = a.get();
-    peer->peer_stub->async()->Probe(WithDeadline(&a->ctx, deadline), &a->req, &a->resp,
-                                    [raw, &mu, &cv, &pending](grpc::Status s) {
-                                      raw->status = std::move(s);
-                                      MutexLock lock(&mu);
-                                      if (--pending == 0) cv.SignalAll();
-                                    });
-    asks[node] = std::move(a);
+    calls.push_back(std::make_unique<ProbeCall>());
+    calls.back()->peer = peer;
   }
-  {
-    MutexLock lock(&mu);
-    while (pending > 0) cv.Wait(&mu);
-  }
+  ProbeAll(calls, deadline);
   std::map<std::string, uint64_t> out;
-  for (auto& [node, a] : asks) {
-    if (a->status.ok()) {
-      out[node] = a->resp.chunks();
-    } else {
-      MaybeSuspect(*v->peers.at(node), FromGrpcStatus(a->status));
-    }
+  for (const std::unique_ptr<ProbeCall>& c : calls) {
+    if (c->status.ok()) out[c->peer->node] = c->resp.chunks();
   }
   return out;
 }

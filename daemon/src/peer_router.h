@@ -109,6 +109,8 @@ class PeerRouter {
   absl::Status FetchFrom(Peer& peer, const ChunkKey& key, absl::Time deadline);
   absl::Status FetchGrpc(Peer& peer, const ChunkKey& key, absl::Time deadline);
   absl::Status Send(Peer& peer, const ChunkKey& key, absl::Time deadline);
+  struct ProbeCall;
+  void ProbeAll(std::vector<std::unique_ptr<ProbeCall>>& calls, absl::Time deadline);
   // Marks a peer failing after an error that says it is unreachable; true if it was such an error.
   bool MaybeSuspect(Peer& peer, const absl::Status& st);
   void Work();
