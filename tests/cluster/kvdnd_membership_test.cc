@@ -8,11 +8,13 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include <fstream>
 #include <thread>
 
 #include "daemon_process.h"
 #include "etcd_process.h"
 #include "kvdn/client/client.h"
+#include "kvdn/daemon/placement.h"
 #include "kvdn/testing/chunks.h"
 #include "kvdn/testing/status_matchers.h"
 #include "kvdn/v1/admin_service.grpc.pb.h"
@@ -119,6 +121,74 @@ TEST_F(KvdndMembershipTest, NodesSeeEachOtherAndAKilledNodeDropsOutWithinTheTtl)
   ASSERT_TRUE(Eventually([&] { return Nodes(a_).size() == 2; }, absl::Seconds(5))) << Logs();
   EXPECT_EQ(c.Stop(), 0);
   EXPECT_TRUE(Eventually([&] { return Nodes(a_).size() == 1; }, absl::Seconds(1)));
+}
+
+// The value of one sample in a daemon's /metrics (-1 when absent).
+double Metric(const DaemonProcess& d, const std::string& sample) {
+  auto [code, body] = testing::HttpGet(d.http_port(), "/metrics");
+  const size_t at = body.find("\n" + sample + " ");
+  if (code != 200 || at == std::string::npos) return -1;
+  return std::atof(body.c_str() + at + sample.size() + 2);
+}
+
+// Writes to node-a that node-b owns are replicated through a bounded queue (here 2 deep): each is
+// sent, found present, or dropped and counted — none lost from the books, none left queued — and
+// node-b holds exactly the ones sent.
+TEST_F(KvdndMembershipTest, EveryWriteForAnotherOwnerIsReplicatedOrCountedAsDropped) {
+  const std::string cfg = dir_a_.path() + "/repl.json";
+  std::ofstream(cfg) << R"({"replication_queue_limit": 2})";
+  std::string err;
+  auto flags = Flags("node-a");
+  flags.insert(flags.end(), {"--config", cfg});
+  ASSERT_TRUE(a_.Start(flags, &err)) << err;
+  ASSERT_TRUE(b_.Start(Flags("node-b"), &err)) << err;
+  ASSERT_TRUE(Eventually([&] { return Nodes(a_).size() == 2; }, absl::Seconds(5))) << Logs();
+  constexpr int kChunks = 48;
+  const daemon::Placement placement({"node-a", "node-b"});
+  int owned_by_b = 0;
+  for (int i = 0; i < kChunks; ++i) {
+    owned_by_b += placement.Owners(testing::KeyFor(i, "default"), 1)[0] == "node-b" ? 1 : 0;
+  }
+  ASSERT_GT(owned_by_b, 0);
+  const std::vector<uint8_t> chunk = testing::RandomChunk(testing::InfoForBytes(1 << 20), 3);
+  std::vector<std::thread> writers;
+  for (int w = 0; w < 4; ++w) {
+    writers.emplace_back([&, w] {
+      client::ClientOptions o;
+      o.target = a_.unix_target();
+      o.model = {"m", 4, 8, 128, Dtype::kBFloat16, 16};
+      auto c = client::Client::Connect(o);
+      ASSERT_TRUE(c.ok()) << c.status();
+      for (int i = w; i < kChunks; i += 4) {
+        ASSERT_TRUE((*c)->PutEncoded(testing::KeyFor(i, "default"), chunk).ok());
+      }
+    });
+  }
+  for (auto& t : writers) t.join();
+  auto books = [&] {
+    double n = 0;
+    for (const char* r : {"sent", "present", "failed", "dropped"}) {
+      n += Metric(a_, absl::StrCat("kvdn_replication_total{result=\"", r, "\"}"));
+    }
+    return n;
+  };
+  EXPECT_TRUE(Eventually([&] { return books() == owned_by_b; }, absl::Seconds(20)))
+      << books() << " of " << owned_by_b;
+  std::fprintf(stderr, "replication of %d writes: %.0f sent, %.0f present, %.0f dropped\n",
+               owned_by_b, Metric(a_, "kvdn_replication_total{result=\"sent\"}"),
+               Metric(a_, "kvdn_replication_total{result=\"present\"}"),
+               Metric(a_, "kvdn_replication_total{result=\"dropped\"}"));
+  EXPECT_EQ(Metric(a_, "kvdn_replication_queue_depth"), 0);
+  EXPECT_EQ(Metric(a_, "kvdn_replication_total{result=\"failed\"}"), 0);
+  auto stub = v1::AdminService::NewStub(client::MakeChannel(b_.unix_target()));
+  grpc::ClientContext ctx;
+  v1::ListMembersResponse r;
+  ASSERT_TRUE(stub->ListMembers(&ctx, {}, &r).ok());
+  for (const auto& m : r.members()) {
+    if (m.node() == "node-b") {
+      EXPECT_EQ(m.chunks(), Metric(a_, "kvdn_replication_total{result=\"sent\"}"));
+    }
+  }
 }
 
 TEST_F(KvdndMembershipTest, EtcdDownMeansDegradedButServing) {
