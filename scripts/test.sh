@@ -2,7 +2,7 @@
 # The README's test command: installs missing packages, configures, builds and runs every test that
 # this machine can run (GPU tests skip themselves without a GPU).
 #   scripts/test.sh            default preset (RelWithDebInfo), all tests
-#   scripts/test.sh asan       unit tests under AddressSanitizer + UBSan
+#   scripts/test.sh asan       unit, integration and cluster tests under AddressSanitizer + UBSan
 #   scripts/test.sh tsan       unit tests under ThreadSanitizer
 #   scripts/test.sh fuzz [S]   the libFuzzer targets for S seconds each (default 60)
 set -euo pipefail
