@@ -65,9 +65,10 @@ absl::Status DoLookup(ServerState& state, grpc::ServerContext* ctx, const v1::Lo
   resp->set_matched_chunks(static_cast<uint32_t>(r.matched));
   for (storage::TierKind t : r.tiers) resp->add_tiers(TierToProto(t));
   if (forward && r.matched < chain.size() && state.HasPeers()) {
-    const size_t remote = state.router->Probe(chain, r.matched, CallDeadline(state, ctx));
+    std::vector<v1::Tier> tiers;
+    const size_t remote = state.router->Probe(chain, r.matched, CallDeadline(state, ctx), &tiers);
     resp->set_matched_chunks(static_cast<uint32_t>(r.matched + remote));
-    for (size_t i = 0; i < remote; ++i) resp->add_tiers(v1::TIER_REMOTE);
+    for (v1::Tier t : tiers) resp->add_tiers(t);
     if (remote > 0 && !state.config.peer_prefetch_disabled()) {
       // Each candidate may cost a peer deadline; R owners and one more.
       const absl::Duration budget = absl::Milliseconds(state.config.peer_timeout_ms()) *

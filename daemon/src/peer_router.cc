@@ -416,8 +416,10 @@ void PeerRouter::ProbeAll(std::vector<std::unique_ptr<ProbeCall>>& calls, absl::
   }
 }
 
-size_t PeerRouter::Probe(absl::Span<const ChunkKey> chain, size_t from, absl::Time deadline) {
+size_t PeerRouter::Probe(absl::Span<const ChunkKey> chain, size_t from, absl::Time deadline,
+                         std::vector<v1::Tier>* tiers) {
   std::shared_ptr<const View> v = view();
+  tiers->clear();
   if (from >= chain.size() || v->peers.empty()) return 0;
   // One request per peer, for the chunks it may hold; index[k][j]: the chain position of the
   // j-th hash asked of calls[k].
@@ -425,10 +427,12 @@ size_t PeerRouter::Probe(absl::Span<const ChunkKey> chain, size_t from, absl::Ti
   std::vector<std::vector<size_t>> index;
   absl::flat_hash_map<std::string, size_t> call_of;
   std::vector<bool> present(chain.size(), false);
+  std::vector<v1::Tier> where(chain.size(), v1::TIER_REMOTE);
   for (size_t i = from; i < chain.size(); ++i) {
     // Past the local prefix this node may still hold some (those it owns, or fetched before).
-    if (state_.store->Describe(chain[i]).ok()) {
+    if (auto here = state_.store->Describe(chain[i]); here.ok()) {
       present[i] = true;
+      where[i] = TierToProto(here->tier);
       continue;
     }
     for (std::shared_ptr<Peer>& p : Candidates(*v, chain[i])) {
@@ -455,6 +459,7 @@ size_t PeerRouter::Probe(absl::Span<const ChunkKey> chain, size_t from, absl::Ti
   }
   size_t n = 0;
   while (from + n < chain.size() && present[from + n]) ++n;
+  tiers->assign(where.begin() + from, where.begin() + from + n);
   return n;
 }
 

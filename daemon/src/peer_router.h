@@ -71,8 +71,10 @@ class PeerRouter {
   // the background, a bounded number at a time; Gets for them then wait for those fetches.
   void Prefetch(absl::Span<const ChunkKey> keys, absl::Time deadline);
   // How many of chain[from], chain[from + 1], ... in a row this node or the peers hold (the peers
-  // asked in parallel, one call each, for what is not here).
-  size_t Probe(absl::Span<const ChunkKey> chain, size_t from, absl::Time deadline);
+  // asked in parallel, one call each, for what is not here). `tiers` gets where each of them is:
+  // this node's fastest tier, or TIER_REMOTE.
+  size_t Probe(absl::Span<const ChunkKey> chain, size_t from, absl::Time deadline,
+               std::vector<v1::Tier>* tiers);
   // Queues a chunk a client wrote here for its owners.
   void Replicate(const ChunkKey& key);
   size_t queue_depth() const;

@@ -25,6 +25,7 @@
 #include "kvdn/daemon/placement.h"
 #include "kvdn/testing/waiting.h"
 #include "kvdn/v1/admin_service.grpc.pb.h"
+#include "kvdn/v1/kv_service.grpc.pb.h"
 
 namespace kvdn {
 namespace {
@@ -224,9 +225,25 @@ TEST_F(NetnsClusterTest, ALookupReadsAheadWhatThePeersHold) {
   Save(1);
   WaitReplicated(1);
   const auto owned = Owned({"node1", "node2", "node3"}, 1);
-  auto c3 = ClientFor(3);
-  ASSERT_NE(c3, nullptr);
-  EXPECT_EQ(c3->Lookup(tokens_).value_or(0), tokens_.size());
+  {
+    // Where the chunks are, as node3's Lookup says: its own in host memory, the rest remote.
+    auto stub = v1::KvService::NewStub(client::MakeChannel(cluster_->Grpc(3)));
+    grpc::ClientContext ctx;
+    v1::LookupRequest req;
+    req.set_namespace_("netns");
+    req.set_fingerprint(keys_[0].fingerprint);
+    for (const ChunkKey& k : keys_) {
+      const std::array<uint8_t, 16> h = k.prefix_hash.Canonical();
+      req.add_prefix_hashes(h.data(), h.size());
+    }
+    v1::LookupResponse resp;
+    ASSERT_TRUE(stub->Lookup(&ctx, req, &resp).ok());
+    EXPECT_EQ(resp.matched_chunks(), static_cast<uint32_t>(kChunks));
+    EXPECT_EQ(std::count(resp.tiers().begin(), resp.tiers().end(), v1::TIER_HOST),
+              owned.at("node3"));
+    EXPECT_EQ(std::count(resp.tiers().begin(), resp.tiers().end(), v1::TIER_REMOTE),
+              kChunks - owned.at("node3"));
+  }
   EXPECT_TRUE(Eventually([&] { return Members(3)["node3"] == kChunks; }, absl::Seconds(10)));
   EXPECT_EQ(Metric(3, "kvdn_peer_prefetch_total"), kChunks - owned.at("node3"));
   EXPECT_EQ(LoadAndCheck(3), static_cast<size_t>(kChunks));
