@@ -474,12 +474,12 @@ grpc::Status PeerServiceImpl::Probe(grpc::ServerContext* ctx, const v1::LookupRe
   CallScope call(state_, Method::kPeerProbe, ctx);
   if (!call.admitted().ok()) return call.Finish(call.admitted());
   if (req->prefix_hashes_size() == 0) {  // a member list's question: how much is stored here
-    resp->set_chunks(state_.store->List({}).size());
+    resp->set_chunks(state_.store->ChunkCount());
     return call.Finish(absl::OkStatus());
   }
   auto chain = ChainOf(state_, *req);
   if (!chain.ok()) return call.Finish(chain.status());
-  for (const ChunkKey& key : *chain) resp->add_present(state_.store->Describe(key).ok());
+  for (const ChunkKey& key : *chain) resp->add_present(state_.store->Where(key).has_value());
   return call.Finish(absl::OkStatus());
 }
 

@@ -280,14 +280,14 @@ void PeerRouter::Prefetch(absl::Span<const ChunkKey> keys, absl::Time deadline) 
     prefetch_queued_.fetch_add(1);
     prefetch_pool_.Submit([this, key, deadline] {
       prefetch_queued_.fetch_sub(1);
-      if (state_.store->Describe(key).ok()) return;  // here already (a Get fetched it first)
+      if (state_.store->Where(key)) return;  // here already (a Get fetched it first)
       if (Fetch(key, deadline).ok()) prefetched_->Inc();
     });
   }
 }
 
 absl::Status PeerRouter::FetchNow(const ChunkKey& key, absl::Time deadline) {
-  if (state_.store->Describe(key).ok()) return absl::OkStatus();  // fetched by the one before
+  if (state_.store->Where(key)) return absl::OkStatus();  // fetched by the one before
   std::shared_ptr<const View> v = view();
   for (const std::shared_ptr<Peer>& peer : Candidates(*v, key)) {
     const absl::Time now = absl::Now();
@@ -430,9 +430,9 @@ size_t PeerRouter::Probe(absl::Span<const ChunkKey> chain, size_t from, absl::Ti
   std::vector<v1::Tier> where(chain.size(), v1::TIER_REMOTE);
   for (size_t i = from; i < chain.size(); ++i) {
     // Past the local prefix this node may still hold some (those it owns, or fetched before).
-    if (auto here = state_.store->Describe(chain[i]); here.ok()) {
+    if (std::optional<storage::TierKind> here = state_.store->Where(chain[i])) {
       present[i] = true;
-      where[i] = TierToProto(here->tier);
+      where[i] = TierToProto(*here);
       continue;
     }
     for (std::shared_ptr<Peer>& p : Candidates(*v, chain[i])) {

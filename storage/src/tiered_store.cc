@@ -422,6 +422,22 @@ namespace {
 TierKind FastestTier(int mem) { return static_cast<TierKind>(mem != kNone ? mem : kDisk); }
 }  // namespace
 
+std::optional<TierKind> TieredStore::Where(const ChunkKey& key) const {
+  State& s = *state_;
+  MutexLock lock(&s.mu);
+  auto it = s.index.find(key);
+  if (it == s.index.end() || it->second.doomed) return std::nullopt;
+  return FastestTier(it->second.mem);
+}
+
+size_t TieredStore::ChunkCount() const {
+  State& s = *state_;
+  MutexLock lock(&s.mu);
+  size_t n = 0;
+  for (const auto& [key, e] : s.index) n += e.doomed ? 0 : 1;
+  return n;
+}
+
 std::vector<ChunkRecord> TieredStore::List(const ListFilter& filter) const {
   State& s = *state_;
   MutexLock lock(&s.mu);

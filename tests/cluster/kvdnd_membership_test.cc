@@ -125,10 +125,7 @@ TEST_F(KvdndMembershipTest, NodesSeeEachOtherAndAKilledNodeDropsOutWithinTheTtl)
 
 // The value of one sample in a daemon's /metrics (-1 when absent).
 double Metric(const DaemonProcess& d, const std::string& sample) {
-  auto [code, body] = testing::HttpGet(d.http_port(), "/metrics");
-  const size_t at = body.find("\n" + sample + " ");
-  if (code != 200 || at == std::string::npos) return -1;
-  return std::atof(body.c_str() + at + sample.size() + 2);
+  return testing::MetricSample(d.http_port(), sample);
 }
 
 // Writes to node-a that node-b owns are replicated through a bounded queue (here 2 deep): each is

@@ -183,10 +183,7 @@ class NetnsClusterTest : public ::testing::Test {
 
   // The value of one sample of node's /metrics (-1 when absent).
   double Metric(int node, const std::string& sample) {
-    auto [code, body] = testing::HttpGet(9470, "/metrics", cluster_->Ip(node));
-    const size_t at = body.find("\n" + sample + " ");
-    if (code != 200 || at == std::string::npos) return -1;
-    return std::atof(body.c_str() + at + sample.size() + 2);
+    return testing::MetricSample(9470, sample, cluster_->Ip(node));
   }
 
   std::unique_ptr<NetnsCluster> cluster_;

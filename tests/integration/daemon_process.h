@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -164,6 +165,15 @@ inline std::pair<int, std::string> HttpGet(int port, const std::string& path,
   const size_t body = resp.find("\r\n\r\n");
   if (sp == std::string::npos || body == std::string::npos) return {-1, resp};
   return {std::atoi(resp.c_str() + sp + 1), resp.substr(body + 4)};
+}
+
+// The value of one sample ("name{labels}") of the /metrics at host:port, -1 when absent.
+inline double MetricSample(int port, const std::string& sample,
+                           const std::string& host = "127.0.0.1") {
+  auto [code, body] = HttpGet(port, "/metrics", host);
+  const size_t at = body.find("\n" + sample + " ");
+  if (code != 200 || at == std::string::npos) return -1;
+  return std::atof(body.c_str() + at + sample.size() + 2);
 }
 
 // Runs a shell command; returns {exit code, stdout}. stderr goes to `err` when given.

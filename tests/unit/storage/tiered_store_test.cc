@@ -449,7 +449,11 @@ TEST_F(TieredStoreTest, ListDescribeAndPersistToDisk) {
   EXPECT_EQ(rec.size, chunks[0].size());
   ASSERT_OK(s->Release(l.id));
   EXPECT_THAT(s->Describe(KeyFor(9, "a")), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_EQ(s->Where(KeyFor(0, "a")), TierKind::kHost);
+  EXPECT_EQ(s->Where(KeyFor(9, "a")), std::nullopt);
+  EXPECT_EQ(s->ChunkCount(), 5u);
   ASSERT_OK_AND_ASSIGN(uint64_t n, s->PersistToDisk());
+  EXPECT_EQ(s->ChunkCount(), 5u);  // a chunk on two tiers counts once
   EXPECT_EQ(n, 5u);
   EXPECT_EQ(s->List({.tier = TierKind::kDisk}).size(), 5u);
   ASSERT_OK_AND_ASSIGN(n, s->PersistToDisk());

@@ -195,6 +195,11 @@ class TieredStore {
   std::vector<ChunkRecord> List(const ListFilter& filter) const;
   // One chunk's record; NOT_FOUND if absent.
   absl::StatusOr<ChunkRecord> Describe(const ChunkKey& key) const;
+  // The fastest tier holding `key`, nullopt if it is not stored. Unlike Describe it counts no
+  // leases: cheap enough for per-chunk checks on a request path.
+  std::optional<TierKind> Where(const ChunkKey& key) const;
+  // Chunks stored (each once, whatever tiers hold it).
+  size_t ChunkCount() const;
   // Writes memory-only chunks to the disk tier while it has room (without evicting disk chunks),
   // most recently used first, then syncs it; for a graceful shutdown, so a restart finds them.
   // Returns how many were written. FAILED_PRECONDITION without a disk tier.
