@@ -7,12 +7,17 @@
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
+#include <optional>
 #include <thread>
+#include <vector>
 
+#include "absl/algorithm/container.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "google/protobuf/util/json_util.h"
 #include "kvdn/common/chunk_key.h"
 #include "kvdn/common/defaults.h"
@@ -22,20 +27,6 @@ namespace {
 
 constexpr uint64_t kMiB = uint64_t{1} << 20;
 constexpr uint64_t kGiB = uint64_t{1} << 30;
-
-// MemAvailable from /proc/meminfo, in bytes; 0 when unreadable.
-uint64_t AvailableMemory() {
-  std::ifstream in("/proc/meminfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (absl::StartsWith(line, "MemAvailable:")) {
-      std::vector<absl::string_view> parts = absl::StrSplit(line, ' ', absl::SkipEmpty());
-      uint64_t kib = 0;
-      if (parts.size() >= 2 && absl::SimpleAtoi(parts[1], &kib)) return kib * 1024;
-    }
-  }
-  return 0;
-}
 
 // Free bytes on the filesystem holding `path` (or its nearest existing parent).
 uint64_t FreeDiskBytes(std::string path) {
@@ -61,6 +52,85 @@ absl::Status Bad(absl::string_view field, absl::string_view why) {
 }
 
 }  // namespace
+
+namespace {
+
+// The whole file, trimmed; nullopt when it cannot be read.
+std::optional<std::string> ReadTrimmed(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return std::nullopt;
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return std::string(absl::StripAsciiWhitespace(ss.str()));
+}
+
+// A byte count from a cgroup file; nullopt for "max", a v1 "no limit" (>= 2^62), or junk.
+std::optional<uint64_t> ReadLimit(const std::string& path) {
+  std::optional<std::string> text = ReadTrimmed(path);
+  uint64_t v = 0;
+  if (!text || *text == "max" || !absl::SimpleAtoi(*text, &v) || v >= (uint64_t{1} << 62)) {
+    return std::nullopt;
+  }
+  return v;
+}
+
+// limit - usage for a cgroup directory holding both files, or nullopt if it has no limit.
+std::optional<uint64_t> Headroom(const std::string& dir, const char* limit_file,
+                                 const char* usage_file) {
+  std::optional<uint64_t> limit = ReadLimit(absl::StrCat(dir, "/", limit_file));
+  if (!limit) return std::nullopt;
+  uint64_t usage = 0;
+  if (std::optional<std::string> u = ReadTrimmed(absl::StrCat(dir, "/", usage_file))) {
+    (void)absl::SimpleAtoi(*u, &usage);
+  }
+  return *limit > usage ? *limit - usage : 0;
+}
+
+}  // namespace
+
+uint64_t MemoryAvailableToProcess(const std::string& root) {
+  std::optional<uint64_t> avail;
+  {
+    std::ifstream in(absl::StrCat(root, "/proc/meminfo"));
+    std::string line;
+    while (std::getline(in, line)) {
+      if (!absl::StartsWith(line, "MemAvailable:")) continue;
+      std::vector<absl::string_view> parts = absl::StrSplit(line, ' ', absl::SkipEmpty());
+      uint64_t kib = 0;
+      if (parts.size() >= 2 && absl::SimpleAtoi(parts[1], &kib)) avail = kib * 1024;
+    }
+  }
+  // The cgroups this process is in (/proc/self/cgroup): "0::/path" (v2) or
+  // "N:memory[,...]:/path" (v1). Every level from there up to the mount may carry a limit.
+  std::ifstream in(absl::StrCat(root, "/proc/self/cgroup"));
+  std::string line;
+  while (std::getline(in, line)) {
+    std::vector<std::string> f = absl::StrSplit(line, absl::MaxSplits(':', 2));
+    if (f.size() != 3) continue;
+    const bool v2 = f[0] == "0" && f[1].empty();
+    const bool v1 = absl::c_linear_search(absl::StrSplit(f[1], ','), "memory");
+    if (!v2 && !v1) continue;
+    const std::string mount = absl::StrCat(root, v2 ? "/sys/fs/cgroup" : "/sys/fs/cgroup/memory");
+    const char* limit_file = v2 ? "memory.max" : "memory.limit_in_bytes";
+    const char* usage_file = v2 ? "memory.current" : "memory.usage_in_bytes";
+    // In a container with its own cgroup namespace the path is "/" and the mount is the
+    // container's cgroup; without one the path names the cgroup below the host's mount (or,
+    // where the runtime mounted only the container's own cgroup there, nothing: then the
+    // mount itself is it).
+    std::string rel(absl::StripSuffix(f[2], "/"));
+    std::string dir = absl::StrCat(mount, rel);
+    if (!ReadTrimmed(absl::StrCat(dir, "/", limit_file))) rel.clear(), dir = mount;
+    for (;;) {
+      if (std::optional<uint64_t> h = Headroom(dir, limit_file, usage_file)) {
+        avail = avail ? std::min(*avail, *h) : *h;
+      }
+      if (rel.empty()) break;
+      rel.resize(rel.find_last_of('/') == std::string::npos ? 0 : rel.find_last_of('/'));
+      dir = absl::StrCat(mount, rel);
+    }
+  }
+  return avail.value_or(0);
+}
 
 absl::StatusOr<v1::DaemonConfig> ParseConfigJson(absl::string_view json) {
   v1::DaemonConfig config;
@@ -100,7 +170,7 @@ void ApplyDefaults(v1::DaemonConfig* c) {
   if (c->grpc_address().empty()) c->set_grpc_address("127.0.0.1:7070");
   if (c->http_address().empty()) c->set_http_address("127.0.0.1:9470");
   if (c->host_tier_bytes() == 0) {
-    const uint64_t avail = AvailableMemory();
+    const uint64_t avail = MemoryAvailableToProcess();
     c->set_host_tier_bytes(std::clamp<uint64_t>(avail / 4, 64 * kMiB, 64 * kGiB));
   }
   if (c->disk_tier_bytes() == 0 && !c->disk_tier_disabled()) {

@@ -1,5 +1,10 @@
 #include "kvdn/daemon/config.h"
 
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvdn/testing/status_matchers.h"
@@ -28,6 +33,85 @@ TEST(ConfigTest, EmbeddedDefaultsAreValid) {
   EXPECT_FALSE(c.node_name().empty());
   EXPECT_GE(c.data_plane_threads(), 2u);
   EXPECT_LE(c.data_plane_threads(), 8u);
+}
+
+// A fake machine under a temp root: /proc/meminfo, /proc/self/cgroup and cgroup files.
+class FakeRoot {
+ public:
+  FakeRoot() {
+    root_ = std::filesystem::temp_directory_path() /
+            ("kvdn-memroot-" + std::to_string(::getpid()) + "-" + std::to_string(next_++));
+    std::filesystem::remove_all(root_);
+  }
+  ~FakeRoot() { std::filesystem::remove_all(root_); }
+  void Write(const std::string& rel, const std::string& text) {
+    const std::filesystem::path p = root_ / rel;
+    std::filesystem::create_directories(p.parent_path());
+    std::ofstream(p) << text;
+  }
+  std::string path() const { return root_.string(); }
+
+ private:
+  static inline int next_ = 0;
+  std::filesystem::path root_;
+};
+
+constexpr uint64_t kGiB = uint64_t{1} << 30;
+
+TEST(ConfigTest, MemoryAvailableIsMemAvailableWithoutALimit) {
+  FakeRoot r;
+  r.Write("proc/meminfo", "MemTotal:       65536000 kB\nMemAvailable:   33554432 kB\n");
+  r.Write("proc/self/cgroup", "0::/\n");
+  r.Write("sys/fs/cgroup/memory.max", "max\n");
+  r.Write("sys/fs/cgroup/memory.current", "123456\n");
+  EXPECT_EQ(MemoryAvailableToProcess(r.path()), 32 * kGiB);
+}
+
+TEST(ConfigTest, MemoryAvailableIsCappedByTheCgroupV2Limit) {
+  // A pod limited to 8 GiB using 1 GiB on a node with 32 GiB available: 7 GiB.
+  FakeRoot r;
+  r.Write("proc/meminfo", "MemAvailable:   33554432 kB\n");
+  r.Write("proc/self/cgroup", "0::/\n");  // its own cgroup namespace
+  r.Write("sys/fs/cgroup/memory.max", std::to_string(8 * kGiB) + "\n");
+  r.Write("sys/fs/cgroup/memory.current", std::to_string(1 * kGiB) + "\n");
+  EXPECT_EQ(MemoryAvailableToProcess(r.path()), 7 * kGiB);
+}
+
+TEST(ConfigTest, MemoryAvailableTakesTheTightestLevelOfTheHierarchy) {
+  // No cgroup namespace: the pod's cgroup (12 GiB limit, 10 used) sits under the container's
+  // (unlimited) and a QoS level (100 GiB).
+  FakeRoot r;
+  r.Write("proc/meminfo", "MemAvailable:   33554432 kB\n");
+  r.Write("proc/self/cgroup", "0::/kubepods/pod1/ctr\n");
+  r.Write("sys/fs/cgroup/kubepods/memory.max", std::to_string(100 * kGiB));
+  r.Write("sys/fs/cgroup/kubepods/memory.current", std::to_string(50 * kGiB));
+  r.Write("sys/fs/cgroup/kubepods/pod1/memory.max", std::to_string(12 * kGiB));
+  r.Write("sys/fs/cgroup/kubepods/pod1/memory.current", std::to_string(10 * kGiB));
+  r.Write("sys/fs/cgroup/kubepods/pod1/ctr/memory.max", "max");
+  r.Write("sys/fs/cgroup/kubepods/pod1/ctr/memory.current", std::to_string(10 * kGiB));
+  EXPECT_EQ(MemoryAvailableToProcess(r.path()), 2 * kGiB);
+}
+
+TEST(ConfigTest, MemoryAvailableReadsCgroupV1) {
+  FakeRoot r;
+  r.Write("proc/meminfo", "MemAvailable:   33554432 kB\n");
+  r.Write("proc/self/cgroup", "12:pids:/x\n4:cpu,cpuacct:/x\n7:memory:/docker/abc\n");
+  // The runtime mounted only the container's own cgroup: /docker/abc is not under the mount.
+  r.Write("sys/fs/cgroup/memory/memory.limit_in_bytes", std::to_string(4 * kGiB));
+  r.Write("sys/fs/cgroup/memory/memory.usage_in_bytes", std::to_string(kGiB / 2));
+  EXPECT_EQ(MemoryAvailableToProcess(r.path()), 4 * kGiB - kGiB / 2);
+  // v1's "no limit" is a huge number, not "max".
+  r.Write("sys/fs/cgroup/memory/memory.limit_in_bytes", "9223372036854771712");
+  EXPECT_EQ(MemoryAvailableToProcess(r.path()), 32 * kGiB);
+}
+
+TEST(ConfigTest, MemoryAvailableWithALimitAlreadyExceededIsZero) {
+  FakeRoot r;
+  r.Write("proc/meminfo", "MemAvailable:   33554432 kB\n");
+  r.Write("proc/self/cgroup", "0::/\n");
+  r.Write("sys/fs/cgroup/memory.max", std::to_string(kGiB));
+  r.Write("sys/fs/cgroup/memory.current", std::to_string(2 * kGiB));
+  EXPECT_EQ(MemoryAvailableToProcess(r.path()), 0u);
 }
 
 TEST(ConfigTest, JsonOverridesAndRoundTrips) {

@@ -3,6 +3,7 @@
 #ifndef KVDN_DAEMON_CONFIG_H_
 #define KVDN_DAEMON_CONFIG_H_
 
+#include <cstdint>
 #include <string>
 
 #include "absl/strings/string_view.h"
@@ -19,6 +20,12 @@ absl::StatusOr<v1::DaemonConfig> ParseConfigJson(absl::string_view json);
 // Fills every zero/empty field with its embedded default (config.proto documents each), reading
 // the machine where a default depends on it (available memory, free disk space, host name).
 void ApplyDefaults(v1::DaemonConfig* config);
+
+// Memory this process may still take, in bytes: MemAvailable (/proc/meminfo), capped by the
+// headroom (limit - usage) of every memory cgroup level it runs under, v1 or v2 — in a container
+// the pod's limit, not the node's memory. 0 when nothing is readable. `root` prefixes every path
+// read (tests).
+uint64_t MemoryAvailableToProcess(const std::string& root = "");
 
 // INVALID_ARGUMENT naming the first field that is out of range. REQUIRES: ApplyDefaults ran.
 absl::Status ValidateConfig(const v1::DaemonConfig& config);
