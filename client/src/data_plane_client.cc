@@ -73,6 +73,7 @@ absl::StatusOr<std::unique_ptr<DataPlaneClient>> DataPlaneClient::Open(
   v1::OpenDataPlaneRequest req;
   req.set_worker_address(dp->transport_->address());
   req.set_pid(same_host ? getpid() : 0);
+  if (same_host) req.set_pid_namespace(transfer::NamespaceId("self", "pid"));
   req.set_client_name(peer_node.empty() ? absl::StrCat("pid ", getpid())
                                         : absl::StrCat("kvdnd ", peer_node));
   req.set_peer_node(peer_node);

@@ -117,6 +117,15 @@ absl::StatusOr<v1::OpenDataPlaneResponse> DataPlane::Open(const v1::OpenDataPlan
     return absl::InvalidArgumentError(
         absl::StrCat("peer_node: ", req.peer_node().size(), " characters, at most 253"));
   }
+  if (local && req.pid_namespace() != 0 && own_pid_namespace_ != 0 &&
+      req.pid_namespace() != own_pid_namespace_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "pid_namespace: client pid ", req.pid(), " is in another pid namespace (",
+        req.pid_namespace(), ") than kvdnd (", own_pid_namespace_,
+        "); shared memory finds its peer by pid and cannot reach it. Run the client and kvdnd in "
+        "one pid namespace (Kubernetes: hostPID: true on both pods, deploy/README.md), or use "
+        "the gRPC data plane"));
+  }
   const Lane* lane;
   {
     MutexLock lock(&mu_);

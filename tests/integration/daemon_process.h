@@ -77,6 +77,7 @@ class DaemonProcess {
       }
     }
     args.insert(args.end(), extra.begin(), extra.end());
+    args.insert(args.begin(), launcher_.begin(), launcher_.end());
     pid_ = fork();
     if (pid_ == 0) {
       FILE* log = std::fopen((dir_ + "/kvdnd.log").c_str(), "a");
@@ -87,7 +88,7 @@ class DaemonProcess {
       std::vector<char*> argv;
       for (auto& a : args) argv.push_back(a.data());
       argv.push_back(nullptr);
-      execv(argv[0], argv.data());
+      execvp(argv[0], argv.data());
       _exit(127);
     }
     for (int i = 0; i < 400; ++i) {
@@ -127,6 +128,11 @@ class DaemonProcess {
     pid_ = -1;
   }
 
+  // A command (and its arguments) kvdnd is started under, e.g. {"unshare", "--pid", "--fork",
+  // "--kill-child"}; it must end kvdnd when it is killed (Kill). Stop needs one that passes
+  // SIGTERM on, which unshare does not.
+  void set_launcher(std::vector<std::string> launcher) { launcher_ = std::move(launcher); }
+
   std::string unix_target() const { return "unix:" + dir_ + "/kvdnd.sock"; }
   std::string tcp_target() const { return absl::StrCat("127.0.0.1:", grpc_port_); }
   int http_port() const { return http_port_; }
@@ -135,6 +141,7 @@ class DaemonProcess {
 
  private:
   std::string dir_;
+  std::vector<std::string> launcher_;
   pid_t pid_ = -1;
   int exit_status_ = -1;
   int grpc_port_ = 0;

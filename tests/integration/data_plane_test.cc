@@ -422,6 +422,45 @@ TEST_F(RawDataPlaneTest, EachBadMessageGetsItsExactStatusAndNothingIsStored) {
   EXPECT_EQ(LeasesActive(daemon_.unix_target()), 0u);
 }
 
+// A DaemonSet kvdnd and an engine pod without hostPID share the unix socket (hostPath) but not the
+// pid namespace, which UCX's shared memory needs: the session is refused with the reason, the
+// SDK (kAuto) goes on over gRPC with identical results, and kUcx says why it cannot.
+TEST(DataPlanePidNamespaceTest, AClientInAnotherPidNamespaceFallsBackToGrpc) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root (unshare --pid)";
+  if (std::system("unshare --pid --fork true >/dev/null 2>&1") != 0) {
+    GTEST_SKIP() << "unshare --pid does not work here";
+  }
+  TempDir dir;
+  DaemonProcess daemon(dir.path());
+  daemon.set_launcher({"unshare", "--pid", "--fork", "--kill-child"});
+  std::string err;
+  ASSERT_TRUE(daemon.Start({}, &err)) << err;
+  using DP = client::ClientOptions::DataPlane;
+  auto any = Connect(daemon.unix_target(), DP::kAuto);
+  auto grpc_only = Connect(daemon.unix_target(), DP::kGrpc);
+  const auto t = Tokens(256 * 2 + 9, 5);
+  std::vector<std::vector<uint8_t>> payloads;
+  for (uint64_t s : any->ChunkPayloadSizes(t.size())) payloads.push_back(RandomBytes(s, 7));
+  std::vector<ByteSpan> spans(payloads.begin(), payloads.end());
+  ASSERT_OK(any->Save(t, spans).status());
+  EXPECT_EQ(any->DataPlaneInUse(), "grpc");
+  std::vector<std::vector<uint8_t>> got;
+  std::vector<MutableByteSpan> bufs;
+  for (uint64_t s : grpc_only->ChunkPayloadSizes(t.size())) got.emplace_back(s, 0);
+  for (auto& g : got) bufs.emplace_back(g);
+  ASSERT_OK_AND_ASSIGN(auto r, grpc_only->Load(t, bufs));
+  EXPECT_EQ(r.tokens, t.size());
+  for (size_t i = 0; i < got.size(); ++i) EXPECT_TRUE(got[i] == payloads[i]) << "chunk " << i;
+  auto ucx = Connect(daemon.unix_target(), DP::kUcx);
+  const auto fresh = Tokens(256, 6);  // not stored yet: Save has to move it
+  const ByteSpan one[1] = {spans[0]};
+  EXPECT_THAT(ucx->Save(fresh, one).status(),
+              StatusIs(absl::StatusCode::kUnavailable, HasSubstr("another pid namespace")));
+  EXPECT_EQ(LeasesActive(daemon.unix_target()), 0u);
+  // Killed, not stopped: unshare does not pass SIGTERM on (its --kill-child ends kvdnd).
+  EXPECT_THAT(daemon.log(), ::testing::Not(HasSubstr("Caught signal")));
+}
+
 TEST(DataPlaneOffTest, ADaemonWithoutUcxServesGrpcAndRefusesUcxPrecisely) {
   TempDir dir;
   DaemonProcess daemon(dir.path());

@@ -2,6 +2,7 @@
 // a table of bad requests (each with its exact status, the daemon healthy after), drain,
 // /metrics through promtool, and every kvdnctl subcommand.
 #include <grpcpp/grpcpp.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <random>
@@ -17,6 +18,7 @@
 #include "kvdn/proto/grpc_status.h"
 #include "kvdn/testing/chunks.h"
 #include "kvdn/testing/status_matchers.h"
+#include "kvdn/transfer/ucx_transport.h"
 #include "kvdn/v1/admin_service.grpc.pb.h"
 #include "kvdn/v1/kv_service.grpc.pb.h"
 #include "kvdn/v1/peer_service.grpc.pb.h"
@@ -423,6 +425,18 @@ TEST_F(BadRequestTest, EachGetsItsExactStatusAndTheDaemonStaysHealthy) {
          return FromGrpcStatus(stub_->OpenDataPlane(&ctx, rq, &r));
        },
        absl::StatusCode::kInvalidArgument, "peer_node: 300 characters, at most 253"},
+      {"same-host data-plane session from another pid namespace",
+       [&] {
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::OpenDataPlaneRequest rq;
+         rq.set_worker_address("x");
+         rq.set_pid(getpid());
+         rq.set_pid_namespace(transfer::NamespaceId("self", "pid") + 1);
+         v1::OpenDataPlaneResponse r;
+         return FromGrpcStatus(stub_->OpenDataPlane(&ctx, rq, &r));
+       },
+       absl::StatusCode::kFailedPrecondition, "is in another pid namespace"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);

@@ -44,12 +44,6 @@ constexpr char kAddressMagicV1[8] = {'K', 'V', 'D', 'N', 'U', 'C', 'X', '1'};
 constexpr size_t kAddressPrefixV1 = sizeof(kAddressMagic) + 8;
 constexpr size_t kAddressPrefix = kAddressPrefixV1 + 8;
 
-// The network namespace of a process (its inode), 0 when unknown.
-ino_t NetNamespace(const std::string& pid) {
-  struct stat st {};
-  return stat(("/proc/" + pid + "/ns/net").c_str(), &st) == 0 ? st.st_ino : 0;
-}
-
 // A same-host peer in another network namespace does not hear UCX's shared-memory wake-ups: UCX
 // signals a sleeping receiver through an abstract unix socket, and those are per network
 // namespace (a Kubernetes pod and a DaemonSet pod without hostNetwork, say). Its progress thread
@@ -58,8 +52,8 @@ ino_t NetNamespace(const std::string& pid) {
 // write after each message to it; -1 when not needed or not possible.
 int CrossNamespaceWakeFd(int pid, int remote_fd) {
   if (pid <= 0 || remote_fd < 0) return -1;
-  const ino_t mine = NetNamespace("self");
-  const ino_t theirs = NetNamespace(std::to_string(pid));
+  const uint64_t mine = NamespaceId("self", "net");
+  const uint64_t theirs = NamespaceId(std::to_string(pid), "net");
   if (mine == 0 || theirs == 0 || mine == theirs) return -1;
   const int pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
   if (pidfd < 0) return -1;
@@ -810,6 +804,12 @@ void UcxTransport::SetPeerFailureHandler(PeerFailureHandler handler) {
 }
 
 bool UcxTransport::detects_peer_failure() const { return impl_->peer_errors; }
+
+uint64_t NamespaceId(const std::string& pid, const char* kind) {
+  struct stat st {};
+  const std::string path = absl::StrCat("/proc/", pid, "/ns/", kind);
+  return stat(path.c_str(), &st) == 0 ? st.st_ino : 0;
+}
 
 absl::StatusOr<PeerId> UcxTransport::Connect(absl::string_view address,
                                              const ConnectOptions& options) {

@@ -7,6 +7,7 @@
 #ifndef KVDN_TRANSFER_UCX_TRANSPORT_H_
 #define KVDN_TRANSFER_UCX_TRANSPORT_H_
 
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -67,6 +68,11 @@ class UcxTransport final : public Transport {
   explicit UcxTransport(std::shared_ptr<Impl> impl);
   std::shared_ptr<Impl> impl_;  // shared with payloads not yet received and with regions
 };
+
+// The inode of a process's namespace of `kind` ("pid", "net", ...; /proc/<pid>/ns/<kind>), 0 when
+// unreadable. `pid` "self" for this process. UCX's shared memory works only between processes
+// in one pid namespace; its wake-ups only within one network namespace.
+uint64_t NamespaceId(const std::string& pid, const char* kind);
 
 }  // namespace kvdn::transfer
 
