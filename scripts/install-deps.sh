@@ -20,6 +20,8 @@ PACKAGES=(
   etcd-server iproute2
   # tests and benchmarks: promtool checks /metrics; Redis 7 is the e2e benchmark's peer
   libgtest-dev libgmock-dev googletest libbenchmark-dev prometheus redis-server libhiredis-dev
+  # deploy/ checks (tests/deploy): YAML
+  python3 python3-yaml
 )
 
 missing=()
