@@ -51,10 +51,6 @@ absl::Status Bad(absl::string_view field, absl::string_view why) {
   return absl::InvalidArgumentError(absl::StrCat("config field ", field, ": ", why));
 }
 
-}  // namespace
-
-namespace {
-
 // The whole file, trimmed; nullopt when it cannot be read.
 std::optional<std::string> ReadTrimmed(const std::string& path) {
   std::ifstream in(path);
@@ -119,13 +115,17 @@ uint64_t MemoryAvailableToProcess(const std::string& root) {
     // mount itself is it).
     std::string rel(absl::StripSuffix(f[2], "/"));
     std::string dir = absl::StrCat(mount, rel);
-    if (!ReadTrimmed(absl::StrCat(dir, "/", limit_file))) rel.clear(), dir = mount;
+    if (!ReadTrimmed(absl::StrCat(dir, "/", limit_file))) {
+      rel.clear();
+      dir = mount;
+    }
     for (;;) {
       if (std::optional<uint64_t> h = Headroom(dir, limit_file, usage_file)) {
         avail = avail ? std::min(*avail, *h) : *h;
       }
       if (rel.empty()) break;
-      rel.resize(rel.find_last_of('/') == std::string::npos ? 0 : rel.find_last_of('/'));
+      const size_t slash = rel.find_last_of('/');
+      rel.resize(slash == std::string::npos ? 0 : slash);
       dir = absl::StrCat(mount, rel);
     }
   }
