@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <optional>
@@ -169,6 +170,12 @@ class GetCall {
 
 }  // namespace
 
+std::string ResolveTarget(const std::string& target) {
+  if (!target.empty()) return target;
+  if (const char* env = std::getenv("KVDN_TARGET"); env != nullptr && *env != '\0') return env;
+  return absl::StrCat("unix:", DefaultUnixSocket());
+}
+
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(kMaxMessageBytes);
@@ -181,8 +188,7 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target) {
   args.SetInt(GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, 256 << 10);
   // Separate clients get separate connections (the benchmark measures them side by side).
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  const std::string t = target.empty() ? absl::StrCat("unix:", DefaultUnixSocket()) : target;
-  return grpc::CreateCustomChannel(t, grpc::InsecureChannelCredentials(), args);
+  return grpc::CreateCustomChannel(ResolveTarget(target), grpc::InsecureChannelCredentials(), args);
 }
 
 // The registered buffer pool: one mapping, first-fit over 4 KiB-aligned extents. Thread-safe.
@@ -284,7 +290,7 @@ struct Client::Impl {
     if (dp && dp->healthy()) return dp;
     dp.reset();
     if (absl::Now() >= dp_retry_at) {
-      const bool same_host = options.target.empty() || absl::StartsWith(options.target, "unix:");
+      const bool same_host = absl::StartsWith(ResolveTarget(options.target), "unix:");
       auto opened =
           DataPlaneClient::Open(stub.get(), same_host, options.ucx_transports, options.deadline);
       if (opened.ok() && pool && pool->base() != nullptr) {

@@ -631,6 +631,32 @@ TEST_F(KvdndTest, KvdnctlSubcommands) {
       std::string(KVDN_KVDNCTL_PATH) + " --timeout 1 --target unix:/nonexistent.sock stats", &err);
   EXPECT_EQ(rc, 3);
   EXPECT_THAT(err, HasSubstr("UNAVAILABLE"));
+
+  // No --target: KVDN_TARGET names the daemon (as a pod spec would); --target still wins.
+  std::tie(rc, out) = testing::RunCommand("KVDN_TARGET=" + daemon_.unix_target() + " " +
+                                          KVDN_KVDNCTL_PATH + " health");
+  EXPECT_EQ(rc, 0);
+  EXPECT_THAT(out, HasSubstr("SERVING"));
+  std::tie(rc, out) =
+      testing::RunCommand("KVDN_TARGET=unix:/nonexistent.sock " + std::string(KVDN_KVDNCTL_PATH) +
+                          " --target " + daemon_.unix_target() + " health");
+  EXPECT_EQ(rc, 0);
+}
+
+TEST_F(KvdndTest, AnEmptyTargetMeansKvdnTargetFromTheEnvironment) {
+  ASSERT_EQ(setenv("KVDN_TARGET", daemon_.unix_target().c_str(), 1), 0);
+  EXPECT_EQ(client::ResolveTarget(""), daemon_.unix_target());
+  EXPECT_EQ(client::ResolveTarget("127.0.0.1:1"), "127.0.0.1:1");
+  auto c = Connect("");  // data plane kAuto: a unix target, so shared memory
+  const auto tokens = Tokens(16 * 2, 9);
+  auto payloads = Payloads(*c, tokens.size(), 9);
+  ASSERT_OK(c->Save(tokens, Spans(payloads)).status());
+  ASSERT_OK_AND_ASSIGN(auto found, c->Lookup(tokens));
+  EXPECT_EQ(found, tokens.size());
+  EXPECT_THAT(c->DataPlaneInUse(), HasSubstr("posix"));
+  ASSERT_EQ(unsetenv("KVDN_TARGET"), 0);
+  EXPECT_THAT(client::ResolveTarget(""), ::testing::StartsWith("unix:"));
+  EXPECT_NE(client::ResolveTarget(""), daemon_.unix_target());
 }
 
 TEST(KvdndConfigTest, InvalidConfigFailsAtStartNamingTheField) {

@@ -42,8 +42,9 @@ class Channel;
 namespace kvdn::client {
 
 struct ClientOptions {
-  // gRPC target: "unix:/path/to/kvdnd.sock" or "host:port". Empty: the local daemon's default
-  // unix socket (common/defaults.h).
+  // gRPC target: "unix:/path/to/kvdnd.sock" or "host:port". Empty: the KVDN_TARGET environment
+  // variable when set (a pod spec names its node's socket there), else the local daemon's
+  // default unix socket (common/defaults.h).
   std::string target;
   // The tenant and the model whose KV this client moves.
   std::string ns = "default";
@@ -159,8 +160,12 @@ class Client {
   std::unique_ptr<Impl> impl_;
 };
 
-// The gRPC channel the client uses for `target` (unix socket or host:port), with kvdn's message
-// size limits. Empty target: the local daemon's default unix socket.
+// The target an empty one stands for: $KVDN_TARGET when set and not empty, else
+// "unix:<the local daemon's default socket>". A non-empty target is returned as is.
+std::string ResolveTarget(const std::string& target);
+
+// The gRPC channel the client uses for `target` (unix socket or host:port; ResolveTarget), with
+// kvdn's message size limits.
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target);
 
 }  // namespace kvdn::client
