@@ -241,9 +241,10 @@ int main(int argc, char** argv) {
   CLI::App app{"kvdnctl: inspect and manage a kvdnd"};
   app.require_subcommand(1);
   Globals g;
-  app.add_option("-t,--target", g.target,
-                 "kvdnd address: unix:/path or host:port (default: $KVDN_TARGET, else the local unix "
-                 "socket)");
+  app.add_option(
+      "-t,--target", g.target,
+      "kvdnd address: unix:/path or host:port (default: $KVDN_TARGET, else the local unix "
+      "socket)");
   app.add_flag("--json", g.json, "print JSON instead of tables");
   app.add_option("--timeout", g.timeout_s, "seconds to wait for the daemon")
       ->check(CLI::PositiveNumber);
