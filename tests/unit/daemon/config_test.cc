@@ -50,6 +50,12 @@ class FakeRoot {
     std::ofstream(p) << text;
   }
   std::string path() const { return root_.string(); }
+  // A cgroup v2 level under /sys/fs/cgroup (dir "" for the mount itself): memory.max, .current.
+  void V2Level(const std::string& dir, const std::string& max, uint64_t current) {
+    const std::string base = "sys/fs/cgroup/" + (dir.empty() ? "" : dir + "/");
+    Write(base + "memory.max", max);
+    Write(base + "memory.current", std::to_string(current));
+  }
 
  private:
   static inline int next_ = 0;
@@ -62,8 +68,7 @@ TEST(ConfigTest, MemoryAvailableIsMemAvailableWithoutALimit) {
   FakeRoot r;
   r.Write("proc/meminfo", "MemTotal:       65536000 kB\nMemAvailable:   33554432 kB\n");
   r.Write("proc/self/cgroup", "0::/\n");
-  r.Write("sys/fs/cgroup/memory.max", "max\n");
-  r.Write("sys/fs/cgroup/memory.current", "123456\n");
+  r.V2Level("", "max\n", 123456);
   EXPECT_EQ(MemoryAvailableToProcess(r.path()), 32 * kGiB);
 }
 
@@ -72,8 +77,7 @@ TEST(ConfigTest, MemoryAvailableIsCappedByTheCgroupV2Limit) {
   FakeRoot r;
   r.Write("proc/meminfo", "MemAvailable:   33554432 kB\n");
   r.Write("proc/self/cgroup", "0::/\n");  // its own cgroup namespace
-  r.Write("sys/fs/cgroup/memory.max", std::to_string(8 * kGiB) + "\n");
-  r.Write("sys/fs/cgroup/memory.current", std::to_string(1 * kGiB) + "\n");
+  r.V2Level("", std::to_string(8 * kGiB) + "\n", 1 * kGiB);
   EXPECT_EQ(MemoryAvailableToProcess(r.path()), 7 * kGiB);
 }
 
@@ -83,12 +87,9 @@ TEST(ConfigTest, MemoryAvailableTakesTheTightestLevelOfTheHierarchy) {
   FakeRoot r;
   r.Write("proc/meminfo", "MemAvailable:   33554432 kB\n");
   r.Write("proc/self/cgroup", "0::/kubepods/pod1/ctr\n");
-  r.Write("sys/fs/cgroup/kubepods/memory.max", std::to_string(100 * kGiB));
-  r.Write("sys/fs/cgroup/kubepods/memory.current", std::to_string(50 * kGiB));
-  r.Write("sys/fs/cgroup/kubepods/pod1/memory.max", std::to_string(12 * kGiB));
-  r.Write("sys/fs/cgroup/kubepods/pod1/memory.current", std::to_string(10 * kGiB));
-  r.Write("sys/fs/cgroup/kubepods/pod1/ctr/memory.max", "max");
-  r.Write("sys/fs/cgroup/kubepods/pod1/ctr/memory.current", std::to_string(10 * kGiB));
+  r.V2Level("kubepods", std::to_string(100 * kGiB), 50 * kGiB);
+  r.V2Level("kubepods/pod1", std::to_string(12 * kGiB), 10 * kGiB);
+  r.V2Level("kubepods/pod1/ctr", "max", 10 * kGiB);
   EXPECT_EQ(MemoryAvailableToProcess(r.path()), 2 * kGiB);
 }
 
@@ -109,8 +110,7 @@ TEST(ConfigTest, MemoryAvailableWithALimitAlreadyExceededIsZero) {
   FakeRoot r;
   r.Write("proc/meminfo", "MemAvailable:   33554432 kB\n");
   r.Write("proc/self/cgroup", "0::/\n");
-  r.Write("sys/fs/cgroup/memory.max", std::to_string(kGiB));
-  r.Write("sys/fs/cgroup/memory.current", std::to_string(2 * kGiB));
+  r.V2Level("", std::to_string(kGiB), 2 * kGiB);
   EXPECT_EQ(MemoryAvailableToProcess(r.path()), 0u);
 }
 
