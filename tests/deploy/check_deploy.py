@@ -68,6 +68,11 @@ def check_manifests(repo):
                            f"{res}: a document without apiVersion, kind or metadata.name")
                 if ok:
                     objects[(d["kind"], name)] = d
+    # The image tag the kustomization deploys is the version the build stamps into kvdnd.
+    version = re.search(r"project\(kvdn VERSION (\S+)", open(os.path.join(repo, "CMakeLists.txt")).read())
+    tags = {i["name"]: i.get("newTag") for i in load_docs(os.path.join(k8s, "kustomization.yaml"))[0].get("images", [])}
+    check(version and tags.get("kvdn/kvdnd") == version.group(1),
+          f"kustomization deploys kvdn/kvdnd:{tags.get('kvdn/kvdnd')}, the project is {version and version.group(1)}")
     for path in [os.path.join(k8s, "examples", f) for f in os.listdir(os.path.join(k8s, "examples"))]:
         for d in load_docs(path):
             check(d.get("apiVersion") and d.get("kind"), f"{path}: no apiVersion or kind")
@@ -187,6 +192,8 @@ def check_daemon_config(objects, kvdnd, tmp):
     check(spec.get("dnsPolicy") == "ClusterFirstWithHostNet" or not spec.get("hostNetwork"),
           "hostNetwork without dnsPolicy ClusterFirstWithHostNet: etcd's Service name will not resolve")
     limit = quantity_bytes(c["resources"]["limits"]["memory"])
+    check(quantity_bytes(c["resources"]["requests"]["memory"]) == limit,
+          "kvdnd's memory request differs from its limit: it could be evicted while within its limit")
     need = int(eff["host_tier_bytes"]) + (1 << 30)
     check(limit >= need, f"memory limit {limit} < host tier {eff['host_tier_bytes']} + 1 GiB: OOM-killed at start")
     grace = spec.get("terminationGracePeriodSeconds", 30)
