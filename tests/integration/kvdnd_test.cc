@@ -9,6 +9,7 @@
 #include <string>
 #include <thread>
 
+#include "absl/cleanup/cleanup.h"
 #include "daemon_process.h"
 #include "gmock/gmock.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -645,6 +646,7 @@ TEST_F(KvdndTest, KvdnctlSubcommands) {
 
 TEST_F(KvdndTest, AnEmptyTargetMeansKvdnTargetFromTheEnvironment) {
   ASSERT_EQ(setenv("KVDN_TARGET", daemon_.unix_target().c_str(), 1), 0);
+  absl::Cleanup unset = [] { unsetenv("KVDN_TARGET"); };  // also when an assertion returns early
   EXPECT_EQ(client::ResolveTarget(""), daemon_.unix_target());
   EXPECT_EQ(client::ResolveTarget("127.0.0.1:1"), "127.0.0.1:1");
   auto c = Connect("");  // data plane kAuto: a unix target, so shared memory
@@ -654,7 +656,7 @@ TEST_F(KvdndTest, AnEmptyTargetMeansKvdnTargetFromTheEnvironment) {
   ASSERT_OK_AND_ASSIGN(auto found, c->Lookup(tokens));
   EXPECT_EQ(found, tokens.size());
   EXPECT_THAT(c->DataPlaneInUse(), HasSubstr("posix"));
-  ASSERT_EQ(unsetenv("KVDN_TARGET"), 0);
+  std::move(unset).Invoke();
   EXPECT_THAT(client::ResolveTarget(""), ::testing::StartsWith("unix:"));
   EXPECT_NE(client::ResolveTarget(""), daemon_.unix_target());
 }
