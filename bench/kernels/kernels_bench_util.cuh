@@ -97,13 +97,14 @@ struct Timer {
     cudaEventDestroy(a);
     cudaEventDestroy(b);
   }
+  // Median milliseconds of `reps` runs of f(i) (after 3 warm-ups), events recorded on `stream`.
   template <typename F>
-  double MedianMs(int reps, F&& f) {
+  double MedianMs(int reps, F&& f, cudaStream_t stream = nullptr) {
     std::vector<float> t;
     for (int i = 0; i < reps + 3; ++i) {
-      CHECK_CUDA(cudaEventRecord(a));
+      CHECK_CUDA(cudaEventRecord(a, stream));
       f(i);
-      CHECK_CUDA(cudaEventRecord(b));
+      CHECK_CUDA(cudaEventRecord(b, stream));
       CHECK_CUDA(cudaEventSynchronize(b));
       float ms;
       CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
@@ -186,6 +187,30 @@ class DecodeSetup {
     });
     cudaFree(ws);
     return us;
+  }
+
+  // GPU microseconds per launch of `a` as an engine that replays CUDA graphs sees them (no host
+  // launch or planning cost): `per_graph` launches (KV pools rotated launch by launch) captured in
+  // one graph on `stream`, median over `reps` replays, divided by `per_graph`.
+  double TimeGraphUs(Timer& timer, DecodeAttentionArgs a, int reps, cudaStream_t stream) {
+    void* ws = AttachWorkspace(&a);
+    const int per_graph = std::max<int>(static_cast<int>(k_.size()), 10);
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
+    for (int i = 0; i < per_graph; ++i) {
+      a.k_cache = k_[i % k_.size()];
+      a.v_cache = v_[i % v_.size()];
+      CHECK_OK(PagedDecodeAttention(a, stream));
+    }
+    CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
+    CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+    const double ms = timer.MedianMs(
+        reps, [&](int) { CHECK_CUDA(cudaGraphLaunch(exec, stream)); }, stream);
+    CHECK_CUDA(cudaGraphExecDestroy(exec));
+    CHECK_CUDA(cudaGraphDestroy(graph));
+    cudaFree(ws);
+    return 1e3 * ms / per_graph;
   }
 
   // Two layers back to back on the default stream (layer A = one pool, layer B = the next), the

@@ -3,8 +3,9 @@
 
 Same shapes (Llama-3-8B: 32 q heads, 8 kv heads, head_dim 128, bf16, one query token), KV
 contiguous [batch, kv_heads, context, 128] with enable_gqa, cold L2 (KV sets rotated, > 2x L2 in
-all), CUDA events, median of 30 after warm-up. With --ours (kernels_bench --json), prints the
-merged table: kvdn (auto) beside the faster SDPA backend.
+all); GPU time per call from CUDA graph replays (as kernels_bench times kvdn) and, for
+reference, one eager call timed with CUDA events (Python and launch overhead included). With
+--ours (kernels_bench --json), prints the merged table: kvdn (auto) beside the faster SDPA backend.
 
   python3 sdpa_peer.py [--quick] [--json out.json] [--ours kernels.json]
 """
@@ -32,6 +33,23 @@ def time_us(fn, reps=30, warmup=5):
             times.append(a.elapsed_time(b) * 1e3)
     times.sort()
     return times[len(times) // 2]
+
+
+def graph_us(fn, pools, reps=20):
+    """GPU microseconds per call from CUDA graph replays: max(pools, 10) calls (KV sets rotated)
+    captured in one graph, median over `reps` replays (kernels_bench times kvdn the same way)."""
+    per_graph = max(pools, 10)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture (backend plans, workspaces)
+        for i in range(3):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(per_graph):
+            fn(i)
+    return time_us(lambda i: g.replay(), reps=reps, warmup=3) / per_graph
 
 
 def main():
@@ -67,8 +85,10 @@ def main():
                             err = ((out.float() - ref).norm() / ref.norm()).item()
                             if err > 1e-2:
                                 raise RuntimeError(f"{name} disagrees with flash: {err:.2e}")
-                        row[name + "_us"] = time_us(
-                            lambda i: F.scaled_dot_product_attention(q, ks[i % pools], vs[i % pools], enable_gqa=True))
+                        call = lambda i: F.scaled_dot_product_attention(
+                            q, ks[i % pools], vs[i % pools], enable_gqa=True)
+                        row[name + "_eager_us"] = time_us(call)
+                        row[name + "_us"] = graph_us(call, pools)
                 except Exception as e:  # a backend that does not take this shape
                     row[name + "_us"] = None
                     row[name + "_error"] = str(e).splitlines()[0][:120]
@@ -83,8 +103,9 @@ def main():
             json.dump(rows, fh, indent=1)
     if args.ours:
         ours = {(r["batch"], r["context"]): r for r in json.load(open(args.ours)) if r["kind"] == "decode"}
-        print("\n| batch | context | KV MiB | kvdn auto us | flash us | cuDNN us | faster SDPA / kvdn | KV >= 64 MB |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\n| batch | context | KV MiB | kvdn auto us | flash us | cuDNN us | faster SDPA / kvdn | KV >= 64 MB "
+              "| kvdn eager us | faster SDPA eager us |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             o = ours.get((r["batch"], r["context"]))
             if not o:
@@ -95,7 +116,8 @@ def main():
             ratio = "n/a" if best is None else f"{best / o['auto_us']:.2f}"
             print(f"| {r['batch']} | {r['context']} | {r['kv_bytes'] / 2**20:.0f} | {o['auto_us']:.1f} | "
                   f"{fmt(r.get('flash_us'))} | {fmt(r.get('cudnn_us'))} | {ratio} | "
-                  f"{'yes' if r['kv_bytes'] >= 64e6 else 'no'} |")
+                  f"{'yes' if r['kv_bytes'] >= 64e6 else 'no'} | {fmt(o.get('auto_eager_us'))} | "
+                  f"{fmt(min([x for x in (r.get('flash_eager_us'), r.get('cudnn_eager_us')) if x], default=None))} |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
 // Validation, planning and dispatch for PagedDecodeAttention (STYLE.md 12, layer 2).
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -6,6 +8,7 @@
 #include "kvdn/kernels/decode_attention.h"
 #include "src/cuda_status.h"
 #include "src/decode_attention.cuh"
+#include "src/decode_attention_tc.cuh"
 
 namespace kvdn::kernels {
 namespace {
@@ -53,25 +56,89 @@ cudaError_t Dispatch(Dtype dtype, int group, int lanes, bool prefetch, F&& f) {
                                    : by_group.template operator()<__half>();
 }
 
+// Runtime -> compile-time dispatch of the tensor-core kernel: dtype x group x aligned x prefetch.
+template <typename F>
+cudaError_t DispatchTc(Dtype dtype, int group, bool aligned, bool prefetch, F&& f) {
+  auto with = [&]<typename T, int G>() -> cudaError_t {
+    if (!aligned) return f.template operator()<T, G, false, false>();
+    return prefetch ? f.template operator()<T, G, true, true>()
+                    : f.template operator()<T, G, true, false>();
+  };
+  auto by_group = [&]<typename T>() -> cudaError_t {
+    switch (group) {
+      case 1:
+        return with.template operator()<T, 1>();
+      case 2:
+        return with.template operator()<T, 2>();
+      case 4:
+        return with.template operator()<T, 4>();
+      case 8:
+        return with.template operator()<T, 8>();
+    }
+    return cudaErrorInvalidValue;
+  };
+  return dtype == Dtype::kBFloat16 ? by_group.template operator()<__nv_bfloat16>()
+                                   : by_group.template operator()<__half>();
+}
+
 // Lanes per token: 16 for groups of 8 (registers, shared memory), else `requested` or 8.
 int LanesFor(int group, int requested) {
   if (group >= 8) return 16;
   return requested == 16 ? 16 : kDefaultLanes;
 }
 
-struct DeviceInfo {
+// Multiprocessors and resident CTAs per multiprocessor of one kernel variant on the current
+// device. NOTE: both are cached per (device, variant): the occupancy query costs microseconds of
+// host time, and an engine plans every layer of every decode step.
+struct Occupancy {
   int sms = 0;
+  int ctas_per_sm = 0;
 };
 
-absl::StatusOr<DeviceInfo> CurrentDevice() {
+constexpr int kCachedDevices = 16;
+// dtype x group (1, 2, 4, 8) x kernel (CUDA core with 8 or 16 lanes per token, tensor core)
+constexpr int kVariants = 2 * 4 * 3;
+std::atomic<int> g_sms[kCachedDevices];
+std::atomic<int> g_ctas_per_sm[kCachedDevices][kVariants];
+
+int VariantIndex(Dtype dtype, int group, DecodeKernel kernel, int lanes) {
+  const int g = group == 1 ? 0 : group == 2 ? 1 : group == 4 ? 2 : 3;
+  const int k = kernel == DecodeKernel::kTensorCore ? 2 : lanes == 8 ? 0 : 1;
+  return (dtype == Dtype::kBFloat16 ? 0 : 12) + g * 3 + k;
+}
+
+// `kernel` is kTensorCore or kCudaCore (with `lanes`).
+absl::StatusOr<Occupancy> CurrentOccupancy(Dtype dtype, int group, DecodeKernel kernel, int lanes) {
   int dev = 0;
   if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return CudaStatus(e, "cudaGetDevice");
-  DeviceInfo info;
-  if (cudaError_t e = cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev);
+  const bool cached = dev >= 0 && dev < kCachedDevices;
+  const int v = VariantIndex(dtype, group, kernel, lanes);
+  Occupancy o;
+  if (cached) {
+    o.sms = g_sms[dev].load(std::memory_order_relaxed);
+    o.ctas_per_sm = g_ctas_per_sm[dev][v].load(std::memory_order_relaxed);
+    if (o.sms > 0 && o.ctas_per_sm > 0) return o;
+  }
+  if (cudaError_t e = cudaDeviceGetAttribute(&o.sms, cudaDevAttrMultiProcessorCount, dev);
       e != cudaSuccess) {
     return CudaStatus(e, "cudaDeviceGetAttribute");
   }
-  return info;
+  cudaError_t e =
+      kernel == DecodeKernel::kTensorCore
+          ? DispatchTc(dtype, group, true, false,
+                       [&]<typename T, int G, bool A, bool P>() {
+                         return detail::DecodeTcOccupancy<T, G>(&o.ctas_per_sm);
+                       })
+          : Dispatch(dtype, group, lanes, false, [&]<typename T, int G, int L, bool P>() {
+              return detail::DecodeOccupancy<T, G, L, P>(&o.ctas_per_sm);
+            });
+  if (e != cudaSuccess) return CudaStatus(e, "occupancy query");
+  o.ctas_per_sm = std::max(o.ctas_per_sm, 1);
+  if (cached) {
+    g_sms[dev].store(o.sms, std::memory_order_relaxed);
+    g_ctas_per_sm[dev][v].store(o.ctas_per_sm, std::memory_order_relaxed);
+  }
+  return o;
 }
 
 absl::Status Validate(const DecodeAttentionArgs& a) {
@@ -121,6 +188,18 @@ absl::Status Validate(const DecodeAttentionArgs& a) {
 
 }  // namespace
 
+const char* DecodeKernelName(DecodeKernel kernel) {
+  switch (kernel) {
+    case DecodeKernel::kAuto:
+      return "auto";
+    case DecodeKernel::kTensorCore:
+      return "tensor-core";
+    case DecodeKernel::kCudaCore:
+      return "cuda-core";
+  }
+  return "?";
+}
+
 const char* PrefetchModeName(PrefetchMode mode) {
   switch (mode) {
     case PrefetchMode::kOff:
@@ -135,15 +214,13 @@ const char* PrefetchModeName(PrefetchMode mode) {
 
 absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
   if (absl::Status st = Validate(a); !st.ok()) return st;
-  absl::StatusOr<DeviceInfo> dev = CurrentDevice();
-  if (!dev.ok()) return dev.status();
   const int group = a.num_q_heads / a.num_kv_heads;
-  int per_sm = 0;
   const int lanes = LanesFor(group, a.lanes_per_token);
-  cudaError_t e = Dispatch(a.dtype, group, lanes, false, [&]<typename T, int G, int L, bool P>() {
-    return detail::DecodeOccupancy<T, G, L, P>(&per_sm);
-  });
-  if (e != cudaSuccess) return CudaStatus(e, "occupancy query");
+  const DecodeKernel kernel =
+      a.kernel == DecodeKernel::kCudaCore ? DecodeKernel::kCudaCore : DecodeKernel::kTensorCore;
+  absl::StatusOr<Occupancy> dev = CurrentOccupancy(a.dtype, group, kernel, lanes);
+  if (!dev.ok()) return dev.status();
+  const int per_sm = dev->ctas_per_sm;
   const int64_t base = int64_t{a.batch} * a.num_kv_heads;
   const int ctx = std::max(a.max_context_len, 1);
   DecodePlan plan;
@@ -160,6 +237,7 @@ absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
   split_tokens = (split_tokens + a.block_size - 1) / a.block_size * a.block_size;
   splits = (ctx + split_tokens - 1) / split_tokens;  // no split left empty by the rounding
   plan.num_splits = static_cast<int32_t>(splits);
+  plan.kernel = kernel;
   plan.lanes_per_token = lanes;
   plan.split_tokens = static_cast<int32_t>(split_tokens);
   plan.ctas = base * splits;
@@ -172,6 +250,10 @@ absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
       plan.prefetch = true;
       break;
     case PrefetchMode::kAuto:
+      if (kernel == DecodeKernel::kTensorCore) {
+        plan.prefetch = a.block_size % detail::kTcTile == 0;
+        break;
+      }
       // 8 lanes per token (two CTAs per SM): the prefetch measured +5-15% from batch 8 up and
       // neutral (+-4%) at batch 1. 16 lanes: only with few CTAs and long runs (see above).
       plan.prefetch =
@@ -179,6 +261,10 @@ absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
                          split_tokens / (int64_t{a.block_size} * detail::kDecodeWarps) >=
                              kPrefetchMinBlocksPerWarp);
       break;
+  }
+  // The tensor-core kernel prefetches whole blocks only where tiles align with blocks.
+  if (kernel == DecodeKernel::kTensorCore && a.block_size % detail::kTcTile != 0) {
+    plan.prefetch = false;
   }
   plan.workspace_bytes = splits == 1 ? 0
                                      : static_cast<size_t>(a.batch) * a.num_q_heads * splits *
@@ -194,6 +280,9 @@ absl::Status PagedDecodeAttention(const DecodeAttentionArgs& a, cudaStream_t str
   if (plan->workspace_bytes > a.workspace_bytes || (plan->workspace_bytes > 0 && !a.workspace)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "workspace of ", a.workspace_bytes, " bytes; this plan needs ", plan->workspace_bytes));
+  }
+  if (plan->workspace_bytes > 0 && reinterpret_cast<uintptr_t>(a.workspace) % 16 != 0) {
+    return absl::InvalidArgumentError("workspace must be 16-byte aligned");
   }
   detail::DecodeParams p{};
   p.q = a.q;
@@ -217,10 +306,16 @@ absl::Status PagedDecodeAttention(const DecodeAttentionArgs& a, cudaStream_t str
   const float scale = a.scale == 0 ? 1.0f / std::sqrt(static_cast<float>(a.head_dim)) : a.scale;
   p.scale_log2 = scale * 1.4426950408889634f;
   const int group = a.num_q_heads / a.num_kv_heads;
-  cudaError_t e = Dispatch(a.dtype, group, plan->lanes_per_token, plan->prefetch,
-                           [&]<typename T, int G, int L, bool P>() {
-                             return detail::LaunchDecode<T, G, L, P>(p, a.batch, stream);
-                           });
+  cudaError_t e =
+      plan->kernel == DecodeKernel::kTensorCore
+          ? DispatchTc(a.dtype, group, a.block_size % detail::kTcTile == 0, plan->prefetch,
+                       [&]<typename T, int G, bool A, bool P>() {
+                         return detail::LaunchDecodeTc<T, G, A, P>(p, a.batch, stream);
+                       })
+          : Dispatch(a.dtype, group, plan->lanes_per_token, plan->prefetch,
+                     [&]<typename T, int G, int L, bool P>() {
+                       return detail::LaunchDecode<T, G, L, P>(p, a.batch, stream);
+                     });
   return CudaStatus(e, "PagedDecodeAttention launch");
 }
 

@@ -8,7 +8,9 @@
 // K and V rows (this kv head) of the block it takes next. Online softmax (base 2) per half-warp;
 // the 8 half-warps merge through shared memory. With one split the CTA writes the output;
 // otherwise a normalized partial output and its log2-sum-exp go to the workspace, and the
-// combine kernel merges the splits.
+// combine kernel merges the splits. The combine is launched as a programmatic dependent of the
+// main kernel (Hopper): it is scheduled while the main kernel runs and waits in
+// griddepcontrol.wait for its results, so no launch gap separates the two.
 #ifndef KVDN_KERNELS_SRC_DECODE_ATTENTION_CUH_
 #define KVDN_KERNELS_SRC_DECODE_ATTENTION_CUH_
 
@@ -115,10 +117,29 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
   const int sub = lane % S::kLanes;  // dims [sub * kDims, (sub + 1) * kDims)
   const int hw = warp * S::kTokens + grp;
 
-  const int ctx = p.context_lens[b];
   const int start = split * p.split_tokens;
-  const int end = min(ctx, start + p.split_tokens);
   const int q_head0 = kvh * G;
+  const int32_t* table = p.block_tables + int64_t{b} * p.max_blocks_per_seq;
+  const int bs = p.block_size;
+  const int first_blk = start / bs;
+  // NOTE: q and this warp's first block-table entry do not depend on the context length, so
+  // they are loaded before it: three dependent global loads at the CTA's start become one.
+  uint4 qraw[G][S::kVecs];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const T* q = static_cast<const T*>(p.q) + (int64_t{b} * p.q_heads + q_head0 + g) * kHeadDim;
+#pragma unroll
+    for (int w = 0; w < S::kVecs; ++w) {
+      qraw[g][w] = *reinterpret_cast<const uint4*>(q + sub * kDims + w * 8);
+    }
+  }
+  const int32_t first_phys = first_blk + warp < p.max_blocks_per_seq ? table[first_blk + warp] : -1;
+  const int ctx = p.context_lens[b];
+  const int end = min(ctx, start + p.split_tokens);
+
+  // The combine kernel (a programmatic dependent when there are splits) may be scheduled as
+  // soon as every CTA of this grid has started; it waits for this grid's results itself.
+  GridLaunchDependents();
 
   __shared__ float s_m[S::kGroups][G];
   __shared__ float s_l[S::kGroups][G];
@@ -145,12 +166,8 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
   float qf[G][kDims];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    const T* q = static_cast<const T*>(p.q) + (int64_t{b} * p.q_heads + q_head0 + g) * kHeadDim;
 #pragma unroll
-    for (int w = 0; w < S::kVecs; ++w) {
-      const uint4 u = *reinterpret_cast<const uint4*>(q + sub * kDims + w * 8);
-      Vec8<T>::ToFloat(u, &qf[g][w * 8]);
-    }
+    for (int w = 0; w < S::kVecs; ++w) Vec8<T>::ToFloat(qraw[g][w], &qf[g][w * 8]);
 #pragma unroll
     for (int e = 0; e < kDims; ++e) qf[g][e] *= p.scale_log2;
   }
@@ -164,16 +181,13 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
     for (int e = 0; e < kDims; ++e) acc[g][e] = 0.f;
   }
 
-  const int32_t* table = p.block_tables + int64_t{b} * p.max_blocks_per_seq;
-  const int bs = p.block_size;
-  const int first_blk = start / bs;
   const int last_blk = (end - 1) / bs;
   const int64_t row_stride = int64_t{p.kv_heads} * kHeadDim;  // elements between slots
   const T* kbase = static_cast<const T*>(p.k) + int64_t{kvh} * kHeadDim + sub * kDims;
   const T* vbase = static_cast<const T*>(p.v) + int64_t{kvh} * kHeadDim + sub * kDims;
 
   for (int blk = first_blk + warp; blk <= last_blk; blk += kDecodeWarps) {
-    const int64_t phys = table[blk];
+    const int64_t phys = blk == first_blk + warp ? first_phys : table[blk];
     if (phys < 0 || phys >= p.num_blocks) continue;  // a bad table entry reads nothing
     if (kPrefetch) {
       // The block this warp reads `prefetch_distance` iterations ahead (on its first iteration,
@@ -307,25 +321,92 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
   }
 }
 
-// Merges the splits of one (sequence, q head): weights 2^(lse_s - max).
+inline constexpr int kCombineThreads = kHeadDim;  // one CTA per (sequence, q head)
+inline constexpr int kCombineWarps = kCombineThreads / 32;
+inline constexpr int kCombineChunk = 1024;  // split weights staged in shared memory at a time
+
+__device__ __forceinline__ float BlockReduce(float x, bool is_max, float* scratch) {
+#pragma unroll
+  for (int o = 16; o >= 1; o /= 2) {
+    const float y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = is_max ? fmaxf(x, y) : x + y;
+  }
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
+  __syncthreads();
+  x = scratch[0];
+#pragma unroll
+  for (int w = 1; w < kCombineWarps; ++w) x = is_max ? fmaxf(x, scratch[w]) : x + scratch[w];
+  return x;
+}
+
+// Merges the splits of one (sequence, q head): weights 2^(lse_s - max). All loads of a step are
+// independent: the lse values by thread, then each warp sums a quarter of the splits' partial
+// outputs (a lane holds 4 dims), and the warps' sums meet in shared memory.
 template <typename T>
-__global__ void __launch_bounds__(kHeadDim) CombineSplitsKernel(DecodeParams p) {
+__global__ void __launch_bounds__(kCombineThreads) CombineSplitsKernel(DecodeParams p) {
+  GridDependencyWait();  // the main kernel's partial outputs are complete and visible
   const int64_t row0 = int64_t{blockIdx.x} * p.num_splits;  // blockIdx.x = b * q_heads + h
-  const int d = threadIdx.x;
+  const int t = threadIdx.x;
+  const int warp = t / 32;
+  const int lane = t % 32;
+  __shared__ float s_w[kCombineChunk];
+  __shared__ float s_red[kCombineWarps];
+  __shared__ float4 s_acc[kCombineWarps][32];
+
   float mx = -INFINITY;
-  for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, p.ws_lse[row0 + s]);
-  float wsum = 0.f, o = 0.f;
-  if (mx != -INFINITY) {
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float lse = p.ws_lse[row0 + s];
-      if (lse == -INFINITY) continue;
-      const float w = exp2f(lse - mx);
+  for (int s = t; s < p.num_splits; s += kCombineThreads) mx = fmaxf(mx, p.ws_lse[row0 + s]);
+  mx = BlockReduce(mx, true, s_red);
+  float wsum = 0.f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int c0 = 0; c0 < p.num_splits; c0 += kCombineChunk) {
+    const int n = min(kCombineChunk, p.num_splits - c0);
+    __syncthreads();  // s_w of the previous chunk is read
+    for (int s = t; s < n; s += kCombineThreads) {
+      const float lse = p.ws_lse[row0 + c0 + s];
+      // An empty split (lse = -inf), or every split empty: weight 0.
+      const float w = lse == -INFINITY ? 0.f : exp2f(lse - mx);
+      s_w[s] = w;
       wsum += w;
-      o += w * p.ws_o[(row0 + s) * kHeadDim + d];
+    }
+    __syncthreads();
+    const float4* o = reinterpret_cast<const float4*>(p.ws_o + (row0 + c0) * kHeadDim) + lane;
+#pragma unroll 4
+    for (int s = warp; s < n; s += kCombineWarps) {
+      const float w = s_w[s];
+      const float4 v = o[int64_t{s} * (kHeadDim / 4)];
+      acc.x = fmaf(w, v.x, acc.x);
+      acc.y = fmaf(w, v.y, acc.y);
+      acc.z = fmaf(w, v.z, acc.z);
+      acc.w = fmaf(w, v.w, acc.w);
     }
   }
+  wsum = BlockReduce(wsum, false, s_red);
+  s_acc[warp][lane] = acc;
+  __syncthreads();
+  const float* a = reinterpret_cast<const float*>(&s_acc[0][0]);
+  float o = 0.f;
+#pragma unroll
+  for (int w = 0; w < kCombineWarps; ++w) o += a[w * kHeadDim + t];
   T* out = static_cast<T*>(p.out);
-  out[int64_t{blockIdx.x} * kHeadDim + d] = Vec8<T>::FromFloat(wsum > 0.f ? o / wsum : 0.f);
+  out[int64_t{blockIdx.x} * kHeadDim + t] = Vec8<T>::FromFloat(wsum > 0.f ? o / wsum : 0.f);
+}
+
+// Enqueues the combine of p.num_splits > 1 splits after the main kernel on `stream`.
+template <typename T>
+cudaError_t LaunchCombine(const DecodeParams& p, int batch, cudaStream_t stream) {
+  // Programmatic dependent launch: the combine may start before the main kernel ends (it waits
+  // for it in GridDependencyWait), so its launch latency hides behind the main kernel.
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(batch * p.q_heads));
+  cfg.blockDim = dim3(kCombineThreads);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, CombineSplitsKernel<T>, p);
 }
 
 template <typename T, int G, int kLanes, bool kPrefetch>
@@ -334,8 +415,7 @@ cudaError_t LaunchDecode(const DecodeParams& p, int batch, cudaStream_t stream) 
   PagedDecodeKernel<T, G, kLanes, kPrefetch><<<grid, kDecodeThreads, 0, stream>>>(p);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || p.num_splits == 1) return e;
-  CombineSplitsKernel<T><<<batch * p.q_heads, kHeadDim, 0, stream>>>(p);
-  return cudaGetLastError();
+  return LaunchCombine<T>(p, batch, stream);
 }
 
 template <typename T, int G, int kLanes, bool kPrefetch>

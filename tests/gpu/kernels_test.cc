@@ -297,18 +297,20 @@ struct AttnCase {
   std::vector<int> contexts;  // per sequence
   PrefetchMode prefetch;
   int splits;        // 0 = auto
-  int lanes = 0;     // lanes per token (0 = default)
-  int distance = 0;  // prefetch distance (0 = default)
+  int lanes = 0;     // lanes per token (0 = default; CUDA-core kernel only)
+  int distance = 0;  // prefetch distance (0 = default; CUDA-core kernel only)
+  DecodeKernel kernel = DecodeKernel::kAuto;
 };
 
 void RunAttention(const AttnCase& c, uint64_t seed) {
   const bool bf16 = c.dtype == Dtype::kBFloat16;
   const int batch = static_cast<int>(c.contexts.size());
   const int max_ctx = *std::max_element(c.contexts.begin(), c.contexts.end());
-  SCOPED_TRACE(::testing::Message() << c.q_heads << "/" << c.kv_heads << (bf16 ? " bf16" : " fp16")
-                                    << " bs=" << c.block_size << " batch=" << batch << " max_ctx="
-                                    << max_ctx << " prefetch=" << PrefetchModeName(c.prefetch)
-                                    << " splits=" << c.splits << " lanes=" << c.lanes);
+  SCOPED_TRACE(::testing::Message()
+               << c.q_heads << "/" << c.kv_heads << (bf16 ? " bf16" : " fp16")
+               << " bs=" << c.block_size << " batch=" << batch << " max_ctx=" << max_ctx
+               << " prefetch=" << PrefetchModeName(c.prefetch) << " splits=" << c.splits
+               << " lanes=" << c.lanes << " kernel=" << DecodeKernelName(c.kernel));
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.f, 1.f);
   auto to16 = [&](float f) { return bf16 ? reference::FloatToBf16(f) : reference::FloatToFp16(f); };
@@ -353,7 +355,10 @@ void RunAttention(const AttnCase& c, uint64_t seed) {
   a.num_splits = c.splits;
   a.lanes_per_token = c.lanes;
   a.prefetch_distance = c.distance;
+  a.kernel = c.kernel;
   ASSERT_OK_AND_ASSIGN(DecodePlan plan, PlanDecodeAttention(a));
+  EXPECT_EQ(plan.kernel, c.kernel == DecodeKernel::kCudaCore ? DecodeKernel::kCudaCore
+                                                             : DecodeKernel::kTensorCore);
   DeviceBuffer ws(plan.workspace_bytes);
   a.workspace = ws.get();
   a.workspace_bytes = plan.workspace_bytes;
@@ -379,46 +384,82 @@ TEST_F(KernelsTest, DecodeAttentionMatchesTheFp64Reference) {
   uint64_t seed = 100;
   const std::vector<std::vector<int>> batches = {
       {1}, {17}, {4096}, {1000, 1, 0, 333, 2048, 15, 16, 17}};
-  for (auto [qh, kvh] : {std::pair{32, 8}, std::pair{64, 8}, std::pair{32, 32}, std::pair{8, 4}}) {
-    for (Dtype dt : {Dtype::kBFloat16, Dtype::kFloat16}) {
-      // Every block size for the Llama-3-8B shape; block 16 for the others.
-      for (int bs : qh == 32 && kvh == 8 ? std::vector<int>{16, 64, 7} : std::vector<int>{16}) {
-        for (const auto& ctx : batches) {
-          for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn}) {
-            RunAttention({qh, kvh, dt, bs, ctx, pf, 0}, seed++);
+  for (DecodeKernel kernel : {DecodeKernel::kTensorCore, DecodeKernel::kCudaCore}) {
+    for (auto [qh, kvh] :
+         {std::pair{32, 8}, std::pair{64, 8}, std::pair{32, 32}, std::pair{8, 4}}) {
+      for (Dtype dt : {Dtype::kBFloat16, Dtype::kFloat16}) {
+        // Every block size for the Llama-3-8B shape (7: tiles cross blocks); 16 for the others.
+        for (int bs : qh == 32 && kvh == 8 ? std::vector<int>{16, 64, 7} : std::vector<int>{16}) {
+          for (const auto& ctx : batches) {
+            for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn}) {
+              RunAttention({qh, kvh, dt, bs, ctx, pf, 0, 0, 0, kernel}, seed++);
+            }
           }
         }
       }
     }
+    // A large batch (79 sequences) of random lengths.
+    std::mt19937 rng(5);
+    std::vector<int> ctx(79);
+    for (int& x : ctx) x = static_cast<int>(rng() % 1500);
+    RunAttention({32, 8, Dtype::kBFloat16, 16, ctx, PrefetchMode::kAuto, 0, 0, 0, kernel}, seed++);
   }
-  // A large batch (79 sequences) of random lengths.
-  std::mt19937 rng(5);
-  std::vector<int> ctx(79);
-  for (int& x : ctx) x = static_cast<int>(rng() % 1500);
-  RunAttention({32, 8, Dtype::kBFloat16, 16, ctx, PrefetchMode::kAuto, 0}, seed++);
 }
 
 // Small shapes at the edges (also what compute-sanitizer runs): empty and one-token sequences,
 // forced split counts including more splits than blocks, a token count off the block grid.
 TEST_F(KernelsTest, DecodeAttentionEdgeCases) {
   uint64_t seed = 900;
+  const DecodeKernel cc = DecodeKernel::kCudaCore;
   for (int splits : {1, 2, 3, 64}) {
     for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn}) {
       for (int lanes : {8, 16}) {
-        RunAttention({32, 8, Dtype::kBFloat16, 16, {3000, 70, 1, 0}, pf, splits, lanes}, seed++);
+        RunAttention({32, 8, Dtype::kBFloat16, 16, {3000, 70, 1, 0}, pf, splits, lanes, 0, cc},
+                     seed++);
       }
     }
   }
   for (int lanes : {8, 16}) {
-    RunAttention({32, 32, Dtype::kFloat16, 16, {999, 2}, PrefetchMode::kOn, 0, lanes}, seed++);
-    RunAttention({16, 8, Dtype::kBFloat16, 64, {4000, 2}, PrefetchMode::kOff, 0, lanes}, seed++);
-  }
-  RunAttention({8, 8, Dtype::kFloat16, 5, {1, 2, 3, 4, 5, 6, 7}, PrefetchMode::kOn, 0}, seed++);
-  RunAttention({16, 2, Dtype::kBFloat16, 64, {0}, PrefetchMode::kAuto, 0}, seed++);
-  for (int distance : {2, 5}) {
-    RunAttention({32, 8, Dtype::kBFloat16, 16, {3000, 70, 1}, PrefetchMode::kOn, 0, 8, distance},
+    RunAttention({32, 32, Dtype::kFloat16, 16, {999, 2}, PrefetchMode::kOn, 0, lanes, 0, cc},
+                 seed++);
+    RunAttention({16, 8, Dtype::kBFloat16, 64, {4000, 2}, PrefetchMode::kOff, 0, lanes, 0, cc},
                  seed++);
   }
+  RunAttention({8, 8, Dtype::kFloat16, 5, {1, 2, 3, 4, 5, 6, 7}, PrefetchMode::kOn, 0, 0, 0, cc},
+               seed++);
+  RunAttention({16, 2, Dtype::kBFloat16, 64, {0}, PrefetchMode::kAuto, 0, 0, 0, cc}, seed++);
+  for (int distance : {2, 5}) {
+    RunAttention({32,
+                  8,
+                  Dtype::kBFloat16,
+                  16,
+                  {3000, 70, 1},
+                  PrefetchMode::kOn,
+                  0,
+                  8,
+                  distance,
+                  DecodeKernel::kCudaCore},
+                 seed++);
+  }
+  // The tensor-core kernel: forced splits (more splits than tiles too), tiles that end
+  // mid-block and mid-tile, one-token and empty sequences, odd block sizes (rows of one tile in
+  // several blocks), every group size.
+  const DecodeKernel tc = DecodeKernel::kTensorCore;
+  for (int splits : {1, 2, 3, 64}) {
+    for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn}) {
+      RunAttention({32, 8, Dtype::kBFloat16, 16, {3000, 70, 1, 0}, pf, splits, 0, 0, tc}, seed++);
+      RunAttention({32, 8, Dtype::kFloat16, 48, {3001, 33, 17, 0}, pf, splits, 0, 0, tc}, seed++);
+    }
+  }
+  for (int bs : {1, 3, 17, 32}) {
+    RunAttention(
+        {32, 8, Dtype::kBFloat16, bs, {700, 31, 16, 15, 1}, PrefetchMode::kAuto, 0, 0, 0, tc},
+        seed++);
+  }
+  RunAttention({8, 8, Dtype::kFloat16, 5, {1, 2, 3, 4, 5, 6, 7}, PrefetchMode::kOn, 0, 0, 0, tc},
+               seed++);
+  RunAttention({16, 2, Dtype::kBFloat16, 64, {0}, PrefetchMode::kAuto, 0, 0, 0, tc}, seed++);
+  RunAttention({16, 8, Dtype::kBFloat16, 64, {4000, 2}, PrefetchMode::kOn, 0, 0, 0, tc}, seed++);
 }
 
 TEST_F(KernelsTest, BadAttentionArgumentsAreInvalidArgument) {
@@ -455,6 +496,11 @@ TEST_F(KernelsTest, BadAttentionArgumentsAreInvalidArgument) {
   c.num_splits = 4;
   EXPECT_THAT(PagedDecodeAttention(c, nullptr),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("workspace of 0 bytes")));
+  ASSERT_OK_AND_ASSIGN(DecodePlan plan, PlanDecodeAttention(c));
+  c.workspace = static_cast<char*>(buf.get()) + 4;  // the partial outputs are read as float4
+  c.workspace_bytes = plan.workspace_bytes;
+  EXPECT_THAT(PagedDecodeAttention(c, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("16-byte aligned")));
 }
 
 }  // namespace

@@ -23,6 +23,12 @@ namespace kvdn::kernels {
 enum class PrefetchMode : uint8_t { kOff = 0, kOn = 1, kAuto = 2 };
 const char* PrefetchModeName(PrefetchMode mode);
 
+// Which kernel computes the attention. kTensorCore: QK^T and PV on mma.sync with the GQA group
+// as the MMA rows, K/V staged through shared memory by cp.async (the default). kCudaCore: the
+// first kernel, FMAs on CUDA cores with K/V in registers, kept as a measured baseline.
+enum class DecodeKernel : uint8_t { kAuto = 0, kTensorCore = 1, kCudaCore = 2 };
+const char* DecodeKernelName(DecodeKernel kernel);
+
 struct DecodeAttentionArgs {
   const void* q = nullptr;                // [batch][num_q_heads][head_dim]
   const void* k_cache = nullptr;          // [num_blocks][block_size][num_kv_heads][head_dim]
@@ -41,9 +47,10 @@ struct DecodeAttentionArgs {
   Dtype dtype = Dtype::kBFloat16;  // kBFloat16 or kFloat16
   float scale = 0;                 // softmax scale; 0 means 1/sqrt(head_dim)
   PrefetchMode prefetch = PrefetchMode::kAuto;
+  DecodeKernel kernel = DecodeKernel::kAuto;
   int32_t num_splits = 0;  // KV splits per sequence; 0 = chosen to fill the GPU
-  // Lanes of a warp that share one K/V row: 8 or 16 (0 = the measured default; groups of 8
-  // always use 16). A tuning knob for benchmarks; results agree either way.
+  // CUDA-core kernel only: lanes of a warp that share one K/V row, 8 or 16 (0 = the measured
+  // default; groups of 8 always use 16). A tuning knob for benchmarks; results agree either way.
   int32_t lanes_per_token = 0;
   // With prefetch: how many of its blocks ahead each warp prefetches (0 = 1, the block it reads
   // next). A tuning knob for benchmarks.
@@ -57,7 +64,8 @@ struct DecodePlan {
   int32_t num_splits = 1;
   int32_t split_tokens = 0;  // KV tokens per split (a multiple of block_size)
   bool prefetch = false;
-  int32_t lanes_per_token = 16;  // the kernel variant (8 for groups <= 4 by default)
+  DecodeKernel kernel = DecodeKernel::kTensorCore;  // never kAuto
+  int32_t lanes_per_token = 16;  // CUDA-core kernel variant (8 for groups <= 4 by default)
   int64_t ctas = 0;              // CTAs of the main kernel
   double ctas_per_sm = 0;        // ctas / multiprocessors
   size_t workspace_bytes = 0;    // needed for this plan

@@ -1,0 +1,391 @@
+// The tensor-core decode kernel behind PagedDecodeAttention (STYLE.md 12, layer 1).
+//
+// Same grid, splits, workspace and combine as the CUDA-core kernel (decode_attention.cuh): one CTA
+// per (kv head, split, sequence), 4 warps. What differs is how a warp reads and computes:
+//   - K/V move in tiles of 16 tokens (this kv head's 256-byte rows): cp.async 16-byte copies into
+//     a warp-private ring of kTcStages shared-memory stages (XOR-swizzled so ldmatrix is free of
+//     bank conflicts), kTcStages - 1 tiles in flight while the warp computes on one. Bytes in
+//     flight no longer cost registers.
+//   - S = Q K^T and O += P V run on mma.sync.m16n8k16 (bf16/fp16 in, fp32 accumulate) with the
+//     kv head's G query heads as the M rows (padded to 16: rows >= G are zeros and never read),
+//     so a 16-token tile is 32 MMAs and 16 ldmatrix instead of ~1000 CUDA-core instructions.
+//   - Online softmax (base 2) on the S fragments; P feeds the PV MMA straight from registers.
+// Warp w takes the split's tiles w, w + 4, ...; the 4 warps' (m, l, O) merge in shared memory.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4):
+//   A (16x16, row): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
+//   B (16x8, col):  b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g)
+//   C (16x8, f32):  c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
+// With G <= 8 the rows g+8 are padding: a1 = a3 = 0 and c2, c3 are discarded.
+#ifndef KVDN_KERNELS_SRC_DECODE_ATTENTION_TC_CUH_
+#define KVDN_KERNELS_SRC_DECODE_ATTENTION_TC_CUH_
+
+#include "src/decode_attention.cuh"
+
+namespace kvdn::kernels::detail {
+
+inline constexpr int kTcTile = 16;                          // tokens per tile
+inline constexpr int kTcRowBytes = kHeadDim * 2;            // one K or V row of one kv head
+inline constexpr int kTcTileBytes = kTcTile * kTcRowBytes;  // 4 KiB (K or V)
+inline constexpr int kTcStageBytes = 2 * kTcTileBytes;      // K then V
+inline constexpr int kTcStages = 3;
+inline constexpr size_t kTcSmemBytes = size_t{kDecodeWarps} * kTcStages * kTcStageBytes;
+
+template <typename T>
+struct Mma;
+template <>
+struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void Run(float* d, uint32_t a0, uint32_t a2, uint32_t b0,
+                                             uint32_t b1, float c0, float c1) {
+    float r[4];  // r[2], r[3]: rows 8..15, padding, discarded
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%10,%11,%12,%13};"
+        : "=f"(r[0]), "=f"(r[1]), "=f"(r[2]), "=f"(r[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(c0), "f"(c1), "f"(0.f),
+          "f"(0.f));
+    d[0] = r[0];
+    d[1] = r[1];
+  }
+  static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+};
+template <>
+struct Mma<__half> {
+  static __device__ __forceinline__ void Run(float* d, uint32_t a0, uint32_t a2, uint32_t b0,
+                                             uint32_t b1, float c0, float c1) {
+    float r[4];  // r[2], r[3]: rows 8..15, padding, discarded
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%10,%11,%12,%13};"
+        : "=f"(r[0]), "=f"(r[1]), "=f"(r[2]), "=f"(r[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(c0), "f"(c1), "f"(0.f),
+          "f"(0.f));
+    d[0] = r[0];
+    d[1] = r[1];
+  }
+  static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+};
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared without passing through registers; src_bytes 0 writes zeros.
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t addr, uint32_t* r) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t addr, uint32_t* r) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Byte offset of 16-byte chunk `chunk` (0..15) of row `row` (0..15) in a K or V tile: chunks
+// XOR-swizzled by the row so the 8 rows one ldmatrix reads sit in 8 different bank groups.
+__device__ __forceinline__ uint32_t TileOffset(int row, int chunk) {
+  return static_cast<uint32_t>(row * kTcRowBytes + ((chunk ^ (row & 7)) << 4));
+}
+
+// kAligned: block_size % 16 == 0, so a tile (aligned to the split's start, itself a multiple of
+// block_size) lies within one block: one block-table entry per tile. Otherwise each row looks up
+// its own block. kPrefetch (aligned only): when a warp queues a tile that opens a block, it asks
+// L2 for the block its next tile opens, this CTA's 1/num_kv_heads slice of its K and V (the
+// kv-head CTAs of a split run together, so they fetch it whole).
+template <typename T, int G, bool kAligned, bool kPrefetch>
+__global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodeParams p) {
+  static_assert(G <= 8, "query rows beyond 8 would need the fragments' upper half");
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int kvh = blockIdx.x;
+  const int split = blockIdx.y;
+  const int b = blockIdx.z;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4;  // fragment row (query head of the group when < G)
+  const int t4 = lane % 4;
+
+  GridLaunchDependents();
+
+  const int start = split * p.split_tokens;
+  const int q_head0 = kvh * G;
+  const int32_t* table = p.block_tables + int64_t{b} * p.max_blocks_per_seq;
+  const int bs = p.block_size;
+  const int64_t row_stride = int64_t{p.kv_heads} * kHeadDim;  // elements between token rows
+
+  // Q as the A operand, 8 k-tiles of 16 dims: a0 = q[g][16k + 2t..], a2 = q[g][16k + 8 + 2t..].
+  uint32_t qa0[8], qa2[8];
+  {
+    const uint32_t* q = reinterpret_cast<const uint32_t*>(
+        static_cast<const T*>(p.q) + (int64_t{b} * p.q_heads + q_head0 + min(g, G - 1)) * kHeadDim);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      qa0[k] = g < G ? q[8 * k + t4] : 0u;
+      qa2[k] = g < G ? q[8 * k + 4 + t4] : 0u;
+    }
+  }
+  const int ctx = p.context_lens[b];
+  const int end = min(ctx, start + p.split_tokens);
+
+  if (start >= end) {  // an empty split (short sequence) or an empty sequence
+    if (p.num_splits == 1) {
+      T* out = static_cast<T*>(p.out);
+      for (int i = threadIdx.x; i < G * kHeadDim; i += blockDim.x) {
+        out[(int64_t{b} * p.q_heads + q_head0) * kHeadDim + i] = Vec8<T>::FromFloat(0.f);
+      }
+    } else {
+      for (int i = threadIdx.x; i < G * kHeadDim; i += blockDim.x) {
+        const int64_t row =
+            (int64_t{b} * p.q_heads + q_head0 + i / kHeadDim) * p.num_splits + split;
+        p.ws_o[row * kHeadDim + i % kHeadDim] = 0.f;
+        if (i % kHeadDim == 0) p.ws_lse[row] = -INFINITY;
+      }
+    }
+    return;
+  }
+
+  const int num_tiles = (end - start + kTcTile - 1) / kTcTile;
+  unsigned char* ring = smem + warp * (kTcStages * kTcStageBytes);
+  const T* kbase = static_cast<const T*>(p.k) + int64_t{kvh} * kHeadDim;
+  const T* vbase = static_cast<const T*>(p.v) + int64_t{kvh} * kHeadDim;
+  // This lane copies chunk (lane % 16) of rows lane / 16 + 2i, i = 0..7, of each K and V tile.
+  const int cp_chunk = lane % 16;
+  const int cp_row0 = lane / 16;
+
+  // Queues the copy of tile `tile` (of this split) into stage `stage` and returns the mask of its
+  // rows that hold a token (inside [start, end) with a valid block-table entry).
+  auto issue = [&](int tile, int stage) -> uint32_t {
+    const int t0 = start + tile * kTcTile;
+    const uint32_t sk = SmemAddr(ring + stage * kTcStageBytes);
+    const uint32_t sv = sk + kTcTileBytes;
+    uint32_t valid = 0;
+    if constexpr (kAligned) {
+      const int64_t phys = table[t0 / bs];
+      const bool ok = phys >= 0 && phys < p.num_blocks;
+      const int64_t row0 = phys * bs + (t0 % bs);
+      if constexpr (kPrefetch) {
+        // The block this warp's next tile opens (tiles w, w+4, ...): ask L2 for it now.
+        const int t_next = t0 + kDecodeWarps * kTcTile;
+        if (lane < 2 && t_next < end && t_next % bs == 0) {
+          const int64_t pn = table[t_next / bs];
+          if (pn >= 0 && pn < p.num_blocks) {
+            const int64_t slice = int64_t{bs} * kHeadDim;  // elements: 1/kv_heads of a block
+            const T* base = static_cast<const T*>(lane == 0 ? p.k : p.v);
+            PrefetchL2Bytes(base + pn * bs * row_stride + kvh * slice,
+                            static_cast<uint32_t>(slice * sizeof(T)));
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int r = cp_row0 + 2 * i;
+        const bool live = ok && t0 + r < end;
+        const int64_t off = live ? (row0 + r) * row_stride + cp_chunk * 8 : 0;
+        CpAsync16(sk + TileOffset(r, cp_chunk), kbase + off, live ? 16 : 0);
+        CpAsync16(sv + TileOffset(r, cp_chunk), vbase + off, live ? 16 : 0);
+      }
+      const int n = min(kTcTile, end - t0);
+      valid = ok ? (1u << n) - 1u : 0u;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int r = cp_row0 + 2 * i;
+        const int tok = t0 + r;
+        int64_t phys = -1;
+        if (tok < end) phys = table[tok / bs];
+        const bool live = phys >= 0 && phys < p.num_blocks;
+        const int64_t off = live ? (phys * bs + tok % bs) * row_stride + cp_chunk * 8 : 0;
+        CpAsync16(sk + TileOffset(r, cp_chunk), kbase + off, live ? 16 : 0);
+        CpAsync16(sv + TileOffset(r, cp_chunk), vbase + off, live ? 16 : 0);
+      }
+      // Row r's validity, decided by lane r (rows 0..15).
+      bool live = false;
+      if (lane < kTcTile && t0 + lane < end) {
+        const int64_t ph = table[(t0 + lane) / bs];
+        live = ph >= 0 && ph < p.num_blocks;
+      }
+      valid = __ballot_sync(0xffffffffu, live) & 0xffffu;
+    }
+    return valid;
+  };
+
+  // Tiles this warp reads: warp, warp + 4, ...; the ring holds kTcStages of them. vq[i] is the
+  // row mask of the tile i places ahead of the one computed next (a queue kept in registers:
+  // shifted, never indexed at run time).
+  uint32_t vq[kTcStages];
+#pragma unroll
+  for (int s = 0; s < kTcStages; ++s) vq[s] = 0u;
+#pragma unroll
+  for (int s = 0; s < kTcStages - 1; ++s) {
+    const int tile = warp + s * kDecodeWarps;
+    if (tile < num_tiles) vq[s] = issue(tile, s);
+    CpAsyncCommit();
+  }
+
+  float m = -INFINITY;  // running max of row g (base 2, scaled), lanes of a quad agree
+  float l = 0.f;        // this lane's part of the row sum
+  float o[16][2];       // O[g][8j + 2t..2t+1], j = 0..15
+#pragma unroll
+  for (int j = 0; j < 16; ++j) o[j][0] = o[j][1] = 0.f;
+
+  int it = 0;
+  for (int tile = warp; tile < num_tiles; tile += kDecodeWarps, ++it) {
+    // Queue the tile kTcStages - 1 ahead into the stage computed on last iteration.
+    {
+      const int ahead = tile + (kTcStages - 1) * kDecodeWarps;
+      const int st = (it + kTcStages - 1) % kTcStages;
+      __syncwarp();  // every lane is done reading that stage
+      vq[kTcStages - 1] = ahead < num_tiles ? issue(ahead, st) : 0u;
+      CpAsyncCommit();
+    }
+    CpAsyncWait<kTcStages - 1>();  // this tile's group has landed (this lane's copies)
+    __syncwarp();                  // ... and every other lane's
+    const int st = it % kTcStages;
+    const uint32_t sk = SmemAddr(ring + st * kTcStageBytes);
+    const uint32_t sv = sk + kTcTileBytes;
+    const uint32_t vmask = vq[0];
+#pragma unroll
+    for (int s = 0; s < kTcStages - 1; ++s) vq[s] = vq[s + 1];
+
+    // S = Q K^T for tokens 0..7 (n-tile 0) and 8..15 (n-tile 1).
+    float s[2][2];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      s[nt][0] = s[nt][1] = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // dims 32j .. 32j + 31: k-tiles 2j and 2j + 1
+        uint32_t kb[4];
+        LdMatrixX4(sk + TileOffset(nt * 8 + lane % 8, 4 * j + lane / 8), kb);
+        Mma<T>::Run(s[nt], qa0[2 * j], qa2[2 * j], kb[0], kb[1], s[nt][0], s[nt][1]);
+        Mma<T>::Run(s[nt], qa0[2 * j + 1], qa2[2 * j + 1], kb[2], kb[3], s[nt][0], s[nt][1]);
+      }
+    }
+    // Online softmax on row g: this lane holds tokens 2t, 2t+1, 8+2t, 9+2t.
+    float mx = m;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int tok = nt * 8 + 2 * t4 + c;
+        s[nt][c] = (vmask >> tok) & 1u ? s[nt][c] * p.scale_log2 : -INFINITY;
+        mx = fmaxf(mx, s[nt][c]);
+      }
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    // Both -inf (no valid token yet): nothing to rescale, and P below is 0.
+    const float alpha = mx == -INFINITY ? 1.f : exp2f(m - mx);
+    m = mx;
+    float pr[2][2];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        pr[nt][c] = s[nt][c] == -INFINITY ? 0.f : exp2f(s[nt][c] - mx);
+      }
+    }
+    l = l * alpha + (pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1]);
+    const uint32_t pa0 = Mma<T>::Pack(pr[0][0], pr[0][1]);
+    const uint32_t pa2 = Mma<T>::Pack(pr[1][0], pr[1][1]);
+    // O = O * alpha + P V, 16 n-tiles of 8 dims; V^T fragments by ldmatrix.trans.
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {  // dims 16j .. 16j + 15: n-tiles 2j and 2j + 1
+      uint32_t vb[4];
+      LdMatrixX4Trans(sv + TileOffset((lane / 8 % 2) * 8 + lane % 8, 2 * j + lane / 16), vb);
+      Mma<T>::Run(o[2 * j], pa0, pa2, vb[0], vb[1], o[2 * j][0] * alpha, o[2 * j][1] * alpha);
+      Mma<T>::Run(o[2 * j + 1], pa0, pa2, vb[2], vb[3], o[2 * j + 1][0] * alpha,
+                  o[2 * j + 1][1] * alpha);
+    }
+  }
+  CpAsyncWait<0>();  // no copy may land in the ring after it is reused below
+
+  // Row sums over the quad; then the 4 warps merge through shared memory (the ring, reused).
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  __syncthreads();
+  float* s_m = reinterpret_cast<float*>(smem);  // [warps][8]
+  float* s_l = s_m + kDecodeWarps * 8;          // [warps][8]
+  float* s_o = s_l + kDecodeWarps * 8;          // [warps][8][128]
+  if (g < G) {
+    if (t4 == 0) {
+      s_m[warp * 8 + g] = m;
+      s_l[warp * 8 + g] = l;
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      *reinterpret_cast<float2*>(&s_o[(warp * 8 + g) * kHeadDim + 8 * j + 2 * t4]) =
+          make_float2(o[j][0], o[j][1]);
+    }
+  }
+  __syncthreads();
+  const int d = threadIdx.x;  // kDecodeThreads == kHeadDim
+#pragma unroll
+  for (int gg = 0; gg < G; ++gg) {
+    float mm = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) mm = fmaxf(mm, s_m[w * 8 + gg]);
+    float lsum = 0.f, acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      const float mw = s_m[w * 8 + gg];
+      const float wt = mw == -INFINITY ? 0.f : exp2f(mw - mm);
+      lsum += s_l[w * 8 + gg] * wt;
+      acc += s_o[(w * 8 + gg) * kHeadDim + d] * wt;
+    }
+    // lsum = 0: every token of the split had a bad block-table entry; write zeros.
+    const float val = lsum > 0.f ? acc / lsum : 0.f;
+    if (p.num_splits == 1) {
+      T* out = static_cast<T*>(p.out);
+      out[(int64_t{b} * p.q_heads + q_head0 + gg) * kHeadDim + d] = Vec8<T>::FromFloat(val);
+    } else {
+      const int64_t row = (int64_t{b} * p.q_heads + q_head0 + gg) * p.num_splits + split;
+      p.ws_o[row * kHeadDim + d] = val;
+      if (d == 0) p.ws_lse[row] = lsum > 0.f ? mm + log2f(lsum) : -INFINITY;
+    }
+  }
+}
+
+template <typename T, int G, bool kAligned, bool kPrefetch>
+cudaError_t LaunchDecodeTc(const DecodeParams& p, int batch, cudaStream_t stream) {
+  auto* kernel = PagedDecodeTcKernel<T, G, kAligned, kPrefetch>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(kTcSmemBytes));
+  if (e != cudaSuccess) return e;
+  const dim3 grid(p.kv_heads, p.num_splits, batch);
+  kernel<<<grid, kDecodeThreads, kTcSmemBytes, stream>>>(p);
+  e = cudaGetLastError();
+  if (e != cudaSuccess || p.num_splits == 1) return e;
+  return LaunchCombine<T>(p, batch, stream);
+}
+
+template <typename T, int G>
+cudaError_t DecodeTcOccupancy(int* ctas_per_sm) {
+  auto* kernel = PagedDecodeTcKernel<T, G, true, false>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(kTcSmemBytes));
+  if (e != cudaSuccess) return e;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, kernel, kDecodeThreads,
+                                                       kTcSmemBytes);
+}
+
+}  // namespace kvdn::kernels::detail
+
+#endif  // KVDN_KERNELS_SRC_DECODE_ATTENTION_TC_CUH_
