@@ -27,6 +27,10 @@ if [[ $what == tests || $what == all ]]; then
   timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 $bin/gpu_kernels_test \
     --gtest_filter='*BitForBit*:*Skipped*:*Budget*:*Bad*:*EdgeCases*' > "$out/memcheck.txt" 2>&1 || rc=1
   tail -n 3 "$out/memcheck.txt"
+  # Shared-memory hazards (the tensor-core decode kernel's cp.async / ldmatrix ring).
+  timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 $bin/gpu_kernels_test \
+    --gtest_filter='*EdgeCases*' > "$out/racecheck.txt" 2>&1 || rc=1
+  tail -n 3 "$out/racecheck.txt"
 fi
 if [[ $what == bench || $what == all ]]; then
   $bin/kernels_bench --json "$out/kernels.json" $quick 2>&1 | tee "$out/kernels_bench.txt" || rc=1

@@ -67,10 +67,17 @@ int main(int argc, char** argv) {
                streaming, prop.name));
   CHECK_CUDA(cudaFree(b));
 
+  // Kernel times are GPU time per launch from CUDA graph replays (what an engine that captures
+  // its decode step sees; BENCHMARKING.md); "eager" is one call timed alone, host planning and
+  // launch included.
+  cudaStream_t gs;
+  CHECK_CUDA(cudaStreamCreateWithFlags(&gs, cudaStreamNonBlocking));
+
   // ---- Inject / extract ----
   std::printf(
-      "\n| op | layout | block | tokens | MiB moved | ms | GB/s (r+w) | %% of d2d copy |\n"
-      "|---|---|---|---|---|---|---|---|\n");
+      "\n| op | layout | block | tokens | MiB moved | ms | GB/s (r+w) | %% of d2d copy | same-size "
+      "d2d GB/s | %% of same-size d2d | "
+      "eager ms |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
   {
     const int heads = 8, dim = 128, tokens = 32768;
     for (PagedKvLayout layout :
@@ -104,26 +111,43 @@ int main(int argc, char** argv) {
         CHECK_CUDA(cudaMalloc(&dtable, nblk * 4));
         CHECK_CUDA(cudaMemcpy(dtable, table.data(), nblk * 4, cudaMemcpyHostToDevice));
         for (int inject = 1; inject >= 0; --inject) {
-          const double ms = timer.MedianMs(20, [&](int i) {
+          auto copy = [&](int i, cudaStream_t stream) {
             PagedKvLayer ci = c;
             ci.k = k[i % sets];
             ci.v = v[i % sets];
             TokenRange r{dtable, nblk, 0, tokens};
             if (inject) {
-              CHECK_OK(InjectLayer(chunk[i % sets], ci, r, nullptr));
+              CHECK_OK(InjectLayer(chunk[i % sets], ci, r, stream));
             } else {
-              CHECK_OK(ExtractLayer(ci, r, chunk[i % sets], nullptr));
+              CHECK_OK(ExtractLayer(ci, r, chunk[i % sets], stream));
+            }
+          };
+          const double ms = GraphMs(timer, gs, 4 * sets, 20, copy);
+          // The ceiling at this size: a device-to-device copy of the same bytes, same buffers.
+          const double same_ms = GraphMs(timer, gs, 4 * sets, 20, [&](int i, cudaStream_t st) {
+            char* src = static_cast<char*>(chunk[i % sets]);
+            if (v[i % sets] == nullptr) {  // combined: one tensor of `layer` bytes
+              CHECK_CUDA(cudaMemcpyAsync(k[i % sets], src, layer, cudaMemcpyDeviceToDevice, st));
+            } else {  // K and V tensors of half the layer each
+              CHECK_CUDA(
+                  cudaMemcpyAsync(k[i % sets], src, layer / 2, cudaMemcpyDeviceToDevice, st));
+              CHECK_CUDA(cudaMemcpyAsync(v[i % sets], src + layer / 2, layer / 2,
+                                         cudaMemcpyDeviceToDevice, st));
             }
           });
+          const double same_gbps = 2.0 * layer / (same_ms * 1e-3) / 1e9;
+          const double eager_ms = timer.MedianMs(20, [&](int i) { copy(i, nullptr); });
           const double gbps = 2.0 * layer / (ms * 1e-3) / 1e9;
-          std::printf("| %s | %s | %d | %d | %.0f | %.3f | %.0f | %.0f%% |\n",
-                      inject ? "inject" : "extract", LayoutName(layout), bs, tokens,
-                      layer / 1048576.0, ms, gbps, 100 * gbps / d2d);
+          std::printf(
+              "| %s | %s | %d | %d | %.0f | %.3f | %.0f | %.0f%% | %.0f | %.0f%% | %.3f |\n",
+              inject ? "inject" : "extract", LayoutName(layout), bs, tokens, layer / 1048576.0, ms,
+              gbps, 100 * gbps / d2d, same_gbps, 100 * gbps / same_gbps, eager_ms);
           json.Add(
               Fmt("{\"kind\":\"copy\",\"op\":\"%s\",\"layout\":\"%s\",\"block\":%d,"
-                  "\"bytes\":%zu,\"ms\":%.4f,\"gbps\":%.1f,\"pct_d2d\":%.1f}",
+                  "\"bytes\":%zu,\"ms\":%.4f,\"gbps\":%.1f,\"pct_d2d\":%.1f,"
+                  "\"same_size_d2d_gbps\":%.1f,\"eager_ms\":%.4f}",
                   inject ? "inject" : "extract", LayoutName(layout), bs, layer, ms, gbps,
-                  100 * gbps / d2d));
+                  100 * gbps / d2d, same_gbps, eager_ms));
         }
         for (int s = 0; s < sets; ++s) {
           cudaFree(chunk[s]);
@@ -215,11 +239,6 @@ int main(int argc, char** argv) {
     cudaFree(dc);
   }
 
-  // Decode times are GPU time per launch from CUDA graph replays (what an engine that captures
-  // its decode step sees; BENCHMARKING.md); "eager us" is one call timed alone, host planning and
-  // launch included.
-  cudaStream_t gs;
-  CHECK_CUDA(cudaStreamCreateWithFlags(&gs, cudaStreamNonBlocking));
   std::printf(
       "\n| batch | context | KV MiB | splits | CTAs/SM | off us | on us | auto us (pf) | "
       "auto GB/s | auto %% of streaming | on/off | auto/off | auto eager us | cuda-core auto us "
@@ -258,6 +277,33 @@ int main(int argc, char** argv) {
               plan->prefetch ? "true" : "false", gbps, 100 * gbps / streaming, eager, cc_us));
     }
   }
+  // Tensor-core kernel: shared-memory stages per warp (2: 64 KiB per CTA, three CTAs per SM;
+  // 3: 96 KiB, two; 4: 128 KiB, one), each with its own plan.
+  std::printf(
+      "\n| batch | context | 2 stages us | 3 stages us | 4 stages us | CTAs/SM (2/3/4) |\n"
+      "|---|---|---|---|---|---|\n");
+  for (auto [B, ctx] :
+       {std::pair{1, 4096}, std::pair{1, 32768}, std::pair{8, 4096}, std::pair{8, 32768},
+        std::pair{32, 32768}, std::pair{64, 1024}, std::pair{128, 4096}}) {
+    DecodeSetup setup(B, ctx, l2, 23);
+    double us[3];
+    double per_sm[3];
+    for (int st = 2; st <= 4; ++st) {
+      DecodeAttentionArgs args = setup.args();
+      args.tc_stages = st;
+      auto plan = PlanDecodeAttention(args);
+      CHECK_OK(plan.status());
+      per_sm[st - 2] = plan->ctas_per_sm;
+      us[st - 2] = setup.TimeGraphUs(timer, args, 20, gs);
+    }
+    std::printf("| %d | %d | %.1f | %.1f | %.1f | %.2f / %.2f / %.2f |\n", B, ctx, us[0], us[1],
+                us[2], per_sm[0], per_sm[1], per_sm[2]);
+    json.Add(
+        Fmt("{\"kind\":\"stages\",\"batch\":%d,\"context\":%d,\"s2_us\":%.2f,"
+            "\"s3_us\":%.2f,\"s4_us\":%.2f}",
+            B, ctx, us[0], us[1], us[2]));
+  }
+
   // The paper's regime: no split-KV (one CTA per sequence x kv head), prefetch off / on / auto.
   std::printf(
       "\n| batch | context | splits | CTAs/SM | off us | on us | auto us (pf) | on/off | auto/off "

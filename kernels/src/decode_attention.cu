@@ -56,13 +56,24 @@ cudaError_t Dispatch(Dtype dtype, int group, int lanes, bool prefetch, F&& f) {
                                    : by_group.template operator()<__half>();
 }
 
-// Runtime -> compile-time dispatch of the tensor-core kernel: dtype x group x aligned x prefetch.
+// Runtime -> compile-time dispatch of the tensor-core kernel: dtype x group x aligned x prefetch
+// x stages (2, 3, 4).
 template <typename F>
-cudaError_t DispatchTc(Dtype dtype, int group, bool aligned, bool prefetch, F&& f) {
+cudaError_t DispatchTc(Dtype dtype, int group, bool aligned, bool prefetch, int stages, F&& f) {
+  auto by_stages = [&]<typename T, int G, bool A, bool P>() -> cudaError_t {
+    switch (stages) {
+      case 2:
+        return f.template operator()<T, G, A, P, 2>();
+      case 4:
+        return f.template operator()<T, G, A, P, 4>();
+      default:
+        return f.template operator()<T, G, A, P, 3>();
+    }
+  };
   auto with = [&]<typename T, int G>() -> cudaError_t {
-    if (!aligned) return f.template operator()<T, G, false, false>();
-    return prefetch ? f.template operator()<T, G, true, true>()
-                    : f.template operator()<T, G, true, false>();
+    if (!aligned) return by_stages.template operator()<T, G, false, false>();
+    return prefetch ? by_stages.template operator()<T, G, true, true>()
+                    : by_stages.template operator()<T, G, true, false>();
   };
   auto by_group = [&]<typename T>() -> cudaError_t {
     switch (group) {
@@ -96,23 +107,25 @@ struct Occupancy {
 };
 
 constexpr int kCachedDevices = 16;
-// dtype x group (1, 2, 4, 8) x kernel (CUDA core with 8 or 16 lanes per token, tensor core)
-constexpr int kVariants = 2 * 4 * 3;
+// dtype x group (1, 2, 4, 8) x kernel (CUDA core with 8 or 16 lanes per token, tensor core
+// with 2, 3 or 4 stages)
+constexpr int kVariants = 2 * 4 * 5;
 std::atomic<int> g_sms[kCachedDevices];
 std::atomic<int> g_ctas_per_sm[kCachedDevices][kVariants];
 
-int VariantIndex(Dtype dtype, int group, DecodeKernel kernel, int lanes) {
+int VariantIndex(Dtype dtype, int group, DecodeKernel kernel, int lanes, int stages) {
   const int g = group == 1 ? 0 : group == 2 ? 1 : group == 4 ? 2 : 3;
-  const int k = kernel == DecodeKernel::kTensorCore ? 2 : lanes == 8 ? 0 : 1;
-  return (dtype == Dtype::kBFloat16 ? 0 : 12) + g * 3 + k;
+  const int k = kernel == DecodeKernel::kTensorCore ? stages : lanes == 8 ? 0 : 1;
+  return (dtype == Dtype::kBFloat16 ? 0 : 20) + g * 5 + k;
 }
 
-// `kernel` is kTensorCore or kCudaCore (with `lanes`).
-absl::StatusOr<Occupancy> CurrentOccupancy(Dtype dtype, int group, DecodeKernel kernel, int lanes) {
+// `kernel` is kTensorCore (with `stages`) or kCudaCore (with `lanes`).
+absl::StatusOr<Occupancy> CurrentOccupancy(Dtype dtype, int group, DecodeKernel kernel, int lanes,
+                                           int stages) {
   int dev = 0;
   if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return CudaStatus(e, "cudaGetDevice");
   const bool cached = dev >= 0 && dev < kCachedDevices;
-  const int v = VariantIndex(dtype, group, kernel, lanes);
+  const int v = VariantIndex(dtype, group, kernel, lanes, stages);
   Occupancy o;
   if (cached) {
     o.sms = g_sms[dev].load(std::memory_order_relaxed);
@@ -125,9 +138,9 @@ absl::StatusOr<Occupancy> CurrentOccupancy(Dtype dtype, int group, DecodeKernel 
   }
   cudaError_t e =
       kernel == DecodeKernel::kTensorCore
-          ? DispatchTc(dtype, group, true, false,
-                       [&]<typename T, int G, bool A, bool P>() {
-                         return detail::DecodeTcOccupancy<T, G>(&o.ctas_per_sm);
+          ? DispatchTc(dtype, group, true, false, stages,
+                       [&]<typename T, int G, bool A, bool P, int S>() {
+                         return detail::DecodeTcOccupancy<T, G, S>(&o.ctas_per_sm);
                        })
           : Dispatch(dtype, group, lanes, false, [&]<typename T, int G, int L, bool P>() {
               return detail::DecodeOccupancy<T, G, L, P>(&o.ctas_per_sm);
@@ -170,6 +183,9 @@ absl::Status Validate(const DecodeAttentionArgs& a) {
   }
   if (a.lanes_per_token != 0 && a.lanes_per_token != 8 && a.lanes_per_token != 16) {
     return bad("lanes_per_token ", a.lanes_per_token, " must be 0, 8 or 16");
+  }
+  if (a.tc_stages != 0 && (a.tc_stages < 2 || a.tc_stages > 4)) {
+    return bad("tc_stages ", a.tc_stages, " must be 0, 2, 3 or 4");
   }
   if (a.prefetch_distance < 0 || a.prefetch_distance > 64) {
     return bad("prefetch_distance ", a.prefetch_distance, " outside [0, 64]");
@@ -218,7 +234,8 @@ absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
   const int lanes = LanesFor(group, a.lanes_per_token);
   const DecodeKernel kernel =
       a.kernel == DecodeKernel::kCudaCore ? DecodeKernel::kCudaCore : DecodeKernel::kTensorCore;
-  absl::StatusOr<Occupancy> dev = CurrentOccupancy(a.dtype, group, kernel, lanes);
+  const int stages = a.tc_stages == 0 ? detail::kTcDefaultStages : a.tc_stages;
+  absl::StatusOr<Occupancy> dev = CurrentOccupancy(a.dtype, group, kernel, lanes, stages);
   if (!dev.ok()) return dev.status();
   const int per_sm = dev->ctas_per_sm;
   const int64_t base = int64_t{a.batch} * a.num_kv_heads;
@@ -238,6 +255,7 @@ absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
   splits = (ctx + split_tokens - 1) / split_tokens;  // no split left empty by the rounding
   plan.num_splits = static_cast<int32_t>(splits);
   plan.kernel = kernel;
+  plan.tc_stages = kernel == DecodeKernel::kTensorCore ? stages : 0;
   plan.lanes_per_token = lanes;
   plan.split_tokens = static_cast<int32_t>(split_tokens);
   plan.ctas = base * splits;
@@ -250,8 +268,10 @@ absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
       plan.prefetch = true;
       break;
     case PrefetchMode::kAuto:
+      // Tensor-core kernel: its cp.async ring already keeps two tiles per warp in flight, and the
+      // in-loop L2 prefetch on top measured 0.69-0.93x (H200, bench/results/kernels-2026-11-30.md).
       if (kernel == DecodeKernel::kTensorCore) {
-        plan.prefetch = a.block_size % detail::kTcTile == 0;
+        plan.prefetch = false;
         break;
       }
       // 8 lanes per token (two CTAs per SM): the prefetch measured +5-15% from batch 8 up and
@@ -309,8 +329,9 @@ absl::Status PagedDecodeAttention(const DecodeAttentionArgs& a, cudaStream_t str
   cudaError_t e =
       plan->kernel == DecodeKernel::kTensorCore
           ? DispatchTc(a.dtype, group, a.block_size % detail::kTcTile == 0, plan->prefetch,
-                       [&]<typename T, int G, bool A, bool P>() {
-                         return detail::LaunchDecodeTc<T, G, A, P>(p, a.batch, stream);
+                       plan->tc_stages,
+                       [&]<typename T, int G, bool A, bool P, int S>() {
+                         return detail::LaunchDecodeTc<T, G, A, P, S>(p, a.batch, stream);
                        })
           : Dispatch(a.dtype, group, plan->lanes_per_token, plan->prefetch,
                      [&]<typename T, int G, int L, bool P>() {

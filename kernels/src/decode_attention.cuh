@@ -85,6 +85,32 @@ __device__ __forceinline__ uint4 LoadStreaming(const void* p) {
   return r;
 }
 
+// Stores element d of query head `head`'s result for (sequence b, split): the output itself with
+// one split, else the normalized partial output and (d == 0) its log2-sum-exp for the combine
+// (-inf: the split saw no token).
+template <typename T>
+__device__ __forceinline__ void StoreSplitResult(const DecodeParams& p, int b, int split, int head,
+                                                 int d, float val, float lse) {
+  if (p.num_splits == 1) {
+    T* out = static_cast<T*>(p.out);
+    out[(int64_t{b} * p.q_heads + head) * kHeadDim + d] = Vec8<T>::FromFloat(val);
+  } else {
+    const int64_t row = (int64_t{b} * p.q_heads + head) * p.num_splits + split;
+    p.ws_o[row * kHeadDim + d] = val;
+    if (d == 0) p.ws_lse[row] = lse;
+  }
+}
+
+// The result of a split without tokens (a short or empty sequence) for the G query heads from
+// q_head0: zeros, weight 0 in the combine. Called by every thread of the CTA.
+template <typename T, int G>
+__device__ __forceinline__ void StoreEmptySplit(const DecodeParams& p, int b, int split,
+                                                int q_head0) {
+  for (int i = threadIdx.x; i < G * kHeadDim; i += blockDim.x) {
+    StoreSplitResult<T>(p, b, split, q_head0 + i / kHeadDim, i % kHeadDim, 0.f, -INFINITY);
+  }
+}
+
 // How a warp splits one K/V row: kLanes lanes per token, kDims dims per lane (kDims / 8 16-byte
 // loads per row), kTokens tokens per warp step, U steps in flight. Large groups keep 16 lanes per
 // token (registers: q and the accumulators are G x kDims floats per lane); smaller groups use 8,
@@ -146,19 +172,7 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
   __shared__ float s_acc[S::kGroups][G][kHeadDim];
 
   if (start >= end) {  // an empty split (short sequence) or an empty sequence
-    if (p.num_splits == 1) {
-      T* out = static_cast<T*>(p.out);
-      for (int i = threadIdx.x; i < G * kHeadDim; i += blockDim.x) {
-        out[(int64_t{b} * p.q_heads + q_head0) * kHeadDim + i] = Vec8<T>::FromFloat(0.f);
-      }
-    } else {
-      for (int i = threadIdx.x; i < G * kHeadDim; i += blockDim.x) {
-        const int g = i / kHeadDim;
-        const int64_t row = (int64_t{b} * p.q_heads + q_head0 + g) * p.num_splits + split;
-        p.ws_o[row * kHeadDim + i % kHeadDim] = 0.f;
-        if (i % kHeadDim == 0) p.ws_lse[row] = -INFINITY;
-      }
-    }
+    StoreEmptySplit<T, G>(p, b, split, q_head0);
     return;
   }
 
@@ -309,15 +323,7 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
       lsum += s_l[h][g] * w;
       o += s_acc[h][g][d] * w;
     }
-    const float val = o / lsum;
-    if (p.num_splits == 1) {
-      T* out = static_cast<T*>(p.out);
-      out[(int64_t{b} * p.q_heads + q_head0 + g) * kHeadDim + d] = Vec8<T>::FromFloat(val);
-    } else {
-      const int64_t row = (int64_t{b} * p.q_heads + q_head0 + g) * p.num_splits + split;
-      p.ws_o[row * kHeadDim + d] = val;
-      if (d == 0) p.ws_lse[row] = mx + log2f(lsum);
-    }
+    StoreSplitResult<T>(p, b, split, q_head0 + g, d, o / lsum, mx + log2f(lsum));
   }
 }
 

@@ -3,8 +3,8 @@
 // Same grid, splits, workspace and combine as the CUDA-core kernel (decode_attention.cuh): one CTA
 // per (kv head, split, sequence), 4 warps. What differs is how a warp reads and computes:
 //   - K/V move in tiles of 16 tokens (this kv head's 256-byte rows): cp.async 16-byte copies into
-//     a warp-private ring of kTcStages shared-memory stages (XOR-swizzled so ldmatrix is free of
-//     bank conflicts), kTcStages - 1 tiles in flight while the warp computes on one. Bytes in
+//     a warp-private ring of kTcStages (2-4) shared-memory stages (XOR-swizzled so ldmatrix is free
+//     of bank conflicts), kTcStages - 1 tiles in flight while the warp computes on one. Bytes in
 //     flight no longer cost registers.
 //   - S = Q K^T and O += P V run on mma.sync.m16n8k16 (bf16/fp16 in, fp32 accumulate) with the
 //     kv head's G query heads as the M rows (padded to 16: rows >= G are zeros and never read),
@@ -28,8 +28,8 @@ inline constexpr int kTcTile = 16;                          // tokens per tile
 inline constexpr int kTcRowBytes = kHeadDim * 2;            // one K or V row of one kv head
 inline constexpr int kTcTileBytes = kTcTile * kTcRowBytes;  // 4 KiB (K or V)
 inline constexpr int kTcStageBytes = 2 * kTcTileBytes;      // K then V
-inline constexpr int kTcStages = 3;
-inline constexpr size_t kTcSmemBytes = size_t{kDecodeWarps} * kTcStages * kTcStageBytes;
+inline constexpr int kTcDefaultStages = 3;                  // per warp; see kernels/README.md
+constexpr size_t TcSmemBytes(int stages) { return size_t{kDecodeWarps} * stages * kTcStageBytes; }
 
 template <typename T>
 struct Mma;
@@ -111,7 +111,7 @@ __device__ __forceinline__ uint32_t TileOffset(int row, int chunk) {
 // its own block. kPrefetch (aligned only): when a warp queues a tile that opens a block, it asks
 // L2 for the block its next tile opens, this CTA's 1/num_kv_heads slice of its K and V (the
 // kv-head CTAs of a split run together, so they fetch it whole).
-template <typename T, int G, bool kAligned, bool kPrefetch>
+template <typename T, int G, bool kAligned, bool kPrefetch, int kTcStages>
 __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodeParams p) {
   static_assert(G <= 8, "query rows beyond 8 would need the fragments' upper half");
   extern __shared__ __align__(128) unsigned char smem[];
@@ -146,19 +146,7 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
   const int end = min(ctx, start + p.split_tokens);
 
   if (start >= end) {  // an empty split (short sequence) or an empty sequence
-    if (p.num_splits == 1) {
-      T* out = static_cast<T*>(p.out);
-      for (int i = threadIdx.x; i < G * kHeadDim; i += blockDim.x) {
-        out[(int64_t{b} * p.q_heads + q_head0) * kHeadDim + i] = Vec8<T>::FromFloat(0.f);
-      }
-    } else {
-      for (int i = threadIdx.x; i < G * kHeadDim; i += blockDim.x) {
-        const int64_t row =
-            (int64_t{b} * p.q_heads + q_head0 + i / kHeadDim) * p.num_splits + split;
-        p.ws_o[row * kHeadDim + i % kHeadDim] = 0.f;
-        if (i % kHeadDim == 0) p.ws_lse[row] = -INFINITY;
-      }
-    }
+    StoreEmptySplit<T, G>(p, b, split, q_head0);
     return;
   }
 
@@ -351,39 +339,33 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
       acc += s_o[(w * 8 + gg) * kHeadDim + d] * wt;
     }
     // lsum = 0: every token of the split had a bad block-table entry; write zeros.
-    const float val = lsum > 0.f ? acc / lsum : 0.f;
-    if (p.num_splits == 1) {
-      T* out = static_cast<T*>(p.out);
-      out[(int64_t{b} * p.q_heads + q_head0 + gg) * kHeadDim + d] = Vec8<T>::FromFloat(val);
-    } else {
-      const int64_t row = (int64_t{b} * p.q_heads + q_head0 + gg) * p.num_splits + split;
-      p.ws_o[row * kHeadDim + d] = val;
-      if (d == 0) p.ws_lse[row] = lsum > 0.f ? mm + log2f(lsum) : -INFINITY;
-    }
+    StoreSplitResult<T>(p, b, split, q_head0 + gg, d, lsum > 0.f ? acc / lsum : 0.f,
+                        lsum > 0.f ? mm + log2f(lsum) : -INFINITY);
   }
 }
 
-template <typename T, int G, bool kAligned, bool kPrefetch>
+template <typename T, int G, bool kAligned, bool kPrefetch, int kStages>
 cudaError_t LaunchDecodeTc(const DecodeParams& p, int batch, cudaStream_t stream) {
-  auto* kernel = PagedDecodeTcKernel<T, G, kAligned, kPrefetch>;
+  auto* kernel = PagedDecodeTcKernel<T, G, kAligned, kPrefetch, kStages>;
+  constexpr size_t kSmem = TcSmemBytes(kStages);
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(kTcSmemBytes));
+                                       static_cast<int>(kSmem));
   if (e != cudaSuccess) return e;
   const dim3 grid(p.kv_heads, p.num_splits, batch);
-  kernel<<<grid, kDecodeThreads, kTcSmemBytes, stream>>>(p);
+  kernel<<<grid, kDecodeThreads, kSmem, stream>>>(p);
   e = cudaGetLastError();
   if (e != cudaSuccess || p.num_splits == 1) return e;
   return LaunchCombine<T>(p, batch, stream);
 }
 
-template <typename T, int G>
+template <typename T, int G, int kStages>
 cudaError_t DecodeTcOccupancy(int* ctas_per_sm) {
-  auto* kernel = PagedDecodeTcKernel<T, G, true, false>;
+  auto* kernel = PagedDecodeTcKernel<T, G, true, false, kStages>;
+  constexpr size_t kSmem = TcSmemBytes(kStages);
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(kTcSmemBytes));
+                                       static_cast<int>(kSmem));
   if (e != cudaSuccess) return e;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, kernel, kDecodeThreads,
-                                                       kTcSmemBytes);
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, kernel, kDecodeThreads, kSmem);
 }
 
 }  // namespace kvdn::kernels::detail

@@ -2,6 +2,7 @@
 // within 1e-2 relative error of fp64. GTEST_SKIP without a GPU; run on the GPU machine.
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -462,6 +463,98 @@ TEST_F(KernelsTest, DecodeAttentionEdgeCases) {
   RunAttention({16, 8, Dtype::kBFloat16, 64, {4000, 2}, PrefetchMode::kOn, 0, 0, 0, tc}, seed++);
 }
 
+// The engine's step: the kernel just before attention on the stream writes the KV it reads
+// (here InjectLayer, as a cache write or a kvdn Load would), and with splits the combine runs as
+// a programmatic dependent of the attention kernel. The cache starts as NaN and the workspace
+// uninitialized, so a read before the writer or a combine before its inputs shows.
+TEST_F(KernelsTest, AttentionReadsWhatTheKernelBeforeItWrote) {
+  for (int ctx : {8192, 40000}) {
+    SCOPED_TRACE(ctx);
+    const int qh = 32, kvh = 8, D = 128, bs = 16, batch = 2;
+    const int max_blocks = (ctx + bs - 1) / bs, num_blocks = batch * max_blocks;
+    std::mt19937_64 rng(ctx);
+    std::normal_distribution<float> normal(0.f, 1.f);
+    std::vector<int32_t> tables(num_blocks);
+    std::iota(tables.begin(), tables.end(), 0);
+    std::shuffle(tables.begin(), tables.end(), rng);
+    // Per sequence, a chunk layer [K|V][token][kv_head][dim] to inject; host caches for the
+    // reference built from the same values.
+    const size_t row = static_cast<size_t>(kvh) * D;
+    const size_t cache_elems = static_cast<size_t>(num_blocks) * bs * row;
+    std::vector<uint16_t> q(static_cast<size_t>(batch) * qh * D), kc(cache_elems), vc(cache_elems);
+    std::vector<std::vector<uint16_t>> chunks(batch, std::vector<uint16_t>(2 * ctx * row));
+    for (auto& x : q) x = reference::FloatToBf16(normal(rng));
+    for (int b = 0; b < batch; ++b) {
+      for (auto& x : chunks[b]) x = reference::FloatToBf16(normal(rng));
+      for (int t = 0; t < ctx; ++t) {
+        const size_t slot = static_cast<size_t>(tables[b * max_blocks + t / bs]) * bs + t % bs;
+        std::copy_n(&chunks[b][t * row], row, &kc[slot * row]);
+        std::copy_n(&chunks[b][(ctx + t) * row], row, &vc[slot * row]);
+      }
+    }
+    const std::vector<int> ctxs(batch, ctx);
+    DeviceBuffer dq(q.size() * 2), dk(cache_elems * 2), dv(cache_elems * 2), dt(tables.size() * 4),
+        dctx(batch * 4), dout(q.size() * 2), dchunk(chunks[0].size() * 2);
+    CUDA_OK(dq.Upload(q.data()));
+    CUDA_OK(dt.Upload(tables.data()));
+    CUDA_OK(dctx.Upload(ctxs.data()));
+    CUDA_OK(cudaMemset(dk.get(), 0xFF, cache_elems * 2));  // NaN until injected
+    CUDA_OK(cudaMemset(dv.get(), 0xFF, cache_elems * 2));
+    CUDA_OK(cudaMemset(dout.get(), 0xFF, q.size() * 2));
+    DecodeAttentionArgs a;
+    a.q = dq.get();
+    a.k_cache = dk.get();
+    a.v_cache = dv.get();
+    a.block_tables = dt.as<int32_t>();
+    a.context_lens = dctx.as<int32_t>();
+    a.out = dout.get();
+    a.batch = batch;
+    a.num_q_heads = qh;
+    a.num_kv_heads = kvh;
+    a.block_size = bs;
+    a.num_blocks = num_blocks;
+    a.max_blocks_per_seq = max_blocks;
+    a.max_context_len = ctx;
+    ASSERT_OK_AND_ASSIGN(DecodePlan plan, PlanDecodeAttention(a));
+    EXPECT_EQ(plan.kernel, DecodeKernel::kTensorCore);
+    EXPECT_GT(plan.num_splits, 1);
+    DeviceBuffer ws(std::max<size_t>(plan.workspace_bytes, 16));
+    a.workspace = ws.get();
+    a.workspace_bytes = plan.workspace_bytes;
+    cudaStream_t stream;
+    CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    PagedKvLayer cache;
+    cache.k = dk.get();
+    cache.v = dv.get();
+    cache.num_blocks = num_blocks;
+    cache.block_size = bs;
+    cache.num_kv_heads = kvh;
+    cache.head_dim = D;
+    for (int b = 0; b < batch; ++b) {
+      CUDA_OK(cudaStreamSynchronize(stream));  // dchunk is reused
+      CUDA_OK(dchunk.Upload(chunks[b].data()));
+      const TokenRange r{dt.as<int32_t>() + b * max_blocks, max_blocks, 0, ctx};
+      ASSERT_OK(InjectLayer(dchunk.get(), cache, r, stream));
+    }
+    ASSERT_OK(PagedDecodeAttention(a, stream));
+    CUDA_OK(cudaStreamSynchronize(stream));
+    CUDA_OK(cudaStreamDestroy(stream));
+    std::vector<uint16_t> out(q.size());
+    CUDA_OK(dout.Download(out.data()));
+    const std::vector<double> ref =
+        reference::DecodeAttention(q.data(), kc.data(), vc.data(), tables.data(), ctxs.data(),
+                                   batch, qh, kvh, D, bs, max_blocks, true, 1.0 / std::sqrt(128.0));
+    double num = 0, den = 0;
+    for (size_t i = 0; i < out.size(); ++i) {
+      const double o = reference::Bf16ToFloat(out[i]);
+      ASSERT_FALSE(std::isnan(o)) << "output " << i << " read KV before it was written";
+      num += (o - ref[i]) * (o - ref[i]);
+      den += ref[i] * ref[i];
+    }
+    EXPECT_LT(std::sqrt(num / den), 1e-2);
+  }
+}
+
 TEST_F(KernelsTest, BadAttentionArgumentsAreInvalidArgument) {
   DeviceBuffer buf(1 << 20);
   DecodeAttentionArgs a;
@@ -492,6 +585,7 @@ TEST_F(KernelsTest, BadAttentionArgumentsAreInvalidArgument) {
   bad([](auto& b) { b.batch = 0; }, "batch 0");
   bad([](auto& b) { b.lanes_per_token = 4; }, "lanes_per_token 4");
   bad([](auto& b) { b.prefetch_distance = 65; }, "prefetch_distance 65");
+  bad([](auto& b) { b.tc_stages = 5; }, "tc_stages 5");
   DecodeAttentionArgs c = a;
   c.num_splits = 4;
   EXPECT_THAT(PagedDecodeAttention(c, nullptr),

@@ -55,6 +55,9 @@ struct DecodeAttentionArgs {
   // With prefetch: how many of its blocks ahead each warp prefetches (0 = 1, the block it reads
   // next). A tuning knob for benchmarks.
   int32_t prefetch_distance = 0;
+  // Tensor-core kernel only: shared-memory stages per warp, 2, 3 or 4 (0 = 3, the measured
+  // default; each stage holds one 16-token tile of K and V, 8 KiB). A tuning knob for benchmarks.
+  int32_t tc_stages = 0;
   void* workspace = nullptr;  // PlanDecodeAttention(args)->workspace_bytes (none with one split)
   size_t workspace_bytes = 0;
 };
@@ -65,6 +68,7 @@ struct DecodePlan {
   int32_t split_tokens = 0;  // KV tokens per split (a multiple of block_size)
   bool prefetch = false;
   DecodeKernel kernel = DecodeKernel::kTensorCore;  // never kAuto
+  int32_t tc_stages = 0;         // tensor-core kernel: shared-memory stages per warp
   int32_t lanes_per_token = 16;  // CUDA-core kernel variant (8 for groups <= 4 by default)
   int64_t ctas = 0;              // CTAs of the main kernel
   double ctas_per_sm = 0;        // ctas / multiprocessors
