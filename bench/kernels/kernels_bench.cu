@@ -304,6 +304,32 @@ int main(int argc, char** argv) {
             B, ctx, us[0], us[1], us[2]));
   }
 
+  // Splits per sequence beyond the plan's (one wave of CTAs): finer work per CTA against more
+  // combine work, tensor-core kernel.
+  std::printf(
+      "\n| batch | context | plan splits | x1 us | x2 us | x4 us | x8 us |\n"
+      "|---|---|---|---|---|---|---|\n");
+  for (auto [B, ctx] :
+       {std::pair{8, 32768}, std::pair{32, 16384}, std::pair{32, 32768}, std::pair{64, 16384},
+        std::pair{64, 32768}, std::pair{128, 4096}, std::pair{128, 32768}}) {
+    DecodeSetup setup(B, ctx, l2, 29);
+    DecodeAttentionArgs args = setup.args();
+    auto plan = PlanDecodeAttention(args);
+    CHECK_OK(plan.status());
+    double us[4];
+    for (int f = 0; f < 4; ++f) {
+      args.num_splits = plan->num_splits << f;
+      us[f] = setup.TimeGraphUs(timer, args, 20, gs);
+    }
+    std::printf("| %d | %d | %d | %.1f | %.1f | %.1f | %.1f |\n", B, ctx, plan->num_splits, us[0],
+                us[1], us[2], us[3]);
+    std::fflush(stdout);
+    json.Add(
+        Fmt("{\"kind\":\"splits\",\"batch\":%d,\"context\":%d,\"plan_splits\":%d,"
+            "\"x1_us\":%.2f,\"x2_us\":%.2f,\"x4_us\":%.2f,\"x8_us\":%.2f}",
+            B, ctx, plan->num_splits, us[0], us[1], us[2], us[3]));
+  }
+
   // The paper's regime: no split-KV (one CTA per sequence x kv head), prefetch off / on / auto.
   std::printf(
       "\n| batch | context | splits | CTAs/SM | off us | on us | auto us (pf) | on/off | auto/off "
