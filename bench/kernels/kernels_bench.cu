@@ -304,6 +304,27 @@ int main(int argc, char** argv) {
             B, ctx, us[0], us[1], us[2]));
   }
 
+  // Cache layouts, tensor-core kernel: vLLM NHD (a head's rows kv_heads x 256 bytes apart) and
+  // FlashInfer/SGLang HND (a head's rows of a block adjacent); the same buffers read either way.
+  std::printf(
+      "\n| batch | context | NHD us | HND us | NHD/HND |\n"
+      "|---|---|---|---|---|\n");
+  for (auto [B, ctx] :
+       {std::pair{1, 32768}, std::pair{8, 4096}, std::pair{8, 32768}, std::pair{32, 16384},
+        std::pair{64, 32768}, std::pair{128, 1024}, std::pair{128, 4096}}) {
+    DecodeSetup setup(B, ctx, l2, 31);
+    DecodeAttentionArgs args = setup.args();
+    const double nhd = setup.TimeGraphUs(timer, args, 20, gs);
+    args.layout = PagedKvLayout::kHnd;
+    const double hnd = setup.TimeGraphUs(timer, args, 20, gs);
+    std::printf("| %d | %d | %.1f | %.1f | %.2f |\n", B, ctx, nhd, hnd, nhd / hnd);
+    std::fflush(stdout);
+    json.Add(
+        Fmt("{\"kind\":\"layout\",\"batch\":%d,\"context\":%d,\"nhd_us\":%.2f,"
+            "\"hnd_us\":%.2f}",
+            B, ctx, nhd, hnd));
+  }
+
   // Splits per sequence beyond the plan's (one wave of CTAs): finer work per CTA against more
   // combine work, tensor-core kernel.
   std::printf(

@@ -156,8 +156,20 @@ absl::StatusOr<Occupancy> CurrentOccupancy(Dtype dtype, int group, DecodeKernel 
 
 absl::Status Validate(const DecodeAttentionArgs& a) {
   auto bad = [](auto... parts) { return absl::InvalidArgumentError(absl::StrCat(parts...)); };
-  if (!a.q || !a.k_cache || !a.v_cache || !a.block_tables || !a.context_lens || !a.out) {
-    return bad("q, k_cache, v_cache, block_tables, context_lens and out must be non-null");
+  if (!a.q || !a.k_cache || !a.block_tables || !a.context_lens || !a.out) {
+    return bad("q, k_cache, block_tables, context_lens and out must be non-null");
+  }
+  if (a.layout != PagedKvLayout::kNhd && a.layout != PagedKvLayout::kNhdCombined &&
+      a.layout != PagedKvLayout::kHnd) {
+    return bad("layout ", static_cast<int>(a.layout), " is not a PagedKvLayout");
+  }
+  if ((a.layout == PagedKvLayout::kNhdCombined) != (a.v_cache == nullptr)) {
+    return bad(a.v_cache == nullptr ? "v_cache must be non-null for layout "
+                                    : "v_cache must be null for layout ",
+               LayoutName(a.layout));
+  }
+  if (a.kernel == DecodeKernel::kCudaCore && a.layout != PagedKvLayout::kNhd) {
+    return bad("the cuda-core kernel reads layout NHD only, not ", LayoutName(a.layout));
   }
   if (a.batch < 1) return bad("batch ", a.batch, " < 1");
   if (a.num_kv_heads < 1 || a.num_q_heads < 1 || a.num_q_heads % a.num_kv_heads != 0) {
@@ -195,6 +207,7 @@ absl::Status Validate(const DecodeAttentionArgs& a) {
   }
   if (!std::isfinite(a.scale) || a.scale < 0) return bad("scale must be finite and >= 0");
   for (const void* ptr : {a.q, a.k_cache, a.v_cache, static_cast<const void*>(a.out)}) {
+    if (ptr == nullptr) continue;  // v_cache of the combined layout
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
       return bad("q, k_cache, v_cache and out must be 16-byte aligned");
     }
@@ -323,6 +336,7 @@ absl::Status PagedDecodeAttention(const DecodeAttentionArgs& a, cudaStream_t str
   p.num_splits = plan->num_splits;
   p.split_tokens = plan->split_tokens;
   p.prefetch_distance = a.prefetch_distance == 0 ? 1 : a.prefetch_distance;
+  p.layout = static_cast<int32_t>(a.layout);
   const float scale = a.scale == 0 ? 1.0f / std::sqrt(static_cast<float>(a.head_dim)) : a.scale;
   p.scale_log2 = scale * 1.4426950408889634f;
   const int group = a.num_q_heads / a.num_kv_heads;

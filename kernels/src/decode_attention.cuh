@@ -45,6 +45,7 @@ struct DecodeParams {
   int32_t num_splits;
   int32_t split_tokens;
   int32_t prefetch_distance;  // blocks ahead, per warp (>= 1)
+  int32_t layout;             // PagedKvLayout (the tensor-core kernel reads all three)
   float scale_log2;           // softmax scale * log2(e)
 };
 

@@ -106,6 +106,28 @@ __device__ __forceinline__ uint32_t TileOffset(int row, int chunk) {
   return static_cast<uint32_t>(row * kTcRowBytes + ((chunk ^ (row & 7)) << 4));
 }
 
+// The paged layouts (PagedKvLayout), for one kv head's rows: a block's K (or V) region holds
+// block_size x kv_heads rows of 128 elements in all three,
+//   kNhd (0):         k, v [blocks][block_size][kv_heads][128]: rows of a head kv_heads apart
+//   kNhdCombined (1): k [blocks][2][block_size][kv_heads][128]: the same, K then V per block
+//   kHnd (2):         k, v [blocks][kv_heads][block_size][128]: a head's rows adjacent
+// and the kvh-th contiguous block_size x 128 slice of it is what CTA kvh prefetches.
+template <typename T>
+__device__ __forceinline__ const T* BlockRegion(const DecodeParams& p, int kv, int64_t phys) {
+  const int64_t block_elems = int64_t{p.block_size} * p.kv_heads * kHeadDim;
+  if (p.layout == 1) return static_cast<const T*>(p.k) + (phys * 2 + kv) * block_elems;
+  return static_cast<const T*>(kv == 0 ? p.k : p.v) + phys * block_elems;
+}
+// Elements from a block region to (kv head, slot)'s row; rows of consecutive slots are
+// SlotStride apart.
+__device__ __forceinline__ int64_t SlotStride(const DecodeParams& p) {
+  return p.layout == 2 ? kHeadDim : int64_t{p.kv_heads} * kHeadDim;
+}
+__device__ __forceinline__ int64_t RowInBlock(const DecodeParams& p, int kvh, int slot) {
+  return p.layout == 2 ? (int64_t{kvh} * p.block_size + slot) * kHeadDim
+                       : int64_t{slot} * SlotStride(p) + int64_t{kvh} * kHeadDim;
+}
+
 // kAligned: block_size % 16 == 0, so a tile (aligned to the split's start, itself a multiple of
 // block_size) lies within one block: one block-table entry per tile. Otherwise each row looks up
 // its own block. kPrefetch (aligned only): when a warp queues a tile that opens a block, it asks
@@ -129,7 +151,7 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
   const int q_head0 = kvh * G;
   const int32_t* table = p.block_tables + int64_t{b} * p.max_blocks_per_seq;
   const int bs = p.block_size;
-  const int64_t row_stride = int64_t{p.kv_heads} * kHeadDim;  // elements between token rows
+  const int64_t slot_stride = SlotStride(p);  // elements between a head's rows in a block
 
   // Q as the A operand, 8 k-tiles of 16 dims: a0 = q[g][16k + 2t..], a2 = q[g][16k + 8 + 2t..].
   uint32_t qa0[8], qa2[8];
@@ -152,8 +174,6 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
 
   const int num_tiles = (end - start + kTcTile - 1) / kTcTile;
   unsigned char* ring = smem + warp * (kTcStages * kTcStageBytes);
-  const T* kbase = static_cast<const T*>(p.k) + int64_t{kvh} * kHeadDim;
-  const T* vbase = static_cast<const T*>(p.v) + int64_t{kvh} * kHeadDim;
   // This lane copies chunk (lane % 16) of rows lane / 16 + 2i, i = 0..7, of each K and V tile.
   const int cp_chunk = lane % 16;
   const int cp_row0 = lane / 16;
@@ -168,7 +188,10 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
     if constexpr (kAligned) {
       const int64_t phys = table[t0 / bs];
       const bool ok = phys >= 0 && phys < p.num_blocks;
-      const int64_t row0 = phys * bs + (t0 % bs);
+      // This tile's first row of K and of V (the block's first, for a bad entry: never read).
+      const int64_t row0 = ok ? RowInBlock(p, kvh, t0 % bs) : 0;
+      const T* krow = BlockRegion<T>(p, 0, ok ? phys : 0) + row0 + cp_chunk * 8;
+      const T* vrow = BlockRegion<T>(p, 1, ok ? phys : 0) + row0 + cp_chunk * 8;
       if constexpr (kPrefetch) {
         // The block this warp's next tile opens (tiles w, w+4, ...): ask L2 for it now.
         const int t_next = t0 + kDecodeWarps * kTcTile;
@@ -176,8 +199,7 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
           const int64_t pn = table[t_next / bs];
           if (pn >= 0 && pn < p.num_blocks) {
             const int64_t slice = int64_t{bs} * kHeadDim;  // elements: 1/kv_heads of a block
-            const T* base = static_cast<const T*>(lane == 0 ? p.k : p.v);
-            PrefetchL2Bytes(base + pn * bs * row_stride + kvh * slice,
+            PrefetchL2Bytes(BlockRegion<T>(p, lane, pn) + kvh * slice,
                             static_cast<uint32_t>(slice * sizeof(T)));
           }
         }
@@ -186,9 +208,9 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
       for (int i = 0; i < 8; ++i) {
         const int r = cp_row0 + 2 * i;
         const bool live = ok && t0 + r < end;
-        const int64_t off = live ? (row0 + r) * row_stride + cp_chunk * 8 : 0;
-        CpAsync16(sk + TileOffset(r, cp_chunk), kbase + off, live ? 16 : 0);
-        CpAsync16(sv + TileOffset(r, cp_chunk), vbase + off, live ? 16 : 0);
+        const int64_t off = live ? r * slot_stride : 0;
+        CpAsync16(sk + TileOffset(r, cp_chunk), krow + off, live ? 16 : 0);
+        CpAsync16(sv + TileOffset(r, cp_chunk), vrow + off, live ? 16 : 0);
       }
       const int n = min(kTcTile, end - t0);
       valid = ok ? (1u << n) - 1u : 0u;
@@ -200,9 +222,11 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
         int64_t phys = -1;
         if (tok < end) phys = table[tok / bs];
         const bool live = phys >= 0 && phys < p.num_blocks;
-        const int64_t off = live ? (phys * bs + tok % bs) * row_stride + cp_chunk * 8 : 0;
-        CpAsync16(sk + TileOffset(r, cp_chunk), kbase + off, live ? 16 : 0);
-        CpAsync16(sv + TileOffset(r, cp_chunk), vbase + off, live ? 16 : 0);
+        const int64_t off = live ? RowInBlock(p, kvh, tok % bs) + cp_chunk * 8 : 0;
+        CpAsync16(sk + TileOffset(r, cp_chunk), BlockRegion<T>(p, 0, live ? phys : 0) + off,
+                  live ? 16 : 0);
+        CpAsync16(sv + TileOffset(r, cp_chunk), BlockRegion<T>(p, 1, live ? phys : 0) + off,
+                  live ? 16 : 0);
       }
       // Row r's validity, decided by lane r (rows 0..15).
       bool live = false;

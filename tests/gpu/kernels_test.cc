@@ -301,7 +301,32 @@ struct AttnCase {
   int lanes = 0;     // lanes per token (0 = default; CUDA-core kernel only)
   int distance = 0;  // prefetch distance (0 = default; CUDA-core kernel only)
   DecodeKernel kernel = DecodeKernel::kAuto;
+  PagedKvLayout layout = PagedKvLayout::kNhd;
 };
+
+// The NHD cache `nhd` ([blocks][bs][heads][D]; `v` too for the combined layout) in `layout`.
+std::vector<uint16_t> ToLayout(const std::vector<uint16_t>& nhd, const std::vector<uint16_t>& v,
+                               PagedKvLayout layout, int blocks, int bs, int heads, int D) {
+  if (layout == PagedKvLayout::kNhd) return nhd;
+  std::vector<uint16_t> out(layout == PagedKvLayout::kNhdCombined ? 2 * nhd.size() : nhd.size());
+  for (int blk = 0; blk < blocks; ++blk) {
+    for (int slot = 0; slot < bs; ++slot) {
+      for (int h = 0; h < heads; ++h) {
+        const size_t src = ((static_cast<size_t>(blk) * bs + slot) * heads + h) * D;
+        if (layout == PagedKvLayout::kHnd) {
+          std::copy_n(&nhd[src], D, &out[((static_cast<size_t>(blk) * heads + h) * bs + slot) * D]);
+        } else {
+          for (int kv = 0; kv < 2; ++kv) {
+            const size_t dst = (((static_cast<size_t>(blk) * 2 + kv) * bs + slot) * heads + h) *
+                               static_cast<size_t>(D);
+            std::copy_n(kv == 0 ? &nhd[src] : &v[src], D, &out[dst]);
+          }
+        }
+      }
+    }
+  }
+  return out;
+}
 
 void RunAttention(const AttnCase& c, uint64_t seed) {
   const bool bf16 = c.dtype == Dtype::kBFloat16;
@@ -311,7 +336,8 @@ void RunAttention(const AttnCase& c, uint64_t seed) {
                << c.q_heads << "/" << c.kv_heads << (bf16 ? " bf16" : " fp16")
                << " bs=" << c.block_size << " batch=" << batch << " max_ctx=" << max_ctx
                << " prefetch=" << PrefetchModeName(c.prefetch) << " splits=" << c.splits
-               << " lanes=" << c.lanes << " kernel=" << DecodeKernelName(c.kernel));
+               << " lanes=" << c.lanes << " kernel=" << DecodeKernelName(c.kernel)
+               << " layout=" << LayoutName(c.layout));
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.f, 1.f);
   auto to16 = [&](float f) { return bf16 ? reference::FloatToBf16(f) : reference::FloatToFp16(f); };
@@ -329,18 +355,27 @@ void RunAttention(const AttnCase& c, uint64_t seed) {
   for (auto& x : q) x = to16(normal(rng));
   for (auto& x : k) x = to16(normal(rng));
   for (auto& x : v) x = to16(normal(rng));
-  DeviceBuffer dq(q.size() * 2), dk(k.size() * 2), dv(v.size() * 2), dt(tables.size() * 4),
-      dctx(c.contexts.size() * 4), dout(q.size() * 2);
+  const bool combined = c.layout == PagedKvLayout::kNhdCombined;
+  const std::vector<uint16_t> k_dev =
+      ToLayout(k, v, c.layout, num_blocks, c.block_size, c.kv_heads, D);
+  const std::vector<uint16_t> v_dev =
+      combined ? std::vector<uint16_t>{}
+               : ToLayout(v, v, c.layout, num_blocks, c.block_size, c.kv_heads, D);
+  DeviceBuffer dq(q.size() * 2), dk(k_dev.size() * 2), dv(std::max<size_t>(v_dev.size(), 1) * 2),
+      dt(tables.size() * 4), dctx(c.contexts.size() * 4), dout(q.size() * 2);
   CUDA_OK(dq.Upload(q.data()));
-  CUDA_OK(dk.Upload(k.data()));
-  CUDA_OK(dv.Upload(v.data()));
+  CUDA_OK(dk.Upload(k_dev.data()));
+  if (!combined) {
+    CUDA_OK(dv.Upload(v_dev.data()));
+  }
   CUDA_OK(dt.Upload(tables.data()));
   CUDA_OK(dctx.Upload(c.contexts.data()));
   CUDA_OK(cudaMemset(dout.get(), 0xFF, q.size() * 2));  // NaN in both formats
   DecodeAttentionArgs a;
   a.q = dq.get();
   a.k_cache = dk.get();
-  a.v_cache = dv.get();
+  a.v_cache = combined ? nullptr : dv.get();
+  a.layout = c.layout;
   a.block_tables = dt.as<int32_t>();
   a.context_lens = dctx.as<int32_t>();
   a.out = dout.get();
@@ -394,6 +429,20 @@ TEST_F(KernelsTest, DecodeAttentionMatchesTheFp64Reference) {
           for (const auto& ctx : batches) {
             for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn}) {
               RunAttention({qh, kvh, dt, bs, ctx, pf, 0, 0, 0, kernel}, seed++);
+            }
+          }
+        }
+      }
+    }
+    // The other cache layouts (tensor-core kernel): block sizes on and off the tile grid.
+    if (kernel == DecodeKernel::kTensorCore) {
+      for (PagedKvLayout layout : {PagedKvLayout::kHnd, PagedKvLayout::kNhdCombined}) {
+        for (Dtype dt : {Dtype::kBFloat16, Dtype::kFloat16}) {
+          for (int bs : {16, 7}) {
+            for (const auto& ctx : batches) {
+              for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn}) {
+                RunAttention({32, 8, dt, bs, ctx, pf, 0, 0, 0, kernel, layout}, seed++);
+              }
             }
           }
         }
@@ -456,7 +505,24 @@ TEST_F(KernelsTest, DecodeAttentionEdgeCases) {
     RunAttention(
         {32, 8, Dtype::kBFloat16, bs, {700, 31, 16, 15, 1}, PrefetchMode::kAuto, 0, 0, 0, tc},
         seed++);
+    for (PagedKvLayout layout : {PagedKvLayout::kHnd, PagedKvLayout::kNhdCombined}) {
+      RunAttention({32,
+                    8,
+                    Dtype::kFloat16,
+                    bs,
+                    {700, 31, 16, 15, 1, 0},
+                    PrefetchMode::kOn,
+                    3,
+                    0,
+                    0,
+                    tc,
+                    layout},
+                   seed++);
+    }
   }
+  RunAttention(
+      {32, 32, Dtype::kBFloat16, 16, {999, 2}, PrefetchMode::kOn, 0, 0, 0, tc, PagedKvLayout::kHnd},
+      seed++);
   RunAttention({8, 8, Dtype::kFloat16, 5, {1, 2, 3, 4, 5, 6, 7}, PrefetchMode::kOn, 0, 0, 0, tc},
                seed++);
   RunAttention({16, 2, Dtype::kBFloat16, 64, {0}, PrefetchMode::kAuto, 0, 0, 0, tc}, seed++);
@@ -586,6 +652,16 @@ TEST_F(KernelsTest, BadAttentionArgumentsAreInvalidArgument) {
   bad([](auto& b) { b.lanes_per_token = 4; }, "lanes_per_token 4");
   bad([](auto& b) { b.prefetch_distance = 65; }, "prefetch_distance 65");
   bad([](auto& b) { b.tc_stages = 5; }, "tc_stages 5");
+  bad([](auto& b) { b.v_cache = nullptr; }, "v_cache must be non-null for layout NHD");
+  bad([](auto& b) { b.layout = PagedKvLayout::kNhdCombined; },
+      "v_cache must be null for layout NHD-combined");
+  bad([](auto& b) { b.layout = static_cast<PagedKvLayout>(7); }, "layout 7");
+  bad(
+      [](auto& b) {
+        b.layout = PagedKvLayout::kHnd;
+        b.kernel = DecodeKernel::kCudaCore;
+      },
+      "cuda-core kernel reads layout NHD only");
   DecodeAttentionArgs c = a;
   c.num_splits = 4;
   EXPECT_THAT(PagedDecodeAttention(c, nullptr),

@@ -17,6 +17,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kvdn/common/chunk_key.h"
+#include "kvdn/kernels/paged_kv.h"
 
 namespace kvdn::kernels {
 
@@ -30,9 +31,14 @@ enum class DecodeKernel : uint8_t { kAuto = 0, kTensorCore = 1, kCudaCore = 2 };
 const char* DecodeKernelName(DecodeKernel kernel);
 
 struct DecodeAttentionArgs {
-  const void* q = nullptr;                // [batch][num_q_heads][head_dim]
-  const void* k_cache = nullptr;          // [num_blocks][block_size][num_kv_heads][head_dim]
-  const void* v_cache = nullptr;          // same shape as k_cache
+  const void* q = nullptr;  // [batch][num_q_heads][head_dim]
+  // The engine's paged cache in `layout` (paged_kv.h): kNhd [num_blocks][block_size]
+  // [num_kv_heads][head_dim] K and V tensors; kHnd [num_blocks][num_kv_heads][block_size]
+  // [head_dim]; kNhdCombined one tensor [num_blocks][2][block_size][num_kv_heads][head_dim] in
+  // k_cache, v_cache null. The CUDA-core kernel reads kNhd only.
+  const void* k_cache = nullptr;
+  const void* v_cache = nullptr;
+  PagedKvLayout layout = PagedKvLayout::kNhd;
   const int32_t* block_tables = nullptr;  // [batch][max_blocks_per_seq], device
   const int32_t* context_lens = nullptr;  // [batch], device; each in [0, max_context_len]
   void* out = nullptr;                    // [batch][num_q_heads][head_dim]
