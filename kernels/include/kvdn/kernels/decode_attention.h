@@ -1,5 +1,6 @@
 // Paged decode attention with in-loop L2 prefetch: one query token per sequence, reading K/V
-// from an engine's paged cache (vLLM NHD layout), GQA or MHA, head_dim 128, bf16 or fp16.
+// from an engine's paged cache (vLLM NHD, NHD-combined or FlashInfer/SGLang HND), GQA or MHA,
+// head_dim 128, bf16 or fp16.
 //
 // The method of arXiv 2504.06319: while a warp computes on its current KV block it issues
 // cp.async.bulk.prefetch.L2 for the block it reads next, hiding HBM latency. Measured on the
