@@ -20,6 +20,8 @@
 #ifndef KVDN_KERNELS_SRC_DECODE_ATTENTION_TC_CUH_
 #define KVDN_KERNELS_SRC_DECODE_ATTENTION_TC_CUH_
 
+#include <type_traits>
+
 #include "src/decode_attention.cuh"
 
 namespace kvdn::kernels::detail {
@@ -31,46 +33,42 @@ inline constexpr int kTcStageBytes = 2 * kTcTileBytes;      // K then V
 inline constexpr int kTcDefaultStages = 3;                  // per warp; see kernels/README.md
 constexpr size_t TcSmemBytes(int stages) { return size_t{kDecodeWarps} * stages * kTcStageBytes; }
 
+// The PTX type of T in mma (bf16 or f16): one m16n8k16 with A rows 8..15 zero, so only the C/D
+// rows 0..7 (d[0], d[1] of this lane) are kept.
+#define KVDN_MMA_M16N8K16(TYPE)                                                                    \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                              \
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};"                    \
+               : "=f"(r[0]), "=f"(r[1]), "=f"(r[2]), "=f"(r[3])                                    \
+               : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(c0), "f"(c1), "f"(0.f), \
+                 "f"(0.f))
+
 template <typename T>
-struct Mma;
-template <>
-struct Mma<__nv_bfloat16> {
+struct Mma {
   static __device__ __forceinline__ void Run(float* d, uint32_t a0, uint32_t a2, uint32_t b0,
                                              uint32_t b1, float c0, float c1) {
     float r[4];  // r[2], r[3]: rows 8..15, padding, discarded
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%10,%11,%12,%13};"
-        : "=f"(r[0]), "=f"(r[1]), "=f"(r[2]), "=f"(r[3])
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(c0), "f"(c1), "f"(0.f),
-          "f"(0.f));
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      KVDN_MMA_M16N8K16("bf16");
+    } else {
+      KVDN_MMA_M16N8K16("f16");
+    }
     d[0] = r[0];
     d[1] = r[1];
   }
+  // Two floats as the A operand's packed pair (lo in the low half).
   static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
+    uint32_t u;
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+      memcpy(&u, &h, 4);
+    } else {
+      const __half2 h = __floats2half2_rn(lo, hi);
+      memcpy(&u, &h, 4);
+    }
+    return u;
   }
 };
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ void Run(float* d, uint32_t a0, uint32_t a2, uint32_t b0,
-                                             uint32_t b1, float c0, float c1) {
-    float r[4];  // r[2], r[3]: rows 8..15, padding, discarded
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%10,%11,%12,%13};"
-        : "=f"(r[0]), "=f"(r[1]), "=f"(r[2]), "=f"(r[3])
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(c0), "f"(c1), "f"(0.f),
-          "f"(0.f));
-    d[0] = r[0];
-    d[1] = r[1];
-  }
-  static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-};
+#undef KVDN_MMA_M16N8K16
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
