@@ -1,6 +1,10 @@
 // Integration tests against the real kvdnd binary: SDK round trips, prefix lookup, restart,
 // a table of bad requests (each with its exact status, the daemon healthy after), drain,
-// /metrics through promtool, and every kvdnctl subcommand.
+// /metrics through promtool, every kvdnctl subcommand, and server reflection.
+#include <google/protobuf/descriptor.pb.h>
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/wire_format_lite.h>
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <unistd.h>
 
@@ -659,6 +663,130 @@ TEST_F(KvdndTest, AnEmptyTargetMeansKvdnTargetFromTheEnvironment) {
   std::move(unset).Invoke();
   EXPECT_THAT(client::ResolveTarget(""), ::testing::StartsWith("unix:"));
   EXPECT_NE(client::ResolveTarget(""), daemon_.unix_target());
+}
+
+// The length-delimited fields numbered `field` at the top level of the protobuf message `msg`
+// (a minimal wire-format reader: the reflection API's C++ stubs are not packaged).
+std::vector<std::string> LengthDelimitedFields(const std::string& msg, int field) {
+  using WFL = google::protobuf::internal::WireFormatLite;
+  google::protobuf::io::CodedInputStream in(reinterpret_cast<const uint8_t*>(msg.data()),
+                                            static_cast<int>(msg.size()));
+  std::vector<std::string> out;
+  while (uint32_t tag = in.ReadTag()) {
+    const int number = static_cast<int>(WFL::GetTagFieldNumber(tag));
+    switch (WFL::GetTagWireType(tag)) {
+      case WFL::WIRETYPE_LENGTH_DELIMITED: {
+        uint32_t len = 0;
+        std::string v;
+        if (!in.ReadVarint32(&len) || !in.ReadString(&v, static_cast<int>(len))) return out;
+        if (number == field) out.push_back(std::move(v));
+        break;
+      }
+      default:
+        if (!WFL::SkipField(&in, tag)) return out;
+    }
+  }
+  return out;
+}
+
+// One ServerReflectionInfo stream, as grpcurl opens it: each request written, its response read.
+std::vector<std::string> ReflectionExchange(const std::string& target,
+                                            const std::vector<std::string>& requests,
+                                            grpc::Status* status) {
+  grpc::GenericStub stub(client::MakeChannel(target));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  grpc::CompletionQueue cq;
+  auto call =
+      stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
+  auto wait = [&cq]() {
+    void* tag;
+    bool ok = false;
+    return cq.Next(&tag, &ok) && ok;
+  };
+  std::vector<std::string> responses;
+  call->StartCall(nullptr);
+  if (wait()) {
+    for (const std::string& r : requests) {
+      grpc::Slice slice(r);
+      grpc::ByteBuffer out(&slice, 1);
+      call->Write(out, nullptr);
+      if (!wait()) break;
+      grpc::ByteBuffer in;
+      call->Read(&in, nullptr);
+      if (!wait()) break;
+      std::vector<grpc::Slice> slices;
+      if (!in.Dump(&slices).ok()) break;
+      std::string bytes;
+      for (const auto& sl : slices)
+        bytes.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+      responses.push_back(std::move(bytes));
+    }
+    call->WritesDone(nullptr);
+    wait();
+  }
+  call->Finish(status, nullptr);
+  wait();
+  return responses;
+}
+
+// A ServerReflectionRequest with string field `field` (4: file_containing_symbol, 7:
+// list_services) set to `value`.
+std::string ReflectionRequest(int field, const std::string& value) {
+  std::string out;
+  out.push_back(static_cast<char>(field << 3 | 2));
+  out.push_back(static_cast<char>(value.size()));  // < 128 here
+  return out + value;
+}
+
+TEST_F(KvdndTest, ServerReflectionListsTheServicesAndServesTheirDescriptors) {
+  grpc::Status status;
+  const auto responses =
+      ReflectionExchange(daemon_.unix_target(),
+                         {ReflectionRequest(7, ""), ReflectionRequest(4, "kvdn.v1.KvService"),
+                          ReflectionRequest(4, "kvdn.v1.NoSuchService")},
+                         &status);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_EQ(responses.size(), 3u);
+
+  // list_services_response (6) -> service (1) -> name (1).
+  std::vector<std::string> names;
+  for (const auto& list : LengthDelimitedFields(responses[0], 6)) {
+    for (const auto& svc : LengthDelimitedFields(list, 1)) {
+      for (const auto& name : LengthDelimitedFields(svc, 1)) names.push_back(name);
+    }
+  }
+  EXPECT_THAT(names, ::testing::IsSupersetOf({"kvdn.v1.KvService", "kvdn.v1.AdminService",
+                                              "kvdn.v1.PeerService", "grpc.health.v1.Health"}));
+
+  // file_descriptor_response (4) -> file_descriptor_proto (1): the file that declares KvService,
+  // with its methods, as a tool needs it to build requests.
+  bool found = false;
+  for (const auto& fdr : LengthDelimitedFields(responses[1], 4)) {
+    for (const auto& bytes : LengthDelimitedFields(fdr, 1)) {
+      google::protobuf::FileDescriptorProto fd;
+      ASSERT_TRUE(fd.ParseFromString(bytes));
+      for (const auto& svc : fd.service()) {
+        if (fd.package() != "kvdn.v1" || svc.name() != "KvService") continue;
+        found = true;
+        std::vector<std::string> methods;
+        for (const auto& m : svc.method()) methods.push_back(m.name());
+        EXPECT_THAT(methods, ::testing::IsSupersetOf({"Lookup", "Put", "Get", "Reserve", "Commit",
+                                                      "Release", "Delete"}));
+      }
+    }
+  }
+  EXPECT_TRUE(found) << "no FileDescriptorProto declaring kvdn.v1.KvService";
+
+  // An unknown symbol: error_response (7) with error_code (1) NOT_FOUND, the stream still open.
+  const auto errors = LengthDelimitedFields(responses[2], 7);
+  ASSERT_EQ(errors.size(), 1u);
+  google::protobuf::io::CodedInputStream in(reinterpret_cast<const uint8_t*>(errors[0].data()),
+                                            static_cast<int>(errors[0].size()));
+  uint64_t code = 0;
+  ASSERT_EQ(in.ReadTag(), 1u << 3);  // error_code, varint
+  ASSERT_TRUE(in.ReadVarint64(&code));
+  EXPECT_EQ(code, static_cast<uint64_t>(grpc::StatusCode::NOT_FOUND));
 }
 
 TEST(KvdndConfigTest, InvalidConfigFailsAtStartNamingTheField) {
