@@ -85,7 +85,8 @@ DataPlane::~DataPlane() {
   }
 }
 
-std::vector<std::string> DataPlane::Describe() const {
+std::vector<std::string> DataPlane::Describe() {
+  ReapExitedClients();  // what stats show are live sessions
   std::vector<std::string> out;
   for (size_t i = 0; i < local_.size(); ++i) {
     out.push_back(absl::StrCat("ucx-local[", i, "]: ", local_[i].transport->Describe()));
@@ -126,6 +127,7 @@ absl::StatusOr<v1::OpenDataPlaneResponse> DataPlane::Open(const v1::OpenDataPlan
         "one pid namespace (Kubernetes: hostPID: true on both pods, deploy/README.md), or use "
         "the gRPC data plane"));
   }
+  ReapExitedClients();
   const Lane* lane;
   {
     MutexLock lock(&mu_);
@@ -176,6 +178,25 @@ absl::Status DataPlane::Close(uint64_t session_id) {
   }
   s.transport->Disconnect(s.peer);
   return absl::OkStatus();
+}
+
+void DataPlane::ReapExitedClients() {
+  std::vector<Session> gone;
+  {
+    MutexLock lock(&mu_);
+    for (auto it = sessions_.begin(); it != sessions_.end();) {
+      auto here = it++;
+      if (here->second.pid > 0 && !transfer::ProcessAlive(here->second.pid)) {
+        gone.push_back(here->second);
+        sessions_.erase(here);
+      }
+    }
+  }
+  for (const Session& s : gone) {
+    spdlog::info("data plane: session of {} (pid {}) closed: the process exited without closing it",
+                 s.name.empty() ? "a client" : s.name, s.pid);
+    s.transport->Disconnect(s.peer);
+  }
 }
 
 absl::StatusOr<DataPlane::Session> DataPlane::FindSession(uint64_t id) const {

@@ -41,7 +41,7 @@ class DataPlane {
                                         : remote_[0].transport->address();
   }
   // "ucx-local:..." and "ucx-remote:...", for GetStats.
-  std::vector<std::string> Describe() const;
+  std::vector<std::string> Describe();
 
  private:
   // One UCX transport (worker + progress thread) and the arena's registration with it.
@@ -61,6 +61,11 @@ class DataPlane {
   explicit DataPlane(ServerState* state) : state_(*state) {}
 
   absl::StatusOr<Session> FindSession(uint64_t id) const;
+  // Ends the sessions of same-host clients whose process is gone. Shared memory has no peer
+  // failure detection, so a client killed without CloseDataPlane (an engine OOM-killed or
+  // restarted) would otherwise keep its session, and enough of them would refuse every new one
+  // (max_data_plane_sessions).
+  void ReapExitedClients() ABSL_LOCKS_EXCLUDED(mu_);
   // The lane of `lanes` with the fewest sessions.
   const Lane& LeastLoaded(const std::vector<Lane>& lanes) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void OnPeerFailure(transfer::Transport* t, transfer::PeerId peer);

@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <fstream>
 #include <random>
 #include <thread>
 
@@ -295,6 +296,53 @@ TEST_F(DataPlaneTest, AClientKilledMidTransferLeavesNoLeaseAndAHealthyDaemon) {
   auto g = Connect(daemon_.unix_target(), DP::kGrpc, BigModel());
   RoundTrip(*g, *c, 256, 57);
   EXPECT_EQ(daemon_.Stop(), 0);
+}
+
+// Engines die without closing their sessions (OOM kills, restarts). Shared memory cannot notice
+// a dead peer, so kvdnd ends the session of a same-host client whose process is gone: with room
+// for two sessions, three clients killed one after the other still leave room for a fourth.
+TEST(DataPlaneSessionsTest, SessionsOfClientsKilledWithoutClosingAreReaped) {
+  using DP = client::ClientOptions::DataPlane;
+  TempDir dir;
+  const std::string config = dir.path() + "/kvdn.json";
+  {
+    std::ofstream f(config);
+    f << R"({"max_data_plane_sessions": 2})";
+  }
+  DaemonProcess daemon(dir.path());
+  std::string err;
+  ASSERT_TRUE(daemon.Start({"--config", config}, &err)) << err;
+  auto saver = Connect(daemon.unix_target(), DP::kGrpc, BigModel());  // holds no session
+  const auto t = Tokens(256, 55);                                     // what --load-forever loads
+  auto payload = RandomBytes(saver->ChunkPayloadSizes(t.size())[0], 55);
+  const ByteSpan spans[1] = {ByteSpan(payload)};
+  ASSERT_OK(saver->Save(t, spans).status());
+  for (int i = 0; i < 3; ++i) {
+    const pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      execl("/proc/self/exe", "data_plane_test", "--load-forever", daemon.unix_target().c_str(), "",
+            nullptr);
+      _exit(1);
+    }
+    absl::SleepFor(absl::Milliseconds(700));
+    ASSERT_EQ(kill(pid, SIGKILL), 0);
+    ASSERT_EQ(waitpid(pid, nullptr, 0), pid);
+  }
+  // A fourth client gets a shared-memory session (kUcx: no fallback to gRPC) and loads.
+  auto c = Connect(daemon.unix_target(), DP::kUcx, BigModel());
+  std::vector<uint8_t> got(payload.size());
+  const MutableByteSpan bufs[1] = {MutableByteSpan(got)};
+  ASSERT_OK_AND_ASSIGN(auto r, c->Load(t, bufs));
+  EXPECT_EQ(r.tokens, t.size());
+  EXPECT_TRUE(got == payload);
+  EXPECT_TRUE(absl::StartsWith(c->DataPlaneInUse(), "ucx")) << c->DataPlaneInUse();
+  const absl::Time until = absl::Now() + absl::Seconds(25);
+  while (LeasesActive(daemon.unix_target()) != 0 && absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  EXPECT_EQ(LeasesActive(daemon.unix_target()), 0u);
+  EXPECT_EQ(daemon.Stop(), 0);
 }
 
 // Raw data-plane messages, as a buggy or hostile client would send them: each gets its exact

@@ -70,8 +70,6 @@ bool HostOnly(absl::string_view t) {
   return kLocal.contains(t);
 }
 
-bool ProcessAlive(int pid) { return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM); }
-
 bool KnownTransport(absl::string_view t) {
   static const absl::flat_hash_set<absl::string_view> kKnown = {
       "all",     "self", "tcp",       "sm",       "shm",      "mm",      "posix",     "sysv",
@@ -474,15 +472,7 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
     }
     for (Op* op : to_abandon) {
       auto it = slot_by_ep.find(op->ep);
-      const int pid = peers[it->second].pid;
-      const PeerId id = IdOf(it->second);
-      DropPeer(it->second, /*force=*/true);  // the peer is gone: nothing on its side to upset
-      in_flight.erase(op);
-      op->abandoned = true;
-      DoneCallback done = std::move(op->done);
-      std::move(done)(absl::UnavailableError(
-          absl::StrCat("peer process ", pid, " exited with the transfer in flight")));
-      if (on_peer_failure) on_peer_failure(id, absl::UnavailableError("peer process exited"));
+      if (it != slot_by_ep.end()) AbandonPeer(it->second);  // and every other op of its peer
     }
     for (ucp_ep_h ep : to_close) {
       auto it = slot_by_ep.find(ep);
@@ -497,6 +487,29 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
         CloseEp(ep, /*force=*/true);  // the peer's side of a connection we did not make
       }
     }
+  }
+
+  // For a same-host peer whose process is gone (shared memory has no failure detection): ends
+  // its operations in flight with UNAVAILABLE (nobody can touch their memory any more), closes
+  // its endpoint with force and reports the failure.
+  void AbandonPeer(uint32_t slot) {
+    const ucp_ep_h ep = peers[slot].ep;
+    const int pid = peers[slot].pid;
+    const PeerId id = IdOf(slot);
+    std::vector<Op*> ops;
+    for (Op* op : in_flight) {
+      if (op->ep == ep && op->request != nullptr) ops.push_back(op);
+    }
+    // Abandoned before the close, so a completion the close may report finds them so (Finish).
+    for (Op* op : ops) {
+      in_flight.erase(op);
+      op->abandoned = true;
+      DoneCallback done = std::move(op->done);
+      std::move(done)(absl::UnavailableError(
+          absl::StrCat("peer process ", pid, " exited with the transfer in flight")));
+    }
+    DropPeer(slot, /*force=*/true);  // the peer is gone: nothing on its side to upset
+    if (on_peer_failure) on_peer_failure(id, absl::UnavailableError("peer process exited"));
   }
 
   void ReapClosing() {
@@ -811,6 +824,8 @@ uint64_t NamespaceId(const std::string& pid, const char* kind) {
   return stat(path.c_str(), &st) == 0 ? st.st_ino : 0;
 }
 
+bool ProcessAlive(int pid) { return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM); }
+
 absl::StatusOr<PeerId> UcxTransport::Connect(absl::string_view address,
                                              const ConnectOptions& options) {
   const bool v1 = address.size() > kAddressPrefixV1 &&
@@ -844,8 +859,14 @@ absl::StatusOr<PeerId> UcxTransport::Connect(absl::string_view address,
 
 void UcxTransport::Disconnect(PeerId peer) {
   impl_->Post([impl = impl_.get(), peer] {
-    if (impl->Find(peer) == nullptr) return;
-    impl->DropPeer(static_cast<uint32_t>(peer & 0xffffffffu), /*force=*/false);
+    const auto* p = impl->Find(peer);
+    if (p == nullptr) return;
+    const auto slot = static_cast<uint32_t>(peer & 0xffffffffu);
+    if (p->pid != 0 && !ProcessAlive(p->pid)) {
+      impl->AbandonPeer(slot);  // a graceful close would wait on it forever
+    } else {
+      impl->DropPeer(slot, /*force=*/false);
+    }
   });
 }
 

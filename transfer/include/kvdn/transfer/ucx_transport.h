@@ -74,6 +74,9 @@ class UcxTransport final : public Transport {
 // in one pid namespace; its wake-ups only within one network namespace.
 uint64_t NamespaceId(const std::string& pid, const char* kind);
 
+// Whether process `pid` (of this pid namespace) still exists; false for pid <= 0.
+bool ProcessAlive(int pid);
+
 }  // namespace kvdn::transfer
 
 #endif  // KVDN_TRANSFER_UCX_TRANSPORT_H_
