@@ -333,6 +333,33 @@ INSTANTIATE_TEST_SUITE_P(Transports, UcxTransportTest,
                            return n;
                          });
 
+// How shared-memory peers are known to be gone: a running process lives; one that exited is gone
+// before its parent waits for it (a zombie) and after.
+TEST(ProcessAliveTest, RunningLivesExitedIsGoneZombieOrNot) {
+  EXPECT_TRUE(ProcessAlive(getpid()));
+  EXPECT_FALSE(ProcessAlive(0));
+  EXPECT_FALSE(ProcessAlive(-1));
+  const pid_t sleeper = fork();
+  ASSERT_GE(sleeper, 0);
+  if (sleeper == 0) {
+    pause();
+    _exit(0);
+  }
+  const pid_t quitter = fork();
+  ASSERT_GE(quitter, 0);
+  if (quitter == 0) _exit(0);
+  // Not waited for yet: a zombie once it has exited.
+  siginfo_t info{};
+  ASSERT_EQ(waitid(P_PID, static_cast<id_t>(quitter), &info, WEXITED | WNOWAIT), 0);
+  EXPECT_TRUE(ProcessAlive(sleeper));
+  EXPECT_FALSE(ProcessAlive(quitter)) << "a zombie counts as gone";
+  ASSERT_EQ(waitpid(quitter, nullptr, 0), quitter);
+  EXPECT_FALSE(ProcessAlive(quitter));
+  ASSERT_EQ(kill(sleeper, SIGKILL), 0);
+  ASSERT_EQ(waitpid(sleeper, nullptr, 0), sleeper);
+  EXPECT_FALSE(ProcessAlive(sleeper));
+}
+
 TEST(UcxTransportCreate, UnknownTransportIsNamed) {
   UcxTransportOptions o;
   o.transports = "tcp,infiniband";

@@ -824,7 +824,20 @@ uint64_t NamespaceId(const std::string& pid, const char* kind) {
   return stat(path.c_str(), &st) == 0 ? st.st_ino : 0;
 }
 
-bool ProcessAlive(int pid) { return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM); }
+bool ProcessAlive(int pid) {
+  if (pid <= 0 || (kill(pid, 0) != 0 && errno != EPERM)) return false;
+  // A zombie (exited, not yet waited for by its parent) still answers kill(pid, 0): read its
+  // state, the field after the command name's closing parenthesis in /proc/<pid>/stat.
+  FILE* f = std::fopen(absl::StrCat("/proc/", pid, "/stat").c_str(), "r");
+  if (f == nullptr) return true;  // no /proc: kill's answer stands
+  char buf[512];
+  const size_t n = std::fread(buf, 1, sizeof(buf) - 1, f);
+  std::fclose(f);
+  buf[n] = '\0';
+  const char* paren = std::strrchr(buf, ')');
+  if (paren == nullptr || paren[1] != ' ') return true;
+  return paren[2] != 'Z' && paren[2] != 'X';
+}
 
 absl::StatusOr<PeerId> UcxTransport::Connect(absl::string_view address,
                                              const ConnectOptions& options) {

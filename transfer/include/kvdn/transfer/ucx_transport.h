@@ -74,7 +74,8 @@ class UcxTransport final : public Transport {
 // in one pid namespace; its wake-ups only within one network namespace.
 uint64_t NamespaceId(const std::string& pid, const char* kind);
 
-// Whether process `pid` (of this pid namespace) still exists; false for pid <= 0.
+// Whether process `pid` (of this pid namespace) still runs: false for pid <= 0, for a pid with no
+// process, and for a zombie (exited, not yet waited for).
 bool ProcessAlive(int pid);
 
 }  // namespace kvdn::transfer
