@@ -518,45 +518,49 @@ absl::StatusOr<size_t> Client::Lookup(absl::Span<const int32_t> tokens) {
 }
 
 absl::StatusOr<SaveResult> Client::Save(absl::Span<const int32_t> tokens,
-                                        absl::Span<const ByteSpan> payloads) {
+                                        absl::Span<const ByteSpan> payloads, size_t first_chunk) {
   const ClientOptions& o = impl_->options;
   KVDN_ASSIGN_OR_RETURN(std::vector<ChunkKey> keys,
                         ChunkKeysForTokens(o.ns, o.model, tokens, /*include_tail=*/true));
-  if (payloads.size() > keys.size()) {
-    return absl::InvalidArgumentError(absl::StrCat(payloads.size(), " payloads for ", tokens.size(),
+  if (first_chunk > keys.size() || payloads.size() > keys.size() - first_chunk) {
+    return absl::InvalidArgumentError(absl::StrCat(payloads.size(), " payloads from chunk ",
+                                                   first_chunk, " for ", tokens.size(),
                                                    " tokens, which make ", keys.size(), " chunks"));
   }
-  for (size_t i = 0; i < payloads.size(); ++i) {
-    const uint64_t want = PayloadBytes(impl_->TokensInChunk(i, tokens.size()));
-    if (payloads[i].size() != want) {
-      return absl::InvalidArgumentError(absl::StrCat("payload ", i, " has ", payloads[i].size(),
+  for (size_t j = 0; j < payloads.size(); ++j) {
+    const uint64_t want = PayloadBytes(impl_->TokensInChunk(first_chunk + j, tokens.size()));
+    if (payloads[j].size() != want) {
+      return absl::InvalidArgumentError(absl::StrCat("payload ", j, " (chunk ", first_chunk + j,
+                                                     ") has ", payloads[j].size(),
                                                      " bytes; the model needs ", want));
     }
   }
-  keys.resize(payloads.size());
+  keys.resize(first_chunk + payloads.size());
   SaveResult result;
   // Chunks already stored from the start need not travel.
-  KVDN_ASSIGN_OR_RETURN(size_t present, impl_->LookupKeys(keys));
+  KVDN_ASSIGN_OR_RETURN(size_t matched, impl_->LookupKeys(keys));
+  const size_t present = matched > first_chunk ? matched - first_chunk : 0;
   result.chunks_present = present;
-  std::vector<absl::Status> statuses(keys.size());
-  std::vector<char> stored(keys.size(), 0);
-  impl_->streams->ParallelFor(keys.size() - present, o.parallel_streams, [&](size_t j) {
-    const size_t i = present + j;
+  std::vector<absl::Status> statuses(payloads.size());
+  std::vector<char> stored(payloads.size(), 0);
+  impl_->streams->ParallelFor(payloads.size() - present, o.parallel_streams, [&](size_t k) {
+    const size_t j = present + k;
+    const size_t i = first_chunk + j;
     ChunkInfo info{o.model.dtype, o.model.num_layers, o.model.num_kv_heads, o.model.head_dim,
                    impl_->TokensInChunk(i, tokens.size())};
-    const uint64_t checksum = Xxh3_64(payloads[i]);
+    const uint64_t checksum = Xxh3_64(payloads[j]);
     uint8_t header[kChunkHeaderBytes];
     WriteChunkHeader(info, checksum, MutableByteSpan(header, sizeof(header)));
-    const ByteSpan parts[2] = {ByteSpan(header, sizeof(header)), payloads[i]};
+    const ByteSpan parts[2] = {ByteSpan(header, sizeof(header)), payloads[j]};
     auto r = impl_->PutParts(keys[i], checksum, parts);
-    statuses[i] = r.status();
-    if (r.ok()) stored[i] = *r ? 1 : 2;
+    statuses[j] = r.status();
+    if (r.ok()) stored[j] = *r ? 1 : 2;
   });
-  for (size_t i = present; i < keys.size(); ++i) {
-    KVDN_RETURN_IF_ERROR(statuses[i]);
-    if (stored[i] == 1) {
+  for (size_t j = present; j < payloads.size(); ++j) {
+    KVDN_RETURN_IF_ERROR(statuses[j]);
+    if (stored[j] == 1) {
       ++result.chunks_stored;
-      result.bytes_sent += kChunkHeaderBytes + payloads[i].size();
+      result.bytes_sent += kChunkHeaderBytes + payloads[j].size();
     } else {
       ++result.chunks_present;
     }
@@ -565,33 +569,42 @@ absl::StatusOr<SaveResult> Client::Save(absl::Span<const int32_t> tokens,
 }
 
 absl::StatusOr<LoadResult> Client::Load(absl::Span<const int32_t> tokens,
-                                        absl::Span<const MutableByteSpan> buffers) {
+                                        absl::Span<const MutableByteSpan> buffers,
+                                        size_t first_chunk) {
   const ClientOptions& o = impl_->options;
   KVDN_ASSIGN_OR_RETURN(std::vector<ChunkKey> keys,
                         ChunkKeysForTokens(o.ns, o.model, tokens, /*include_tail=*/true));
-  const size_t n = std::min(keys.size(), buffers.size());
-  for (size_t i = 0; i < n; ++i) {
-    const uint64_t want = PayloadBytes(impl_->TokensInChunk(i, tokens.size()));
-    if (buffers[i].size() != want) {
-      return absl::InvalidArgumentError(absl::StrCat("buffer ", i, " has ", buffers[i].size(),
+  if (first_chunk > keys.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("first_chunk ", first_chunk, " past the ",
+                                                   keys.size(), " chunks of ", tokens.size(),
+                                                   " tokens"));
+  }
+  const size_t n = std::min(keys.size() - first_chunk, buffers.size());
+  for (size_t j = 0; j < n; ++j) {
+    const uint64_t want = PayloadBytes(impl_->TokensInChunk(first_chunk + j, tokens.size()));
+    if (buffers[j].size() != want) {
+      return absl::InvalidArgumentError(absl::StrCat("buffer ", j, " (chunk ", first_chunk + j,
+                                                     ") has ", buffers[j].size(),
                                                      " bytes; the model's chunk needs ", want));
     }
   }
-  keys.resize(n);
+  keys.resize(first_chunk + n);
   KVDN_ASSIGN_OR_RETURN(size_t matched, impl_->LookupKeys(keys));
-  std::vector<absl::Status> statuses(matched);
-  impl_->streams->ParallelFor(matched, o.parallel_streams, [&](size_t i) {
-    statuses[i] = impl_->LoadChunk(keys[i], impl_->TokensInChunk(i, tokens.size()), buffers[i]);
+  const size_t count = matched > first_chunk ? matched - first_chunk : 0;
+  std::vector<absl::Status> statuses(count);
+  impl_->streams->ParallelFor(count, o.parallel_streams, [&](size_t j) {
+    const size_t i = first_chunk + j;
+    statuses[j] = impl_->LoadChunk(keys[i], impl_->TokensInChunk(i, tokens.size()), buffers[j]);
   });
   LoadResult result;
-  for (size_t i = 0; i < matched; ++i) {
+  for (size_t j = 0; j < count; ++j) {
     // Evicted since the lookup: the prefix ends here; the engine recomputes the rest.
-    if (absl::IsNotFound(statuses[i])) break;
-    KVDN_RETURN_IF_ERROR(statuses[i]);
-    const uint32_t t = impl_->TokensInChunk(i, tokens.size());
+    if (absl::IsNotFound(statuses[j])) break;
+    KVDN_RETURN_IF_ERROR(statuses[j]);
+    const uint32_t t = impl_->TokensInChunk(first_chunk + j, tokens.size());
     ++result.chunks;
     result.tokens += t;
-    result.bytes += buffers[i].size();
+    result.bytes += buffers[j].size();
   }
   return result;
 }
@@ -710,6 +723,11 @@ MutableByteSpan Client::AllocateBuffer(size_t size) {
 
 void Client::FreeBuffer(MutableByteSpan buffer) {
   if (impl_->pool) impl_->pool->Free(buffer);
+}
+
+MutableByteSpan Client::PoolRegion() const {
+  return impl_->pool ? MutableByteSpan(impl_->pool->base(), impl_->pool->size())
+                     : MutableByteSpan();
 }
 
 absl::Status Client::Delete(const ChunkKey& key) {

@@ -50,7 +50,9 @@ class DaemonProcess {
   bool Start(const std::vector<std::string>& extra = {}, std::string* error = nullptr) {
     const std::string ready = dir_ + "/ready.json";
     std::filesystem::remove(ready);
-    std::vector<std::string> args = {KVDN_KVDND_PATH,
+    // $KVDN_KVDND names another binary (the GPU machine runs a packed copy, not the build's).
+    const char* env = std::getenv("KVDN_KVDND");
+    std::vector<std::string> args = {env != nullptr && *env != '\0' ? env : KVDN_KVDND_PATH,
                                      "--data-dir",
                                      dir_ + "/data",
                                      "--unix-socket",

@@ -90,7 +90,7 @@ struct SaveResult {
 };
 
 struct LoadResult {
-  size_t tokens = 0;  // tokens whose KV is now in the caller's buffers (a prefix of `tokens`)
+  size_t tokens = 0;  // tokens whose KV is now in the caller's buffers (from the first chunk on)
   size_t chunks = 0;
   uint64_t bytes = 0;  // payload bytes loaded
 };
@@ -112,15 +112,20 @@ class Client {
 
   // Tokens, from the start of `tokens`, whose KV is stored.
   absl::StatusOr<size_t> Lookup(absl::Span<const int32_t> tokens);
-  // Stores the KV of the first payloads.size() chunks of `tokens` (chunks already stored are
-  // skipped). INVALID_ARGUMENT: more payloads than chunks, or a payload of the wrong size.
+  // Stores the KV of payloads.size() chunks of `tokens` from chunk `first_chunk` on (chunks
+  // already stored are skipped). INVALID_ARGUMENT: more payloads than chunks from first_chunk,
+  // or a payload of the wrong size.
   absl::StatusOr<SaveResult> Save(absl::Span<const int32_t> tokens,
-                                  absl::Span<const ByteSpan> payloads);
-  // Loads the longest stored prefix of `tokens`, at most buffers.size() chunks, chunk i into
-  // buffers[i] (sized as ChunkPayloadSizes says, else INVALID_ARGUMENT). A chunk evicted between
-  // lookup and load ends the prefix there. DATA_LOSS: a chunk failed verification.
+                                  absl::Span<const ByteSpan> payloads, size_t first_chunk = 0);
+  // Loads the longest stored run of chunks of `tokens` from chunk `first_chunk` on (with
+  // first_chunk 0: the longest stored prefix), at most buffers.size() chunks, chunk
+  // first_chunk + j into buffers[j] (sized as ChunkPayloadSizes says, else INVALID_ARGUMENT;
+  // a first_chunk past the chunks too). The run is stored only if every chunk before it is
+  // (the prefix hash chain). A chunk evicted between lookup and load ends the run there.
+  // DATA_LOSS: a chunk failed verification.
   absl::StatusOr<LoadResult> Load(absl::Span<const int32_t> tokens,
-                                  absl::Span<const MutableByteSpan> buffers);
+                                  absl::Span<const MutableByteSpan> buffers,
+                                  size_t first_chunk = 0);
 
   // The same, on the client's threads. The spans must stay valid until the future is ready.
   std::future<absl::StatusOr<size_t>> LookupAsync(std::vector<int32_t> tokens);
@@ -150,6 +155,9 @@ class Client {
   // with FreeBuffer.
   MutableByteSpan AllocateBuffer(size_t size);
   void FreeBuffer(MutableByteSpan buffer);
+  // The whole registered pool that AllocateBuffer hands out (empty without one), e.g. for an
+  // engine connector to page-lock it for the GPU's copy engines (cudaHostRegister).
+  MutableByteSpan PoolRegion() const;
 
   // The channel, for tools that call other services (kvdnctl).
   std::shared_ptr<grpc::Channel> channel() const;

@@ -1,0 +1,400 @@
+// connector_bench: KvConnector (the engine side) loading a request's KV from a real kvdnd into a
+// paged KV cache on the GPU, beside what bounds it and a peer, all in the same run:
+//   - ceiling 1: host-to-device copy bandwidth from page-locked memory (cudaMemcpyAsync, 256 MiB);
+//   - ceiling 2: the fetch alone — Client::Load of the same chunks into page-locked host memory,
+//     window by window as the connector fetches them (kvdnd -> client over UCX shared memory);
+//   - the connector's GPU part alone (its method: two strided copies + one InjectLayer per layer
+//     and window) from page-locked memory already holding the chunks;
+//   - peer: vLLM's swap-in method (one cudaMemcpyAsync per block, K and V, per layer) from
+//     page-locked memory already holding the blocks — the GPU part only, no fetch.
+// Llama-3-8B shapes (32 layers, 8 kv heads, head_dim 128, bf16, 256-token chunks of 32 MiB), vLLM
+// NHD layout with 16-token blocks, shuffled block tables. Also Save (gather from the cache and
+// store), and the time until layer 0 may be read (WaitLayer(0) and the engine stream after it).
+//   connector_bench [--kvdnd PATH] [--contexts 2048,8192,32768] [--rounds 3]
+#include <cuda_runtime_api.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <numeric>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "kvdn/client/client.h"
+#include "kvdn/client/kv_connector.h"
+
+namespace kvdn {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+#define CHECK_CUDA(call)                                                                         \
+  do {                                                                                           \
+    cudaError_t e_ = (call);                                                                     \
+    if (e_ != cudaSuccess) {                                                                     \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                              \
+    }                                                                                            \
+  } while (0)
+
+template <typename T>
+T Must(absl::StatusOr<T> s, const char* what) {
+  if (!s.ok()) {
+    std::fprintf(stderr, "%s: %s\n", what, s.status().ToString().c_str());
+    std::exit(1);
+  }
+  return *std::move(s);
+}
+
+constexpr uint32_t kLayers = 32, kHeads = 8, kDim = 128, kTpc = 256, kBlock = 16;
+constexpr uint64_t kTokenHalf = uint64_t{kHeads} * kDim * 2;  // K (or V) of a token in a layer
+
+// kvdnd in a temporary directory (host tier only), SIGTERM on destruction.
+class Daemon {
+ public:
+  Daemon(const std::string& path, uint64_t host_bytes) {
+    char tmpl[] = "/tmp/kvdn-connector-bench.XXXXXX";
+    dir_ = mkdtemp(tmpl);
+    pid_ = fork();
+    if (pid_ == 0) {
+      const int fd = open((dir_ + "/kvdnd.log").c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+      dup2(fd, 1);
+      dup2(fd, 2);
+      const std::string host = std::to_string(host_bytes);
+      const std::string sock = dir_ + "/kvdnd.sock", data = dir_ + "/data",
+                        ready = dir_ + "/ready.json";
+      execl(path.c_str(), path.c_str(), "--data-dir", data.c_str(), "--unix-socket", sock.c_str(),
+            "--grpc-address", "127.0.0.1:0", "--http-address", "none", "--host-tier-bytes",
+            host.c_str(), "--no-disk-tier", "--ready-file", ready.c_str(), "--log-level", "warn",
+            static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    for (int i = 0; i < 600 && !std::filesystem::exists(dir_ + "/ready.json"); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    if (!std::filesystem::exists(dir_ + "/ready.json")) {
+      std::fprintf(stderr, "kvdnd did not start (%s/kvdnd.log)\n", dir_.c_str());
+      std::exit(1);
+    }
+    // Wait for the arena prefault (a background thread in kvdnd) to end.
+    const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+    for (int i = 0; i < 1200; ++i) {
+      uint64_t size = 0, resident = 0;
+      std::ifstream statm("/proc/" + std::to_string(pid_) + "/statm");
+      if (!(statm >> size >> resident) || resident * page >= host_bytes * 95 / 100) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+  ~Daemon() {
+    kill(pid_, SIGTERM);
+    waitpid(pid_, nullptr, 0);
+    std::filesystem::remove_all(dir_);
+  }
+  std::string target() const { return "unix:" + dir_ + "/kvdnd.sock"; }
+
+ private:
+  std::string dir_;
+  pid_t pid_ = -1;
+};
+
+// A paged cache [blocks, 16, 8, 128] bf16 per layer for K and V, and a shuffled block table.
+struct Cache {
+  Cache(size_t tokens, uint32_t seed, const uint8_t* random_host, size_t random_bytes) {
+    blocks = static_cast<int32_t>((tokens + kBlock - 1) / kBlock);
+    tensor_bytes = static_cast<uint64_t>(blocks) * kBlock * kTokenHalf;
+    for (uint32_t i = 0; i < 2 * kLayers; ++i) {
+      void* p = nullptr;
+      CHECK_CUDA(cudaMalloc(&p, tensor_bytes));
+      // Random bytes, each tensor from another offset of the random buffer.
+      const uint8_t* src = random_host + (i * 4096) % 65536;
+      for (uint64_t off = 0; random_host != nullptr && off < tensor_bytes; off += random_bytes) {
+        const uint64_t n = std::min<uint64_t>(random_bytes, tensor_bytes - off);
+        CHECK_CUDA(cudaMemcpy(static_cast<uint8_t*>(p) + off, src, n, cudaMemcpyHostToDevice));
+      }
+      if (random_host == nullptr) CHECK_CUDA(cudaMemset(p, 0, tensor_bytes));
+      tensors.push_back(p);
+    }
+    table.resize(blocks);
+    std::iota(table.begin(), table.end(), 0);
+    std::shuffle(table.begin(), table.end(), std::mt19937(seed));
+    CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_table), table.size() * 4));
+    CHECK_CUDA(cudaMemcpy(d_table, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+  }
+  ~Cache() {
+    for (void* p : tensors) (void)cudaFree(p);
+    (void)cudaFree(d_table);
+  }
+  client::PagedKvView View() const {
+    client::PagedKvView v;
+    for (uint32_t l = 0; l < kLayers; ++l) {
+      kernels::PagedKvLayer c;
+      c.k = tensors[2 * l];
+      c.v = tensors[2 * l + 1];
+      c.layout = kernels::PagedKvLayout::kNhd;
+      c.num_blocks = blocks;
+      c.block_size = kBlock;
+      c.num_kv_heads = kHeads;
+      c.head_dim = kDim;
+      c.dtype = Dtype::kBFloat16;
+      v.layers.push_back(c);
+    }
+    v.block_table = d_table;
+    v.block_table_len = blocks;
+    return v;
+  }
+  // Token p's K (kv 0) or V of layer l, read back.
+  std::vector<uint8_t> Token(uint32_t l, int kv, size_t p) const {
+    std::vector<uint8_t> out(kTokenHalf);
+    const uint64_t off =
+        (static_cast<uint64_t>(table[p / kBlock]) * kBlock + p % kBlock) * kTokenHalf;
+    CHECK_CUDA(cudaMemcpy(out.data(), static_cast<uint8_t*>(tensors[2 * l + kv]) + off, kTokenHalf,
+                          cudaMemcpyDeviceToHost));
+    return out;
+  }
+  int32_t blocks = 0;
+  uint64_t tensor_bytes = 0;
+  std::vector<void*> tensors;
+  std::vector<int32_t> table;
+  int32_t* d_table = nullptr;
+};
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+int Main(int argc, char** argv) {
+  std::string kvdnd = std::getenv("KVDN_KVDND") ? std::getenv("KVDN_KVDND") : KVDN_KVDND_PATH;
+  std::vector<size_t> contexts = {2048, 8192, 32768};
+  int rounds = 3;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i];
+    if (a == "--kvdnd") {
+      kvdnd = argv[i + 1];
+    } else if (a == "--contexts") {
+      contexts.clear();
+      for (absl::string_view c : absl::StrSplit(argv[i + 1], ',')) {
+        contexts.push_back(std::strtoull(std::string(c).c_str(), nullptr, 10));
+      }
+    } else if (a == "--rounds") {
+      rounds = std::max(1, std::atoi(argv[i + 1]));
+    } else {
+      std::fprintf(stderr, "unknown flag %s\n", a.c_str());
+      return 2;
+    }
+  }
+  cudaDeviceProp prop{};
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  const uint64_t max_bytes =
+      *std::max_element(contexts.begin(), contexts.end()) * 2 * kLayers * kTokenHalf;
+  std::printf(
+      "GPU: %s; host CPUs: %u; model: 32 layers x 8 kv heads x 128, bf16, 256-token chunks "
+      "(32 MiB); cache: vLLM NHD, 16-token blocks, shuffled\n",
+      prop.name, std::thread::hardware_concurrency());
+  Daemon daemon(kvdnd, max_bytes + (uint64_t{2} << 30));
+
+  client::ClientOptions co;
+  co.target = daemon.target();
+  co.ns = "bench";
+  co.model = ModelSpec{"llama-3-8b", kLayers, kHeads, kDim, Dtype::kBFloat16, kTpc};
+  co.receive_pool_bytes = uint64_t{768} << 20;
+  auto c = Must(client::Client::Connect(co), "Connect");
+  client::ConnectorOptions conn_opts;  // defaults: 256 MiB host staging, 64 MiB device staging
+  auto conn = Must(client::KvConnector::Create(c.get(), conn_opts), "KvConnector::Create");
+  std::printf("data plane: %s; connector window: %zu chunks\n", c->DataPlaneInUse().c_str(),
+              conn->window_chunks());
+
+  // Ceiling 1: page-locked host -> device.
+  const uint64_t h2d_bytes = uint64_t{256} << 20;
+  void* pinned = nullptr;
+  void* dev = nullptr;
+  CHECK_CUDA(cudaHostAlloc(&pinned, h2d_bytes, cudaHostAllocDefault));
+  CHECK_CUDA(cudaMalloc(&dev, h2d_bytes));
+  std::mt19937_64 rng(42);
+  for (uint64_t i = 0; i < h2d_bytes / 8; ++i) static_cast<uint64_t*>(pinned)[i] = rng();
+  cudaStream_t stream, engine;
+  CHECK_CUDA(cudaStreamCreate(&stream));
+  CHECK_CUDA(cudaStreamCreate(&engine));
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  auto h2d = [&] {
+    std::vector<double> gbs;
+    for (int r = 0; r < 5; ++r) {
+      CHECK_CUDA(cudaEventRecord(e0, stream));
+      CHECK_CUDA(cudaMemcpyAsync(dev, pinned, h2d_bytes, cudaMemcpyHostToDevice, stream));
+      CHECK_CUDA(cudaEventRecord(e1, stream));
+      CHECK_CUDA(cudaEventSynchronize(e1));
+      float ms = 0;
+      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+      gbs.push_back(h2d_bytes / (ms * 1e6));
+    }
+    return Median(gbs);
+  };
+
+  std::printf(
+      "\n| context | GiB | H2D ceiling GB/s | fetch alone GB/s | kvdn Load GB/s | Load / "
+      "min(ceilings) | layer 0 ready ms | Load ms | GPU part alone GB/s | peer: vLLM "
+      "swap-in GB/s | GPU part / peer | Save GB/s |\n|---|---|---|---|---|---|---|---|---|"
+      "---|---|---|\n");
+  for (size_t ctx : contexts) {
+    std::vector<int32_t> tokens(ctx);
+    std::mt19937 trng(static_cast<uint32_t>(ctx));
+    for (auto& t : tokens) t = static_cast<int32_t>(trng() % 128000);
+    const uint64_t bytes = uint64_t{ctx} * 2 * kLayers * kTokenHalf;
+    Cache a(ctx, 1, static_cast<const uint8_t*>(pinned), h2d_bytes - 65536);
+    Cache b(ctx, 2, nullptr, 0);
+
+    const auto s0 = Clock::now();
+    client::SaveResult saved = Must(conn->Save(tokens, a.View(), stream), "Save");
+    const double save_s = Seconds(s0, Clock::now());
+    if (saved.chunks_stored * kTpc < ctx) {
+      std::fprintf(stderr, "saved %zu chunks of %zu tokens\n", saved.chunks_stored, ctx);
+      return 1;
+    }
+    std::vector<double> fetch, load, first, gpu, peer, ceil;
+    for (int r = 0; r < rounds; ++r) {
+      ceil.push_back(h2d());
+      // The fetch alone, window by window into page-locked pool memory, as the connector does.
+      {
+        const size_t window = conn->window_chunks();
+        const uint64_t chunk = c->PayloadBytes(kTpc);
+        auto buf = c->AllocateBuffer(window * chunk);
+        std::vector<MutableByteSpan> spans;
+        for (size_t j = 0; j < window; ++j) spans.emplace_back(buf.data() + j * chunk, chunk);
+        const auto t0 = Clock::now();
+        for (size_t first_chunk = 0; first_chunk * kTpc < ctx; first_chunk += window) {
+          const size_t n = std::min(window, (ctx - first_chunk * kTpc + kTpc - 1) / kTpc);
+          auto got =
+              Must(c->Load(tokens, absl::MakeSpan(spans).subspan(0, n), first_chunk), "Load");
+          if (got.chunks != n) {
+            std::fprintf(stderr, "fetch: %zu of %zu chunks\n", got.chunks, n);
+            return 1;
+          }
+        }
+        fetch.push_back(bytes / Seconds(t0, Clock::now()) / 1e9);
+        c->FreeBuffer(buf);
+      }
+      // The connector.
+      {
+        const auto t0 = Clock::now();
+        auto l = Must(conn->StartLoad(tokens, b.View()), "StartLoad");
+        if (auto st = l->WaitLayer(0, engine); !st.ok()) {
+          std::fprintf(stderr, "WaitLayer: %s\n", st.ToString().c_str());
+          return 1;
+        }
+        CHECK_CUDA(cudaStreamSynchronize(engine));
+        const auto t1 = Clock::now();
+        client::LoadResult got = Must(l->Wait(), "Wait");
+        const auto t2 = Clock::now();
+        if (got.tokens != ctx) {
+          std::fprintf(stderr, "loaded %zu of %zu tokens\n", got.tokens, ctx);
+          return 1;
+        }
+        first.push_back(Seconds(t0, t1) * 1e3);
+        load.push_back(Seconds(t0, t2));
+      }
+      // The connector's GPU part alone: its two strided copies and one inject per layer and
+      // window, from page-locked memory holding 4 chunks (reused for every window).
+      {
+        const uint64_t chunk = c->PayloadBytes(kTpc);
+        const size_t window = conn->window_chunks();
+        void* staging = nullptr;
+        CHECK_CUDA(cudaMalloc(&staging, window * 2 * kTpc * kTokenHalf));
+        const client::PagedKvView v = b.View();
+        CHECK_CUDA(cudaEventRecord(e0, stream));
+        for (size_t f = 0; f * kTpc < ctx; f += window) {
+          const size_t n = std::min(window, (ctx - f * kTpc) / kTpc);
+          for (uint32_t l = 0; l < kLayers; ++l) {
+            const uint8_t* h = static_cast<const uint8_t*>(pinned) + l * 2 * kTpc * kTokenHalf;
+            for (int kv = 0; kv < 2; ++kv) {
+              CHECK_CUDA(
+                  cudaMemcpy2DAsync(static_cast<uint8_t*>(staging) + kv * n * kTpc * kTokenHalf,
+                                    kTpc * kTokenHalf, h + kv * kTpc * kTokenHalf, chunk,
+                                    kTpc * kTokenHalf, n, cudaMemcpyHostToDevice, stream));
+            }
+            kernels::TokenRange range{v.block_table, v.block_table_len,
+                                      static_cast<int32_t>(f * kTpc),
+                                      static_cast<int32_t>(n * kTpc)};
+            if (!kernels::InjectLayer(staging, v.layers[l], range, stream).ok()) return 1;
+          }
+        }
+        CHECK_CUDA(cudaEventRecord(e1, stream));
+        CHECK_CUDA(cudaEventSynchronize(e1));
+        float ms = 0;
+        CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+        gpu.push_back(bytes / (ms * 1e6));
+        CHECK_CUDA(cudaFree(staging));
+      }
+      // Peer: vLLM's swap-in (one cudaMemcpyAsync per block, K and V, per layer).
+      {
+        const uint64_t block_bytes = kBlock * kTokenHalf;
+        const client::PagedKvView v = b.View();
+        const uint64_t src_span = h2d_bytes - block_bytes;
+        CHECK_CUDA(cudaEventRecord(e0, stream));
+        for (uint32_t l = 0; l < kLayers; ++l) {
+          for (int kv = 0; kv < 2; ++kv) {
+            uint8_t* dst = static_cast<uint8_t*>(kv == 0 ? v.layers[l].k : v.layers[l].v);
+            for (int32_t blk = 0; blk < b.blocks; ++blk) {
+              const uint64_t src_off = (static_cast<uint64_t>(blk) * block_bytes) % src_span;
+              CHECK_CUDA(cudaMemcpyAsync(dst + static_cast<uint64_t>(b.table[blk]) * block_bytes,
+                                         static_cast<const uint8_t*>(pinned) + src_off, block_bytes,
+                                         cudaMemcpyHostToDevice, stream));
+            }
+          }
+        }
+        CHECK_CUDA(cudaEventRecord(e1, stream));
+        CHECK_CUDA(cudaEventSynchronize(e1));
+        float ms = 0;
+        CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+        peer.push_back(bytes / (ms * 1e6));
+      }
+    }
+    // Correctness of the connector's load (once, after the timed rounds): load again, compare
+    // sampled tokens of every layer with the source cache.
+    {
+      client::LoadResult got = Must(conn->Load(tokens, b.View(), engine), "Load");
+      CHECK_CUDA(cudaStreamSynchronize(engine));
+      size_t bad = 0;
+      for (uint32_t l = 0; l < kLayers; ++l) {
+        for (size_t p : {size_t{0}, ctx / 3, ctx / 2 + 7, ctx - 1}) {
+          for (int kv = 0; kv < 2; ++kv) bad += a.Token(l, kv, p) != b.Token(l, kv, p);
+        }
+      }
+      std::printf("%s", bad == 0 && got.tokens == ctx ? "" : "CHECK FAILED: loaded KV differs\n");
+      if (bad != 0) return 1;
+    }
+    const double h2d_ceiling = Median(ceil), fetch_gbs = Median(fetch);
+    const double load_gbs = bytes / Median(load) / 1e9;
+    std::printf(
+        "| %zu | %.2f | %.1f | %.1f | %.1f | %.2f | %.1f | %.1f | %.1f | %.1f | %.2f | %.1f |\n",
+        ctx, bytes / double(1 << 30), h2d_ceiling, fetch_gbs, load_gbs,
+        load_gbs / std::min(h2d_ceiling, fetch_gbs), Median(first), Median(load) * 1e3, Median(gpu),
+        Median(peer), Median(gpu) / Median(peer), bytes / save_s / 1e9);
+    std::fflush(stdout);
+  }
+  std::printf(
+      "\ncheck: every load's sampled tokens (4 positions x K/V x 32 layers) match the "
+      "source cache\n");
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvdn
+
+int main(int argc, char** argv) { return kvdn::Main(argc, argv); }

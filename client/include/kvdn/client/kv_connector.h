@@ -1,0 +1,120 @@
+// kvdn::client::KvConnector — the engine side of kvdn (ARCHITECTURE.md "Engine side"): loads the
+// cached KV of a request's prefix straight into the engine's paged KV cache on the GPU, layer by
+// layer, and saves a request's KV from that cache. Built with CUDA only (target kvdn::connector).
+//
+//   auto client = kvdn::client::Client::Connect(opts);   // opts.receive_pool_bytes > 0
+//   auto conn = kvdn::client::KvConnector::Create(client->get(), {});
+//   kvdn::client::PagedKvView view = ...;                 // the engine's cache + block table
+//   size_t hit = (*client)->Lookup(tokens).value();       // at scheduling time
+//   auto load = (*conn)->StartLoad(tokens, view);         // before the forward pass
+//   for (int l = 0; l < layers; ++l) {
+//     (*load)->WaitLayer(l, stream);                      // the engine's stream waits on the GPU
+//     attention(l, stream);
+//   }
+//   (*conn)->Save(tokens, view, stream);                  // after the forward pass
+//
+// How a load moves: chunks are fetched from kvdnd (UCX shared memory, or gRPC) into page-locked
+// host staging, a window of chunks at a time; for each layer, two strided copies on the copy
+// engine gather the window's K and V of that layer into device staging as one contiguous chunk
+// layer, and one InjectLayer kernel scatters it into the cache through the block table. The next
+// window is fetched while the GPU copies the current one. WaitLayer(l) blocks the host only until
+// layer l's last copy is enqueued, then orders the engine's stream after it (cudaStreamWaitEvent):
+// attention on layer 0 can start while later layers are still on their way. A save runs the other
+// way (ExtractLayer, then device-to-host copies) for the chunks past the stored prefix.
+//
+// Thread-safety: a connector may be shared by threads; its loads and saves run one at a time on
+// its own stream (they share its staging memory), in the order they were started.
+#ifndef KVDN_CLIENT_KV_CONNECTOR_H_
+#define KVDN_CLIENT_KV_CONNECTOR_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "kvdn/client/client.h"
+#include "kvdn/kernels/paged_kv.h"
+
+namespace kvdn::client {
+
+// The engine's paged KV cache for one request, described without copying it.
+struct PagedKvView {
+  // One entry per model layer, in order. Every layer has the model's kv heads, head_dim and
+  // dtype, and all share one block size and block count (one block table serves them all).
+  std::vector<kernels::PagedKvLayer> layers;
+  // The request's block table: device int32, block ids for sequence positions
+  // [0, block_table_len * block_size). It must cover the request's tokens.
+  const int32_t* block_table = nullptr;
+  int32_t block_table_len = 0;
+};
+
+struct ConnectorOptions {
+  // Page-locked host memory for chunks between kvdnd and the GPU, taken from the client's
+  // registered pool (ClientOptions.receive_pool_bytes) when it has one, so fetches land by UCX
+  // zero-copy; else allocated by the connector (cudaHostAlloc). Half holds the window being
+  // fetched, half the one being copied to the GPU; a half must hold one chunk at least.
+  uint64_t host_staging_bytes = uint64_t{256} << 20;
+  // Device memory that one layer of a window passes through on its way into the cache.
+  uint64_t device_staging_bytes = uint64_t{64} << 20;
+  // Bytes of each layer's pages to prefetch into L2 when WaitLayer releases it (0: none). Off by
+  // default: on the H200 with kvdn's own decode attention the prefetch measured 0.73-0.90x
+  // (bench/results/kernels-2026-11-30.md); for engines whose attention kernel leaves HBM latency
+  // exposed.
+  uint64_t l2_prefetch_bytes = 0;
+};
+
+// One load in flight. Destroying it waits for the load to finish enqueuing (never for the GPU).
+class PagedLoad {
+ public:
+  virtual ~PagedLoad() = default;
+  // Blocks the host until layer `layer`'s copies are enqueued, then makes `stream` wait for them
+  // on the GPU. The load's error, if it failed (then the layer's cache is not to be used: it may
+  // hold some of the chunks). INVALID_ARGUMENT for a layer out of range.
+  virtual absl::Status WaitLayer(int layer, cudaStream_t stream) = 0;
+  // Blocks until every layer is enqueued and copied (the connector's stream synchronized): the
+  // tokens now in the cache, a prefix of the request's (a chunk evicted since the lookup ends it
+  // there, and the engine computes the rest), or the error. DATA_LOSS: a chunk failed its
+  // checksum; nothing of the load is to be used.
+  virtual absl::StatusOr<LoadResult> Wait() = 0;
+};
+
+class KvConnector {
+ public:
+  // Staging memory and a stream on the current CUDA device. `client` must outlive the connector
+  // and have a ModelSpec. INVALID_ARGUMENT for zero staging sizes; RESOURCE_EXHAUSTED when the
+  // client's pool has no room for host_staging_bytes; INTERNAL with CUDA's message otherwise.
+  static absl::StatusOr<std::unique_ptr<KvConnector>> Create(Client* client,
+                                                             const ConnectorOptions& options);
+  ~KvConnector();
+  KvConnector(const KvConnector&) = delete;
+  KvConnector& operator=(const KvConnector&) = delete;
+
+  // Checks the view against the client's model and the tokens (INVALID_ARGUMENT naming what is
+  // wrong: layer count, a layer's shape or pointers, block size, a block table too short for the
+  // tokens) and starts loading the longest stored prefix of `tokens` into it; returns at once.
+  absl::StatusOr<std::unique_ptr<PagedLoad>> StartLoad(absl::Span<const int32_t> tokens,
+                                                       const PagedKvView& view);
+  // StartLoad, then Wait, then `stream` ordered after the whole load.
+  absl::StatusOr<LoadResult> Load(absl::Span<const int32_t> tokens, const PagedKvView& view,
+                                  cudaStream_t stream);
+  // Stores the KV of `tokens` from the view once the work enqueued on `stream` so far is done
+  // (the forward pass that wrote it): chunks past the stored prefix are gathered from the cache
+  // and saved (a tail chunk too). Blocks until they are stored. Checks the view as StartLoad.
+  absl::StatusOr<SaveResult> Save(absl::Span<const int32_t> tokens, const PagedKvView& view,
+                                  cudaStream_t stream);
+
+  // Chunks per window: how many move between kvdnd and the GPU per round.
+  size_t window_chunks() const;
+
+ private:
+  struct Impl;
+  explicit KvConnector(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvdn::client
+
+#endif  // KVDN_CLIENT_KV_CONNECTOR_H_

@@ -1,0 +1,556 @@
+#include "kvdn/client/kv_connector.h"
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kvdn/common/mutex.h"
+#include "kvdn/common/thread_pool.h"
+
+namespace kvdn::client {
+namespace {
+
+absl::Status CudaStatus(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return absl::OkStatus();
+  return absl::InternalError(
+      absl::StrCat(what, ": ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")"));
+}
+
+#define KVDN_CUDA_RETURN(call, what)                                          \
+  do {                                                                        \
+    if (absl::Status _st = CudaStatus((call), (what)); !_st.ok()) return _st; \
+  } while (0)
+
+// Makes `device` current for a scope and restores the caller's device after it.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    if (cudaGetDevice(&previous_) == cudaSuccess && previous_ != device) {
+      (void)cudaSetDevice(device);
+    } else {
+      previous_ = -1;
+    }
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0) (void)cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+absl::Status CheckView(const ModelSpec& m, const PagedKvView& v, size_t num_tokens) {
+  if (v.layers.size() != m.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("PagedKvView has ", v.layers.size(),
+                                                   " layers; the model ", m.model_name, " has ",
+                                                   m.num_layers));
+  }
+  for (size_t l = 0; l < v.layers.size(); ++l) {
+    const kernels::PagedKvLayer& c = v.layers[l];
+    const std::string at = absl::StrCat("PagedKvView.layers[", l, "]");
+    const int layout = static_cast<int>(c.layout);
+    if (layout > static_cast<int>(kernels::PagedKvLayout::kHnd)) {
+      return absl::InvalidArgumentError(absl::StrCat(at, ".layout ", layout, " is not a layout"));
+    }
+    if (c.k == nullptr) return absl::InvalidArgumentError(absl::StrCat(at, ".k is null"));
+    if (c.layout == kernels::PagedKvLayout::kNhdCombined && c.v != nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(at, ".v must be null for the combined layout (K and V share .k)"));
+    }
+    if (c.layout != kernels::PagedKvLayout::kNhdCombined && c.v == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(at, ".v is null"));
+    }
+    if (c.num_kv_heads < 0 || static_cast<uint32_t>(c.num_kv_heads) != m.num_kv_heads) {
+      return absl::InvalidArgumentError(absl::StrCat(at, ".num_kv_heads is ", c.num_kv_heads,
+                                                     "; the model has ", m.num_kv_heads));
+    }
+    if (c.head_dim < 0 || static_cast<uint32_t>(c.head_dim) != m.head_dim) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(at, ".head_dim is ", c.head_dim, "; the model has ", m.head_dim));
+    }
+    if (c.dtype != m.dtype) {
+      return absl::InvalidArgumentError(absl::StrCat(at, ".dtype is ", DtypeName(c.dtype),
+                                                     "; the model's is ", DtypeName(m.dtype)));
+    }
+    if (c.block_size < 1 || c.num_blocks < 1) {
+      return absl::InvalidArgumentError(absl::StrCat(at, " has block_size ", c.block_size,
+                                                     " and num_blocks ", c.num_blocks,
+                                                     "; both must be >= 1"));
+    }
+    if (c.block_size != v.layers[0].block_size || c.num_blocks != v.layers[0].num_blocks) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          at, " has ", c.num_blocks, " blocks of ", c.block_size, " tokens, layers[0] ",
+          v.layers[0].num_blocks, " of ", v.layers[0].block_size, "; one block table serves all"));
+    }
+  }
+  if (num_tokens > static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
+    return absl::InvalidArgumentError(absl::StrCat(num_tokens, " tokens; at most 2^31 - 1"));
+  }
+  if (num_tokens == 0) return absl::OkStatus();
+  if (v.block_table == nullptr)
+    return absl::InvalidArgumentError("PagedKvView.block_table is null");
+  const int64_t covered = int64_t{std::max(v.block_table_len, 0)} * v.layers[0].block_size;
+  if (covered < static_cast<int64_t>(num_tokens)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "PagedKvView.block_table has ", v.block_table_len, " blocks of ", v.layers[0].block_size,
+        " tokens, covering ", covered, " positions; the request has ", num_tokens, " tokens"));
+  }
+  return absl::OkStatus();
+}
+
+// A window: chunks [first, first + count) of the request, in one half of the host staging, chunk
+// j at slot j (chunk_bytes apart); all have tokens_per_chunk tokens but possibly the request's
+// tail chunk, which is last.
+struct Window {
+  size_t first = 0;
+  size_t count = 0;
+  int half = 0;
+  size_t full = 0;    // chunks with tokens_per_chunk tokens
+  uint32_t tail = 0;  // tokens of the tail chunk, 0 if the window has none
+};
+
+struct LoadState;
+
+}  // namespace
+
+struct KvConnector::Impl {
+  // Run on the worker, one at a time (they share the staging).
+  void RunLoad(LoadState& s);
+  absl::StatusOr<SaveResult> RunSave(absl::Span<const int32_t> tokens, const PagedKvView& view,
+                                     cudaEvent_t written);
+
+  Client* client = nullptr;
+  ConnectorOptions options;
+  ModelSpec model;
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  uint8_t* device_staging = nullptr;
+  MutableByteSpan host;         // page-locked; two halves
+  bool host_from_pool = false;  // else cudaHostAlloc
+  cudaEvent_t half_done[2] = {nullptr, nullptr};
+  uint64_t chunk_bytes = 0;       // payload of a full chunk
+  uint64_t token_half_bytes = 0;  // K (or V) of one token in one layer
+  size_t window = 0;              // chunks per window
+  std::unique_ptr<ThreadPool> worker;
+
+  ~Impl() {
+    worker.reset();  // runs what was queued
+    DeviceGuard guard(device);
+    if (stream != nullptr) (void)cudaStreamSynchronize(stream);
+    for (cudaEvent_t e : half_done) {
+      if (e != nullptr) (void)cudaEventDestroy(e);
+    }
+    if (device_staging != nullptr) (void)cudaFree(device_staging);
+    if (host.data() != nullptr) {
+      if (host_from_pool) {
+        (void)cudaHostUnregister(host.data());
+        client->FreeBuffer(host);
+      } else {
+        (void)cudaFreeHost(host.data());
+      }
+    }
+    if (stream != nullptr) (void)cudaStreamDestroy(stream);
+  }
+
+  uint8_t* Slot(int half, size_t j) const {
+    return host.data() + static_cast<size_t>(half) * (host.size() / 2) + j * chunk_bytes;
+  }
+  uint32_t TokensInChunk(size_t chunk, size_t num_tokens) const {
+    const size_t start = chunk * model.tokens_per_chunk;
+    return static_cast<uint32_t>(std::min<size_t>(model.tokens_per_chunk, num_tokens - start));
+  }
+  Window MakeWindow(size_t first, size_t count, int half, size_t num_tokens) const {
+    Window w{first, count, half, count, 0};
+    const uint32_t last = TokensInChunk(first + count - 1, num_tokens);
+    if (last < model.tokens_per_chunk) {
+      w.full = count - 1;
+      w.tail = last;
+    }
+    return w;
+  }
+  size_t WindowTokens(const Window& w) const { return w.full * model.tokens_per_chunk + w.tail; }
+
+  // Host slots -> device staging (one contiguous chunk layer for the window's tokens) for layer
+  // l, or the reverse. Enqueued on `stream`.
+  absl::Status CopyLayer(const Window& w, uint32_t l, bool to_device) {
+    const uint64_t tpc = model.tokens_per_chunk;
+    const uint64_t wt = WindowTokens(w);
+    const uint64_t half_bytes = tpc * token_half_bytes;  // K (or V) of one full chunk layer
+    const cudaMemcpyKind kind = to_device ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost;
+    for (int kv = 0; kv < 2; ++kv) {
+      uint8_t* dev = device_staging + kv * wt * token_half_bytes;
+      if (w.full > 0) {
+        uint8_t* h = Slot(w.half, 0) + l * 2 * half_bytes + kv * half_bytes;
+        cudaError_t e = to_device ? cudaMemcpy2DAsync(dev, half_bytes, h, chunk_bytes, half_bytes,
+                                                      w.full, kind, stream)
+                                  : cudaMemcpy2DAsync(h, chunk_bytes, dev, half_bytes, half_bytes,
+                                                      w.full, kind, stream);
+        KVDN_CUDA_RETURN(e, "cudaMemcpy2DAsync of a layer's chunks");
+      }
+      if (w.tail > 0) {
+        const uint64_t tail_half = uint64_t{w.tail} * token_half_bytes;
+        uint8_t* h = Slot(w.half, w.full) + l * 2 * tail_half + kv * tail_half;
+        uint8_t* d = dev + w.full * half_bytes;
+        cudaError_t e = to_device ? cudaMemcpyAsync(d, h, tail_half, kind, stream)
+                                  : cudaMemcpyAsync(h, d, tail_half, kind, stream);
+        KVDN_CUDA_RETURN(e, "cudaMemcpyAsync of a layer's tail chunk");
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  kernels::TokenRange Range(const PagedKvView& v, const Window& w) const {
+    return kernels::TokenRange{v.block_table, v.block_table_len,
+                               static_cast<int32_t>(w.first * model.tokens_per_chunk),
+                               static_cast<int32_t>(WindowTokens(w))};
+  }
+};
+
+namespace {
+
+struct LoadState {
+  explicit LoadState(int dev) : device(dev) {}
+  ~LoadState() {
+    DeviceGuard guard(device);
+    for (cudaEvent_t e : layer_events) (void)cudaEventDestroy(e);
+  }
+  const int device;
+  std::vector<int32_t> tokens;
+  PagedKvView view;
+  uint64_t l2_prefetch_bytes = 0;
+  std::vector<cudaEvent_t> layer_events;  // recorded after each layer's last copies
+
+  Mutex mu;
+  CondVar cv;
+  int layers_ready ABSL_GUARDED_BY(mu) = 0;      // layers whose last copies are enqueued
+  size_t tokens_loaded ABSL_GUARDED_BY(mu) = 0;  // final once layers_ready > 0
+  bool done ABSL_GUARDED_BY(mu) = false;
+  absl::Status status ABSL_GUARDED_BY(mu);
+  LoadResult result ABSL_GUARDED_BY(mu);
+};
+
+class PagedLoadImpl final : public PagedLoad {
+ public:
+  explicit PagedLoadImpl(std::shared_ptr<LoadState> s) : s_(std::move(s)) {}
+  ~PagedLoadImpl() override {
+    MutexLock lock(&s_->mu);
+    while (!s_->done) s_->cv.Wait(&s_->mu);
+  }
+
+  absl::Status WaitLayer(int layer, cudaStream_t stream) override {
+    if (layer < 0 || static_cast<size_t>(layer) >= s_->layer_events.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("WaitLayer(", layer, "): the model has ",
+                                                     s_->layer_events.size(), " layers"));
+    }
+    size_t tokens;
+    {
+      MutexLock lock(&s_->mu);
+      while (s_->layers_ready <= layer && !s_->done) s_->cv.Wait(&s_->mu);
+      if (!s_->status.ok()) return s_->status;
+      tokens = s_->tokens_loaded;
+    }
+    DeviceGuard guard(s_->device);
+    KVDN_CUDA_RETURN(cudaStreamWaitEvent(stream, s_->layer_events[layer], 0),
+                     "cudaStreamWaitEvent on a loaded layer");
+    if (s_->l2_prefetch_bytes > 0 && tokens > 0) {
+      const kernels::TokenRange all{s_->view.block_table, s_->view.block_table_len, 0,
+                                    static_cast<int32_t>(tokens)};
+      return kernels::PrefetchL2(s_->view.layers[layer], all, s_->l2_prefetch_bytes, stream);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<LoadResult> Wait() override {
+    {
+      MutexLock lock(&s_->mu);
+      while (!s_->done) s_->cv.Wait(&s_->mu);
+      if (!s_->status.ok()) return s_->status;
+    }
+    DeviceGuard guard(s_->device);
+    // Every layer's event is recorded after the ones before it: the last one covers the load.
+    if (!s_->layer_events.empty()) {
+      KVDN_CUDA_RETURN(cudaEventSynchronize(s_->layer_events.back()), "the load's copies");
+    }
+    MutexLock lock(&s_->mu);
+    return s_->result;
+  }
+
+ private:
+  std::shared_ptr<LoadState> s_;
+};
+
+}  // namespace
+
+// Fetches windows of chunks and enqueues their layers.
+void KvConnector::Impl::RunLoad(LoadState& s) {
+  Impl& c = *this;
+  DeviceGuard guard(c.device);
+  const size_t layers = s.layer_events.size();
+  // Ends the load: every layer event not yet final is recorded here, after all that was enqueued.
+  auto finish = [&](absl::Status st, const LoadResult& r, int from_layer) {
+    for (size_t l = static_cast<size_t>(from_layer); l < layers; ++l) {
+      cudaError_t e = cudaEventRecord(s.layer_events[l], c.stream);
+      if (st.ok() && e != cudaSuccess) st = CudaStatus(e, "cudaEventRecord");
+    }
+    MutexLock lock(&s.mu);
+    s.status = std::move(st);
+    s.result = r;
+    s.tokens_loaded = r.tokens;
+    s.layers_ready = static_cast<int>(layers);
+    s.done = true;
+    s.cv.SignalAll();
+  };
+  LoadResult total;
+  int recorded = 0;  // layers whose final event is recorded
+  absl::StatusOr<size_t> matched = c.client->Lookup(s.tokens);
+  if (!matched.ok()) return finish(matched.status(), total, recorded);
+  const size_t tpc = c.model.tokens_per_chunk;
+  const size_t chunks = (*matched + tpc - 1) / tpc;
+  int next_half = 0;
+  for (size_t first = 0; first < chunks;) {
+    const size_t want = std::min(c.window, chunks - first);
+    const int half = next_half;
+    next_half ^= 1;
+    // The half's copies of two windows ago are done before it is refilled.
+    if (absl::Status st = CudaStatus(cudaEventSynchronize(c.half_done[half]), "host staging");
+        !st.ok()) {
+      return finish(st, total, recorded);
+    }
+    std::vector<MutableByteSpan> buffers;
+    for (size_t j = 0; j < want; ++j) {
+      buffers.emplace_back(c.Slot(half, j),
+                           c.client->PayloadBytes(c.TokensInChunk(first + j, s.tokens.size())));
+    }
+    absl::StatusOr<LoadResult> got = c.client->Load(s.tokens, buffers, first);
+    if (!got.ok()) return finish(got.status(), total, recorded);
+    if (got->chunks == 0) break;
+    const Window w = c.MakeWindow(first, got->chunks, half, s.tokens.size());
+    const bool last = got->chunks < want || first + got->chunks == chunks;
+    if (last) {
+      MutexLock lock(&s.mu);
+      s.tokens_loaded = total.tokens + got->tokens;
+    }
+    for (uint32_t l = 0; l < layers; ++l) {
+      absl::Status st = c.CopyLayer(w, l, /*to_device=*/true);
+      if (st.ok()) {
+        st = kernels::InjectLayer(c.device_staging, s.view.layers[l], c.Range(s.view, w), c.stream);
+      }
+      if (st.ok() && last) {
+        st = CudaStatus(cudaEventRecord(s.layer_events[l], c.stream), "cudaEventRecord");
+      }
+      if (!st.ok()) return finish(st, total, recorded);
+      if (last) {
+        recorded = static_cast<int>(l) + 1;
+        MutexLock lock(&s.mu);
+        s.layers_ready = recorded;
+        s.cv.SignalAll();
+      }
+    }
+    if (absl::Status st = CudaStatus(cudaEventRecord(c.half_done[half], c.stream), "host staging");
+        !st.ok()) {
+      return finish(st, total, recorded);
+    }
+    total.chunks += got->chunks;
+    total.tokens += got->tokens;
+    total.bytes += got->bytes;
+    first += got->chunks;
+    if (last) break;
+  }
+  finish(absl::OkStatus(), total, recorded);
+}
+
+// Gathers the chunks past the stored prefix and stores them.
+absl::StatusOr<SaveResult> KvConnector::Impl::RunSave(absl::Span<const int32_t> tokens,
+                                                      const PagedKvView& view,
+                                                      cudaEvent_t written) {
+  Impl& c = *this;
+  DeviceGuard guard(c.device);
+  KVDN_CUDA_RETURN(cudaStreamWaitEvent(c.stream, written, 0), "waiting for the engine's stream");
+  SaveResult total;
+  const size_t tpc = c.model.tokens_per_chunk;
+  const size_t chunks = (tokens.size() + tpc - 1) / tpc;
+  KVDN_ASSIGN_OR_RETURN(size_t matched, c.client->Lookup(tokens));
+  const size_t present = matched == tokens.size() ? chunks : matched / tpc;
+  total.chunks_present = present;
+  if (present == chunks) return total;
+  // Every block the saved tokens live in must be one of the cache's: a bad entry would store
+  // whatever the staging held as this prefix's KV, for every engine that loads it.
+  {
+    const size_t from_block = present * tpc / static_cast<size_t>(view.layers[0].block_size);
+    const size_t to_block = (tokens.size() + view.layers[0].block_size - 1) /
+                            static_cast<size_t>(view.layers[0].block_size);
+    std::vector<int32_t> table(to_block - from_block);
+    KVDN_CUDA_RETURN(
+        cudaMemcpyAsync(table.data(), view.block_table + from_block, table.size() * sizeof(int32_t),
+                        cudaMemcpyDeviceToHost, c.stream),
+        "reading the block table");
+    KVDN_CUDA_RETURN(cudaStreamSynchronize(c.stream), "reading the block table");
+    for (size_t i = 0; i < table.size(); ++i) {
+      if (table[i] < 0 || table[i] >= view.layers[0].num_blocks) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "PagedKvView.block_table[", from_block + i, "] is ", table[i], ", not one of the ",
+            view.layers[0].num_blocks, " blocks of the cache; nothing saved"));
+      }
+    }
+  }
+  // Window w is gathered into half w % 2 while window w - 1 is stored from the other half.
+  auto gather = [&](const Window& w) -> absl::Status {
+    for (uint32_t l = 0; l < c.model.num_layers; ++l) {
+      KVDN_RETURN_IF_ERROR(
+          kernels::ExtractLayer(view.layers[l], c.Range(view, w), c.device_staging, c.stream));
+      KVDN_RETURN_IF_ERROR(c.CopyLayer(w, l, /*to_device=*/false));
+    }
+    return CudaStatus(cudaEventRecord(c.half_done[w.half], c.stream), "host staging");
+  };
+  auto store = [&](const Window& w) -> absl::Status {
+    KVDN_CUDA_RETURN(cudaEventSynchronize(c.half_done[w.half]), "gathering a window");
+    std::vector<ByteSpan> payloads;
+    for (size_t j = 0; j < w.count; ++j) {
+      payloads.emplace_back(c.Slot(w.half, j),
+                            c.client->PayloadBytes(c.TokensInChunk(w.first + j, tokens.size())));
+    }
+    KVDN_ASSIGN_OR_RETURN(SaveResult r, c.client->Save(tokens, payloads, w.first));
+    total.chunks_stored += r.chunks_stored;
+    total.chunks_present += r.chunks_present;
+    total.bytes_sent += r.bytes_sent;
+    return absl::OkStatus();
+  };
+  std::optional<Window> pending;
+  int half = 0;
+  for (size_t first = present; first < chunks;) {
+    const Window w = c.MakeWindow(first, std::min(c.window, chunks - first), half, tokens.size());
+    half ^= 1;
+    KVDN_RETURN_IF_ERROR(gather(w));
+    if (pending) KVDN_RETURN_IF_ERROR(store(*pending));
+    pending = w;
+    first += w.count;
+  }
+  if (pending) KVDN_RETURN_IF_ERROR(store(*pending));
+  return total;
+}
+
+KvConnector::KvConnector(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+KvConnector::~KvConnector() = default;
+
+size_t KvConnector::window_chunks() const { return impl_->window; }
+
+absl::StatusOr<std::unique_ptr<KvConnector>> KvConnector::Create(Client* client,
+                                                                 const ConnectorOptions& options) {
+  if (client == nullptr) return absl::InvalidArgumentError("KvConnector::Create: client is null");
+  auto impl = std::make_unique<Impl>();
+  impl->client = client;
+  impl->options = options;
+  impl->model = client->options().model;
+  KVDN_RETURN_IF_ERROR(impl->model.Validate());
+  const ModelSpec& m = impl->model;
+  impl->token_half_bytes = uint64_t{m.num_kv_heads} * m.head_dim * DtypeSize(m.dtype);
+  impl->chunk_bytes = client->PayloadBytes(m.tokens_per_chunk);
+  const uint64_t layer_bytes = 2 * uint64_t{m.tokens_per_chunk} * impl->token_half_bytes;
+  const uint64_t host_half = (options.host_staging_bytes / 2) & ~uint64_t{4095};
+  impl->window = static_cast<size_t>(
+      std::min(host_half / impl->chunk_bytes, options.device_staging_bytes / layer_bytes));
+  if (impl->window == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ConnectorOptions: host_staging_bytes ", options.host_staging_bytes,
+        " must hold two chunks of ", impl->chunk_bytes, " bytes and device_staging_bytes ",
+        options.device_staging_bytes, " one chunk layer of ", layer_bytes, " bytes"));
+  }
+  KVDN_CUDA_RETURN(cudaGetDevice(&impl->device), "cudaGetDevice");
+  KVDN_CUDA_RETURN(cudaStreamCreateWithFlags(&impl->stream, cudaStreamNonBlocking),
+                   "cudaStreamCreate");
+  for (cudaEvent_t& e : impl->half_done) {
+    KVDN_CUDA_RETURN(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+  }
+  void* staging = nullptr;
+  KVDN_CUDA_RETURN(cudaMalloc(&staging, impl->window * layer_bytes),
+                   "cudaMalloc of the device staging");
+  impl->device_staging = static_cast<uint8_t*>(staging);
+  const uint64_t host_bytes = 2 * host_half;
+  if (!client->PoolRegion().empty()) {
+    MutableByteSpan span = client->AllocateBuffer(host_bytes);
+    if (span.empty()) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("ConnectorOptions.host_staging_bytes: the client's receive pool (",
+                       client->PoolRegion().size(), " bytes) has no room for ", host_bytes));
+    }
+    impl->host = span;
+    impl->host_from_pool = true;
+    cudaError_t e = cudaHostRegister(span.data(), span.size(), cudaHostRegisterDefault);
+    if (e != cudaSuccess) {
+      impl->host_from_pool = false;
+      client->FreeBuffer(span);
+      impl->host = MutableByteSpan();
+      return CudaStatus(e, "cudaHostRegister of the host staging");
+    }
+  } else {
+    void* p = nullptr;
+    KVDN_CUDA_RETURN(cudaHostAlloc(&p, host_bytes, cudaHostAllocDefault),
+                     "cudaHostAlloc of the host staging");
+    impl->host = MutableByteSpan(static_cast<uint8_t*>(p), host_bytes);
+  }
+  impl->worker = std::make_unique<ThreadPool>(1);
+  return std::unique_ptr<KvConnector>(new KvConnector(std::move(impl)));
+}
+
+absl::StatusOr<std::unique_ptr<PagedLoad>> KvConnector::StartLoad(absl::Span<const int32_t> tokens,
+                                                                  const PagedKvView& view) {
+  KVDN_RETURN_IF_ERROR(CheckView(impl_->model, view, tokens.size()));
+  auto s = std::make_shared<LoadState>(impl_->device);
+  s->tokens.assign(tokens.begin(), tokens.end());
+  s->view = view;
+  s->l2_prefetch_bytes = impl_->options.l2_prefetch_bytes;
+  {
+    DeviceGuard guard(impl_->device);
+    s->layer_events.resize(view.layers.size(), nullptr);
+    for (cudaEvent_t& e : s->layer_events) {
+      KVDN_CUDA_RETURN(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+    }
+  }
+  impl_->worker->Submit([impl = impl_.get(), s] { impl->RunLoad(*s); });
+  return std::unique_ptr<PagedLoad>(new PagedLoadImpl(std::move(s)));
+}
+
+absl::StatusOr<LoadResult> KvConnector::Load(absl::Span<const int32_t> tokens,
+                                             const PagedKvView& view, cudaStream_t stream) {
+  KVDN_ASSIGN_OR_RETURN(std::unique_ptr<PagedLoad> load, StartLoad(tokens, view));
+  KVDN_ASSIGN_OR_RETURN(LoadResult r, load->Wait());
+  if (!view.layers.empty())
+    KVDN_RETURN_IF_ERROR(load->WaitLayer(static_cast<int>(view.layers.size()) - 1, stream));
+  return r;
+}
+
+absl::StatusOr<SaveResult> KvConnector::Save(absl::Span<const int32_t> tokens,
+                                             const PagedKvView& view, cudaStream_t stream) {
+  KVDN_RETURN_IF_ERROR(CheckView(impl_->model, view, tokens.size()));
+  if (tokens.empty()) return SaveResult{};
+  DeviceGuard guard(impl_->device);
+  cudaEvent_t written = nullptr;
+  KVDN_CUDA_RETURN(cudaEventCreateWithFlags(&written, cudaEventDisableTiming), "cudaEventCreate");
+  absl::Status recorded = CudaStatus(cudaEventRecord(written, stream), "cudaEventRecord");
+  absl::StatusOr<SaveResult> result = absl::InternalError("the save did not run");
+  if (!recorded.ok()) {
+    result = recorded;
+  } else {
+    Mutex mu;
+    CondVar cv;
+    bool done = false;
+    impl_->worker->Submit([&] {
+      absl::StatusOr<SaveResult> r = impl_->RunSave(tokens, view, written);
+      MutexLock lock(&mu);
+      result = std::move(r);
+      done = true;
+      cv.SignalAll();
+    });
+    MutexLock lock(&mu);
+    while (!done) cv.Wait(&mu);
+  }
+  (void)cudaEventDestroy(written);
+  return result;
+}
+
+}  // namespace kvdn::client

@@ -1,0 +1,382 @@
+// KvConnector (the engine side, client/include/kvdn/client/kv_connector.h) against a real kvdnd:
+// a request's KV saved from one paged cache loads into another — another layout, block size and
+// block table — bit for bit, layer by layer in stream order; a load stops where the stored prefix
+// does; bad views are refused before anything moves. GTEST_SKIP without a GPU; run on the GPU
+// machine with KVDN_KVDND naming the packed kvdnd.
+#include "kvdn/client/kv_connector.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "daemon_process.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kvdn/client/client.h"
+#include "kvdn/testing/chunks.h"
+#include "kvdn/testing/status_matchers.h"
+
+namespace kvdn {
+namespace {
+
+using ::kvdn::client::KvConnector;
+using ::kvdn::client::PagedKvView;
+using ::kvdn::kernels::PagedKvLayout;
+using ::kvdn::testing::DaemonProcess;
+using ::kvdn::testing::StatusIs;
+using ::kvdn::testing::TempDir;
+using ::testing::HasSubstr;
+
+bool HaveGpu() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define CUDA_OK(call) ASSERT_EQ((call), cudaSuccess) << #call
+
+constexpr uint32_t kLayers = 3;
+constexpr uint32_t kKvHeads = 4;
+constexpr uint32_t kHeadDim = 64;
+constexpr uint32_t kTokensPerChunk = 32;
+
+ModelSpec Model() {
+  return ModelSpec{"connector-test", kLayers,          kKvHeads,
+                   kHeadDim,         Dtype::kBFloat16, kTokensPerChunk};
+}
+
+std::vector<int32_t> Tokens(size_t n, uint32_t seed) {
+  std::vector<int32_t> t(n);
+  std::mt19937 rng(seed);
+  for (auto& x : t) x = static_cast<int32_t>(rng() % 128000);
+  return t;
+}
+
+// One engine's paged cache on the GPU (every layer the same shape) and a block table that puts
+// the request's positions in shuffled blocks.
+class DeviceCache {
+ public:
+  DeviceCache(PagedKvLayout layout, int32_t block_size, int32_t num_blocks, uint32_t seed,
+              bool random)
+      : layout_(layout), block_size_(block_size), num_blocks_(num_blocks) {
+    const size_t elems = static_cast<size_t>(num_blocks) * block_size * kKvHeads * kHeadDim;
+    const int tensors = layout == PagedKvLayout::kNhdCombined ? 1 : 2;
+    const size_t per_tensor = elems * (tensors == 1 ? 2 : 1);
+    std::mt19937_64 rng(seed);
+    for (uint32_t l = 0; l < kLayers; ++l) {
+      for (int t = 0; t < tensors; ++t) {
+        std::vector<uint16_t> host(per_tensor, 0);
+        if (random) {
+          for (auto& x : host) x = static_cast<uint16_t>(rng());
+        }
+        void* d = nullptr;
+        EXPECT_EQ(cudaMalloc(&d, per_tensor * 2), cudaSuccess);
+        EXPECT_EQ(cudaMemcpy(d, host.data(), per_tensor * 2, cudaMemcpyHostToDevice), cudaSuccess);
+        buffers_.push_back(d);
+        host_size_ = per_tensor;
+      }
+    }
+    table_.resize(num_blocks);
+    std::iota(table_.begin(), table_.end(), 0);
+    std::shuffle(table_.begin(), table_.end(), std::mt19937(seed + 1));
+    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_table_), table_.size() * 4), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(d_table_, table_.data(), table_.size() * 4, cudaMemcpyHostToDevice),
+              cudaSuccess);
+  }
+  ~DeviceCache() {
+    for (void* b : buffers_) (void)cudaFree(b);
+    (void)cudaFree(d_table_);
+  }
+
+  PagedKvView View() const {
+    PagedKvView v;
+    const int tensors = layout_ == PagedKvLayout::kNhdCombined ? 1 : 2;
+    for (uint32_t l = 0; l < kLayers; ++l) {
+      kernels::PagedKvLayer c;
+      c.k = buffers_[l * tensors];
+      c.v = tensors == 2 ? buffers_[l * tensors + 1] : nullptr;
+      c.layout = layout_;
+      c.num_blocks = num_blocks_;
+      c.block_size = block_size_;
+      c.num_kv_heads = kKvHeads;
+      c.head_dim = kHeadDim;
+      c.dtype = Dtype::kBFloat16;
+      v.layers.push_back(c);
+    }
+    v.block_table = d_table_;
+    v.block_table_len = num_blocks_;
+    return v;
+  }
+
+  // Layer l's K (kv = 0) or V (kv = 1) of every position, read back: [position][head][dim].
+  std::vector<uint16_t> Read(uint32_t l, int kv, size_t positions) const {
+    const int tensors = layout_ == PagedKvLayout::kNhdCombined ? 1 : 2;
+    std::vector<uint16_t> all(host_size_);
+    EXPECT_EQ(cudaMemcpy(all.data(), buffers_[l * tensors + (tensors == 2 ? kv : 0)],
+                         all.size() * 2, cudaMemcpyDeviceToHost),
+              cudaSuccess);
+    std::vector<uint16_t> out(positions * kKvHeads * kHeadDim);
+    for (size_t p = 0; p < positions; ++p) {
+      const size_t blk = static_cast<size_t>(table_[p / block_size_]);
+      const size_t slot = p % block_size_;
+      for (size_t h = 0; h < kKvHeads; ++h) {
+        size_t at = 0;
+        switch (layout_) {
+          case PagedKvLayout::kNhd:
+            at = ((blk * block_size_ + slot) * kKvHeads + h) * kHeadDim;
+            break;
+          case PagedKvLayout::kNhdCombined:
+            at = (((blk * 2 + kv) * block_size_ + slot) * kKvHeads + h) * kHeadDim;
+            break;
+          case PagedKvLayout::kHnd:
+            at = ((blk * kKvHeads + h) * block_size_ + slot) * kHeadDim;
+            break;
+        }
+        std::memcpy(&out[(p * kKvHeads + h) * kHeadDim], &all[at], kHeadDim * 2);
+      }
+    }
+    return out;
+  }
+
+ private:
+  PagedKvLayout layout_;
+  int32_t block_size_;
+  int32_t num_blocks_;
+  std::vector<void*> buffers_;
+  size_t host_size_ = 0;
+  std::vector<int32_t> table_;
+  int32_t* d_table_ = nullptr;
+};
+
+class KvConnectorTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+    std::string err;
+    ASSERT_TRUE(daemon_.Start({}, &err)) << err;
+    CUDA_OK(cudaStreamCreate(&stream_));
+  }
+  void TearDown() override {
+    if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
+  }
+
+  std::unique_ptr<client::Client> Connect(
+      uint64_t pool_bytes,
+      client::ClientOptions::DataPlane plane = client::ClientOptions::DataPlane::kAuto) {
+    client::ClientOptions o;
+    o.target = daemon_.unix_target();
+    o.ns = "engine";
+    o.model = Model();
+    o.receive_pool_bytes = pool_bytes;
+    o.data_plane = plane;
+    auto c = client::Client::Connect(o);
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? std::move(*c) : nullptr;
+  }
+
+  // Small staging: windows of two chunks, so a request moves in several rounds.
+  static client::ConnectorOptions SmallStaging() {
+    client::ConnectorOptions o;
+    const uint64_t chunk = 2ull * kLayers * kTokensPerChunk * kKvHeads * kHeadDim * 2;
+    o.host_staging_bytes = 4 * chunk;
+    o.device_staging_bytes = 2 * 2ull * kTokensPerChunk * kKvHeads * kHeadDim * 2;
+    return o;
+  }
+
+  static void ExpectSameKv(const DeviceCache& a, const DeviceCache& b, size_t positions) {
+    for (uint32_t l = 0; l < kLayers; ++l) {
+      for (int kv = 0; kv < 2; ++kv) {
+        EXPECT_TRUE(a.Read(l, kv, positions) == b.Read(l, kv, positions))
+            << "layer " << l << (kv ? " V" : " K") << " differs";
+      }
+    }
+  }
+
+  TempDir dir_;
+  DaemonProcess daemon_{dir_.path()};
+  cudaStream_t stream_ = nullptr;
+};
+
+struct Shape {
+  PagedKvLayout save_layout;
+  int32_t save_block;
+  PagedKvLayout load_layout;
+  int32_t load_block;
+  bool pool;
+};
+
+TEST_F(KvConnectorTest, SavedFromOneCacheLoadsIntoAnotherBitForBit) {
+  // 6 full chunks and a tail of 8 tokens; saved from one layout, loaded into another.
+  const std::vector<Shape> shapes = {
+      {PagedKvLayout::kNhd, 16, PagedKvLayout::kHnd, 16, true},
+      {PagedKvLayout::kHnd, 64, PagedKvLayout::kNhdCombined, 7, true},
+      {PagedKvLayout::kNhdCombined, 1, PagedKvLayout::kNhd, 3, false},
+  };
+  uint32_t seed = 1;
+  for (const Shape& s : shapes) {
+    SCOPED_TRACE(std::string(kernels::LayoutName(s.save_layout)) + " -> " +
+                 kernels::LayoutName(s.load_layout) + (s.pool ? " (pool)" : " (no pool)"));
+    auto c = Connect(s.pool ? 64 << 20 : 0);
+    ASSERT_NE(c, nullptr);
+    ASSERT_OK_AND_ASSIGN(auto conn, KvConnector::Create(c.get(), SmallStaging()));
+    EXPECT_EQ(conn->window_chunks(), 2u);
+    const auto tokens = Tokens(6 * kTokensPerChunk + 8, seed);
+    const int32_t blocks_a =
+        static_cast<int32_t>((tokens.size() + s.save_block - 1) / s.save_block) + 5;
+    const int32_t blocks_b =
+        static_cast<int32_t>((tokens.size() + s.load_block - 1) / s.load_block) + 3;
+    DeviceCache a(s.save_layout, s.save_block, blocks_a, seed + 10, /*random=*/true);
+    DeviceCache b(s.load_layout, s.load_block, blocks_b, seed + 20, /*random=*/false);
+
+    ASSERT_OK_AND_ASSIGN(client::SaveResult saved, conn->Save(tokens, a.View(), stream_));
+    EXPECT_EQ(saved.chunks_stored, 7u);
+    EXPECT_EQ(saved.chunks_present, 0u);
+    ASSERT_OK_AND_ASSIGN(client::SaveResult again, conn->Save(tokens, a.View(), stream_));
+    EXPECT_EQ(again.chunks_stored, 0u);
+    EXPECT_EQ(again.chunks_present, 7u);
+    ASSERT_OK_AND_ASSIGN(size_t hit, c->Lookup(tokens));
+    EXPECT_EQ(hit, tokens.size());
+
+    // Layer by layer: the engine's stream copies each layer away right after WaitLayer; what it
+    // copied must already be the loaded KV.
+    ASSERT_OK_AND_ASSIGN(auto load, conn->StartLoad(tokens, b.View()));
+    const PagedKvView vb = b.View();
+    std::vector<void*> snapshots;
+    const size_t bytes_per_tensor = static_cast<size_t>(blocks_b) * s.load_block * kKvHeads *
+                                    kHeadDim * 2 *
+                                    (s.load_layout == PagedKvLayout::kNhdCombined ? 2 : 1);
+    for (uint32_t l = 0; l < kLayers; ++l) {
+      ASSERT_OK(load->WaitLayer(static_cast<int>(l), stream_));
+      void* snap = nullptr;
+      CUDA_OK(cudaMalloc(&snap, bytes_per_tensor));
+      CUDA_OK(cudaMemcpyAsync(snap, vb.layers[l].k, bytes_per_tensor, cudaMemcpyDeviceToDevice,
+                              stream_));
+      snapshots.push_back(snap);
+    }
+    ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, load->Wait());
+    EXPECT_EQ(loaded.tokens, tokens.size());
+    EXPECT_EQ(loaded.chunks, 7u);
+    EXPECT_EQ(loaded.bytes, c->PayloadBytes(kTokensPerChunk) * 6 + c->PayloadBytes(8));
+    CUDA_OK(cudaStreamSynchronize(stream_));
+    ExpectSameKv(a, b, tokens.size());
+    for (uint32_t l = 0; l < kLayers; ++l) {
+      std::vector<uint8_t> snap(bytes_per_tensor), now(bytes_per_tensor);
+      CUDA_OK(cudaMemcpy(snap.data(), snapshots[l], bytes_per_tensor, cudaMemcpyDeviceToHost));
+      CUDA_OK(cudaMemcpy(now.data(), vb.layers[l].k, bytes_per_tensor, cudaMemcpyDeviceToHost));
+      EXPECT_TRUE(snap == now) << "layer " << l << ": the engine's stream ran ahead of its load";
+      (void)cudaFree(snapshots[l]);
+    }
+    ++seed;
+  }
+}
+
+TEST_F(KvConnectorTest, ALoadStopsWhereTheStoredPrefixDoesAndLeavesTheRestAlone) {
+  auto c = Connect(64 << 20);
+  ASSERT_NE(c, nullptr);
+  ASSERT_OK_AND_ASSIGN(auto conn, KvConnector::Create(c.get(), SmallStaging()));
+  const auto tokens = Tokens(10 * kTokensPerChunk, 7);
+  DeviceCache a(PagedKvLayout::kNhd, 16, 40, 3, /*random=*/true);
+  DeviceCache b(PagedKvLayout::kNhd, 16, 40, 4, /*random=*/false);
+  // Stored: the first 5 chunks only (the request's prefix of 160 tokens).
+  const std::vector<int32_t> prefix(tokens.begin(), tokens.begin() + 5 * kTokensPerChunk);
+  ASSERT_OK_AND_ASSIGN(client::SaveResult saved, conn->Save(prefix, a.View(), stream_));
+  EXPECT_EQ(saved.chunks_stored, 5u);
+  ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, conn->Load(tokens, b.View(), stream_));
+  EXPECT_EQ(loaded.tokens, 5u * kTokensPerChunk);
+  EXPECT_EQ(loaded.chunks, 5u);
+  CUDA_OK(cudaStreamSynchronize(stream_));
+  ExpectSameKv(a, b, 5 * kTokensPerChunk);
+  // Past the prefix the cache is as it was (zeros).
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    const std::vector<uint16_t> all = b.Read(l, 0, tokens.size());
+    EXPECT_TRUE(std::all_of(all.begin() + 5 * kTokensPerChunk * kKvHeads * kHeadDim, all.end(),
+                            [](uint16_t x) { return x == 0; }))
+        << "layer " << l;
+  }
+  // Saving the whole request now stores only what is missing.
+  ASSERT_OK_AND_ASSIGN(client::SaveResult rest, conn->Save(tokens, a.View(), stream_));
+  EXPECT_EQ(rest.chunks_present, 5u);
+  EXPECT_EQ(rest.chunks_stored, 5u);
+  // Nothing stored: a load of another request moves nothing, and every layer is released.
+  const auto other = Tokens(3 * kTokensPerChunk, 99);
+  ASSERT_OK_AND_ASSIGN(auto load, conn->StartLoad(other, b.View()));
+  for (int l = 0; l < static_cast<int>(kLayers); ++l) EXPECT_OK(load->WaitLayer(l, stream_));
+  ASSERT_OK_AND_ASSIGN(client::LoadResult none, load->Wait());
+  EXPECT_EQ(none.tokens, 0u);
+  EXPECT_THAT(load->WaitLayer(static_cast<int>(kLayers), stream_),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("the model has 3 layers")));
+  EXPECT_THAT(load->WaitLayer(-1, stream_), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST_F(KvConnectorTest, BadViewsAreRefusedBeforeAnythingMoves) {
+  auto c = Connect(64 << 20);
+  ASSERT_NE(c, nullptr);
+  ASSERT_OK_AND_ASSIGN(auto conn, KvConnector::Create(c.get(), SmallStaging()));
+  const auto tokens = Tokens(4 * kTokensPerChunk, 11);
+  DeviceCache a(PagedKvLayout::kNhd, 16, 16, 5, /*random=*/true);
+  struct Case {
+    std::string what;
+    std::function<void(PagedKvView&)> mutate;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {"a layer missing", [](PagedKvView& v) { v.layers.pop_back(); }, "has 2 layers"},
+      {"kv heads", [](PagedKvView& v) { v.layers[1].num_kv_heads = 8; },
+       "layers[1].num_kv_heads is 8; the model has 4"},
+      {"head_dim", [](PagedKvView& v) { v.layers[2].head_dim = 128; },
+       "layers[2].head_dim is 128; the model has 64"},
+      {"dtype", [](PagedKvView& v) { v.layers[0].dtype = Dtype::kFloat16; }, "layers[0].dtype"},
+      {"null k", [](PagedKvView& v) { v.layers[0].k = nullptr; }, "layers[0].k is null"},
+      {"null v", [](PagedKvView& v) { v.layers[1].v = nullptr; }, "layers[1].v is null"},
+      {"v with the combined layout",
+       [](PagedKvView& v) { v.layers[0].layout = PagedKvLayout::kNhdCombined; },
+       "must be null for the combined layout"},
+      {"unknown layout", [](PagedKvView& v) { v.layers[0].layout = static_cast<PagedKvLayout>(7); },
+       "layout 7 is not a layout"},
+      {"block size 0", [](PagedKvView& v) { v.layers[0].block_size = 0; }, "block_size 0"},
+      {"block sizes differ", [](PagedKvView& v) { v.layers[2].block_size = 32; },
+       "one block table serves all"},
+      {"no block table", [](PagedKvView& v) { v.block_table = nullptr; }, "block_table is null"},
+      {"block table too short", [](PagedKvView& v) { v.block_table_len = 7; },
+       "has 7 blocks of 16 tokens, covering 112 positions; the request has 128 tokens"},
+  };
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.what);
+    PagedKvView v = a.View();
+    k.mutate(v);
+    EXPECT_THAT(conn->StartLoad(tokens, v).status(),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(k.message)));
+    EXPECT_THAT(conn->Save(tokens, v, stream_).status(),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(k.message)));
+  }
+  // A block-table entry outside the cache would store garbage as this prefix's KV: refused, and
+  // nothing of the request is stored.
+  DeviceCache bad(PagedKvLayout::kNhd, 16, 16, 6, /*random=*/true);
+  PagedKvView v = bad.View();
+  const int32_t outside = 16;
+  CUDA_OK(cudaMemcpy(const_cast<int32_t*>(v.block_table) + 5, &outside, 4, cudaMemcpyHostToDevice));
+  EXPECT_THAT(conn->Save(tokens, v, stream_).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("block_table[5] is 16, not one of the 16 blocks")));
+  ASSERT_OK_AND_ASSIGN(size_t hit, c->Lookup(tokens));
+  EXPECT_EQ(hit, 0u);
+  // Staging too small for a chunk.
+  client::ConnectorOptions tiny;
+  tiny.host_staging_bytes = 4096;
+  EXPECT_THAT(KvConnector::Create(c.get(), tiny).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("must hold two chunks")));
+  client::ConnectorOptions huge;
+  huge.host_staging_bytes = uint64_t{1} << 30;  // more than the 64 MiB pool
+  EXPECT_THAT(KvConnector::Create(c.get(), huge).status(),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("has no room for")));
+  // The daemon and the connector still serve.
+  ASSERT_OK_AND_ASSIGN(client::SaveResult saved, conn->Save(tokens, a.View(), stream_));
+  EXPECT_EQ(saved.chunks_stored, 4u);
+}
+
+}  // namespace
+}  // namespace kvdn
