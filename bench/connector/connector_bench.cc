@@ -10,7 +10,8 @@
 // Llama-3-8B shapes (32 layers, 8 kv heads, head_dim 128, bf16, 256-token chunks of 32 MiB), vLLM
 // NHD layout with 16-token blocks, shuffled block tables. Also Save (gather from the cache and
 // store), and the time until layer 0 may be read (WaitLayer(0) and the engine stream after it).
-//   connector_bench [--kvdnd PATH] [--contexts 2048,8192,32768] [--rounds 3]
+//   connector_bench [--kvdnd PATH] [--contexts 2048,8192,32768] [--rounds 3] [--lanes N]
+//                   [--streams 4] [--host-staging-mib 512] [--register-fetch 0|1]
 #include <cuda_runtime_api.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -182,6 +183,10 @@ int Main(int argc, char** argv) {
   std::string kvdnd = std::getenv("KVDN_KVDND") ? std::getenv("KVDN_KVDND") : KVDN_KVDND_PATH;
   std::vector<size_t> contexts = {2048, 8192, 32768};
   int rounds = 3;
+  int lanes = 0;               // the client's default
+  uint64_t staging_mib = 512;  // the connector's default
+  bool register_fetch = false;
+  int streams = 4;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--kvdnd") {
@@ -191,6 +196,14 @@ int Main(int argc, char** argv) {
       for (absl::string_view c : absl::StrSplit(argv[i + 1], ',')) {
         contexts.push_back(std::strtoull(std::string(c).c_str(), nullptr, 10));
       }
+    } else if (a == "--host-staging-mib") {
+      staging_mib = std::strtoull(argv[i + 1], nullptr, 10);
+    } else if (a == "--register-fetch") {
+      register_fetch = std::atoi(argv[i + 1]) != 0;
+    } else if (a == "--streams") {
+      streams = std::atoi(argv[i + 1]);
+    } else if (a == "--lanes") {
+      lanes = std::atoi(argv[i + 1]);
     } else if (a == "--rounds") {
       rounds = std::max(1, std::atoi(argv[i + 1]));
     } else {
@@ -212,15 +225,23 @@ int Main(int argc, char** argv) {
   co.target = daemon.target();
   co.ns = "bench";
   co.model = ModelSpec{"llama-3-8b", kLayers, kHeads, kDim, Dtype::kBFloat16, kTpc};
-  co.receive_pool_bytes = uint64_t{768} << 20;
+  co.receive_pool_bytes = (staging_mib << 20) + (uint64_t{512} << 20);
+  co.data_plane_lanes = lanes;
+  co.parallel_streams = streams;
   auto c = Must(client::Client::Connect(co), "Connect");
-  client::ConnectorOptions conn_opts;  // defaults: 256 MiB host staging, 64 MiB device staging
+  client::ConnectorOptions conn_opts;  // the default device staging (64 MiB)
+  conn_opts.host_staging_bytes = staging_mib << 20;
   auto conn = Must(client::KvConnector::Create(c.get(), conn_opts), "KvConnector::Create");
-  std::printf("data plane: %s; connector window: %zu chunks\n", c->DataPlaneInUse().c_str(),
-              conn->window_chunks());
+  std::printf(
+      "data plane: %s; connector window: %zu chunks; parallel_streams %d; fetch alone "
+      "into %s memory\n",
+      c->DataPlaneInUse().c_str(), conn->window_chunks(), streams,
+      register_fetch ? "page-locked (cudaHostRegister)" : "pageable");
 
-  // Ceiling 1: page-locked host -> device.
-  const uint64_t h2d_bytes = uint64_t{256} << 20;
+  // Ceiling 1: page-locked host -> device. The buffer also holds a window of chunks for the GPU
+  // part alone.
+  const uint64_t h2d_bytes =
+      std::max<uint64_t>(uint64_t{256} << 20, conn->window_chunks() * c->PayloadBytes(kTpc));
   void* pinned = nullptr;
   void* dev = nullptr;
   CHECK_CUDA(cudaHostAlloc(&pinned, h2d_bytes, cudaHostAllocDefault));
@@ -275,6 +296,7 @@ int Main(int argc, char** argv) {
         const size_t window = conn->window_chunks();
         const uint64_t chunk = c->PayloadBytes(kTpc);
         auto buf = c->AllocateBuffer(window * chunk);
+        if (register_fetch) CHECK_CUDA(cudaHostRegister(buf.data(), buf.size(), 0));
         std::vector<MutableByteSpan> spans;
         for (size_t j = 0; j < window; ++j) spans.emplace_back(buf.data() + j * chunk, chunk);
         const auto t0 = Clock::now();
@@ -288,6 +310,7 @@ int Main(int argc, char** argv) {
           }
         }
         fetch.push_back(bytes / Seconds(t0, Clock::now()) / 1e9);
+        if (register_fetch) CHECK_CUDA(cudaHostUnregister(buf.data()));
         c->FreeBuffer(buf);
       }
       // The connector.
@@ -305,6 +328,13 @@ int Main(int argc, char** argv) {
         if (got.tokens != ctx) {
           std::fprintf(stderr, "loaded %zu of %zu tokens\n", got.tokens, ctx);
           return 1;
+        }
+        const client::LoadTimings lt = l->timings();
+        if (r == rounds - 1) {
+          std::printf(
+              "  %zu tokens, last round: load %.1f ms = fetch %.1f + stall %.1f + enqueue "
+              "%.1f ms (host, connector thread)\n",
+              ctx, Seconds(t0, t2) * 1e3, lt.fetch * 1e3, lt.stall * 1e3, lt.enqueue * 1e3);
         }
         first.push_back(Seconds(t0, t1) * 1e3);
         load.push_back(Seconds(t0, t2));

@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -59,6 +60,10 @@ absl::Status ValidateOptions(const ClientOptions& o) {
     return absl::InvalidArgumentError("ClientOptions.frame_bytes outside [4096, 4 MiB]");
   }
   if (o.async_threads < 1) return absl::InvalidArgumentError("ClientOptions.async_threads < 1");
+  if (o.data_plane_lanes < 0 || o.data_plane_lanes > 64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ClientOptions.data_plane_lanes ", o.data_plane_lanes, " outside [0, 64]"));
+  }
   return absl::OkStatus();
 }
 
@@ -277,19 +282,26 @@ struct Client::Impl {
   std::unique_ptr<ThreadPool> async;           // the *Async calls
   std::unique_ptr<ReceivePool> pool;           // receive_pool_bytes > 0
 
-  // The UCX data plane, opened on first use; null = gRPC. A failed session is reopened.
+  // The UCX data plane: data_plane_lanes sessions, each opened on first use and reopened when it
+  // fails; null = gRPC.
+  struct Lane {
+    std::shared_ptr<DataPlaneClient> dp;
+    absl::Time retry_at = absl::InfinitePast();
+    absl::Status error;
+  };
   Mutex dp_mu;
-  std::shared_ptr<DataPlaneClient> dp ABSL_GUARDED_BY(dp_mu);
-  absl::Time dp_retry_at ABSL_GUARDED_BY(dp_mu) = absl::InfinitePast();
-  absl::Status dp_error ABSL_GUARDED_BY(dp_mu);
+  std::vector<Lane> lanes ABSL_GUARDED_BY(dp_mu);  // sized at Connect
+  std::atomic<size_t> next_lane{0};
 
-  // The session to move payloads over, or null for gRPC. Errors only with DataPlane::kUcx.
+  // The session to move the next payload over (the lanes in turn), or null for gRPC. Errors only
+  // with DataPlane::kUcx.
   absl::StatusOr<std::shared_ptr<DataPlaneClient>> DataPlane() {
     if (options.data_plane == ClientOptions::DataPlane::kGrpc) return nullptr;
     MutexLock lock(&dp_mu);
-    if (dp && dp->healthy()) return dp;
-    dp.reset();
-    if (absl::Now() >= dp_retry_at) {
+    Lane& lane = lanes[next_lane.fetch_add(1, std::memory_order_relaxed) % lanes.size()];
+    if (lane.dp && lane.dp->healthy()) return lane.dp;
+    lane.dp.reset();
+    if (absl::Now() >= lane.retry_at) {
       const bool same_host = absl::StartsWith(ResolveTarget(options.target), "unix:");
       auto opened =
           DataPlaneClient::Open(stub.get(), same_host, options.ucx_transports, options.deadline);
@@ -299,15 +311,15 @@ struct Client::Impl {
         }
       }
       if (opened.ok()) {
-        dp = std::move(*opened);
-        return dp;
+        lane.dp = std::move(*opened);
+        return lane.dp;
       }
-      dp_error = opened.status();
-      dp_retry_at = absl::Now() + absl::Seconds(5);
+      lane.error = opened.status();
+      lane.retry_at = absl::Now() + absl::Seconds(5);
     }
     if (options.data_plane == ClientOptions::DataPlane::kUcx) {
       return absl::UnavailableError(
-          absl::StrCat("the UCX data plane is unavailable: ", dp_error.message()));
+          absl::StrCat("the UCX data plane is unavailable: ", lane.error.message()));
     }
     return nullptr;
   }
@@ -483,6 +495,13 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& opt
   impl->generic = std::make_unique<grpc::GenericStub>(impl->channel);
   impl->streams = std::make_unique<ThreadPool>(options.parallel_streams - 1);
   impl->async = std::make_unique<ThreadPool>(options.async_threads);
+  int lanes = options.data_plane_lanes;
+  if (lanes == 0)
+    lanes = std::clamp(static_cast<int>(std::thread::hardware_concurrency()) / 2, 1, 8);
+  {
+    MutexLock lock(&impl->dp_mu);
+    impl->lanes.resize(static_cast<size_t>(lanes));
+  }
   if (options.receive_pool_bytes > 0) {
     impl->pool = std::make_unique<ReceivePool>(options.receive_pool_bytes);
     if (impl->pool->base() == nullptr) {
@@ -714,7 +733,13 @@ absl::Status Client::ReleaseDescriptor(const TransferDescriptor& desc) {
 std::string Client::DataPlaneInUse() {
   auto d = impl_->DataPlane();
   if (!d.ok() || *d == nullptr) return "grpc";
-  return absl::StrCat("ucx: ", (*d)->transports());
+  size_t lanes;
+  {
+    MutexLock lock(&impl_->dp_mu);
+    lanes = impl_->lanes.size();
+  }
+  return absl::StrCat("ucx: ", (*d)->transports(),
+                      lanes > 1 ? absl::StrCat(" (", lanes, " lanes)") : "");
 }
 
 MutableByteSpan Client::AllocateBuffer(size_t size) {

@@ -232,6 +232,7 @@ struct LoadState {
   bool done ABSL_GUARDED_BY(mu) = false;
   absl::Status status ABSL_GUARDED_BY(mu);
   LoadResult result ABSL_GUARDED_BY(mu);
+  LoadTimings timings ABSL_GUARDED_BY(mu);
 };
 
 class PagedLoadImpl final : public PagedLoad {
@@ -265,6 +266,11 @@ class PagedLoadImpl final : public PagedLoad {
     return absl::OkStatus();
   }
 
+  LoadTimings timings() const override {
+    MutexLock lock(&s_->mu);
+    return s_->timings;
+  }
+
   absl::StatusOr<LoadResult> Wait() override {
     {
       MutexLock lock(&s_->mu);
@@ -292,6 +298,8 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
   DeviceGuard guard(c.device);
   const size_t layers = s.layer_events.size();
   // Ends the load: every layer event not yet final is recorded here, after all that was enqueued.
+  LoadTimings timings;
+  auto since = [](absl::Time t0) { return absl::ToDoubleSeconds(absl::Now() - t0); };
   auto finish = [&](absl::Status st, const LoadResult& r, int from_layer) {
     for (size_t l = static_cast<size_t>(from_layer); l < layers; ++l) {
       cudaError_t e = cudaEventRecord(s.layer_events[l], c.stream);
@@ -301,6 +309,7 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
     s.status = std::move(st);
     s.result = r;
     s.tokens_loaded = r.tokens;
+    s.timings = timings;
     s.layers_ready = static_cast<int>(layers);
     s.done = true;
     s.cv.SignalAll();
@@ -317,17 +326,22 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
     const int half = next_half;
     next_half ^= 1;
     // The half's copies of two windows ago are done before it is refilled.
+    absl::Time t0 = absl::Now();
     if (absl::Status st = CudaStatus(cudaEventSynchronize(c.half_done[half]), "host staging");
         !st.ok()) {
       return finish(st, total, recorded);
     }
+    timings.stall += since(t0);
     std::vector<MutableByteSpan> buffers;
     for (size_t j = 0; j < want; ++j) {
       buffers.emplace_back(c.Slot(half, j),
                            c.client->PayloadBytes(c.TokensInChunk(first + j, s.tokens.size())));
     }
+    t0 = absl::Now();
     absl::StatusOr<LoadResult> got = c.client->Load(s.tokens, buffers, first);
+    timings.fetch += since(t0);
     if (!got.ok()) return finish(got.status(), total, recorded);
+    t0 = absl::Now();
     if (got->chunks == 0) break;
     const Window w = c.MakeWindow(first, got->chunks, half, s.tokens.size());
     const bool last = got->chunks < want || first + got->chunks == chunks;
@@ -355,6 +369,7 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
         !st.ok()) {
       return finish(st, total, recorded);
     }
+    timings.enqueue += since(t0);
     total.chunks += got->chunks;
     total.tokens += got->tokens;
     total.bytes += got->bytes;

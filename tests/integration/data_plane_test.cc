@@ -181,6 +181,53 @@ TEST(DataPlaneLanesTest, SessionsSpreadOverLanes) {
   EXPECT_EQ(remote_lanes, 2);
 }
 
+// One client with two lanes (data_plane_lanes): its chunks travel over two sessions, which the
+// daemon puts on its two shared-memory lanes, bytes identical, no lease left; a lane count out of
+// range is refused naming the option.
+TEST(DataPlaneLanesTest, OneClientsLanesLandOnTheDaemonsLanes) {
+  TempDir dir;
+  DaemonProcess daemon(dir.path());
+  std::string err;
+  ASSERT_TRUE(daemon.Start({"--data-plane-threads", "2"}, &err)) << err;
+  client::ClientOptions o;
+  o.target = daemon.unix_target();
+  o.model = {"lanes-test", 4, 2, 64, Dtype::kBFloat16, 256};
+  o.data_plane = client::ClientOptions::DataPlane::kUcx;
+  o.data_plane_lanes = 2;
+  o.parallel_streams = 4;
+  ASSERT_OK_AND_ASSIGN(auto c, client::Client::Connect(o));
+  EXPECT_THAT(c->DataPlaneInUse(), HasSubstr("(2 lanes)"));
+  const auto t = Tokens(256 * 8 + 3, 21);
+  std::vector<std::vector<uint8_t>> p;
+  for (uint64_t s : c->ChunkPayloadSizes(t.size())) p.push_back(RandomBytes(s, 300 + p.size()));
+  std::vector<ByteSpan> spans(p.begin(), p.end());
+  ASSERT_OK_AND_ASSIGN(client::SaveResult saved, c->Save(t, spans));
+  EXPECT_EQ(saved.chunks_stored, 9u);
+  std::vector<std::vector<uint8_t>> g;
+  std::vector<MutableByteSpan> bufs;
+  for (auto& x : p) g.emplace_back(x.size());
+  for (auto& x : g) bufs.emplace_back(x);
+  ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, c->Load(t, bufs));
+  EXPECT_EQ(loaded.chunks, 9u);
+  EXPECT_TRUE(g == p);
+  auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon.unix_target()));
+  grpc::ClientContext ctx;
+  v1::GetStatsResponse st;
+  ASSERT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
+  int local_lanes_with_a_peer = 0;
+  for (const auto& tr : st.transports()) {
+    if (absl::StartsWith(tr, "ucx-local[") && absl::StrContains(tr, "peers=[posix")) {
+      ++local_lanes_with_a_peer;
+    }
+  }
+  EXPECT_EQ(local_lanes_with_a_peer, 2);
+  EXPECT_EQ(LeasesActive(daemon.unix_target()), 0u);
+  o.data_plane_lanes = 65;
+  EXPECT_THAT(client::Client::Connect(o).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("ClientOptions.data_plane_lanes 65 outside [0, 64]")));
+}
+
 // Saves into a host tier far smaller than the data: most reservations need a chunk demoted to disk
 // first, which kvdnd does off its progress thread (Reserve would block); every chunk loads back
 // identical, most of them from disk.

@@ -65,6 +65,12 @@ struct ClientOptions {
   // kUcx: UCX only (UNAVAILABLE without it). Results are identical bit for bit either way.
   enum class DataPlane { kAuto, kGrpc, kUcx };
   DataPlane data_plane = DataPlane::kAuto;
+  // UCX sessions (each a worker with its own progress thread in this process) the payloads of
+  // one client are spread over, in turn. The receiver of a shared-memory transfer does its copy
+  // on that thread, so one lane caps what a client moves at one core's copy speed (4 GB/s for
+  // 32 MiB chunks on the H200 host; 8 lanes: 17 GB/s, bench/results/connector-2026-11-30.md).
+  // 0: one per two cores of this host, at most 8 (1 on a 2-core host). At most 64.
+  int data_plane_lanes = 0;
   // UCX transports (UCX_TLS names, e.g. "tcp"). Empty: shared memory ("posix,cma") to a daemon on
   // a unix socket, UCX's own choice otherwise.
   std::string ucx_transports;

@@ -56,7 +56,8 @@ struct ConnectorOptions {
   // registered pool (ClientOptions.receive_pool_bytes) when it has one, so fetches land by UCX
   // zero-copy; else allocated by the connector (cudaHostAlloc). Half holds the window being
   // fetched, half the one being copied to the GPU; a half must hold one chunk at least.
-  uint64_t host_staging_bytes = uint64_t{256} << 20;
+  // Larger windows keep more chunks in flight (ClientOptions.parallel_streams of them at once).
+  uint64_t host_staging_bytes = uint64_t{512} << 20;
   // Device memory that one layer of a window passes through on its way into the cache.
   uint64_t device_staging_bytes = uint64_t{64} << 20;
   // Bytes of each layer's pages to prefetch into L2 when WaitLayer releases it (0: none). Off by
@@ -64,6 +65,13 @@ struct ConnectorOptions {
   // (bench/results/kernels-2026-11-30.md); for engines whose attention kernel leaves HBM latency
   // exposed.
   uint64_t l2_prefetch_bytes = 0;
+};
+
+// Where a load's host time went (seconds, on the connector's thread), for engines' logs.
+struct LoadTimings {
+  double fetch = 0;    // fetching chunks from kvdnd into host staging
+  double stall = 0;    // waiting for a staging half's copies to the GPU to end
+  double enqueue = 0;  // enqueuing copies and kernels
 };
 
 // One load in flight. Destroying it waits for the load to finish enqueuing (never for the GPU).
@@ -79,6 +87,8 @@ class PagedLoad {
   // there, and the engine computes the rest), or the error. DATA_LOSS: a chunk failed its
   // checksum; nothing of the load is to be used.
   virtual absl::StatusOr<LoadResult> Wait() = 0;
+  // After Wait: where the host time went.
+  virtual LoadTimings timings() const = 0;
 };
 
 class KvConnector {
