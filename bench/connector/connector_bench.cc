@@ -11,7 +11,7 @@
 // NHD layout with 16-token blocks, shuffled block tables. Also Save (gather from the cache and
 // store), and the time until layer 0 may be read (WaitLayer(0) and the engine stream after it).
 //   connector_bench [--kvdnd PATH] [--contexts 2048,8192,32768] [--rounds 3] [--lanes N]
-//                   [--streams 4] [--host-staging-mib 512] [--register-fetch 0|1]
+//                   [--streams N] [--host-staging-mib 512] [--register-fetch 0|1]
 #include <cuda_runtime_api.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -186,7 +186,7 @@ int Main(int argc, char** argv) {
   int lanes = 0;               // the client's default
   uint64_t staging_mib = 512;  // the connector's default
   bool register_fetch = false;
-  int streams = 4;
+  int streams = 0;  // the client's automatic value
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--kvdnd") {

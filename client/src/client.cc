@@ -53,8 +53,8 @@ absl::Status ValidateOptions(const ClientOptions& o) {
     return absl::InvalidArgumentError("ClientOptions.deadline must be positive");
   }
   if (o.max_attempts < 1) return absl::InvalidArgumentError("ClientOptions.max_attempts < 1");
-  if (o.parallel_streams < 1 || o.parallel_streams > 256) {
-    return absl::InvalidArgumentError("ClientOptions.parallel_streams outside [1, 256]");
+  if (o.parallel_streams < 0 || o.parallel_streams > 256) {
+    return absl::InvalidArgumentError("ClientOptions.parallel_streams outside [0, 256]");
   }
   if (o.frame_bytes < 4096 || o.frame_bytes > (4u << 20)) {
     return absl::InvalidArgumentError("ClientOptions.frame_bytes outside [4096, 4 MiB]");
@@ -493,11 +493,15 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& opt
   impl->channel = MakeChannel(options.target);
   impl->stub = v1::KvService::NewStub(impl->channel);
   impl->generic = std::make_unique<grpc::GenericStub>(impl->channel);
-  impl->streams = std::make_unique<ThreadPool>(options.parallel_streams - 1);
-  impl->async = std::make_unique<ThreadPool>(options.async_threads);
+  // The automatic values (options() reports them).
   int lanes = options.data_plane_lanes;
-  if (lanes == 0)
+  if (lanes == 0) {
     lanes = std::clamp(static_cast<int>(std::thread::hardware_concurrency()) / 2, 1, 8);
+  }
+  impl->options.data_plane_lanes = lanes;
+  if (options.parallel_streams == 0) impl->options.parallel_streams = std::max(4, lanes);
+  impl->streams = std::make_unique<ThreadPool>(impl->options.parallel_streams - 1);
+  impl->async = std::make_unique<ThreadPool>(options.async_threads);
   {
     MutexLock lock(&impl->dp_mu);
     impl->lanes.resize(static_cast<size_t>(lanes));

@@ -9,7 +9,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <thread>
 
@@ -222,10 +224,51 @@ TEST(DataPlaneLanesTest, OneClientsLanesLandOnTheDaemonsLanes) {
   }
   EXPECT_EQ(local_lanes_with_a_peer, 2);
   EXPECT_EQ(LeasesActive(daemon.unix_target()), 0u);
-  o.data_plane_lanes = 65;
-  EXPECT_THAT(client::Client::Connect(o).status(),
-              StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("ClientOptions.data_plane_lanes 65 outside [0, 64]")));
+}
+
+// Client::Connect checks every option (no daemon needed: connecting is lazy) and reports the
+// automatic values it chose.
+TEST(ClientOptionsTest, BadOptionsNameTheFieldAndAutomaticValuesAreReported) {
+  auto base = [] {
+    client::ClientOptions o;
+    o.target = "unix:/nonexistent/kvdnd.sock";
+    o.model = {"options-test", 4, 2, 64, Dtype::kBFloat16, 256};
+    return o;
+  };
+  struct Case {
+    std::function<void(client::ClientOptions&)> mutate;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {[](auto& o) { o.ns = ""; }, "ClientOptions.ns"},
+      {[](auto& o) { o.model.num_layers = 0; }, "ClientOptions.model"},
+      {[](auto& o) { o.deadline = absl::ZeroDuration(); }, "ClientOptions.deadline"},
+      {[](auto& o) { o.max_attempts = 0; }, "ClientOptions.max_attempts"},
+      {[](auto& o) { o.parallel_streams = -1; }, "ClientOptions.parallel_streams outside [0, 256]"},
+      {[](auto& o) { o.parallel_streams = 257; }, "ClientOptions.parallel_streams outside"},
+      {[](auto& o) { o.frame_bytes = 100; }, "ClientOptions.frame_bytes"},
+      {[](auto& o) { o.async_threads = 0; }, "ClientOptions.async_threads"},
+      {[](auto& o) { o.data_plane_lanes = -1; },
+       "ClientOptions.data_plane_lanes -1 outside [0, 64]"},
+      {[](auto& o) { o.data_plane_lanes = 65; },
+       "ClientOptions.data_plane_lanes 65 outside [0, 64]"},
+  };
+  for (const Case& k : cases) {
+    client::ClientOptions o = base();
+    k.mutate(o);
+    EXPECT_THAT(client::Client::Connect(o).status(),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(k.message)));
+  }
+  ASSERT_OK_AND_ASSIGN(auto c, client::Client::Connect(base()));
+  const int lanes = std::clamp(static_cast<int>(std::thread::hardware_concurrency()) / 2, 1, 8);
+  EXPECT_EQ(c->options().data_plane_lanes, lanes);
+  EXPECT_EQ(c->options().parallel_streams, std::max(4, lanes));
+  client::ClientOptions explicit_values = base();
+  explicit_values.data_plane_lanes = 3;
+  explicit_values.parallel_streams = 2;
+  ASSERT_OK_AND_ASSIGN(auto e, client::Client::Connect(explicit_values));
+  EXPECT_EQ(e->options().data_plane_lanes, 3);
+  EXPECT_EQ(e->options().parallel_streams, 2);
 }
 
 // Saves into a host tier far smaller than the data: most reservations need a chunk demoted to disk

@@ -54,8 +54,9 @@ struct ClientOptions {
   // Attempts for a call that fails with UNAVAILABLE (the first included).
   int max_attempts = 4;
   absl::Duration initial_backoff = absl::Milliseconds(20);
-  // Chunks moved concurrently by one Save or Load.
-  int parallel_streams = 4;
+  // Chunks moved concurrently by one Save or Load. 0: max(4, data_plane_lanes) — 8 on a host of
+  // 16 cores or more, where 8 in flight moved 1.6-1.8x what 4 did (32 MiB chunks, shared memory).
+  int parallel_streams = 0;
   // Bytes per streamed frame (the daemon accepts at most 1 MiB by default).
   size_t frame_bytes = size_t{1} << 20;
   // Threads that run the *Async calls.
@@ -110,6 +111,7 @@ class Client {
   Client(const Client&) = delete;
   Client& operator=(const Client&) = delete;
 
+  // The options, automatic values (0) replaced by what was chosen.
   const ClientOptions& options() const;
   // Payload bytes of a chunk of `tokens_in_chunk` tokens for this client's model.
   uint64_t PayloadBytes(uint32_t tokens_in_chunk) const;
