@@ -235,7 +235,7 @@ int Main(int argc, char** argv) {
   std::printf(
       "data plane: %s; connector window: %zu chunks; parallel_streams %d; fetch alone "
       "into %s memory\n",
-      c->DataPlaneInUse().c_str(), conn->window_chunks(), streams,
+      c->DataPlaneInUse().c_str(), conn->window_chunks(), c->options().parallel_streams,
       register_fetch ? "page-locked (cudaHostRegister)" : "pageable");
 
   // Ceiling 1: page-locked host -> device. The buffer also holds a window of chunks for the GPU
