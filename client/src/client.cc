@@ -689,10 +689,12 @@ absl::StatusOr<uint64_t> Client::GetEncoded(const ChunkKey& key, MutableByteSpan
 }
 
 absl::StatusOr<TransferDescriptor> Client::AcquireDescriptor(const ChunkKey& key,
-                                                             absl::Duration lease) {
+                                                             absl::Duration lease,
+                                                             bool accept_gpu) {
   v1::GetDescriptorRequest req;
   KeyToProto(key, req.mutable_key());
   req.set_lease_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(lease)));
+  req.set_accept_gpu(accept_gpu);
   return impl_->WithRetry<absl::StatusOr<TransferDescriptor>>(
       [&](grpc::ClientContext* ctx) -> absl::StatusOr<TransferDescriptor> {
         v1::GetDescriptorResponse resp;
@@ -703,6 +705,10 @@ absl::StatusOr<TransferDescriptor> Client::AcquireDescriptor(const ChunkKey& key
         d.size = resp.transfer().size();
         d.worker_address = resp.transfer().worker_address();
         d.expires = absl::FromUnixMicros(resp.transfer().expires_unix_micros());
+        if (resp.has_gpu()) {
+          d.gpu = TransferDescriptor::Gpu{resp.gpu().ipc_handle(), resp.gpu().offset(),
+                                          resp.gpu().device_uuid()};
+        }
         return d;
       });
 }

@@ -1,12 +1,15 @@
 #include "kvdn/client/kv_connector.h"
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
+#include <map>
 #include <optional>
 #include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "kvdn/common/chunk_format.h"
 #include "kvdn/common/mutex.h"
 #include "kvdn/common/thread_pool.h"
 
@@ -136,12 +139,31 @@ struct KvConnector::Impl {
   uint64_t chunk_bytes = 0;       // payload of a full chunk
   uint64_t token_half_bytes = 0;  // K (or V) of one token in one layer
   size_t window = 0;              // chunks per window
+  std::string device_uuid;        // cudaDeviceProp.uuid of `device`
+  // kvdnd GPU tiers mapped here (CUDA IPC handle bytes -> base); used on the worker only.
+  std::map<std::string, uint8_t*> ipc_bases;
   std::unique_ptr<ThreadPool> worker;
+
+  absl::StatusOr<uint8_t*> OpenIpc(const std::string& handle) {
+    if (auto it = ipc_bases.find(handle); it != ipc_bases.end()) return it->second;
+    cudaIpcMemHandle_t h;
+    if (handle.size() != sizeof(h)) {
+      return absl::InternalError(absl::StrCat("kvdnd sent a ", handle.size(),
+                                              "-byte CUDA IPC handle; expected ", sizeof(h)));
+    }
+    std::memcpy(&h, handle.data(), sizeof(h));
+    void* p = nullptr;
+    KVDN_CUDA_RETURN(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess),
+                     "cudaIpcOpenMemHandle of kvdnd's GPU tier");
+    ipc_bases[handle] = static_cast<uint8_t*>(p);
+    return static_cast<uint8_t*>(p);
+  }
 
   ~Impl() {
     worker.reset();  // runs what was queued
     DeviceGuard guard(device);
     if (stream != nullptr) (void)cudaStreamSynchronize(stream);
+    for (auto& [handle, base] : ipc_bases) (void)cudaIpcCloseMemHandle(base);
     for (cudaEvent_t e : half_done) {
       if (e != nullptr) (void)cudaEventDestroy(e);
     }
@@ -232,7 +254,7 @@ struct LoadState {
   bool done ABSL_GUARDED_BY(mu) = false;
   absl::Status status ABSL_GUARDED_BY(mu);
   LoadResult result ABSL_GUARDED_BY(mu);
-  LoadTimings timings ABSL_GUARDED_BY(mu);
+  LoadStats timings ABSL_GUARDED_BY(mu);
 };
 
 class PagedLoadImpl final : public PagedLoad {
@@ -266,7 +288,7 @@ class PagedLoadImpl final : public PagedLoad {
     return absl::OkStatus();
   }
 
-  LoadTimings timings() const override {
+  LoadStats stats() const override {
     MutexLock lock(&s_->mu);
     return s_->timings;
   }
@@ -298,30 +320,108 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
   DeviceGuard guard(c.device);
   const size_t layers = s.layer_events.size();
   // Ends the load: every layer event not yet final is recorded here, after all that was enqueued.
-  LoadTimings timings;
+  LoadStats timings;
   auto since = [](absl::Time t0) { return absl::ToDoubleSeconds(absl::Now() - t0); };
+  std::vector<TransferDescriptor> leases;  // chunks read in place from the GPU tier
   auto finish = [&](absl::Status st, const LoadResult& r, int from_layer) {
     for (size_t l = static_cast<size_t>(from_layer); l < layers; ++l) {
       cudaError_t e = cudaEventRecord(s.layer_events[l], c.stream);
       if (st.ok() && e != cudaSuccess) st = CudaStatus(e, "cudaEventRecord");
     }
-    MutexLock lock(&s.mu);
-    s.status = std::move(st);
-    s.result = r;
-    s.tokens_loaded = r.tokens;
-    s.timings = timings;
-    s.layers_ready = static_cast<int>(layers);
-    s.done = true;
-    s.cv.SignalAll();
+    {
+      MutexLock lock(&s.mu);
+      s.status = std::move(st);
+      s.result = r;
+      s.tokens_loaded = r.tokens;
+      s.timings = timings;
+      s.layers_ready = static_cast<int>(layers);
+      s.done = true;
+      s.cv.SignalAll();
+    }
+    // The GPU tier's leases end once the GPU has read the chunks (`s` is not touched here: the
+    // load's owner may be gone).
+    if (!leases.empty()) {
+      (void)cudaStreamSynchronize(c.stream);
+      for (const TransferDescriptor& d : leases) (void)c.client->ReleaseDescriptor(d);
+    }
   };
   LoadResult total;
   int recorded = 0;  // layers whose final event is recorded
   absl::StatusOr<size_t> matched = c.client->Lookup(s.tokens);
   if (!matched.ok()) return finish(matched.status(), total, recorded);
   const size_t tpc = c.model.tokens_per_chunk;
-  const size_t chunks = (*matched + tpc - 1) / tpc;
+  size_t chunks = (*matched + tpc - 1) / tpc;
+  // Chunks [0, first_host) lie in kvdnd's GPU tier on this GPU: leased and read in place.
+  size_t first_host = 0;
+  std::vector<const uint8_t*> gpu_src;  // their payloads, mapped
+  if (c.options.use_gpu_tier && chunks > 0) {
+    const absl::Time t0 = absl::Now();
+    absl::StatusOr<std::vector<ChunkKey>> keys =
+        ChunkKeysForTokens(c.client->options().ns, c.model, s.tokens, /*include_tail=*/true);
+    if (!keys.ok()) return finish(keys.status(), total, recorded);
+    for (; first_host < chunks; ++first_host) {
+      absl::StatusOr<TransferDescriptor> d = c.client->AcquireDescriptor(
+          (*keys)[first_host], absl::ZeroDuration(), /*accept_gpu=*/true);
+      if (absl::IsNotFound(d.status())) {  // evicted since the lookup: the prefix ends here
+        chunks = first_host;
+        break;
+      }
+      if (!d.ok()) return finish(d.status(), total, recorded);
+      const uint64_t payload = c.client->PayloadBytes(c.TokensInChunk(first_host, s.tokens.size()));
+      absl::StatusOr<uint8_t*> base = absl::NotFoundError("not in the GPU tier");
+      if (d->gpu && d->gpu->device_uuid == c.device_uuid &&
+          d->size == kChunkHeaderBytes + payload) {
+        base = c.OpenIpc(d->gpu->ipc_handle);
+      }
+      if (!base.ok()) {  // in host memory (or another GPU's tier): the rest goes through the host
+        (void)c.client->ReleaseDescriptor(*d);
+        break;
+      }
+      gpu_src.push_back(*base + d->gpu->offset + kChunkHeaderBytes);
+      leases.push_back(*std::move(d));
+    }
+    timings.descriptors = since(t0);
+    timings.gpu_tier_chunks = first_host;
+  }
+  if (first_host > 0) {
+    const absl::Time t0 = absl::Now();
+    const bool last = first_host == chunks;
+    LoadResult part;
+    for (size_t i = 0; i < first_host; ++i) {
+      const uint32_t t = c.TokensInChunk(i, s.tokens.size());
+      part.tokens += t;
+      part.bytes += c.client->PayloadBytes(t);
+    }
+    part.chunks = first_host;
+    if (last) {
+      MutexLock lock(&s.mu);
+      s.tokens_loaded = part.tokens;
+    }
+    for (uint32_t l = 0; l < layers; ++l) {
+      absl::Status st;
+      for (size_t i = 0; i < first_host && st.ok(); ++i) {
+        const uint32_t t = c.TokensInChunk(i, s.tokens.size());
+        const kernels::TokenRange range{s.view.block_table, s.view.block_table_len,
+                                        static_cast<int32_t>(i * tpc), static_cast<int32_t>(t)};
+        st = kernels::InjectLayer(gpu_src[i] + uint64_t{l} * 2 * t * c.token_half_bytes,
+                                  s.view.layers[l], range, c.stream);
+      }
+      if (st.ok() && last) {
+        st = CudaStatus(cudaEventRecord(s.layer_events[l], c.stream), "cudaEventRecord");
+      }
+      if (!st.ok()) return finish(st, total, recorded);
+      if (last) {
+        recorded = static_cast<int>(l) + 1;
+        MutexLock lock(&s.mu);
+        s.layers_ready = recorded;
+        s.cv.SignalAll();
+      }
+    }
+    total = part;
+    timings.enqueue += since(t0);
+  }
   int next_half = 0;
-  for (size_t first = 0; first < chunks;) {
+  for (size_t first = first_host; first < chunks;) {
     const size_t want = std::min(c.window, chunks - first);
     const int half = next_half;
     next_half ^= 1;
@@ -476,6 +576,9 @@ absl::StatusOr<std::unique_ptr<KvConnector>> KvConnector::Create(Client* client,
         options.device_staging_bytes, " one chunk layer of ", layer_bytes, " bytes"));
   }
   KVDN_CUDA_RETURN(cudaGetDevice(&impl->device), "cudaGetDevice");
+  cudaDeviceProp prop{};
+  KVDN_CUDA_RETURN(cudaGetDeviceProperties(&prop, impl->device), "cudaGetDeviceProperties");
+  impl->device_uuid.assign(reinterpret_cast<const char*>(&prop.uuid), sizeof(prop.uuid));
   KVDN_CUDA_RETURN(cudaStreamCreateWithFlags(&impl->stream, cudaStreamNonBlocking),
                    "cudaStreamCreate");
   for (cudaEvent_t& e : impl->half_done) {

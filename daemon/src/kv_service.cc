@@ -355,9 +355,8 @@ grpc::Status KvServiceImpl::Reserve(grpc::ServerContext* ctx, const v1::ReserveR
   d->set_id(r->id);
   d->set_size(req->size());
   d->set_expires_unix_micros(absl::ToUnixMicros(r->expires));
-  if (state_.data_plane != nullptr) {
+  if (state_.data_plane != nullptr)
     d->set_worker_address(state_.data_plane->AddressFor(absl::StartsWith(ctx->peer(), "unix:")));
-  }
   if (storage::HostTier* host = state_.store->host_tier()) {
     d->set_remote_offset(static_cast<uint64_t>(
         r->buffer.data() - static_cast<uint8_t*>(host->Address(storage::MemoryBlock{}))));
@@ -404,17 +403,36 @@ grpc::Status KvServiceImpl::GetDescriptor(grpc::ServerContext* ctx,
                                                                " exceeds max_lease_ttl_ms ",
                                                                state_.config.max_lease_ttl_ms())));
   }
+  const bool same_host = absl::StartsWith(ctx->peer(), "unix:");
+  if (req->accept_gpu() && !same_host) {
+    return call.Finish(absl::FailedPreconditionError(
+        "accept_gpu: CUDA IPC reaches engines on this node only, through the unix socket"));
+  }
+  storage::GpuTier* gpu = state_.store->gpu_tier();
   storage::AcquireOptions opts;
   if (req->lease_ms() != 0) opts.ttl = absl::Milliseconds(req->lease_ms());
+  opts.accept_gpu = req->accept_gpu() && gpu != nullptr;
   auto lease = state_.store->Acquire(*key, opts);
   if (!lease.ok()) return call.Finish(lease.status());
+  if (lease->tier == storage::TierKind::kGpu) {
+    absl::StatusOr<std::string> handle = state_.GpuIpcHandle();
+    absl::StatusOr<std::string> uuid = gpu->DeviceUuid();
+    if (!handle.ok() || !uuid.ok()) {
+      (void)state_.store->Release(lease->id);
+      return call.Finish(!handle.ok() ? handle.status() : uuid.status());
+    }
+    v1::GpuLocation* g = resp->mutable_gpu();
+    g->set_ipc_handle(*handle);
+    g->set_device_uuid(*uuid);
+    g->set_offset(
+        static_cast<uint64_t>(static_cast<const uint8_t*>(lease->device_ptr) -
+                              static_cast<const uint8_t*>(gpu->Address(storage::MemoryBlock{}))));
+  }
   v1::TransferDescriptor* d = resp->mutable_transfer();
   d->set_id(lease->id);
   d->set_size(lease->size);
   d->set_expires_unix_micros(absl::ToUnixMicros(lease->expires));
-  if (state_.data_plane != nullptr) {
-    d->set_worker_address(state_.data_plane->AddressFor(absl::StartsWith(ctx->peer(), "unix:")));
-  }
+  if (state_.data_plane != nullptr) d->set_worker_address(state_.data_plane->AddressFor(same_host));
   if (storage::HostTier* host = state_.store->host_tier(); host && lease->host_bytes.data()) {
     d->set_remote_offset(
         static_cast<uint64_t>(lease->host_bytes.data() -

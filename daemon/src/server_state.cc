@@ -260,4 +260,14 @@ void ServerState::Written(const ChunkKey& key) {
   if (router != nullptr) router->Replicate(key);
 }
 
+absl::StatusOr<std::string> ServerState::GpuIpcHandle() {
+  storage::GpuTier* gpu = store->gpu_tier();
+  if (gpu == nullptr) return absl::FailedPreconditionError("this kvdnd has no GPU tier");
+  MutexLock lock(&gpu_ipc_mu);
+  if (gpu_ipc_handle.empty()) {
+    KVDN_ASSIGN_OR_RETURN(gpu_ipc_handle, gpu->ExportIpcHandle());
+  }
+  return gpu_ipc_handle;
+}
+
 }  // namespace kvdn::daemon

@@ -124,10 +124,16 @@ struct ServerState {
   // Runs what may block (disk reads, moves off the GPU, fetches from peers) for callback
   // handlers, which must not. 8: a fetch waits on the network most of its time.
   ThreadPool blocking_pool{8};
+  // The GPU tier pool's CUDA IPC handle, made on first use and the same bytes after (engines
+  // open it once per daemon). FAILED_PRECONDITION without a GPU tier.
+  absl::StatusOr<std::string> GpuIpcHandle();
   // The UCX data plane; null when off. Set before the services start, constant after.
   DataPlane* data_plane = nullptr;
   // Data-plane transfers whose lease or reservation is held by a transport (shutdown waits).
   std::atomic<int64_t> data_plane_in_flight{0};
+  // GpuIpcHandle's cache.
+  Mutex gpu_ipc_mu;
+  std::string gpu_ipc_handle ABSL_GUARDED_BY(gpu_ipc_mu);
 
   // Cluster membership (config.etcd_endpoints); `membership` is null while single node or not yet
   // joined. `degraded`: etcd configured but unreachable (or not joined yet).

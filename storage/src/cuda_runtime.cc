@@ -70,6 +70,15 @@ absl::StatusOr<std::string> IpcHandle(int device, void* base) {
   return std::string(reinterpret_cast<const char*>(&h), sizeof(h));
 }
 
+absl::StatusOr<std::string> DeviceUuid(int device) {
+  cudaDeviceProp prop{};
+  if (absl::Status s = ToStatus(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+      !s.ok()) {
+    return s;
+  }
+  return std::string(reinterpret_cast<const char*>(&prop.uuid), sizeof(prop.uuid));
+}
+
 #else  // !KVDN_WITH_CUDA
 
 namespace {
@@ -86,6 +95,7 @@ absl::Status DeviceFree(int, void*) { return NoCuda(); }
 absl::Status CopyHostToDevice(int, void*, const void*, size_t) { return NoCuda(); }
 absl::Status CopyDeviceToHost(int, void*, const void*, size_t) { return NoCuda(); }
 absl::StatusOr<std::string> IpcHandle(int, void*) { return NoCuda(); }
+absl::StatusOr<std::string> DeviceUuid(int) { return NoCuda(); }
 
 #endif
 

@@ -21,6 +21,9 @@ absl::Status CopyHostToDevice(int device, void* dst, const void* src, size_t len
 absl::Status CopyDeviceToHost(int device, void* dst, const void* src, size_t len);
 // cudaIpcGetMemHandle of an allocation's base, as its raw 64 bytes.
 absl::StatusOr<std::string> IpcHandle(int device, void* base);
+// The device's UUID (cudaDeviceProp.uuid, 16 raw bytes): names one GPU across processes, whose
+// device ordinals differ with CUDA_VISIBLE_DEVICES.
+absl::StatusOr<std::string> DeviceUuid(int device);
 
 }  // namespace kvdn::storage::cuda
 

@@ -65,4 +65,6 @@ absl::StatusOr<std::string> GpuTier::ExportIpcHandle() const {
   return cuda::IpcHandle(device_, base_);
 }
 
+absl::StatusOr<std::string> GpuTier::DeviceUuid() const { return cuda::DeviceUuid(device_); }
+
 }  // namespace kvdn::storage

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <numeric>
 #include <random>
 #include <string>
@@ -376,6 +377,86 @@ TEST_F(KvConnectorTest, BadViewsAreRefusedBeforeAnythingMoves) {
   // The daemon and the connector still serve.
   ASSERT_OK_AND_ASSIGN(client::SaveResult saved, conn->Save(tokens, a.View(), stream_));
   EXPECT_EQ(saved.chunks_stored, 4u);
+}
+
+// kvdnd with a GPU tier on this GPU: a load leases the chunks there (promoting them from host
+// memory) and injects them device to device through CUDA IPC, bit for bit; with the GPU tier
+// nearly full of chunks others hold, the first chunks come from it and the rest through host
+// memory; use_gpu_tier = false reads through host memory only. No lease is left.
+TEST_F(KvConnectorTest, ChunksInTheDaemonsGpuTierAreReadInPlace) {
+  DaemonProcess gpu_daemon(dir_.path() + "/gpu");
+  std::filesystem::create_directories(dir_.path() + "/gpu");
+  std::string err;
+  ASSERT_TRUE(gpu_daemon.Start({"--gpu-tier-bytes", std::to_string(4 << 20)}, &err)) << err;
+  client::ClientOptions o;
+  o.target = gpu_daemon.unix_target();
+  o.ns = "engine";
+  o.model = Model();
+  o.receive_pool_bytes = 64 << 20;
+  ASSERT_OK_AND_ASSIGN(auto c, client::Client::Connect(o));
+  ASSERT_OK_AND_ASSIGN(auto conn, KvConnector::Create(c.get(), SmallStaging()));
+  const auto tokens = Tokens(6 * kTokensPerChunk + 8, 31);
+  DeviceCache a(PagedKvLayout::kNhd, 16, 20, 41, /*random=*/true);
+  ASSERT_OK_AND_ASSIGN(client::SaveResult saved, conn->Save(tokens, a.View(), stream_));
+  EXPECT_EQ(saved.chunks_stored, 7u);
+  {
+    DeviceCache b(PagedKvLayout::kHnd, 16, 20, 42, /*random=*/false);
+    ASSERT_OK_AND_ASSIGN(auto load, conn->StartLoad(tokens, b.View()));
+    ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, load->Wait());
+    EXPECT_EQ(loaded.tokens, tokens.size());
+    EXPECT_EQ(load->stats().gpu_tier_chunks, 7u);
+    ExpectSameKv(a, b, tokens.size());
+  }
+  {
+    client::ConnectorOptions host_only = SmallStaging();
+    host_only.use_gpu_tier = false;
+    ASSERT_OK_AND_ASSIGN(auto conn2, KvConnector::Create(c.get(), host_only));
+    DeviceCache b(PagedKvLayout::kNhd, 7, 40, 43, /*random=*/false);
+    ASSERT_OK_AND_ASSIGN(auto load, conn2->StartLoad(tokens, b.View()));
+    ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, load->Wait());
+    EXPECT_EQ(loaded.tokens, tokens.size());
+    EXPECT_EQ(load->stats().gpu_tier_chunks, 0u);
+    ExpectSameKv(a, b, tokens.size());
+  }
+  // Fill the GPU tier with chunks of another request, each held by a lease, until one no longer
+  // fits; then let two go: room for two of ours.
+  const auto filler = Tokens(60 * kTokensPerChunk, 77);
+  DeviceCache f(PagedKvLayout::kNhd, 16, 130, 44, /*random=*/true);
+  ASSERT_OK(conn->Save(filler, f.View(), stream_).status());
+  ASSERT_OK_AND_ASSIGN(std::vector<ChunkKey> keys,
+                       ChunkKeysForTokens("engine", Model(), filler, /*include_tail=*/true));
+  std::vector<client::TransferDescriptor> held;
+  for (const ChunkKey& k : keys) {
+    ASSERT_OK_AND_ASSIGN(client::TransferDescriptor d,
+                         c->AcquireDescriptor(k, absl::Seconds(60), /*accept_gpu=*/true));
+    if (!d.gpu) {
+      ASSERT_OK(c->ReleaseDescriptor(d));
+      break;
+    }
+    held.push_back(d);
+  }
+  ASSERT_GT(held.size(), 2u);
+  ASSERT_LT(held.size(), keys.size()) << "the GPU tier never filled";
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_OK(c->ReleaseDescriptor(held.back()));
+    held.pop_back();
+  }
+  {
+    DeviceCache b(PagedKvLayout::kNhdCombined, 16, 20, 45, /*random=*/false);
+    ASSERT_OK_AND_ASSIGN(auto load, conn->StartLoad(tokens, b.View()));
+    ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, load->Wait());
+    EXPECT_EQ(loaded.tokens, tokens.size());
+    EXPECT_EQ(load->stats().gpu_tier_chunks, 2u) << "2 from the GPU tier, 5 through host memory";
+    ExpectSameKv(a, b, tokens.size());
+  }
+  for (const auto& d : held) ASSERT_OK(c->ReleaseDescriptor(d));
+  // A client on TCP may not ask for GPU memory.
+  client::ClientOptions tcp = o;
+  tcp.target = gpu_daemon.tcp_target();
+  tcp.receive_pool_bytes = 0;
+  ASSERT_OK_AND_ASSIGN(auto remote, client::Client::Connect(tcp));
+  EXPECT_THAT(remote->AcquireDescriptor(keys[0], absl::Seconds(1), /*accept_gpu=*/true).status(),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("CUDA IPC")));
 }
 
 }  // namespace

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <future>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -88,6 +89,14 @@ struct TransferDescriptor {
   uint64_t size = 0;  // encoded chunk bytes
   std::string worker_address;
   absl::Time expires;
+  // Set when the chunk is leased in the daemon's GPU tier (AcquireDescriptor with accept_gpu):
+  // the pool's CUDA IPC handle (64 bytes), the encoded chunk's offset in it, the GPU's UUID.
+  struct Gpu {
+    std::string ipc_handle;
+    uint64_t offset = 0;
+    std::string device_uuid;
+  };
+  std::optional<Gpu> gpu;
 };
 
 struct SaveResult {
@@ -152,7 +161,10 @@ class Client {
   // The zero-copy read path: lease a chunk (lease: how long, 0 for the daemon's default), read it
   // over UCX into dst (OUT_OF_RANGE when too small; FAILED_PRECONDITION for a descriptor of another
   // daemon or without UCX; NOT_FOUND for an unknown lease; ABORTED when it expired), release it.
-  absl::StatusOr<TransferDescriptor> AcquireDescriptor(const ChunkKey& key, absl::Duration lease);
+  // With accept_gpu (an engine on this node, reading device memory through CUDA IPC), a chunk in
+  // the daemon's GPU tier is leased there (TransferDescriptor.gpu).
+  absl::StatusOr<TransferDescriptor> AcquireDescriptor(const ChunkKey& key, absl::Duration lease,
+                                                       bool accept_gpu = false);
   absl::StatusOr<uint64_t> ReadDescriptor(const TransferDescriptor& d, MutableByteSpan dst);
   absl::Status ReleaseDescriptor(const TransferDescriptor& d);
 

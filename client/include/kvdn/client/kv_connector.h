@@ -17,7 +17,9 @@
 // host staging, a window of chunks at a time; for each layer, two strided copies on the copy
 // engine gather the window's K and V of that layer into device staging as one contiguous chunk
 // layer, and one InjectLayer kernel scatters it into the cache through the block table. The next
-// window is fetched while the GPU copies the current one. WaitLayer(l) blocks the host only until
+// window is fetched while the GPU copies the current one. Chunks that kvdnd holds in its GPU tier
+// on the same GPU are not fetched at all: the connector maps the tier (CUDA IPC) and injects from
+// it device to device. WaitLayer(l) blocks the host only until
 // layer l's last copy is enqueued, then orders the engine's stream after it (cudaStreamWaitEvent):
 // attention on layer 0 can start while later layers are still on their way. A save runs the other
 // way (ExtractLayer, then device-to-host copies) for the chunks past the stored prefix.
@@ -65,13 +67,22 @@ struct ConnectorOptions {
   // (bench/results/kernels-2026-11-30.md); for engines whose attention kernel leaves HBM latency
   // exposed.
   uint64_t l2_prefetch_bytes = 0;
+  // Read chunks that kvdnd holds in its GPU tier on this connector's GPU in place, through CUDA
+  // IPC (one InjectLayer per chunk and layer, device to device), instead of through host memory.
+  // A load leases them (GetDescriptor with accept_gpu, which also promotes host chunks into the
+  // GPU tier while it has room) from the first chunk on, and fetches the rest as above. The
+  // daemon checked each chunk's checksum when it was stored; the device copy is not hashed again.
+  bool use_gpu_tier = true;
 };
 
-// Where a load's host time went (seconds, on the connector's thread), for engines' logs.
-struct LoadTimings {
-  double fetch = 0;    // fetching chunks from kvdnd into host staging
-  double stall = 0;    // waiting for a staging half's copies to the GPU to end
-  double enqueue = 0;  // enqueuing copies and kernels
+// Where a load's chunks came from and its host time went (seconds, on the connector's thread),
+// for engines' logs.
+struct LoadStats {
+  size_t gpu_tier_chunks = 0;  // read in place from kvdnd's GPU tier (CUDA IPC)
+  double descriptors = 0;      // leasing chunks in the GPU tier
+  double fetch = 0;            // fetching chunks from kvdnd into host staging
+  double stall = 0;            // waiting for a staging half's copies to the GPU to end
+  double enqueue = 0;          // enqueuing copies and kernels
 };
 
 // One load in flight. Destroying it waits for the load to finish enqueuing (never for the GPU).
@@ -87,8 +98,8 @@ class PagedLoad {
   // there, and the engine computes the rest), or the error. DATA_LOSS: a chunk failed its
   // checksum; nothing of the load is to be used.
   virtual absl::StatusOr<LoadResult> Wait() = 0;
-  // After Wait: where the host time went.
-  virtual LoadTimings timings() const = 0;
+  // After Wait: where the chunks came from and the host time went.
+  virtual LoadStats stats() const = 0;
 };
 
 class KvConnector {

@@ -42,6 +42,8 @@ class GpuTier final : public MemoryTier {
   absl::Status CopyToHost(const void* device_ptr, MutableByteSpan dst) const;
   // The pool's cudaIpcMemHandle_t (64 raw bytes); a peer opens it and adds a block's offset.
   absl::StatusOr<std::string> ExportIpcHandle() const;
+  // The GPU's UUID (16 raw bytes), by which a process on the same node finds the same device.
+  absl::StatusOr<std::string> DeviceUuid() const;
 
  private:
   GpuTier(uint8_t* base, const GpuTierOptions& options);
