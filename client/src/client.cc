@@ -688,6 +688,21 @@ absl::StatusOr<uint64_t> Client::GetEncoded(const ChunkKey& key, MutableByteSpan
   return impl_->GetStream(key, on_size, on_data);
 }
 
+namespace {
+TransferDescriptor DescriptorFromProto(const v1::GetDescriptorResponse& resp) {
+  TransferDescriptor d;
+  d.lease_id = resp.transfer().id();
+  d.size = resp.transfer().size();
+  d.worker_address = resp.transfer().worker_address();
+  d.expires = absl::FromUnixMicros(resp.transfer().expires_unix_micros());
+  if (resp.has_gpu()) {
+    d.gpu = TransferDescriptor::Gpu{resp.gpu().ipc_handle(), resp.gpu().offset(),
+                                    resp.gpu().device_uuid()};
+  }
+  return d;
+}
+}  // namespace
+
 absl::StatusOr<TransferDescriptor> Client::AcquireDescriptor(const ChunkKey& key,
                                                              absl::Duration lease,
                                                              bool accept_gpu) {
@@ -700,16 +715,26 @@ absl::StatusOr<TransferDescriptor> Client::AcquireDescriptor(const ChunkKey& key
         v1::GetDescriptorResponse resp;
         grpc::Status st = impl_->stub->GetDescriptor(ctx, req, &resp);
         if (!st.ok()) return FromGrpcStatus(st);
-        TransferDescriptor d;
-        d.lease_id = resp.transfer().id();
-        d.size = resp.transfer().size();
-        d.worker_address = resp.transfer().worker_address();
-        d.expires = absl::FromUnixMicros(resp.transfer().expires_unix_micros());
-        if (resp.has_gpu()) {
-          d.gpu = TransferDescriptor::Gpu{resp.gpu().ipc_handle(), resp.gpu().offset(),
-                                          resp.gpu().device_uuid()};
-        }
-        return d;
+        return DescriptorFromProto(resp);
+      });
+}
+
+absl::StatusOr<std::vector<TransferDescriptor>> Client::AcquireDescriptors(
+    absl::Span<const ChunkKey> keys, absl::Duration lease, bool accept_gpu, bool gpu_only) {
+  v1::GetDescriptorsRequest req;
+  for (const ChunkKey& k : keys) KeyToProto(k, req.add_keys());
+  req.set_lease_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(lease)));
+  req.set_accept_gpu(accept_gpu);
+  req.set_gpu_only(gpu_only);
+  return impl_->WithRetry<absl::StatusOr<std::vector<TransferDescriptor>>>(
+      [&](grpc::ClientContext* ctx) -> absl::StatusOr<std::vector<TransferDescriptor>> {
+        v1::GetDescriptorsResponse resp;
+        grpc::Status st = impl_->stub->GetDescriptors(ctx, req, &resp);
+        if (!st.ok()) return FromGrpcStatus(st);
+        std::vector<TransferDescriptor> out;
+        out.reserve(resp.descriptors_size());
+        for (const auto& d : resp.descriptors()) out.push_back(DescriptorFromProto(d));
+        return out;
       });
 }
 

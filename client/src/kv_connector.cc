@@ -106,6 +106,9 @@ absl::Status CheckView(const ModelSpec& m, const PagedKvView& v, size_t num_toke
   return absl::OkStatus();
 }
 
+// Most chunks one load leases in the GPU tier (one GetDescriptors call; kvdnd's limit).
+constexpr size_t kMaxGpuChunks = 4096;
+
 // A window: chunks [first, first + count) of the request, in one half of the host staging, chunk
 // j at slot j (chunk_bytes apart); all have tokens_per_chunk tokens but possibly the request's
 // tail chunk, which is last.
@@ -144,6 +147,32 @@ struct KvConnector::Impl {
   std::map<std::string, uint8_t*> ipc_bases;
   std::unique_ptr<ThreadPool> worker;
 
+  kernels::ChunkSource* device_sources = nullptr;  // InjectChunkLayer's sources on the GPU
+  size_t device_sources_cap = 0;
+
+  // Copies `sources` to device_sources (grown as needed), in stream order.
+  absl::Status UploadSources(const std::vector<kernels::ChunkSource>& sources) {
+    if (sources.size() > device_sources_cap) {
+      if (device_sources != nullptr) {
+        KVDN_CUDA_RETURN(cudaStreamSynchronize(stream), "before growing the source list");
+        (void)cudaFree(device_sources);
+        device_sources = nullptr;
+        device_sources_cap = 0;
+      }
+      void* p = nullptr;
+      KVDN_CUDA_RETURN(cudaMalloc(&p, sources.size() * sizeof(kernels::ChunkSource)),
+                       "cudaMalloc of the source list");
+      device_sources = static_cast<kernels::ChunkSource*>(p);
+      device_sources_cap = sources.size();
+    }
+    // From pageable memory: staged before the call returns, so `sources` may change after.
+    KVDN_CUDA_RETURN(cudaMemcpyAsync(device_sources, sources.data(),
+                                     sources.size() * sizeof(kernels::ChunkSource),
+                                     cudaMemcpyHostToDevice, stream),
+                     "uploading the source list");
+    return absl::OkStatus();
+  }
+
   absl::StatusOr<uint8_t*> OpenIpc(const std::string& handle) {
     if (auto it = ipc_bases.find(handle); it != ipc_bases.end()) return it->second;
     cudaIpcMemHandle_t h;
@@ -164,6 +193,7 @@ struct KvConnector::Impl {
     DeviceGuard guard(device);
     if (stream != nullptr) (void)cudaStreamSynchronize(stream);
     for (auto& [handle, base] : ipc_bases) (void)cudaIpcCloseMemHandle(base);
+    if (device_sources != nullptr) (void)cudaFree(device_sources);
     for (cudaEvent_t e : half_done) {
       if (e != nullptr) (void)cudaEventDestroy(e);
     }
@@ -353,32 +383,34 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
   size_t chunks = (*matched + tpc - 1) / tpc;
   // Chunks [0, first_host) lie in kvdnd's GPU tier on this GPU: leased and read in place.
   size_t first_host = 0;
-  std::vector<const uint8_t*> gpu_src;  // their payloads, mapped
+  std::vector<kernels::ChunkSource> gpu_src;  // their payloads, mapped
   if (c.options.use_gpu_tier && chunks > 0) {
     const absl::Time t0 = absl::Now();
     absl::StatusOr<std::vector<ChunkKey>> keys =
         ChunkKeysForTokens(c.client->options().ns, c.model, s.tokens, /*include_tail=*/true);
     if (!keys.ok()) return finish(keys.status(), total, recorded);
-    for (; first_host < chunks; ++first_host) {
-      absl::StatusOr<TransferDescriptor> d = c.client->AcquireDescriptor(
-          (*keys)[first_host], absl::ZeroDuration(), /*accept_gpu=*/true);
-      if (absl::IsNotFound(d.status())) {  // evicted since the lookup: the prefix ends here
-        chunks = first_host;
-        break;
+    keys->resize(std::min(chunks, kMaxGpuChunks));
+    absl::StatusOr<std::vector<TransferDescriptor>> ds = c.client->AcquireDescriptors(
+        *keys, absl::ZeroDuration(), /*accept_gpu=*/true, /*gpu_only=*/true);
+    if (!ds.ok()) return finish(ds.status(), total, recorded);
+    bool run_ended = false;  // a chunk not readable here ends the GPU-tier run
+    for (TransferDescriptor& d : *ds) {
+      const uint32_t t = c.TokensInChunk(first_host, s.tokens.size());
+      absl::StatusOr<uint8_t*> base = absl::NotFoundError("not on this GPU");
+      if (!run_ended && d.gpu && d.gpu->device_uuid == c.device_uuid &&
+          d.size == kChunkHeaderBytes + c.client->PayloadBytes(t)) {
+        base = c.OpenIpc(d.gpu->ipc_handle);
       }
-      if (!d.ok()) return finish(d.status(), total, recorded);
-      const uint64_t payload = c.client->PayloadBytes(c.TokensInChunk(first_host, s.tokens.size()));
-      absl::StatusOr<uint8_t*> base = absl::NotFoundError("not in the GPU tier");
-      if (d->gpu && d->gpu->device_uuid == c.device_uuid &&
-          d->size == kChunkHeaderBytes + payload) {
-        base = c.OpenIpc(d->gpu->ipc_handle);
+      run_ended = !base.ok();
+      if (base.ok()) {
+        gpu_src.push_back(kernels::ChunkSource{*base + d.gpu->offset + kChunkHeaderBytes,
+                                               static_cast<int32_t>(first_host * tpc),
+                                               static_cast<int32_t>(t)});
+        ++first_host;
+        leases.push_back(std::move(d));
+      } else {  // another GPU's tier (or a mapping that failed): through host memory from here
+        (void)c.client->ReleaseDescriptor(d);
       }
-      if (!base.ok()) {  // in host memory (or another GPU's tier): the rest goes through the host
-        (void)c.client->ReleaseDescriptor(*d);
-        break;
-      }
-      gpu_src.push_back(*base + d->gpu->offset + kChunkHeaderBytes);
-      leases.push_back(*std::move(d));
     }
     timings.descriptors = since(t0);
     timings.gpu_tier_chunks = first_host;
@@ -387,36 +419,32 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
     const absl::Time t0 = absl::Now();
     const bool last = first_host == chunks;
     LoadResult part;
-    for (size_t i = 0; i < first_host; ++i) {
-      const uint32_t t = c.TokensInChunk(i, s.tokens.size());
-      part.tokens += t;
-      part.bytes += c.client->PayloadBytes(t);
+    for (const kernels::ChunkSource& g : gpu_src) {
+      part.tokens += static_cast<size_t>(g.num_tokens);
+      part.bytes += c.client->PayloadBytes(static_cast<uint32_t>(g.num_tokens));
     }
     part.chunks = first_host;
     if (last) {
       MutexLock lock(&s.mu);
       s.tokens_loaded = part.tokens;
     }
-    for (uint32_t l = 0; l < layers; ++l) {
-      absl::Status st;
-      for (size_t i = 0; i < first_host && st.ok(); ++i) {
-        const uint32_t t = c.TokensInChunk(i, s.tokens.size());
-        const kernels::TokenRange range{s.view.block_table, s.view.block_table_len,
-                                        static_cast<int32_t>(i * tpc), static_cast<int32_t>(t)};
-        st = kernels::InjectLayer(gpu_src[i] + uint64_t{l} * 2 * t * c.token_half_bytes,
-                                  s.view.layers[l], range, c.stream);
-      }
+    // The sources once on the device, then one launch per layer for all of them.
+    absl::Status st = c.UploadSources(gpu_src);
+    for (uint32_t l = 0; l < layers && st.ok(); ++l) {
+      st = kernels::InjectChunkLayer(gpu_src, c.device_sources, static_cast<int32_t>(l),
+                                     s.view.layers[l], s.view.block_table, s.view.block_table_len,
+                                     c.stream);
       if (st.ok() && last) {
         st = CudaStatus(cudaEventRecord(s.layer_events[l], c.stream), "cudaEventRecord");
       }
-      if (!st.ok()) return finish(st, total, recorded);
-      if (last) {
+      if (st.ok() && last) {
         recorded = static_cast<int>(l) + 1;
         MutexLock lock(&s.mu);
         s.layers_ready = recorded;
         s.cv.SignalAll();
       }
     }
+    if (!st.ok()) return finish(st, total, recorded);
     total = part;
     timings.enqueue += since(t0);
   }

@@ -391,6 +391,66 @@ grpc::Status KvServiceImpl::Release(grpc::ServerContext* ctx, const v1::ReleaseR
   }
 }
 
+namespace {
+
+// The checks GetDescriptor and GetDescriptors share.
+absl::Status CheckLeaseRequest(const ServerState& state, uint32_t lease_ms, bool accept_gpu,
+                               bool same_host) {
+  if (lease_ms > state.config.max_lease_ttl_ms()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "lease_ms ", lease_ms, " exceeds max_lease_ttl_ms ", state.config.max_lease_ttl_ms()));
+  }
+  if (accept_gpu && !same_host) {
+    return absl::FailedPreconditionError(
+        "accept_gpu: CUDA IPC reaches engines on this node only, through the unix socket");
+  }
+  return absl::OkStatus();
+}
+
+// Leases `key` and describes it into `resp`. With gpu_only, a chunk that did not land in the GPU
+// tier is released at once and NOT_FOUND returned (the caller ends its run there).
+absl::Status LeaseAndDescribe(ServerState& state, const ChunkKey& key, uint32_t lease_ms,
+                              bool accept_gpu, bool gpu_only, bool same_host,
+                              v1::GetDescriptorResponse* resp) {
+  storage::GpuTier* gpu = state.store->gpu_tier();
+  storage::AcquireOptions opts;
+  if (lease_ms != 0) opts.ttl = absl::Milliseconds(lease_ms);
+  opts.accept_gpu = accept_gpu && gpu != nullptr;
+  KVDN_ASSIGN_OR_RETURN(storage::Lease lease, state.store->Acquire(key, opts));
+  if (gpu_only && lease.tier != storage::TierKind::kGpu) {
+    (void)state.store->Release(lease.id);
+    return absl::NotFoundError(absl::StrCat("chunk ", key.ToString(), " is not in the GPU tier"));
+  }
+  if (lease.tier == storage::TierKind::kGpu) {
+    absl::StatusOr<std::string> handle = state.GpuIpcHandle();
+    absl::StatusOr<std::string> uuid = gpu->DeviceUuid();
+    if (!handle.ok() || !uuid.ok()) {
+      (void)state.store->Release(lease.id);
+      return !handle.ok() ? handle.status() : uuid.status();
+    }
+    v1::GpuLocation* g = resp->mutable_gpu();
+    g->set_ipc_handle(*handle);
+    g->set_device_uuid(*uuid);
+    g->set_offset(
+        static_cast<uint64_t>(static_cast<const uint8_t*>(lease.device_ptr) -
+                              static_cast<const uint8_t*>(gpu->Address(storage::MemoryBlock{}))));
+  }
+  v1::TransferDescriptor* d = resp->mutable_transfer();
+  d->set_id(lease.id);
+  d->set_size(lease.size);
+  d->set_expires_unix_micros(absl::ToUnixMicros(lease.expires));
+  if (state.data_plane != nullptr) d->set_worker_address(state.data_plane->AddressFor(same_host));
+  if (storage::HostTier* host = state.store->host_tier(); host && lease.host_bytes.data()) {
+    d->set_remote_offset(
+        static_cast<uint64_t>(lease.host_bytes.data() -
+                              static_cast<const uint8_t*>(host->Address(storage::MemoryBlock{}))));
+  }
+  resp->set_tier(TierToProto(lease.tier));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 grpc::Status KvServiceImpl::GetDescriptor(grpc::ServerContext* ctx,
                                           const v1::GetDescriptorRequest* req,
                                           v1::GetDescriptorResponse* resp) {
@@ -398,47 +458,52 @@ grpc::Status KvServiceImpl::GetDescriptor(grpc::ServerContext* ctx,
   if (!call.admitted().ok()) return call.Finish(call.admitted());
   auto key = CheckedKey(state_, req->key(), "key");
   if (!key.ok()) return call.Finish(key.status());
-  if (req->lease_ms() > state_.config.max_lease_ttl_ms()) {
-    return call.Finish(absl::InvalidArgumentError(absl::StrCat("lease_ms ", req->lease_ms(),
-                                                               " exceeds max_lease_ttl_ms ",
-                                                               state_.config.max_lease_ttl_ms())));
+  const bool same_host = absl::StartsWith(ctx->peer(), "unix:");
+  if (absl::Status st = CheckLeaseRequest(state_, req->lease_ms(), req->accept_gpu(), same_host);
+      !st.ok()) {
+    return call.Finish(st);
+  }
+  return call.Finish(LeaseAndDescribe(state_, *key, req->lease_ms(), req->accept_gpu(),
+                                      /*gpu_only=*/false, same_host, resp));
+}
+
+grpc::Status KvServiceImpl::GetDescriptors(grpc::ServerContext* ctx,
+                                           const v1::GetDescriptorsRequest* req,
+                                           v1::GetDescriptorsResponse* resp) {
+  CallScope call(state_, Method::kGetDescriptors, ctx);
+  if (!call.admitted().ok()) return call.Finish(call.admitted());
+  constexpr int kMaxKeys = 4096;
+  if (req->keys_size() > kMaxKeys) {
+    return call.Finish(absl::InvalidArgumentError(
+        absl::StrCat(req->keys_size(), " keys; at most ", kMaxKeys, " per call")));
+  }
+  if (req->gpu_only() && !req->accept_gpu()) {
+    return call.Finish(absl::InvalidArgumentError("gpu_only needs accept_gpu"));
   }
   const bool same_host = absl::StartsWith(ctx->peer(), "unix:");
-  if (req->accept_gpu() && !same_host) {
-    return call.Finish(absl::FailedPreconditionError(
-        "accept_gpu: CUDA IPC reaches engines on this node only, through the unix socket"));
+  if (absl::Status st = CheckLeaseRequest(state_, req->lease_ms(), req->accept_gpu(), same_host);
+      !st.ok()) {
+    return call.Finish(st);
   }
-  storage::GpuTier* gpu = state_.store->gpu_tier();
-  storage::AcquireOptions opts;
-  if (req->lease_ms() != 0) opts.ttl = absl::Milliseconds(req->lease_ms());
-  opts.accept_gpu = req->accept_gpu() && gpu != nullptr;
-  auto lease = state_.store->Acquire(*key, opts);
-  if (!lease.ok()) return call.Finish(lease.status());
-  if (lease->tier == storage::TierKind::kGpu) {
-    absl::StatusOr<std::string> handle = state_.GpuIpcHandle();
-    absl::StatusOr<std::string> uuid = gpu->DeviceUuid();
-    if (!handle.ok() || !uuid.ok()) {
-      (void)state_.store->Release(lease->id);
-      return call.Finish(!handle.ok() ? handle.status() : uuid.status());
+  std::vector<ChunkKey> keys;
+  keys.reserve(req->keys_size());
+  for (int i = 0; i < req->keys_size(); ++i) {
+    auto key = CheckedKey(state_, req->keys(i), absl::StrCat("keys[", i, "]"));
+    if (!key.ok()) return call.Finish(key.status());
+    keys.push_back(*std::move(key));
+  }
+  for (const ChunkKey& key : keys) {
+    v1::GetDescriptorResponse one;
+    absl::Status st = LeaseAndDescribe(state_, key, req->lease_ms(), req->accept_gpu(),
+                                       req->gpu_only(), same_host, &one);
+    if (absl::IsNotFound(st)) break;  // the run ends here
+    if (!st.ok()) {
+      for (const auto& d : resp->descriptors()) (void)state_.store->Release(d.transfer().id());
+      resp->clear_descriptors();
+      return call.Finish(st);
     }
-    v1::GpuLocation* g = resp->mutable_gpu();
-    g->set_ipc_handle(*handle);
-    g->set_device_uuid(*uuid);
-    g->set_offset(
-        static_cast<uint64_t>(static_cast<const uint8_t*>(lease->device_ptr) -
-                              static_cast<const uint8_t*>(gpu->Address(storage::MemoryBlock{}))));
+    *resp->add_descriptors() = std::move(one);
   }
-  v1::TransferDescriptor* d = resp->mutable_transfer();
-  d->set_id(lease->id);
-  d->set_size(lease->size);
-  d->set_expires_unix_micros(absl::ToUnixMicros(lease->expires));
-  if (state_.data_plane != nullptr) d->set_worker_address(state_.data_plane->AddressFor(same_host));
-  if (storage::HostTier* host = state_.store->host_tier(); host && lease->host_bytes.data()) {
-    d->set_remote_offset(
-        static_cast<uint64_t>(lease->host_bytes.data() -
-                              static_cast<const uint8_t*>(host->Address(storage::MemoryBlock{}))));
-  }
-  resp->set_tier(TierToProto(lease->tier));
   return call.Finish(absl::OkStatus());
 }
 

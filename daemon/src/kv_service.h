@@ -30,6 +30,8 @@ class KvServiceImpl final
                        v1::ReleaseResponse* resp) override;
   grpc::Status GetDescriptor(grpc::ServerContext* ctx, const v1::GetDescriptorRequest* req,
                              v1::GetDescriptorResponse* resp) override;
+  grpc::Status GetDescriptors(grpc::ServerContext* ctx, const v1::GetDescriptorsRequest* req,
+                              v1::GetDescriptorsResponse* resp) override;
   grpc::Status Delete(grpc::ServerContext* ctx, const v1::DeleteRequest* req,
                       v1::DeleteResponse* resp) override;
   grpc::Status OpenDataPlane(grpc::ServerContext* ctx, const v1::OpenDataPlaneRequest* req,

@@ -22,6 +22,7 @@ constexpr MethodInfo kMethods[kNumMethods] = {
     {"KvService", "Commit", false},
     {"KvService", "Release", false},
     {"KvService", "GetDescriptor", false},
+    {"KvService", "GetDescriptors", false},
     {"KvService", "Delete", false},
     {"KvService", "OpenDataPlane", false},
     {"KvService", "CloseDataPlane", false},

@@ -35,6 +35,7 @@ enum class Method : int {
   kCommit,
   kRelease,
   kGetDescriptor,
+  kGetDescriptors,
   kDelete,
   kOpenDataPlane,
   kCloseDataPlane,

@@ -1,4 +1,5 @@
 // Validation and dispatch for InjectLayer / ExtractLayer / PrefetchL2 (layer 2 of STYLE.md 12).
+#include <algorithm>
 #include <cstdint>
 
 #include "absl/strings/str_cat.h"
@@ -112,6 +113,69 @@ uint64_t ChunkLayerBytes(const PagedKvLayer& c, int32_t num_tokens) {
 absl::Status InjectLayer(const void* src, const PagedKvLayer& cache, const TokenRange& range,
                          cudaStream_t stream) {
   return Copy<true>(const_cast<void*>(src), cache, range, stream);
+}
+
+absl::Status InjectChunkLayer(absl::Span<const ChunkSource> sources,
+                              const ChunkSource* device_sources, int32_t layer,
+                              const PagedKvLayer& c, const int32_t* block_table,
+                              int32_t block_table_len, cudaStream_t stream) {
+  static_assert(sizeof(ChunkSource) == sizeof(detail::ChunkSourceDev));
+  if (absl::Status st = ValidateCache(c); !st.ok()) return st;
+  if (sources.size() > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat(sources.size(), " sources; at most 65535"));
+  }
+  if (layer < 0) return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is negative"));
+  if (!sources.empty() && device_sources == nullptr) {
+    return absl::InvalidArgumentError("device_sources is null");
+  }
+  const int64_t row_bytes = int64_t{c.head_dim} * static_cast<int64_t>(DtypeSize(c.dtype));
+  // The widest vector every payload, every cache tensor and the row size allow.
+  uintptr_t align = 16;
+  while (align > 1 && row_bytes % static_cast<int64_t>(align) != 0) align /= 2;
+  int32_t max_tokens = 0;
+  for (size_t i = 0; i < sources.size(); ++i) {
+    const ChunkSource& src = sources[i];
+    const TokenRange r{block_table, block_table_len, src.first_token, src.num_tokens};
+    if (absl::Status st = ValidateRange(c, r); !st.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("sources[", i, "]: ", st.message()));
+    }
+    if (src.num_tokens > 0 && src.payload == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("sources[", i, "].payload is null"));
+    }
+    while (align > 1 && !Aligned(src.payload, align)) align /= 2;
+    max_tokens = std::max(max_tokens, src.num_tokens);
+  }
+  while (align > 1 && !(Aligned(c.k, align) && (!c.v || Aligned(c.v, align)))) align /= 2;
+  detail::PagedCopyParams p{};
+  p.k = c.k;
+  p.v = c.v;
+  p.block_table = block_table;
+  p.block_table_len = block_table_len;
+  p.num_blocks = c.num_blocks;
+  p.block_size = c.block_size;
+  p.heads = c.num_kv_heads;
+  p.layout = static_cast<int32_t>(c.layout);
+  p.row_vecs = static_cast<int32_t>(row_bytes / static_cast<int64_t>(align));
+  const auto* dev = reinterpret_cast<const detail::ChunkSourceDev*>(device_sources);
+  const auto n = static_cast<int32_t>(sources.size());
+  cudaError_t e;
+  switch (align) {
+    case 16:
+      e = detail::LaunchInjectChunks<uint4>(p, dev, n, max_tokens, layer, stream);
+      break;
+    case 8:
+      e = detail::LaunchInjectChunks<uint2>(p, dev, n, max_tokens, layer, stream);
+      break;
+    case 4:
+      e = detail::LaunchInjectChunks<uint32_t>(p, dev, n, max_tokens, layer, stream);
+      break;
+    case 2:
+      e = detail::LaunchInjectChunks<uint16_t>(p, dev, n, max_tokens, layer, stream);
+      break;
+    default:
+      e = detail::LaunchInjectChunks<uint8_t>(p, dev, n, max_tokens, layer, stream);
+  }
+  return CudaStatus(e, "InjectChunkLayer launch");
 }
 
 absl::Status ExtractLayer(const PagedKvLayer& cache, const TokenRange& range, void* dst,

@@ -45,13 +45,13 @@ __device__ __forceinline__ int64_t CacheRowOffset(const PagedCopyParams& p, int 
   }
 }
 
-// Each CTA moves kTokens (kv, token) rows-of-all-heads; each thread keeps kTokens vectors in
-// flight (all loads, then all stores). kInject: chunk -> cache; else cache -> chunk.
+// One CTA's share: kTokens (kv, token) rows-of-all-heads from `first_pair` on; each thread keeps
+// kTokens vectors in flight (all loads, then all stores). kInject: chunk -> cache; else cache ->
+// chunk.
 template <typename Vec, int kTokens, bool kInject>
-__global__ void __launch_bounds__(256) PagedCopyKernel(PagedCopyParams p) {
+__device__ __forceinline__ void PagedCopyRows(const PagedCopyParams& p, int64_t first_pair) {
   const int vecs_per_token = p.heads * p.row_vecs;
   const int64_t pairs = 2 * int64_t{p.num_tokens};  // (kv, token), K first
-  const int64_t first_pair = int64_t{blockIdx.x} * kTokens;
   Vec* chunk = static_cast<Vec*>(p.chunk);
   for (int j = threadIdx.x; j < vecs_per_token; j += blockDim.x) {
     const int head = j / p.row_vecs;
@@ -67,6 +67,7 @@ __global__ void __launch_bounds__(256) PagedCopyKernel(PagedCopyParams p) {
       const int kv = q >= p.num_tokens ? 1 : 0;
       const int64_t t = q - int64_t{kv} * p.num_tokens;
       const int64_t pos = p.first_token + t;
+      if (pos / p.block_size >= p.block_table_len) continue;  // validated on the host; kept
       const int32_t block = p.block_table[pos / p.block_size];
       if (block < 0 || block >= p.num_blocks) continue;  // skipped, never out of bounds
       const int slot = static_cast<int>(pos % p.block_size);
@@ -91,7 +92,49 @@ __global__ void __launch_bounds__(256) PagedCopyKernel(PagedCopyParams p) {
   }
 }
 
+template <typename Vec, int kTokens, bool kInject>
+__global__ void __launch_bounds__(256) PagedCopyKernel(PagedCopyParams p) {
+  PagedCopyRows<Vec, kTokens, kInject>(p, int64_t{blockIdx.x} * kTokens);
+}
+
+// Many chunks' layer `layer` in one launch: CTA row y serves source y, whose payload holds the
+// whole chunk ([layer][K|V][token][heads][row_vecs]); `p` has the cache, the table and the row
+// shape, its chunk / first_token / num_tokens come from the source.
+struct ChunkSourceDev {
+  const void* payload;
+  int32_t first_token;
+  int32_t num_tokens;
+};
+
+template <typename Vec, int kTokens>
+__global__ void __launch_bounds__(256)
+    InjectChunksKernel(PagedCopyParams p, const ChunkSourceDev* sources, int32_t layer) {
+  const ChunkSourceDev src = sources[blockIdx.y];
+  const int64_t first_pair = int64_t{blockIdx.x} * kTokens;
+  if (first_pair >= 2 * int64_t{src.num_tokens}) return;
+  p.first_token = src.first_token;
+  p.num_tokens = src.num_tokens;
+  p.chunk = const_cast<Vec*>(static_cast<const Vec*>(src.payload)) +
+            int64_t{layer} * 2 * src.num_tokens * p.heads * p.row_vecs;
+  PagedCopyRows<Vec, kTokens, true>(p, first_pair);
+}
+
 inline constexpr int kCopyTokensPerCta = 8;
+
+template <typename Vec>
+cudaError_t LaunchInjectChunks(const PagedCopyParams& p, const ChunkSourceDev* sources,
+                               int32_t count, int32_t max_tokens, int32_t layer,
+                               cudaStream_t stream) {
+  if (count == 0 || max_tokens == 0) return cudaSuccess;
+  const int64_t ctas = (2 * int64_t{max_tokens} + kCopyTokensPerCta - 1) / kCopyTokensPerCta;
+  if (ctas > 0x7fffffff || count > 65535) return cudaErrorInvalidValue;
+  const int vecs_per_token = p.heads * p.row_vecs;
+  const int threads = vecs_per_token >= 256 ? 256 : ((vecs_per_token + 31) / 32) * 32;
+  InjectChunksKernel<Vec, kCopyTokensPerCta>
+      <<<dim3(static_cast<unsigned>(ctas), static_cast<unsigned>(count)), threads, 0, stream>>>(
+          p, sources, layer);
+  return cudaGetLastError();
+}
 
 template <typename Vec, bool kInject>
 cudaError_t LaunchPagedCopy(const PagedCopyParams& p, cudaStream_t stream) {

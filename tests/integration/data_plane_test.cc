@@ -226,6 +226,37 @@ TEST(DataPlaneLanesTest, OneClientsLanesLandOnTheDaemonsLanes) {
   EXPECT_EQ(LeasesActive(daemon.unix_target()), 0u);
 }
 
+// GetDescriptors leases a run of chunks in one call: from the first key to the first that is not
+// stored; each descriptor reads back the chunk; releasing them leaves no lease. Without a GPU tier
+// gpu_only leases nothing.
+TEST_F(DataPlaneTest, GetDescriptorsLeasesTheRunOfStoredChunks) {
+  using DP = client::ClientOptions::DataPlane;
+  auto c = Connect(daemon_.unix_target(), DP::kUcx);
+  const auto t = Tokens(256 * 3, 55);
+  std::vector<std::vector<uint8_t>> p;
+  for (uint64_t s : c->ChunkPayloadSizes(t.size())) p.push_back(RandomBytes(s, 500 + p.size()));
+  std::vector<ByteSpan> spans(p.begin(), p.end());
+  ASSERT_OK(c->Save(t, spans).status());
+  ASSERT_OK_AND_ASSIGN(std::vector<ChunkKey> keys,
+                       ChunkKeysForTokens(c->options().ns, c->options().model, t, true));
+  std::vector<ChunkKey> asked = {keys[0], keys[1], testing::KeyFor(999), keys[2]};
+  ASSERT_OK_AND_ASSIGN(std::vector<client::TransferDescriptor> ds,
+                       c->AcquireDescriptors(asked, absl::Seconds(10)));
+  ASSERT_EQ(ds.size(), 2u);
+  EXPECT_EQ(LeasesActive(daemon_.unix_target()), 2u);
+  for (size_t i = 0; i < ds.size(); ++i) {
+    EXPECT_FALSE(ds[i].gpu.has_value());
+    std::vector<uint8_t> got(ds[i].size);
+    ASSERT_OK_AND_ASSIGN(uint64_t n, c->ReadDescriptor(ds[i], MutableByteSpan(got)));
+    ASSERT_EQ(n, kChunkHeaderBytes + p[i].size());
+    EXPECT_TRUE(std::equal(p[i].begin(), p[i].end(), got.begin() + kChunkHeaderBytes));
+    ASSERT_OK(c->ReleaseDescriptor(ds[i]));
+  }
+  ASSERT_OK_AND_ASSIGN(auto gpu_only, c->AcquireDescriptors(keys, absl::Seconds(10), true, true));
+  EXPECT_TRUE(gpu_only.empty()) << "this kvdnd has no GPU tier";
+  EXPECT_EQ(LeasesActive(daemon_.unix_target()), 0u);
+}
+
 // Client::Connect checks every option (no daemon needed: connecting is lazy) and reports the
 // automatic values it chose.
 TEST(ClientOptionsTest, BadOptionsNameTheFieldAndAutomaticValuesAreReported) {

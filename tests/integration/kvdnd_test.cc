@@ -394,6 +394,50 @@ TEST_F(BadRequestTest, EachGetsItsExactStatusAndTheDaemonStaysHealthy) {
          return FromGrpcStatus(stub_->GetDescriptor(&ctx, rq, &r));
        },
        absl::StatusCode::kInvalidArgument, "exceeds max_lease_ttl_ms"},
+      {"GetDescriptors with 4097 keys",
+       [&]() -> absl::Status {
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::GetDescriptorsRequest rq;
+         for (int i = 0; i < 4097; ++i) *rq.add_keys() = good;
+         v1::GetDescriptorsResponse r;
+         return FromGrpcStatus(stub_->GetDescriptors(&ctx, rq, &r));
+       },
+       absl::StatusCode::kInvalidArgument, "4097 keys; at most 4096 per call"},
+      {"GetDescriptors gpu_only without accept_gpu",
+       [&]() -> absl::Status {
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::GetDescriptorsRequest rq;
+         *rq.add_keys() = good;
+         rq.set_gpu_only(true);
+         v1::GetDescriptorsResponse r;
+         return FromGrpcStatus(stub_->GetDescriptors(&ctx, rq, &r));
+       },
+       absl::StatusCode::kInvalidArgument, "gpu_only needs accept_gpu"},
+      {"GetDescriptors with a malformed second key",
+       [&]() -> absl::Status {
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::GetDescriptorsRequest rq;
+         *rq.add_keys() = good;
+         *rq.add_keys() = short_hash;
+         v1::GetDescriptorsResponse r;
+         return FromGrpcStatus(stub_->GetDescriptors(&ctx, rq, &r));
+       },
+       absl::StatusCode::kInvalidArgument, "keys[1]"},
+      {"GPU memory asked for over TCP",
+       [&]() -> absl::Status {
+         auto tcp = v1::KvService::NewStub(client::MakeChannel(daemon_.tcp_target()));
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::GetDescriptorRequest rq;
+         *rq.mutable_key() = good;
+         rq.set_accept_gpu(true);
+         v1::GetDescriptorResponse r;
+         return FromGrpcStatus(tcp->GetDescriptor(&ctx, rq, &r));
+       },
+       absl::StatusCode::kFailedPrecondition, "CUDA IPC reaches engines on this node only"},
       {"peer probe with a 3-byte hash",
        [&] {
          auto peer = v1::PeerService::NewStub(client::MakeChannel(daemon_.unix_target()));

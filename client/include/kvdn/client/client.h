@@ -165,6 +165,12 @@ class Client {
   // the daemon's GPU tier is leased there (TransferDescriptor.gpu).
   absl::StatusOr<TransferDescriptor> AcquireDescriptor(const ChunkKey& key, absl::Duration lease,
                                                        bool accept_gpu = false);
+  // Leases many chunks in one call, from the first key to the first that is not stored (or, with
+  // gpu_only, that the daemon's GPU tier does not hold): the descriptors of that run, in order.
+  // At most 4096 keys. On an error no lease is kept.
+  absl::StatusOr<std::vector<TransferDescriptor>> AcquireDescriptors(
+      absl::Span<const ChunkKey> keys, absl::Duration lease, bool accept_gpu = false,
+      bool gpu_only = false);
   absl::StatusOr<uint64_t> ReadDescriptor(const TransferDescriptor& d, MutableByteSpan dst);
   absl::Status ReleaseDescriptor(const TransferDescriptor& d);
 

@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "absl/types/span.h"
 #include "kvdn/common/chunk_key.h"
 
 namespace kvdn::kernels {
@@ -64,6 +65,25 @@ uint64_t ChunkLayerBytes(const PagedKvLayer& cache, int32_t num_tokens);
 // INTERNAL with CUDA's message when the launch fails.
 absl::Status InjectLayer(const void* src, const PagedKvLayer& cache, const TokenRange& range,
                          cudaStream_t stream);
+
+// A whole chunk payload in device memory (`[layer][K|V][token][kv_head][dim]` for num_tokens
+// tokens) and the sequence positions its tokens take.
+struct ChunkSource {
+  const void* payload = nullptr;
+  int32_t first_token = 0;
+  int32_t num_tokens = 0;
+};
+
+// InjectLayer for layer `layer` of many chunks in one launch (chunks that lie apart in device
+// memory, e.g. in kvdnd's GPU tier). `sources` is checked here; `device_sources` holds the same
+// entries in device memory (the caller uploads them once for every layer and keeps them until
+// the launches have run). INVALID_ARGUMENT as InjectLayer for any source, for a null or
+// misaligned payload (every payload aligned alike, to the row's vector width), for more than
+// 65535 sources or a negative layer.
+absl::Status InjectChunkLayer(absl::Span<const ChunkSource> sources,
+                              const ChunkSource* device_sources, int32_t layer,
+                              const PagedKvLayer& cache, const int32_t* block_table,
+                              int32_t block_table_len, cudaStream_t stream);
 
 // The inverse: gathers `range` from the cache into `dst` (contiguous chunk layer). Tokens whose
 // block-table entry is out of range are left unwritten in `dst`.
