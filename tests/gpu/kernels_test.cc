@@ -233,6 +233,115 @@ TEST_F(KernelsTest, BadCopyArgumentsAreInvalidArgument) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("negative")));
 }
 
+// InjectChunkLayer (many chunks' layer in one launch, from payloads that lie apart) writes what
+// InjectLayer writes chunk by chunk, in every layout, for aligned and misaligned payloads; bad
+// sources are refused naming the source.
+TEST_F(KernelsTest, InjectChunkLayerWritesWhatInjectLayerWritesChunkByChunk) {
+  constexpr int kLayers = 3, kTpc = 32, kHeads = 4, kDim = 64;
+  const std::vector<int> tokens = {32, 32, 32, 32, 9};
+  uint64_t seed = 100;
+  for (PagedKvLayout layout :
+       {PagedKvLayout::kNhd, PagedKvLayout::kNhdCombined, PagedKvLayout::kHnd}) {
+    for (int bs : {16, 7}) {
+      for (size_t misalign : {size_t{64}, size_t{66}}) {  // 16-byte or only 2-byte aligned
+        SCOPED_TRACE(std::string(LayoutName(layout)) + " bs=" + std::to_string(bs) +
+                     " misalign=" + std::to_string(misalign));
+        std::mt19937_64 rng(seed++);
+        const int total = kTpc * 4 + 9;
+        const int table_len = (total + bs - 1) / bs;
+        const int num_blocks = table_len + 3;
+        std::vector<int32_t> table(num_blocks);
+        std::iota(table.begin(), table.end(), 0);
+        std::shuffle(table.begin(), table.end(), rng);
+        table.resize(table_len);
+        PagedKvLayer cache;
+        cache.layout = layout;
+        cache.num_blocks = num_blocks;
+        cache.block_size = bs;
+        cache.num_kv_heads = kHeads;
+        cache.head_dim = kDim;
+        const bool two = layout != PagedKvLayout::kNhdCombined;
+        const size_t tensor =
+            size_t{static_cast<size_t>(num_blocks)} * bs * kHeads * kDim * 2 * (two ? 1 : 2);
+        // Whole chunk payloads in slots of one pool, in reverse order, 8 KiB apart.
+        const size_t slot = 8192 + static_cast<size_t>(kLayers) * ChunkLayerBytes(cache, kTpc);
+        std::vector<size_t> offsets;
+        for (size_t i = 0; i < tokens.size(); ++i)
+          offsets.push_back((tokens.size() - 1 - i) * slot);
+        const size_t pool_bytes = tokens.size() * slot;
+        std::vector<uint8_t> pool = Random(pool_bytes, rng);
+        DeviceBuffer d_pool(pool_bytes), d_table(table.size() * 4);
+        CUDA_OK(d_pool.Upload(pool.data()));
+        CUDA_OK(d_table.Upload(table.data()));
+        std::vector<ChunkSource> sources;
+        int first = 0;
+        for (size_t i = 0; i < tokens.size(); ++i) {
+          sources.push_back({d_pool.as<uint8_t>() + offsets[i] + misalign, first, tokens[i]});
+          first += tokens[i];
+        }
+        DeviceBuffer d_sources(sources.size() * sizeof(ChunkSource));
+        CUDA_OK(d_sources.Upload(sources.data()));
+        std::vector<uint8_t> poison(tensor, 0xCD);
+        DeviceBuffer ak(tensor), av(tensor), bk(tensor), bv(tensor);
+        for (DeviceBuffer* b : {&ak, &av, &bk, &bv}) CUDA_OK(b->Upload(poison.data()));
+        for (int l = 0; l < kLayers; ++l) {
+          PagedKvLayer a = cache, b = cache;
+          a.k = ak.get();
+          a.v = two ? av.get() : nullptr;
+          b.k = bk.get();
+          b.v = two ? bv.get() : nullptr;
+          ASSERT_OK(InjectChunkLayer(sources, d_sources.as<ChunkSource>(), l, a,
+                                     d_table.as<int32_t>(), table_len, nullptr));
+          for (const ChunkSource& src : sources) {
+            const uint8_t* layer_src =
+                static_cast<const uint8_t*>(src.payload) +
+                static_cast<size_t>(l) * ChunkLayerBytes(cache, src.num_tokens);
+            ASSERT_OK(InjectLayer(
+                layer_src, b, {d_table.as<int32_t>(), table_len, src.first_token, src.num_tokens},
+                nullptr));
+          }
+          CUDA_OK(cudaDeviceSynchronize());
+          std::vector<uint8_t> got(tensor), want(tensor);
+          CUDA_OK(ak.Download(got.data()));
+          CUDA_OK(bk.Download(want.data()));
+          EXPECT_TRUE(got == want) << "layer " << l << " K";
+          EXPECT_FALSE(got == poison) << "layer " << l << ": nothing written";
+          if (two) {
+            CUDA_OK(av.Download(got.data()));
+            CUDA_OK(bv.Download(want.data()));
+            EXPECT_TRUE(got == want) << "layer " << l << " V";
+          }
+        }
+      }
+    }
+  }
+  // Bad sources.
+  DeviceBuffer k(4096), v(4096), src(4096), table(64), dev(64);
+  PagedKvLayer cache;
+  cache.k = k.get();
+  cache.v = v.get();
+  cache.num_blocks = 2;
+  cache.block_size = 16;
+  cache.num_kv_heads = 1;
+  cache.head_dim = 32;
+  const std::vector<ChunkSource> one = {{src.get(), 0, 32}};
+  const auto* d = dev.as<ChunkSource>();
+  EXPECT_THAT(InjectChunkLayer(one, nullptr, 0, cache, table.as<int32_t>(), 2, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("device_sources is null")));
+  EXPECT_THAT(InjectChunkLayer(one, d, -1, cache, table.as<int32_t>(), 2, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("layer -1 is negative")));
+  const std::vector<ChunkSource> past = {{src.get(), 0, 16}, {src.get(), 16, 32}};
+  EXPECT_THAT(InjectChunkLayer(past, d, 0, cache, table.as<int32_t>(), 2, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("sources[1]: tokens up to")));
+  const std::vector<ChunkSource> null_payload = {{src.get(), 0, 8}, {nullptr, 8, 8}};
+  EXPECT_THAT(
+      InjectChunkLayer(null_payload, d, 0, cache, table.as<int32_t>(), 2, nullptr),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("sources[1].payload is null")));
+  const std::vector<ChunkSource> too_many(65536, ChunkSource{src.get(), 0, 1});
+  EXPECT_THAT(InjectChunkLayer(too_many, d, 0, cache, table.as<int32_t>(), 2, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("at most 65535")));
+}
+
 TEST_F(KernelsTest, PrefetchRespectsTheBudgetAndWritesNothing) {
   std::mt19937_64 rng(3);
   PagedKvLayer cache;
