@@ -67,7 +67,6 @@ __device__ __forceinline__ void PagedCopyRows(const PagedCopyParams& p, int64_t 
       const int kv = q >= p.num_tokens ? 1 : 0;
       const int64_t t = q - int64_t{kv} * p.num_tokens;
       const int64_t pos = p.first_token + t;
-      if (pos / p.block_size >= p.block_table_len) continue;  // validated on the host; kept
       const int32_t block = p.block_table[pos / p.block_size];
       if (block < 0 || block >= p.num_blocks) continue;  // skipped, never out of bounds
       const int slot = static_cast<int>(pos % p.block_size);
