@@ -415,7 +415,7 @@ absl::Status LeaseAndDescribe(ServerState& state, const ChunkKey& key, uint32_t 
   storage::GpuTier* gpu = state.store->gpu_tier();
   storage::AcquireOptions opts;
   if (lease_ms != 0) opts.ttl = absl::Milliseconds(lease_ms);
-  opts.accept_gpu = accept_gpu && gpu != nullptr;
+  opts.accept_gpu = accept_gpu && gpu != nullptr && !state.config.gpu_tier_ipc_disabled();
   KVDN_ASSIGN_OR_RETURN(storage::Lease lease, state.store->Acquire(key, opts));
   if (gpu_only && lease.tier != storage::TierKind::kGpu) {
     (void)state.store->Release(lease.id);

@@ -34,7 +34,7 @@ int main(int argc, char** argv) {
   kvdn::v1::DaemonConfig flags;
   std::string data_dir, unix_socket, grpc_address, http_address, node_name, log_level, data_plane;
   uint64_t host_bytes = 0, disk_bytes = 0, gpu_bytes = 0;
-  bool no_disk = false, no_persist = false;
+  bool no_disk = false, no_persist = false, no_gpu_ipc = false;
   std::vector<std::string> namespaces;
   app.add_option("-c,--config", config_path, "JSON config file (kvdn.v1.DaemonConfig)")
       ->check(CLI::ExistingFile);
@@ -51,6 +51,8 @@ int main(int argc, char** argv) {
   app.add_option("--gpu-tier-bytes", gpu_bytes, "GPU tier size (0: none)")
       ->transform(CLI::AsSizeValue(false));
   app.add_flag("--no-disk-tier", no_disk, "run without a disk tier");
+  app.add_flag("--no-gpu-tier-ipc", no_gpu_ipc,
+               "never map the GPU tier into engines (CUDA IPC shows them every namespace in it)");
   app.add_flag("--no-persist-on-shutdown", no_persist,
                "do not write memory-only chunks to disk on SIGTERM");
   app.add_option("--namespace", namespaces, "serve only these namespaces (repeatable)");
@@ -106,6 +108,7 @@ int main(int argc, char** argv) {
   if (disk_bytes) config.set_disk_tier_bytes(disk_bytes);
   if (gpu_bytes) config.set_gpu_tier_bytes(gpu_bytes);
   if (no_disk) config.set_disk_tier_disabled(true);
+  if (no_gpu_ipc) config.set_gpu_tier_ipc_disabled(true);
   if (no_persist) config.set_persist_on_shutdown_disabled(true);
   for (const std::string& ns : namespaces) config.add_namespaces(ns);
   kvdn::daemon::ApplyDefaults(&config);

@@ -452,6 +452,27 @@ TEST_F(KvConnectorTest, ChunksInTheDaemonsGpuTierAreReadInPlace) {
     ExpectSameKv(a, b, tokens.size());
   }
   for (const auto& d : held) ASSERT_OK(c->ReleaseDescriptor(d));
+  // A kvdnd told not to map its GPU tier into engines serves the same load through host memory.
+  {
+    DaemonProcess no_ipc(dir_.path() + "/no-ipc");
+    std::filesystem::create_directories(dir_.path() + "/no-ipc");
+    ASSERT_TRUE(
+        no_ipc.Start({"--gpu-tier-bytes", std::to_string(4 << 20), "--no-gpu-tier-ipc"}, &err))
+        << err;
+    client::ClientOptions n = o;
+    n.target = no_ipc.unix_target();
+    ASSERT_OK_AND_ASSIGN(auto nc, client::Client::Connect(n));
+    ASSERT_OK_AND_ASSIGN(auto nconn, KvConnector::Create(nc.get(), SmallStaging()));
+    ASSERT_OK(nconn->Save(tokens, a.View(), stream_).status());
+    for (int round = 0; round < 2; ++round) {
+      DeviceCache b(PagedKvLayout::kNhd, 16, 20, 46 + round, /*random=*/false);
+      ASSERT_OK_AND_ASSIGN(auto load, nconn->StartLoad(tokens, b.View()));
+      ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, load->Wait());
+      EXPECT_EQ(loaded.tokens, tokens.size());
+      EXPECT_EQ(load->stats().gpu_tier_chunks, 0u);
+      ExpectSameKv(a, b, tokens.size());
+    }
+  }
   // A client on TCP may not ask for GPU memory.
   client::ClientOptions tcp = o;
   tcp.target = gpu_daemon.tcp_target();
