@@ -435,8 +435,9 @@ int Main(int argc, char** argv) {
     std::printf(
         "| %zu | %.2f | %.1f | %.1f | %.1f | %.2f | %.1f | %.1f | %.1f | %.1f | %.2f | %.1f |\n",
         ctx, bytes / double(1 << 30), h2d_ceiling, fetch_gbs, load_gbs,
-        load_gbs / std::min(h2d_ceiling, fetch_gbs > 0 ? fetch_gbs : h2d_ceiling), Median(first), Median(load) * 1e3, Median(gpu),
-        Median(peer), Median(gpu) / Median(peer), bytes / save_s / 1e9);
+        load_gbs / std::min(h2d_ceiling, fetch_gbs > 0 ? fetch_gbs : h2d_ceiling), Median(first),
+        Median(load) * 1e3, Median(gpu), Median(peer), Median(gpu) / Median(peer),
+        bytes / save_s / 1e9);
     std::fflush(stdout);
   }
   std::printf(
