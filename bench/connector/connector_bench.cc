@@ -3,8 +3,8 @@
 //   - ceiling 1: host-to-device copy bandwidth from page-locked memory (cudaMemcpyAsync, 256 MiB);
 //   - ceiling 2: the fetch alone — Client::Load of the same chunks into page-locked host memory,
 //     window by window as the connector fetches them (kvdnd -> client over UCX shared memory);
-//   - the connector's GPU part alone (its method: two strided copies + one InjectLayer per layer
-//     and window) from page-locked memory already holding the chunks;
+//   - the connector's GPU part alone (its method: one copy per chunk + one InjectChunkLayer per
+//     layer and window) from page-locked memory already holding the chunks;
 //   - peer: vLLM's swap-in method (one cudaMemcpyAsync per block, K and V, per layer) from
 //     page-locked memory already holding the blocks — the GPU part only, no fetch.
 // Llama-3-8B shapes (32 layers, 8 kv heads, head_dim 128, bf16, 256-token chunks of 32 MiB), vLLM
@@ -360,29 +360,38 @@ int Main(int argc, char** argv) {
         first.push_back(Seconds(t0, t1) * 1e3);
         load.push_back(Seconds(t0, t2));
       }
-      // The connector's GPU part alone: its two strided copies and one inject per layer and
-      // window, from page-locked memory holding 4 chunks (reused for every window).
+      // The connector's GPU part alone: each chunk up in one copy, then one InjectChunkLayer per
+      // layer and window, from page-locked memory holding a window of chunks (reused for every
+      // window).
       {
         const uint64_t chunk = c->PayloadBytes(kTpc);
         const size_t window = conn->window_chunks();
         void* staging = nullptr;
-        CHECK_CUDA(cudaMalloc(&staging, window * 2 * kTpc * kTokenHalf));
+        void* dev_sources = nullptr;
+        CHECK_CUDA(cudaMalloc(&staging, window * chunk));
+        CHECK_CUDA(cudaMalloc(&dev_sources, window * sizeof(kernels::ChunkSource)));
         const client::PagedKvView v = b.View();
         CHECK_CUDA(cudaEventRecord(e0, stream));
         for (size_t f = 0; f * kTpc < ctx; f += window) {
           const size_t n = std::min(window, (ctx - f * kTpc) / kTpc);
+          std::vector<kernels::ChunkSource> sources;
+          for (size_t j = 0; j < n; ++j) {
+            CHECK_CUDA(cudaMemcpyAsync(static_cast<uint8_t*>(staging) + j * chunk,
+                                       static_cast<const uint8_t*>(pinned) + j * chunk, chunk,
+                                       cudaMemcpyHostToDevice, stream));
+            sources.push_back({static_cast<uint8_t*>(staging) + j * chunk,
+                               static_cast<int32_t>((f + j) * kTpc), static_cast<int32_t>(kTpc)});
+          }
+          CHECK_CUDA(cudaMemcpyAsync(dev_sources, sources.data(),
+                                     sources.size() * sizeof(kernels::ChunkSource),
+                                     cudaMemcpyHostToDevice, stream));
           for (uint32_t l = 0; l < kLayers; ++l) {
-            const uint8_t* h = static_cast<const uint8_t*>(pinned) + l * 2 * kTpc * kTokenHalf;
-            for (int kv = 0; kv < 2; ++kv) {
-              CHECK_CUDA(
-                  cudaMemcpy2DAsync(static_cast<uint8_t*>(staging) + kv * n * kTpc * kTokenHalf,
-                                    kTpc * kTokenHalf, h + kv * kTpc * kTokenHalf, chunk,
-                                    kTpc * kTokenHalf, n, cudaMemcpyHostToDevice, stream));
+            if (!kernels::InjectChunkLayer(sources, static_cast<kernels::ChunkSource*>(dev_sources),
+                                           static_cast<int32_t>(l), v.layers[l], v.block_table,
+                                           v.block_table_len, stream)
+                     .ok()) {
+              return 1;
             }
-            kernels::TokenRange range{v.block_table, v.block_table_len,
-                                      static_cast<int32_t>(f * kTpc),
-                                      static_cast<int32_t>(n * kTpc)};
-            if (!kernels::InjectLayer(staging, v.layers[l], range, stream).ok()) return 1;
           }
         }
         CHECK_CUDA(cudaEventRecord(e1, stream));
@@ -391,6 +400,7 @@ int Main(int argc, char** argv) {
         CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
         gpu.push_back(bytes / (ms * 1e6));
         CHECK_CUDA(cudaFree(staging));
+        CHECK_CUDA(cudaFree(dev_sources));
       }
       // Peer: vLLM's swap-in (one cudaMemcpyAsync per block, K and V, per layer).
       {

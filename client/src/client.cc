@@ -593,7 +593,8 @@ absl::StatusOr<SaveResult> Client::Save(absl::Span<const int32_t> tokens,
 
 absl::StatusOr<LoadResult> Client::Load(absl::Span<const int32_t> tokens,
                                         absl::Span<const MutableByteSpan> buffers,
-                                        size_t first_chunk) {
+                                        size_t first_chunk,
+                                        const std::function<void(size_t)>& on_chunk) {
   const ClientOptions& o = impl_->options;
   KVDN_ASSIGN_OR_RETURN(std::vector<ChunkKey> keys,
                         ChunkKeysForTokens(o.ns, o.model, tokens, /*include_tail=*/true));
@@ -618,6 +619,7 @@ absl::StatusOr<LoadResult> Client::Load(absl::Span<const int32_t> tokens,
   impl_->streams->ParallelFor(count, o.parallel_streams, [&](size_t j) {
     const size_t i = first_chunk + j;
     statuses[j] = impl_->LoadChunk(keys[i], impl_->TokensInChunk(i, tokens.size()), buffers[j]);
+    if (statuses[j].ok() && on_chunk) on_chunk(j);
   });
   LoadResult result;
   for (size_t j = 0; j < count; ++j) {

@@ -227,30 +227,26 @@ struct KvConnector::Impl {
   }
   size_t WindowTokens(const Window& w) const { return w.full * model.tokens_per_chunk + w.tail; }
 
-  // Host slots -> device staging (one contiguous chunk layer for the window's tokens) for layer
-  // l, or the reverse. Enqueued on `stream`.
-  absl::Status CopyLayer(const Window& w, uint32_t l, bool to_device) {
+  // Device staging (one contiguous chunk layer for the window's tokens, as ExtractLayer writes it)
+  // -> the window's host slots, for layer l. Enqueued on `stream`.
+  absl::Status CopyLayerToHost(const Window& w, uint32_t l) {
     const uint64_t tpc = model.tokens_per_chunk;
     const uint64_t wt = WindowTokens(w);
     const uint64_t half_bytes = tpc * token_half_bytes;  // K (or V) of one full chunk layer
-    const cudaMemcpyKind kind = to_device ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost;
     for (int kv = 0; kv < 2; ++kv) {
-      uint8_t* dev = device_staging + kv * wt * token_half_bytes;
+      const uint8_t* dev = device_staging + kv * wt * token_half_bytes;
       if (w.full > 0) {
         uint8_t* h = Slot(w.half, 0) + l * 2 * half_bytes + kv * half_bytes;
-        cudaError_t e = to_device ? cudaMemcpy2DAsync(dev, half_bytes, h, chunk_bytes, half_bytes,
-                                                      w.full, kind, stream)
-                                  : cudaMemcpy2DAsync(h, chunk_bytes, dev, half_bytes, half_bytes,
-                                                      w.full, kind, stream);
-        KVDN_CUDA_RETURN(e, "cudaMemcpy2DAsync of a layer's chunks");
+        KVDN_CUDA_RETURN(cudaMemcpy2DAsync(h, chunk_bytes, dev, half_bytes, half_bytes, w.full,
+                                           cudaMemcpyDeviceToHost, stream),
+                         "cudaMemcpy2DAsync of a layer's chunks");
       }
       if (w.tail > 0) {
         const uint64_t tail_half = uint64_t{w.tail} * token_half_bytes;
         uint8_t* h = Slot(w.half, w.full) + l * 2 * tail_half + kv * tail_half;
-        uint8_t* d = dev + w.full * half_bytes;
-        cudaError_t e = to_device ? cudaMemcpyAsync(d, h, tail_half, kind, stream)
-                                  : cudaMemcpyAsync(h, d, tail_half, kind, stream);
-        KVDN_CUDA_RETURN(e, "cudaMemcpyAsync of a layer's tail chunk");
+        KVDN_CUDA_RETURN(cudaMemcpyAsync(h, dev + w.full * half_bytes, tail_half,
+                                         cudaMemcpyDeviceToHost, stream),
+                         "cudaMemcpyAsync of a layer's tail chunk");
       }
     }
     return absl::OkStatus();
@@ -377,6 +373,25 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
   };
   LoadResult total;
   int recorded = 0;  // layers whose final event is recorded
+  // Every layer of `sources` (whole chunk payloads in device memory), one launch per layer; with
+  // `last`, each layer's event is recorded after it and the layer released to WaitLayer.
+  auto inject_layers = [&](const std::vector<kernels::ChunkSource>& sources,
+                           bool last) -> absl::Status {
+    KVDN_RETURN_IF_ERROR(c.UploadSources(sources));
+    for (uint32_t l = 0; l < layers; ++l) {
+      KVDN_RETURN_IF_ERROR(kernels::InjectChunkLayer(
+          sources, c.device_sources, static_cast<int32_t>(l), s.view.layers[l], s.view.block_table,
+          s.view.block_table_len, c.stream));
+      if (!last) continue;
+      KVDN_RETURN_IF_ERROR(
+          CudaStatus(cudaEventRecord(s.layer_events[l], c.stream), "cudaEventRecord"));
+      recorded = static_cast<int>(l) + 1;
+      MutexLock lock(&s.mu);
+      s.layers_ready = recorded;
+      s.cv.SignalAll();
+    }
+    return absl::OkStatus();
+  };
   absl::StatusOr<size_t> matched = c.client->Lookup(s.tokens);
   if (!matched.ok()) return finish(matched.status(), total, recorded);
   const size_t tpc = c.model.tokens_per_chunk;
@@ -428,23 +443,9 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
       MutexLock lock(&s.mu);
       s.tokens_loaded = part.tokens;
     }
-    // The sources once on the device, then one launch per layer for all of them.
-    absl::Status st = c.UploadSources(gpu_src);
-    for (uint32_t l = 0; l < layers && st.ok(); ++l) {
-      st = kernels::InjectChunkLayer(gpu_src, c.device_sources, static_cast<int32_t>(l),
-                                     s.view.layers[l], s.view.block_table, s.view.block_table_len,
-                                     c.stream);
-      if (st.ok() && last) {
-        st = CudaStatus(cudaEventRecord(s.layer_events[l], c.stream), "cudaEventRecord");
-      }
-      if (st.ok() && last) {
-        recorded = static_cast<int>(l) + 1;
-        MutexLock lock(&s.mu);
-        s.layers_ready = recorded;
-        s.cv.SignalAll();
-      }
+    if (absl::Status st = inject_layers(gpu_src, last); !st.ok()) {
+      return finish(st, total, recorded);
     }
-    if (!st.ok()) return finish(st, total, recorded);
     total = part;
     timings.enqueue += since(t0);
   }
@@ -461,42 +462,47 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
     }
     timings.stall += since(t0);
     std::vector<MutableByteSpan> buffers;
+    std::vector<kernels::ChunkSource> sources;
     for (size_t j = 0; j < want; ++j) {
-      buffers.emplace_back(c.Slot(half, j),
-                           c.client->PayloadBytes(c.TokensInChunk(first + j, s.tokens.size())));
+      const uint32_t t = c.TokensInChunk(first + j, s.tokens.size());
+      buffers.emplace_back(c.Slot(half, j), c.client->PayloadBytes(t));
+      sources.push_back(kernels::ChunkSource{c.device_staging + j * c.chunk_bytes,
+                                             static_cast<int32_t>((first + j) * tpc),
+                                             static_cast<int32_t>(t)});
     }
+    // Each chunk goes up as soon as it is here (on the client's threads): only the window's last
+    // arrival is copied after the fetch. The window before is injected first (stream order), so
+    // the device staging is free by the time these copies run.
+    Mutex copy_mu;
+    absl::Status copy_error;
+    auto up = [&](size_t j) {
+      DeviceGuard on_device(c.device);
+      const cudaError_t e = cudaMemcpyAsync(c.device_staging + j * c.chunk_bytes, buffers[j].data(),
+                                            buffers[j].size(), cudaMemcpyHostToDevice, c.stream);
+      if (e != cudaSuccess) {
+        MutexLock lock(&copy_mu);
+        if (copy_error.ok()) copy_error = CudaStatus(e, "cudaMemcpyAsync of a chunk");
+      }
+    };
     t0 = absl::Now();
-    absl::StatusOr<LoadResult> got = c.client->Load(s.tokens, buffers, first);
+    absl::StatusOr<LoadResult> got = c.client->Load(s.tokens, buffers, first, up);
     timings.fetch += since(t0);
     if (!got.ok()) return finish(got.status(), total, recorded);
+    {
+      MutexLock lock(&copy_mu);
+      if (!copy_error.ok()) return finish(copy_error, total, recorded);
+    }
     t0 = absl::Now();
     if (got->chunks == 0) break;
-    const Window w = c.MakeWindow(first, got->chunks, half, s.tokens.size());
+    sources.resize(got->chunks);
     const bool last = got->chunks < want || first + got->chunks == chunks;
     if (last) {
       MutexLock lock(&s.mu);
       s.tokens_loaded = total.tokens + got->tokens;
     }
-    for (uint32_t l = 0; l < layers; ++l) {
-      absl::Status st = c.CopyLayer(w, l, /*to_device=*/true);
-      if (st.ok()) {
-        st = kernels::InjectLayer(c.device_staging, s.view.layers[l], c.Range(s.view, w), c.stream);
-      }
-      if (st.ok() && last) {
-        st = CudaStatus(cudaEventRecord(s.layer_events[l], c.stream), "cudaEventRecord");
-      }
-      if (!st.ok()) return finish(st, total, recorded);
-      if (last) {
-        recorded = static_cast<int>(l) + 1;
-        MutexLock lock(&s.mu);
-        s.layers_ready = recorded;
-        s.cv.SignalAll();
-      }
-    }
-    if (absl::Status st = CudaStatus(cudaEventRecord(c.half_done[half], c.stream), "host staging");
-        !st.ok()) {
-      return finish(st, total, recorded);
-    }
+    absl::Status st = inject_layers(sources, last);
+    if (st.ok()) st = CudaStatus(cudaEventRecord(c.half_done[half], c.stream), "host staging");
+    if (!st.ok()) return finish(st, total, recorded);
     timings.enqueue += since(t0);
     total.chunks += got->chunks;
     total.tokens += got->tokens;
@@ -546,7 +552,7 @@ absl::StatusOr<SaveResult> KvConnector::Impl::RunSave(absl::Span<const int32_t> 
     for (uint32_t l = 0; l < c.model.num_layers; ++l) {
       KVDN_RETURN_IF_ERROR(
           kernels::ExtractLayer(view.layers[l], c.Range(view, w), c.device_staging, c.stream));
-      KVDN_RETURN_IF_ERROR(c.CopyLayer(w, l, /*to_device=*/false));
+      KVDN_RETURN_IF_ERROR(c.CopyLayerToHost(w, l));
     }
     return CudaStatus(cudaEventRecord(c.half_done[w.half], c.stream), "host staging");
   };
@@ -593,15 +599,14 @@ absl::StatusOr<std::unique_ptr<KvConnector>> KvConnector::Create(Client* client,
   const ModelSpec& m = impl->model;
   impl->token_half_bytes = uint64_t{m.num_kv_heads} * m.head_dim * DtypeSize(m.dtype);
   impl->chunk_bytes = client->PayloadBytes(m.tokens_per_chunk);
-  const uint64_t layer_bytes = 2 * uint64_t{m.tokens_per_chunk} * impl->token_half_bytes;
   const uint64_t host_half = (options.host_staging_bytes / 2) & ~uint64_t{4095};
   impl->window = static_cast<size_t>(
-      std::min(host_half / impl->chunk_bytes, options.device_staging_bytes / layer_bytes));
+      std::min(host_half / impl->chunk_bytes, options.device_staging_bytes / impl->chunk_bytes));
   if (impl->window == 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "ConnectorOptions: host_staging_bytes ", options.host_staging_bytes,
-        " must hold two chunks of ", impl->chunk_bytes, " bytes and device_staging_bytes ",
-        options.device_staging_bytes, " one chunk layer of ", layer_bytes, " bytes"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("ConnectorOptions: host_staging_bytes ", options.host_staging_bytes,
+                     " must hold two chunks of ", impl->chunk_bytes,
+                     " bytes and device_staging_bytes ", options.device_staging_bytes, " one"));
   }
   KVDN_CUDA_RETURN(cudaGetDevice(&impl->device), "cudaGetDevice");
   cudaDeviceProp prop{};
@@ -613,7 +618,7 @@ absl::StatusOr<std::unique_ptr<KvConnector>> KvConnector::Create(Client* client,
     KVDN_CUDA_RETURN(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
   }
   void* staging = nullptr;
-  KVDN_CUDA_RETURN(cudaMalloc(&staging, impl->window * layer_bytes),
+  KVDN_CUDA_RETURN(cudaMalloc(&staging, impl->window * impl->chunk_bytes),
                    "cudaMalloc of the device staging");
   impl->device_staging = static_cast<uint8_t*>(staging);
   const uint64_t host_bytes = 2 * host_half;

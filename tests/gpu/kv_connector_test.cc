@@ -184,7 +184,7 @@ class KvConnectorTest : public ::testing::Test {
     client::ConnectorOptions o;
     const uint64_t chunk = 2ull * kLayers * kTokensPerChunk * kKvHeads * kHeadDim * 2;
     o.host_staging_bytes = 4 * chunk;
-    o.device_staging_bytes = 2 * 2ull * kTokensPerChunk * kKvHeads * kHeadDim * 2;
+    o.device_staging_bytes = 2 * chunk;
     return o;
   }
 

@@ -24,6 +24,7 @@
 #define KVDN_CLIENT_CLIENT_H_
 
 #include <cstdint>
+#include <functional>
 #include <future>
 #include <memory>
 #include <optional>
@@ -140,9 +141,12 @@ class Client {
   // a first_chunk past the chunks too). The run is stored only if every chunk before it is
   // (the prefix hash chain). A chunk evicted between lookup and load ends the run there.
   // DATA_LOSS: a chunk failed verification.
+  // `on_chunk(j)`, when given, is called as soon as buffers[j] holds its verified chunk, from
+  // whichever of the client's threads loaded it (concurrently with other calls of it), before
+  // Load returns: a caller can start on a chunk while the others are still in flight.
   absl::StatusOr<LoadResult> Load(absl::Span<const int32_t> tokens,
-                                  absl::Span<const MutableByteSpan> buffers,
-                                  size_t first_chunk = 0);
+                                  absl::Span<const MutableByteSpan> buffers, size_t first_chunk = 0,
+                                  const std::function<void(size_t)>& on_chunk = nullptr);
 
   // The same, on the client's threads. The spans must stay valid until the future is ready.
   std::future<absl::StatusOr<size_t>> LookupAsync(std::vector<int32_t> tokens);

@@ -14,12 +14,12 @@
 //   (*conn)->Save(tokens, view, stream);                  // after the forward pass
 //
 // How a load moves: chunks are fetched from kvdnd (UCX shared memory, or gRPC) into page-locked
-// host staging, a window of chunks at a time; for each layer, two strided copies on the copy
-// engine gather the window's K and V of that layer into device staging as one contiguous chunk
-// layer, and one InjectLayer kernel scatters it into the cache through the block table. The next
-// window is fetched while the GPU copies the current one. Chunks that kvdnd holds in its GPU tier
-// on the same GPU are not fetched at all: the connector maps the tier (CUDA IPC) and injects from
-// it device to device. WaitLayer(l) blocks the host only until
+// host staging, a window of chunks at a time; each chunk goes up to device staging in one copy
+// as soon as it has arrived and been verified (while the rest of the window is still in flight),
+// and once the window is there, one InjectChunkLayer kernel per layer scatters all of its chunks
+// into the cache through the block table. The next window is fetched while the GPU works. Chunks
+// that kvdnd holds in its GPU tier on the same GPU are not fetched at all: the connector maps the
+// tier (CUDA IPC) and injects from it device to device. WaitLayer(l) blocks the host only until
 // layer l's last copy is enqueued, then orders the engine's stream after it (cudaStreamWaitEvent):
 // attention on layer 0 can start while later layers are still on their way. A save runs the other
 // way (ExtractLayer, then device-to-host copies) for the chunks past the stored prefix.
@@ -60,8 +60,9 @@ struct ConnectorOptions {
   // fetched, half the one being copied to the GPU; a half must hold one chunk at least.
   // Larger windows keep more chunks in flight (ClientOptions.parallel_streams of them at once).
   uint64_t host_staging_bytes = uint64_t{512} << 20;
-  // Device memory that one layer of a window passes through on its way into the cache.
-  uint64_t device_staging_bytes = uint64_t{64} << 20;
+  // Device memory a window of chunks passes through on its way into the cache (a window is as
+  // many whole chunks as fit both this and half the host staging).
+  uint64_t device_staging_bytes = uint64_t{256} << 20;
   // Bytes of each layer's pages to prefetch into L2 when WaitLayer releases it (0: none). Off by
   // default: on the H200 with kvdn's own decode attention the prefetch measured 0.73-0.90x
   // (bench/results/kernels-2026-11-30.md); for engines whose attention kernel leaves HBM latency
