@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the build tree into a temp prefix and builds + runs a consumer project that uses
-# find_package(kvdn) and kvdn::client, as an engine's build would.
+# find_package(kvdn) and kvdn::client (and kvdn::connector from a build with CUDA), as an
+# engine's build would.
 #   check_install.sh <kvdn build dir>
 set -euo pipefail
 build=$1
@@ -11,3 +12,6 @@ cmake --install "$build" --prefix "$tmp/prefix" >/dev/null
 cmake -S "$here/consumer" -B "$tmp/build" -G Ninja -DCMAKE_PREFIX_PATH="$tmp/prefix" >/dev/null
 cmake --build "$tmp/build" >/dev/null
 "$tmp/build/consumer"
+if [[ -x $tmp/build/consumer_connector ]]; then
+  "$tmp/build/consumer_connector"
+fi
