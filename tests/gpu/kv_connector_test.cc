@@ -19,6 +19,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvdn/client/client.h"
+#include "kvdn/kernels/decode_attention.h"
 #include "kvdn/testing/chunks.h"
 #include "kvdn/testing/status_matchers.h"
 
@@ -42,7 +43,7 @@ bool HaveGpu() {
 
 constexpr uint32_t kLayers = 3;
 constexpr uint32_t kKvHeads = 4;
-constexpr uint32_t kHeadDim = 64;
+constexpr uint32_t kHeadDim = 128;  // what the decode attention reads
 constexpr uint32_t kTokensPerChunk = 32;
 
 ModelSpec Model() {
@@ -71,8 +72,13 @@ class DeviceCache {
     for (uint32_t l = 0; l < kLayers; ++l) {
       for (int t = 0; t < tensors; ++t) {
         std::vector<uint16_t> host(per_tensor, 0);
-        if (random) {
-          for (auto& x : host) x = static_cast<uint16_t>(rng());
+        if (random) {  // bf16 of floats in [-2, 2): every byte pattern of a value, none NaN
+          for (auto& x : host) {
+            const float f = static_cast<float>(static_cast<int64_t>(rng() % 65536) - 32768) / 16384;
+            uint32_t bits;
+            std::memcpy(&bits, &f, 4);
+            x = static_cast<uint16_t>(bits >> 16);
+          }
         }
         void* d = nullptr;
         EXPECT_EQ(cudaMalloc(&d, per_tensor * 2), cudaSuccess);
@@ -328,8 +334,8 @@ TEST_F(KvConnectorTest, BadViewsAreRefusedBeforeAnythingMoves) {
       {"a layer missing", [](PagedKvView& v) { v.layers.pop_back(); }, "has 2 layers"},
       {"kv heads", [](PagedKvView& v) { v.layers[1].num_kv_heads = 8; },
        "layers[1].num_kv_heads is 8; the model has 4"},
-      {"head_dim", [](PagedKvView& v) { v.layers[2].head_dim = 128; },
-       "layers[2].head_dim is 128; the model has 64"},
+      {"head_dim", [](PagedKvView& v) { v.layers[2].head_dim = 64; },
+       "layers[2].head_dim is 64; the model has 128"},
       {"dtype", [](PagedKvView& v) { v.layers[0].dtype = Dtype::kFloat16; }, "layers[0].dtype"},
       {"null k", [](PagedKvView& v) { v.layers[0].k = nullptr; }, "layers[0].k is null"},
       {"null v", [](PagedKvView& v) { v.layers[1].v = nullptr; }, "layers[1].v is null"},
@@ -480,6 +486,93 @@ TEST_F(KvConnectorTest, ChunksInTheDaemonsGpuTierAreReadInPlace) {
   ASSERT_OK_AND_ASSIGN(auto remote, client::Client::Connect(tcp));
   EXPECT_THAT(remote->AcquireDescriptor(keys[0], absl::Seconds(1), /*accept_gpu=*/true).status(),
               StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("CUDA IPC")));
+}
+
+// What an engine does with a load: its decode attention on layer l right after WaitLayer(l), on
+// its own stream, while later layers may still be on their way. The output over the loaded cache
+// equals, bit for bit, the output over the cache the KV was saved from (same layout and block
+// size, other blocks).
+TEST_F(KvConnectorTest, AttentionRightAfterWaitLayerSeesTheLoadedKv) {
+  auto c = Connect(64 << 20);
+  ASSERT_NE(c, nullptr);
+  ASSERT_OK_AND_ASSIGN(auto conn, KvConnector::Create(c.get(), SmallStaging()));
+  const auto tokens = Tokens(6 * kTokensPerChunk + 8, 61);
+  const int32_t ctx = static_cast<int32_t>(tokens.size());
+  DeviceCache a(PagedKvLayout::kNhd, 16, 20, 62, /*random=*/true);
+  DeviceCache b(PagedKvLayout::kNhd, 16, 24, 63, /*random=*/false);
+  ASSERT_OK(conn->Save(tokens, a.View(), stream_).status());
+  constexpr int kQHeads = 4 * kKvHeads;
+  std::vector<uint16_t> q(kQHeads * kHeadDim);
+  std::mt19937 rng(64);
+  for (auto& x : q) x = static_cast<uint16_t>(0x3c00 + rng() % 0x300);  // bf16 in [0.0078, 0.5)
+  void* d_q = nullptr;
+  void* d_ctx = nullptr;
+  CUDA_OK(cudaMalloc(&d_q, q.size() * 2));
+  CUDA_OK(cudaMalloc(&d_ctx, 4));
+  CUDA_OK(cudaMemcpy(d_q, q.data(), q.size() * 2, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(d_ctx, &ctx, 4, cudaMemcpyHostToDevice));
+  auto args_for = [&](const PagedKvView& v, uint32_t l, void* out) {
+    kernels::DecodeAttentionArgs g;
+    g.q = d_q;
+    g.k_cache = v.layers[l].k;
+    g.v_cache = v.layers[l].v;
+    g.layout = PagedKvLayout::kNhd;
+    g.block_tables = v.block_table;
+    g.context_lens = static_cast<const int32_t*>(d_ctx);
+    g.out = out;
+    g.batch = 1;
+    g.num_q_heads = kQHeads;
+    g.num_kv_heads = kKvHeads;
+    g.head_dim = kHeadDim;
+    g.block_size = v.layers[l].block_size;
+    g.num_blocks = v.layers[l].num_blocks;
+    g.max_blocks_per_seq = v.block_table_len;
+    g.max_context_len = ctx;
+    g.num_splits = 2;  // the same plan over both caches
+    return g;
+  };
+  const size_t out_bytes = size_t{kQHeads} * kHeadDim * 2;
+  std::vector<void*> outs_a(kLayers), outs_b(kLayers);
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    CUDA_OK(cudaMalloc(&outs_a[l], out_bytes));
+    CUDA_OK(cudaMalloc(&outs_b[l], out_bytes));
+  }
+  void* workspace = nullptr;
+  {
+    ASSERT_OK_AND_ASSIGN(kernels::DecodePlan plan,
+                         kernels::PlanDecodeAttention(args_for(a.View(), 0, outs_a[0])));
+    CUDA_OK(cudaMalloc(&workspace, std::max<size_t>(plan.workspace_bytes, 16) * 2));
+  }
+  ASSERT_OK_AND_ASSIGN(auto load, conn->StartLoad(tokens, b.View()));
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    ASSERT_OK(load->WaitLayer(static_cast<int>(l), stream_));
+    kernels::DecodeAttentionArgs g = args_for(b.View(), l, outs_b[l]);
+    ASSERT_OK_AND_ASSIGN(kernels::DecodePlan plan, kernels::PlanDecodeAttention(g));
+    g.workspace = workspace;
+    g.workspace_bytes = plan.workspace_bytes;
+    ASSERT_OK(kernels::PagedDecodeAttention(g, stream_));
+  }
+  ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, load->Wait());
+  EXPECT_EQ(loaded.tokens, tokens.size());
+  CUDA_OK(cudaStreamSynchronize(stream_));
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    kernels::DecodeAttentionArgs g = args_for(a.View(), l, outs_a[l]);
+    ASSERT_OK_AND_ASSIGN(kernels::DecodePlan plan, kernels::PlanDecodeAttention(g));
+    g.workspace = workspace;
+    g.workspace_bytes = plan.workspace_bytes;
+    ASSERT_OK(kernels::PagedDecodeAttention(g, stream_));
+    CUDA_OK(cudaStreamSynchronize(stream_));
+    std::vector<uint16_t> ra(out_bytes / 2), rb(out_bytes / 2);
+    CUDA_OK(cudaMemcpy(ra.data(), outs_a[l], out_bytes, cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(rb.data(), outs_b[l], out_bytes, cudaMemcpyDeviceToHost));
+    EXPECT_TRUE(ra == rb) << "layer " << l << ": attention over the loaded KV differs";
+    EXPECT_TRUE(std::any_of(ra.begin(), ra.end(), [](uint16_t x) { return x != 0; }));
+    (void)cudaFree(outs_a[l]);
+    (void)cudaFree(outs_b[l]);
+  }
+  (void)cudaFree(workspace);
+  (void)cudaFree(d_q);
+  (void)cudaFree(d_ctx);
 }
 
 }  // namespace
