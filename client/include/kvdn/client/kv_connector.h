@@ -69,10 +69,12 @@ struct ConnectorOptions {
   // exposed.
   uint64_t l2_prefetch_bytes = 0;
   // Read chunks that kvdnd holds in its GPU tier on this connector's GPU in place, through CUDA
-  // IPC (one InjectLayer per chunk and layer, device to device), instead of through host memory.
-  // A load leases them (GetDescriptor with accept_gpu, which also promotes host chunks into the
-  // GPU tier while it has room) from the first chunk on, and fetches the rest as above. The
-  // daemon checked each chunk's checksum when it was stored; the device copy is not hashed again.
+  // IPC (one InjectChunkLayer per layer, device to device), instead of through host memory. A
+  // load leases them in one GetDescriptors call (accept_gpu, gpu_only; kvdnd also promotes host
+  // chunks into the GPU tier while it has room) from the first chunk on, and fetches the rest as
+  // above. The daemon checked each chunk's checksum when it was stored; the device copy is not
+  // hashed again. A kvdnd run with --no-gpu-tier-ipc ignores the request (loads go through host
+  // memory).
   bool use_gpu_tier = true;
 };
 
