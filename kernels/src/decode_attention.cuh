@@ -112,6 +112,34 @@ __device__ __forceinline__ void StoreEmptySplit(const DecodeParams& p, int b, in
   }
 }
 
+// The end of a split for the G query heads from q_head0: merges kParts partial results (a running
+// max m, sum l and unnormalized output o over each part's share of the split's tokens, read
+// through m_of(part, g), l_of(part, g), o_of(part, g, d)) and stores the split's result. Thread d
+// of the CTA does dimension d. A split whose tokens all had bad block-table entries (every m
+// -inf) stores zeros with weight 0. Both kernels end with it; only their shared-memory layouts
+// differ.
+template <typename T, int G, int kParts, typename MOf, typename LOf, typename OOf>
+__device__ __forceinline__ void MergePartsAndStore(const DecodeParams& p, int b, int split,
+                                                   int q_head0, MOf m_of, LOf l_of, OOf o_of) {
+  const int d = threadIdx.x;  // kDecodeThreads == kHeadDim
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int h = 0; h < kParts; ++h) mx = fmaxf(mx, m_of(h, g));
+    float lsum = 0.f, acc = 0.f;
+#pragma unroll
+    for (int h = 0; h < kParts; ++h) {
+      const float mh = m_of(h, g);
+      const float w = mh == -INFINITY ? 0.f : exp2f(mh - mx);
+      lsum += l_of(h, g) * w;
+      acc += o_of(h, g, d) * w;
+    }
+    StoreSplitResult<T>(p, b, split, q_head0 + g, d, lsum > 0.f ? acc / lsum : 0.f,
+                        lsum > 0.f ? mx + log2f(lsum) : -INFINITY);
+  }
+}
+
 // How a warp splits one K/V row: kLanes lanes per token, kDims dims per lane (kDims / 8 16-byte
 // loads per row), kTokens tokens per warp step, U steps in flight. Large groups keep 16 lanes per
 // token (registers: q and the accumulators are G x kDims floats per lane); smaller groups use 8,
@@ -311,21 +339,9 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
     for (int e = 0; e < kDims; ++e) s_acc[hw][g][sub * kDims + e] = acc[g][e];
   }
   __syncthreads();
-  const int d = threadIdx.x;  // kDecodeThreads == kHeadDim
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    float mx = -INFINITY;
-#pragma unroll
-    for (int h = 0; h < S::kGroups; ++h) mx = fmaxf(mx, s_m[h][g]);
-    float lsum = 0.f, o = 0.f;
-#pragma unroll
-    for (int h = 0; h < S::kGroups; ++h) {
-      const float w = s_m[h][g] == -INFINITY ? 0.f : exp2f(s_m[h][g] - mx);
-      lsum += s_l[h][g] * w;
-      o += s_acc[h][g][d] * w;
-    }
-    StoreSplitResult<T>(p, b, split, q_head0 + g, d, o / lsum, mx + log2f(lsum));
-  }
+  MergePartsAndStore<T, G, S::kGroups>(
+      p, b, split, q_head0, [&](int h, int g) { return s_m[h][g]; },
+      [&](int h, int g) { return s_l[h][g]; }, [&](int h, int g, int d) { return s_acc[h][g][d]; });
 }
 
 inline constexpr int kCombineThreads = kHeadDim;  // one CTA per (sequence, q head)

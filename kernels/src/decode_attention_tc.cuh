@@ -346,24 +346,10 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
     }
   }
   __syncthreads();
-  const int d = threadIdx.x;  // kDecodeThreads == kHeadDim
-#pragma unroll
-  for (int gg = 0; gg < G; ++gg) {
-    float mm = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) mm = fmaxf(mm, s_m[w * 8 + gg]);
-    float lsum = 0.f, acc = 0.f;
-#pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) {
-      const float mw = s_m[w * 8 + gg];
-      const float wt = mw == -INFINITY ? 0.f : exp2f(mw - mm);
-      lsum += s_l[w * 8 + gg] * wt;
-      acc += s_o[(w * 8 + gg) * kHeadDim + d] * wt;
-    }
-    // lsum = 0: every token of the split had a bad block-table entry; write zeros.
-    StoreSplitResult<T>(p, b, split, q_head0 + gg, d, lsum > 0.f ? acc / lsum : 0.f,
-                        lsum > 0.f ? mm + log2f(lsum) : -INFINITY);
-  }
+  MergePartsAndStore<T, G, kDecodeWarps>(
+      p, b, split, q_head0, [&](int w, int gg) { return s_m[w * 8 + gg]; },
+      [&](int w, int gg) { return s_l[w * 8 + gg]; },
+      [&](int w, int gg, int d) { return s_o[(w * 8 + gg) * kHeadDim + d]; });
 }
 
 template <typename T, int G, bool kAligned, bool kPrefetch, int kStages>
