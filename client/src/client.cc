@@ -5,7 +5,6 @@
 #include <sys/mman.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -291,14 +290,14 @@ struct Client::Impl {
   };
   Mutex dp_mu;
   std::vector<Lane> lanes ABSL_GUARDED_BY(dp_mu);  // sized at Connect
-  std::atomic<size_t> next_lane{0};
+  size_t next_lane ABSL_GUARDED_BY(dp_mu) = 0;  // the lanes are taken in turn
 
   // The session to move the next payload over (the lanes in turn), or null for gRPC. Errors only
   // with DataPlane::kUcx.
   absl::StatusOr<std::shared_ptr<DataPlaneClient>> DataPlane() {
     if (options.data_plane == ClientOptions::DataPlane::kGrpc) return nullptr;
     MutexLock lock(&dp_mu);
-    Lane& lane = lanes[next_lane.fetch_add(1, std::memory_order_relaxed) % lanes.size()];
+    Lane& lane = lanes[next_lane++ % lanes.size()];
     if (lane.dp && lane.dp->healthy()) return lane.dp;
     lane.dp.reset();
     if (absl::Now() >= lane.retry_at) {
