@@ -290,7 +290,7 @@ struct Client::Impl {
   };
   Mutex dp_mu;
   std::vector<Lane> lanes ABSL_GUARDED_BY(dp_mu);  // sized at Connect
-  size_t next_lane ABSL_GUARDED_BY(dp_mu) = 0;  // the lanes are taken in turn
+  size_t next_lane ABSL_GUARDED_BY(dp_mu) = 0;     // the lanes are taken in turn
 
   // The session to move the next payload over (the lanes in turn), or null for gRPC. Errors only
   // with DataPlane::kUcx.
