@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_split.h"
 #include "kvdn/common/chunk_format.h"
 #include "loopback_util.h"
 
@@ -36,6 +37,7 @@ struct Options {
   // kvdn's payload path: "grpc" (this benchmark's subject) or "ucx" (the data plane, for a first
   // look; bench/transfer is its benchmark).
   std::string data_plane = "grpc";
+  std::vector<std::string> transports = {"tcp", "unix"};
 };
 // The transport's ceiling: one connected pair of sockets (TCP loopback or unix), a writer thread
 // sending `value_bytes` messages and a reader receiving them into one buffer, for `seconds`.
@@ -110,10 +112,13 @@ int main(int argc, char** argv) {
       o.redis = val();
     else if (a == "--data-plane")
       o.data_plane = val();
+    else if (a == "--transports")
+      o.transports = absl::StrSplit(val(), ',');
     else {
       std::fprintf(stderr,
                    "usage: e2e_bench [--sizes-mib 1,4] [--clients 1,4] [--seconds S] "
-                   "[--rounds N] [--kvdnd PATH] [--redis PATH] [--data-plane grpc|ucx]\n");
+                   "[--rounds N] [--kvdnd PATH] [--redis PATH] [--data-plane grpc|ucx] "
+                   "[--transports tcp,unix]\n");
       return 2;
     }
   }
@@ -159,6 +164,9 @@ int main(int argc, char** argv) {
     const kvdn::ChunkInfo info = kvdn::testing::InfoForBytes(uint64_t(mib) << 20, 1);
     const std::vector<uint8_t> value = kvdn::testing::RandomChunk(info, mib);
     for (const auto& [transport, systems] : transports) {
+      if (std::find(o.transports.begin(), o.transports.end(), transport) == o.transports.end()) {
+        continue;
+      }
       const double ceiling = SocketCeilingGbps(transport == "tcp", value.size(), o.seconds / 2);
       for (int clients : o.clients) {
         // [op][system]: per-round figures.

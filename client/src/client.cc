@@ -93,7 +93,7 @@ class GetCall {
     if (!grpc::SerializationTraits<v1::GetRequest>::Serialize(req, &request, &own).ok()) {
       return absl::InternalError("GetRequest does not serialize");
     }
-    grpc::CompletionQueue cq;
+    grpc::CompletionQueue& cq = ThreadCq();
     grpc::Status status;
     {
       // The method's name as kv_service.proto declares it.
@@ -117,11 +117,6 @@ class GetCall {
         call->Finish(&status, Tag(kFinished));
       }
     }
-    cq.Shutdown();
-    void* tag;
-    bool ok;
-    while (cq.Next(&tag, &ok)) {
-    }
     if (!local_.ok()) return local_;
     if (!status.ok()) return FromGrpcStatus(status);
     if (!have_size_ || got_ != size_) {
@@ -133,6 +128,24 @@ class GetCall {
 
  private:
   enum Op : intptr_t { kStarted = 1, kWritten, kRead, kFinished };
+
+  // The calling thread's completion queue, reused by its Get calls one after another. Every tag
+  // of a call is back once kFinished is (kStarted is corked; kWritten and kRead precede it), so
+  // the queue is empty between calls. Shut down and drained when the thread ends.
+  static grpc::CompletionQueue& ThreadCq() {
+    struct Owner {
+      grpc::CompletionQueue cq;
+      ~Owner() {
+        cq.Shutdown();
+        void* tag;
+        bool ok;
+        while (cq.Next(&tag, &ok)) {
+        }
+      }
+    };
+    thread_local Owner owner;
+    return owner.cq;
+  }
   static void* Tag(Op op) { return reinterpret_cast<void*>(op); }
 
   // Hands one frame's data on. False to stop reading (the error is in local_).

@@ -180,6 +180,9 @@ void ApplyDefaults(v1::DaemonConfig* c) {
   if (c->high_watermark() == 0) c->set_high_watermark(0.95);
   if (c->low_watermark() == 0) c->set_low_watermark(0.90);
   if (c->max_frame_bytes() == 0) c->set_max_frame_bytes(1 << 20);
+  if (c->get_frame_bytes() == 0) {
+    c->set_get_frame_bytes(std::min<uint32_t>(512 << 10, c->max_frame_bytes()));
+  }
   if (c->max_concurrent_streams() == 0) c->set_max_concurrent_streams(64);
   if (c->max_call_duration_ms() == 0) c->set_max_call_duration_ms(60000);
   if (c->reservation_ttl_ms() == 0) c->set_reservation_ttl_ms(30000);
@@ -236,6 +239,11 @@ absl::Status ValidateConfig(const v1::DaemonConfig& c) {
   }
   if (c.max_frame_bytes() < 4096 || c.max_frame_bytes() > (4u << 20)) {
     return Bad("max_frame_bytes", absl::StrCat(c.max_frame_bytes(), " is outside [4096, 4 MiB]"));
+  }
+  if (c.get_frame_bytes() < 4096 || c.get_frame_bytes() > c.max_frame_bytes()) {
+    return Bad("get_frame_bytes",
+               absl::StrCat(c.get_frame_bytes(), " is outside [4096, max_frame_bytes ",
+                            c.max_frame_bytes(), "]"));
   }
   if (c.max_message_bytes() < c.max_frame_bytes() + 1024) {
     return Bad("max_message_bytes", "must exceed max_frame_bytes by at least 1024");

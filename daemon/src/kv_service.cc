@@ -190,7 +190,7 @@ class LeasePin {
   std::atomic<int> refs_{1};
 };
 
-// One Get (or Fetch) call: admission, the lease, then the chunk in frames of max_frame_bytes,
+// One Get (or Fetch) call: admission, the lease, then the chunk in frames of get_frame_bytes,
 // each a GetResponse on the wire: a small header slice plus a slice that points into the leased
 // arena bytes. The lease outlives the call by a grace period (the watchdog cancels the call at
 // max_call_duration), so every byte gRPC sends is read while the lease holds the chunk; it is
@@ -282,7 +282,7 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
                                            " expired mid-transfer; discard the bytes and retry")));
       return;
     }
-    const size_t n = std::min<size_t>(state_.config.max_frame_bytes(), bytes_.size() - off_);
+    const size_t n = std::min<size_t>(state_.config.get_frame_bytes(), bytes_.size() - off_);
     uint8_t header[proto::kMaxGetFrameHeaderBytes];
     const size_t h = proto::EncodeGetFrameHeader(off_ == 0, bytes_.size(), tier_, n, header);
     pin_->Ref();
