@@ -9,7 +9,8 @@
 //
 //   transfer_bench [--sizes-mib 1,4,32] [--clients 1,4] [--seconds 2] [--transports shm,tcp]
 //                  [--rounds 3] [--kvdnd PATH] [--redis PATH] [--ucx-perftest PATH]
-//                  [--no-receive-pool] [--host-tier-mib 4096] [--systems ucx,perftest,redis,grpc]
+//                  [--no-receive-pool] [--host-tier-mib 4096] [--get-window-mib 256]
+//                  [--systems ucx,perftest,redis,grpc]
 #include <unistd.h>
 
 #include <algorithm>
@@ -43,6 +44,9 @@ struct Options {
   std::string ucx_perftest = "ucx_perftest";
   bool receive_pool = true;
   int host_tier_mib = 4096;
+  // Gets cycle over the chunks of the last this many MiB written (at most a quarter of the host
+  // tier); one chunk's worth keeps it in the CPU caches, as ucx_perftest's one buffer is.
+  int get_window_mib = 256;
   int rounds = 3;
   int data_plane_threads = 0;  // kvdnd's --data-plane-threads; 0: its default
   // What to measure: kvdn over UCX ("ucx"), ucx_perftest, Redis, kvdn over gRPC. Leaving some
@@ -115,13 +119,16 @@ int main(int argc, char** argv) {
       o.rounds = std::max(1, std::atoi(val().c_str()));
     } else if (a == "--host-tier-mib") {
       o.host_tier_mib = std::atoi(val().c_str());
+    } else if (a == "--get-window-mib") {
+      o.get_window_mib = std::max(1, std::atoi(val().c_str()));
     } else if (a == "--no-receive-pool") {
       o.receive_pool = false;
     } else {
       std::fprintf(stderr,
                    "usage: transfer_bench [--sizes-mib 1,4,32] [--clients 1,4] [--seconds S] "
                    "[--transports shm,tcp] [--kvdnd PATH] [--redis PATH] [--ucx-perftest PATH] "
-                   "[--no-receive-pool] [--host-tier-mib N] [--rounds N] [--data-plane-threads N] "
+                   "[--no-receive-pool] [--host-tier-mib N] [--get-window-mib N] [--rounds N] "
+                   "[--data-plane-threads N] "
                    "[--systems "
                    "ucx,perftest,redis,grpc]\n");
       return 2;
@@ -210,9 +217,9 @@ int main(int argc, char** argv) {
           }
           for (int s = 0; s < 3; ++s) {
             if (o.systems.count(names[s]) == 0) continue;
-            auto [p, g] =
-                PutThenGet(systems[s], clients, o.seconds, value, key_base,
-                           std::min<uint64_t>(256ull << 20, (uint64_t(o.host_tier_mib) << 20) / 4));
+            auto [p, g] = PutThenGet(systems[s], clients, o.seconds, value, key_base,
+                                     std::min<uint64_t>(uint64_t(o.get_window_mib) << 20,
+                                                        (uint64_t(o.host_tier_mib) << 20) / 4));
             key_base += 1000000;
             if (s == 1) servers.FlushRedis();
             if (!p.ok || !g.ok) {
