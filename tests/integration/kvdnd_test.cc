@@ -65,6 +65,20 @@ std::vector<ByteSpan> Spans(const std::vector<std::vector<uint8_t>>& v) {
   return {v.begin(), v.end()};
 }
 
+// Loads `tokens` into fresh buffers of the sizes of `payloads` (filled with 0xEE first), kept in
+// `got`.
+absl::StatusOr<client::LoadResult> LoadLike(client::Client& c, const std::vector<int32_t>& tokens,
+                                            const std::vector<std::vector<uint8_t>>& payloads,
+                                            std::vector<std::vector<uint8_t>>* got) {
+  got->assign(payloads.size(), {});
+  std::vector<MutableByteSpan> bufs;
+  for (size_t i = 0; i < got->size(); ++i) {
+    (*got)[i].assign(payloads[i].size(), 0xEE);
+    bufs.emplace_back((*got)[i]);
+  }
+  return c.Load(tokens, bufs);
+}
+
 template <typename T>
 T ValueOr(const absl::StatusOr<T>& s) {
   EXPECT_TRUE(s.ok()) << s.status();
@@ -98,13 +112,8 @@ TEST_F(KvdndTest, SaveLoadRoundTripIsBitIdenticalOverUnixAndTcp) {
     auto payloads = Payloads(*c, tokens.size(), 11 + target.size());
     ASSERT_OK_AND_ASSIGN(client::SaveResult saved, c->Save(tokens, Spans(payloads)));
     EXPECT_EQ(saved.chunks_stored, 6u);
-    std::vector<std::vector<uint8_t>> got(payloads.size());
-    std::vector<MutableByteSpan> bufs;
-    for (size_t i = 0; i < got.size(); ++i) {
-      got[i].assign(payloads[i].size(), 0xEE);
-      bufs.emplace_back(got[i]);
-    }
-    ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, c->Load(tokens, bufs));
+    std::vector<std::vector<uint8_t>> got;
+    ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, LoadLike(*c, tokens, payloads, &got));
     EXPECT_EQ(loaded.tokens, tokens.size());
     EXPECT_EQ(loaded.chunks, 6u);
     EXPECT_EQ(got, payloads);
@@ -146,13 +155,8 @@ TEST_F(OddGetFramesTest, ChunksReassembleBitIdentical) {
     const auto tokens = Tokens(16 * 3 + 5, target.size() + 3);
     auto payloads = Payloads(*c, tokens.size(), 21 + target.size());
     ASSERT_OK(c->Save(tokens, Spans(payloads)).status());
-    std::vector<std::vector<uint8_t>> got(payloads.size());
-    std::vector<MutableByteSpan> bufs;
-    for (size_t i = 0; i < got.size(); ++i) {
-      got[i].assign(payloads[i].size(), 0xEE);
-      bufs.emplace_back(got[i]);
-    }
-    ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, c->Load(tokens, bufs));
+    std::vector<std::vector<uint8_t>> got;
+    ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, LoadLike(*c, tokens, payloads, &got));
     EXPECT_EQ(loaded.chunks, payloads.size());
     EXPECT_EQ(got, payloads);
   }
