@@ -4,6 +4,7 @@
 #ifndef KVDN_BENCH_LOOPBACK_UTIL_H_
 #define KVDN_BENCH_LOOPBACK_UTIL_H_
 
+#include <grpcpp/grpcpp.h>
 #include <hiredis/hiredis.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -34,6 +35,7 @@
 #include "kvdn/client/client.h"
 #include "kvdn/testing/chunks.h"
 #include "kvdn/testing/waiting.h"
+#include "kvdn/v1/admin_service.grpc.pb.h"
 
 namespace kvdn::bench {
 
@@ -113,17 +115,18 @@ class Servers {
       error_ = "kvdnd did not start: " + CommandOutput(("cat " + dir_ + "/kvdnd.log").c_str());
       return;
     }
-    // kvdnd faults its host arena in on a background thread: wait for that to end, so it does not
-    // take CPU from the first measurements.
-    const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
-    const uint64_t arena = o.host_tier_bytes;
-    for (int i = 0; i < 600; ++i) {
-      uint64_t size_pages = 0, resident_pages = 0;
-      std::ifstream statm("/proc/" + std::to_string(kvdnd_) + "/statm");
-      if (!(statm >> size_pages >> resident_pages) || resident_pages * page >= arena * 95 / 100) {
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    // kvdnd faults its host arena in on a background thread: wait for that to end (its stats say
+    // when), so it does not take CPU from the first measurements.
+    auto admin = v1::AdminService::NewStub(client::MakeChannel(kvdn_unix()));
+    for (int i = 0; i < 1200; ++i) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+      v1::GetStatsResponse s;
+      if (!admin->GetStats(&ctx, {}, &s).ok()) break;
+      bool done = true;
+      for (const auto& t : s.tiers()) done = done && t.prefaulted_bytes() >= t.capacity_bytes();
+      if (done) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
     for (int i = 0; i < 100; ++i) {  // redis listening
       if (redisContext* rc = redisConnectUnix(redis_sock_.c_str()); rc != nullptr) {

@@ -78,6 +78,13 @@ int Stats(v1::AdminService::Stub& stub, const Globals& g) {
            absl::StrCat(ts.checksum_failures())});
   }
   std::printf("%s", t.Render().c_str());
+  for (const auto& ts : r.tiers()) {
+    if (ts.present() && ts.prefaulted_bytes() < ts.capacity_bytes()) {
+      std::printf("%s tier: %s of %s faulted in (writes into the rest take page faults)\n",
+                  TierName(ts.tier()), HumanBytes(ts.prefaulted_bytes()).c_str(),
+                  HumanBytes(ts.capacity_bytes()).c_str());
+    }
+  }
   std::printf(
       "commits %llu (refused %llu)  reservations %llu active, %llu expired  leases %llu "
       "active, %llu expired  in %s  out %s\n",

@@ -54,6 +54,7 @@ grpc::Status AdminServiceImpl::GetStats(grpc::ServerContext* ctx, const v1::GetS
     o->set_bytes(ts.bytes);
     o->set_used_bytes(ts.used_bytes);
     o->set_capacity_bytes(ts.capacity_bytes);
+    o->set_prefaulted_bytes(ts.prefaulted_bytes);
     o->set_hits(ts.hits);
     o->set_misses(ts.misses);
     o->set_evictions(ts.evictions);

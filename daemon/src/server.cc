@@ -71,6 +71,10 @@ void CollectStore(const ServerState& state, MetricsWriter& w) {
     w.Gauge("kvdn_tier_used_bytes", "Bytes the tier has handed out, reservations included.", l,
             ts.used_bytes);
     w.Gauge("kvdn_tier_capacity_bytes", "Configured capacity of the tier.", l, ts.capacity_bytes);
+    w.Gauge("kvdn_tier_prefaulted_bytes",
+            "Bytes of the tier's memory backed by pages (below capacity while the host arena is "
+            "still being faulted in at start).",
+            l, ts.prefaulted_bytes);
     w.Counter("kvdn_tier_hits_total", "Reads served first by this tier.", l, ts.hits);
     w.Counter("kvdn_tier_misses_total", "Reads that looked in this tier and missed.", l, ts.misses);
     w.Counter("kvdn_tier_evictions_total", "Chunks removed from this tier to make room.", l,

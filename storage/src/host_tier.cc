@@ -58,6 +58,8 @@ absl::StatusOr<std::unique_ptr<HostTier>> HostTier::Create(const HostTierOptions
   }
   std::unique_ptr<HostTier> tier(
       new HostTier(static_cast<uint8_t*>(p), capacity, options, pinned, raw, capacity + kHuge));
+  // Faulted in above, or by the GPU registration.
+  if ((options.prefault && !background) || pinned) tier->prefaulted_.store(capacity);
   if (background) {
     HostTier* t = tier.get();
     tier->prefault_thread_ = std::thread([t, p, capacity] {
@@ -73,6 +75,7 @@ absl::StatusOr<std::unique_ptr<HostTier>> HostTier::Create(const HostTierOptions
             b->fetch_add(0, std::memory_order_relaxed);
           }
         }
+        t->prefaulted_.store(off + n, std::memory_order_relaxed);
       }
     });
   }

@@ -536,6 +536,7 @@ StoreStats TieredStore::Stats() const {
     ts.bytes = s.lru[t].bytes;
     ts.used_bytes = TierUsed(t);
     ts.capacity_bytes = t == kDisk ? disk_->capacity_bytes() : MemTier(t)->capacity_bytes();
+    ts.prefaulted_bytes = t == kDisk ? ts.capacity_bytes : MemTier(t)->prefaulted_bytes();
   }
   if (disk_) out.tiers[kDisk].checksum_failures = disk_->checksum_failures();
   out.reservations_active = s.reservations.size();

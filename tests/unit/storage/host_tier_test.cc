@@ -1,6 +1,8 @@
 #include "kvdn/storage/host_tier.h"
 
+#include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "gtest/gtest.h"
 #include "kvdn/testing/chunks.h"
@@ -57,6 +59,29 @@ TEST(HostTierTest, BadOptions) {
   EXPECT_THAT(HostTier::Create({.capacity_bytes = 1 << 20,
                                 .watermarks = {.high_watermark = 0.5, .low_watermark = 0.7}}),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("watermarks")));
+}
+
+// prefaulted_bytes: the whole arena at once when faulted in by Create, growing to it when faulted
+// in on the background thread, none with prefault off.
+TEST(HostTierTest, PrefaultedBytesReportTheArenaFaultedIn) {
+  const uint64_t cap = 160 << 20;  // more than one 64 MiB step of the background thread
+  ASSERT_OK_AND_ASSIGN(auto now, HostTier::Create({.capacity_bytes = cap, .pin_for_gpu = false}));
+  EXPECT_EQ(now->prefaulted_bytes(), cap);
+  ASSERT_OK_AND_ASSIGN(
+      auto off, HostTier::Create({.capacity_bytes = cap, .prefault = false, .pin_for_gpu = false}));
+  EXPECT_EQ(off->prefaulted_bytes(), 0u);
+  ASSERT_OK_AND_ASSIGN(
+      auto bg, HostTier::Create(
+                   {.capacity_bytes = cap, .prefault_in_background = true, .pin_for_gpu = false}));
+  uint64_t last = 0;
+  for (int i = 0; i < 2000 && bg->prefaulted_bytes() < cap; ++i) {
+    const uint64_t p = bg->prefaulted_bytes();
+    EXPECT_GE(p, last);  // never goes back
+    EXPECT_LE(p, cap);
+    last = p;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(bg->prefaulted_bytes(), cap);
 }
 
 }  // namespace

@@ -36,6 +36,7 @@ class HostTier final : public MemoryTier {
   TierKind kind() const override { return TierKind::kHost; }
   TierCaps caps() const override { return {.host_addressable = true}; }
   bool pinned() const { return pinned_; }
+  uint64_t prefaulted_bytes() const override { return prefaulted_.load(std::memory_order_relaxed); }
   // The arena, for registering it once with a transport.
   uint8_t* arena_base() const { return base_; }
 
@@ -54,6 +55,7 @@ class HostTier final : public MemoryTier {
   const uint64_t mapping_bytes_;
   const bool pinned_;
   std::atomic<bool> stop_prefault_{false};
+  std::atomic<uint64_t> prefaulted_{0};
   std::thread prefault_thread_;
 };
 

@@ -30,6 +30,10 @@ class MemoryTier : public Tier {
 
   uint64_t capacity_bytes() const override { return capacity_; }
   uint64_t used_bytes() const override;
+  // Bytes of the tier's memory already backed by pages. The capacity, but for a host arena still
+  // being faulted in on a background thread at start (or not at all, prefault off): until then a
+  // write into the rest takes page faults, and a benchmark measures the faulting.
+  virtual uint64_t prefaulted_bytes() const { return capacity_; }
   const WatermarkOptions& watermarks() const override { return watermarks_; }
   // Bytes that the allocator would hand out for a request of `size`.
   uint64_t RoundUp(uint64_t size) const;

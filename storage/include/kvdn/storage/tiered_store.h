@@ -64,11 +64,12 @@ struct TierStats {
   uint64_t bytes = 0;       // committed chunk bytes held in this tier
   uint64_t used_bytes = 0;  // bytes the tier has handed out (memory tiers add reservations)
   uint64_t capacity_bytes = 0;
-  uint64_t hits = 0;        // Acquire found the chunk in this tier first
-  uint64_t misses = 0;      // Acquire looked in this tier and did not find it
-  uint64_t evictions = 0;   // chunks removed from this tier to make room
-  uint64_t demotions = 0;   // of those, chunks moved down into the next tier
-  uint64_t promotions = 0;  // chunks moved up into this tier
+  uint64_t prefaulted_bytes = 0;  // memory tiers: MemoryTier::prefaulted_bytes; disk: capacity
+  uint64_t hits = 0;              // Acquire found the chunk in this tier first
+  uint64_t misses = 0;            // Acquire looked in this tier and did not find it
+  uint64_t evictions = 0;         // chunks removed from this tier to make room
+  uint64_t demotions = 0;         // of those, chunks moved down into the next tier
+  uint64_t promotions = 0;        // chunks moved up into this tier
   uint64_t checksum_failures = 0;
 };
 
