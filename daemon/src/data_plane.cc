@@ -103,6 +103,7 @@ const DataPlane::Lane& DataPlane::LeastLoaded(const std::vector<Lane>& lanes) co
   for (const Lane& lane : lanes) {
     size_t n = 0;
     for (const auto& [id, s] : sessions_) n += s.transport == lane.transport.get() ? 1 : 0;
+    if (auto it = opening_.find(lane.transport.get()); it != opening_.end()) n += it->second;
     if (n < best_sessions) {
       best = &lane;
       best_sessions = n;
@@ -136,12 +137,18 @@ absl::StatusOr<v1::OpenDataPlaneResponse> DataPlane::Open(const v1::OpenDataPlan
           sessions_.size(), " data-plane sessions open (max_data_plane_sessions); close some"));
     }
     lane = &LeastLoaded(local ? local_ : remote_);
+    ++opening_[lane->transport.get()];
   }
   transfer::UcxTransport* t = lane->transport.get();
   transfer::ConnectOptions co;
   co.peer_pid = local ? req.pid() : 0;
   auto peer = t->Connect(req.worker_address(), co);
+  auto opened = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (--opening_[t] == 0) opening_.erase(t);
+  };
   if (!peer.ok()) {
+    MutexLock lock(&mu_);
+    opened();
     return absl::Status(peer.status().code(),
                         absl::StrCat("worker_address: ", peer.status().message()));
   }
@@ -149,6 +156,7 @@ absl::StatusOr<v1::OpenDataPlaneResponse> DataPlane::Open(const v1::OpenDataPlan
   v1::OpenDataPlaneResponse resp;
   {
     MutexLock lock(&mu_);
+    opened();  // in the same critical section as the insert: LeastLoaded counts it once throughout
     // Checked again: other sessions may have opened while this one connected.
     if (sessions_.size() >= state_.config.max_data_plane_sessions()) {
       t->Disconnect(*peer);

@@ -91,6 +91,9 @@ class DataPlane {
 
   mutable Mutex mu_;
   absl::flat_hash_map<uint64_t, Session> sessions_ ABSL_GUARDED_BY(mu_);
+  // Sessions being opened (chosen a lane, connecting) per lane: counted by LeastLoaded, so opens
+  // that run at once (a client opening its lanes together) spread over the lanes.
+  absl::flat_hash_map<const transfer::UcxTransport*, int> opening_ ABSL_GUARDED_BY(mu_);
   uint64_t next_session_ ABSL_GUARDED_BY(mu_) = 1;
 };
 

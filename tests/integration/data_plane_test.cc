@@ -16,6 +16,8 @@
 #include <thread>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "daemon_process.h"
 #include "kvdn/client/client.h"
 #include "kvdn/common/chunk_format.h"
@@ -224,6 +226,46 @@ TEST(DataPlaneLanesTest, OneClientsLanesLandOnTheDaemonsLanes) {
   }
   EXPECT_EQ(local_lanes_with_a_peer, 2);
   EXPECT_EQ(LeasesActive(daemon.unix_target()), 0u);
+}
+
+// A client's first transfer opens all its lanes at once (not one per transfer as they come up):
+// after a single Get, kvdnd has a session from each of the client's 4 lanes.
+TEST(DataPlaneLanesTest, TheFirstTransferOpensEveryLane) {
+  TempDir dir;
+  DaemonProcess daemon(dir.path());
+  std::string err;
+  ASSERT_TRUE(daemon.Start({"--data-plane-threads", "2"}, &err)) << err;
+  client::ClientOptions o;
+  o.target = daemon.unix_target();
+  o.model = {"lanes-open", 2, 2, 64, Dtype::kBFloat16, 16};
+  o.data_plane = client::ClientOptions::DataPlane::kUcx;
+  o.data_plane_lanes = 4;
+  ASSERT_OK_AND_ASSIGN(auto c, client::Client::Connect(o));
+  const auto chunk = testing::RandomChunk(testing::InfoForBytes(64 << 10), 9);
+  const ChunkKey key = testing::KeyFor(4242, "lanes-open");
+  {
+    client::ClientOptions g = o;  // stored over gRPC: this client's lanes stay closed
+    g.data_plane = client::ClientOptions::DataPlane::kGrpc;
+    ASSERT_OK_AND_ASSIGN(auto w, client::Client::Connect(g));
+    ASSERT_OK(w->PutEncoded(key, chunk).status());
+  }
+  std::vector<uint8_t> back(chunk.size());
+  ASSERT_OK_AND_ASSIGN(uint64_t n, c->GetEncoded(key, MutableByteSpan(back)));
+  EXPECT_EQ(n, chunk.size());
+  EXPECT_TRUE(back == chunk);
+  auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon.unix_target()));
+  grpc::ClientContext ctx;
+  v1::GetStatsResponse st;
+  ASSERT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
+  int sessions = 0;
+  for (const auto& tr : st.transports()) {
+    const size_t at = tr.find("peers=[");
+    if (!absl::StartsWith(tr, "ucx-local[") || at == std::string::npos) continue;
+    const std::string peers = tr.substr(at + 7, tr.find(']', at) - at - 7);
+    const std::vector<std::string> each = absl::StrSplit(peers, ' ', absl::SkipEmpty());
+    sessions += static_cast<int>(each.size());
+  }
+  EXPECT_EQ(sessions, 4) << absl::StrJoin(st.transports(), "\n");
 }
 
 // GetDescriptors leases a run of chunks in one call: from the first key to the first that is not
