@@ -149,16 +149,31 @@ TEST_F(DataPlaneTest, ThirtyTwoMiBChunksAndManyConcurrentTransfers) {
   EXPECT_EQ(LeasesActive(daemon_.unix_target()), 0u);
 }
 
+// kvdnd with two lanes of each transport kind.
+class DataPlaneLanesTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string err;
+    ASSERT_TRUE(daemon_.Start({"--data-plane-threads", "2"}, &err)) << err;
+  }
+  // kvdnd's transports as GetStats lists them ("ucx-local[i]: ... peers=[...]").
+  std::vector<std::string> Transports() {
+    auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
+    grpc::ClientContext ctx;
+    v1::GetStatsResponse st;
+    EXPECT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
+    return {st.transports().begin(), st.transports().end()};
+  }
+  TempDir dir_;
+  DaemonProcess daemon_{dir_.path()};
+};
+
 // With two lanes per transport kind, sessions go to the least loaded: two clients on this host
 // land on different shared-memory lanes, and both move bytes correctly.
-TEST(DataPlaneLanesTest, SessionsSpreadOverLanes) {
+TEST_F(DataPlaneLanesTest, SessionsSpreadOverLanes) {
   using DP = client::ClientOptions::DataPlane;
-  TempDir dir;
-  DaemonProcess daemon(dir.path());
-  std::string err;
-  ASSERT_TRUE(daemon.Start({"--data-plane-threads", "2"}, &err)) << err;
-  auto a = Connect(daemon.unix_target(), DP::kUcx);
-  auto b = Connect(daemon.unix_target(), DP::kUcx);
+  auto a = Connect(daemon_.unix_target(), DP::kUcx);
+  auto b = Connect(daemon_.unix_target(), DP::kUcx);
   const auto t = Tokens(256 * 2, 9);
   std::vector<std::vector<uint8_t>> p;
   for (uint64_t s : a->ChunkPayloadSizes(t.size())) p.push_back(RandomBytes(s, 90 + p.size()));
@@ -170,12 +185,8 @@ TEST(DataPlaneLanesTest, SessionsSpreadOverLanes) {
   for (auto& x : g) bufs.emplace_back(x);
   ASSERT_OK(b->Load(t, bufs).status());
   EXPECT_TRUE(g == p);
-  auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon.unix_target()));
-  grpc::ClientContext ctx;
-  v1::GetStatsResponse st;
-  ASSERT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
   int local_lanes_with_a_peer = 0, remote_lanes = 0;
-  for (const auto& tr : st.transports()) {
+  for (const auto& tr : Transports()) {
     if (absl::StartsWith(tr, "ucx-local[") && absl::StrContains(tr, "peers=[posix")) {
       ++local_lanes_with_a_peer;
     }
@@ -188,13 +199,9 @@ TEST(DataPlaneLanesTest, SessionsSpreadOverLanes) {
 // One client with two lanes (data_plane_lanes): its chunks travel over two sessions, which the
 // daemon puts on its two shared-memory lanes, bytes identical, no lease left; a lane count out of
 // range is refused naming the option.
-TEST(DataPlaneLanesTest, OneClientsLanesLandOnTheDaemonsLanes) {
-  TempDir dir;
-  DaemonProcess daemon(dir.path());
-  std::string err;
-  ASSERT_TRUE(daemon.Start({"--data-plane-threads", "2"}, &err)) << err;
+TEST_F(DataPlaneLanesTest, OneClientsLanesLandOnTheDaemonsLanes) {
   client::ClientOptions o;
-  o.target = daemon.unix_target();
+  o.target = daemon_.unix_target();
   o.model = {"lanes-test", 4, 2, 64, Dtype::kBFloat16, 256};
   o.data_plane = client::ClientOptions::DataPlane::kUcx;
   o.data_plane_lanes = 2;
@@ -214,29 +221,21 @@ TEST(DataPlaneLanesTest, OneClientsLanesLandOnTheDaemonsLanes) {
   ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, c->Load(t, bufs));
   EXPECT_EQ(loaded.chunks, 9u);
   EXPECT_TRUE(g == p);
-  auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon.unix_target()));
-  grpc::ClientContext ctx;
-  v1::GetStatsResponse st;
-  ASSERT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
   int local_lanes_with_a_peer = 0;
-  for (const auto& tr : st.transports()) {
+  for (const auto& tr : Transports()) {
     if (absl::StartsWith(tr, "ucx-local[") && absl::StrContains(tr, "peers=[posix")) {
       ++local_lanes_with_a_peer;
     }
   }
   EXPECT_EQ(local_lanes_with_a_peer, 2);
-  EXPECT_EQ(LeasesActive(daemon.unix_target()), 0u);
+  EXPECT_EQ(LeasesActive(daemon_.unix_target()), 0u);
 }
 
 // A client's first transfer opens all its lanes at once (not one per transfer as they come up):
 // after a single Get, kvdnd has a session from each of the client's 4 lanes.
-TEST(DataPlaneLanesTest, TheFirstTransferOpensEveryLane) {
-  TempDir dir;
-  DaemonProcess daemon(dir.path());
-  std::string err;
-  ASSERT_TRUE(daemon.Start({"--data-plane-threads", "2"}, &err)) << err;
+TEST_F(DataPlaneLanesTest, TheFirstTransferOpensEveryLane) {
   client::ClientOptions o;
-  o.target = daemon.unix_target();
+  o.target = daemon_.unix_target();
   o.model = {"lanes-open", 2, 2, 64, Dtype::kBFloat16, 16};
   o.data_plane = client::ClientOptions::DataPlane::kUcx;
   o.data_plane_lanes = 4;
@@ -253,19 +252,15 @@ TEST(DataPlaneLanesTest, TheFirstTransferOpensEveryLane) {
   ASSERT_OK_AND_ASSIGN(uint64_t n, c->GetEncoded(key, MutableByteSpan(back)));
   EXPECT_EQ(n, chunk.size());
   EXPECT_TRUE(back == chunk);
-  auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon.unix_target()));
-  grpc::ClientContext ctx;
-  v1::GetStatsResponse st;
-  ASSERT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
   int sessions = 0;
-  for (const auto& tr : st.transports()) {
+  for (const auto& tr : Transports()) {
     const size_t at = tr.find("peers=[");
     if (!absl::StartsWith(tr, "ucx-local[") || at == std::string::npos) continue;
     const std::string peers = tr.substr(at + 7, tr.find(']', at) - at - 7);
     const std::vector<std::string> each = absl::StrSplit(peers, ' ', absl::SkipEmpty());
     sessions += static_cast<int>(each.size());
   }
-  EXPECT_EQ(sessions, 4) << absl::StrJoin(st.transports(), "\n");
+  EXPECT_EQ(sessions, 4) << absl::StrJoin(Transports(), "\n");
 }
 
 // GetDescriptors leases a run of chunks in one call: from the first key to the first that is not
