@@ -61,6 +61,18 @@ std::vector<uint8_t> Random(size_t n, std::mt19937_64& rng) {
   return v;
 }
 
+// The cache the bad-argument tests start from: 2 blocks of 16 tokens, 1 head of 32 (NHD).
+PagedKvLayer TinyCache(void* k, void* v) {
+  PagedKvLayer cache;
+  cache.k = k;
+  cache.v = v;
+  cache.num_blocks = 2;
+  cache.block_size = 16;
+  cache.num_kv_heads = 1;
+  cache.head_dim = 32;
+  return cache;
+}
+
 class KernelsTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -200,13 +212,7 @@ TEST_F(KernelsTest, BadBlockTableEntriesAreSkippedNotWritten) {
 
 TEST_F(KernelsTest, BadCopyArgumentsAreInvalidArgument) {
   DeviceBuffer k(4096), v(4096), src(4096), table(64);
-  PagedKvLayer cache;
-  cache.k = k.get();
-  cache.v = v.get();
-  cache.num_blocks = 2;
-  cache.block_size = 16;
-  cache.num_kv_heads = 1;
-  cache.head_dim = 32;
+  const PagedKvLayer cache = TinyCache(k.get(), v.get());
   TokenRange r{table.as<int32_t>(), 2, 0, 32};
   EXPECT_OK(InjectLayer(src.get(), cache, r, nullptr));
   EXPECT_THAT(InjectLayer(src.get(), cache, {table.as<int32_t>(), 2, 1, 32}, nullptr),
@@ -317,13 +323,7 @@ TEST_F(KernelsTest, InjectChunkLayerWritesWhatInjectLayerWritesChunkByChunk) {
   }
   // Bad sources.
   DeviceBuffer k(4096), v(4096), src(4096), table(64), dev(64);
-  PagedKvLayer cache;
-  cache.k = k.get();
-  cache.v = v.get();
-  cache.num_blocks = 2;
-  cache.block_size = 16;
-  cache.num_kv_heads = 1;
-  cache.head_dim = 32;
+  const PagedKvLayer cache = TinyCache(k.get(), v.get());
   const std::vector<ChunkSource> one = {{src.get(), 0, 32}};
   const auto* d = dev.as<ChunkSource>();
   EXPECT_THAT(InjectChunkLayer(one, nullptr, 0, cache, table.as<int32_t>(), 2, nullptr),
