@@ -219,14 +219,17 @@ class Conn {
 
 class KvdnConn final : public Conn {
  public:
+  // `tune`, when set, changes the client's options last (lanes, parts, ...).
   KvdnConn(const std::string& target, client::ClientOptions::DataPlane data_plane,
-           const std::string& ucx_transports = "", uint64_t receive_pool_bytes = 0) {
+           const std::string& ucx_transports = "", uint64_t receive_pool_bytes = 0,
+           const std::function<void(client::ClientOptions&)>& tune = nullptr) {
     client::ClientOptions o;
     o.target = target;
     o.model = {"bench", 1, 1, 64, Dtype::kBFloat16, 256};
     o.data_plane = data_plane;
     o.ucx_transports = ucx_transports;
     o.receive_pool_bytes = receive_pool_bytes;
+    if (tune) tune(o);
     auto c = client::Client::Connect(o);
     if (!c.ok()) {
       std::fprintf(stderr, "kvdn connect %s: %s\n", target.c_str(), c.status().ToString().c_str());

@@ -10,7 +10,7 @@
 //   transfer_bench [--sizes-mib 1,4,32] [--clients 1,4] [--seconds 2] [--transports shm,tcp]
 //                  [--rounds 3] [--kvdnd PATH] [--redis PATH] [--ucx-perftest PATH]
 //                  [--no-receive-pool] [--host-tier-mib 4096] [--get-window-mib 256]
-//                  [--systems ucx,perftest,redis,grpc]
+//                  [--systems ucx,perftest,redis,grpc] [--lanes N] [--part-kib N]
 #include <unistd.h>
 
 #include <algorithm>
@@ -49,6 +49,8 @@ struct Options {
   int get_window_mib = 256;
   int rounds = 3;
   int data_plane_threads = 0;  // kvdnd's --data-plane-threads; 0: its default
+  int lanes = 0;               // the client's data_plane_lanes; 0: its default
+  int part_kib = -1;       // the client's part_bytes in KiB (0: whole); -1: its default
   // What to measure: kvdn over UCX ("ucx"), ucx_perftest, Redis, kvdn over gRPC. Leaving some
   // out is for diagnosis (profiling one of them); a recorded run measures all.
   std::set<std::string> systems = {"ucx", "perftest", "redis", "grpc"};
@@ -121,6 +123,10 @@ int main(int argc, char** argv) {
       o.host_tier_mib = std::atoi(val().c_str());
     } else if (a == "--get-window-mib") {
       o.get_window_mib = std::max(1, std::atoi(val().c_str()));
+    } else if (a == "--lanes") {
+      o.lanes = std::atoi(val().c_str());
+    } else if (a == "--part-kib") {
+      o.part_kib = std::atoi(val().c_str());
     } else if (a == "--no-receive-pool") {
       o.receive_pool = false;
     } else {
@@ -128,7 +134,7 @@ int main(int argc, char** argv) {
                    "usage: transfer_bench [--sizes-mib 1,4,32] [--clients 1,4] [--seconds S] "
                    "[--transports shm,tcp] [--kvdnd PATH] [--redis PATH] [--ucx-perftest PATH] "
                    "[--no-receive-pool] [--host-tier-mib N] [--get-window-mib N] [--rounds N] "
-                   "[--data-plane-threads N] "
+                   "[--data-plane-threads N] [--lanes N] [--part-kib N] "
                    "[--systems "
                    "ucx,perftest,redis,grpc]\n");
       return 2;
@@ -186,7 +192,13 @@ int main(int argc, char** argv) {
       const std::string tls = UcxTls(transport);
       const uint64_t pool = o.receive_pool ? 2 * value.size() + (1 << 20) : 0;
       std::function<std::unique_ptr<Conn>()> systems[3] = {
-          [&] { return std::unique_ptr<Conn>(new KvdnConn(target, DataPlane::kUcx, tls, pool)); },
+          [&] {
+            return std::unique_ptr<Conn>(
+                new KvdnConn(target, DataPlane::kUcx, tls, pool, [&](kvdn::client::ClientOptions& c) {
+                  c.data_plane_lanes = o.lanes;
+                  if (o.part_kib >= 0) c.part_bytes = uint64_t(o.part_kib) << 10;
+                }));
+          },
           [&] {
             return std::unique_ptr<Conn>(shm ? new RedisConn(servers.redis_sock(), 0)
                                              : new RedisConn("", servers.redis_port()));

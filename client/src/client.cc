@@ -59,6 +59,10 @@ absl::Status ValidateOptions(const ClientOptions& o) {
     return absl::InvalidArgumentError("ClientOptions.frame_bytes outside [4096, 4 MiB]");
   }
   if (o.async_threads < 1) return absl::InvalidArgumentError("ClientOptions.async_threads < 1");
+  if (o.part_bytes != 0 && o.part_bytes < 4096) {
+    return absl::InvalidArgumentError(absl::StrCat("ClientOptions.part_bytes ",
+                                                   o.part_bytes, " below 4096 (0: whole)"));
+  }
   if (o.data_plane_lanes < 0 || o.data_plane_lanes > 64) {
     return absl::InvalidArgumentError(
         absl::StrCat("ClientOptions.data_plane_lanes ", o.data_plane_lanes, " outside [0, 64]"));
@@ -308,43 +312,89 @@ struct Client::Impl {
   // The session to move the next payload over (the lanes in turn), or null for gRPC. Errors only
   // with DataPlane::kUcx.
   absl::StatusOr<std::shared_ptr<DataPlaneClient>> DataPlane() {
-    if (options.data_plane == ClientOptions::DataPlane::kGrpc) return nullptr;
+    KVDN_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<DataPlaneClient>> d, DataPlanes(1));
+    return d.empty() ? nullptr : std::move(d[0]);
+  }
+
+  // The sessions of the next `k` lanes in turn (fewer when there are fewer lanes, or some cannot
+  // open now), or none for gRPC. Errors only with DataPlane::kUcx, when no lane is open.
+  absl::StatusOr<std::vector<std::shared_ptr<DataPlaneClient>>> DataPlanes(size_t k) {
+    std::vector<std::shared_ptr<DataPlaneClient>> out;
+    if (options.data_plane == ClientOptions::DataPlane::kGrpc) return out;
     MutexLock lock(&dp_mu);
-    Lane& lane = lanes[next_lane++ % lanes.size()];
-    if (lane.dp && lane.dp->healthy()) return lane.dp;
-    lane.dp.reset();
-    const absl::Time now = absl::Now();
-    if (now >= lane.retry_at) {
-      // This lane and every other one closed and due are opened together, each on a thread of its
-      // own: an open is an RPC, a UCX worker and a connection (~5 ms on the 2-core VM), so 8 lanes
-      // opened one after another as they came up delayed a client's first Load by ~35 ms.
-      std::vector<Lane*> due = {&lane};
-      for (Lane& l : lanes) {
-        if (&l != &lane && !(l.dp && l.dp->healthy()) && now >= l.retry_at) due.push_back(&l);
+    k = std::clamp<size_t>(k, 1, lanes.size());
+    std::vector<Lane*> picked;
+    bool closed = false;
+    for (size_t i = 0; i < k; ++i) {
+      Lane& lane = lanes[next_lane++ % lanes.size()];
+      if (!(lane.dp && lane.dp->healthy())) {
+        lane.dp.reset();
+        closed = true;
       }
-      std::vector<absl::StatusOr<std::shared_ptr<DataPlaneClient>>> opened(due.size());
-      std::vector<std::thread> helpers;
-      for (size_t i = 1; i < due.size(); ++i) {
-        helpers.emplace_back([this, &opened, i] { opened[i] = OpenSession(); });
-      }
-      opened[0] = OpenSession();
-      for (std::thread& t : helpers) t.join();
-      for (size_t i = 0; i < due.size(); ++i) {
-        if (opened[i].ok()) {
-          due[i]->dp = *std::move(opened[i]);
-        } else {
-          due[i]->dp.reset();
-          due[i]->error = opened[i].status();
-          due[i]->retry_at = absl::Now() + absl::Seconds(5);
-        }
-      }
-      if (lane.dp) return lane.dp;
+      picked.push_back(&lane);
     }
-    if (options.data_plane == ClientOptions::DataPlane::kUcx) {
+    if (closed) OpenDueLanes();
+    for (Lane* lane : picked) {
+      if (lane->dp) out.push_back(lane->dp);
+    }
+    if (out.empty() && options.data_plane == ClientOptions::DataPlane::kUcx) {
       return absl::UnavailableError(
-          absl::StrCat("the UCX data plane is unavailable: ", lane.error.message()));
+          absl::StrCat("the UCX data plane is unavailable: ", picked[0]->error.message()));
     }
-    return nullptr;
+    return out;
+  }
+
+  // Opens every closed lane whose retry time has come, all at once, each on a thread of its own:
+  // an open is an RPC, a UCX worker and a connection (~5 ms on the 2-core VM), so 8 lanes opened
+  // one after another as they came up delayed a client's first Load by ~35 ms.
+  void OpenDueLanes() ABSL_EXCLUSIVE_LOCKS_REQUIRED(dp_mu) {
+    const absl::Time now = absl::Now();
+    std::vector<Lane*> due;
+    for (Lane& l : lanes) {
+      if (!(l.dp && l.dp->healthy()) && now >= l.retry_at) due.push_back(&l);
+    }
+    if (due.empty()) return;
+    std::vector<absl::StatusOr<std::shared_ptr<DataPlaneClient>>> opened(due.size());
+    std::vector<std::thread> helpers;
+    for (size_t i = 1; i < due.size(); ++i) {
+      helpers.emplace_back([this, &opened, i] { opened[i] = OpenSession(); });
+    }
+    opened[0] = OpenSession();
+    for (std::thread& t : helpers) t.join();
+    for (size_t i = 0; i < due.size(); ++i) {
+      if (opened[i].ok()) {
+        due[i]->dp = *std::move(opened[i]);
+      } else {
+        due[i]->dp.reset();
+        due[i]->error = opened[i].status();
+        due[i]->retry_at = absl::Now() + absl::Seconds(5);
+      }
+    }
+  }
+
+  // How many parts a UCX Get or Put of `payload_bytes` is cut into when `concurrent` chunks move
+  // at once: parts of at least part_bytes, at most one per lane the other chunks leave free.
+  size_t PartsFor(uint64_t payload_bytes, size_t concurrent) const {
+    if (options.part_bytes == 0) return 1;
+    const uint64_t by_size = payload_bytes / options.part_bytes;
+    const size_t free_lanes = static_cast<size_t>(options.data_plane_lanes) / std::max<size_t>(1, concurrent);
+    return static_cast<size_t>(std::max<uint64_t>(1, std::min<uint64_t>(by_size, free_lanes)));
+  }
+
+  // A UCX Get of one chunk's payload (of about `payload_hint` bytes) in `parts` parts over as many
+  // lanes, or null when the payload goes over gRPC. Retried on UNAVAILABLE.
+  std::optional<absl::StatusOr<uint64_t>> UcxGet(const ChunkKey& key, uint64_t lease_id,
+                                                 uint64_t payload_hint, size_t parts,
+                                                 DataPlaneClient::Place place) {
+    absl::StatusOr<std::vector<std::shared_ptr<DataPlaneClient>>> d = DataPlanes(parts);
+    if (!d.ok()) return d.status();
+    if (d->empty()) return std::nullopt;
+    std::vector<DataPlaneClient*> sessions;
+    for (const auto& s : *d) sessions.push_back(s.get());
+    return WithRetry<absl::StatusOr<uint64_t>>([&](grpc::ClientContext* ctx) {
+      return DataPlaneClient::GetInParts(sessions, key, lease_id, payload_hint, place,
+                                         absl::FromChrono(ctx->deadline()));
+    });
   }
 
   // A new data-plane session with kvdnd, the receive pool registered with it. Touches only what
@@ -384,16 +434,24 @@ struct Client::Impl {
     return s.status();
   }
 
-  // Streams parts (concatenated: the encoded chunk) as one Put. Over UCX: parts are the 64-byte
-  // header and the payload.
-  absl::StatusOr<bool> PutParts(const ChunkKey& key, uint64_t payload_checksum,
-                                absl::Span<const ByteSpan> parts) {
-    uint64_t size = 0;
-    for (ByteSpan p : parts) size += p.size();
-    KVDN_ASSIGN_OR_RETURN(std::shared_ptr<DataPlaneClient> d, DataPlane());
-    if (d != nullptr && parts.size() == 2 && parts[0].size() == kChunkHeaderBytes) {
+  // Stores one chunk, given as its 64-byte header and its payload, while `concurrent` chunks are
+  // stored at once: over UCX (in parts over several lanes when PartsFor says so), else streamed
+  // as gRPC frames.
+  absl::StatusOr<bool> PutChunk(const ChunkKey& key, uint64_t payload_checksum, ByteSpan header,
+                                ByteSpan payload, size_t concurrent) {
+    const ByteSpan parts[2] = {header, payload};
+    const uint64_t size = header.size() + payload.size();
+    KVDN_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<DataPlaneClient>> d,
+                          DataPlanes(PartsFor(payload.size(), concurrent)));
+    if (!d.empty()) {
+      std::vector<DataPlaneClient*> sessions;
+      for (const auto& x : d) sessions.push_back(x.get());
       return WithRetry<absl::StatusOr<bool>>([&](grpc::ClientContext* ctx) {
-        return d->Put(key, 0, parts[0], parts[1], absl::FromChrono(ctx->deadline()));
+        const absl::Time deadline = absl::FromChrono(ctx->deadline());
+        return sessions.size() == 1
+                   ? sessions[0]->Put(key, 0, header, payload, deadline)
+                   : DataPlaneClient::PutInParts(sessions, key, header, payload, payload_checksum,
+                                                 deadline);
       });
     }
     return WithRetry<absl::StatusOr<bool>>([&](grpc::ClientContext* ctx) -> absl::StatusOr<bool> {
@@ -406,8 +464,7 @@ struct Client::Impl {
       h->set_payload_checksum(payload_checksum);
       bool ok = writer->Write(msg);
       msg.Clear();
-      for (size_t p = 0; ok && p < parts.size(); ++p) {
-        const ByteSpan part = parts[p];
+      for (const ByteSpan part : parts) {
         for (size_t off = 0; ok && off < part.size(); off += options.frame_bytes) {
           const size_t n = std::min(options.frame_bytes, part.size() - off);
           msg.set_data(part.data() + off, n);
@@ -433,8 +490,10 @@ struct Client::Impl {
         });
   }
 
-  // Loads chunk `key` (of `tokens_in_chunk` tokens) into `payload` and verifies it.
-  absl::Status LoadChunk(const ChunkKey& key, uint32_t tokens_in_chunk, MutableByteSpan payload) {
+  // Loads chunk `key` (of `tokens_in_chunk` tokens) into `payload` and verifies it; `concurrent`
+  // chunks are being loaded at once.
+  absl::Status LoadChunk(const ChunkKey& key, uint32_t tokens_in_chunk, MutableByteSpan payload,
+                         size_t concurrent) {
     ChunkSink sink;
     sink.payload = payload;
     const uint64_t expect = kChunkHeaderBytes + payload.size();
@@ -459,20 +518,19 @@ struct Client::Impl {
         sink.hasher->Update(ByteSpan(payload.data() + poff, d.size() - i));
       }
     };
-    KVDN_ASSIGN_OR_RETURN(std::shared_ptr<DataPlaneClient> d, DataPlane());
-    if (d != nullptr) {
-      // Straight into the caller's buffer; hashed after (one pass, like the gRPC path's).
-      auto place = [&](ByteSpan header, uint64_t payload_bytes) -> absl::StatusOr<MutableByteSpan> {
-        KVDN_RETURN_IF_ERROR(on_size(kChunkHeaderBytes + payload_bytes));
-        if (header.size() != kChunkHeaderBytes) {
-          return absl::InternalError("kvdnd sent a chunk header of the wrong size");
-        }
-        std::memcpy(sink.header, header.data(), kChunkHeaderBytes);
-        return payload;
-      };
-      KVDN_RETURN_IF_ERROR(WithRetry<absl::Status>([&](grpc::ClientContext* ctx) {
-        return d->Get(key, 0, place, absl::FromChrono(ctx->deadline())).status();
-      }));
+    // Over UCX: straight into the caller's buffer; hashed after (one pass, like the gRPC path's).
+    auto place = [&](ByteSpan header, uint64_t payload_bytes) -> absl::StatusOr<MutableByteSpan> {
+      KVDN_RETURN_IF_ERROR(on_size(kChunkHeaderBytes + payload_bytes));
+      if (header.size() != kChunkHeaderBytes) {
+        return absl::InternalError("kvdnd sent a chunk header of the wrong size");
+      }
+      std::memcpy(sink.header, header.data(), kChunkHeaderBytes);
+      return payload;
+    };
+    std::optional<absl::StatusOr<uint64_t>> ucx =
+        UcxGet(key, 0, payload.size(), PartsFor(payload.size(), concurrent), place);
+    if (ucx.has_value()) {
+      KVDN_RETURN_IF_ERROR(ucx->status());
       sink.hasher->Update(payload);
     } else {
       KVDN_RETURN_IF_ERROR(GetStream(key, on_size, on_data).status());
@@ -610,8 +668,8 @@ absl::StatusOr<SaveResult> Client::Save(absl::Span<const int32_t> tokens,
     const uint64_t checksum = Xxh3_64(payloads[j]);
     uint8_t header[kChunkHeaderBytes];
     WriteChunkHeader(info, checksum, MutableByteSpan(header, sizeof(header)));
-    const ByteSpan parts[2] = {ByteSpan(header, sizeof(header)), payloads[j]};
-    auto r = impl_->PutParts(keys[i], checksum, parts);
+    auto r = impl_->PutChunk(keys[i], checksum, ByteSpan(header, sizeof(header)), payloads[j],
+                             std::min<size_t>(payloads.size() - present, o.parallel_streams));
     statuses[j] = r.status();
     if (r.ok()) stored[j] = *r ? 1 : 2;
   });
@@ -654,7 +712,8 @@ absl::StatusOr<LoadResult> Client::Load(absl::Span<const int32_t> tokens,
   std::vector<absl::Status> statuses(count);
   impl_->streams->ParallelFor(count, o.parallel_streams, [&](size_t j) {
     const size_t i = first_chunk + j;
-    statuses[j] = impl_->LoadChunk(keys[i], impl_->TokensInChunk(i, tokens.size()), buffers[j]);
+    statuses[j] = impl_->LoadChunk(keys[i], impl_->TokensInChunk(i, tokens.size()), buffers[j],
+                                   std::min<size_t>(count, o.parallel_streams));
     if (statuses[j].ok() && on_chunk) on_chunk(j);
   });
   LoadResult result;
@@ -697,21 +756,18 @@ std::future<absl::StatusOr<LoadResult>> Client::LoadAsync(std::vector<int32_t> t
 
 absl::StatusOr<bool> Client::PutEncoded(const ChunkKey& key, ByteSpan encoded) {
   KVDN_ASSIGN_OR_RETURN(ChunkHeader h, DecodeChunkHeader(encoded));
-  const ByteSpan parts[2] = {encoded.subspan(0, kChunkHeaderBytes),
-                             encoded.subspan(kChunkHeaderBytes)};
-  return impl_->PutParts(key, h.payload_checksum, parts);
+  return impl_->PutChunk(key, h.payload_checksum, encoded.subspan(0, kChunkHeaderBytes),
+                         encoded.subspan(kChunkHeaderBytes), 1);
 }
 
 absl::StatusOr<uint64_t> Client::GetEncoded(const ChunkKey& key, MutableByteSpan dst) {
-  KVDN_ASSIGN_OR_RETURN(std::shared_ptr<DataPlaneClient> d, impl_->DataPlane());
-  if (d != nullptr) {
-    auto place = [&](ByteSpan h, uint64_t n) { return PlaceEncoded(dst, h, n); };
-    return impl_->WithRetry<absl::StatusOr<uint64_t>>(
-        [&](grpc::ClientContext* ctx) -> absl::StatusOr<uint64_t> {
-          KVDN_ASSIGN_OR_RETURN(uint64_t n,
-                                d->Get(key, 0, place, absl::FromChrono(ctx->deadline())));
-          return kChunkHeaderBytes + n;
-        });
+  auto place = [&](ByteSpan h, uint64_t n) { return PlaceEncoded(dst, h, n); };
+  const uint64_t hint = dst.size() > kChunkHeaderBytes ? dst.size() - kChunkHeaderBytes : 0;
+  std::optional<absl::StatusOr<uint64_t>> ucx =
+      impl_->UcxGet(key, 0, hint, impl_->PartsFor(hint, 1), place);
+  if (ucx.has_value()) {
+    KVDN_ASSIGN_OR_RETURN(uint64_t n, *ucx);
+    return kChunkHeaderBytes + n;
   }
   auto on_size = [&](uint64_t size) -> absl::Status {
     if (size > dst.size()) {
@@ -778,19 +834,24 @@ absl::StatusOr<std::vector<TransferDescriptor>> Client::AcquireDescriptors(
 
 absl::StatusOr<uint64_t> Client::ReadDescriptor(const TransferDescriptor& desc,
                                                 MutableByteSpan dst) {
-  KVDN_ASSIGN_OR_RETURN(std::shared_ptr<DataPlaneClient> d, impl_->DataPlane());
-  if (d == nullptr) {
+  const uint64_t hint = desc.size > kChunkHeaderBytes ? desc.size - kChunkHeaderBytes : 0;
+  KVDN_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<DataPlaneClient>> d,
+                        impl_->DataPlanes(impl_->PartsFor(hint, 1)));
+  if (d.empty()) {
     return absl::FailedPreconditionError("ReadDescriptor needs the UCX data plane; there is none");
   }
-  if (desc.worker_address.empty() || desc.worker_address != d->daemon_address()) {
+  if (desc.worker_address.empty() || desc.worker_address != d[0]->descriptor_address()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "descriptor of lease ", desc.lease_id,
         desc.worker_address.empty() ? " names no UCX worker"
                                     : " belongs to another daemon than this client's"));
   }
+  std::vector<DataPlaneClient*> sessions;
+  for (const auto& s : d) sessions.push_back(s.get());
   auto place = [&](ByteSpan h, uint64_t n) { return PlaceEncoded(dst, h, n); };
-  KVDN_ASSIGN_OR_RETURN(
-      uint64_t n, d->Get(ChunkKey{}, desc.lease_id, place, absl::Now() + impl_->options.deadline));
+  KVDN_ASSIGN_OR_RETURN(uint64_t n,
+                        DataPlaneClient::GetInParts(sessions, ChunkKey{}, desc.lease_id, hint,
+                                                    place, absl::Now() + impl_->options.deadline));
   return kChunkHeaderBytes + n;
 }
 

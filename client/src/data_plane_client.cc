@@ -3,7 +3,9 @@
 #include <grpcpp/grpcpp.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "kvdn/common/chunk_format.h"
@@ -28,7 +30,9 @@ struct DataPlaneClient::Pending {
   bool sent ABSL_GUARDED_BY(mu) = false;       // the request's send ended
   bool receiving ABSL_GUARDED_BY(mu) = false;  // a payload is being received into the buffer
   absl::Status status ABSL_GUARDED_BY(mu);
-  uint64_t payload_bytes = 0;
+  uint64_t payload_bytes = 0;  // Get: the whole payload's
+  uint64_t part_offset = 0;    // Get: where the received part starts in it
+  uint64_t part_bytes = 0;     // Get: the part's size
   bool stored = false;
   std::optional<Place> place;  // Get: where the payload goes
 
@@ -87,6 +91,9 @@ absl::StatusOr<std::unique_ptr<DataPlaneClient>> DataPlaneClient::Open(
   KVDN_ASSIGN_OR_RETURN(dp->daemon_, dp->transport_->Connect(resp.worker_address(), co));
   dp->session_ = resp.session_id();
   dp->daemon_address_ = resp.worker_address();
+  // A daemon from before lanes has one worker, whose address its descriptors carry.
+  dp->descriptor_address_ =
+      resp.descriptor_address().empty() ? resp.worker_address() : resp.descriptor_address();
   dp->transports_ = resp.transports();
   return dp;
 }
@@ -146,17 +153,28 @@ void DataPlaneClient::OnGetReply(std::unique_ptr<transfer::Incoming> in) {
     return p->Complete(absl::Status(static_cast<absl::StatusCode>(reply.code()), reply.message()));
   }
   const std::string& h = reply.chunk_header();
-  auto dst = (*p->place)(ByteSpan(reinterpret_cast<const uint8_t*>(h.data()), h.size()),
-                         in->payload_bytes());
+  // A daemon from before parts sends the whole payload and no size.
+  const uint64_t total = reply.payload_size() != 0 ? reply.payload_size() : in->payload_bytes();
+  const uint64_t at = reply.payload_offset();
+  auto dst = (*p->place)(ByteSpan(reinterpret_cast<const uint8_t*>(h.data()), h.size()), total);
   if (!dst.ok()) return p->Complete(dst.status());
-  p->payload_bytes = in->payload_bytes();
+  if (at > dst->size() || in->payload_bytes() > dst->size() - at) {
+    return p->Complete(absl::InternalError(absl::StrCat(
+        "kvdnd sent payload bytes [", at, ", ", at + in->payload_bytes(), ") of a ", total,
+        "-byte payload into a ", dst->size(), "-byte buffer")));
+  }
+  p->payload_bytes = total;
+  p->part_offset = at;
+  p->part_bytes = in->payload_bytes();
+  if (in->payload_bytes() == 0) return p->Complete(absl::OkStatus());  // a part past the end
   {
     MutexLock lock(&p->mu);
     p->receiving = true;
   }
+  const MutableByteSpan part = dst->subspan(at, in->payload_bytes());
   const transfer::MemoryRegion* region =
-      pool_ && pool_->Contains(dst->data(), dst->size()) ? pool_.get() : nullptr;
-  transport_->Receive(std::move(in), *dst, region, absl::Now() + absl::Seconds(60),
+      pool_ && pool_->Contains(part.data(), part.size()) ? pool_.get() : nullptr;
+  transport_->Receive(std::move(in), part, region, absl::Now() + absl::Seconds(60),
                       [p](absl::Status st) { p->Complete(std::move(st)); });
 }
 
@@ -171,6 +189,11 @@ void DataPlaneClient::OnPutReply(std::unique_ptr<transfer::Incoming> in) {
 
 absl::StatusOr<uint64_t> DataPlaneClient::Get(const ChunkKey& key, uint64_t lease_id, Place place,
                                               absl::Time deadline) {
+  return FinishGet(StartGet(key, lease_id, Part{}, place, deadline), deadline);
+}
+
+DataPlaneClient::Ticket DataPlaneClient::StartGet(const ChunkKey& key, uint64_t lease_id,
+                                                  Part part, Place place, absl::Time deadline) {
   const uint64_t rid = next_request_.fetch_add(1);
   auto p = std::make_shared<Pending>();
   p->place.emplace(place);
@@ -183,19 +206,123 @@ absl::StatusOr<uint64_t> DataPlaneClient::Get(const ChunkKey& key, uint64_t leas
   } else {
     KeyToProto(key, req.mutable_key());
   }
+  req.set_payload_offset(part.offset);
+  req.set_payload_length(part.length);
   {
     MutexLock lock(&mu_);
     pending_[rid] = p;
   }
   transport_->Send(daemon_, v1::DATA_PLANE_GET, req.SerializeAsString(), {}, nullptr, deadline,
                    [p](absl::Status st) { p->SendEnded(st); });
-  KVDN_RETURN_IF_ERROR(Wait(rid, p, deadline));
-  return p->payload_bytes;
+  return Ticket{rid, std::move(p)};
+}
+
+absl::StatusOr<uint64_t> DataPlaneClient::FinishGet(const Ticket& ticket, absl::Time deadline,
+                                                    uint64_t* part_bytes) {
+  KVDN_RETURN_IF_ERROR(Wait(ticket.request_id, ticket.pending, deadline));
+  if (part_bytes != nullptr) *part_bytes = ticket.pending->part_bytes;
+  return ticket.pending->payload_bytes;
+}
+
+namespace {
+
+// The `place` of a Get in parts: the caller's runs once, for the first reply; the others must
+// name the same chunk (header and size) and get the same buffer. Runs on the lanes' threads.
+class PlaceOnce {
+ public:
+  PlaceOnce(const ChunkKey& key, uint64_t lease_id, DataPlaneClient::Place place)
+      : key_(key), lease_id_(lease_id), place_(place) {}
+
+  absl::StatusOr<MutableByteSpan> operator()(ByteSpan header, uint64_t payload_bytes) {
+    MutexLock lock(&mu_);
+    if (!dst_.has_value()) {
+      header_.assign(header.begin(), header.end());
+      payload_bytes_ = payload_bytes;
+      dst_.emplace(place_(header, payload_bytes));
+      return *dst_;
+    }
+    if (payload_bytes != payload_bytes_ ||
+        !std::equal(header.begin(), header.end(), header_.begin(), header_.end())) {
+      return absl::AbortedError(absl::StrCat(
+          lease_id_ != 0 ? absl::StrCat("lease ", lease_id_) : key_.ToString(),
+          ": the parts of one Get came from two versions of the chunk (it was replaced "
+          "meanwhile); discard the buffer and retry"));
+    }
+    return *dst_;
+  }
+
+ private:
+  const ChunkKey& key_;
+  const uint64_t lease_id_;
+  DataPlaneClient::Place place_;
+  Mutex mu_;
+  std::vector<uint8_t> header_ ABSL_GUARDED_BY(mu_);
+  uint64_t payload_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  std::optional<absl::StatusOr<MutableByteSpan>> dst_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+absl::StatusOr<uint64_t> DataPlaneClient::GetInParts(absl::Span<DataPlaneClient* const> sessions,
+                                                     const ChunkKey& key, uint64_t lease_id,
+                                                     uint64_t payload_hint, Place place,
+                                                     absl::Time deadline) {
+  if (sessions.empty()) return absl::InternalError("GetInParts over no session");
+  if (sessions.size() == 1) return sessions[0]->Get(key, lease_id, place, deadline);
+  constexpr uint64_t kPage = 4096;
+  const uint64_t n = sessions.size();
+  const uint64_t step = ((payload_hint + n - 1) / n + kPage - 1) / kPage * kPage;
+  PlaceOnce once(key, lease_id, place);
+  auto place_once = [&once](ByteSpan header, uint64_t payload_bytes) {
+    return once(header, payload_bytes);
+  };
+  std::vector<Ticket> tickets;
+  tickets.reserve(n);
+  for (uint64_t i = 0; i < n; ++i) {
+    // The last part reads to the end, whatever the chunk's size.
+    const Part part{i * step, i + 1 == n ? 0 : step};
+    tickets.push_back(sessions[i]->StartGet(key, lease_id, part, place_once, deadline));
+  }
+  absl::Status first_error;
+  uint64_t size = 0;
+  std::vector<std::pair<uint64_t, uint64_t>> got;  // [offset, end) of each part received
+  for (uint64_t i = 0; i < n; ++i) {
+    uint64_t bytes = 0;
+    absl::StatusOr<uint64_t> r = sessions[i]->FinishGet(tickets[i], deadline, &bytes);
+    if (!r.ok()) {
+      if (first_error.ok()) first_error = r.status();
+      continue;
+    }
+    size = *r;
+    got.emplace_back(tickets[i].pending->part_offset, tickets[i].pending->part_offset + bytes);
+  }
+  KVDN_RETURN_IF_ERROR(first_error);
+  // Every byte of the payload arrived (a daemon that ignores parts sends the whole payload each
+  // time, which also covers it).
+  std::sort(got.begin(), got.end());
+  uint64_t covered = 0;
+  for (const auto& [from, to] : got) {
+    if (from > covered) break;
+    covered = std::max(covered, to);
+  }
+  if (covered != size) {
+    return absl::InternalError(absl::StrCat("a Get in ", n, " parts received bytes [0, ", covered,
+                                            ") of a ", size, "-byte payload"));
+  }
+  return size;
 }
 
 absl::StatusOr<bool> DataPlaneClient::Put(const ChunkKey& key, uint64_t reservation_id,
                                           ByteSpan chunk_header, ByteSpan payload,
                                           absl::Time deadline) {
+  return FinishPut(StartPut(key, reservation_id, chunk_header, payload, /*part=*/false, 0, deadline),
+                   deadline);
+}
+
+DataPlaneClient::Ticket DataPlaneClient::StartPut(const ChunkKey& key, uint64_t reservation_id,
+                                                  ByteSpan chunk_header, ByteSpan payload,
+                                                  bool part, uint64_t payload_offset,
+                                                  absl::Time deadline) {
   const uint64_t rid = next_request_.fetch_add(1);
   auto p = std::make_shared<Pending>();
   v1::DataPlanePutRequest req;
@@ -208,6 +335,8 @@ absl::StatusOr<bool> DataPlaneClient::Put(const ChunkKey& key, uint64_t reservat
     KeyToProto(key, req.mutable_key());
   }
   req.set_chunk_header(chunk_header.data(), chunk_header.size());
+  req.set_part(part);
+  req.set_payload_offset(payload_offset);
   {
     MutexLock lock(&mu_);
     pending_[rid] = p;
@@ -216,8 +345,66 @@ absl::StatusOr<bool> DataPlaneClient::Put(const ChunkKey& key, uint64_t reservat
       pool_ && pool_->Contains(payload.data(), payload.size()) ? pool_.get() : nullptr;
   transport_->Send(daemon_, v1::DATA_PLANE_PUT, req.SerializeAsString(), payload, region, deadline,
                    [p](absl::Status st) { p->SendEnded(st); });
-  KVDN_RETURN_IF_ERROR(Wait(rid, p, deadline));
-  return p->stored;
+  return Ticket{rid, std::move(p)};
+}
+
+absl::StatusOr<bool> DataPlaneClient::FinishPut(const Ticket& ticket, absl::Time deadline) {
+  KVDN_RETURN_IF_ERROR(Wait(ticket.request_id, ticket.pending, deadline));
+  return ticket.pending->stored;
+}
+
+absl::StatusOr<bool> DataPlaneClient::PutInParts(absl::Span<DataPlaneClient* const> sessions,
+                                                 const ChunkKey& key, ByteSpan chunk_header,
+                                                 ByteSpan payload, uint64_t payload_checksum,
+                                                 absl::Time deadline) {
+  if (sessions.empty()) return absl::InternalError("PutInParts over no session");
+  v1::KvService::Stub* stub = sessions[0]->stub_;
+  auto call = [deadline](grpc::ClientContext* ctx) {
+    ctx->set_deadline(absl::ToChronoTime(deadline));
+    return ctx;
+  };
+  v1::ReserveRequest rreq;
+  KeyToProto(key, rreq.mutable_key());
+  rreq.set_size(chunk_header.size() + payload.size());
+  v1::ReserveResponse rresp;
+  {
+    grpc::ClientContext ctx;
+    const grpc::Status st = stub->Reserve(call(&ctx), rreq, &rresp);
+    if (st.error_code() == grpc::StatusCode::ALREADY_EXISTS) return false;
+    if (!st.ok()) return FromGrpcStatus(st);
+  }
+  const uint64_t reservation = rresp.transfer().id();
+  constexpr uint64_t kPage = 4096;
+  const uint64_t n = sessions.size();
+  const uint64_t step = ((payload.size() + n - 1) / n + kPage - 1) / kPage * kPage;
+  std::vector<std::pair<DataPlaneClient*, Ticket>> tickets;
+  for (uint64_t i = 0; i < n && i * step < payload.size(); ++i) {
+    const ByteSpan part = payload.subspan(i * step, std::min(step, payload.size() - i * step));
+    tickets.emplace_back(sessions[i], sessions[i]->StartPut(key, reservation, chunk_header, part,
+                                                            /*part=*/true, i * step, deadline));
+  }
+  absl::Status st;
+  for (const auto& [session, ticket] : tickets) {
+    const absl::StatusOr<bool> r = session->FinishPut(ticket, deadline);
+    if (st.ok()) st = r.status();
+  }
+  if (st.ok()) {
+    v1::CommitRequest creq;
+    creq.set_reservation_id(reservation);
+    creq.set_payload_checksum(payload_checksum);
+    v1::CommitResponse cresp;
+    grpc::ClientContext ctx;
+    st = FromGrpcStatus(stub->Commit(call(&ctx), creq, &cresp));
+    if (st.ok()) return true;
+  }
+  // Dropped on any error (best effort: it also expires on its own).
+  v1::ReleaseRequest rel;
+  rel.set_reservation_id(reservation);
+  v1::ReleaseResponse relresp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+  (void)stub->Release(&ctx, rel, &relresp);
+  return st;
 }
 
 }  // namespace kvdn::client

@@ -168,6 +168,7 @@ absl::StatusOr<v1::OpenDataPlaneResponse> DataPlane::Open(const v1::OpenDataPlan
     resp.set_session_id(id);
   }
   resp.set_worker_address(t->address());
+  resp.set_descriptor_address(AddressFor(local));
   resp.set_pid(local ? getpid() : 0);
   resp.set_transports(t->Describe());
   return resp;
@@ -268,6 +269,7 @@ void DataPlane::OnGet(std::unique_ptr<Incoming> in) {
   const Session s = *session;
   const absl::Time deadline = DeadlineOf(req.deadline_unix_micros());
   const uint64_t rid = req.request_id();
+  const Part part{req.payload_offset(), req.payload_length()};
   if (state_.calls.draining()) {
     return ReplyGet(s, rid, absl::UnavailableError("kvdnd is draining; use another node or retry"),
                     start);
@@ -280,7 +282,7 @@ void DataPlane::OnGet(std::unique_ptr<Incoming> in) {
           absl::Status(lease.status().code(), absl::StrCat("lease_id: ", lease.status().message())),
           start);
     }
-    return SendChunk(s, rid, deadline, *lease, /*owned=*/false, start);
+    return SendChunk(s, rid, deadline, *lease, part, /*owned=*/false, start);
   }
   if (req.target_case() != v1::DataPlaneGetRequest::kKey) {
     return ReplyGet(s, rid, absl::InvalidArgumentError("Get request names neither key nor lease"),
@@ -297,7 +299,8 @@ void DataPlane::OnGet(std::unique_ptr<Incoming> in) {
   const bool fetch = absl::IsNotFound(lease.status()) && !s.from_peer && state_.HasPeers();
   if (storage::IsWouldBlock(lease.status()) || fetch) {
     // On disk (or moving), or on the owners: read it on a thread that may block.
-    state_.blocking_pool.Submit([this, s, rid, deadline, k = *key, opts, start, fetch]() mutable {
+    state_.blocking_pool.Submit([this, s, rid, deadline, k = *key, opts, part, start,
+                                 fetch]() mutable {
       opts.may_block = true;
       absl::StatusOr<storage::Lease> l = absl::NotFoundError("");
       if (fetch) {
@@ -307,16 +310,16 @@ void DataPlane::OnGet(std::unique_ptr<Incoming> in) {
         l = state_.store->Acquire(k, opts);
       }
       if (!l.ok()) return ReplyGet(s, rid, l.status(), start);
-      SendChunk(s, rid, deadline, *l, /*owned=*/true, start);
+      SendChunk(s, rid, deadline, *l, part, /*owned=*/true, start);
     });
     return;
   }
   if (!lease.ok()) return ReplyGet(s, rid, lease.status(), start);
-  SendChunk(s, rid, deadline, *lease, /*owned=*/true, start);
+  SendChunk(s, rid, deadline, *lease, part, /*owned=*/true, start);
 }
 
 void DataPlane::SendChunk(const Session& s, uint64_t request_id, absl::Time deadline,
-                          const storage::Lease& lease, bool owned, absl::Time start) {
+                          const storage::Lease& lease, Part part, bool owned, absl::Time start) {
   if (lease.tier != storage::TierKind::kHost || lease.size < kChunkHeaderBytes) {
     if (owned) (void)state_.store->Release(lease.id);
     return ReplyGet(s, request_id,
@@ -328,13 +331,20 @@ void DataPlane::SendChunk(const Session& s, uint64_t request_id, absl::Time dead
   reply.set_request_id(request_id);
   reply.set_tier(TierToProto(lease.tier));
   reply.set_chunk_header(lease.host_bytes.data(), kChunkHeaderBytes);
-  const ByteSpan payload = lease.host_bytes.subspan(kChunkHeaderBytes);
+  ByteSpan payload = lease.host_bytes.subspan(kChunkHeaderBytes);
+  reply.set_payload_size(payload.size());
+  // The part asked for, cut at the payload's end (pread's rule).
+  const uint64_t from = std::min<uint64_t>(part.offset, payload.size());
+  const uint64_t left = payload.size() - from;
+  payload = payload.subspan(from, part.length == 0 ? left : std::min(part.length, left));
+  reply.set_payload_offset(from);
+  // The header rides with every part; only the first part counts it among the bytes sent.
+  const uint64_t counted = payload.size() + (from == 0 ? kChunkHeaderBytes : 0);
   state_.data_plane_in_flight.fetch_add(1);
   s.transport->Send(s.peer, v1::DATA_PLANE_GET_REPLY, reply.SerializeAsString(), payload, s.arena,
-                    deadline,
-                    [this, id = lease.id, owned, size = lease.size, start](absl::Status st) {
+                    deadline, [this, id = lease.id, owned, counted, start](absl::Status st) {
                       if (owned) (void)state_.store->Release(id);
-                      if (st.ok()) state_.bytes_out->Inc(static_cast<double>(size));
+                      if (st.ok()) state_.bytes_out->Inc(static_cast<double>(counted));
                       state_.RecordCall(Method::kUcxGet, st.code(), absl::Now() - start);
                       if (!st.ok())
                         spdlog::debug("data plane: Get transfer failed: {}", st.ToString());
@@ -367,7 +377,27 @@ void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
                                  absl::StrCat("chunk_header: ", header.status().message())),
                     false, start);
   }
-  if (header->payload_bytes != in->payload_bytes()) {
+  if (req.part()) {
+    if (req.target_case() != v1::DataPlanePutRequest::kReservationId) {
+      return ReplyPut(s, rid,
+                      absl::InvalidArgumentError(
+                          "part: a part of a payload goes only into a reservation (reservation_id)"),
+                      false, start);
+    }
+    if (in->payload_bytes() == 0) {
+      return ReplyPut(s, rid, absl::InvalidArgumentError("part: the message carries no bytes"),
+                      false, start);
+    }
+    if (req.payload_offset() > header->payload_bytes ||
+        in->payload_bytes() > header->payload_bytes - req.payload_offset()) {
+      return ReplyPut(s, rid,
+                      absl::InvalidArgumentError(absl::StrCat(
+                          "payload_offset: the part [", req.payload_offset(), ", ",
+                          req.payload_offset() + in->payload_bytes(), ") lies past the ",
+                          header->payload_bytes, " payload bytes the chunk header says")),
+                      false, start);
+    }
+  } else if (header->payload_bytes != in->payload_bytes()) {
     return ReplyPut(s, rid,
                     absl::InvalidArgumentError(
                         absl::StrCat("the chunk header says ", header->payload_bytes,
@@ -379,6 +409,7 @@ void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
   const uint64_t size = kChunkHeaderBytes + header->payload_bytes;
   if (req.target_case() == v1::DataPlanePutRequest::kReservationId) {
     return PutInto(s, rid, deadline, holder, req.chunk_header(), req.reservation_id(),
+                   Part{req.payload_offset(), holder->get()->payload_bytes()}, size,
                    /*commit=*/false, header->payload_checksum, start);
   }
   if (req.target_case() != v1::DataPlanePutRequest::kKey) {
@@ -393,14 +424,15 @@ void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
   // the background), else on a thread that may block. A thread hop costs about as much as moving
   // a 1 MiB payload over shared memory.
   auto reserved = [this, s, rid, deadline, holder, ch = req.chunk_header(),
-                   sum = header->payload_checksum,
+                   sum = header->payload_checksum, size,
                    start](const absl::StatusOr<storage::Reservation>& r) {
     if (absl::IsAlreadyExists(r.status())) {
       holder->reset();  // content-addressed: the same bytes are stored already
       return ReplyPut(s, rid, absl::OkStatus(), false, start);
     }
     if (!r.ok()) return ReplyPut(s, rid, r.status(), false, start);
-    PutInto(s, rid, deadline, holder, ch, r->id, /*commit=*/true, sum, start);
+    PutInto(s, rid, deadline, holder, ch, r->id, Part{0, holder->get()->payload_bytes()}, size,
+            /*commit=*/true, sum, start);
   };
   auto r = state_.store->Reserve(*key, size, {.may_block = false});
   if (!storage::IsWouldBlock(r.status())) return reserved(r);
@@ -411,9 +443,9 @@ void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
 
 void DataPlane::PutInto(const Session& s, uint64_t request_id, absl::Time deadline,
                         std::shared_ptr<std::unique_ptr<Incoming>> in, std::string chunk_header,
-                        uint64_t reservation_id, bool commit, uint64_t checksum, absl::Time start) {
-  const uint64_t size = kChunkHeaderBytes + (*in)->payload_bytes();
-  auto buffer = state_.store->BeginWrite(reservation_id, size);
+                        uint64_t reservation_id, Part part, uint64_t chunk_bytes, bool commit,
+                        uint64_t checksum, absl::Time start) {
+  auto buffer = state_.store->BeginWrite(reservation_id, chunk_bytes);
   if (!buffer.ok()) {
     if (commit) (void)state_.store->Abort(reservation_id);
     return ReplyPut(s, request_id,
@@ -421,10 +453,13 @@ void DataPlane::PutInto(const Session& s, uint64_t request_id, absl::Time deadli
                                  absl::StrCat("reservation_id: ", buffer.status().message())),
                     false, start);
   }
-  std::memcpy(buffer->data(), chunk_header.data(), kChunkHeaderBytes);
+  // The header once: parts of one chunk arrive at once, each with it.
+  if (part.offset == 0) std::memcpy(buffer->data(), chunk_header.data(), kChunkHeaderBytes);
+  const uint64_t size = part.length + (part.offset == 0 ? kChunkHeaderBytes : 0);
   state_.data_plane_in_flight.fetch_add(1);
   s.transport->Receive(
-      std::move(*in), buffer->subspan(kChunkHeaderBytes), s.arena, deadline,
+      std::move(*in), buffer->subspan(kChunkHeaderBytes + part.offset, part.length), s.arena,
+      deadline,
       [this, s, request_id, reservation_id, commit, checksum, size, start](absl::Status st) {
         state_.store->EndWrite(reservation_id);
         if (!st.ok() || !commit) {

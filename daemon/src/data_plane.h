@@ -71,12 +71,21 @@ class DataPlane {
   void OnPeerFailure(transfer::Transport* t, transfer::PeerId peer);
   void OnGet(std::unique_ptr<transfer::Incoming> in);
   void OnPut(std::unique_ptr<transfer::Incoming> in);
-  // Serves a leased chunk (released after the send when `owned`).
+  // A part of a chunk's payload (DataPlaneGetRequest.payload_offset/_length).
+  struct Part {
+    uint64_t offset = 0;
+    uint64_t length = 0;  // 0: to the end
+  };
+  // Serves a leased chunk's payload, or the part of it asked for (the lease is released after the
+  // send when `owned`).
   void SendChunk(const Session& s, uint64_t request_id, absl::Time deadline,
-                 const storage::Lease& lease, bool owned, absl::Time start);
+                 const storage::Lease& lease, Part part, bool owned, absl::Time start);
+  // Receives a Put's payload, or `part` of it, into a reservation of `chunk_bytes` (the encoded
+  // chunk); commits it after when `commit`.
   void PutInto(const Session& s, uint64_t request_id, absl::Time deadline,
                std::shared_ptr<std::unique_ptr<transfer::Incoming>> in, std::string chunk_header,
-               uint64_t reservation_id, bool commit, uint64_t checksum, absl::Time start);
+               uint64_t reservation_id, Part part, uint64_t chunk_bytes, bool commit,
+               uint64_t checksum, absl::Time start);
   void ReplyGet(const Session& s, uint64_t request_id, const absl::Status& st, absl::Time start);
   void ReplyPut(const Session& s, uint64_t request_id, const absl::Status& st, bool stored,
                 absl::Time start);

@@ -20,6 +20,7 @@
 #include "absl/strings/str_split.h"
 #include "daemon_process.h"
 #include "kvdn/client/client.h"
+#include "kvdn/client/data_plane_client.h"
 #include "kvdn/common/chunk_format.h"
 #include "kvdn/common/hash.h"
 #include "kvdn/common/mutex.h"
@@ -263,6 +264,164 @@ TEST_F(DataPlaneLanesTest, TheFirstTransferOpensEveryLane) {
   EXPECT_EQ(sessions, 4) << absl::StrJoin(Transports(), "\n");
 }
 
+// Chunks moved in parts (ClientOptions.part_bytes) over a client's 4 lanes, over shared memory
+// and tcp: a PutEncoded and a one-chunk Save are stored in 4 parts (4 UcxPut, one Reserve and one
+// Commit each; a chunk under two parts' worth goes whole) and read back identical by a gRPC-only client; GetEncoded (also into a buffer
+// larger than the chunk: the last parts are then empty), ReadDescriptor and a one-chunk Load get
+// the stored bytes in 4 parts; a Load of four chunks moves each whole (the other chunks keep the
+// lanes busy). A chunk stored already is not sent again; a payload that does not match its
+// header's checksum is refused at Commit (DATA_LOSS), and its reservation is not left behind.
+TEST_F(DataPlaneLanesTest, ChunksMoveInPartsOverSeveralLanesBitIdentical) {
+  client::ClientOptions o;
+  o.model = {"parts-test", 3, 2, 40, Dtype::kBFloat16, 250};  // 240000-byte payloads
+  o.data_plane = client::ClientOptions::DataPlane::kUcx;
+  o.data_plane_lanes = 4;
+  o.part_bytes = 4096;
+  client::ClientOptions plain = o;
+  plain.target = daemon_.unix_target();
+  plain.data_plane = client::ClientOptions::DataPlane::kGrpc;
+  ASSERT_OK_AND_ASSIGN(auto grpc_only, client::Client::Connect(plain));
+  auto calls = [&](absl::string_view method) {
+    auto [code, body] = testing::HttpGet(daemon_.http_port(), "/metrics");
+    const std::string label = absl::StrCat("method=\"", method, "\"");
+    for (absl::string_view line : absl::StrSplit(body, '\n')) {
+      if (absl::StartsWith(line, "kvdn_grpc_requests_total{") && absl::StrContains(line, label) &&
+          absl::StrContains(line, "\"OK\"")) {
+        return std::stoi(std::string(line.substr(line.rfind(' ') + 1)));
+      }
+    }
+    return 0;
+  };
+  uint64_t seed = 31;
+  for (const auto& [target, tls] : {std::pair{daemon_.unix_target(), std::string()},
+                                    std::pair{daemon_.tcp_target(), std::string("tcp")}}) {
+    SCOPED_TRACE(target);
+    o.target = target;
+    o.ucx_transports = tls;
+    ASSERT_OK_AND_ASSIGN(auto c, client::Client::Connect(o));
+    const auto t = Tokens(250 * 3 + 7, ++seed);
+    ASSERT_OK_AND_ASSIGN(std::vector<ChunkKey> keys,
+                         ChunkKeysForTokens(o.ns, o.model, t, /*include_tail=*/true));
+    std::vector<std::vector<uint8_t>> p;
+    for (uint64_t s : c->ChunkPayloadSizes(t.size())) p.push_back(RandomBytes(s, seed + p.size()));
+    // Stored in parts: the first chunk by a one-chunk Save, the others by PutEncoded.
+    int puts = calls("UcxPut"), commits = calls("Commit");
+    const ByteSpan first_payload[1] = {ByteSpan(p[0])};
+    ASSERT_OK_AND_ASSIGN(client::SaveResult saved, c->Save(t, first_payload));
+    EXPECT_EQ(saved.chunks_stored, 1u);
+    for (size_t i = 1; i < p.size(); ++i) {
+      const ChunkInfo info{o.model.dtype, o.model.num_layers, o.model.num_kv_heads,
+                           o.model.head_dim, static_cast<uint32_t>(i < 3 ? 250 : 7)};
+      ASSERT_OK_AND_ASSIGN(std::vector<uint8_t> encoded, EncodeChunk(info, p[i]));
+      ASSERT_OK_AND_ASSIGN(bool stored, c->PutEncoded(keys[i], encoded));
+      EXPECT_TRUE(stored) << "chunk " << i;
+    }
+    // The 7-token tail (6720 bytes, less than two parts) goes whole, the others in 4 parts.
+    EXPECT_EQ(calls("UcxPut") - puts, 4 * 3 + 1);
+    EXPECT_EQ(calls("Commit") - commits, 3);
+    {
+      std::vector<std::vector<uint8_t>> g;
+      std::vector<MutableByteSpan> bufs;
+      for (auto& x : p) g.emplace_back(x.size());
+      for (auto& x : g) bufs.emplace_back(x);
+      ASSERT_OK(grpc_only->Load(t, bufs).status());
+      EXPECT_TRUE(g == p) << "stored in parts, read whole over gRPC";
+    }
+    // Stored already: nothing moves.
+    puts = calls("UcxPut");
+    ASSERT_OK_AND_ASSIGN(bool again, c->PutEncoded(keys[1], *EncodeChunk({o.model.dtype, 3, 2, 40, 250}, p[1])));
+    EXPECT_FALSE(again);
+    EXPECT_EQ(calls("UcxPut"), puts);
+    // GetEncoded into an exact buffer and into one 3 pages too large.
+    for (size_t extra : {size_t{0}, size_t{3 * 4096}}) {
+      std::vector<uint8_t> back(kChunkHeaderBytes + p[1].size() + extra, 0xEE);
+      const int before = calls("UcxGet");
+      ASSERT_OK_AND_ASSIGN(uint64_t n, c->GetEncoded(keys[1], MutableByteSpan(back)));
+      ASSERT_EQ(n, kChunkHeaderBytes + p[1].size());
+      EXPECT_TRUE(std::equal(p[1].begin(), p[1].end(), back.begin() + kChunkHeaderBytes));
+      EXPECT_TRUE(std::all_of(back.begin() + n, back.end(), [](uint8_t b) { return b == 0xEE; }));
+      EXPECT_EQ(calls("UcxGet") - before, 4) << "one UcxGet per part";
+    }
+    // Under a lease.
+    ASSERT_OK_AND_ASSIGN(client::TransferDescriptor d,
+                         c->AcquireDescriptor(keys[2], absl::Seconds(10)));
+    std::vector<uint8_t> leased(d.size);
+    ASSERT_OK_AND_ASSIGN(uint64_t n, c->ReadDescriptor(d, MutableByteSpan(leased)));
+    ASSERT_EQ(n, d.size);
+    EXPECT_TRUE(std::equal(p[2].begin(), p[2].end(), leased.begin() + kChunkHeaderBytes));
+    ASSERT_OK(c->ReleaseDescriptor(d));
+    // Load of the first chunk alone (in parts), then of all four (each whole; the tail is short).
+    std::vector<uint8_t> first(p[0].size(), 0);
+    const MutableByteSpan one[1] = {MutableByteSpan(first)};
+    ASSERT_OK_AND_ASSIGN(client::LoadResult r1, c->Load(t, one));
+    EXPECT_EQ(r1.chunks, 1u);
+    EXPECT_TRUE(first == p[0]);
+    std::vector<std::vector<uint8_t>> g;
+    std::vector<MutableByteSpan> bufs;
+    for (auto& x : p) g.emplace_back(x.size());
+    for (auto& x : g) bufs.emplace_back(x);
+    const int before = calls("UcxGet");
+    ASSERT_OK_AND_ASSIGN(client::LoadResult all, c->Load(t, bufs));
+    EXPECT_EQ(all.tokens, t.size());
+    EXPECT_TRUE(g == p);
+    EXPECT_EQ(calls("UcxGet") - before, 4) << "four chunks on four lanes: no parts";
+    // A payload that does not hash to its header's checksum.
+    ASSERT_OK_AND_ASSIGN(std::vector<uint8_t> bad,
+                         EncodeChunk({o.model.dtype, 3, 2, 40, 250}, p[0]));
+    bad[kChunkHeaderBytes + 100000] ^= 0x10;
+    EXPECT_THAT(c->PutEncoded(testing::KeyFor(++seed, o.ns), bad).status(),
+                StatusIs(absl::StatusCode::kDataLoss));
+  }
+  auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
+  grpc::ClientContext ctx;
+  v1::GetStatsResponse st;
+  ASSERT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
+  EXPECT_EQ(st.reservations_active(), 0u);
+  EXPECT_EQ(st.leases_active(), 0u);
+}
+
+// The protocol's parts (DataPlaneGetRequest.payload_offset / payload_length) follow pread's rule:
+// a part inside the payload lands at its offset, one reaching past the end is cut there, one
+// starting at or past the end is empty, length 0 reads to the end; every reply gives the whole
+// payload's size, and nothing outside the part is written.
+TEST_F(DataPlaneTest, PartsOfAPayloadFollowPreadsRule) {
+  const ChunkInfo info{Dtype::kFloat16, 3, 1, 40, 777};  // 372960-byte payload
+  const auto chunk = testing::RandomChunk(info, 77);
+  const ChunkKey key = testing::KeyFor(77, "tenant-a");
+  auto c = Connect(daemon_.unix_target(), client::ClientOptions::DataPlane::kGrpc);
+  ASSERT_OK(c->PutEncoded(key, chunk).status());
+  auto stub = v1::KvService::NewStub(client::MakeChannel(daemon_.unix_target()));
+  ASSERT_OK_AND_ASSIGN(auto dp, client::DataPlaneClient::Open(stub.get(), /*same_host=*/true, "",
+                                                              absl::Seconds(10)));
+  const uint64_t size = chunk.size() - kChunkHeaderBytes;
+  struct Case {
+    uint64_t offset, length, expect;
+  };
+  for (const Case& k : {Case{3 * 4096 + 5, 1000, 1000}, Case{size - 10, 100, 10},
+                        Case{size, 0, 0}, Case{size + 4096, 10, 0}, Case{0, 0, size},
+                        Case{12345, 0, size - 12345}}) {
+    SCOPED_TRACE(absl::StrCat("offset ", k.offset, " length ", k.length));
+    std::vector<uint8_t> buf(size, 0xEE);
+    auto place = [&](ByteSpan header, uint64_t n) -> absl::StatusOr<MutableByteSpan> {
+      EXPECT_TRUE(std::equal(header.begin(), header.end(), chunk.begin()));
+      EXPECT_EQ(n, size);
+      return MutableByteSpan(buf);
+    };
+    const absl::Time deadline = absl::Now() + absl::Seconds(10);
+    auto ticket = dp->StartGet(key, 0, {k.offset, k.length}, place, deadline);
+    uint64_t got = 99;
+    ASSERT_OK_AND_ASSIGN(uint64_t whole, dp->FinishGet(ticket, deadline, &got));
+    EXPECT_EQ(whole, size);
+    ASSERT_EQ(got, k.expect);
+    const auto payload = chunk.begin() + kChunkHeaderBytes;
+    for (uint64_t i = 0; i < size; ++i) {
+      const bool in_part = i >= k.offset && i < k.offset + got;
+      ASSERT_EQ(buf[i], in_part ? payload[i] : 0xEE) << "byte " << i;
+    }
+  }
+  EXPECT_EQ(LeasesActive(daemon_.unix_target()), 0u);
+}
+
 // GetDescriptors leases a run of chunks in one call: from the first key to the first that is not
 // stored; each descriptor reads back the chunk; releasing them leaves no lease. Without a GPU tier
 // gpu_only leases nothing.
@@ -320,6 +479,8 @@ TEST(ClientOptionsTest, BadOptionsNameTheFieldAndAutomaticValuesAreReported) {
        "ClientOptions.data_plane_lanes -1 outside [0, 64]"},
       {[](auto& o) { o.data_plane_lanes = 65; },
        "ClientOptions.data_plane_lanes 65 outside [0, 64]"},
+      {[](auto& o) { o.part_bytes = 4095; },
+       "ClientOptions.part_bytes 4095 below 4096 (0: whole)"},
   };
   for (const Case& k : cases) {
     client::ClientOptions o = base();
@@ -607,6 +768,22 @@ TEST_F(RawDataPlaneTest, EachBadMessageGetsItsExactStatusAndNothingIsStored) {
   EXPECT_THAT(Exchange(v1::DATA_PLANE_PUT, put([](auto& r) { r.set_reservation_id(777); }),
                        ByteSpan(payload)),
               StatusIs(absl::StatusCode::kNotFound, HasSubstr("reservation_id")));
+  // A part: with a key instead of a reservation; past the payload's end; with no bytes.
+  EXPECT_THAT(Exchange(v1::DATA_PLANE_PUT, put([](auto& r) { r.set_part(true); }),
+                       ByteSpan(payload).subspan(0, 4096)),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("reservation_id")));
+  auto part_into = [&](uint64_t offset) {
+    return put([offset](auto& r) {
+      r.set_reservation_id(777);
+      r.set_part(true);
+      r.set_payload_offset(offset);
+    });
+  };
+  EXPECT_THAT(Exchange(v1::DATA_PLANE_PUT, part_into(payload.size() - 100),
+                       ByteSpan(payload).subspan(0, 4096)),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("payload_offset")));
+  EXPECT_THAT(Exchange(v1::DATA_PLANE_PUT, part_into(0), ByteSpan()),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("no bytes")));
   // Get: no target; unknown key; unknown lease.
   v1::DataPlaneGetRequest g;
   g.set_session_id(session_);

@@ -14,6 +14,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/functional/function_ref.h"
+#include "absl/types/span.h"
 #include "kvdn/common/bytes.h"
 #include "kvdn/common/chunk_key.h"
 #include "kvdn/common/mutex.h"
@@ -27,6 +28,7 @@ void KeyToProto(const ChunkKey& key, v1::ChunkKey* out);
 
 class DataPlaneClient {
  public:
+  struct Pending;  // a request waiting for its reply (data_plane_client.cc)
   // Where a Get's payload goes, given the chunk's 64-byte header and payload size: a buffer of
   // exactly that size, or the error that ends the Get. Runs on the transport's thread: no blocking.
   using Place =
@@ -51,13 +53,62 @@ class DataPlaneClient {
   // or lease; ABORTED: the lease expired); DEADLINE_EXCEEDED when no reply came in time.
   absl::StatusOr<uint64_t> Get(const ChunkKey& key, uint64_t lease_id, Place place,
                                absl::Time deadline);
+
+  // A part of a chunk's payload (DataPlaneGetRequest.payload_offset / payload_length).
+  struct Part {
+    uint64_t offset = 0;
+    uint64_t length = 0;  // 0: to the end
+  };
+  // A Get in flight (StartGet), ended by FinishGet.
+  struct Ticket {
+    uint64_t request_id = 0;
+    std::shared_ptr<Pending> pending;
+  };
+  // Get in two halves, so that one thread can have several in flight: StartGet sends the request
+  // for `part` of the payload; `place` (which must live until FinishGet returns) is then called
+  // with the chunk's header and its whole payload's size, and the part lands at its offset in the
+  // buffer it returns. FinishGet waits for the end and returns the whole payload's size;
+  // `part_bytes`, when given, gets the bytes of this part (less than asked at the payload's end).
+  Ticket StartGet(const ChunkKey& key, uint64_t lease_id, Part part, Place place,
+                  absl::Time deadline);
+  absl::StatusOr<uint64_t> FinishGet(const Ticket& ticket, absl::Time deadline,
+                                     uint64_t* part_bytes = nullptr);
+
+  // One chunk's payload in parts at once, part i over sessions[i] (several lanes, so that the
+  // parts' copies run on several cores on both sides): `payload_hint` bytes (the size the caller
+  // expects, e.g. from its model; the chunk may be shorter) are cut into sessions.size() parts of
+  // whole 4 KiB pages. `place` is called once (the first reply); a part whose chunk header differs
+  // from the first one's (the chunk was replaced while the parts were in flight) ends the Get
+  // with ABORTED. Waits for every part, also after an error (the parts write into the caller's
+  // buffer). Returns the payload size; the first error by part order otherwise.
+  static absl::StatusOr<uint64_t> GetInParts(absl::Span<DataPlaneClient* const> sessions,
+                                             const ChunkKey& key, uint64_t lease_id,
+                                             uint64_t payload_hint, Place place,
+                                             absl::Time deadline);
   // Stores header + payload under `key`, or writes them into a reservation (reservation_id != 0,
   // left uncommitted). True if stored now, false if already stored.
   absl::StatusOr<bool> Put(const ChunkKey& key, uint64_t reservation_id, ByteSpan chunk_header,
                            ByteSpan payload, absl::Time deadline);
 
-  // The daemon's worker address for this session (what its descriptors carry).
+  // Put in two halves (as StartGet / FinishGet). With `part`, `payload` is the part of the chunk's
+  // payload from payload_offset on (DataPlanePutRequest.part; into a reservation only).
+  Ticket StartPut(const ChunkKey& key, uint64_t reservation_id, ByteSpan chunk_header,
+                  ByteSpan payload, bool part, uint64_t payload_offset, absl::Time deadline);
+  absl::StatusOr<bool> FinishPut(const Ticket& ticket, absl::Time deadline);
+
+  // One chunk stored in parts at once: a reservation (KvService.Reserve), part i of the payload
+  // over sessions[i] into it (whole 4 KiB pages, the last part the rest), then KvService.Commit,
+  // where the daemon verifies `payload_checksum`. True if stored now; false if the key was stored
+  // (or being stored) already. On any error the reservation is released; waits for every part.
+  static absl::StatusOr<bool> PutInParts(absl::Span<DataPlaneClient* const> sessions,
+                                         const ChunkKey& key, ByteSpan chunk_header,
+                                         ByteSpan payload, uint64_t payload_checksum,
+                                         absl::Time deadline);
+
+  // The daemon's worker address for this session, and the one its descriptors carry (its first
+  // lane's; the same with one lane).
   const std::string& daemon_address() const { return daemon_address_; }
+  const std::string& descriptor_address() const { return descriptor_address_; }
   const std::string& transports() const { return transports_; }
   // False once the session failed (the daemon died or closed it): open a new one.
   bool healthy() const { return healthy_.load(); }
@@ -67,7 +118,6 @@ class DataPlaneClient {
     return absl::OkStatus();
   }
 
-  struct Pending;
 
  private:
   DataPlaneClient() = default;
@@ -82,6 +132,7 @@ class DataPlaneClient {
   transfer::PeerId daemon_ = 0;
   uint64_t session_ = 0;
   std::string daemon_address_;
+  std::string descriptor_address_;
   std::string transports_;
   std::unique_ptr<transfer::MemoryRegion> pool_;  // set right after Open, or never
 
