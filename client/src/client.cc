@@ -452,8 +452,7 @@ struct Client::Impl {
         const absl::Time deadline = absl::FromChrono(ctx->deadline());
         return sessions.size() == 1
                    ? sessions[0]->Put(key, 0, header, payload, deadline)
-                   : DataPlaneClient::PutInParts(sessions, key, header, payload, payload_checksum,
-                                                 deadline);
+                   : DataPlaneClient::PutInParts(sessions, key, header, payload, deadline);
       });
     }
     return WithRetry<absl::StatusOr<bool>>([&](grpc::ClientContext* ctx) -> absl::StatusOr<bool> {

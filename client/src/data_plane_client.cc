@@ -315,13 +315,13 @@ absl::StatusOr<uint64_t> DataPlaneClient::GetInParts(absl::Span<DataPlaneClient*
 absl::StatusOr<bool> DataPlaneClient::Put(const ChunkKey& key, uint64_t reservation_id,
                                           ByteSpan chunk_header, ByteSpan payload,
                                           absl::Time deadline) {
-  return FinishPut(StartPut(key, reservation_id, chunk_header, payload, /*part=*/false, 0, deadline),
+  return FinishPut(StartPut(key, reservation_id, chunk_header, payload, std::nullopt, deadline),
                    deadline);
 }
 
 DataPlaneClient::Ticket DataPlaneClient::StartPut(const ChunkKey& key, uint64_t reservation_id,
                                                   ByteSpan chunk_header, ByteSpan payload,
-                                                  bool part, uint64_t payload_offset,
+                                                  std::optional<PutPart> part,
                                                   absl::Time deadline) {
   const uint64_t rid = next_request_.fetch_add(1);
   auto p = std::make_shared<Pending>();
@@ -335,8 +335,12 @@ DataPlaneClient::Ticket DataPlaneClient::StartPut(const ChunkKey& key, uint64_t 
     KeyToProto(key, req.mutable_key());
   }
   req.set_chunk_header(chunk_header.data(), chunk_header.size());
-  req.set_part(part);
-  req.set_payload_offset(payload_offset);
+  if (part.has_value()) {
+    req.set_part(true);
+    req.set_payload_offset(part->offset);
+    req.set_parts(part->parts);
+    req.set_put_id(part->put_id);
+  }
   {
     MutexLock lock(&mu_);
     pending_[rid] = p;
@@ -355,56 +359,32 @@ absl::StatusOr<bool> DataPlaneClient::FinishPut(const Ticket& ticket, absl::Time
 
 absl::StatusOr<bool> DataPlaneClient::PutInParts(absl::Span<DataPlaneClient* const> sessions,
                                                  const ChunkKey& key, ByteSpan chunk_header,
-                                                 ByteSpan payload, uint64_t payload_checksum,
-                                                 absl::Time deadline) {
+                                                 ByteSpan payload, absl::Time deadline) {
   if (sessions.empty()) return absl::InternalError("PutInParts over no session");
-  v1::KvService::Stub* stub = sessions[0]->stub_;
-  auto call = [deadline](grpc::ClientContext* ctx) {
-    ctx->set_deadline(absl::ToChronoTime(deadline));
-    return ctx;
-  };
-  v1::ReserveRequest rreq;
-  KeyToProto(key, rreq.mutable_key());
-  rreq.set_size(chunk_header.size() + payload.size());
-  v1::ReserveResponse rresp;
-  {
-    grpc::ClientContext ctx;
-    const grpc::Status st = stub->Reserve(call(&ctx), rreq, &rresp);
-    if (st.error_code() == grpc::StatusCode::ALREADY_EXISTS) return false;
-    if (!st.ok()) return FromGrpcStatus(st);
-  }
-  const uint64_t reservation = rresp.transfer().id();
   constexpr uint64_t kPage = 4096;
-  const uint64_t n = sessions.size();
-  const uint64_t step = ((payload.size() + n - 1) / n + kPage - 1) / kPage * kPage;
-  std::vector<std::pair<DataPlaneClient*, Ticket>> tickets;
-  for (uint64_t i = 0; i < n && i * step < payload.size(); ++i) {
+  const uint64_t want = sessions.size();
+  const uint64_t step = ((payload.size() + want - 1) / want + kPage - 1) / kPage * kPage;
+  const uint64_t n = (payload.size() + step - 1) / step;  // parts that carry bytes
+  if (n < 2) return sessions[0]->Put(key, 0, chunk_header, payload, deadline);
+  // Unique among this process's Puts in flight, and unlikely to meet another client's.
+  static std::atomic<uint64_t> next_put{absl::ToUnixNanos(absl::Now()) ^ (uint64_t(getpid()) << 40)};
+  const uint64_t put_id = (next_put.fetch_add(1) * 0x9E3779B97F4A7C15ull) | 1;
+  std::vector<Ticket> tickets;
+  for (uint64_t i = 0; i < n; ++i) {
     const ByteSpan part = payload.subspan(i * step, std::min(step, payload.size() - i * step));
-    tickets.emplace_back(sessions[i], sessions[i]->StartPut(key, reservation, chunk_header, part,
-                                                            /*part=*/true, i * step, deadline));
+    tickets.push_back(sessions[i]->StartPut(key, 0, chunk_header, part,
+                                            PutPart{i * step, static_cast<uint32_t>(n), put_id},
+                                            deadline));
   }
   absl::Status st;
-  for (const auto& [session, ticket] : tickets) {
-    const absl::StatusOr<bool> r = session->FinishPut(ticket, deadline);
+  bool stored = false;
+  for (uint64_t i = 0; i < n; ++i) {
+    const absl::StatusOr<bool> r = sessions[i]->FinishPut(tickets[i], deadline);
     if (st.ok()) st = r.status();
+    if (r.ok()) stored = stored || *r;
   }
-  if (st.ok()) {
-    v1::CommitRequest creq;
-    creq.set_reservation_id(reservation);
-    creq.set_payload_checksum(payload_checksum);
-    v1::CommitResponse cresp;
-    grpc::ClientContext ctx;
-    st = FromGrpcStatus(stub->Commit(call(&ctx), creq, &cresp));
-    if (st.ok()) return true;
-  }
-  // Dropped on any error (best effort: it also expires on its own).
-  v1::ReleaseRequest rel;
-  rel.set_reservation_id(reservation);
-  v1::ReleaseResponse relresp;
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
-  (void)stub->Release(&ctx, rel, &relresp);
-  return st;
+  KVDN_RETURN_IF_ERROR(st);
+  return stored;
 }
 
 }  // namespace kvdn::client

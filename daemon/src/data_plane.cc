@@ -23,6 +23,9 @@ constexpr absl::Duration kLeaseSlack = absl::Seconds(30);
 
 // Encoded chunks up to this size are committed (hashed) on the progress thread.
 constexpr uint64_t kInlineCommitBytes = (uint64_t{4} << 20) + kChunkHeaderBytes;
+// Puts in parts by key: at most this many parts each, and this many Puts at once.
+constexpr uint32_t kMaxPutParts = 64;
+constexpr size_t kMaxAssemblies = 4096;
 
 }  // namespace
 
@@ -87,6 +90,7 @@ DataPlane::~DataPlane() {
 
 std::vector<std::string> DataPlane::Describe() {
   ReapExitedClients();  // what stats show are live sessions
+  SweepAssemblies();
   std::vector<std::string> out;
   for (size_t i = 0; i < local_.size(); ++i) {
     out.push_back(absl::StrCat("ucx-local[", i, "]: ", local_[i].transport->Describe()));
@@ -354,6 +358,7 @@ void DataPlane::SendChunk(const Session& s, uint64_t request_id, absl::Time dead
 
 void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
   const absl::Time start = absl::Now();
+  SweepAssemblies();
   v1::DataPlanePutRequest req;
   if (!req.ParseFromString(in->header())) {
     state_.bad_requests->Inc();
@@ -378,10 +383,17 @@ void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
                     false, start);
   }
   if (req.part()) {
-    if (req.target_case() != v1::DataPlanePutRequest::kReservationId) {
+    if (req.target_case() == v1::DataPlanePutRequest::kKey &&
+        (req.parts() < 2 || req.parts() > kMaxPutParts)) {
       return ReplyPut(s, rid,
-                      absl::InvalidArgumentError(
-                          "part: a part of a payload goes only into a reservation (reservation_id)"),
+                      absl::InvalidArgumentError(absl::StrCat(
+                          "parts: a Put in parts by key has 2 to ", kMaxPutParts,
+                          " parts; this one says ", req.parts())),
+                      false, start);
+    }
+    if (req.target_case() == v1::DataPlanePutRequest::kKey && req.put_id() == 0) {
+      return ReplyPut(s, rid,
+                      absl::InvalidArgumentError("put_id: a Put in parts by key needs a put_id"),
                       false, start);
     }
     if (in->payload_bytes() == 0) {
@@ -420,6 +432,7 @@ void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
   absl::Status st = key.status();
   if (st.ok()) st = state_.CheckNamespace(key->ns);
   if (!st.ok()) return ReplyPut(s, rid, st, false, start);
+  if (req.part()) return OnPutPart(s, rid, req, *key, *header, holder, deadline, start);
   // Room in the host tier, here when that needs no disk I/O (the usual case: the store demotes in
   // the background), else on a thread that may block. A thread hop costs about as much as moving
   // a 1 MiB payload over shared memory.
@@ -486,6 +499,247 @@ void DataPlane::PutInto(const Session& s, uint64_t request_id, absl::Time deadli
         }
         state_.blocking_pool.Submit(std::move(finish));
       });
+}
+
+struct DataPlane::Assembly {
+  ChunkKey key;
+  std::string chunk_header;
+  uint64_t checksum = 0;
+  uint64_t chunk_bytes = 0;
+  uint32_t parts = 0;
+  absl::Time deadline;
+  absl::Time start;
+  // Guarded by parts_mu_ (the assembly is reached only through assemblies_ or its callbacks).
+  uint64_t part_bytes = 0;   // the sizes of the parts that arrived, added up
+  bool reserving = false;    // the reservation is being made
+  uint64_t reservation = 0;  // once made
+  bool ended = false;        // answered (reservation refused, failure, or committed)
+  absl::Status result;
+  bool stored = false;
+  int receiving = 0;      // parts being received
+  uint32_t received = 0;  // parts received (or failed)
+  absl::Status failure;   // the first part that failed
+  struct Queued {
+    Session s;
+    std::shared_ptr<std::unique_ptr<Incoming>> in;
+    uint64_t offset;
+  };
+  std::vector<Queued> queued;                        // arrived before the reservation
+  std::vector<std::pair<Session, uint64_t>> waiting;  // parts to answer: session, request id
+  uint32_t answered = 0;
+};
+
+void DataPlane::OnPutPart(const Session& s, uint64_t rid, const v1::DataPlanePutRequest& req,
+                          const ChunkKey& key, const ChunkHeader& header,
+                          std::shared_ptr<std::unique_ptr<Incoming>> in, absl::Time deadline,
+                          absl::Time start) {
+  const uint64_t put_id = req.put_id();
+  const uint64_t n = (*in)->payload_bytes();
+  std::shared_ptr<Assembly> a;
+  bool reserve = false, receive = false, end_now = false;
+  absl::Status refuse;
+  {
+    MutexLock lock(&parts_mu_);
+    auto it = assemblies_.find(put_id);
+    if (it == assemblies_.end()) {
+      if (assemblies_.size() >= kMaxAssemblies) {
+        refuse = absl::ResourceExhaustedError(absl::StrCat(
+            assemblies_.size(), " Puts in parts are in flight; send whole chunks or retry"));
+      } else {
+        a = std::make_shared<Assembly>();
+        a->key = key;
+        a->chunk_header = req.chunk_header();
+        a->checksum = header.payload_checksum;
+        a->chunk_bytes = kChunkHeaderBytes + header.payload_bytes;
+        a->parts = req.parts();
+        a->deadline = deadline;
+        a->start = start;
+        assemblies_.emplace(put_id, a);
+      }
+    } else {
+      a = it->second;
+      if (a->key != key || a->chunk_header != req.chunk_header() || a->parts != req.parts()) {
+        refuse = absl::InvalidArgumentError(absl::StrCat(
+            "put_id ", put_id, ": this part names another chunk, header or part count than the "
+            "Put's first part"));
+      }
+    }
+    if (a != nullptr) {
+      const uint64_t payload = a->chunk_bytes - kChunkHeaderBytes;
+      if (!refuse.ok()) {
+        // Named above.
+      } else if (a->waiting.size() + 1 > a->parts || a->part_bytes + n > payload) {
+        refuse = absl::InvalidArgumentError(
+            absl::StrCat("parts: put_id ", put_id, " has more parts or bytes than its ", a->parts,
+                         " parts of ", payload, " payload bytes"));
+      } else if (a->waiting.size() + 1 == a->parts && a->part_bytes + n != payload) {
+        refuse = absl::InvalidArgumentError(
+            absl::StrCat("parts: the ", a->parts, " parts of put_id ", put_id, " carry ",
+                         a->part_bytes + n, " bytes of a ", payload, "-byte payload"));
+      }
+      if (!refuse.ok()) {
+        // This part is answered now; the Put fails, at once when nothing of it is moving.
+        if (a->failure.ok()) a->failure = refuse;
+        end_now = !a->ended && a->receiving == 0 && !a->reserving;
+      } else {
+        a->waiting.emplace_back(s, rid);
+        a->part_bytes += n;
+        if (a->ended) {
+          end_now = true;  // answered with the Put's result
+        } else if (a->reservation == 0) {
+          a->queued.push_back({s, std::move(in), req.payload_offset()});
+          reserve = !a->reserving;
+          a->reserving = true;
+        } else {
+          receive = true;
+        }
+      }
+    }
+  }
+  if (!refuse.ok()) ReplyPut(s, rid, refuse, false, start);
+  if (a == nullptr) return;
+  if (end_now) {
+    if (!refuse.ok() && a->reservation != 0) (void)state_.store->Abort(a->reservation);
+    return EndAssembly(a, put_id, refuse.ok() ? a->result : refuse, a->stored);
+  }
+  if (receive) return ReceivePart(a, put_id, s, std::move(in), req.payload_offset());
+  if (!reserve) return;
+  auto r = state_.store->Reserve(a->key, a->chunk_bytes, {.may_block = false});
+  if (!storage::IsWouldBlock(r.status())) return Reserved(a, put_id, r);
+  state_.blocking_pool.Submit(
+      [this, a, put_id] { Reserved(a, put_id, state_.store->Reserve(a->key, a->chunk_bytes)); });
+}
+
+void DataPlane::Reserved(const std::shared_ptr<Assembly>& a, uint64_t put_id,
+                         const absl::StatusOr<storage::Reservation>& r) {
+  std::vector<Assembly::Queued> queued;
+  absl::Status failure;
+  {
+    MutexLock lock(&parts_mu_);
+    a->reserving = false;
+    failure = a->failure;
+    if (r.ok() && failure.ok()) {
+      a->reservation = r->id;
+      queued = std::move(a->queued);
+    }
+    a->queued.clear();  // otherwise dropped: their bytes are not taken
+  }
+  if (r.ok() && !failure.ok()) (void)state_.store->Abort(r->id);
+  // Content-addressed: the same bytes are stored (or being stored) already.
+  if (absl::IsAlreadyExists(r.status())) return EndAssembly(a, put_id, absl::OkStatus(), false);
+  if (!r.ok()) return EndAssembly(a, put_id, r.status(), false);
+  if (!failure.ok()) return EndAssembly(a, put_id, failure, false);
+  for (Assembly::Queued& q : queued) ReceivePart(a, put_id, q.s, std::move(q.in), q.offset);
+}
+
+void DataPlane::ReceivePart(const std::shared_ptr<Assembly>& a, uint64_t put_id, const Session& s,
+                            std::shared_ptr<std::unique_ptr<Incoming>> in, uint64_t offset) {
+  auto buffer = state_.store->BeginWrite(a->reservation, a->chunk_bytes);
+  if (!buffer.ok()) {
+    {
+      MutexLock lock(&parts_mu_);
+      ++a->receiving;  // PartReceived counts it down
+    }
+    return PartReceived(a, put_id,
+                        absl::Status(buffer.status().code(),
+                                     absl::StrCat("reservation: ", buffer.status().message())));
+  }
+  // The header once, with the first part (every part carries it).
+  if (offset == 0) std::memcpy(buffer->data(), a->chunk_header.data(), kChunkHeaderBytes);
+  const uint64_t n = (*in)->payload_bytes();
+  {
+    MutexLock lock(&parts_mu_);
+    ++a->receiving;
+  }
+  state_.data_plane_in_flight.fetch_add(1);
+  s.transport->Receive(std::move(*in), buffer->subspan(kChunkHeaderBytes + offset, n), s.arena,
+                       a->deadline, [this, a, put_id, n, offset](absl::Status st) {
+                         state_.store->EndWrite(a->reservation);
+                         state_.data_plane_in_flight.fetch_sub(1);
+                         if (st.ok()) {
+                           state_.bytes_in->Inc(
+                               static_cast<double>(n + (offset == 0 ? kChunkHeaderBytes : 0)));
+                         }
+                         PartReceived(a, put_id, st);
+                       });
+}
+
+void DataPlane::PartReceived(const std::shared_ptr<Assembly>& a, uint64_t put_id,
+                             const absl::Status& st) {
+  absl::Status failure;
+  {
+    MutexLock lock(&parts_mu_);
+    --a->receiving;
+    ++a->received;
+    if (!st.ok() && a->failure.ok()) a->failure = st;
+    failure = a->failure;
+    // The last part's end decides; after a failure, the end of the last one moving.
+    if (a->received < a->parts && (failure.ok() || a->receiving > 0)) return;
+    if (a->ended) return;
+  }
+  if (!failure.ok()) {
+    (void)state_.store->Abort(a->reservation);
+    return EndAssembly(a, put_id, failure, false);
+  }
+  // Commit hashes the payload: here when it fits kInlineCommitBytes and nothing else moves, else
+  // on the blocking pool (as a whole Put's).
+  auto commit = [this, a, put_id] {
+    ChunkKey key;
+    const absl::Status c = state_.store->Commit(a->reservation, a->checksum, &key);
+    if (c.ok() && !a->waiting.empty() && !a->waiting[0].first.from_peer) state_.Written(key);
+    EndAssembly(a, put_id, c, c.ok());
+  };
+  if (a->chunk_bytes <= kInlineCommitBytes && state_.data_plane_in_flight.load() == 0) {
+    return commit();
+  }
+  state_.blocking_pool.Submit(std::move(commit));
+}
+
+void DataPlane::EndAssembly(const std::shared_ptr<Assembly>& a, uint64_t put_id,
+                            const absl::Status& result, bool stored) {
+  std::vector<std::pair<Session, uint64_t>> answer;
+  {
+    MutexLock lock(&parts_mu_);
+    if (!a->ended) {
+      a->ended = true;
+      a->result = result;
+      a->stored = stored;
+    }
+    answer.assign(a->waiting.begin() + a->answered, a->waiting.end());
+    a->answered = static_cast<uint32_t>(a->waiting.size());
+    if (a->answered >= a->parts) {
+      auto it = assemblies_.find(put_id);
+      if (it != assemblies_.end() && it->second == a) assemblies_.erase(it);
+    }
+  }
+  // Each part's call is recorded as one UcxPut; "stored" only on the Put's first part's answer.
+  for (const auto& [s, rid] : answer) ReplyPut(s, rid, a->result, a->stored, a->start);
+}
+
+void DataPlane::SweepAssemblies() {
+  const absl::Time now = absl::Now();
+  std::vector<std::pair<uint64_t, std::shared_ptr<Assembly>>> late;
+  {
+    MutexLock lock(&parts_mu_);
+    if (assemblies_.empty()) return;
+    for (auto& [id, a] : assemblies_) {
+      if (now > a->deadline && a->receiving == 0 && !a->reserving) late.emplace_back(id, a);
+    }
+    for (auto& [id, a] : late) assemblies_.erase(id);  // parts that come later start anew
+  }
+  for (auto& [id, a] : late) {
+    if (!a->ended && a->reservation != 0) (void)state_.store->Abort(a->reservation);
+    uint64_t came;
+    {
+      MutexLock lock(&parts_mu_);
+      came = a->waiting.size();
+    }
+    EndAssembly(a, id,
+                absl::DeadlineExceededError(absl::StrCat(
+                    "put_id ", id, ": only ", came, " of the Put's ", a->parts,
+                    " parts came by its deadline; nothing is stored")),
+                false);
+  }
 }
 
 }  // namespace kvdn::daemon

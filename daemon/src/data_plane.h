@@ -17,7 +17,9 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "kvdn/common/chunk_format.h"
 #include "kvdn/transfer/ucx_transport.h"
+#include "kvdn/v1/data_plane.pb.h"
 #include "kvdn/v1/kv_service.pb.h"
 #include "src/server_state.h"
 
@@ -86,6 +88,26 @@ class DataPlane {
                std::shared_ptr<std::unique_ptr<transfer::Incoming>> in, std::string chunk_header,
                uint64_t reservation_id, Part part, uint64_t chunk_bytes, bool commit,
                uint64_t checksum, absl::Time start);
+  // A Put in parts by key (DataPlanePutRequest.parts / put_id): reserved at its first part,
+  // committed after its last; every part is answered then, with the Put's result.
+  struct Assembly;
+  // One part of such a Put has arrived (its request checked against its header).
+  void OnPutPart(const Session& s, uint64_t request_id, const v1::DataPlanePutRequest& req,
+                 const ChunkKey& key, const ChunkHeader& header,
+                 std::shared_ptr<std::unique_ptr<transfer::Incoming>> in, absl::Time deadline,
+                 absl::Time start);
+  void Reserved(const std::shared_ptr<Assembly>& a, uint64_t put_id,
+                const absl::StatusOr<storage::Reservation>& r);
+  // Receives one part into the assembly's reservation.
+  void ReceivePart(const std::shared_ptr<Assembly>& a, uint64_t put_id, const Session& s,
+                   std::shared_ptr<std::unique_ptr<transfer::Incoming>> in, uint64_t offset);
+  void PartReceived(const std::shared_ptr<Assembly>& a, uint64_t put_id, const absl::Status& st);
+  // Answers every part of `a` that arrived with `result`, and forgets `a` once all its parts
+  // are answered.
+  void EndAssembly(const std::shared_ptr<Assembly>& a, uint64_t put_id, const absl::Status& result,
+                   bool stored) ABSL_LOCKS_EXCLUDED(parts_mu_);
+  // Ends the assemblies past their deadline with no part moving (DEADLINE_EXCEEDED).
+  void SweepAssemblies() ABSL_LOCKS_EXCLUDED(parts_mu_);
   void ReplyGet(const Session& s, uint64_t request_id, const absl::Status& st, absl::Time start);
   void ReplyPut(const Session& s, uint64_t request_id, const absl::Status& st, bool stored,
                 absl::Time start);
@@ -104,6 +126,9 @@ class DataPlane {
   // that run at once (a client opening its lanes together) spread over the lanes.
   absl::flat_hash_map<const transfer::UcxTransport*, int> opening_ ABSL_GUARDED_BY(mu_);
   uint64_t next_session_ ABSL_GUARDED_BY(mu_) = 1;
+
+  Mutex parts_mu_;
+  absl::flat_hash_map<uint64_t, std::shared_ptr<Assembly>> assemblies_ ABSL_GUARDED_BY(parts_mu_);
 };
 
 }  // namespace kvdn::daemon

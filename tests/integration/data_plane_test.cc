@@ -63,6 +63,15 @@ std::unique_ptr<client::Client> Connect(const std::string& target,
   return client::Client::Connect(o).value();
 }
 
+// The value of the unlabelled metric `name` on kvdnd's /metrics ("" when absent).
+std::string Metric(int http_port, absl::string_view name) {
+  auto [code, body] = testing::HttpGet(http_port, "/metrics");
+  for (absl::string_view line : absl::StrSplit(body, '\n')) {
+    if (absl::StartsWith(line, absl::StrCat(name, " "))) return std::string(line.substr(name.size() + 1));
+  }
+  return "";
+}
+
 uint64_t LeasesActive(const std::string& target) {
   auto stub = v1::AdminService::NewStub(client::MakeChannel(target));
   grpc::ClientContext ctx;
@@ -265,8 +274,9 @@ TEST_F(DataPlaneLanesTest, TheFirstTransferOpensEveryLane) {
 }
 
 // Chunks moved in parts (ClientOptions.part_bytes) over a client's 4 lanes, over shared memory
-// and tcp: a PutEncoded and a one-chunk Save are stored in 4 parts (4 UcxPut, one Reserve and one
-// Commit each; a chunk under two parts' worth goes whole) and read back identical by a gRPC-only client; GetEncoded (also into a buffer
+// and tcp: a PutEncoded and a one-chunk Save are stored in 4 parts (4 UcxPut each, kvdnd
+// reserving at the first and committing after the last; a chunk under two parts' worth goes
+// whole) and read back identical by a gRPC-only client; GetEncoded (also into a buffer
 // larger than the chunk: the last parts are then empty), ReadDescriptor and a one-chunk Load get
 // the stored bytes in 4 parts; a Load of four chunks moves each whole (the other chunks keep the
 // lanes busy). A chunk stored already is not sent again; a payload that does not match its
@@ -306,7 +316,7 @@ TEST_F(DataPlaneLanesTest, ChunksMoveInPartsOverSeveralLanesBitIdentical) {
     std::vector<std::vector<uint8_t>> p;
     for (uint64_t s : c->ChunkPayloadSizes(t.size())) p.push_back(RandomBytes(s, seed + p.size()));
     // Stored in parts: the first chunk by a one-chunk Save, the others by PutEncoded.
-    int puts = calls("UcxPut"), commits = calls("Commit");
+    int puts = calls("UcxPut");
     const ByteSpan first_payload[1] = {ByteSpan(p[0])};
     ASSERT_OK_AND_ASSIGN(client::SaveResult saved, c->Save(t, first_payload));
     EXPECT_EQ(saved.chunks_stored, 1u);
@@ -319,7 +329,6 @@ TEST_F(DataPlaneLanesTest, ChunksMoveInPartsOverSeveralLanesBitIdentical) {
     }
     // The 7-token tail (6720 bytes, less than two parts) goes whole, the others in 4 parts.
     EXPECT_EQ(calls("UcxPut") - puts, 4 * 3 + 1);
-    EXPECT_EQ(calls("Commit") - commits, 3);
     {
       std::vector<std::vector<uint8_t>> g;
       std::vector<MutableByteSpan> bufs;
@@ -328,11 +337,13 @@ TEST_F(DataPlaneLanesTest, ChunksMoveInPartsOverSeveralLanesBitIdentical) {
       ASSERT_OK(grpc_only->Load(t, bufs).status());
       EXPECT_TRUE(g == p) << "stored in parts, read whole over gRPC";
     }
-    // Stored already: nothing moves.
-    puts = calls("UcxPut");
-    ASSERT_OK_AND_ASSIGN(bool again, c->PutEncoded(keys[1], *EncodeChunk({o.model.dtype, 3, 2, 40, 250}, p[1])));
+    // Stored already: the parts are answered at once, their bytes not taken.
+    const std::string bytes_in = Metric(daemon_.http_port(), "kvdn_payload_bytes_received_total");
+    ASSERT_OK_AND_ASSIGN(std::vector<uint8_t> encoded,
+                         EncodeChunk({o.model.dtype, 3, 2, 40, 250}, p[1]));
+    ASSERT_OK_AND_ASSIGN(bool again, c->PutEncoded(keys[1], encoded));
     EXPECT_FALSE(again);
-    EXPECT_EQ(calls("UcxPut"), puts);
+    EXPECT_EQ(Metric(daemon_.http_port(), "kvdn_payload_bytes_received_total"), bytes_in);
     // GetEncoded into an exact buffer and into one 3 pages too large.
     for (size_t extra : {size_t{0}, size_t{3 * 4096}}) {
       std::vector<uint8_t> back(kChunkHeaderBytes + p[1].size() + extra, 0xEE);
@@ -710,8 +721,15 @@ class RawDataPlaneTest : public DataPlaneTest {
   }
   // Sends one message and returns the reply's status (UNKNOWN "no reply" after 3 s).
   absl::Status Exchange(uint16_t type, const google::protobuf::Message& header, ByteSpan payload) {
+    Send(type, header, payload);
+    return NextReply();
+  }
+  void Send(uint16_t type, const google::protobuf::Message& header, ByteSpan payload) {
     t_->Send(peer_, type, header.SerializeAsString(), payload, nullptr,
              absl::Now() + absl::Seconds(5), [](absl::Status) {});
+  }
+  // The next reply's status (UNKNOWN "no reply" after 3 s).
+  absl::Status NextReply() {
     MutexLock lock(&mu_);
     const absl::Time end = absl::Now() + absl::Seconds(3);
     while (replies_.empty() && absl::Now() < end) cv_.WaitWithTimeout(&mu_, end - absl::Now());
@@ -769,10 +787,23 @@ TEST_F(RawDataPlaneTest, EachBadMessageGetsItsExactStatusAndNothingIsStored) {
   EXPECT_THAT(Exchange(v1::DATA_PLANE_PUT, put([](auto& r) { r.set_reservation_id(777); }),
                        ByteSpan(payload)),
               StatusIs(absl::StatusCode::kNotFound, HasSubstr("reservation_id")));
-  // A part: with a key instead of a reservation; past the payload's end; with no bytes.
+  // A part: by key without a part count or a put_id; past the payload's end; with no bytes.
   EXPECT_THAT(Exchange(v1::DATA_PLANE_PUT, put([](auto& r) { r.set_part(true); }),
                        ByteSpan(payload).subspan(0, 4096)),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("reservation_id")));
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("parts: a Put in parts")));
+  EXPECT_THAT(Exchange(v1::DATA_PLANE_PUT, put([](auto& r) {
+                         r.set_part(true);
+                         r.set_parts(65);
+                         r.set_put_id(1);
+                       }),
+                       ByteSpan(payload).subspan(0, 4096)),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("says 65")));
+  EXPECT_THAT(Exchange(v1::DATA_PLANE_PUT, put([](auto& r) {
+                         r.set_part(true);
+                         r.set_parts(2);
+                       }),
+                       ByteSpan(payload).subspan(0, 4096)),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("put_id")));
   auto part_into = [&](uint64_t offset) {
     return put([offset](auto& r) {
       r.set_reservation_id(777);
@@ -804,6 +835,71 @@ TEST_F(RawDataPlaneTest, EachBadMessageGetsItsExactStatusAndNothingIsStored) {
   EXPECT_THAT(body, HasSubstr(R"(kvdn_tier_chunks{tier="host"} 0)"));
   EXPECT_OK(Exchange(v1::DATA_PLANE_PUT, put([](auto&) {}), ByteSpan(payload)));
   EXPECT_EQ(LeasesActive(daemon_.unix_target()), 0u);
+}
+
+// A Put in parts by key (DataPlanePutRequest.parts / put_id), message by message: two parts that
+// add up are stored (both answered OK, the chunk reads back); parts whose sizes do not add up,
+// or that name another chunk under the same put_id, fail the Put and store nothing; a Put whose
+// second part never comes ends at its deadline with DEADLINE_EXCEEDED, leaving no reservation.
+TEST_F(RawDataPlaneTest, PutsInPartsByKeyAreAssembledOrRefusedWhole) {
+  const ChunkInfo info{Dtype::kBFloat16, 2, 1, 64, 64};  // 32 KiB payload
+  auto payload = RandomBytes(info.PayloadBytes(), 2);
+  uint8_t header[kChunkHeaderBytes];
+  WriteChunkHeader(info, Xxh3_64(ByteSpan(payload)), MutableByteSpan(header, sizeof(header)));
+  auto part = [&](uint64_t put_id, uint64_t offset, absl::Time deadline, std::string ns) {
+    v1::DataPlanePutRequest r;
+    r.set_session_id(session_);
+    r.set_request_id(put_id * 10 + offset);
+    SetKey(r.mutable_key(), std::move(ns));
+    r.set_chunk_header(header, sizeof(header));
+    r.set_part(true);
+    r.set_parts(2);
+    r.set_put_id(put_id);
+    r.set_payload_offset(offset);
+    r.set_deadline_unix_micros(absl::ToUnixMicros(deadline));
+    return r;
+  };
+  const absl::Time later = absl::Now() + absl::Seconds(20);
+  const ByteSpan all(payload);
+  // Sizes that do not add up: 8 KiB + 8 KiB of 32 KiB.
+  Send(v1::DATA_PLANE_PUT, part(5, 0, later, "tenant-a"), all.subspan(0, 8192));
+  Send(v1::DATA_PLANE_PUT, part(5, 8192, later, "tenant-a"), all.subspan(8192, 8192));
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_THAT(NextReply(), StatusIs(absl::StatusCode::kInvalidArgument,
+                                      HasSubstr("carry 16384 bytes of a 32768-byte payload")));
+  }
+  // The second part names another chunk (namespace) than the first.
+  Send(v1::DATA_PLANE_PUT, part(6, 0, later, "tenant-a"), all.subspan(0, 16384));
+  Send(v1::DATA_PLANE_PUT, part(6, 16384, later, "tenant-b"), all.subspan(16384));
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_THAT(NextReply(), StatusIs(absl::StatusCode::kInvalidArgument));
+  }
+  // Only the first part comes: its answer comes after the deadline (at the next Put).
+  Send(v1::DATA_PLANE_PUT, part(7, 0, absl::Now() + absl::Milliseconds(300), "tenant-a"),
+       all.subspan(0, 16384));
+  absl::SleepFor(absl::Milliseconds(500));
+  Send(v1::DATA_PLANE_PUT, part(8, 0, later, "tenant-a"), all.subspan(0, 16384));
+  EXPECT_THAT(NextReply(), StatusIs(absl::StatusCode::kDeadlineExceeded,
+                                    HasSubstr("only 1 of the Put's 2 parts came")));
+  // Put 8's second part: stored, both parts answered OK.
+  Send(v1::DATA_PLANE_PUT, part(8, 16384, later, "tenant-a"), all.subspan(16384));
+  EXPECT_OK(NextReply());
+  EXPECT_OK(NextReply());
+  auto [code, body] = testing::HttpGet(daemon_.http_port(), "/metrics");
+  EXPECT_THAT(body, HasSubstr(R"(kvdn_tier_chunks{tier="host"} 1)"));
+  auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
+  grpc::ClientContext ctx;
+  v1::GetStatsResponse st;
+  ASSERT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
+  EXPECT_EQ(st.reservations_active(), 0u);
+  // What was stored is the payload.
+  auto c = Connect(daemon_.unix_target(), client::ClientOptions::DataPlane::kGrpc);
+  std::vector<uint8_t> back(kChunkHeaderBytes + payload.size());
+  const std::string h(16, 'h');  // SetKey's
+  const ChunkKey key{"tenant-a", 42, Hash128::FromCanonical(reinterpret_cast<const uint8_t*>(h.data()))};
+  ASSERT_OK_AND_ASSIGN(uint64_t n, c->GetEncoded(key, MutableByteSpan(back)));
+  ASSERT_EQ(n, back.size());
+  EXPECT_TRUE(std::equal(payload.begin(), payload.end(), back.begin() + kChunkHeaderBytes));
 }
 
 // A DaemonSet kvdnd and an engine pod without hostPID share the unix socket (hostPath) but not the

@@ -90,20 +90,26 @@ class DataPlaneClient {
   absl::StatusOr<bool> Put(const ChunkKey& key, uint64_t reservation_id, ByteSpan chunk_header,
                            ByteSpan payload, absl::Time deadline);
 
-  // Put in two halves (as StartGet / FinishGet). With `part`, `payload` is the part of the chunk's
-  // payload from payload_offset on (DataPlanePutRequest.part; into a reservation only).
+  // Which part of a chunk's payload a Put message carries (DataPlanePutRequest.part): the bytes
+  // from `offset` on; into a reservation, or by key as one of `parts` messages sharing `put_id`.
+  struct PutPart {
+    uint64_t offset = 0;
+    uint32_t parts = 0;
+    uint64_t put_id = 0;
+  };
+  // Put in two halves (as StartGet / FinishGet); with `part`, `payload` is that part.
   Ticket StartPut(const ChunkKey& key, uint64_t reservation_id, ByteSpan chunk_header,
-                  ByteSpan payload, bool part, uint64_t payload_offset, absl::Time deadline);
+                  ByteSpan payload, std::optional<PutPart> part, absl::Time deadline);
   absl::StatusOr<bool> FinishPut(const Ticket& ticket, absl::Time deadline);
 
-  // One chunk stored in parts at once: a reservation (KvService.Reserve), part i of the payload
-  // over sessions[i] into it (whole 4 KiB pages, the last part the rest), then KvService.Commit,
-  // where the daemon verifies `payload_checksum`. True if stored now; false if the key was stored
-  // (or being stored) already. On any error the reservation is released; waits for every part.
+  // One chunk stored in parts at once, part i of the payload over sessions[i] (whole 4 KiB
+  // pages, the last part the rest), as one Put by key: kvdnd reserves at the first part, commits
+  // (verifying the header's checksum) after the last, and answers every part with the result.
+  // Whole when the payload makes fewer than two parts. True if stored now; false if the key was
+  // stored (or being stored) already. Waits for every part.
   static absl::StatusOr<bool> PutInParts(absl::Span<DataPlaneClient* const> sessions,
                                          const ChunkKey& key, ByteSpan chunk_header,
-                                         ByteSpan payload, uint64_t payload_checksum,
-                                         absl::Time deadline);
+                                         ByteSpan payload, absl::Time deadline);
 
   // The daemon's worker address for this session, and the one its descriptors carry (its first
   // lane's; the same with one lane).
