@@ -11,7 +11,6 @@
 //                  [--rounds 3] [--kvdnd PATH] [--redis PATH] [--ucx-perftest PATH]
 //                  [--no-receive-pool] [--host-tier-mib 4096] [--get-window-mib 256]
 //                  [--systems ucx,perftest,redis,grpc] [--lanes N] [--part-kib N]
-//                  [--put-parts-min-kib N]
 #include <unistd.h>
 
 #include <algorithm>
@@ -52,7 +51,6 @@ struct Options {
   int data_plane_threads = 0;  // kvdnd's --data-plane-threads; 0: its default
   int lanes = 0;               // the client's data_plane_lanes; 0: its default
   int part_kib = -1;       // the client's part_bytes in KiB (0: whole); -1: its default
-  int put_parts_min_kib = -1;  // the client's put_in_parts_min_bytes in KiB; -1: its default
   // What to measure: kvdn over UCX ("ucx"), ucx_perftest, Redis, kvdn over gRPC. Leaving some
   // out is for diagnosis (profiling one of them); a recorded run measures all.
   std::set<std::string> systems = {"ucx", "perftest", "redis", "grpc"};
@@ -129,8 +127,7 @@ int main(int argc, char** argv) {
       o.lanes = std::atoi(val().c_str());
     } else if (a == "--part-kib") {
       o.part_kib = std::atoi(val().c_str());
-    } else if (a == "--put-parts-min-kib") {
-      o.put_parts_min_kib = std::atoi(val().c_str());
+
     } else if (a == "--no-receive-pool") {
       o.receive_pool = false;
     } else {
@@ -138,7 +135,7 @@ int main(int argc, char** argv) {
                    "usage: transfer_bench [--sizes-mib 1,4,32] [--clients 1,4] [--seconds S] "
                    "[--transports shm,tcp] [--kvdnd PATH] [--redis PATH] [--ucx-perftest PATH] "
                    "[--no-receive-pool] [--host-tier-mib N] [--get-window-mib N] [--rounds N] "
-                   "[--data-plane-threads N] [--lanes N] [--part-kib N] [--put-parts-min-kib N] "
+                   "[--data-plane-threads N] [--lanes N] [--part-kib N]"
                    "[--systems "
                    "ucx,perftest,redis,grpc]\n");
       return 2;
@@ -201,9 +198,6 @@ int main(int argc, char** argv) {
                 new KvdnConn(target, DataPlane::kUcx, tls, pool, [&](kvdn::client::ClientOptions& c) {
                   c.data_plane_lanes = o.lanes;
                   if (o.part_kib >= 0) c.part_bytes = uint64_t(o.part_kib) << 10;
-                  if (o.put_parts_min_kib >= 0) {
-                    c.put_in_parts_min_bytes = uint64_t(o.put_parts_min_kib) << 10;
-                  }
                 }));
           },
           [&] {

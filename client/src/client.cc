@@ -442,9 +442,7 @@ struct Client::Impl {
     const ByteSpan parts[2] = {header, payload};
     const uint64_t size = header.size() + payload.size();
     KVDN_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<DataPlaneClient>> d,
-                          DataPlanes(payload.size() >= options.put_in_parts_min_bytes
-                                         ? PartsFor(payload.size(), concurrent)
-                                         : 1));
+                          DataPlanes(PartsFor(payload.size(), concurrent)));
     if (!d.empty()) {
       std::vector<DataPlaneClient*> sessions;
       for (const auto& x : d) sessions.push_back(x.get());

@@ -287,7 +287,6 @@ TEST_F(DataPlaneLanesTest, ChunksMoveInPartsOverSeveralLanesBitIdentical) {
   o.data_plane = client::ClientOptions::DataPlane::kUcx;
   o.data_plane_lanes = 4;
   o.part_bytes = 4096;
-  o.put_in_parts_min_bytes = 0;
   client::ClientOptions plain = o;
   plain.target = daemon_.unix_target();
   plain.data_plane = client::ClientOptions::DataPlane::kGrpc;

@@ -74,18 +74,15 @@ struct ClientOptions {
   // 32 MiB chunks on the H200 host; 8 lanes: 17 GB/s, bench/results/connector-2026-11-30.md).
   // 0: one per two cores of this host, at most 8 (1 on a 2-core host). At most 64.
   int data_plane_lanes = 0;
-  // A UCX transfer of a payload at least twice this size is cut into parts of at least this size,
-  // moved at once over as many lanes as the chunks moving at the same time leave free (a Get or a
-  // Load of one chunk: up to all of them), so that one chunk's copy runs on several cores. On the
-  // 16-core H200 host, one client Getting 4 MiB chunks over shared memory: whole 4.9 GB/s, parts
-  // of 512 KiB 8.4, 1 MiB 10.3-12.5, 2 MiB 7.4-19.3 (bench/results/transfer-2026-12-01-parts.md).
-  // 0: whole chunks only. At least 4096.
+  // A UCX Get or Put of a payload at least twice this size is cut into parts of at least this
+  // size, moved at once over as many lanes as the chunks moving at the same time leave free (a
+  // Get, a PutEncoded, or a Load or Save of one chunk: up to all of them), so that one chunk's
+  // copy runs on several cores on both sides; kvdnd assembles a Put's parts and verifies the whole
+  // payload once. One client on the 16-core H200 host, 8 lanes, 4 MiB chunks over shared memory:
+  // Get whole 4.9 GB/s, in 1 MiB parts 10.1-12.5; Put whole 2.5, in parts 4.0; 32 MiB: Get 5.3-6.7
+  // -> 32-40, Put 2.6 -> 5.5-5.9 (bench/results/transfer-2026-12-01-parts.md). 0: whole chunks
+  // only. At least 4096.
   uint64_t part_bytes = uint64_t{1} << 20;
-  // A Put (Save, PutEncoded) goes in parts only from this payload size on: it then takes two more
-  // calls (KvService.Reserve and Commit, where kvdnd hashes the whole payload on one thread). On
-  // the H200 host, one client over shared memory: 4 MiB whole 3.1 GB/s, in parts 2.2-2.4; 32 MiB
-  // whole 3.4, in parts 5.5-5.8.
-  uint64_t put_in_parts_min_bytes = uint64_t{8} << 20;
   // UCX transports (UCX_TLS names, e.g. "tcp"). Empty: shared memory ("posix,cma") to a daemon on
   // a unix socket, UCX's own choice otherwise.
   std::string ucx_transports;
