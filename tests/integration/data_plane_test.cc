@@ -67,7 +67,8 @@ std::unique_ptr<client::Client> Connect(const std::string& target,
 std::string Metric(int http_port, absl::string_view name) {
   auto [code, body] = testing::HttpGet(http_port, "/metrics");
   for (absl::string_view line : absl::StrSplit(body, '\n')) {
-    if (absl::StartsWith(line, absl::StrCat(name, " "))) return std::string(line.substr(name.size() + 1));
+    if (absl::StartsWith(line, absl::StrCat(name, " ")))
+      return std::string(line.substr(name.size() + 1));
   }
   return "";
 }
@@ -408,9 +409,8 @@ TEST_F(DataPlaneTest, PartsOfAPayloadFollowPreadsRule) {
   struct Case {
     uint64_t offset, length, expect;
   };
-  for (const Case& k : {Case{3 * 4096 + 5, 1000, 1000}, Case{size - 10, 100, 10},
-                        Case{size, 0, 0}, Case{size + 4096, 10, 0}, Case{0, 0, size},
-                        Case{12345, 0, size - 12345}}) {
+  for (const Case& k : {Case{3 * 4096 + 5, 1000, 1000}, Case{size - 10, 100, 10}, Case{size, 0, 0},
+                        Case{size + 4096, 10, 0}, Case{0, 0, size}, Case{12345, 0, size - 12345}}) {
     SCOPED_TRACE(absl::StrCat("offset ", k.offset, " length ", k.length));
     std::vector<uint8_t> buf(size, 0xEE);
     auto place = [&](ByteSpan header, uint64_t n) -> absl::StatusOr<MutableByteSpan> {
@@ -490,8 +490,7 @@ TEST(ClientOptionsTest, BadOptionsNameTheFieldAndAutomaticValuesAreReported) {
        "ClientOptions.data_plane_lanes -1 outside [0, 64]"},
       {[](auto& o) { o.data_plane_lanes = 65; },
        "ClientOptions.data_plane_lanes 65 outside [0, 64]"},
-      {[](auto& o) { o.part_bytes = 4095; },
-       "ClientOptions.part_bytes 4095 below 4096 (0: whole)"},
+      {[](auto& o) { o.part_bytes = 4095; }, "ClientOptions.part_bytes 4095 below 4096 (0: whole)"},
   };
   for (const Case& k : cases) {
     client::ClientOptions o = base();
@@ -895,7 +894,8 @@ TEST_F(RawDataPlaneTest, PutsInPartsByKeyAreAssembledOrRefusedWhole) {
   auto c = Connect(daemon_.unix_target(), client::ClientOptions::DataPlane::kGrpc);
   std::vector<uint8_t> back(kChunkHeaderBytes + payload.size());
   const std::string h(16, 'h');  // SetKey's
-  const ChunkKey key{"tenant-a", 42, Hash128::FromCanonical(reinterpret_cast<const uint8_t*>(h.data()))};
+  const ChunkKey key{"tenant-a", 42,
+                     Hash128::FromCanonical(reinterpret_cast<const uint8_t*>(h.data()))};
   ASSERT_OK_AND_ASSIGN(uint64_t n, c->GetEncoded(key, MutableByteSpan(back)));
   ASSERT_EQ(n, back.size());
   EXPECT_TRUE(std::equal(payload.begin(), payload.end(), back.begin() + kChunkHeaderBytes));
