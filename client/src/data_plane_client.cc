@@ -159,9 +159,9 @@ void DataPlaneClient::OnGetReply(std::unique_ptr<transfer::Incoming> in) {
   auto dst = (*p->place)(ByteSpan(reinterpret_cast<const uint8_t*>(h.data()), h.size()), total);
   if (!dst.ok()) return p->Complete(dst.status());
   if (at > dst->size() || in->payload_bytes() > dst->size() - at) {
-    return p->Complete(absl::InternalError(absl::StrCat(
-        "kvdnd sent payload bytes [", at, ", ", at + in->payload_bytes(), ") of a ", total,
-        "-byte payload into a ", dst->size(), "-byte buffer")));
+    return p->Complete(absl::InternalError(
+        absl::StrCat("kvdnd sent payload bytes [", at, ", ", at + in->payload_bytes(), ") of a ",
+                     total, "-byte payload into a ", dst->size(), "-byte buffer")));
   }
   p->payload_bytes = total;
   p->part_offset = at;
@@ -192,8 +192,8 @@ absl::StatusOr<uint64_t> DataPlaneClient::Get(const ChunkKey& key, uint64_t leas
   return FinishGet(StartGet(key, lease_id, Part{}, place, deadline), deadline);
 }
 
-DataPlaneClient::Ticket DataPlaneClient::StartGet(const ChunkKey& key, uint64_t lease_id,
-                                                  Part part, Place place, absl::Time deadline) {
+DataPlaneClient::Ticket DataPlaneClient::StartGet(const ChunkKey& key, uint64_t lease_id, Part part,
+                                                  Place place, absl::Time deadline) {
   const uint64_t rid = next_request_.fetch_add(1);
   auto p = std::make_shared<Pending>();
   p->place.emplace(place);
@@ -367,14 +367,14 @@ absl::StatusOr<bool> DataPlaneClient::PutInParts(absl::Span<DataPlaneClient* con
   const uint64_t n = (payload.size() + step - 1) / step;  // parts that carry bytes
   if (n < 2) return sessions[0]->Put(key, 0, chunk_header, payload, deadline);
   // Unique among this process's Puts in flight, and unlikely to meet another client's.
-  static std::atomic<uint64_t> next_put{absl::ToUnixNanos(absl::Now()) ^ (uint64_t(getpid()) << 40)};
+  static std::atomic<uint64_t> next_put{absl::ToUnixNanos(absl::Now()) ^
+                                        (uint64_t(getpid()) << 40)};
   const uint64_t put_id = (next_put.fetch_add(1) * 0x9E3779B97F4A7C15ull) | 1;
   std::vector<Ticket> tickets;
   for (uint64_t i = 0; i < n; ++i) {
     const ByteSpan part = payload.subspan(i * step, std::min(step, payload.size() - i * step));
-    tickets.push_back(sessions[i]->StartPut(key, 0, chunk_header, part,
-                                            PutPart{i * step, static_cast<uint32_t>(n), put_id},
-                                            deadline));
+    tickets.push_back(sessions[i]->StartPut(
+        key, 0, chunk_header, part, PutPart{i * step, static_cast<uint32_t>(n), put_id}, deadline));
   }
   absl::Status st;
   bool stored = false;

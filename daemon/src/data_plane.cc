@@ -303,19 +303,19 @@ void DataPlane::OnGet(std::unique_ptr<Incoming> in) {
   const bool fetch = absl::IsNotFound(lease.status()) && !s.from_peer && state_.HasPeers();
   if (storage::IsWouldBlock(lease.status()) || fetch) {
     // On disk (or moving), or on the owners: read it on a thread that may block.
-    state_.blocking_pool.Submit([this, s, rid, deadline, k = *key, opts, part, start,
-                                 fetch]() mutable {
-      opts.may_block = true;
-      absl::StatusOr<storage::Lease> l = absl::NotFoundError("");
-      if (fetch) {
-        const absl::Status fetched = state_.router->Fetch(k, deadline);
-        l = fetched.ok() ? state_.store->Acquire(k, opts) : fetched;
-      } else {
-        l = state_.store->Acquire(k, opts);
-      }
-      if (!l.ok()) return ReplyGet(s, rid, l.status(), start);
-      SendChunk(s, rid, deadline, *l, part, /*owned=*/true, start);
-    });
+    state_.blocking_pool.Submit(
+        [this, s, rid, deadline, k = *key, opts, part, start, fetch]() mutable {
+          opts.may_block = true;
+          absl::StatusOr<storage::Lease> l = absl::NotFoundError("");
+          if (fetch) {
+            const absl::Status fetched = state_.router->Fetch(k, deadline);
+            l = fetched.ok() ? state_.store->Acquire(k, opts) : fetched;
+          } else {
+            l = state_.store->Acquire(k, opts);
+          }
+          if (!l.ok()) return ReplyGet(s, rid, l.status(), start);
+          SendChunk(s, rid, deadline, *l, part, /*owned=*/true, start);
+        });
     return;
   }
   if (!lease.ok()) return ReplyGet(s, rid, lease.status(), start);
@@ -386,9 +386,9 @@ void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
     if (req.target_case() == v1::DataPlanePutRequest::kKey &&
         (req.parts() < 2 || req.parts() > kMaxPutParts)) {
       return ReplyPut(s, rid,
-                      absl::InvalidArgumentError(absl::StrCat(
-                          "parts: a Put in parts by key has 2 to ", kMaxPutParts,
-                          " parts; this one says ", req.parts())),
+                      absl::InvalidArgumentError(
+                          absl::StrCat("parts: a Put in parts by key has 2 to ", kMaxPutParts,
+                                       " parts; this one says ", req.parts())),
                       false, start);
     }
     if (req.target_case() == v1::DataPlanePutRequest::kKey && req.put_id() == 0) {
@@ -524,7 +524,7 @@ struct DataPlane::Assembly {
     std::shared_ptr<std::unique_ptr<Incoming>> in;
     uint64_t offset;
   };
-  std::vector<Queued> queued;                        // arrived before the reservation
+  std::vector<Queued> queued;                         // arrived before the reservation
   std::vector<std::pair<Session, uint64_t>> waiting;  // parts to answer: session, request id
   uint32_t answered = 0;
 };
@@ -559,9 +559,10 @@ void DataPlane::OnPutPart(const Session& s, uint64_t rid, const v1::DataPlanePut
     } else {
       a = it->second;
       if (a->key != key || a->chunk_header != req.chunk_header() || a->parts != req.parts()) {
-        refuse = absl::InvalidArgumentError(absl::StrCat(
-            "put_id ", put_id, ": this part names another chunk, header or part count than the "
-            "Put's first part"));
+        refuse = absl::InvalidArgumentError(
+            absl::StrCat("put_id ", put_id,
+                         ": this part names another chunk, header or part count than the "
+                         "Put's first part"));
       }
     }
     if (a != nullptr) {
@@ -652,16 +653,16 @@ void DataPlane::ReceivePart(const std::shared_ptr<Assembly>& a, uint64_t put_id,
     ++a->receiving;
   }
   state_.data_plane_in_flight.fetch_add(1);
-  s.transport->Receive(std::move(*in), buffer->subspan(kChunkHeaderBytes + offset, n), s.arena,
-                       a->deadline, [this, a, put_id, n, offset](absl::Status st) {
-                         state_.store->EndWrite(a->reservation);
-                         state_.data_plane_in_flight.fetch_sub(1);
-                         if (st.ok()) {
-                           state_.bytes_in->Inc(
-                               static_cast<double>(n + (offset == 0 ? kChunkHeaderBytes : 0)));
-                         }
-                         PartReceived(a, put_id, st);
-                       });
+  s.transport->Receive(
+      std::move(*in), buffer->subspan(kChunkHeaderBytes + offset, n), s.arena, a->deadline,
+      [this, a, put_id, n, offset](absl::Status st) {
+        state_.store->EndWrite(a->reservation);
+        state_.data_plane_in_flight.fetch_sub(1);
+        if (st.ok()) {
+          state_.bytes_in->Inc(static_cast<double>(n + (offset == 0 ? kChunkHeaderBytes : 0)));
+        }
+        PartReceived(a, put_id, st);
+      });
 }
 
 void DataPlane::PartReceived(const std::shared_ptr<Assembly>& a, uint64_t put_id,
@@ -735,9 +736,9 @@ void DataPlane::SweepAssemblies() {
       came = a->waiting.size();
     }
     EndAssembly(a, id,
-                absl::DeadlineExceededError(absl::StrCat(
-                    "put_id ", id, ": only ", came, " of the Put's ", a->parts,
-                    " parts came by its deadline; nothing is stored")),
+                absl::DeadlineExceededError(
+                    absl::StrCat("put_id ", id, ": only ", came, " of the Put's ", a->parts,
+                                 " parts came by its deadline; nothing is stored")),
                 false);
   }
 }
