@@ -50,7 +50,7 @@ struct Options {
   int rounds = 3;
   int data_plane_threads = 0;  // kvdnd's --data-plane-threads; 0: its default
   int lanes = 0;               // the client's data_plane_lanes; 0: its default
-  int part_kib = -1;       // the client's part_bytes in KiB (0: whole); -1: its default
+  int part_kib = -1;           // the client's part_bytes in KiB (0: whole); -1: its default
   // What to measure: kvdn over UCX ("ucx"), ucx_perftest, Redis, kvdn over gRPC. Leaving some
   // out is for diagnosis (profiling one of them); a recorded run measures all.
   std::set<std::string> systems = {"ucx", "perftest", "redis", "grpc"};
@@ -194,11 +194,12 @@ int main(int argc, char** argv) {
       const uint64_t pool = o.receive_pool ? 2 * value.size() + (1 << 20) : 0;
       std::function<std::unique_ptr<Conn>()> systems[3] = {
           [&] {
-            return std::unique_ptr<Conn>(
-                new KvdnConn(target, DataPlane::kUcx, tls, pool, [&](kvdn::client::ClientOptions& c) {
-                  c.data_plane_lanes = o.lanes;
-                  if (o.part_kib >= 0) c.part_bytes = uint64_t(o.part_kib) << 10;
-                }));
+            return std::unique_ptr<Conn>(new KvdnConn(target, DataPlane::kUcx, tls, pool,
+                                                      [&](kvdn::client::ClientOptions& c) {
+                                                        c.data_plane_lanes = o.lanes;
+                                                        if (o.part_kib >= 0)
+                                                          c.part_bytes = uint64_t(o.part_kib) << 10;
+                                                      }));
           },
           [&] {
             return std::unique_ptr<Conn>(shm ? new RedisConn(servers.redis_sock(), 0)

@@ -60,8 +60,8 @@ absl::Status ValidateOptions(const ClientOptions& o) {
   }
   if (o.async_threads < 1) return absl::InvalidArgumentError("ClientOptions.async_threads < 1");
   if (o.part_bytes != 0 && o.part_bytes < 4096) {
-    return absl::InvalidArgumentError(absl::StrCat("ClientOptions.part_bytes ",
-                                                   o.part_bytes, " below 4096 (0: whole)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("ClientOptions.part_bytes ", o.part_bytes, " below 4096 (0: whole)"));
   }
   if (o.data_plane_lanes < 0 || o.data_plane_lanes > 64) {
     return absl::InvalidArgumentError(
@@ -377,7 +377,8 @@ struct Client::Impl {
   size_t PartsFor(uint64_t payload_bytes, size_t concurrent) const {
     if (options.part_bytes == 0) return 1;
     const uint64_t by_size = payload_bytes / options.part_bytes;
-    const size_t free_lanes = static_cast<size_t>(options.data_plane_lanes) / std::max<size_t>(1, concurrent);
+    const size_t free_lanes =
+        static_cast<size_t>(options.data_plane_lanes) / std::max<size_t>(1, concurrent);
     return static_cast<size_t>(std::max<uint64_t>(1, std::min<uint64_t>(by_size, free_lanes)));
   }
 
@@ -848,9 +849,9 @@ absl::StatusOr<uint64_t> Client::ReadDescriptor(const TransferDescriptor& desc,
   std::vector<DataPlaneClient*> sessions;
   for (const auto& s : d) sessions.push_back(s.get());
   auto place = [&](ByteSpan h, uint64_t n) { return PlaceEncoded(dst, h, n); };
-  KVDN_ASSIGN_OR_RETURN(uint64_t n,
-                        DataPlaneClient::GetInParts(sessions, ChunkKey{}, desc.lease_id, hint,
-                                                    place, absl::Now() + impl_->options.deadline));
+  KVDN_ASSIGN_OR_RETURN(
+      uint64_t n, DataPlaneClient::GetInParts(sessions, ChunkKey{}, desc.lease_id, hint, place,
+                                              absl::Now() + impl_->options.deadline));
   return kChunkHeaderBytes + n;
 }
 

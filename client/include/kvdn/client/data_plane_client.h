@@ -124,7 +124,6 @@ class DataPlaneClient {
     return absl::OkStatus();
   }
 
-
  private:
   DataPlaneClient() = default;
   void OnGetReply(std::unique_ptr<transfer::Incoming> in);
