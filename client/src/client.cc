@@ -344,6 +344,13 @@ struct Client::Impl {
     return out;
   }
 
+  static std::vector<DataPlaneClient*> Raw(const std::vector<std::shared_ptr<DataPlaneClient>>& d) {
+    std::vector<DataPlaneClient*> out;
+    out.reserve(d.size());
+    for (const auto& s : d) out.push_back(s.get());
+    return out;
+  }
+
   // Opens every closed lane whose retry time has come, all at once, each on a thread of its own:
   // an open is an RPC, a UCX worker and a connection (~5 ms on the 2-core VM), so 8 lanes opened
   // one after another as they came up delayed a client's first Load by ~35 ms.
@@ -390,8 +397,7 @@ struct Client::Impl {
     absl::StatusOr<std::vector<std::shared_ptr<DataPlaneClient>>> d = DataPlanes(parts);
     if (!d.ok()) return d.status();
     if (d->empty()) return std::nullopt;
-    std::vector<DataPlaneClient*> sessions;
-    for (const auto& s : *d) sessions.push_back(s.get());
+    const std::vector<DataPlaneClient*> sessions = Raw(*d);
     return WithRetry<absl::StatusOr<uint64_t>>([&](grpc::ClientContext* ctx) {
       return DataPlaneClient::GetInParts(sessions, key, lease_id, payload_hint, place,
                                          absl::FromChrono(ctx->deadline()));
@@ -445,8 +451,7 @@ struct Client::Impl {
     KVDN_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<DataPlaneClient>> d,
                           DataPlanes(PartsFor(payload.size(), concurrent)));
     if (!d.empty()) {
-      std::vector<DataPlaneClient*> sessions;
-      for (const auto& x : d) sessions.push_back(x.get());
+      const std::vector<DataPlaneClient*> sessions = Raw(d);
       return WithRetry<absl::StatusOr<bool>>([&](grpc::ClientContext* ctx) {
         const absl::Time deadline = absl::FromChrono(ctx->deadline());
         return sessions.size() == 1
@@ -846,8 +851,7 @@ absl::StatusOr<uint64_t> Client::ReadDescriptor(const TransferDescriptor& desc,
         desc.worker_address.empty() ? " names no UCX worker"
                                     : " belongs to another daemon than this client's"));
   }
-  std::vector<DataPlaneClient*> sessions;
-  for (const auto& s : d) sessions.push_back(s.get());
+  const std::vector<DataPlaneClient*> sessions = Impl::Raw(d);
   auto place = [&](ByteSpan h, uint64_t n) { return PlaceEncoded(dst, h, n); };
   KVDN_ASSIGN_OR_RETURN(
       uint64_t n, DataPlaneClient::GetInParts(sessions, ChunkKey{}, desc.lease_id, hint, place,

@@ -603,7 +603,7 @@ void DataPlane::OnPutPart(const Session& s, uint64_t rid, const v1::DataPlanePut
     if (!refuse.ok() && a->reservation != 0) (void)state_.store->Abort(a->reservation);
     return EndAssembly(a, put_id, refuse.ok() ? a->result : refuse, a->stored);
   }
-  if (receive) return ReceivePart(a, put_id, s, std::move(in), req.payload_offset());
+  if (receive) return ReceivePart(a, put_id, s, in, req.payload_offset());
   if (!reserve) return;
   auto r = state_.store->Reserve(a->key, a->chunk_bytes, {.may_block = false});
   if (!storage::IsWouldBlock(r.status())) return Reserved(a, put_id, r);
@@ -630,11 +630,11 @@ void DataPlane::Reserved(const std::shared_ptr<Assembly>& a, uint64_t put_id,
   if (absl::IsAlreadyExists(r.status())) return EndAssembly(a, put_id, absl::OkStatus(), false);
   if (!r.ok()) return EndAssembly(a, put_id, r.status(), false);
   if (!failure.ok()) return EndAssembly(a, put_id, failure, false);
-  for (Assembly::Queued& q : queued) ReceivePart(a, put_id, q.s, std::move(q.in), q.offset);
+  for (Assembly::Queued& q : queued) ReceivePart(a, put_id, q.s, q.in, q.offset);
 }
 
 void DataPlane::ReceivePart(const std::shared_ptr<Assembly>& a, uint64_t put_id, const Session& s,
-                            std::shared_ptr<std::unique_ptr<Incoming>> in, uint64_t offset) {
+                            const std::shared_ptr<std::unique_ptr<Incoming>>& in, uint64_t offset) {
   auto buffer = state_.store->BeginWrite(a->reservation, a->chunk_bytes);
   if (!buffer.ok()) {
     {

@@ -100,7 +100,7 @@ class DataPlane {
                 const absl::StatusOr<storage::Reservation>& r);
   // Receives one part into the assembly's reservation.
   void ReceivePart(const std::shared_ptr<Assembly>& a, uint64_t put_id, const Session& s,
-                   std::shared_ptr<std::unique_ptr<transfer::Incoming>> in, uint64_t offset);
+                   const std::shared_ptr<std::unique_ptr<transfer::Incoming>>& in, uint64_t offset);
   void PartReceived(const std::shared_ptr<Assembly>& a, uint64_t put_id, const absl::Status& st);
   // Answers every part of `a` that arrived with `result`, and forgets `a` once all its parts
   // are answered.
