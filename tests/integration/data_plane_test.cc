@@ -586,12 +586,26 @@ TEST_F(DataPlaneTest, DescriptorsExpiredUnknownAndForeignGetPreciseErrors) {
 }
 
 // The child: loads a 32 MiB chunk over and over until it is killed.
-[[noreturn]] void LoadForever(const std::string& target, const std::string& tls) {
-  auto c = Connect(target, client::ClientOptions::DataPlane::kUcx, BigModel(), tls);
+// The child of the killed-client test: Saves and Loads 32 MiB chunks for ever, each in 4 parts
+// over 4 lanes.
+[[noreturn]] void MoveForever(const std::string& target, const std::string& tls) {
+  client::ClientOptions o;
+  o.target = target;
+  o.model = BigModel();
+  o.ns = "tenant-a";
+  o.data_plane = client::ClientOptions::DataPlane::kUcx;
+  o.ucx_transports = tls;
+  o.data_plane_lanes = 4;
+  o.part_bytes = 4 << 20;
+  auto c = client::Client::Connect(o).value();
   const auto t = Tokens(256, 55);
   std::vector<uint8_t> buf(c->ChunkPayloadSizes(t.size())[0]);
   const MutableByteSpan bufs[1] = {MutableByteSpan(buf)};
-  for (;;) (void)c->Load(t, bufs);
+  const ByteSpan payload[1] = {ByteSpan(buf)};
+  for (uint64_t i = 1000;; ++i) {
+    (void)c->Save(Tokens(256, i), payload);
+    (void)c->Load(t, bufs);
+  }
 }
 
 TEST_F(DataPlaneTest, AClientKilledMidTransferLeavesNoLeaseAndAHealthyDaemon) {
@@ -606,19 +620,25 @@ TEST_F(DataPlaneTest, AClientKilledMidTransferLeavesNoLeaseAndAHealthyDaemon) {
     const pid_t pid = fork();
     ASSERT_GE(pid, 0);
     if (pid == 0) {
-      execl("/proc/self/exe", "data_plane_test", "--load-forever", target.c_str(), tls.c_str(),
+      execl("/proc/self/exe", "data_plane_test", "--move-forever", target.c_str(), tls.c_str(),
             nullptr);
       _exit(1);
     }
-    absl::SleepFor(absl::Milliseconds(700));  // mid-way through some load
+    absl::SleepFor(absl::Milliseconds(700));  // mid-way through some Save or Load
     ASSERT_EQ(kill(pid, SIGKILL), 0);
     ASSERT_EQ(waitpid(pid, nullptr, 0), pid);
-    // The lease of the transfer it died in is released within the deadline.
+    // The lease or reservation of the transfer it died in (parts of a Get or of a Put that kvdnd
+    // was assembling) is released within the deadline.
+    auto held = [&] {
+      auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
+      grpc::ClientContext ctx;
+      v1::GetStatsResponse st;
+      EXPECT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
+      return st.leases_active() + st.reservations_active();
+    };
     const absl::Time until = absl::Now() + absl::Seconds(25);
-    while (LeasesActive(daemon_.unix_target()) != 0 && absl::Now() < until) {
-      absl::SleepFor(absl::Milliseconds(100));
-    }
-    EXPECT_EQ(LeasesActive(daemon_.unix_target()), 0u) << target;
+    while (held() != 0 && absl::Now() < until) absl::SleepFor(absl::Milliseconds(100));
+    EXPECT_EQ(held(), 0u) << target;
   }
   // The daemon serves on, over both paths.
   RoundTrip(*c, *c, 256 * 2, 56);
@@ -966,7 +986,7 @@ TEST(DataPlaneOffTest, ADaemonWithoutUcxServesGrpcAndRefusesUcxPrecisely) {
 }  // namespace kvdn
 
 int main(int argc, char** argv) {
-  if (argc == 4 && std::string(argv[1]) == "--load-forever") kvdn::LoadForever(argv[2], argv[3]);
+  if (argc == 4 && std::string(argv[1]) == "--move-forever") kvdn::MoveForever(argv[2], argv[3]);
   ::testing::InitGoogleTest(&argc, argv);
   return RUN_ALL_TESTS();
 }
