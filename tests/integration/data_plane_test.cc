@@ -856,8 +856,9 @@ TEST_F(RawDataPlaneTest, EachBadMessageGetsItsExactStatusAndNothingIsStored) {
 }
 
 // A Put in parts by key (DataPlanePutRequest.parts / put_id), message by message: two parts that
-// add up are stored (both answered OK, the chunk reads back); parts whose sizes do not add up,
-// or that name another chunk under the same put_id, fail the Put and store nothing; a Put whose
+// add up are stored (both answered OK, the chunk reads back); parts whose sizes fall short of the
+// payload or exceed it, or that name another chunk under the same put_id, fail the Put and store
+// nothing; a Put whose
 // second part never comes ends at its deadline with DEADLINE_EXCEEDED, leaving no reservation.
 TEST_F(RawDataPlaneTest, PutsInPartsByKeyAreAssembledOrRefusedWhole) {
   const ChunkInfo info{Dtype::kBFloat16, 2, 1, 64, 64};  // 32 KiB payload
@@ -885,6 +886,13 @@ TEST_F(RawDataPlaneTest, PutsInPartsByKeyAreAssembledOrRefusedWhole) {
   for (int i = 0; i < 2; ++i) {
     EXPECT_THAT(NextReply(), StatusIs(absl::StatusCode::kInvalidArgument,
                                       HasSubstr("carry 16384 bytes of a 32768-byte payload")));
+  }
+  // More bytes than the payload: 16 KiB + 24 KiB of 32 KiB.
+  Send(v1::DATA_PLANE_PUT, part(9, 0, later, "tenant-a"), all.subspan(0, 16384));
+  Send(v1::DATA_PLANE_PUT, part(9, 8192, later, "tenant-a"), all.subspan(8192));
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_THAT(NextReply(),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("more parts or bytes")));
   }
   // The second part names another chunk (namespace) than the first.
   Send(v1::DATA_PLANE_PUT, part(6, 0, later, "tenant-a"), all.subspan(0, 16384));
