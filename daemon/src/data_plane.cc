@@ -537,6 +537,7 @@ void DataPlane::OnPutPart(const Session& s, uint64_t rid, const v1::DataPlanePut
   const uint64_t n = (*in)->payload_bytes();
   std::shared_ptr<Assembly> a;
   bool reserve = false, receive = false, end_now = false;
+  uint64_t abort = 0;  // the reservation of a Put this part fails
   absl::Status refuse;
   {
     MutexLock lock(&parts_mu_);
@@ -582,6 +583,7 @@ void DataPlane::OnPutPart(const Session& s, uint64_t rid, const v1::DataPlanePut
         // This part is answered now; the Put fails, at once when nothing of it is moving.
         if (a->failure.ok()) a->failure = refuse;
         end_now = !a->ended && a->receiving == 0 && !a->reserving;
+        abort = end_now ? a->reservation : 0;
       } else {
         a->waiting.emplace_back(s, rid);
         a->part_bytes += n;
@@ -600,7 +602,7 @@ void DataPlane::OnPutPart(const Session& s, uint64_t rid, const v1::DataPlanePut
   if (!refuse.ok()) ReplyPut(s, rid, refuse, false, start);
   if (a == nullptr) return;
   if (end_now) {
-    if (!refuse.ok() && a->reservation != 0) (void)state_.store->Abort(a->reservation);
+    if (abort != 0) (void)state_.store->Abort(abort);
     return EndAssembly(a, put_id, refuse.ok() ? a->result : refuse, a->stored);
   }
   if (receive) return ReceivePart(a, put_id, s, in, req.payload_offset());
@@ -719,26 +721,29 @@ void DataPlane::EndAssembly(const std::shared_ptr<Assembly>& a, uint64_t put_id,
 
 void DataPlane::SweepAssemblies() {
   const absl::Time now = absl::Now();
-  std::vector<std::pair<uint64_t, std::shared_ptr<Assembly>>> late;
+  struct Late {
+    uint64_t put_id;
+    std::shared_ptr<Assembly> a;
+    uint64_t abort;  // the reservation to drop, 0 when none (or the Put has ended)
+    size_t came;     // parts that arrived
+  };
+  std::vector<Late> late;
   {
     MutexLock lock(&parts_mu_);
     if (assemblies_.empty()) return;
     for (auto& [id, a] : assemblies_) {
-      if (now > a->deadline && a->receiving == 0 && !a->reserving) late.emplace_back(id, a);
+      if (now > a->deadline && a->receiving == 0 && !a->reserving) {
+        late.push_back({id, a, a->ended ? 0 : a->reservation, a->waiting.size()});
+      }
     }
-    for (auto& [id, a] : late) assemblies_.erase(id);  // parts that come later start anew
+    for (const Late& l : late) assemblies_.erase(l.put_id);  // parts that come later start anew
   }
-  for (auto& [id, a] : late) {
-    if (!a->ended && a->reservation != 0) (void)state_.store->Abort(a->reservation);
-    uint64_t came;
-    {
-      MutexLock lock(&parts_mu_);
-      came = a->waiting.size();
-    }
-    EndAssembly(a, id,
+  for (const Late& l : late) {
+    if (l.abort != 0) (void)state_.store->Abort(l.abort);
+    EndAssembly(l.a, l.put_id,
                 absl::DeadlineExceededError(
-                    absl::StrCat("put_id ", id, ": only ", came, " of the Put's ", a->parts,
-                                 " parts came by its deadline; nothing is stored")),
+                    absl::StrCat("put_id ", l.put_id, ": only ", l.came, " of the Put's ",
+                                 l.a->parts, " parts came by its deadline; nothing is stored")),
                 false);
   }
 }
