@@ -303,6 +303,16 @@ TEST_F(DataPlaneLanesTest, ChunksMoveInPartsOverSeveralLanesBitIdentical) {
     }
     return 0;
   };
+  // kvdnd counts a UcxGet when its send has ended, which may be just after the client has the
+  // bytes: the count `before + n` is awaited (2 s at most), then read.
+  auto gets_after = [&](int before, int n) {
+    const absl::Time until = absl::Now() + absl::Seconds(2);
+    while (calls("UcxGet") < before + n && absl::Now() < until) {
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    absl::SleepFor(absl::Milliseconds(50));  // and no more come
+    return calls("UcxGet") - before;
+  };
   uint64_t seed = 31;
   for (const auto& [target, tls] : {std::pair{daemon_.unix_target(), std::string()},
                                     std::pair{daemon_.tcp_target(), std::string("tcp")}}) {
@@ -352,7 +362,7 @@ TEST_F(DataPlaneLanesTest, ChunksMoveInPartsOverSeveralLanesBitIdentical) {
       ASSERT_EQ(n, kChunkHeaderBytes + p[1].size());
       EXPECT_TRUE(std::equal(p[1].begin(), p[1].end(), back.begin() + kChunkHeaderBytes));
       EXPECT_TRUE(std::all_of(back.begin() + n, back.end(), [](uint8_t b) { return b == 0xEE; }));
-      EXPECT_EQ(calls("UcxGet") - before, 4) << "one UcxGet per part";
+      EXPECT_EQ(gets_after(before, 4), 4) << "one UcxGet per part";
     }
     // Under a lease.
     ASSERT_OK_AND_ASSIGN(client::TransferDescriptor d,
@@ -376,7 +386,7 @@ TEST_F(DataPlaneLanesTest, ChunksMoveInPartsOverSeveralLanesBitIdentical) {
     ASSERT_OK_AND_ASSIGN(client::LoadResult all, c->Load(t, bufs));
     EXPECT_EQ(all.tokens, t.size());
     EXPECT_TRUE(g == p);
-    EXPECT_EQ(calls("UcxGet") - before, 4) << "four chunks on four lanes: no parts";
+    EXPECT_EQ(gets_after(before, 4), 4) << "four chunks on four lanes: no parts";
     // A payload that does not hash to its header's checksum.
     ASSERT_OK_AND_ASSIGN(std::vector<uint8_t> bad,
                          EncodeChunk({o.model.dtype, 3, 2, 40, 250}, p[0]));
