@@ -939,6 +939,64 @@ TEST_F(RawDataPlaneTest, PutsInPartsByKeyAreAssembledOrRefusedWhole) {
   EXPECT_TRUE(std::equal(payload.begin(), payload.end(), back.begin() + kChunkHeaderBytes));
 }
 
+// Parts into a reservation (KvService.Reserve, then DataPlanePutRequest.part with reservation_id,
+// then KvService.Commit): each part is answered once its bytes are in, nothing is stored until
+// the Commit, which verifies the whole payload; a reservation written only in part fails its
+// Commit with DATA_LOSS.
+TEST_F(RawDataPlaneTest, PartsIntoAReservationAreCommittedByTheClient) {
+  const ChunkInfo info{Dtype::kBFloat16, 2, 1, 64, 64};  // 32 KiB payload
+  auto payload = RandomBytes(info.PayloadBytes(), 3);
+  uint8_t header[kChunkHeaderBytes];
+  WriteChunkHeader(info, Xxh3_64(ByteSpan(payload)), MutableByteSpan(header, sizeof(header)));
+  auto stub = v1::KvService::NewStub(client::MakeChannel(daemon_.unix_target()));
+  auto reserve = [&](uint64_t seed) {
+    v1::ReserveRequest req;
+    client::KeyToProto(testing::KeyFor(seed, "tenant-a"), req.mutable_key());
+    req.set_size(kChunkHeaderBytes + payload.size());
+    v1::ReserveResponse resp;
+    grpc::ClientContext ctx;
+    EXPECT_TRUE(stub->Reserve(&ctx, req, &resp).ok());
+    return resp.transfer().id();
+  };
+  auto part = [&](uint64_t reservation, uint64_t offset) {
+    v1::DataPlanePutRequest r;
+    r.set_session_id(session_);
+    r.set_request_id(reservation * 100 + offset);
+    r.set_reservation_id(reservation);
+    r.set_chunk_header(header, sizeof(header));
+    r.set_part(true);
+    r.set_payload_offset(offset);
+    return r;
+  };
+  auto commit = [&](uint64_t reservation) {
+    v1::CommitRequest req;
+    req.set_reservation_id(reservation);
+    req.set_payload_checksum(Xxh3_64(ByteSpan(payload)));
+    v1::CommitResponse resp;
+    grpc::ClientContext ctx;
+    return stub->Commit(&ctx, req, &resp);
+  };
+  const ByteSpan all(payload);
+  // Both halves, the second first.
+  const uint64_t whole = reserve(11);
+  EXPECT_OK(Exchange(v1::DATA_PLANE_PUT, part(whole, 16384), all.subspan(16384)));
+  EXPECT_OK(Exchange(v1::DATA_PLANE_PUT, part(whole, 0), all.subspan(0, 16384)));
+  auto [code, body] = testing::HttpGet(daemon_.http_port(), "/metrics");
+  EXPECT_THAT(body, HasSubstr(R"(kvdn_tier_chunks{tier="host"} 0)")) << "not before the Commit";
+  ASSERT_TRUE(commit(whole).ok());
+  auto c = Connect(daemon_.unix_target(), client::ClientOptions::DataPlane::kGrpc);
+  std::vector<uint8_t> back(kChunkHeaderBytes + payload.size());
+  ASSERT_OK_AND_ASSIGN(uint64_t n,
+                       c->GetEncoded(testing::KeyFor(11, "tenant-a"), MutableByteSpan(back)));
+  ASSERT_EQ(n, back.size());
+  EXPECT_TRUE(std::equal(payload.begin(), payload.end(), back.begin() + kChunkHeaderBytes));
+  // Only the first half: the Commit finds the payload does not hash to the checksum.
+  const uint64_t half = reserve(12);
+  EXPECT_OK(Exchange(v1::DATA_PLANE_PUT, part(half, 0), all.subspan(0, 16384)));
+  EXPECT_EQ(commit(half).error_code(), grpc::StatusCode::DATA_LOSS);
+  EXPECT_EQ(LeasesActive(daemon_.unix_target()), 0u);
+}
+
 // A DaemonSet kvdnd and an engine pod without hostPID share the unix socket (hostPath) but not the
 // pid namespace, which UCX's shared memory needs: the session is refused with the reason, the
 // SDK (kAuto) goes on over gRPC with identical results, and kUcx says why it cannot.
