@@ -167,6 +167,15 @@ class DataPlaneLanesTest : public ::testing::Test {
     std::string err;
     ASSERT_TRUE(daemon_.Start({"--data-plane-threads", "2"}, &err)) << err;
   }
+  // A UCX-only client of this kvdnd over its unix socket, with `lanes` lanes.
+  client::ClientOptions LaneOptions(ModelSpec model, int lanes) {
+    client::ClientOptions o;
+    o.target = daemon_.unix_target();
+    o.model = std::move(model);
+    o.data_plane = client::ClientOptions::DataPlane::kUcx;
+    o.data_plane_lanes = lanes;
+    return o;
+  }
   // kvdnd's transports as GetStats lists them ("ucx-local[i]: ... peers=[...]").
   std::vector<std::string> Transports() {
     auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
@@ -211,11 +220,7 @@ TEST_F(DataPlaneLanesTest, SessionsSpreadOverLanes) {
 // daemon puts on its two shared-memory lanes, bytes identical, no lease left; a lane count out of
 // range is refused naming the option.
 TEST_F(DataPlaneLanesTest, OneClientsLanesLandOnTheDaemonsLanes) {
-  client::ClientOptions o;
-  o.target = daemon_.unix_target();
-  o.model = {"lanes-test", 4, 2, 64, Dtype::kBFloat16, 256};
-  o.data_plane = client::ClientOptions::DataPlane::kUcx;
-  o.data_plane_lanes = 2;
+  client::ClientOptions o = LaneOptions({"lanes-test", 4, 2, 64, Dtype::kBFloat16, 256}, 2);
   o.parallel_streams = 4;
   ASSERT_OK_AND_ASSIGN(auto c, client::Client::Connect(o));
   EXPECT_THAT(c->DataPlaneInUse(), HasSubstr("(2 lanes)"));
@@ -245,11 +250,7 @@ TEST_F(DataPlaneLanesTest, OneClientsLanesLandOnTheDaemonsLanes) {
 // A client's first transfer opens all its lanes at once (not one per transfer as they come up):
 // after a single Get, kvdnd has a session from each of the client's 4 lanes.
 TEST_F(DataPlaneLanesTest, TheFirstTransferOpensEveryLane) {
-  client::ClientOptions o;
-  o.target = daemon_.unix_target();
-  o.model = {"lanes-open", 2, 2, 64, Dtype::kBFloat16, 16};
-  o.data_plane = client::ClientOptions::DataPlane::kUcx;
-  o.data_plane_lanes = 4;
+  const client::ClientOptions o = LaneOptions({"lanes-open", 2, 2, 64, Dtype::kBFloat16, 16}, 4);
   ASSERT_OK_AND_ASSIGN(auto c, client::Client::Connect(o));
   const auto chunk = testing::RandomChunk(testing::InfoForBytes(64 << 10), 9);
   const ChunkKey key = testing::KeyFor(4242, "lanes-open");
@@ -283,10 +284,8 @@ TEST_F(DataPlaneLanesTest, TheFirstTransferOpensEveryLane) {
 // lanes busy). A chunk stored already is not sent again; a payload that does not match its
 // header's checksum is refused at Commit (DATA_LOSS), and its reservation is not left behind.
 TEST_F(DataPlaneLanesTest, ChunksMoveInPartsOverSeveralLanesBitIdentical) {
-  client::ClientOptions o;
-  o.model = {"parts-test", 3, 2, 40, Dtype::kBFloat16, 250};  // 240000-byte payloads
-  o.data_plane = client::ClientOptions::DataPlane::kUcx;
-  o.data_plane_lanes = 4;
+  // 240000-byte payloads.
+  client::ClientOptions o = LaneOptions({"parts-test", 3, 2, 40, Dtype::kBFloat16, 250}, 4);
   o.part_bytes = 4096;
   client::ClientOptions plain = o;
   plain.target = daemon_.unix_target();
