@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <fstream>
 #include <functional>
 #include <random>
@@ -595,8 +596,24 @@ TEST_F(DataPlaneTest, DescriptorsExpiredUnknownAndForeignGetPreciseErrors) {
 }
 
 // The child: loads a 32 MiB chunk over and over until it is killed.
-// The child of the killed-client test: Saves and Loads 32 MiB chunks for ever, each in 4 parts
-// over 4 lanes.
+// The children of the killed-client tests. LoadForever loads one 32 MiB chunk for ever over one
+// lane (one session); MoveForever Saves and Loads 32 MiB chunks for ever,
+// each in 4 parts over 4 lanes.
+[[noreturn]] void LoadForever(const std::string& target, const std::string& tls) {
+  client::ClientOptions o;
+  o.target = target;
+  o.model = BigModel();
+  o.ns = "tenant-a";
+  o.data_plane = client::ClientOptions::DataPlane::kUcx;
+  o.ucx_transports = tls;
+  o.data_plane_lanes = 1;
+  auto c = client::Client::Connect(o).value();
+  const auto t = Tokens(256, 55);
+  std::vector<uint8_t> buf(c->ChunkPayloadSizes(t.size())[0]);
+  const MutableByteSpan bufs[1] = {MutableByteSpan(buf)};
+  for (;;) (void)c->Load(t, bufs);
+}
+
 [[noreturn]] void MoveForever(const std::string& target, const std::string& tls) {
   client::ClientOptions o;
   o.target = target;
@@ -1061,7 +1078,14 @@ TEST(DataPlaneOffTest, ADaemonWithoutUcxServesGrpcAndRefusesUcxPrecisely) {
 }  // namespace kvdn
 
 int main(int argc, char** argv) {
+  if (argc == 4 && std::string(argv[1]) == "--load-forever") kvdn::LoadForever(argv[2], argv[3]);
   if (argc == 4 && std::string(argv[1]) == "--move-forever") kvdn::MoveForever(argv[2], argv[3]);
+  if (argc == 4 && absl::EndsWith(argv[1], "-forever")) {
+    // A child started with a mode this binary lacks must not run the tests (their daemons would
+    // outlive it when it is killed).
+    std::fprintf(stderr, "data_plane_test: unknown child mode %s\n", argv[1]);
+    return 2;
+  }
   ::testing::InitGoogleTest(&argc, argv);
   return RUN_ALL_TESTS();
 }
