@@ -595,33 +595,18 @@ TEST_F(DataPlaneTest, DescriptorsExpiredUnknownAndForeignGetPreciseErrors) {
   EXPECT_EQ(LeasesActive(daemon_.unix_target()), 0u);
 }
 
-// The child: loads a 32 MiB chunk over and over until it is killed.
-// The children of the killed-client tests. LoadForever loads one 32 MiB chunk for ever over one
-// lane (one session); MoveForever Saves and Loads 32 MiB chunks for ever,
-// each in 4 parts over 4 lanes.
-[[noreturn]] void LoadForever(const std::string& target, const std::string& tls) {
+// The children of the killed-client tests, run until they are killed: LoadForever loads one
+// 32 MiB chunk over and over on one lane (one session); MoveForever Saves and Loads 32 MiB chunks,
+// each in 4 parts over 4 lanes. Both load the chunk the test saved (Tokens(256, 55)).
+[[noreturn]] void LoadAndSaveForever(const std::string& target, const std::string& tls, int lanes,
+                                     bool save) {
   client::ClientOptions o;
   o.target = target;
   o.model = BigModel();
   o.ns = "tenant-a";
   o.data_plane = client::ClientOptions::DataPlane::kUcx;
   o.ucx_transports = tls;
-  o.data_plane_lanes = 1;
-  auto c = client::Client::Connect(o).value();
-  const auto t = Tokens(256, 55);
-  std::vector<uint8_t> buf(c->ChunkPayloadSizes(t.size())[0]);
-  const MutableByteSpan bufs[1] = {MutableByteSpan(buf)};
-  for (;;) (void)c->Load(t, bufs);
-}
-
-[[noreturn]] void MoveForever(const std::string& target, const std::string& tls) {
-  client::ClientOptions o;
-  o.target = target;
-  o.model = BigModel();
-  o.ns = "tenant-a";
-  o.data_plane = client::ClientOptions::DataPlane::kUcx;
-  o.ucx_transports = tls;
-  o.data_plane_lanes = 4;
+  o.data_plane_lanes = lanes;
   o.part_bytes = 4 << 20;
   auto c = client::Client::Connect(o).value();
   const auto t = Tokens(256, 55);
@@ -629,9 +614,15 @@ TEST_F(DataPlaneTest, DescriptorsExpiredUnknownAndForeignGetPreciseErrors) {
   const MutableByteSpan bufs[1] = {MutableByteSpan(buf)};
   const ByteSpan payload[1] = {ByteSpan(buf)};
   for (uint64_t i = 1000;; ++i) {
-    (void)c->Save(Tokens(256, i), payload);
+    if (save) (void)c->Save(Tokens(256, i), payload);
     (void)c->Load(t, bufs);
   }
+}
+[[noreturn]] void LoadForever(const std::string& target, const std::string& tls) {
+  LoadAndSaveForever(target, tls, /*lanes=*/1, /*save=*/false);
+}
+[[noreturn]] void MoveForever(const std::string& target, const std::string& tls) {
+  LoadAndSaveForever(target, tls, /*lanes=*/4, /*save=*/true);
 }
 
 TEST_F(DataPlaneTest, AClientKilledMidTransferLeavesNoLeaseAndAHealthyDaemon) {
