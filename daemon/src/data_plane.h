@@ -12,6 +12,7 @@
 #ifndef KVDN_DAEMON_SRC_DATA_PLANE_H_
 #define KVDN_DAEMON_SRC_DATA_PLANE_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -88,6 +89,12 @@ class DataPlane {
                std::shared_ptr<std::unique_ptr<transfer::Incoming>> in, std::string chunk_header,
                uint64_t reservation_id, Part part, uint64_t chunk_bytes, bool commit,
                uint64_t checksum, absl::Time start);
+  // Commits a reservation whose bytes are all in (the store verifies its checksum), tells the
+  // cluster of a new chunk unless `from_peer`, then calls `then`: inline when it is small and at
+  // most `in_flight_here` transfers (the caller's own) are in flight, else on the blocking pool.
+  void CommitReservation(uint64_t reservation_id, uint64_t chunk_bytes, uint64_t checksum,
+                         bool from_peer, int64_t in_flight_here,
+                         std::function<void(const absl::Status&)> then);
   // A Put in parts by key (DataPlanePutRequest.parts / put_id): reserved at its first part,
   // committed after its last; every part is answered then, with the Put's result.
   struct Assembly;
