@@ -63,6 +63,34 @@ int main(int argc, char** argv) {
       "\nceilings: device-to-device copy %.0f GB/s (read + write), streaming read %.0f "
       "GB/s (%zu MiB buffers)\n",
       d2d, streaming, big >> 20);
+  // The same read by bulk asynchronous copies (TMA, 1-D) of several sizes, CTAs per SM as many
+  // as fit: does issuing loads through the copy engine read HBM faster than 16-byte loads?
+  {
+    const size_t smem = size_t{kBulkStages} * kBulkStageBytes;
+    CHECK_CUDA(cudaFuncSetAttribute(StreamReadBulk, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem)));
+    int per_sm = 0;
+    CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, StreamReadBulk, 32, smem));
+    std::printf("streaming read by bulk copies (%d stages per CTA, %d CTAs per SM):", kBulkStages,
+                per_sm);
+    for (const bool interleaved : {true, false}) {
+      std::printf("\n  %s:", interleaved ? "interleaved" : "a contiguous range per CTA");
+      for (const uint32_t op : {4096u, 8192u, 16384u}) {
+        const double ms = timer.MedianMs(20, [&](int) {
+          StreamReadBulk<<<prop.multiProcessorCount * per_sm, 32, smem>>>(
+              static_cast<const uint8_t*>(a), big / op, op, interleaved, sink);
+        });
+        CHECK_CUDA(cudaGetLastError());
+        const double gbps = big / (ms * 1e-3) / 1e9;
+        std::printf(" %u B ops %.0f GB/s;", op, gbps);
+        json.Add(
+            Fmt("{\"kind\":\"bulk_stream\",\"interleaved\":%s,\"op_bytes\":%u,"
+                "\"gbps\":%.1f,\"ctas_per_sm\":%d}",
+                interleaved ? "true" : "false", op, gbps, per_sm));
+      }
+    }
+    std::printf("\n");
+  }
   json.Add(Fmt("{\"kind\":\"ceiling\",\"d2d_gbps\":%.1f,\"stream_gbps\":%.1f,\"gpu\":\"%s\"}", d2d,
                streaming, prop.name));
   CHECK_CUDA(cudaFree(b));

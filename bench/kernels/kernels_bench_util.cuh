@@ -98,6 +98,67 @@ __global__ void StreamRead(const uint4* p, size_t n, uint4* sink) {
   if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x12345678u) sink[threadIdx.x] = acc;
 }
 
+// The same read through the copy engine of each SM (Hopper's bulk asynchronous copy, the 1-D
+// form of TMA): one thread of each CTA keeps kBulkStages copies of `op_bytes` each in flight into
+// shared memory, each stage signalled by an mbarrier's transaction count; the data is not looked
+// at (a read ceiling). Interleaved: CTA c reads ops c, c + grid, ... of the buffer (the whole
+// GPU sweeps it front to back, as StreamRead); else CTA c reads its own contiguous 1/grid of it
+// (as a kernel that streams one sequence's KV per CTA). n_ops * op_bytes bytes; op_bytes a
+// multiple of 16, at most kBulkStageBytes.
+inline constexpr int kBulkStages = 4;
+inline constexpr int kBulkStageBytes = 16 << 10;
+__global__ void StreamReadBulk(const uint8_t* p, size_t n_ops, uint32_t op_bytes, bool interleaved,
+                               uint4* sink) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ __align__(8) uint64_t bar[kBulkStages];
+  if (threadIdx.x != 0) return;
+  const uint32_t s0 = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t b0 = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  for (int s = 0; s < kBulkStages; ++s) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b0 + 8 * s));
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  auto issue = [&](size_t op, int s) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b0 + 8 * s),
+                 "r"(op_bytes)
+                 : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+            "r"(s0 + s * kBulkStageBytes),
+        "l"(p + op * op_bytes), "r"(op_bytes), "r"(b0 + 8 * s)
+        : "memory");
+  };
+  // This CTA's ops: first, first + stride, ... below last.
+  const size_t per_cta = (n_ops + gridDim.x - 1) / gridDim.x;
+  const size_t stride = interleaved ? gridDim.x : 1;
+  const size_t first = interleaved ? blockIdx.x : blockIdx.x * per_cta;
+  const size_t last = interleaved ? n_ops : (first + per_cta < n_ops ? first + per_cta : n_ops);
+  size_t next = first;
+  for (int s = 0; s < kBulkStages && next < last; ++s, next += stride) issue(next, s);
+  uint32_t phase = 0;
+  size_t done = 0;
+  for (size_t op = first; op < last; op += stride, ++done) {
+    const int s = static_cast<int>(done % kBulkStages);
+    uint32_t ok = 0;
+    while (!ok) {
+      asm volatile(
+          "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, "
+          "0, p; }"
+          : "=r"(ok)
+          : "r"(b0 + 8 * s), "r"(phase)
+          : "memory");
+    }
+    if (s == kBulkStages - 1) phase ^= 1;
+    if (next < last) {
+      issue(next, s);
+      next += stride;
+    }
+  }
+  if (smem[0] == 0x5a && smem[1] == 0xa5 && done == 0) sink[0] = make_uint4(1, 1, 1, 1);
+#endif
+}
+
 // Compute-bound filler standing in for an engine's MLP between two attention layers: FMAs in
 // registers, no memory traffic.
 __global__ void ComputeFiller(int iters, float* sink) {
