@@ -8,7 +8,7 @@
 //     eager call, host planning included), GB/s of KV read, % of the streaming kernel.
 // Correctness is checked on random data before timing (against the fp64 reference).
 //
-//   kernels_bench [--json FILE] [--quick]
+//   kernels_bench [--json FILE] [--quick] [--profile-decode BATCH,CONTEXT]
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -32,9 +32,18 @@ using namespace kvdn::bench_kernels;  // NOLINT: one program
 int main(int argc, char** argv) {
   std::string json_path;
   bool quick = false;
+  // --profile-decode B,CTX: three decode calls (auto) of that shape and nothing else, to run
+  // under a profiler (ncu) beside another kernel of the same shape.
+  int profile_batch = 0, profile_ctx = 0;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
     if (!std::strcmp(argv[i], "--quick")) quick = true;
+    if (!std::strcmp(argv[i], "--profile-decode") && i + 1 < argc) {
+      if (std::sscanf(argv[++i], "%d,%d", &profile_batch, &profile_ctx) != 2) {
+        std::fprintf(stderr, "--profile-decode takes BATCH,CONTEXT\n");
+        return 2;
+      }
+    }
   }
   cudaDeviceProp prop;
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
@@ -43,6 +52,14 @@ int main(int argc, char** argv) {
               l2 >> 20);
   Json json;
   Timer timer;
+  if (profile_batch > 0) {
+    DecodeSetup setup(profile_batch, profile_ctx, l2, 1);
+    const DecodeAttentionArgs args = setup.args();
+    for (int i = 0; i < 3; ++i) CHECK_OK(PagedDecodeAttention(args, nullptr));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    std::printf("profiled: decode batch %d context %d, 3 calls\n", profile_batch, profile_ctx);
+    return 0;
+  }
 
   // ---- Ceilings ----
   const size_t big = std::max<size_t>(size_t{1} << 30, 8 * l2);
