@@ -31,6 +31,7 @@ inline constexpr int kTcRowBytes = kHeadDim * 2;            // one K or V row of
 inline constexpr int kTcTileBytes = kTcTile * kTcRowBytes;  // 4 KiB (K or V)
 inline constexpr int kTcStageBytes = 2 * kTcTileBytes;      // K then V
 inline constexpr int kTcDefaultStages = 3;                  // per warp; see kernels/README.md
+inline constexpr float kTcRescaleSlack = 8.f;               // log2 units; see the loop
 constexpr size_t TcSmemBytes(int stages) { return size_t{kDecodeWarps} * stages * kTcStageBytes; }
 
 // The PTX type of T in mma (bf16 or f16): one m16n8k16 with A rows 8..15 zero, so only the C/D
@@ -78,6 +79,10 @@ __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
 __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes)
                : "memory");
+}
+// The same, all 16 bytes (no zero fill, no source-size operand).
+__device__ __forceinline__ void CpAsync16Full(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ __forceinline__ void CpAsyncCommit() {
   asm volatile("cp.async.commit_group;" ::: "memory");
@@ -202,6 +207,16 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
           }
         }
       }
+      if (ok && t0 + kTcTile <= end) {
+        // A whole tile (every tile but a split's last): no per-row predicates.
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int r = cp_row0 + 2 * i;
+          CpAsync16Full(sk + TileOffset(r, cp_chunk), krow + r * slot_stride);
+          CpAsync16Full(sv + TileOffset(r, cp_chunk), vrow + r * slot_stride);
+        }
+        return 0xffffu;
+      }
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int r = cp_row0 + 2 * i;
@@ -301,28 +316,40 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    // Both -inf (no valid token yet): nothing to rescale, and P below is 0.
-    const float alpha = mx == -INFINITY ? 1.f : exp2f(m - mx);
-    m = mx;
+    // Lazy rescaling: the running max m moves (and O and l are rescaled) only when a score
+    // exceeds it by more than kTcRescaleSlack (log2 units), so P = 2^(s - m) <= 2^8 (exact range
+    // in fp16 and bf16). After the first tiles the max rarely moves that far, and the 32 FMULs
+    // and the exp2 of the rescale drop out of the loop (the kernel is near issue-bound). A row
+    // with no valid token yet has m = -inf: its first finite score always moves it.
+    const bool grow = mx > m + kTcRescaleSlack;
+    if (__any_sync(0xffffffffu, grow)) {  // warp-uniform branch
+      const float alpha = grow ? exp2f(m - mx) : 1.f;
+      if (grow) m = mx;
+      l *= alpha;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        o[j][0] *= alpha;
+        o[j][1] *= alpha;
+      }
+    }
     float pr[2][2];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        pr[nt][c] = s[nt][c] == -INFINITY ? 0.f : exp2f(s[nt][c] - mx);
+        pr[nt][c] = s[nt][c] == -INFINITY ? 0.f : exp2f(s[nt][c] - m);
       }
     }
-    l = l * alpha + (pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1]);
+    l += pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1];
     const uint32_t pa0 = Mma<T>::Pack(pr[0][0], pr[0][1]);
     const uint32_t pa2 = Mma<T>::Pack(pr[1][0], pr[1][1]);
-    // O = O * alpha + P V, 16 n-tiles of 8 dims; V^T fragments by ldmatrix.trans.
+    // O += P V, 16 n-tiles of 8 dims; V^T fragments by ldmatrix.trans.
 #pragma unroll
     for (int j = 0; j < 8; ++j) {  // dims 16j .. 16j + 15: n-tiles 2j and 2j + 1
       uint32_t vb[4];
       LdMatrixX4Trans(sv + TileOffset((lane / 8 % 2) * 8 + lane % 8, 2 * j + lane / 16), vb);
-      Mma<T>::Run(o[2 * j], pa0, pa2, vb[0], vb[1], o[2 * j][0] * alpha, o[2 * j][1] * alpha);
-      Mma<T>::Run(o[2 * j + 1], pa0, pa2, vb[2], vb[3], o[2 * j + 1][0] * alpha,
-                  o[2 * j + 1][1] * alpha);
+      Mma<T>::Run(o[2 * j], pa0, pa2, vb[0], vb[1], o[2 * j][0], o[2 * j][1]);
+      Mma<T>::Run(o[2 * j + 1], pa0, pa2, vb[2], vb[3], o[2 * j + 1][0], o[2 * j + 1][1]);
     }
   }
   CpAsyncWait<0>();  // no copy may land in the ring after it is reused below
