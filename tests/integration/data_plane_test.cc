@@ -946,6 +946,71 @@ TEST_F(RawDataPlaneTest, PutsInPartsByKeyAreAssembledOrRefusedWhole) {
   EXPECT_TRUE(std::equal(payload.begin(), payload.end(), back.begin() + kChunkHeaderBytes));
 }
 
+// More Puts in parts at once than kvdnd assembles (4096, kMaxAssemblies): the next one's first
+// part is refused RESOURCE_EXHAUSTED at once; those in flight end DEADLINE_EXCEEDED at their
+// deadline with their reservations aborted, and a Put in parts is stored again after them.
+TEST_F(RawDataPlaneTest, PutsInPartsPastTheAssemblyLimitAreRefusedAndNothingLeaks) {
+  const ChunkInfo info{Dtype::kBFloat16, 1, 1, 16, 64};  // 4 KiB payload
+  auto payload = RandomBytes(info.PayloadBytes(), 4);
+  uint8_t header[kChunkHeaderBytes];
+  WriteChunkHeader(info, Xxh3_64(ByteSpan(payload)), MutableByteSpan(header, sizeof(header)));
+  const ByteSpan all(payload);
+  const uint64_t half = payload.size() / 2;
+  auto part = [&](uint64_t put_id, uint64_t offset, absl::Time deadline) {
+    v1::DataPlanePutRequest r;
+    r.set_session_id(session_);
+    r.set_request_id(put_id * 2 + (offset == 0 ? 0 : 1));
+    SetKey(r.mutable_key());
+    r.mutable_key()->set_fingerprint(put_id);  // a chunk of its own per Put
+    r.set_chunk_header(header, sizeof(header));
+    r.set_part(true);
+    r.set_parts(2);
+    r.set_put_id(put_id);
+    r.set_payload_offset(offset);
+    r.set_deadline_unix_micros(absl::ToUnixMicros(deadline));
+    return r;
+  };
+  constexpr int kLimit = 4096;
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  // Only the first half of each: kvdnd holds every one (a reservation each) until its deadline.
+  // One session's messages are handled in order, so all of them are held before the next.
+  for (uint64_t id = 1; id <= kLimit; ++id) {
+    Send(v1::DATA_PLANE_PUT, part(id, 0, deadline), all.subspan(0, half));
+  }
+  Send(v1::DATA_PLANE_PUT, part(kLimit + 1, 0, deadline), all.subspan(0, half));
+  EXPECT_THAT(NextReply(), StatusIs(absl::StatusCode::kResourceExhausted,
+                                    HasSubstr("4096 Puts in parts are in flight")));
+  ASSERT_LT(absl::Now(), deadline) << "the test sent too slowly to see the limit";
+  // After their deadline the next Put ends them; it is then assembled and stored.
+  absl::SleepFor(deadline + absl::Milliseconds(200) - absl::Now());
+  const absl::Time later = absl::Now() + absl::Seconds(20);
+  Send(v1::DATA_PLANE_PUT, part(kLimit + 2, 0, later), all.subspan(0, half));
+  Send(v1::DATA_PLANE_PUT, part(kLimit + 2, half, later), all.subspan(half));
+  int expired = 0, ok = 0, other = 0;
+  for (int i = 0; i < kLimit + 2; ++i) {
+    const absl::Status st = NextReply();
+    if (absl::IsDeadlineExceeded(st) &&
+        absl::StrContains(st.message(), "only 1 of the Put's 2 parts came")) {
+      ++expired;
+    } else if (st.ok()) {
+      ++ok;
+    } else {
+      ++other;
+      if (other <= 3) ADD_FAILURE() << st;
+    }
+  }
+  EXPECT_EQ(expired, kLimit);
+  EXPECT_EQ(ok, 2);
+  EXPECT_EQ(other, 0);
+  auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
+  grpc::ClientContext ctx;
+  v1::GetStatsResponse st;
+  ASSERT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
+  EXPECT_EQ(st.reservations_active(), 0u);
+  auto [code, body] = testing::HttpGet(daemon_.http_port(), "/metrics");
+  EXPECT_THAT(body, HasSubstr(R"(kvdn_tier_chunks{tier="host"} 1)"));
+}
+
 // Parts into a reservation (KvService.Reserve, then DataPlanePutRequest.part with reservation_id,
 // then KvService.Commit): each part is answered once its bytes are in, nothing is stored until
 // the Commit, which verifies the whole payload; a reservation written only in part fails its
