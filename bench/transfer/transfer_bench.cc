@@ -301,7 +301,8 @@ int main(int argc, char** argv) {
   std::printf(
       "\nGB/s = value bytes moved / wall time (1e9 bytes/s), all clients together; each client "
       "is a thread with its own connection (kvdn: its own UCX worker). kvdn Get is GetEncoded "
-      "(whole chunk, payload hash verified) and Put is PutEncoded (daemon verifies the hash), "
+      "(the whole encoded chunk; the client does not re-hash it, as Load does) and Put is "
+      "PutEncoded (kvdnd verifies the payload's XXH3 before it stores), "
       "%s; Redis GET copies the reply into a buffer. "
       "ucx_perftest = one sender and one receiver process, ucp_am_bw, message = value size, "
       "measured in each round beside the others (so once per client count). Every figure is the "
