@@ -778,6 +778,22 @@ class RawDataPlaneTest : public DataPlaneTest {
     k->set_fingerprint(42);
     k->set_prefix_hash(std::string(16, 'h'));
   }
+  // One of the two parts (at payload `offset`) of Put `put_id` by key (SetKey's, in `ns`) of the
+  // chunk whose 64-byte header is `header`.
+  v1::DataPlanePutRequest PartOfTwo(const uint8_t* header, uint64_t put_id, uint64_t offset,
+                                    absl::Time deadline, std::string ns = "tenant-a") {
+    v1::DataPlanePutRequest r;
+    r.set_session_id(session_);
+    r.set_request_id(put_id * 2 + (offset == 0 ? 0 : 1));
+    SetKey(r.mutable_key(), std::move(ns));
+    r.set_chunk_header(header, kChunkHeaderBytes);
+    r.set_part(true);
+    r.set_parts(2);
+    r.set_put_id(put_id);
+    r.set_payload_offset(offset);
+    r.set_deadline_unix_micros(absl::ToUnixMicros(deadline));
+    return r;
+  }
 
   std::unique_ptr<transfer::UcxTransport> t_;
   transfer::PeerId peer_ = 0;
@@ -883,17 +899,7 @@ TEST_F(RawDataPlaneTest, PutsInPartsByKeyAreAssembledOrRefusedWhole) {
   uint8_t header[kChunkHeaderBytes];
   WriteChunkHeader(info, Xxh3_64(ByteSpan(payload)), MutableByteSpan(header, sizeof(header)));
   auto part = [&](uint64_t put_id, uint64_t offset, absl::Time deadline, std::string ns) {
-    v1::DataPlanePutRequest r;
-    r.set_session_id(session_);
-    r.set_request_id(put_id * 10 + offset);
-    SetKey(r.mutable_key(), std::move(ns));
-    r.set_chunk_header(header, sizeof(header));
-    r.set_part(true);
-    r.set_parts(2);
-    r.set_put_id(put_id);
-    r.set_payload_offset(offset);
-    r.set_deadline_unix_micros(absl::ToUnixMicros(deadline));
-    return r;
+    return PartOfTwo(header, put_id, offset, deadline, std::move(ns));
   };
   const absl::Time later = absl::Now() + absl::Seconds(20);
   const ByteSpan all(payload);
@@ -957,17 +963,8 @@ TEST_F(RawDataPlaneTest, PutsInPartsPastTheAssemblyLimitAreRefusedAndNothingLeak
   const ByteSpan all(payload);
   const uint64_t half = payload.size() / 2;
   auto part = [&](uint64_t put_id, uint64_t offset, absl::Time deadline) {
-    v1::DataPlanePutRequest r;
-    r.set_session_id(session_);
-    r.set_request_id(put_id * 2 + (offset == 0 ? 0 : 1));
-    SetKey(r.mutable_key());
+    v1::DataPlanePutRequest r = PartOfTwo(header, put_id, offset, deadline);
     r.mutable_key()->set_fingerprint(put_id);  // a chunk of its own per Put
-    r.set_chunk_header(header, sizeof(header));
-    r.set_part(true);
-    r.set_parts(2);
-    r.set_put_id(put_id);
-    r.set_payload_offset(offset);
-    r.set_deadline_unix_micros(absl::ToUnixMicros(deadline));
     return r;
   };
   constexpr int kLimit = 4096;
