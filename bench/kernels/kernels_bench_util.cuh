@@ -352,7 +352,6 @@ class DecodeSetup {
 
   size_t kv_bytes = 0;
 
- private:
   // Plans `a`, allocates its workspace and points `a` at it; the caller frees the result.
   static void* AttachWorkspace(DecodeAttentionArgs* a) {
     auto plan = PlanDecodeAttention(*a);
@@ -363,6 +362,8 @@ class DecodeSetup {
     a->workspace_bytes = plan->workspace_bytes;
     return ws;
   }
+
+ private:
   // Enqueues PrefetchL2Batch of pool `pool`'s pages on `side`, started when the default stream
   // reaches this point; `side_done` marks its end (the caller joins it).
   void PrefetchOnSide(size_t pool, const DecodeAttentionArgs& a, cudaStream_t side,
