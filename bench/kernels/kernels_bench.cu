@@ -39,8 +39,9 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     if (!std::strcmp(argv[i], "--profile-decode") && i + 1 < argc) {
-      if (std::sscanf(argv[++i], "%d,%d", &profile_batch, &profile_ctx) != 2) {
-        std::fprintf(stderr, "--profile-decode takes BATCH,CONTEXT\n");
+      if (std::sscanf(argv[++i], "%d,%d", &profile_batch, &profile_ctx) != 2 ||
+          profile_batch <= 0 || profile_ctx <= 0) {
+        std::fprintf(stderr, "--profile-decode takes BATCH,CONTEXT, both positive\n");
         return 2;
       }
     }
