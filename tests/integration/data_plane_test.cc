@@ -74,13 +74,16 @@ std::string Metric(int http_port, absl::string_view name) {
   return "";
 }
 
-uint64_t LeasesActive(const std::string& target) {
+// kvdnd's AdminService.GetStats (a failed call is a test failure and reads as empty stats).
+v1::GetStatsResponse Stats(const std::string& target) {
   auto stub = v1::AdminService::NewStub(client::MakeChannel(target));
   grpc::ClientContext ctx;
   v1::GetStatsResponse r;
   EXPECT_TRUE(stub->GetStats(&ctx, {}, &r).ok());
-  return r.leases_active();
+  return r;
 }
+
+uint64_t LeasesActive(const std::string& target) { return Stats(target).leases_active(); }
 
 class DataPlaneTest : public ::testing::Test {
  protected:
@@ -121,10 +124,7 @@ TEST_F(DataPlaneTest, UcxAndGrpcAgreeBitForBitOverSharedMemoryAndTcp) {
   RoundTrip(*tcp, *shm, 256 * 4 + 100, 3);
   RoundTrip(*shm, *tcp, 256 * 1 + 255, 4);
   // kvdnctl stats shows the data plane's transports.
-  auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
-  grpc::ClientContext ctx;
-  v1::GetStatsResponse st;
-  ASSERT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
+  const v1::GetStatsResponse st = Stats(daemon_.unix_target());
   std::string all;
   for (const auto& t : st.transports()) all += t + "\n";
   EXPECT_THAT(all, HasSubstr("ucx-local"));
@@ -179,10 +179,7 @@ class DataPlaneLanesTest : public ::testing::Test {
   }
   // kvdnd's transports as GetStats lists them ("ucx-local[i]: ... peers=[...]").
   std::vector<std::string> Transports() {
-    auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
-    grpc::ClientContext ctx;
-    v1::GetStatsResponse st;
-    EXPECT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
+    const v1::GetStatsResponse st = Stats(daemon_.unix_target());
     return {st.transports().begin(), st.transports().end()};
   }
   TempDir dir_;
@@ -394,10 +391,7 @@ TEST_F(DataPlaneLanesTest, ChunksMoveInPartsOverSeveralLanesBitIdentical) {
     EXPECT_THAT(c->PutEncoded(testing::KeyFor(++seed, o.ns), bad).status(),
                 StatusIs(absl::StatusCode::kDataLoss));
   }
-  auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
-  grpc::ClientContext ctx;
-  v1::GetStatsResponse st;
-  ASSERT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
+  const v1::GetStatsResponse st = Stats(daemon_.unix_target());
   EXPECT_EQ(st.reservations_active(), 0u);
   EXPECT_EQ(st.leases_active(), 0u);
 }
@@ -543,10 +537,7 @@ TEST(DataPlaneSpillTest, PutsIntoAFullHostTierWaitForDemotionAndLoadBackIdentica
   ASSERT_OK_AND_ASSIGN(auto r, c->Load(t, b));
   EXPECT_EQ(r.tokens, t.size());
   for (size_t i = 0; i < p.size(); ++i) EXPECT_TRUE(g[i] == p[i]) << "chunk " << i;
-  auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon.unix_target()));
-  grpc::ClientContext ctx;
-  v1::GetStatsResponse st;
-  ASSERT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
+  const v1::GetStatsResponse st = Stats(daemon.unix_target());
   uint64_t demotions = 0;
   for (const auto& tier : st.tiers()) demotions += tier.demotions();
   EXPECT_GT(demotions, 0u);
@@ -647,10 +638,7 @@ TEST_F(DataPlaneTest, AClientKilledMidTransferLeavesNoLeaseAndAHealthyDaemon) {
     // The lease or reservation of the transfer it died in (parts of a Get or of a Put that kvdnd
     // was assembling) is released within the deadline.
     auto held = [&] {
-      auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
-      grpc::ClientContext ctx;
-      v1::GetStatsResponse st;
-      EXPECT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
+      const v1::GetStatsResponse st = Stats(daemon_.unix_target());
       return st.leases_active() + st.reservations_active();
     };
     const absl::Time until = absl::Now() + absl::Seconds(25);
@@ -936,10 +924,7 @@ TEST_F(RawDataPlaneTest, PutsInPartsByKeyAreAssembledOrRefusedWhole) {
   EXPECT_OK(NextReply());
   auto [code, body] = testing::HttpGet(daemon_.http_port(), "/metrics");
   EXPECT_THAT(body, HasSubstr(R"(kvdn_tier_chunks{tier="host"} 1)"));
-  auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
-  grpc::ClientContext ctx;
-  v1::GetStatsResponse st;
-  ASSERT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
+  const v1::GetStatsResponse st = Stats(daemon_.unix_target());
   EXPECT_EQ(st.reservations_active(), 0u);
   // What was stored is the payload.
   auto c = Connect(daemon_.unix_target(), client::ClientOptions::DataPlane::kGrpc);
@@ -999,10 +984,7 @@ TEST_F(RawDataPlaneTest, PutsInPartsPastTheAssemblyLimitAreRefusedAndNothingLeak
   EXPECT_EQ(expired, kLimit);
   EXPECT_EQ(ok, 2);
   EXPECT_EQ(other, 0);
-  auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
-  grpc::ClientContext ctx;
-  v1::GetStatsResponse st;
-  ASSERT_TRUE(stub->GetStats(&ctx, {}, &st).ok());
+  const v1::GetStatsResponse st = Stats(daemon_.unix_target());
   EXPECT_EQ(st.reservations_active(), 0u);
   auto [code, body] = testing::HttpGet(daemon_.http_port(), "/metrics");
   EXPECT_THAT(body, HasSubstr(R"(kvdn_tier_chunks{tier="host"} 1)"));
