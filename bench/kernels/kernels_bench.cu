@@ -98,7 +98,7 @@ int main(int argc, char** argv) {
       for (const uint32_t op : {4096u, 8192u, 16384u}) {
         const double ms = timer.MedianMs(20, [&](int) {
           StreamReadBulk<<<prop.multiProcessorCount * per_sm, 32, smem>>>(
-              static_cast<const uint8_t*>(a), big / op, op, interleaved, sink);
+              static_cast<const uint8_t*>(a), big / op, op, interleaved);
         });
         CHECK_CUDA(cudaGetLastError());
         const double gbps = big / (ms * 1e-3) / 1e9;

@@ -107,8 +107,8 @@ __global__ void StreamRead(const uint4* p, size_t n, uint4* sink) {
 // multiple of 16, at most kBulkStageBytes.
 inline constexpr int kBulkStages = 4;
 inline constexpr int kBulkStageBytes = 16 << 10;
-__global__ void StreamReadBulk(const uint8_t* p, size_t n_ops, uint32_t op_bytes, bool interleaved,
-                               uint4* sink) {
+__global__ void StreamReadBulk(const uint8_t* p, size_t n_ops, uint32_t op_bytes,
+                               bool interleaved) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ __align__(8) uint64_t bar[kBulkStages];
@@ -155,7 +155,6 @@ __global__ void StreamReadBulk(const uint8_t* p, size_t n_ops, uint32_t op_bytes
       next += stride;
     }
   }
-  if (smem[0] == 0x5a && smem[1] == 0xa5 && done == 0) sink[0] = make_uint4(1, 1, 1, 1);
 #endif
 }
 
