@@ -14,6 +14,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -94,7 +95,8 @@ class DataPlane {
   // most `in_flight_here` transfers (the caller's own) are in flight, else on the blocking pool.
   void CommitReservation(uint64_t reservation_id, uint64_t chunk_bytes, uint64_t checksum,
                          bool from_peer, int64_t in_flight_here,
-                         std::function<void(const absl::Status&)> then);
+                         std::function<void(const absl::Status&)> then,
+                         std::optional<uint64_t> payload_hash = std::nullopt);
   // A Put in parts by key (DataPlanePutRequest.parts / put_id): reserved at its first part,
   // committed after its last; every part is answered then, with the Put's result.
   struct Assembly;
@@ -109,6 +111,9 @@ class DataPlane {
   void ReceivePart(const std::shared_ptr<Assembly>& a, uint64_t put_id, const Session& s,
                    const std::shared_ptr<std::unique_ptr<transfer::Incoming>>& in, uint64_t offset);
   void PartReceived(const std::shared_ptr<Assembly>& a, uint64_t put_id, const absl::Status& st);
+  // Records that [offset, offset + n) of `a`'s payload was received; false (and the Put marked to
+  // fail) when it overlaps a part received before.
+  bool Landed(Assembly* a, uint64_t offset, uint64_t n) ABSL_LOCKS_EXCLUDED(parts_mu_);
   // Answers every part of `a` that arrived with `result`, and forgets `a` once all its parts
   // are answered.
   void EndAssembly(const std::shared_ptr<Assembly>& a, uint64_t put_id, const absl::Status& result,

@@ -131,6 +131,20 @@ absl::Status TieredStore::Commit(uint64_t reservation_id, uint64_t payload_check
   return CommitInternal(reservation_id, payload_checksum, /*payload_verified=*/false, key);
 }
 
+absl::Status TieredStore::CommitHashed(uint64_t reservation_id, uint64_t payload_checksum,
+                                       uint64_t payload_hash, ChunkKey* key) {
+  if (payload_hash != payload_checksum) {
+    const absl::Status aborted = Abort(reservation_id);
+    if (!aborted.ok()) return aborted;  // unknown or expired: say that, as Commit would
+    MutexLock lock(&state_->mu);
+    ++state_->commit_failures;
+    ++state_->stats[kHost].checksum_failures;
+    return absl::DataLossError(absl::StrFormat(
+        "chunk payload hashes to %016x, its header says %016x", payload_hash, payload_checksum));
+  }
+  return CommitInternal(reservation_id, payload_checksum, /*payload_verified=*/true, key);
+}
+
 absl::Status TieredStore::CommitInternal(uint64_t id, uint64_t payload_checksum,
                                          bool payload_verified, ChunkKey* committed_key) {
   State& s = *state_;

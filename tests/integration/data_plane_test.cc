@@ -878,8 +878,8 @@ TEST_F(RawDataPlaneTest, EachBadMessageGetsItsExactStatusAndNothingIsStored) {
 
 // A Put in parts by key (DataPlanePutRequest.parts / put_id), message by message: two parts that
 // add up are stored (both answered OK, the chunk reads back); parts whose sizes fall short of the
-// payload or exceed it, or that name another chunk under the same put_id, fail the Put and store
-// nothing; a Put whose
+// payload or exceed it, that name another chunk under the same put_id, that overlap, or whose
+// bytes do not hash to the header's checksum fail the Put and store nothing; a Put whose
 // second part never comes ends at its deadline with DEADLINE_EXCEEDED, leaving no reservation.
 TEST_F(RawDataPlaneTest, PutsInPartsByKeyAreAssembledOrRefusedWhole) {
   const ChunkInfo info{Dtype::kBFloat16, 2, 1, 64, 64};  // 32 KiB payload
@@ -910,6 +910,22 @@ TEST_F(RawDataPlaneTest, PutsInPartsByKeyAreAssembledOrRefusedWhole) {
   Send(v1::DATA_PLANE_PUT, part(6, 16384, later, "tenant-b"), all.subspan(16384));
   for (int i = 0; i < 2; ++i) {
     EXPECT_THAT(NextReply(), StatusIs(absl::StatusCode::kInvalidArgument));
+  }
+  // Sizes that add up, but the parts overlap: the first 16 KiB twice, the last 16 KiB never.
+  Send(v1::DATA_PLANE_PUT, part(10, 0, later, "tenant-a"), all.subspan(0, 16384));
+  Send(v1::DATA_PLANE_PUT, part(10, 0, later, "tenant-a"), all.subspan(0, 16384));
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_THAT(NextReply(), StatusIs(absl::StatusCode::kInvalidArgument,
+                                      HasSubstr("overlap, so some payload bytes were never sent")));
+  }
+  // A byte of the second part differs from what the header's checksum covers (the parts sent
+  // last first): DATA_LOSS, nothing stored.
+  std::vector<uint8_t> bad(payload);
+  bad[20000] ^= 0x40;
+  Send(v1::DATA_PLANE_PUT, part(11, 16384, later, "tenant-a"), ByteSpan(bad).subspan(16384));
+  Send(v1::DATA_PLANE_PUT, part(11, 0, later, "tenant-a"), ByteSpan(bad).subspan(0, 16384));
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_THAT(NextReply(), StatusIs(absl::StatusCode::kDataLoss, HasSubstr("its header says")));
   }
   // Only the first part comes: its answer comes after the deadline (at the next Put).
   Send(v1::DATA_PLANE_PUT, part(7, 0, absl::Now() + absl::Milliseconds(300), "tenant-a"),

@@ -122,6 +122,39 @@ TEST_F(TieredStoreTest, CommitRefusesCorruptOrMismatchedChunksAndFreesTheMemory)
   ExpectGet(*s, KeyFor(2), c);
 }
 
+// CommitHashed: the writer's own hash of the payload stands in for Commit's pass; a hash that is
+// not the header's checksum is DATA_LOSS with the memory freed, a matching one publishes the
+// chunk, and an unknown reservation is NOT_FOUND as with Commit.
+TEST_F(TieredStoreTest, CommitHashedTrustsOnlyAHashThatMatchesTheHeader) {
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(16 * kMiB, false)));
+  const auto c = Chunk(3);
+  const uint64_t checksum = DecodeChunkHeader(c)->payload_checksum;
+  const uint64_t hash = Xxh3_64(ByteSpan(c).subspan(kChunkHeaderBytes));
+  ASSERT_EQ(hash, checksum);
+  ASSERT_OK_AND_ASSIGN(Reservation r1, s->Reserve(KeyFor(3), c.size()));
+  std::memcpy(r1.buffer.data(), c.data(), c.size());
+  EXPECT_THAT(s->CommitHashed(r1.id, checksum, hash ^ 1),
+              StatusIs(absl::StatusCode::kDataLoss, HasSubstr("its header says")));
+  EXPECT_EQ(s->Lookup({KeyFor(3)}).matched, 0u);
+  StoreStats st = s->Stats();
+  EXPECT_EQ(st.commit_failures, 1u);
+  EXPECT_EQ(st.tier(TierKind::kHost).checksum_failures, 1u);
+  EXPECT_EQ(st.tier(TierKind::kHost).used_bytes, 0u);
+  EXPECT_EQ(st.reservations_active, 0u);
+  EXPECT_THAT(s->CommitHashed(r1.id, checksum, hash), StatusIs(absl::StatusCode::kNotFound));
+  // A header that is not the one the writer's checksum names is still refused.
+  ASSERT_OK_AND_ASSIGN(Reservation r2, s->Reserve(KeyFor(3), c.size()));
+  std::memcpy(r2.buffer.data(), c.data(), c.size());
+  EXPECT_THAT(s->CommitHashed(r2.id, checksum + 1, checksum + 1),
+              StatusIs(absl::StatusCode::kDataLoss, HasSubstr("does not match")));
+  ASSERT_OK_AND_ASSIGN(Reservation r3, s->Reserve(KeyFor(3), c.size()));
+  std::memcpy(r3.buffer.data(), c.data(), c.size());
+  ChunkKey key;
+  ASSERT_OK(s->CommitHashed(r3.id, checksum, hash, &key));
+  EXPECT_EQ(key, KeyFor(3));
+  ExpectGet(*s, KeyFor(3), c);
+}
+
 TEST_F(TieredStoreTest, BadReservations) {
   ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(4 * kMiB, false)));
   EXPECT_THAT(s->Reserve(KeyFor(1), 10), StatusIs(absl::StatusCode::kInvalidArgument));

@@ -65,6 +65,40 @@ class Xxh3_64Stream {
   void* state_;  // XXH3_state_t, kept out of this header
 };
 
+// XXH3-64 (seed 0) of one long input, computed in pieces on several threads, bit for bit
+// Xxh3_64's value. XXH3 runs over 1 KiB blocks: each block's accumulation is a sum that does not
+// depend on the blocks before it, and only the cheap scramble between blocks is sequential. So
+// AddRange accumulates the blocks of a range (any thread, any order, while those bytes are still in
+// its cache) and Finish folds the sums in order (a few ns per block) and hashes the tail. Inputs
+// of at most 240 bytes are hashed whole by Finish.
+class Xxh3_64Blocks {
+ public:
+  static constexpr uint64_t kBlockBytes = 1024;
+
+  explicit Xxh3_64Blocks(uint64_t input_bytes);
+  ~Xxh3_64Blocks();
+  Xxh3_64Blocks(const Xxh3_64Blocks&) = delete;
+  Xxh3_64Blocks& operator=(const Xxh3_64Blocks&) = delete;
+
+  // Accumulates the blocks that lie wholly inside [offset, offset + data.size()) of the input;
+  // `data` is those input bytes. Calls whose ranges are disjoint may run at once.
+  void AddRange(uint64_t offset, ByteSpan data);
+  // The hash of `input` (input_bytes long, every byte in place); blocks that no AddRange covered
+  // are accumulated here. Not concurrently with AddRange.
+  uint64_t Finish(ByteSpan input);
+
+ private:
+  const uint64_t len_;
+  const uint64_t blocks_;  // blocks folded with a scramble: (len - 1) / 1 KiB
+  // 8 words (the block's sum) then 1 (whether it is computed) per block, from a process-wide
+  // cache of such buffers: a new one (256 KiB for a 4 MiB input) is a new mapping each time, and
+  // faulting it in costs half as much as summing the blocks.
+  uint64_t* buffer_ = nullptr;
+  uint64_t buffer_words_ = 0;
+  uint64_t* sums_ = nullptr;
+  uint64_t* summed_ = nullptr;
+};
+
 }  // namespace kvdn
 
 #endif  // KVDN_COMMON_HASH_H_

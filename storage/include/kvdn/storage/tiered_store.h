@@ -163,6 +163,12 @@ class TieredStore {
   // reservation is gone and its memory freed. `key`, when given, is set to the reservation's key
   // (on success).
   absl::Status Commit(uint64_t reservation_id, uint64_t payload_checksum, ChunkKey* key = nullptr);
+  // Commit for a writer that hashed the payload itself as it wrote it (XXH3-64 of the reserved
+  // bytes past the header, after they were written, e.g. part by part as a transport landed them):
+  // `payload_hash` stands in for Commit's pass over the bytes. DATA_LOSS when it differs from
+  // `payload_checksum` (the reservation is then gone, as on any error); otherwise as Commit.
+  absl::Status CommitHashed(uint64_t reservation_id, uint64_t payload_checksum,
+                            uint64_t payload_hash, ChunkKey* key = nullptr);
   // Drops a reservation. NOT_FOUND if unknown or already expired.
   absl::Status Abort(uint64_t reservation_id);
   // Lets a second party (a streamed Put, a transport) write a reservation's buffer: returns the
