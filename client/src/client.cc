@@ -75,7 +75,8 @@ absl::Status ValidateOptions(const ClientOptions& o) {
 struct ChunkSink {
   uint8_t header[kChunkHeaderBytes];
   MutableByteSpan payload;
-  std::optional<Xxh3_64Stream> hasher;
+  std::optional<Xxh3_64Stream> hasher;  // over gRPC: fed frame by frame
+  std::optional<Xxh3_64Blocks> blocks;  // over UCX: summed part by part as each lands
 };
 
 // One Get call, read as raw frames: each frame's data is copied from gRPC's receive slices
@@ -391,16 +392,16 @@ struct Client::Impl {
 
   // A UCX Get of one chunk's payload (of about `payload_hint` bytes) in `parts` parts over as many
   // lanes, or null when the payload goes over gRPC. Retried on UNAVAILABLE.
-  std::optional<absl::StatusOr<uint64_t>> UcxGet(const ChunkKey& key, uint64_t lease_id,
-                                                 uint64_t payload_hint, size_t parts,
-                                                 DataPlaneClient::Place place) {
+  std::optional<absl::StatusOr<uint64_t>> UcxGet(
+      const ChunkKey& key, uint64_t lease_id, uint64_t payload_hint, size_t parts,
+      DataPlaneClient::Place place, std::optional<DataPlaneClient::Landed> landed = std::nullopt) {
     absl::StatusOr<std::vector<std::shared_ptr<DataPlaneClient>>> d = DataPlanes(parts);
     if (!d.ok()) return d.status();
     if (d->empty()) return std::nullopt;
     const std::vector<DataPlaneClient*> sessions = Raw(*d);
     return WithRetry<absl::StatusOr<uint64_t>>([&](grpc::ClientContext* ctx) {
       return DataPlaneClient::GetInParts(sessions, key, lease_id, payload_hint, place,
-                                         absl::FromChrono(ctx->deadline()));
+                                         absl::FromChrono(ctx->deadline()), landed);
     });
   }
 
@@ -523,22 +524,34 @@ struct Client::Impl {
         sink.hasher->Update(ByteSpan(payload.data() + poff, d.size() - i));
       }
     };
-    // Over UCX: straight into the caller's buffer; hashed after (one pass, like the gRPC path's).
+    // Over UCX: straight into the caller's buffer. A chunk in parts over several lanes is hashed
+    // part by part: each part's blocks are summed for the XXH3 by the thread that received it,
+    // right after its copy (in its cache), and folded at the end, so no thread reads the whole
+    // payload again. A whole chunk is hashed after, in one pass, on this thread (the transport's
+    // thread goes on to its next copy).
+    const size_t parts = PartsFor(payload.size(), concurrent);
     auto place = [&](ByteSpan header, uint64_t payload_bytes) -> absl::StatusOr<MutableByteSpan> {
       KVDN_RETURN_IF_ERROR(on_size(kChunkHeaderBytes + payload_bytes));
       if (header.size() != kChunkHeaderBytes) {
         return absl::InternalError("kvdnd sent a chunk header of the wrong size");
       }
       std::memcpy(sink.header, header.data(), kChunkHeaderBytes);
+      if (parts > 1) sink.blocks.emplace(payload.size());  // anew on each attempt
       return payload;
     };
+    // Runs after place (a part lands only in its buffer); a part that overlaps another (a daemon
+    // that sends the whole payload for each part) is refused by AddRange and left to Finish.
+    auto landed = [&](uint64_t off, ByteSpan bytes) { (void)sink.blocks->AddRange(off, bytes); };
     std::optional<absl::StatusOr<uint64_t>> ucx =
-        UcxGet(key, 0, payload.size(), PartsFor(payload.size(), concurrent), place);
+        parts > 1 ? UcxGet(key, 0, payload.size(), parts, place, landed)
+                  : UcxGet(key, 0, payload.size(), parts, place);
+    uint64_t digest = 0;
     if (ucx.has_value()) {
       KVDN_RETURN_IF_ERROR(ucx->status());
-      sink.hasher->Update(payload);
+      digest = parts > 1 ? sink.blocks->Finish(payload) : Xxh3_64(payload);
     } else {
       KVDN_RETURN_IF_ERROR(GetStream(key, on_size, on_data).status());
+      digest = sink.hasher->Digest();
     }
     KVDN_ASSIGN_OR_RETURN(ChunkHeader h,
                           DecodeChunkHeader(ByteSpan(sink.header, kChunkHeaderBytes)));
@@ -549,10 +562,10 @@ struct Client::Impl {
       return absl::FailedPreconditionError(
           absl::StrCat("chunk ", key.ToString(), " has another shape than this client's model"));
     }
-    if (sink.hasher->Digest() != h.payload_checksum) {
+    if (digest != h.payload_checksum) {
       return absl::DataLossError(absl::StrFormat(
           "chunk %s: payload hashes to %016x, its header says %016x; discard the buffer",
-          key.ToString(), sink.hasher->Digest(), h.payload_checksum));
+          key.ToString(), digest, h.payload_checksum));
     }
     return absl::OkStatus();
   }

@@ -34,7 +34,8 @@ struct DataPlaneClient::Pending {
   uint64_t part_offset = 0;    // Get: where the received part starts in it
   uint64_t part_bytes = 0;     // Get: the part's size
   bool stored = false;
-  std::optional<Place> place;  // Get: where the payload goes
+  std::optional<Place> place;    // Get: where the payload goes
+  std::optional<Landed> landed;  // Get: told when the payload has landed
 
   void Complete(absl::Status st) {
     MutexLock lock(&mu);
@@ -175,7 +176,10 @@ void DataPlaneClient::OnGetReply(std::unique_ptr<transfer::Incoming> in) {
   const transfer::MemoryRegion* region =
       pool_ && pool_->Contains(part.data(), part.size()) ? pool_.get() : nullptr;
   transport_->Receive(std::move(in), part, region, absl::Now() + absl::Seconds(60),
-                      [p](absl::Status st) { p->Complete(std::move(st)); });
+                      [p, part](absl::Status st) {
+                        if (st.ok() && p->landed.has_value()) (*p->landed)(p->part_offset, part);
+                        p->Complete(std::move(st));
+                      });
 }
 
 void DataPlaneClient::OnPutReply(std::unique_ptr<transfer::Incoming> in) {
@@ -188,15 +192,17 @@ void DataPlaneClient::OnPutReply(std::unique_ptr<transfer::Incoming> in) {
 }
 
 absl::StatusOr<uint64_t> DataPlaneClient::Get(const ChunkKey& key, uint64_t lease_id, Place place,
-                                              absl::Time deadline) {
-  return FinishGet(StartGet(key, lease_id, Part{}, place, deadline), deadline);
+                                              absl::Time deadline, std::optional<Landed> landed) {
+  return FinishGet(StartGet(key, lease_id, Part{}, place, deadline, landed), deadline);
 }
 
 DataPlaneClient::Ticket DataPlaneClient::StartGet(const ChunkKey& key, uint64_t lease_id, Part part,
-                                                  Place place, absl::Time deadline) {
+                                                  Place place, absl::Time deadline,
+                                                  std::optional<Landed> landed) {
   const uint64_t rid = next_request_.fetch_add(1);
   auto p = std::make_shared<Pending>();
   p->place.emplace(place);
+  if (landed.has_value()) p->landed.emplace(*landed);
   v1::DataPlaneGetRequest req;
   req.set_session_id(session_);
   req.set_request_id(rid);
@@ -266,9 +272,10 @@ class PlaceOnce {
 absl::StatusOr<uint64_t> DataPlaneClient::GetInParts(absl::Span<DataPlaneClient* const> sessions,
                                                      const ChunkKey& key, uint64_t lease_id,
                                                      uint64_t payload_hint, Place place,
-                                                     absl::Time deadline) {
+                                                     absl::Time deadline,
+                                                     std::optional<Landed> landed) {
   if (sessions.empty()) return absl::InternalError("GetInParts over no session");
-  if (sessions.size() == 1) return sessions[0]->Get(key, lease_id, place, deadline);
+  if (sessions.size() == 1) return sessions[0]->Get(key, lease_id, place, deadline, landed);
   constexpr uint64_t kPage = 4096;
   const uint64_t n = sessions.size();
   const uint64_t step = ((payload_hint + n - 1) / n + kPage - 1) / kPage * kPage;
@@ -281,7 +288,7 @@ absl::StatusOr<uint64_t> DataPlaneClient::GetInParts(absl::Span<DataPlaneClient*
   for (uint64_t i = 0; i < n; ++i) {
     // The last part reads to the end, whatever the chunk's size.
     const Part part{i * step, i + 1 == n ? 0 : step};
-    tickets.push_back(sessions[i]->StartGet(key, lease_id, part, place_once, deadline));
+    tickets.push_back(sessions[i]->StartGet(key, lease_id, part, place_once, deadline, landed));
   }
   absl::Status first_error;
   uint64_t size = 0;

@@ -13,6 +13,8 @@
 // — additions only, so a block's 16 stripes add the same 8 words to acc whatever acc holds:
 // those 8 words (the block's sum) are computed apart, in parallel, and folded in order.
 #include <cstring>
+#include <iterator>
+#include <map>
 #include <mutex>
 #include <tuple>
 #include <utility>
@@ -193,8 +195,15 @@ class BufferCache {
 
 }  // namespace
 
+struct Xxh3_64Blocks::Ranges {
+  std::mutex mu;
+  std::map<uint64_t, uint64_t> added;  // offset -> end
+};
+
 Xxh3_64Blocks::Xxh3_64Blocks(uint64_t input_bytes)
-    : len_(input_bytes), blocks_(input_bytes > 240 ? (input_bytes - 1) / kBlock : 0) {
+    : len_(input_bytes),
+      blocks_(input_bytes > 240 ? (input_bytes - 1) / kBlock : 0),
+      ranges_(std::make_unique<Ranges>()) {
   if (blocks_ == 0) return;
   std::tie(buffer_, buffer_words_) = BufferCache::Get().Take(9 * blocks_);
   sums_ = buffer_;
@@ -206,14 +215,23 @@ Xxh3_64Blocks::~Xxh3_64Blocks() {
   if (buffer_ != nullptr) BufferCache::Get().Give(buffer_, buffer_words_);
 }
 
-void Xxh3_64Blocks::AddRange(uint64_t offset, ByteSpan data) {
-  if (offset >= len_ || blocks_ == 0) return;
-  const uint64_t end = offset + std::min<uint64_t>(data.size(), len_ - offset);
+bool Xxh3_64Blocks::AddRange(uint64_t offset, ByteSpan data) {
+  const uint64_t end = offset + data.size();
+  if (offset > len_ || data.size() > len_ - offset) return false;
+  {
+    std::lock_guard<std::mutex> lock(ranges_->mu);
+    auto next = ranges_->added.lower_bound(offset);
+    if (next != ranges_->added.end() && next->first < end) return false;
+    if (next != ranges_->added.begin() && std::prev(next)->second > offset) return false;
+    ranges_->added.emplace_hint(next, offset, end);
+  }
+  if (blocks_ == 0) return true;
   const uint64_t first = (offset + kBlock - 1) / kBlock;
   const uint64_t last = std::min(end / kBlock, blocks_);  // one past
-  if (first >= last) return;
+  if (first >= last) return true;
   BlockSums(data.data() + (first * kBlock - offset), last - first, sums_ + 8 * first);
   for (uint64_t b = first; b < last; ++b) summed_[b] = 1;
+  return true;
 }
 
 uint64_t Xxh3_64Blocks::Finish(ByteSpan input) {

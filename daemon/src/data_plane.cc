@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <cstring>
-#include <map>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -549,23 +548,10 @@ struct DataPlane::Assembly {
   // summed by the thread that received it, right after its copy, while those bytes are in its
   // cache; the last part's thread folds the sums in order (~4 ns a block) instead of one thread
   // reading the whole payload again (a single-threaded pass over up to 64 MiB, mostly from DRAM).
-  // landed: the parts received (offset -> length), disjoint; overlap: one that was not.
+  // overlap: a part covered bytes another had (AddRange refused it).
   std::unique_ptr<Xxh3_64Blocks> hash;
-  std::map<uint64_t, uint64_t> landed;
   bool overlap = false;
 };
-
-bool DataPlane::Landed(Assembly* a, uint64_t offset, uint64_t n) {
-  MutexLock lock(&parts_mu_);
-  auto next = a->landed.lower_bound(offset);
-  if (next != a->landed.end() && next->first < offset + n) a->overlap = true;
-  if (next != a->landed.begin() && std::prev(next)->first + std::prev(next)->second > offset) {
-    a->overlap = true;
-  }
-  if (a->overlap) return false;
-  a->landed.emplace_hint(next, offset, n);
-  return true;
-}
 
 void DataPlane::OnPutPart(const Session& s, uint64_t rid, const v1::DataPlanePutRequest& req,
                           const ChunkKey& key, const ChunkHeader& header,
@@ -701,8 +687,9 @@ void DataPlane::ReceivePart(const std::shared_ptr<Assembly>& a, uint64_t put_id,
       [this, a, put_id, n, offset, payload](absl::Status st) {
         // Summed while this part's write holds the reservation (its bytes cannot go meanwhile);
         // an overlapping part is not (PartReceived fails the Put).
-        if (st.ok() && Landed(a.get(), offset, n)) {
-          a->hash->AddRange(offset, ByteSpan(payload + offset, n));
+        if (st.ok() && !a->hash->AddRange(offset, ByteSpan(payload + offset, n))) {
+          MutexLock lock(&parts_mu_);
+          a->overlap = true;
         }
         state_.store->EndWrite(a->reservation);
         state_.data_plane_in_flight.fetch_sub(1);

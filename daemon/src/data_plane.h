@@ -111,9 +111,6 @@ class DataPlane {
   void ReceivePart(const std::shared_ptr<Assembly>& a, uint64_t put_id, const Session& s,
                    const std::shared_ptr<std::unique_ptr<transfer::Incoming>>& in, uint64_t offset);
   void PartReceived(const std::shared_ptr<Assembly>& a, uint64_t put_id, const absl::Status& st);
-  // Records that [offset, offset + n) of `a`'s payload was received; false (and the Put marked to
-  // fail) when it overlaps a part received before.
-  bool Landed(Assembly* a, uint64_t offset, uint64_t n) ABSL_LOCKS_EXCLUDED(parts_mu_);
   // Answers every part of `a` that arrived with `result`, and forgets `a` once all its parts
   // are answered.
   void EndAssembly(const std::shared_ptr<Assembly>& a, uint64_t put_id, const absl::Status& result,

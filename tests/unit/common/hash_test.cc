@@ -55,7 +55,7 @@ TEST(Xxh3Test, StreamEqualsOneShotForAnySplit) {
 // Xxh3_64Blocks is XXH3-64 bit for bit, whatever the length (every path of XXH3: <= 16, <= 128,
 // <= 240 bytes, block boundaries and one past them, a tail of whole stripes or not) and however
 // the input is cut: ranges on block boundaries or not, added in any order from several threads,
-// some never added (Finish sums those).
+// some never added (Finish sums those), some refused as overlapping.
 TEST(Xxh3Test, BlocksInAnyOrderEqualTheWholeHash) {
   const auto data = testing::RandomBytes((1 << 20) + 4099, 7);
   std::vector<size_t> lengths = {
@@ -86,6 +86,20 @@ TEST(Xxh3Test, BlocksInAnyOrderEqualTheWholeHash) {
       for (std::thread& t : threads) t.join();
       EXPECT_EQ(h.Finish(in), want) << "length " << len << ", trial " << trial;
     }
+  }
+  // A range that overlaps one added before, or reaches past the input, adds nothing (false); the
+  // hash is still the input's.
+  {
+    const ByteSpan in(data);
+    Xxh3_64Blocks h(in.size());
+    EXPECT_TRUE(h.AddRange(4096, in.subspan(4096, 8192)));
+    EXPECT_FALSE(h.AddRange(0, in.subspan(0, 4097)));
+    EXPECT_FALSE(h.AddRange(12287, in.subspan(12287, 1)));
+    EXPECT_FALSE(h.AddRange(4096, in.subspan(4096, 1)));
+    EXPECT_FALSE(h.AddRange(in.size() - 10, ByteSpan(data.data(), 11)));
+    EXPECT_TRUE(h.AddRange(0, in.subspan(0, 4096)));
+    EXPECT_TRUE(h.AddRange(12288, in.subspan(12288, 5000)));
+    EXPECT_EQ(h.Finish(in), Xxh3_64(in));
   }
   // A byte changed after its block was summed is not seen (the sums stand for those bytes), a
   // byte changed in the tail is: the caller sums bytes only once they are final.

@@ -33,6 +33,10 @@ class DataPlaneClient {
   // exactly that size, or the error that ends the Get. Runs on the transport's thread: no blocking.
   using Place =
       absl::FunctionRef<absl::StatusOr<MutableByteSpan>(ByteSpan header, uint64_t payload_bytes)>;
+  // Called on the transport's thread as soon as a Get's bytes have landed, before the Get ends:
+  // `offset` in the payload, `bytes` where they are in Place's buffer. For work on each part
+  // while it is still in that core's cache (summing its blocks for the payload's XXH3).
+  using Landed = absl::FunctionRef<void(uint64_t offset, ByteSpan bytes)>;
 
   // Creates the transport and opens a session. `same_host`: the daemon runs on this host (a unix
   // socket target): shared memory then. `transports`: UCX_TLS names, empty for the default.
@@ -52,7 +56,7 @@ class DataPlaneClient {
   // `key` is unused). Returns the payload size. Daemon errors pass through (NOT_FOUND: unknown key
   // or lease; ABORTED: the lease expired); DEADLINE_EXCEEDED when no reply came in time.
   absl::StatusOr<uint64_t> Get(const ChunkKey& key, uint64_t lease_id, Place place,
-                               absl::Time deadline);
+                               absl::Time deadline, std::optional<Landed> landed = std::nullopt);
 
   // A part of a chunk's payload (DataPlaneGetRequest.payload_offset / payload_length).
   struct Part {
@@ -70,7 +74,7 @@ class DataPlaneClient {
   // buffer it returns. FinishGet waits for the end and returns the whole payload's size;
   // `part_bytes`, when given, gets the bytes of this part (less than asked at the payload's end).
   Ticket StartGet(const ChunkKey& key, uint64_t lease_id, Part part, Place place,
-                  absl::Time deadline);
+                  absl::Time deadline, std::optional<Landed> landed = std::nullopt);
   absl::StatusOr<uint64_t> FinishGet(const Ticket& ticket, absl::Time deadline,
                                      uint64_t* part_bytes = nullptr);
 
@@ -84,7 +88,8 @@ class DataPlaneClient {
   static absl::StatusOr<uint64_t> GetInParts(absl::Span<DataPlaneClient* const> sessions,
                                              const ChunkKey& key, uint64_t lease_id,
                                              uint64_t payload_hint, Place place,
-                                             absl::Time deadline);
+                                             absl::Time deadline,
+                                             std::optional<Landed> landed = std::nullopt);
   // Stores header + payload under `key`, or writes them into a reservation (reservation_id != 0,
   // left uncommitted). True if stored now, false if already stored.
   absl::StatusOr<bool> Put(const ChunkKey& key, uint64_t reservation_id, ByteSpan chunk_header,

@@ -7,6 +7,7 @@
 #include <array>
 #include <compare>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "absl/strings/string_view.h"
@@ -81,8 +82,10 @@ class Xxh3_64Blocks {
   Xxh3_64Blocks& operator=(const Xxh3_64Blocks&) = delete;
 
   // Accumulates the blocks that lie wholly inside [offset, offset + data.size()) of the input;
-  // `data` is those input bytes. Calls whose ranges are disjoint may run at once.
-  void AddRange(uint64_t offset, ByteSpan data);
+  // `data` is those input bytes, final (a byte changed after is not seen). Thread-safe. A range
+  // that overlaps one added before (or reaches past the input) adds nothing and returns false:
+  // its blocks are left to Finish, and to the caller to decide what a second copy means.
+  bool AddRange(uint64_t offset, ByteSpan data);
   // The hash of `input` (input_bytes long, every byte in place); blocks that no AddRange covered
   // are accumulated here. Not concurrently with AddRange.
   uint64_t Finish(ByteSpan input);
@@ -97,6 +100,8 @@ class Xxh3_64Blocks {
   uint64_t buffer_words_ = 0;
   uint64_t* sums_ = nullptr;
   uint64_t* summed_ = nullptr;
+  struct Ranges;  // the ranges added, disjoint, under a mutex (xxh3_blocks.cc)
+  std::unique_ptr<Ranges> ranges_;
 };
 
 }  // namespace kvdn
