@@ -77,12 +77,13 @@ struct ClientOptions {
   // A UCX Get or Put of a payload at least twice this size is cut into parts of at least this
   // size, moved at once over as many lanes as the chunks moving at the same time leave free (a
   // Get, a PutEncoded, or a Load or Save of one chunk: up to all of them), so that one chunk's
-  // copy runs on several cores on both sides; kvdnd assembles a Put's parts and verifies the whole
-  // payload once. One client on the 16-core H200 host, 8 lanes, 4 MiB chunks over shared memory:
-  // Get whole 4.9 GB/s, in 1 MiB parts 10.1-12.5; Put whole 2.5, in parts 4.0; 32 MiB: Get 5.3-6.7
-  // -> 32-40, Put 2.6 -> 5.5-5.9 (bench/results/transfer-2026-12-01-parts.md). 0: whole chunks
-  // only. At least 4096.
-  uint64_t part_bytes = uint64_t{1} << 20;
+  // copy runs on several cores on both sides; kvdnd assembles a Put's parts, each part's XXH3
+  // blocks summed by the thread that received it. One client on the 16-core H200 host, 8 lanes, 4
+  // MiB chunks over shared memory: Get whole 4.9 GB/s, in 1 MiB parts (4) 10.1-12.5, in 512 KiB
+  // parts (8) 17.6-31; Put whole 2.5, in 1 MiB parts 5.4-8.0, in 512 KiB parts 8.3-12.4
+  // (bench/results/transfer-2026-12-01-parts.md, transfer-2026-12-01-blocks-hash.md). 0: whole
+  // chunks only. At least 4096.
+  uint64_t part_bytes = uint64_t{512} << 10;
   // UCX transports (UCX_TLS names, e.g. "tcp"). Empty: shared memory ("posix,cma") to a daemon on
   // a unix socket, UCX's own choice otherwise.
   std::string ucx_transports;
