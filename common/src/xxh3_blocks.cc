@@ -106,8 +106,16 @@ __attribute__((target("avx512f"))) void BlockSumsAvx512(const uint8_t* in, uint6
   }
 }
 #pragma GCC diagnostic pop
-const bool kHaveAvx2 = __builtin_cpu_supports("avx2");
-const bool kHaveAvx512 = __builtin_cpu_supports("avx512f");
+// Read at static initialization: __builtin_cpu_init first, as GCC asks of code that may run
+// before libgcc's own initializer.
+const bool kHaveAvx2 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") != 0;
+}();
+const bool kHaveAvx512 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") != 0;
+}();
 #endif
 
 // The sums of `blocks` whole blocks from `in` into sums[8b .. 8b + 7].
