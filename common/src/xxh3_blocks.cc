@@ -87,7 +87,9 @@ __attribute__((target("avx2"))) void BlockSumsAvx2(const uint8_t* in, uint64_t b
 // GCC 12 warns about the intrinsics' own deliberately undefined vectors (avx512fintrin.h).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 // One 512-bit register per stripe (xxHash's AVX-512 path).
 __attribute__((target("avx512f"))) void BlockSumsAvx512(const uint8_t* in, uint64_t blocks,
                                                         const uint8_t* secret, uint64_t* sums) {
