@@ -5,20 +5,17 @@
 //
 //   one pass      = Xxh3_64 (libxxhash, runtime-dispatched SIMD): the ceiling for one thread
 //   blocks x1     = AddRange over the whole payload, then Finish, on one thread
-//   blocks xN     = the payload cut into 1 MiB parts, N threads (kept up between calls) each
-//                   summing every N-th part, then Finish on the calling thread (what the Put's
-//                   wall time sees, less the copy the sums follow in kvdnd)
+//   blocks xN     = the payload cut into 1 MiB parts summed on N threads (ThreadPool::ParallelFor,
+//                   threads kept up between calls), then Finish on the calling thread (what the
+//                   Put's wall time sees, less the copy the sums follow in kvdnd)
 //   fold          = Finish alone, every block summed before (the sequential part)
 // Warm: one payload, hashed again and again (in the caches where it fits). Cold: payloads cycled
 // over a pool of --pool-mib MiB (well past the last-level cache), as a store's arena is.
 //
 // Usage: hash_bench [--sizes-mib 4,32] [--threads N] [--pool-mib 1024] [--reps 50]
 #include <algorithm>
-#include <condition_variable>
 #include <cstdio>
 #include <cstring>
-#include <functional>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -27,6 +24,7 @@
 #include "absl/strings/str_split.h"
 #include "bench_util.h"
 #include "kvdn/common/hash.h"
+#include "kvdn/common/thread_pool.h"
 
 namespace kvdn::bench {
 namespace {
@@ -53,74 +51,19 @@ double MedianUs(int reps, F f) {
   return us[us.size() / 2];
 }
 
-// Threads that stay up between calls (as kvdnd's progress threads do): Run(f) calls f(t) on
-// threads t = 1 .. n - 1 and on the caller as t = 0, and returns when all are done.
-class Crew {
- public:
-  explicit Crew(int n) : n_(n) {
-    for (int t = 1; t < n; ++t) threads_.emplace_back([this, t] { Loop(t); });
-  }
-  ~Crew() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    for (std::thread& th : threads_) th.join();
-  }
-  void Run(const std::function<void(int)>& f) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      f_ = &f;
-      pending_ = n_ - 1;
-      ++generation_;
-    }
-    cv_.notify_all();
-    f(0);
-    std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [&] { return pending_ == 0; });
-  }
-
- private:
-  void Loop(int t) {
-    uint64_t seen = 0;
-    for (;;) {
-      const std::function<void(int)>* f;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
-        f = f_;
-      }
-      (*f)(t);
-      std::lock_guard<std::mutex> lock(mu_);
-      if (--pending_ == 0) done_.notify_one();
-    }
-  }
-  const int n_;
-  std::mutex mu_;
-  std::condition_variable cv_, done_;
-  const std::function<void(int)>* f_ = nullptr;
-  int pending_ = 0;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
-  std::vector<std::thread> threads_;
-};
-
-uint64_t Blocks(ByteSpan payload, Crew* crew, int threads) {
+// The payload's 1 MiB parts summed on `threads` threads of `pool` (the caller's among them; none
+// of the pool's with a null pool), then folded on the caller.
+uint64_t Blocks(ByteSpan payload, ThreadPool* pool, int threads) {
   Xxh3_64Blocks h(payload.size());
   const uint64_t parts = (payload.size() + kMiB - 1) / kMiB;
-  const std::function<void(int)> work = [&](int t) {
-    for (uint64_t p = t; p < parts; p += threads) {
-      const uint64_t off = p * kMiB;
-      h.AddRange(off, payload.subspan(off, std::min(kMiB, payload.size() - off)));
-    }
+  auto part = [&](size_t p) {
+    const uint64_t off = p * kMiB;
+    h.AddRange(off, payload.subspan(off, std::min(kMiB, payload.size() - off)));
   };
-  if (crew == nullptr) {
-    work(0);
+  if (pool == nullptr) {
+    for (size_t p = 0; p < parts; ++p) part(p);
   } else {
-    crew->Run(work);
+    pool->ParallelFor(parts, threads, part);
   }
   return h.Finish(payload);
 }
@@ -164,7 +107,7 @@ int main(int argc, char** argv) {
       "\n| payload | bytes | one pass us | blocks x1 us | blocks x%d us | fold us | "
       "x%d / one pass |\n|---|---|---|---|---|---|---|\n",
       threads, threads);
-  Crew crew(threads);
+  ThreadPool pool_threads(threads - 1);  // kept up between calls, as kvdnd's progress threads
   for (uint64_t mib : sizes) {
     const uint64_t size = mib * kMiB;
     const uint64_t count = std::max<uint64_t>(1, pool_mib / mib);
@@ -178,7 +121,7 @@ int main(int argc, char** argv) {
         return ByteSpan(pool).subspan(cold ? (i % count) * size : 0, size);
       };
       for (uint64_t i = 0; i < std::min<uint64_t>(count, 4); ++i) {
-        if (Blocks(payload(i), &crew, threads) != Xxh3_64(payload(i))) {
+        if (Blocks(payload(i), &pool_threads, threads) != Xxh3_64(payload(i))) {
           Die("Xxh3_64Blocks differs from Xxh3_64");
         }
       }
@@ -187,7 +130,7 @@ int main(int argc, char** argv) {
       const double b1 =
           MedianUs(reps, [&](int i) { sink = sink + Blocks(payload(i), nullptr, 1); });
       const double bn =
-          MedianUs(reps, [&](int i) { sink = sink + Blocks(payload(i), &crew, threads); });
+          MedianUs(reps, [&](int i) { sink = sink + Blocks(payload(i), &pool_threads, threads); });
       Xxh3_64Blocks summed(size);
       summed.AddRange(0, payload(0));
       const double fold = MedianUs(reps, [&](int) { sink = sink + summed.Finish(payload(0)); });

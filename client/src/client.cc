@@ -542,9 +542,10 @@ struct Client::Impl {
     // Runs after place (a part lands only in its buffer); a part that overlaps another (a daemon
     // that sends the whole payload for each part) is refused by AddRange and left to Finish.
     auto landed = [&](uint64_t off, ByteSpan bytes) { (void)sink.blocks->AddRange(off, bytes); };
+    std::optional<DataPlaneClient::Landed> on_landed;
+    if (parts > 1) on_landed.emplace(landed);
     std::optional<absl::StatusOr<uint64_t>> ucx =
-        parts > 1 ? UcxGet(key, 0, payload.size(), parts, place, landed)
-                  : UcxGet(key, 0, payload.size(), parts, place);
+        UcxGet(key, 0, payload.size(), parts, place, on_landed);
     uint64_t digest = 0;
     if (ucx.has_value()) {
       KVDN_RETURN_IF_ERROR(ucx->status());

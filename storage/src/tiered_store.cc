@@ -279,16 +279,7 @@ absl::Status TieredStore::Put(const ChunkKey& key, ByteSpan encoded) {
     const size_t begin = std::max(off, kChunkHeaderBytes);
     if (off + n > begin) hasher.Update(ByteSpan(dst + begin, off + n - begin));
   }
-  if (hasher.Digest() != header.payload_checksum) {
-    (void)Abort(r.id);
-    MutexLock lock(&state_->mu);
-    ++state_->commit_failures;
-    ++state_->stats[kHost].checksum_failures;
-    return absl::DataLossError(
-        absl::StrFormat("chunk payload hashes to %016x, its header says %016x", hasher.Digest(),
-                        header.payload_checksum));
-  }
-  return CommitInternal(r.id, header.payload_checksum, /*payload_verified=*/true);
+  return CommitHashed(r.id, header.payload_checksum, hasher.Digest());
 }
 
 // ---- reads ----
