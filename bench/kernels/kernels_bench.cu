@@ -8,7 +8,7 @@
 //     eager call, host planning included), GB/s of KV read, % of the streaming kernel.
 // Correctness is checked on random data before timing (against the fp64 reference).
 //
-//   kernels_bench [--json FILE] [--quick] [--profile-decode BATCH,CONTEXT]
+//   kernels_bench [--json FILE] [--quick] [--sections a,b,...] [--profile-decode BATCH,CONTEXT]
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -35,9 +35,14 @@ int main(int argc, char** argv) {
   // --profile-decode B,CTX: three decode calls (auto) of that shape and nothing else, to run
   // under a profiler (ncu) beside another kernel of the same shape.
   int profile_batch = 0, profile_ctx = 0;
+  // --sections a,b,...: only these of the tables after the ceilings (ceiling_sweep, copy, decode,
+  // stages, layout, table, splits, nosplit, distance, prefetch_api); all by default.
+  std::string sections;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
     if (!std::strcmp(argv[i], "--quick")) quick = true;
+    if (!std::strcmp(argv[i], "--sections") && i + 1 < argc)
+      sections = "," + std::string(argv[++i]) + ",";
     if (!std::strcmp(argv[i], "--profile-decode") && i + 1 < argc) {
       if (std::sscanf(argv[++i], "%d,%d", &profile_batch, &profile_ctx) != 2 ||
           profile_batch <= 0 || profile_ctx <= 0) {
@@ -46,6 +51,9 @@ int main(int argc, char** argv) {
       }
     }
   }
+  auto Want = [&](const char* name) {
+    return sections.empty() || sections.find("," + std::string(name) + ",") != std::string::npos;
+  };
   cudaDeviceProp prop;
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
   const size_t l2 = prop.l2CacheSize;
@@ -111,6 +119,34 @@ int main(int argc, char** argv) {
     }
     std::printf("\n");
   }
+  // The contiguous-range bulk read again with fewer bytes in flight: CTAs per SM (1-3) x copies in
+  // flight per CTA x copy size. Does the DRAM read faster with less queued (fewer streams, fewer
+  // open rows) than with as much in flight as fits?
+  if (Want("ceiling_sweep")) {
+    const size_t smem = size_t{kBulkStages} * kBulkStageBytes;
+    std::printf(
+        "\n| bulk copy, contiguous per CTA: CTAs per SM | copies in flight per CTA | copy KiB | "
+        "KiB "
+        "in flight per SM | GB/s |\n|---|---|---|---|---|\n");
+    for (int per_sm = 1; per_sm <= 3; ++per_sm) {
+      for (int stages : {1, 2, 4}) {
+        for (uint32_t op : {8192u, 16384u}) {
+          const double ms = timer.MedianMs(20, [&](int) {
+            StreamReadBulk<<<prop.multiProcessorCount * per_sm, 32, smem>>>(
+                static_cast<const uint8_t*>(a), big / op, op, false, stages);
+          });
+          CHECK_CUDA(cudaGetLastError());
+          const double gbps = big / (ms * 1e-3) / 1e9;
+          std::printf("| %d | %d | %u | %u | %.0f |\n", per_sm, stages, op >> 10,
+                      per_sm * stages * (op >> 10), gbps);
+          json.Add(
+              Fmt("{\"kind\":\"bulk_sweep\",\"ctas_per_sm\":%d,\"stages\":%d,\"op_bytes\":%u,"
+                  "\"gbps\":%.1f}",
+                  per_sm, stages, op, gbps));
+        }
+      }
+    }
+  }
   json.Add(Fmt("{\"kind\":\"ceiling\",\"d2d_gbps\":%.1f,\"stream_gbps\":%.1f,\"gpu\":\"%s\"}", d2d,
                streaming, prop.name));
   CHECK_CUDA(cudaFree(b));
@@ -121,91 +157,94 @@ int main(int argc, char** argv) {
   cudaStream_t gs;
   CHECK_CUDA(cudaStreamCreateWithFlags(&gs, cudaStreamNonBlocking));
 
-  // ---- Inject / extract ----
-  std::printf(
-      "\n| op | layout | block | tokens | MiB moved | ms | GB/s (r+w) | %% of d2d copy | same-size "
-      "d2d GB/s | %% of same-size d2d | "
-      "eager ms |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
-  {
-    const int heads = 8, dim = 128, tokens = 32768;
-    for (PagedKvLayout layout :
-         {PagedKvLayout::kNhd, PagedKvLayout::kNhdCombined, PagedKvLayout::kHnd}) {
-      for (int bs : {16, 1}) {
-        PagedKvLayer c;
-        c.layout = layout;
-        c.block_size = bs;
-        c.num_kv_heads = heads;
-        c.head_dim = dim;
-        c.dtype = Dtype::kBFloat16;
-        const int nblk = tokens / bs;
-        c.num_blocks = nblk;
-        const size_t tensor = size_t{static_cast<size_t>(nblk)} * bs * heads * dim * 2;
-        const size_t layer = ChunkLayerBytes(c, tokens);
-        // Three chunk buffers and caches rotated: > 2x L2 of distinct bytes per op.
-        const int sets = 3;
-        std::vector<void*> chunk(sets), k(sets), v(sets);
-        for (int s = 0; s < sets; ++s) {
-          CHECK_CUDA(cudaMalloc(&chunk[s], layer));
-          CHECK_CUDA(
-              cudaMalloc(&k[s], layout == PagedKvLayout::kNhdCombined ? 2 * tensor : tensor));
-          v[s] = nullptr;
-          if (layout != PagedKvLayout::kNhdCombined) CHECK_CUDA(cudaMalloc(&v[s], tensor));
-          FillRandom<<<1024, 256>>>(static_cast<uint16_t*>(chunk[s]), layer / 2, s + 7, true);
+  if (Want("copy")) {
+    // ---- Inject / extract ----
+    std::printf(
+        "\n| op | layout | block | tokens | MiB moved | ms | GB/s (r+w) | %% of d2d copy | "
+        "same-size "
+        "d2d GB/s | %% of same-size d2d | "
+        "eager ms |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    {
+      const int heads = 8, dim = 128, tokens = 32768;
+      for (PagedKvLayout layout :
+           {PagedKvLayout::kNhd, PagedKvLayout::kNhdCombined, PagedKvLayout::kHnd}) {
+        for (int bs : {16, 1}) {
+          PagedKvLayer c;
+          c.layout = layout;
+          c.block_size = bs;
+          c.num_kv_heads = heads;
+          c.head_dim = dim;
+          c.dtype = Dtype::kBFloat16;
+          const int nblk = tokens / bs;
+          c.num_blocks = nblk;
+          const size_t tensor = size_t{static_cast<size_t>(nblk)} * bs * heads * dim * 2;
+          const size_t layer = ChunkLayerBytes(c, tokens);
+          // Three chunk buffers and caches rotated: > 2x L2 of distinct bytes per op.
+          const int sets = 3;
+          std::vector<void*> chunk(sets), k(sets), v(sets);
+          for (int s = 0; s < sets; ++s) {
+            CHECK_CUDA(cudaMalloc(&chunk[s], layer));
+            CHECK_CUDA(
+                cudaMalloc(&k[s], layout == PagedKvLayout::kNhdCombined ? 2 * tensor : tensor));
+            v[s] = nullptr;
+            if (layout != PagedKvLayout::kNhdCombined) CHECK_CUDA(cudaMalloc(&v[s], tensor));
+            FillRandom<<<1024, 256>>>(static_cast<uint16_t*>(chunk[s]), layer / 2, s + 7, true);
+          }
+          std::vector<int32_t> table(nblk);
+          std::iota(table.begin(), table.end(), 0);
+          std::shuffle(table.begin(), table.end(), std::mt19937(1));
+          int32_t* dtable;
+          CHECK_CUDA(cudaMalloc(&dtable, nblk * 4));
+          CHECK_CUDA(cudaMemcpy(dtable, table.data(), nblk * 4, cudaMemcpyHostToDevice));
+          for (int inject = 1; inject >= 0; --inject) {
+            auto copy = [&](int i, cudaStream_t stream) {
+              PagedKvLayer ci = c;
+              ci.k = k[i % sets];
+              ci.v = v[i % sets];
+              TokenRange r{dtable, nblk, 0, tokens};
+              if (inject) {
+                CHECK_OK(InjectLayer(chunk[i % sets], ci, r, stream));
+              } else {
+                CHECK_OK(ExtractLayer(ci, r, chunk[i % sets], stream));
+              }
+            };
+            const double ms = GraphMs(timer, gs, 4 * sets, 20, copy);
+            // The ceiling at this size: a device-to-device copy of the same bytes, same buffers.
+            const double same_ms = GraphMs(timer, gs, 4 * sets, 20, [&](int i, cudaStream_t st) {
+              char* src = static_cast<char*>(chunk[i % sets]);
+              if (v[i % sets] == nullptr) {  // combined: one tensor of `layer` bytes
+                CHECK_CUDA(cudaMemcpyAsync(k[i % sets], src, layer, cudaMemcpyDeviceToDevice, st));
+              } else {  // K and V tensors of half the layer each
+                CHECK_CUDA(
+                    cudaMemcpyAsync(k[i % sets], src, layer / 2, cudaMemcpyDeviceToDevice, st));
+                CHECK_CUDA(cudaMemcpyAsync(v[i % sets], src + layer / 2, layer / 2,
+                                           cudaMemcpyDeviceToDevice, st));
+              }
+            });
+            const double same_gbps = 2.0 * layer / (same_ms * 1e-3) / 1e9;
+            const double eager_ms = timer.MedianMs(20, [&](int i) { copy(i, nullptr); });
+            const double gbps = 2.0 * layer / (ms * 1e-3) / 1e9;
+            std::printf(
+                "| %s | %s | %d | %d | %.0f | %.3f | %.0f | %.0f%% | %.0f | %.0f%% | %.3f |\n",
+                inject ? "inject" : "extract", LayoutName(layout), bs, tokens, layer / 1048576.0,
+                ms, gbps, 100 * gbps / d2d, same_gbps, 100 * gbps / same_gbps, eager_ms);
+            json.Add(
+                Fmt("{\"kind\":\"copy\",\"op\":\"%s\",\"layout\":\"%s\",\"block\":%d,"
+                    "\"bytes\":%zu,\"ms\":%.4f,\"gbps\":%.1f,\"pct_d2d\":%.1f,"
+                    "\"same_size_d2d_gbps\":%.1f,\"eager_ms\":%.4f}",
+                    inject ? "inject" : "extract", LayoutName(layout), bs, layer, ms, gbps,
+                    100 * gbps / d2d, same_gbps, eager_ms));
+          }
+          for (int s = 0; s < sets; ++s) {
+            cudaFree(chunk[s]);
+            cudaFree(k[s]);
+            if (v[s]) cudaFree(v[s]);
+          }
+          cudaFree(dtable);
         }
-        std::vector<int32_t> table(nblk);
-        std::iota(table.begin(), table.end(), 0);
-        std::shuffle(table.begin(), table.end(), std::mt19937(1));
-        int32_t* dtable;
-        CHECK_CUDA(cudaMalloc(&dtable, nblk * 4));
-        CHECK_CUDA(cudaMemcpy(dtable, table.data(), nblk * 4, cudaMemcpyHostToDevice));
-        for (int inject = 1; inject >= 0; --inject) {
-          auto copy = [&](int i, cudaStream_t stream) {
-            PagedKvLayer ci = c;
-            ci.k = k[i % sets];
-            ci.v = v[i % sets];
-            TokenRange r{dtable, nblk, 0, tokens};
-            if (inject) {
-              CHECK_OK(InjectLayer(chunk[i % sets], ci, r, stream));
-            } else {
-              CHECK_OK(ExtractLayer(ci, r, chunk[i % sets], stream));
-            }
-          };
-          const double ms = GraphMs(timer, gs, 4 * sets, 20, copy);
-          // The ceiling at this size: a device-to-device copy of the same bytes, same buffers.
-          const double same_ms = GraphMs(timer, gs, 4 * sets, 20, [&](int i, cudaStream_t st) {
-            char* src = static_cast<char*>(chunk[i % sets]);
-            if (v[i % sets] == nullptr) {  // combined: one tensor of `layer` bytes
-              CHECK_CUDA(cudaMemcpyAsync(k[i % sets], src, layer, cudaMemcpyDeviceToDevice, st));
-            } else {  // K and V tensors of half the layer each
-              CHECK_CUDA(
-                  cudaMemcpyAsync(k[i % sets], src, layer / 2, cudaMemcpyDeviceToDevice, st));
-              CHECK_CUDA(cudaMemcpyAsync(v[i % sets], src + layer / 2, layer / 2,
-                                         cudaMemcpyDeviceToDevice, st));
-            }
-          });
-          const double same_gbps = 2.0 * layer / (same_ms * 1e-3) / 1e9;
-          const double eager_ms = timer.MedianMs(20, [&](int i) { copy(i, nullptr); });
-          const double gbps = 2.0 * layer / (ms * 1e-3) / 1e9;
-          std::printf(
-              "| %s | %s | %d | %d | %.0f | %.3f | %.0f | %.0f%% | %.0f | %.0f%% | %.3f |\n",
-              inject ? "inject" : "extract", LayoutName(layout), bs, tokens, layer / 1048576.0, ms,
-              gbps, 100 * gbps / d2d, same_gbps, 100 * gbps / same_gbps, eager_ms);
-          json.Add(
-              Fmt("{\"kind\":\"copy\",\"op\":\"%s\",\"layout\":\"%s\",\"block\":%d,"
-                  "\"bytes\":%zu,\"ms\":%.4f,\"gbps\":%.1f,\"pct_d2d\":%.1f,"
-                  "\"same_size_d2d_gbps\":%.1f,\"eager_ms\":%.4f}",
-                  inject ? "inject" : "extract", LayoutName(layout), bs, layer, ms, gbps,
-                  100 * gbps / d2d, same_gbps, eager_ms));
-        }
-        for (int s = 0; s < sets; ++s) {
-          cudaFree(chunk[s]);
-          cudaFree(k[s]);
-          if (v[s]) cudaFree(v[s]);
-        }
-        cudaFree(dtable);
       }
     }
-  }
+  }  // section copy
 
   // ---- Decode attention ----
   const int QH = 32, KVH = 8, D = 128, BS = 16;
@@ -287,232 +326,279 @@ int main(int argc, char** argv) {
     cudaFree(dc);
   }
 
-  std::printf(
-      "\n| batch | context | KV MiB | splits | CTAs/SM | off us | on us | auto us (pf) | "
-      "auto GB/s | auto %% of streaming | on/off | auto/off | auto eager us | cuda-core auto us "
-      "| tensor/cuda core |\n"
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-  for (int B : batches) {
-    for (int ctx : contexts) {
-      DecodeSetup setup(B, ctx, l2, static_cast<uint32_t>(B * 131 + ctx));
-      DecodeAttentionArgs args = setup.args();
-      auto plan = PlanDecodeAttention(args);
-      CHECK_OK(plan.status());
-      double us[3];
-      for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn, PrefetchMode::kAuto}) {
-        args.prefetch = pf;
-        us[static_cast<int>(pf)] = setup.TimeGraphUs(timer, args, 20, gs);
+  if (Want("decode")) {
+    std::printf(
+        "\n| batch | context | KV MiB | splits | CTAs/SM | off us | on us | auto us (pf) | "
+        "auto GB/s | auto %% of streaming | on/off | auto/off | auto eager us | cuda-core auto us "
+        "| tensor/cuda core |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (int B : batches) {
+      for (int ctx : contexts) {
+        DecodeSetup setup(B, ctx, l2, static_cast<uint32_t>(B * 131 + ctx));
+        DecodeAttentionArgs args = setup.args();
+        auto plan = PlanDecodeAttention(args);
+        CHECK_OK(plan.status());
+        double us[3];
+        for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn, PrefetchMode::kAuto}) {
+          args.prefetch = pf;
+          us[static_cast<int>(pf)] = setup.TimeGraphUs(timer, args, 20, gs);
+        }
+        const double eager = setup.TimeUs(timer, args, 30);
+        DecodeAttentionArgs cc = args;  // the CUDA-core kernel, its own auto plan
+        cc.kernel = DecodeKernel::kCudaCore;
+        const double cc_us = setup.TimeGraphUs(timer, cc, 20, gs);
+        const size_t kv_bytes = setup.kv_bytes;
+        const double gbps = kv_bytes / (us[2] * 1e-6) / 1e9;
+        std::printf(
+            "| %d | %d | %.0f | %d | %.2f | %.1f | %.1f | %.1f (%s) | %.0f | %.0f%% | %.2f | "
+            "%.2f | %.1f | %.1f | %.2f |\n",
+            B, ctx, kv_bytes / 1048576.0, plan->num_splits, plan->ctas_per_sm, us[0], us[1], us[2],
+            plan->prefetch ? "on" : "off", gbps, 100 * gbps / streaming, us[0] / us[1],
+            us[0] / us[2], eager, cc_us, cc_us / us[2]);
+        std::fflush(stdout);
+        json.Add(
+            Fmt("{\"kind\":\"decode\",\"batch\":%d,\"context\":%d,\"kv_bytes\":%zu,"
+                "\"splits\":%d,\"ctas_per_sm\":%.3f,\"off_us\":%.2f,\"on_us\":%.2f,"
+                "\"auto_us\":%.2f,\"auto_prefetch\":%s,\"auto_gbps\":%.1f,"
+                "\"pct_stream\":%.1f,\"auto_eager_us\":%.2f,\"cuda_core_auto_us\":%.2f}",
+                B, ctx, kv_bytes, plan->num_splits, plan->ctas_per_sm, us[0], us[1], us[2],
+                plan->prefetch ? "true" : "false", gbps, 100 * gbps / streaming, eager, cc_us));
       }
-      const double eager = setup.TimeUs(timer, args, 30);
-      DecodeAttentionArgs cc = args;  // the CUDA-core kernel, its own auto plan
-      cc.kernel = DecodeKernel::kCudaCore;
-      const double cc_us = setup.TimeGraphUs(timer, cc, 20, gs);
-      const size_t kv_bytes = setup.kv_bytes;
-      const double gbps = kv_bytes / (us[2] * 1e-6) / 1e9;
-      std::printf(
-          "| %d | %d | %.0f | %d | %.2f | %.1f | %.1f | %.1f (%s) | %.0f | %.0f%% | %.2f | "
-          "%.2f | %.1f | %.1f | %.2f |\n",
-          B, ctx, kv_bytes / 1048576.0, plan->num_splits, plan->ctas_per_sm, us[0], us[1], us[2],
-          plan->prefetch ? "on" : "off", gbps, 100 * gbps / streaming, us[0] / us[1], us[0] / us[2],
-          eager, cc_us, cc_us / us[2]);
-      std::fflush(stdout);
-      json.Add(
-          Fmt("{\"kind\":\"decode\",\"batch\":%d,\"context\":%d,\"kv_bytes\":%zu,"
-              "\"splits\":%d,\"ctas_per_sm\":%.3f,\"off_us\":%.2f,\"on_us\":%.2f,"
-              "\"auto_us\":%.2f,\"auto_prefetch\":%s,\"auto_gbps\":%.1f,"
-              "\"pct_stream\":%.1f,\"auto_eager_us\":%.2f,\"cuda_core_auto_us\":%.2f}",
-              B, ctx, kv_bytes, plan->num_splits, plan->ctas_per_sm, us[0], us[1], us[2],
-              plan->prefetch ? "true" : "false", gbps, 100 * gbps / streaming, eager, cc_us));
     }
-  }
-  // Tensor-core kernel: shared-memory stages per warp (2: 64 KiB per CTA, three CTAs per SM;
-  // 3: 96 KiB, two; 4: 128 KiB, one), each with its own plan.
-  std::printf(
-      "\n| batch | context | 2 stages us | 3 stages us | 4 stages us | CTAs/SM (2/3/4) |\n"
-      "|---|---|---|---|---|---|\n");
-  for (auto [B, ctx] :
-       {std::pair{1, 4096}, std::pair{1, 32768}, std::pair{8, 4096}, std::pair{8, 32768},
-        std::pair{32, 32768}, std::pair{64, 1024}, std::pair{128, 4096}}) {
-    DecodeSetup setup(B, ctx, l2, 23);
-    double us[3];
-    double per_sm[3];
-    for (int st = 2; st <= 4; ++st) {
-      DecodeAttentionArgs args = setup.args();
-      args.tc_stages = st;
-      auto plan = PlanDecodeAttention(args);
-      CHECK_OK(plan.status());
-      per_sm[st - 2] = plan->ctas_per_sm;
-      us[st - 2] = setup.TimeGraphUs(timer, args, 20, gs);
-    }
-    std::printf("| %d | %d | %.1f | %.1f | %.1f | %.2f / %.2f / %.2f |\n", B, ctx, us[0], us[1],
-                us[2], per_sm[0], per_sm[1], per_sm[2]);
-    json.Add(
-        Fmt("{\"kind\":\"stages\",\"batch\":%d,\"context\":%d,\"s2_us\":%.2f,"
-            "\"s3_us\":%.2f,\"s4_us\":%.2f}",
-            B, ctx, us[0], us[1], us[2]));
-  }
-
-  // Cache layouts, tensor-core kernel: vLLM NHD (a head's rows kv_heads x 256 bytes apart) and
-  // FlashInfer/SGLang HND (a head's rows of a block adjacent); the same buffers read either way.
-  std::printf(
-      "\n| batch | context | NHD us | HND us | NHD/HND |\n"
-      "|---|---|---|---|---|\n");
-  for (auto [B, ctx] :
-       {std::pair{1, 32768}, std::pair{8, 4096}, std::pair{8, 32768}, std::pair{32, 16384},
-        std::pair{64, 32768}, std::pair{128, 1024}, std::pair{128, 4096}}) {
-    DecodeSetup setup(B, ctx, l2, 31);
-    DecodeAttentionArgs args = setup.args();
-    const double nhd = setup.TimeGraphUs(timer, args, 20, gs);
-    args.layout = PagedKvLayout::kHnd;
-    const double hnd = setup.TimeGraphUs(timer, args, 20, gs);
-    std::printf("| %d | %d | %.1f | %.1f | %.2f |\n", B, ctx, nhd, hnd, nhd / hnd);
-    std::fflush(stdout);
-    json.Add(
-        Fmt("{\"kind\":\"layout\",\"batch\":%d,\"context\":%d,\"nhd_us\":%.2f,"
-            "\"hnd_us\":%.2f}",
-            B, ctx, nhd, hnd));
-  }
-
-  // Splits per sequence beyond the plan's (one wave of CTAs): finer work per CTA against more
-  // combine work, tensor-core kernel.
-  std::printf(
-      "\n| batch | context | plan splits | x1 us | x2 us | x4 us | x8 us |\n"
-      "|---|---|---|---|---|---|---|\n");
-  for (auto [B, ctx] :
-       {std::pair{8, 32768}, std::pair{32, 16384}, std::pair{32, 32768}, std::pair{64, 16384},
-        std::pair{64, 32768}, std::pair{128, 4096}, std::pair{128, 32768}}) {
-    DecodeSetup setup(B, ctx, l2, 29);
-    DecodeAttentionArgs args = setup.args();
-    auto plan = PlanDecodeAttention(args);
-    CHECK_OK(plan.status());
-    double us[4];
-    for (int f = 0; f < 4; ++f) {
-      args.num_splits = plan->num_splits << f;
-      us[f] = setup.TimeGraphUs(timer, args, 20, gs);
-    }
-    std::printf("| %d | %d | %d | %.1f | %.1f | %.1f | %.1f |\n", B, ctx, plan->num_splits, us[0],
-                us[1], us[2], us[3]);
-    std::fflush(stdout);
-    json.Add(
-        Fmt("{\"kind\":\"splits\",\"batch\":%d,\"context\":%d,\"plan_splits\":%d,"
-            "\"x1_us\":%.2f,\"x2_us\":%.2f,\"x4_us\":%.2f,\"x8_us\":%.2f}",
-            B, ctx, plan->num_splits, us[0], us[1], us[2], us[3]));
-  }
-
-  // The paper's regime: no split-KV (one CTA per sequence x kv head), prefetch off / on / auto.
-  std::printf(
-      "\n| batch | context | splits | CTAs/SM | off us | on us | auto us (pf) | on/off | auto/off "
-      "|\n|---|---|---|---|---|---|---|---|---|\n");
-  for (int B : {1, 8, 32}) {
-    for (int ctx : {4096, 32768}) {
-      DecodeSetup setup(B, ctx, l2, 7);
-      DecodeAttentionArgs args = setup.args();
-      args.num_splits = 1;
-      auto plan = PlanDecodeAttention(args);
-      CHECK_OK(plan.status());
+  }  // section decode
+  if (Want("stages")) {
+    // Tensor-core kernel: shared-memory stages per warp (2: 64 KiB per CTA, three CTAs per SM;
+    // 3: 96 KiB, two; 4: 128 KiB, one), each with its own plan.
+    std::printf(
+        "\n| batch | context | 2 stages us | 3 stages us | 4 stages us | CTAs/SM (2/3/4) |\n"
+        "|---|---|---|---|---|---|\n");
+    for (auto [B, ctx] :
+         {std::pair{1, 4096}, std::pair{1, 32768}, std::pair{8, 4096}, std::pair{8, 32768},
+          std::pair{32, 32768}, std::pair{64, 1024}, std::pair{128, 4096}}) {
+      DecodeSetup setup(B, ctx, l2, 23);
       double us[3];
-      for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn, PrefetchMode::kAuto}) {
-        args.prefetch = pf;
-        us[static_cast<int>(pf)] = setup.TimeGraphUs(timer, args, 20, gs);
+      double per_sm[3];
+      for (int st = 2; st <= 4; ++st) {
+        DecodeAttentionArgs args = setup.args();
+        args.tc_stages = st;
+        auto plan = PlanDecodeAttention(args);
+        CHECK_OK(plan.status());
+        per_sm[st - 2] = plan->ctas_per_sm;
+        us[st - 2] = setup.TimeGraphUs(timer, args, 20, gs);
       }
-      std::printf("| %d | %d | 1 | %.2f | %.1f | %.1f | %.1f (%s) | %.2f | %.2f |\n", B, ctx,
-                  plan->ctas_per_sm, us[0], us[1], us[2], plan->prefetch ? "on" : "off",
-                  us[0] / us[1], us[0] / us[2]);
+      std::printf("| %d | %d | %.1f | %.1f | %.1f | %.2f / %.2f / %.2f |\n", B, ctx, us[0], us[1],
+                  us[2], per_sm[0], per_sm[1], per_sm[2]);
       json.Add(
-          Fmt("{\"kind\":\"nosplit\",\"batch\":%d,\"context\":%d,\"off_us\":%.2f,"
-              "\"on_us\":%.2f,\"auto_us\":%.2f}",
+          Fmt("{\"kind\":\"stages\",\"batch\":%d,\"context\":%d,\"s2_us\":%.2f,"
+              "\"s3_us\":%.2f,\"s4_us\":%.2f}",
               B, ctx, us[0], us[1], us[2]));
     }
-  }
-  // Prefetch distance (blocks ahead per warp) at small batch: the CUDA-core kernel's knob.
-  std::printf(
-      "\n| batch | context | splits | off us | on d=1 us | on d=2 us | on d=4 us | on d=8 us | "
-      "best on/off |\n|---|---|---|---|---|---|---|---|---|\n");
-  for (int B : {1, 8}) {
-    for (int ctx : {4096, 32768}) {
-      DecodeSetup setup(B, ctx, l2, 11);
+  }  // section stages
+
+  if (Want("layout")) {
+    // Cache layouts, tensor-core kernel: vLLM NHD (a head's rows kv_heads x 256 bytes apart) and
+    // FlashInfer/SGLang HND (a head's rows of a block adjacent); the same buffers read either way.
+    std::printf(
+        "\n| batch | context | NHD us | HND us | NHD/HND |\n"
+        "|---|---|---|---|---|\n");
+    for (auto [B, ctx] :
+         {std::pair{1, 32768}, std::pair{8, 4096}, std::pair{8, 32768}, std::pair{32, 16384},
+          std::pair{64, 32768}, std::pair{128, 1024}, std::pair{128, 4096}}) {
+      DecodeSetup setup(B, ctx, l2, 31);
       DecodeAttentionArgs args = setup.args();
-      args.kernel = DecodeKernel::kCudaCore;
+      const double nhd = setup.TimeGraphUs(timer, args, 20, gs);
+      args.layout = PagedKvLayout::kHnd;
+      const double hnd = setup.TimeGraphUs(timer, args, 20, gs);
+      std::printf("| %d | %d | %.1f | %.1f | %.2f |\n", B, ctx, nhd, hnd, nhd / hnd);
+      std::fflush(stdout);
+      json.Add(
+          Fmt("{\"kind\":\"layout\",\"batch\":%d,\"context\":%d,\"nhd_us\":%.2f,"
+              "\"hnd_us\":%.2f}",
+              B, ctx, nhd, hnd));
+    }
+  }  // section layout
+
+  if (Want("table")) {
+    // Where the KV blocks lie, tensor-core kernel, prefetch off: random block tables (the rest of
+    // this benchmark) against each sequence's blocks adjacent and in order (what the contiguous KV
+    // of torch SDPA reads), at block sizes 16 and 64. A gap between the two is the cost of paging
+    // itself (DRAM pages and address translation), not of the kernel's arithmetic.
+    std::printf(
+        "\n| batch | context | block | random table us | sorted table us | random/sorted |\n"
+        "|---|---|---|---|---|---|\n");
+    for (auto [B, ctx] : {std::pair{1, 32768}, std::pair{8, 32768}, std::pair{32, 16384},
+                          std::pair{64, 32768}, std::pair{128, 4096}}) {
+      for (int bs : {16, 64}) {
+        double us[2];
+        for (int sorted = 0; sorted < 2; ++sorted) {
+          DecodeSetup setup(B, ctx, l2, 37, bs, sorted == 1);
+          DecodeAttentionArgs args = setup.args();
+          args.prefetch = PrefetchMode::kOff;
+          us[sorted] = setup.TimeGraphUs(timer, args, 20, gs);
+        }
+        std::printf("| %d | %d | %d | %.1f | %.1f | %.3f |\n", B, ctx, bs, us[0], us[1],
+                    us[0] / us[1]);
+        std::fflush(stdout);
+        json.Add(
+            Fmt("{\"kind\":\"table_order\",\"batch\":%d,\"context\":%d,\"block\":%d,"
+                "\"random_us\":%.2f,\"sorted_us\":%.2f}",
+                B, ctx, bs, us[0], us[1]));
+      }
+    }
+  }  // section table
+
+  if (Want("splits")) {
+    // Splits per sequence beyond the plan's (one wave of CTAs): finer work per CTA against more
+    // combine work, tensor-core kernel.
+    std::printf(
+        "\n| batch | context | plan splits | x1 us | x2 us | x4 us | x8 us |\n"
+        "|---|---|---|---|---|---|---|\n");
+    for (auto [B, ctx] :
+         {std::pair{8, 32768}, std::pair{32, 16384}, std::pair{32, 32768}, std::pair{64, 16384},
+          std::pair{64, 32768}, std::pair{128, 4096}, std::pair{128, 32768}}) {
+      DecodeSetup setup(B, ctx, l2, 29);
+      DecodeAttentionArgs args = setup.args();
       auto plan = PlanDecodeAttention(args);
       CHECK_OK(plan.status());
-      args.prefetch = PrefetchMode::kOff;
-      const double off = setup.TimeGraphUs(timer, args, 20, gs);
-      args.prefetch = PrefetchMode::kOn;
-      double on[4], best = 1e30;
-      const int dist[4] = {1, 2, 4, 8};
-      for (int i = 0; i < 4; ++i) {
-        args.prefetch_distance = dist[i];
-        on[i] = setup.TimeGraphUs(timer, args, 20, gs);
-        best = std::min(best, on[i]);
+      double us[4];
+      for (int f = 0; f < 4; ++f) {
+        args.num_splits = plan->num_splits << f;
+        us[f] = setup.TimeGraphUs(timer, args, 20, gs);
       }
-      std::printf("| %d | %d | %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f |\n", B, ctx,
-                  plan->num_splits, off, on[0], on[1], on[2], on[3], off / best);
+      std::printf("| %d | %d | %d | %.1f | %.1f | %.1f | %.1f |\n", B, ctx, plan->num_splits, us[0],
+                  us[1], us[2], us[3]);
+      std::fflush(stdout);
       json.Add(
-          Fmt("{\"kind\":\"distance\",\"batch\":%d,\"context\":%d,\"off_us\":%.2f,"
-              "\"d1_us\":%.2f,\"d2_us\":%.2f,\"d4_us\":%.2f,\"d8_us\":%.2f}",
-              B, ctx, off, on[0], on[1], on[2], on[3]));
+          Fmt("{\"kind\":\"splits\",\"batch\":%d,\"context\":%d,\"plan_splits\":%d,"
+              "\"x1_us\":%.2f,\"x2_us\":%.2f,\"x4_us\":%.2f,\"x8_us\":%.2f}",
+              B, ctx, plan->num_splits, us[0], us[1], us[2], us[3]));
     }
-  }
-  // PrefetchL2 (the API for engines that keep their own attention kernel): the next layer's
-  // pages prefetched on a side stream while this layer's attention runs.
-  std::printf(
-      "\n| batch | context | layer KV MiB | two layers us | with PrefetchL2 of layer 2 us | "
-      "speedup |\n|---|---|---|---|---|---|\n");
-  {
-    cudaStream_t side;
-    cudaEvent_t start, side_done;
-    CHECK_CUDA(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
-    CHECK_CUDA(cudaEventCreateWithFlags(&start, cudaEventDisableTiming));
-    CHECK_CUDA(cudaEventCreateWithFlags(&side_done, cudaEventDisableTiming));
-    for (auto [B, ctx] : {std::pair{1, 2048}, std::pair{1, 4096}, std::pair{8, 512},
-                          std::pair{8, 1024}, std::pair{32, 512}}) {
-      DecodeSetup setup(B, ctx, l2, 13);
-      const double base =
-          setup.TimeTwoLayersUs(timer, setup.args(), 30, false, side, start, side_done);
-      const double pf =
-          setup.TimeTwoLayersUs(timer, setup.args(), 30, true, side, start, side_done);
-      std::printf("| %d | %d | %.0f | %.1f | %.1f | %.2f |\n", B, ctx, setup.kv_bytes / 1048576.0,
-                  base, pf, base / pf);
-      json.Add(
-          Fmt("{\"kind\":\"prefetch_api\",\"batch\":%d,\"context\":%d,"
-              "\"base_us\":%.2f,\"prefetch_us\":%.2f}",
-              B, ctx, base, pf));
-    }
-    // The engine's case: a compute-bound MLP (here a filler as long as the attention) between
-    // layers leaves DRAM idle, which the prefetch can use.
+  }  // section splits
+
+  if (Want("nosplit")) {
+    // The paper's regime: no split-KV (one CTA per sequence x kv head), prefetch off / on / auto.
     std::printf(
-        "\n| batch | context | layer KV MiB | filler us | filler + layer us | with PrefetchL2Batch "
-        "us | speedup |\n|---|---|---|---|---|---|---|\n");
-    float* sink;
-    CHECK_CUDA(cudaMalloc(&sink, 4096));
-    const int filler_ctas = prop.multiProcessorCount * 4;
-    for (auto [B, ctx] : {std::pair{1, 2048}, std::pair{1, 4096}, std::pair{8, 512},
-                          std::pair{8, 1024}, std::pair{32, 512}}) {
-      DecodeSetup setup(B, ctx, l2, 17);
-      DecodeAttentionArgs off = setup.args();
-      off.prefetch = PrefetchMode::kOff;
-      const double layer_us = setup.TimeUs(timer, off, 20);
-      const double probe_us =
-          1e3 * timer.MedianMs(10, [&](int) { ComputeFiller<<<filler_ctas, 256>>>(10000, sink); });
-      const int iters = std::max(1, static_cast<int>(10000 * layer_us / probe_us));
-      const double filler_us =
-          1e3 * timer.MedianMs(10, [&](int) { ComputeFiller<<<filler_ctas, 256>>>(iters, sink); });
-      const double base = setup.TimeFillerThenLayerUs(timer, setup.args(), 30, false, iters,
-                                                      filler_ctas, sink, side, start, side_done);
-      const double pf = setup.TimeFillerThenLayerUs(timer, setup.args(), 30, true, iters,
-                                                    filler_ctas, sink, side, start, side_done);
-      std::printf("| %d | %d | %.0f | %.1f | %.1f | %.1f | %.2f |\n", B, ctx,
-                  setup.kv_bytes / 1048576.0, filler_us, base, pf, base / pf);
-      json.Add(
-          Fmt("{\"kind\":\"prefetch_api_mlp\",\"batch\":%d,\"context\":%d,"
-              "\"filler_us\":%.2f,\"base_us\":%.2f,\"prefetch_us\":%.2f}",
-              B, ctx, filler_us, base, pf));
+        "\n| batch | context | splits | CTAs/SM | off us | on us | auto us (pf) | on/off | "
+        "auto/off "
+        "|\n|---|---|---|---|---|---|---|---|---|\n");
+    for (int B : {1, 8, 32}) {
+      for (int ctx : {4096, 32768}) {
+        DecodeSetup setup(B, ctx, l2, 7);
+        DecodeAttentionArgs args = setup.args();
+        args.num_splits = 1;
+        auto plan = PlanDecodeAttention(args);
+        CHECK_OK(plan.status());
+        double us[3];
+        for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn, PrefetchMode::kAuto}) {
+          args.prefetch = pf;
+          us[static_cast<int>(pf)] = setup.TimeGraphUs(timer, args, 20, gs);
+        }
+        std::printf("| %d | %d | 1 | %.2f | %.1f | %.1f | %.1f (%s) | %.2f | %.2f |\n", B, ctx,
+                    plan->ctas_per_sm, us[0], us[1], us[2], plan->prefetch ? "on" : "off",
+                    us[0] / us[1], us[0] / us[2]);
+        json.Add(
+            Fmt("{\"kind\":\"nosplit\",\"batch\":%d,\"context\":%d,\"off_us\":%.2f,"
+                "\"on_us\":%.2f,\"auto_us\":%.2f}",
+                B, ctx, us[0], us[1], us[2]));
+      }
     }
-    cudaFree(sink);
-    cudaStreamDestroy(side);
-    cudaEventDestroy(start);
-    cudaEventDestroy(side_done);
-  }
+  }  // section nosplit
+  if (Want("distance")) {
+    // Prefetch distance (blocks ahead per warp) at small batch: the CUDA-core kernel's knob.
+    std::printf(
+        "\n| batch | context | splits | off us | on d=1 us | on d=2 us | on d=4 us | on d=8 us | "
+        "best on/off |\n|---|---|---|---|---|---|---|---|---|\n");
+    for (int B : {1, 8}) {
+      for (int ctx : {4096, 32768}) {
+        DecodeSetup setup(B, ctx, l2, 11);
+        DecodeAttentionArgs args = setup.args();
+        args.kernel = DecodeKernel::kCudaCore;
+        auto plan = PlanDecodeAttention(args);
+        CHECK_OK(plan.status());
+        args.prefetch = PrefetchMode::kOff;
+        const double off = setup.TimeGraphUs(timer, args, 20, gs);
+        args.prefetch = PrefetchMode::kOn;
+        double on[4], best = 1e30;
+        const int dist[4] = {1, 2, 4, 8};
+        for (int i = 0; i < 4; ++i) {
+          args.prefetch_distance = dist[i];
+          on[i] = setup.TimeGraphUs(timer, args, 20, gs);
+          best = std::min(best, on[i]);
+        }
+        std::printf("| %d | %d | %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f |\n", B, ctx,
+                    plan->num_splits, off, on[0], on[1], on[2], on[3], off / best);
+        json.Add(
+            Fmt("{\"kind\":\"distance\",\"batch\":%d,\"context\":%d,\"off_us\":%.2f,"
+                "\"d1_us\":%.2f,\"d2_us\":%.2f,\"d4_us\":%.2f,\"d8_us\":%.2f}",
+                B, ctx, off, on[0], on[1], on[2], on[3]));
+      }
+    }
+  }  // section distance
+  if (Want("prefetch_api")) {
+    // PrefetchL2 (the API for engines that keep their own attention kernel): the next layer's
+    // pages prefetched on a side stream while this layer's attention runs.
+    std::printf(
+        "\n| batch | context | layer KV MiB | two layers us | with PrefetchL2 of layer 2 us | "
+        "speedup |\n|---|---|---|---|---|---|\n");
+    {
+      cudaStream_t side;
+      cudaEvent_t start, side_done;
+      CHECK_CUDA(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+      CHECK_CUDA(cudaEventCreateWithFlags(&start, cudaEventDisableTiming));
+      CHECK_CUDA(cudaEventCreateWithFlags(&side_done, cudaEventDisableTiming));
+      for (auto [B, ctx] : {std::pair{1, 2048}, std::pair{1, 4096}, std::pair{8, 512},
+                            std::pair{8, 1024}, std::pair{32, 512}}) {
+        DecodeSetup setup(B, ctx, l2, 13);
+        const double base =
+            setup.TimeTwoLayersUs(timer, setup.args(), 30, false, side, start, side_done);
+        const double pf =
+            setup.TimeTwoLayersUs(timer, setup.args(), 30, true, side, start, side_done);
+        std::printf("| %d | %d | %.0f | %.1f | %.1f | %.2f |\n", B, ctx, setup.kv_bytes / 1048576.0,
+                    base, pf, base / pf);
+        json.Add(
+            Fmt("{\"kind\":\"prefetch_api\",\"batch\":%d,\"context\":%d,"
+                "\"base_us\":%.2f,\"prefetch_us\":%.2f}",
+                B, ctx, base, pf));
+      }
+      // The engine's case: a compute-bound MLP (here a filler as long as the attention) between
+      // layers leaves DRAM idle, which the prefetch can use.
+      std::printf(
+          "\n| batch | context | layer KV MiB | filler us | filler + layer us | with "
+          "PrefetchL2Batch "
+          "us | speedup |\n|---|---|---|---|---|---|---|\n");
+      float* sink;
+      CHECK_CUDA(cudaMalloc(&sink, 4096));
+      const int filler_ctas = prop.multiProcessorCount * 4;
+      for (auto [B, ctx] : {std::pair{1, 2048}, std::pair{1, 4096}, std::pair{8, 512},
+                            std::pair{8, 1024}, std::pair{32, 512}}) {
+        DecodeSetup setup(B, ctx, l2, 17);
+        DecodeAttentionArgs off = setup.args();
+        off.prefetch = PrefetchMode::kOff;
+        const double layer_us = setup.TimeUs(timer, off, 20);
+        const double probe_us = 1e3 * timer.MedianMs(10, [&](int) {
+          ComputeFiller<<<filler_ctas, 256>>>(10000, sink);
+        });
+        const int iters = std::max(1, static_cast<int>(10000 * layer_us / probe_us));
+        const double filler_us = 1e3 * timer.MedianMs(10, [&](int) {
+          ComputeFiller<<<filler_ctas, 256>>>(iters, sink);
+        });
+        const double base = setup.TimeFillerThenLayerUs(timer, setup.args(), 30, false, iters,
+                                                        filler_ctas, sink, side, start, side_done);
+        const double pf = setup.TimeFillerThenLayerUs(timer, setup.args(), 30, true, iters,
+                                                      filler_ctas, sink, side, start, side_done);
+        std::printf("| %d | %d | %.0f | %.1f | %.1f | %.1f | %.2f |\n", B, ctx,
+                    setup.kv_bytes / 1048576.0, filler_us, base, pf, base / pf);
+        json.Add(
+            Fmt("{\"kind\":\"prefetch_api_mlp\",\"batch\":%d,\"context\":%d,"
+                "\"filler_us\":%.2f,\"base_us\":%.2f,\"prefetch_us\":%.2f}",
+                B, ctx, filler_us, base, pf));
+      }
+      cudaFree(sink);
+      cudaStreamDestroy(side);
+      cudaEventDestroy(start);
+      cudaEventDestroy(side_done);
+    }
+  }  // section prefetch_api
   CHECK_CUDA(cudaStreamDestroy(gs));
   if (!json_path.empty()) {
     FILE* f = std::fopen(json_path.c_str(), "w");

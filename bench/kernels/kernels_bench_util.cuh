@@ -104,11 +104,12 @@ __global__ void StreamRead(const uint4* p, size_t n, uint4* sink) {
 // at (a read ceiling). Interleaved: CTA c reads ops c, c + grid, ... of the buffer (the whole
 // GPU sweeps it front to back, as StreamRead); else CTA c reads its own contiguous 1/grid of it
 // (as a kernel that streams one sequence's KV per CTA). n_ops * op_bytes bytes; op_bytes a
-// multiple of 16, at most kBulkStageBytes.
+// multiple of 16, at most kBulkStageBytes. `stages` (1..kBulkStages, default all) of the ring
+// are used: the copies each CTA keeps in flight.
 inline constexpr int kBulkStages = 4;
 inline constexpr int kBulkStageBytes = 16 << 10;
-__global__ void StreamReadBulk(const uint8_t* p, size_t n_ops, uint32_t op_bytes,
-                               bool interleaved) {
+__global__ void StreamReadBulk(const uint8_t* p, size_t n_ops, uint32_t op_bytes, bool interleaved,
+                               int stages = kBulkStages) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ __align__(8) uint64_t bar[kBulkStages];
@@ -135,11 +136,11 @@ __global__ void StreamReadBulk(const uint8_t* p, size_t n_ops, uint32_t op_bytes
   const size_t first = interleaved ? blockIdx.x : blockIdx.x * per_cta;
   const size_t last = interleaved ? n_ops : (first + per_cta < n_ops ? first + per_cta : n_ops);
   size_t next = first;
-  for (int s = 0; s < kBulkStages && next < last; ++s, next += stride) issue(next, s);
+  for (int s = 0; s < stages && next < last; ++s, next += stride) issue(next, s);
   uint32_t phase = 0;
   size_t done = 0;
   for (size_t op = first; op < last; op += stride, ++done) {
-    const int s = static_cast<int>(done % kBulkStages);
+    const int s = static_cast<int>(done % stages);
     uint32_t ok = 0;
     while (!ok) {
       asm volatile(
@@ -149,7 +150,7 @@ __global__ void StreamReadBulk(const uint8_t* p, size_t n_ops, uint32_t op_bytes
           : "r"(b0 + 8 * s), "r"(phase)
           : "memory");
     }
-    if (s == kBulkStages - 1) phase ^= 1;
+    if (s == stages - 1) phase ^= 1;
     if (next < last) {
       issue(next, s);
       next += stride;
@@ -220,8 +221,12 @@ double GraphMs(Timer& timer, cudaStream_t stream, int per_graph, int reps, F&& e
 // every sequence at `ctx` tokens.
 class DecodeSetup {
  public:
-  static constexpr int kQHeads = 32, kKvHeads = 8, kDim = 128, kBlock = 16;
-  DecodeSetup(int batch, int ctx, size_t l2, uint32_t seed) {
+  static constexpr int kQHeads = 32, kKvHeads = 8, kDim = 128;
+  // Block tables random (a permutation of the pool's blocks, as an engine's allocator leaves
+  // them after a while) unless `sorted` (each sequence's blocks adjacent, in order).
+  DecodeSetup(int batch, int ctx, size_t l2, uint32_t seed, int block_size = 16,
+              bool sorted = false) {
+    const int kBlock = block_size;
     const int mb = ctx / kBlock, nb = batch * mb;
     const size_t cache_elems = size_t{static_cast<size_t>(nb)} * kBlock * kKvHeads * kDim;
     kv_bytes = 2 * cache_elems * 2;
@@ -238,7 +243,7 @@ class DecodeSetup {
     }
     std::vector<int32_t> tbl(nb);
     std::iota(tbl.begin(), tbl.end(), 0);
-    std::shuffle(tbl.begin(), tbl.end(), std::mt19937(seed));
+    if (!sorted) std::shuffle(tbl.begin(), tbl.end(), std::mt19937(seed));
     const std::vector<int32_t> ctxs(batch, ctx);
     const size_t q_elems = size_t{static_cast<size_t>(batch)} * kQHeads * kDim;
     CHECK_CUDA(cudaMalloc(&q_, q_elems * 2));

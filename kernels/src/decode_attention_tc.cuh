@@ -6,17 +6,21 @@
 //     a warp-private ring of kTcStages (2-4) shared-memory stages (XOR-swizzled so ldmatrix is free
 //     of bank conflicts), kTcStages - 1 tiles in flight while the warp computes on one. Bytes in
 //     flight no longer cost registers.
-//   - S = Q K^T and O += P V run on mma.sync.m16n8k16 (bf16/fp16 in, fp32 accumulate) with the
-//     kv head's G query heads as the M rows (padded to 16: rows >= G are zeros and never read),
-//     so a 16-token tile is 32 MMAs and 16 ldmatrix instead of ~1000 CUDA-core instructions.
-//   - Online softmax (base 2) on the S fragments; P feeds the PV MMA straight from registers.
+//   - Transposed products on mma.sync.m16n8k16 (bf16/fp16 in, fp32 accumulate): S^T = K Q^T and
+//     O^T += V^T P^T, the tile's 16 tokens (or 16 of O's dims) as the M rows and the kv head's G
+//     query heads as the N columns (padded to 8: columns >= G are zeros, never stored). A 16-token
+//     tile is 16 MMAs and 16 ldmatrix (instead of ~1000 CUDA-core instructions, and half the MMAs
+//     of Q as M, which would pad 16 rows for at most 8 heads).
+//   - Online softmax (base 2) on the S^T fragments; P^T reaches the PV MMA's B operand through
+//     two in-register transposes (movmatrix).
 // Warp w takes the split's tiles w, w + 4, ...; the 4 warps' (m, l, O) merge in shared memory.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4):
 //   A (16x16, row): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
 //   B (16x8, col):  b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g)
 //   C (16x8, f32):  c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
-// With G <= 8 the rows g+8 are padding: a1 = a3 = 0 and c2, c3 are discarded.
+// So a lane holds scores and outputs of heads 2t and 2t + 1, and the B operand P^T needs
+// (tokens 2t.., head g): the transpose of C's (token g, heads 2t..) 8x8 halves.
 #ifndef KVDN_KERNELS_SRC_DECODE_ATTENTION_TC_CUH_
 #define KVDN_KERNELS_SRC_DECODE_ATTENTION_TC_CUH_
 
@@ -34,29 +38,24 @@ inline constexpr int kTcDefaultStages = 3;                  // per warp; see ker
 inline constexpr float kTcRescaleSlack = 8.f;               // log2 units; see the loop
 constexpr size_t TcSmemBytes(int stages) { return size_t{kDecodeWarps} * stages * kTcStageBytes; }
 
-// The PTX type of T in mma (bf16 or f16): one m16n8k16 with A rows 8..15 zero, so only the C/D
-// rows 0..7 (d[0], d[1] of this lane) are kept.
-#define KVDN_MMA_M16N8K16(TYPE)                                                                    \
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                              \
-               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};"                    \
-               : "=f"(r[0]), "=f"(r[1]), "=f"(r[2]), "=f"(r[3])                                    \
-               : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(c0), "f"(c1), "f"(0.f), \
-                 "f"(0.f))
+// The PTX type of T in mma (bf16 or f16): d += A B, all four accumulator registers in place.
+#define KVDN_MMA_M16N8K16(TYPE)                                             \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE       \
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};" \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])             \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 
 template <typename T>
 struct Mma {
-  static __device__ __forceinline__ void Run(float* d, uint32_t a0, uint32_t a2, uint32_t b0,
-                                             uint32_t b1, float c0, float c1) {
-    float r[4];  // r[2], r[3]: rows 8..15, padding, discarded
+  static __device__ __forceinline__ void Run4(float* d, const uint32_t* a, uint32_t b0,
+                                              uint32_t b1) {
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {
       KVDN_MMA_M16N8K16("bf16");
     } else {
       KVDN_MMA_M16N8K16("f16");
     }
-    d[0] = r[0];
-    d[1] = r[1];
   }
-  // Two floats as the A operand's packed pair (lo in the low half).
+  // Two floats as one packed register of T (lo in the low half).
   static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
     uint32_t u;
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {
@@ -70,6 +69,14 @@ struct Mma {
   }
 };
 #undef KVDN_MMA_M16N8K16
+
+// The 8x8 matrix of 16-bit elements whose fragment (row g, columns 2t..2t+1) this lane holds,
+// transposed: the result holds (row g, columns 2t..2t+1) of the transpose.
+__device__ __forceinline__ uint32_t MovTrans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
+}
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -138,7 +145,7 @@ __device__ __forceinline__ int64_t RowInBlock(const DecodeParams& p, int kvh, in
 // kv-head CTAs of a split run together, so they fetch it whole).
 template <typename T, int G, bool kAligned, bool kPrefetch, int kTcStages>
 __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodeParams p) {
-  static_assert(G <= 8, "query rows beyond 8 would need the fragments' upper half");
+  static_assert(G <= 8, "a group beyond 8 query heads would need a second N tile");
   extern __shared__ __align__(128) unsigned char smem[];
   const int kvh = blockIdx.x;
   const int split = blockIdx.y;
@@ -156,15 +163,16 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
   const int bs = p.block_size;
   const int64_t slot_stride = SlotStride(p);  // elements between a head's rows in a block
 
-  // Q as the A operand, 8 k-tiles of 16 dims: a0 = q[g][16k + 2t..], a2 = q[g][16k + 8 + 2t..].
-  uint32_t qa0[8], qa2[8];
+  // Q^T as the B operand (k = dims, n = heads), 8 k-steps of 16 dims: b0 = q[g][16k + 2t..],
+  // b1 = q[g][16k + 8 + 2t..]; heads g >= G are zeros.
+  uint32_t qb0[8], qb1[8];
   {
     const uint32_t* q = reinterpret_cast<const uint32_t*>(
         static_cast<const T*>(p.q) + (int64_t{b} * p.q_heads + q_head0 + min(g, G - 1)) * kHeadDim);
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      qa0[k] = g < G ? q[8 * k + t4] : 0u;
-      qa2[k] = g < G ? q[8 * k + 4 + t4] : 0u;
+      qb0[k] = g < G ? q[8 * k + t4] : 0u;
+      qb1[k] = g < G ? q[8 * k + 4 + t4] : 0u;
     }
   }
   const int ctx = p.context_lens[b];
@@ -265,11 +273,13 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
     CpAsyncCommit();
   }
 
-  float m = -INFINITY;  // running max of row g (base 2, scaled), lanes of a quad agree
-  float l = 0.f;        // this lane's part of the row sum
-  float o[16][2];       // O[g][8j + 2t..2t+1], j = 0..15
+  // Per lane: the two query heads 2t, 2t + 1 of its fragment columns (heads >= G are padding:
+  // their q is zero, so their scores are 0 and finite, and they are never stored).
+  float m[2] = {-INFINITY, -INFINITY};  // running max per head (base 2, scaled), lanes agree
+  float l[2] = {0.f, 0.f};              // this lane's part of each head's row sum
+  float o[8][4];  // O^T: o[j][0..1] = (dim 16j + g, heads 2t..2t+1), o[j][2..3] = dim 16j + g + 8
 #pragma unroll
-  for (int j = 0; j < 16; ++j) o[j][0] = o[j][1] = 0.f;
+  for (int j = 0; j < 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
 
   int it = 0;
   for (int tile = warp; tile < num_tiles; tile += kDecodeWarps, ++it) {
@@ -290,86 +300,100 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
 #pragma unroll
     for (int s = 0; s < kTcStages - 1; ++s) vq[s] = vq[s + 1];
 
-    // S = Q K^T for tokens 0..7 (n-tile 0) and 8..15 (n-tile 1).
-    float s[2][2];
+    // S^T = K Q^T: the 16 tokens as M, the heads as N, 8 k-steps of 16 dims; K's 16x16 blocks
+    // by ldmatrix (a0: tokens 0-7 / dims 0-7, a1: tokens 8-15, a2, a3: dims 8-15). Two
+    // accumulators (even and odd k-steps) halve the dependent MMA chain.
+    float sa[4] = {0.f, 0.f, 0.f, 0.f}, sb[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      s[nt][0] = s[nt][1] = 0.f;
+    for (int k = 0; k < 8; ++k) {
+      uint32_t ka[4];
+      LdMatrixX4(sk + TileOffset((lane / 8 % 2) * 8 + lane % 8, 2 * k + lane / 16), ka);
+      Mma<T>::Run4(k % 2 ? sb : sa, ka, qb0[k], qb1[k]);
+    }
+    // Scores of tokens g (c0, c1) and g + 8 (c2, c3) for heads 2t, 2t + 1.
+    float sc[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {  // dims 32j .. 32j + 31: k-tiles 2j and 2j + 1
-        uint32_t kb[4];
-        LdMatrixX4(sk + TileOffset(nt * 8 + lane % 8, 4 * j + lane / 8), kb);
-        Mma<T>::Run(s[nt], qa0[2 * j], qa2[2 * j], kb[0], kb[1], s[nt][0], s[nt][1]);
-        Mma<T>::Run(s[nt], qa0[2 * j + 1], qa2[2 * j + 1], kb[2], kb[3], s[nt][0], s[nt][1]);
+    for (int c = 0; c < 4; ++c) {
+      const int tok = g + (c / 2) * 8;
+      sc[c] = (vmask >> tok) & 1u ? (sa[c] + sb[c]) * p.scale_log2 : -INFINITY;
+    }
+    // Lazy rescaling: a head's running max m moves (and its O column and l are rescaled) only
+    // when a score exceeds it by more than kTcRescaleSlack (log2 units), so P = 2^(s - m) <= 2^8
+    // (exact range in fp16 and bf16). The test needs no reduction (each lane compares its own
+    // scores with m, which the lanes of a column agree on); only a tile that moves some max pays
+    // for the max over the tile's tokens (three shuffles per head). A head with no valid token yet
+    // has m = -inf: its first finite score always moves it.
+    const bool grow0 = fmaxf(sc[0], sc[2]) > m[0] + kTcRescaleSlack;
+    const bool grow1 = fmaxf(sc[1], sc[3]) > m[1] + kTcRescaleSlack;
+    if (__any_sync(0xffffffffu, grow0 || grow1)) {  // warp-uniform branch
+      float mx[2] = {fmaxf(sc[0], sc[2]), fmaxf(sc[1], sc[3])};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int x = 4; x < 32; x *= 2)
+          mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], x));
+      }
+      float alpha[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const bool grow = mx[h] > m[h] + kTcRescaleSlack;  // the same in every lane of the column
+        alpha[h] = grow ? exp2f(m[h] - mx[h]) : 1.f;
+        if (grow) m[h] = mx[h];
+        l[h] *= alpha[h];
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        o[j][0] *= alpha[0];
+        o[j][1] *= alpha[1];
+        o[j][2] *= alpha[0];
+        o[j][3] *= alpha[1];
       }
     }
-    // Online softmax on row g: this lane holds tokens 2t, 2t+1, 8+2t, 9+2t.
-    float mx = m;
+    float pr[4];
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
+    for (int c = 0; c < 4; ++c) pr[c] = sc[c] == -INFINITY ? 0.f : exp2f(sc[c] - m[c % 2]);
+    l[0] += pr[0] + pr[2];
+    l[1] += pr[1] + pr[3];
+    // P^T as the B operand (k = tokens, n = heads): the packed (token, head-pair) fragments of
+    // the two 8x8 halves, transposed in registers.
+    const uint32_t pb0 = MovTrans(Mma<T>::Pack(pr[0], pr[1]));  // tokens 0-7
+    const uint32_t pb1 = MovTrans(Mma<T>::Pack(pr[2], pr[3]));  // tokens 8-15
+    // O^T += V^T P^T, 8 m-tiles of 16 dims; V^T's fragments by ldmatrix.trans (a0: dims 0-7 /
+    // tokens 0-7, a1: dims 8-15, a2, a3: tokens 8-15).
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int tok = nt * 8 + 2 * t4 + c;
-        s[nt][c] = (vmask >> tok) & 1u ? s[nt][c] * p.scale_log2 : -INFINITY;
-        mx = fmaxf(mx, s[nt][c]);
-      }
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    // Lazy rescaling: the running max m moves (and O and l are rescaled) only when a score
-    // exceeds it by more than kTcRescaleSlack (log2 units), so P = 2^(s - m) <= 2^8 (exact range
-    // in fp16 and bf16). After the first tiles the max rarely moves that far, and the 32 FMULs
-    // and the exp2 of the rescale drop out of the loop (the kernel is near issue-bound). A row
-    // with no valid token yet has m = -inf: its first finite score always moves it.
-    const bool grow = mx > m + kTcRescaleSlack;
-    if (__any_sync(0xffffffffu, grow)) {  // warp-uniform branch
-      const float alpha = grow ? exp2f(m - mx) : 1.f;
-      if (grow) m = mx;
-      l *= alpha;
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        o[j][0] *= alpha;
-        o[j][1] *= alpha;
-      }
-    }
-    float pr[2][2];
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        pr[nt][c] = s[nt][c] == -INFINITY ? 0.f : exp2f(s[nt][c] - m);
-      }
-    }
-    l += pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1];
-    const uint32_t pa0 = Mma<T>::Pack(pr[0][0], pr[0][1]);
-    const uint32_t pa2 = Mma<T>::Pack(pr[1][0], pr[1][1]);
-    // O += P V, 16 n-tiles of 8 dims; V^T fragments by ldmatrix.trans.
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {  // dims 16j .. 16j + 15: n-tiles 2j and 2j + 1
-      uint32_t vb[4];
-      LdMatrixX4Trans(sv + TileOffset((lane / 8 % 2) * 8 + lane % 8, 2 * j + lane / 16), vb);
-      Mma<T>::Run(o[2 * j], pa0, pa2, vb[0], vb[1], o[2 * j][0], o[2 * j][1]);
-      Mma<T>::Run(o[2 * j + 1], pa0, pa2, vb[2], vb[3], o[2 * j + 1][0], o[2 * j + 1][1]);
+    for (int j = 0; j < 8; ++j) {
+      uint32_t va[4];
+      LdMatrixX4Trans(sv + TileOffset((lane / 16) * 8 + lane % 8, 2 * j + lane / 8 % 2), va);
+      Mma<T>::Run4(o[j], va, pb0, pb1);
     }
   }
   CpAsyncWait<0>();  // no copy may land in the ring after it is reused below
 
-  // Row sums over the quad; then the 4 warps merge through shared memory (the ring, reused).
-  l += __shfl_xor_sync(0xffffffffu, l, 1);
-  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  // Row sums over the column's 8 lanes; then the 4 warps merge through shared memory (the
+  // ring, reused).
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int x = 4; x < 32; x *= 2) l[h] += __shfl_xor_sync(0xffffffffu, l[h], x);
+  }
   __syncthreads();
   float* s_m = reinterpret_cast<float*>(smem);  // [warps][8]
   float* s_l = s_m + kDecodeWarps * 8;          // [warps][8]
   float* s_o = s_l + kDecodeWarps * 8;          // [warps][8][128]
-  if (g < G) {
-    if (t4 == 0) {
-      s_m[warp * 8 + g] = m;
-      s_l[warp * 8 + g] = l;
-    }
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      *reinterpret_cast<float2*>(&s_o[(warp * 8 + g) * kHeadDim + 8 * j + 2 * t4]) =
-          make_float2(o[j][0], o[j][1]);
+  for (int h = 0; h < 2; ++h) {
+    const int head = 2 * t4 + h;
+    if (head < G) {
+      if (g == 0) {
+        s_m[warp * 8 + head] = m[h];
+        s_l[warp * 8 + head] = l[h];
+      }
+      float* row = s_o + (warp * 8 + head) * kHeadDim;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        row[16 * j + g] = o[j][h];
+        row[16 * j + g + 8] = o[j][2 + h];
+      }
     }
   }
   __syncthreads();
