@@ -191,13 +191,25 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
 
   // Queues the copy of tile `tile` (of this split) into stage `stage` and returns the mask of its
   // rows that hold a token (inside [start, end) with a valid block-table entry).
+  // Aligned: the block-table entries of this warp's tiles, 32 at a time, one per lane (lane i:
+  // the warp's tile 32 * table_window + i), so queueing a tile reads its entry by a shuffle
+  // instead of waiting on a dependent global load (under a saturated memory system that wait
+  // is the longest step of a small split's loop).
+  int32_t table_entry = -1;
+  int table_window = -1;
   auto issue = [&](int tile, int stage) -> uint32_t {
     const int t0 = start + tile * kTcTile;
     const uint32_t sk = SmemAddr(ring + stage * kTcStageBytes);
     const uint32_t sv = sk + kTcTileBytes;
     uint32_t valid = 0;
     if constexpr (kAligned) {
-      const int64_t phys = table[t0 / bs];
+      const int k = (tile - warp) / kDecodeWarps;  // this warp's k-th tile (warp-uniform)
+      if (k / 32 != table_window) {
+        table_window = k / 32;
+        const int mine = warp + (32 * table_window + lane) * kDecodeWarps;
+        table_entry = mine < num_tiles ? table[(start + mine * kTcTile) / bs] : -1;
+      }
+      const int64_t phys = __shfl_sync(0xffffffffu, table_entry, k % 32);
       const bool ok = phys >= 0 && phys < p.num_blocks;
       // This tile's first row of K and of V (the block's first, for a bad entry: never read).
       const int64_t row0 = ok ? RowInBlock(p, kvh, t0 % bs) : 0;
