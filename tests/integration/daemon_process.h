@@ -139,6 +139,7 @@ class DaemonProcess {
   std::string tcp_target() const { return absl::StrCat("127.0.0.1:", grpc_port_); }
   int http_port() const { return http_port_; }
   const std::string& dir() const { return dir_; }
+  pid_t pid() const { return pid_; }  // -1 when not running
   std::string log() const { return ReadFile(dir_ + "/kvdnd.log"); }
 
  private:

@@ -2,6 +2,7 @@
 // bit over shared memory and tcp, 32 MiB chunks, many concurrent transfers, a client killed
 // mid-transfer (the lease is released, the daemon stays healthy), lease expiry, and wrong or
 // foreign descriptors.
+#include <fcntl.h>
 #include <gmock/gmock.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
@@ -11,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <random>
@@ -391,6 +393,105 @@ TEST_F(DataPlaneLanesTest, ChunksMoveInPartsOverSeveralLanesBitIdentical) {
     EXPECT_THAT(c->PutEncoded(testing::KeyFor(++seed, o.ns), bad).status(),
                 StatusIs(absl::StatusCode::kDataLoss));
   }
+  const v1::GetStatsResponse st = Stats(daemon_.unix_target());
+  EXPECT_EQ(st.reservations_active(), 0u);
+  EXPECT_EQ(st.leases_active(), 0u);
+}
+
+// Flips one bit of every copy of `pattern` in process `pid`'s writable mappings of kvdnd's host
+// arena size, `arena_bytes` (madvise(MADV_HUGEPAGE) splits the arena off the 2 MiB it over-maps
+// for alignment; without huge-page support it stays one mapping of arena_bytes + 2 MiB), through
+// /proc/PID/mem, as a bit of rot in the daemon's memory would. Returns the copies changed, or an
+// error saying why the memory could not be written.
+absl::StatusOr<int> FlipInProcessMemory(pid_t pid, uint64_t arena_bytes, ByteSpan pattern) {
+  std::ifstream maps(absl::StrCat("/proc/", pid, "/maps"));
+  const int fd = open(absl::StrCat("/proc/", pid, "/mem").c_str(), O_RDWR);
+  if (fd < 0) return absl::PermissionDeniedError(std::strerror(errno));
+  int flipped = 0;
+  std::string line;
+  std::vector<uint8_t> buf(8 << 20);
+  while (std::getline(maps, line)) {
+    uint64_t lo = 0, hi = 0;
+    char perms[5] = {};
+    if (std::sscanf(line.c_str(), "%lx-%lx %4s", &lo, &hi, perms) != 3) continue;
+    const bool arena = hi - lo == arena_bytes || hi - lo == arena_bytes + (2 << 20);
+    if (!arena || perms[0] != 'r' || perms[1] != 'w') continue;
+    // Blocks overlap by the pattern's length, so a copy across a block edge is found too.
+    for (uint64_t at = lo; at < hi; at += buf.size() - pattern.size()) {
+      const ssize_t n =
+          pread(fd, buf.data(), std::min<uint64_t>(buf.size(), hi - at), static_cast<off_t>(at));
+      if (n <= 0) break;
+      for (uint8_t* h = buf.data(); h + pattern.size() <= buf.data() + n; ++h) {
+        h = static_cast<uint8_t*>(memmem(h, buf.data() + n - h, pattern.data(), pattern.size()));
+        if (h == nullptr) break;
+        const uint8_t b = *h ^ 0x20;
+        if (pwrite(fd, &b, 1, static_cast<off_t>(at + (h - buf.data()))) != 1) {
+          close(fd);
+          return absl::PermissionDeniedError(std::strerror(errno));
+        }
+        ++flipped;
+      }
+      if (at + buf.size() >= hi) break;
+    }
+  }
+  close(fd);
+  return flipped;
+}
+
+// End-to-end integrity: a stored chunk whose bytes rot in kvdnd's memory after the Put (the Put
+// verified them) is served as it is, and the client's Load catches it, over UCX in parts (each
+// part summed on the lane that received it, folded after) and whole, and over gRPC: DATA_LOSS
+// naming the chunk, never the bad bytes as a success. kvdnd's own inspect agrees, and the daemon
+// serves on with no lease left.
+TEST_F(DataPlaneLanesTest, BytesThatRotInTheDaemonAreCaughtByTheClientsLoad) {
+  // One 240000-byte payload (4 parts of 60000 over 4 lanes).
+  client::ClientOptions o = LaneOptions({"rot-test", 3, 2, 40, Dtype::kBFloat16, 250}, 4);
+  o.part_bytes = 4096;
+  ASSERT_OK_AND_ASSIGN(auto c, client::Client::Connect(o));
+  client::ClientOptions whole = o;
+  whole.part_bytes = 0;
+  ASSERT_OK_AND_ASSIGN(auto w, client::Client::Connect(whole));
+  client::ClientOptions plain = o;
+  plain.data_plane = client::ClientOptions::DataPlane::kGrpc;
+  ASSERT_OK_AND_ASSIGN(auto g, client::Client::Connect(plain));
+  const auto t = Tokens(250, 77);
+  ASSERT_OK_AND_ASSIGN(std::vector<ChunkKey> keys, ChunkKeysForTokens(o.ns, o.model, t, true));
+  const std::vector<uint8_t> p = RandomBytes(c->ChunkPayloadSizes(t.size())[0], 78);
+  const ByteSpan payloads[1] = {ByteSpan(p)};
+  ASSERT_OK_AND_ASSIGN(client::SaveResult saved, c->Save(t, payloads));
+  ASSERT_EQ(saved.chunks_stored, 1u);
+  std::vector<uint8_t> back(p.size());
+  const MutableByteSpan out[1] = {MutableByteSpan(back)};
+  ASSERT_OK(c->Load(t, out).status());
+  ASSERT_TRUE(back == p);
+
+  // 64 bytes inside the third part (150000 of 240000).
+  absl::StatusOr<int> flipped =
+      FlipInProcessMemory(daemon_.pid(), 256ull << 20, ByteSpan(p).subspan(150000, 64));
+  if (!flipped.ok()) GTEST_SKIP() << "cannot write kvdnd's memory here: " << flipped.status();
+  ASSERT_EQ(*flipped, 1) << "the payload's bytes, once in the host arena";
+
+  for (client::Client* each : {c.get(), w.get(), g.get()}) {
+    SCOPED_TRACE(each->DataPlaneInUse());
+    std::fill(back.begin(), back.end(), 0);
+    EXPECT_THAT(each->Load(t, out).status(),
+                StatusIs(absl::StatusCode::kDataLoss, HasSubstr(keys[0].ToString())));
+  }
+  auto admin = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  v1::InspectChunkRequest req;
+  req.set_key_text(keys[0].ToString());
+  v1::InspectChunkResponse resp;
+  ASSERT_TRUE(admin->InspectChunk(&ctx, req, &resp).ok());
+  EXPECT_FALSE(resp.checksum_ok());
+  // Serving on: another chunk round-trips, and nothing is left leased or reserved.
+  const auto t2 = Tokens(250, 79);
+  const std::vector<uint8_t> p2 = RandomBytes(p.size(), 80);
+  const ByteSpan payloads2[1] = {ByteSpan(p2)};
+  ASSERT_OK(c->Save(t2, payloads2).status());
+  ASSERT_OK(c->Load(t2, out).status());
+  EXPECT_TRUE(back == p2);
   const v1::GetStatsResponse st = Stats(daemon_.unix_target());
   EXPECT_EQ(st.reservations_active(), 0u);
   EXPECT_EQ(st.leases_active(), 0u);
