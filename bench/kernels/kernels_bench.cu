@@ -448,30 +448,33 @@ int main(int argc, char** argv) {
   }  // section table
 
   if (Want("splits")) {
-    // Splits per sequence beyond the plan's (one wave of CTAs): finer work per CTA against more
-    // combine work, tensor-core kernel.
+    // Splits per sequence around the plan's (as many as one wave of CTAs holds): fewer (longer
+    // work per CTA, less to combine, a part of a wave idle) and more (finer work, more combine
+    // work), tensor-core kernel.
     std::printf(
-        "\n| batch | context | plan splits | x1 us | x2 us | x4 us | x8 us |\n"
-        "|---|---|---|---|---|---|---|\n");
+        "\n| batch | context | plan splits | x1/4 us | x1/2 us | x1 us | x2 us | x4 us | x8 us |\n"
+        "|---|---|---|---|---|---|---|---|---|\n");
     for (auto [B, ctx] :
-         {std::pair{8, 32768}, std::pair{32, 16384}, std::pair{32, 32768}, std::pair{64, 16384},
-          std::pair{64, 32768}, std::pair{128, 4096}, std::pair{128, 32768}}) {
+         {std::pair{1, 16384}, std::pair{1, 32768}, std::pair{8, 4096}, std::pair{8, 32768},
+          std::pair{32, 16384}, std::pair{32, 32768}, std::pair{64, 16384}, std::pair{64, 32768},
+          std::pair{128, 4096}, std::pair{128, 32768}}) {
       DecodeSetup setup(B, ctx, l2, 29);
       DecodeAttentionArgs args = setup.args();
       auto plan = PlanDecodeAttention(args);
       CHECK_OK(plan.status());
-      double us[4];
-      for (int f = 0; f < 4; ++f) {
-        args.num_splits = plan->num_splits << f;
-        us[f] = setup.TimeGraphUs(timer, args, 20, gs);
+      double us[6];
+      for (int f = -2; f < 4; ++f) {
+        args.num_splits = f < 0 ? std::max(1, plan->num_splits >> -f) : plan->num_splits << f;
+        us[f + 2] = setup.TimeGraphUs(timer, args, 20, gs);
       }
-      std::printf("| %d | %d | %d | %.1f | %.1f | %.1f | %.1f |\n", B, ctx, plan->num_splits, us[0],
-                  us[1], us[2], us[3]);
+      std::printf("| %d | %d | %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f |\n", B, ctx,
+                  plan->num_splits, us[0], us[1], us[2], us[3], us[4], us[5]);
       std::fflush(stdout);
       json.Add(
           Fmt("{\"kind\":\"splits\",\"batch\":%d,\"context\":%d,\"plan_splits\":%d,"
-              "\"x1_us\":%.2f,\"x2_us\":%.2f,\"x4_us\":%.2f,\"x8_us\":%.2f}",
-              B, ctx, plan->num_splits, us[0], us[1], us[2], us[3]));
+              "\"x0.25_us\":%.2f,\"x0.5_us\":%.2f,\"x1_us\":%.2f,\"x2_us\":%.2f,"
+              "\"x4_us\":%.2f,\"x8_us\":%.2f}",
+              B, ctx, plan->num_splits, us[0], us[1], us[2], us[3], us[4], us[5]));
     }
   }  // section splits
 

@@ -18,6 +18,8 @@ using detail::kHeadDim;
 // Smallest split worth a CTA (tokens): below it the CTA's fixed costs (q load, merge, combine)
 // outweigh its reads.
 constexpr int kMinSplitTokens = 256;
+// Tensor-core kernel: splits at least this long keep two CTAs per SM (see PlanDecodeAttention).
+constexpr int64_t kTcLongSplitTokens = 8192;
 
 // Lanes per token for groups <= 4 when the caller leaves it to us.
 constexpr int kDefaultLanes = 8;
@@ -257,8 +259,18 @@ absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
   int64_t splits = a.num_splits;
   if (splits == 0) {
     // As many CTAs as one wave holds (never a second, partial wave: 1.2 waves measured slower
-    // than 1), without splits shorter than kMinSplitTokens.
-    const int64_t wave = int64_t{dev->sms} * std::max(per_sm, 1);
+    // than 1), without splits shorter than kMinSplitTokens. The tensor-core kernel's wave is one
+    // CTA per SM although two fit, unless that leaves splits of kTcLongSplitTokens or more: its
+    // 4 warps keep 64 KiB in flight per SM, which reads HBM about as fast as more does, and half
+    // the splits is less to combine and longer runs per CTA (batch 1 x 32K 38.2 -> 37.0 us,
+    // 8 x 1K 14.0 -> 13.1); with splits that long the combine is negligible and a second CTA
+    // per SM read 1% faster (8 x 32K 249.0 -> 246.5). H200, kernels-2026-12-01-transposed.md.
+    const int64_t full = int64_t{dev->sms} * std::max(per_sm, 1);
+    int64_t wave = full;
+    if (kernel == DecodeKernel::kTensorCore) {
+      const int64_t half_splits = std::max<int64_t>(dev->sms / base, 1);
+      if ((ctx + half_splits - 1) / half_splits < kTcLongSplitTokens) wave = dev->sms;
+    }
     splits = wave / base;
     splits = std::min<int64_t>(splits, (ctx + kMinSplitTokens - 1) / kMinSplitTokens);
     splits = std::max<int64_t>(splits, 1);
