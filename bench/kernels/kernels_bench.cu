@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_split.h"
 #include "kernels_bench_util.cuh"
 #include "kvdn/kernels/decode_attention.h"
 #include "kvdn/kernels/paged_kv.h"
@@ -47,6 +48,19 @@ int main(int argc, char** argv) {
       if (std::sscanf(argv[++i], "%d,%d", &profile_batch, &profile_ctx) != 2 ||
           profile_batch <= 0 || profile_ctx <= 0) {
         std::fprintf(stderr, "--profile-decode takes BATCH,CONTEXT, both positive\n");
+        return 2;
+      }
+    }
+  }
+  {  // an unknown section name is refused, not silently skipped
+    static const char* kSections[] = {"ceiling_sweep", "copy",        "decode", "stages",
+                                      "layout",        "table",       "splits", "nosplit",
+                                      "distance",      "prefetch_api"};
+    for (absl::string_view name : absl::StrSplit(sections, ',', absl::SkipEmpty())) {
+      if (std::none_of(std::begin(kSections), std::end(kSections),
+                       [&](const char* k) { return name == k; })) {
+        std::fprintf(stderr, "--sections: unknown section \"%.*s\"\n",
+                     static_cast<int>(name.size()), name.data());
         return 2;
       }
     }
