@@ -3,11 +3,14 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -525,8 +528,28 @@ void RunAttention(const AttnCase& c, uint64_t seed) {
   EXPECT_LT(rel, 1e-2) << "relative error " << rel << " (" << plan.num_splits << " splits)";
 }
 
+// Runs `cases` (each with its seed) on as many threads as the host has cores, at most 16: the
+// time goes to the host (random data, layouts, the fp64 reference), one case at a time took 5
+// minutes on a 16-core host. Assertions in the workers are gtest's own (thread-safe with
+// pthreads); a case's failure names its shape through RunAttention's SCOPED_TRACE.
+void RunAttentionCases(const std::vector<std::pair<AttnCase, uint64_t>>& cases) {
+  const int threads =
+      static_cast<int>(std::clamp<unsigned>(std::thread::hardware_concurrency(), 1u, 16u));
+  std::atomic<size_t> next{0};
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t) {
+    workers.emplace_back([&] {
+      for (size_t i = next++; i < cases.size(); i = next++) {
+        RunAttention(cases[i].first, cases[i].second);
+      }
+    });
+  }
+  for (std::thread& w : workers) w.join();
+}
+
 TEST_F(KernelsTest, DecodeAttentionMatchesTheFp64Reference) {
   uint64_t seed = 100;
+  std::vector<std::pair<AttnCase, uint64_t>> cases;
   const std::vector<std::vector<int>> batches = {
       {1}, {17}, {4096}, {1000, 1, 0, 333, 2048, 15, 16, 17}};
   for (DecodeKernel kernel : {DecodeKernel::kTensorCore, DecodeKernel::kCudaCore}) {
@@ -537,7 +560,7 @@ TEST_F(KernelsTest, DecodeAttentionMatchesTheFp64Reference) {
         for (int bs : qh == 32 && kvh == 8 ? std::vector<int>{16, 64, 7} : std::vector<int>{16}) {
           for (const auto& ctx : batches) {
             for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn}) {
-              RunAttention({qh, kvh, dt, bs, ctx, pf, 0, 0, 0, kernel}, seed++);
+              cases.push_back({{qh, kvh, dt, bs, ctx, pf, 0, 0, 0, kernel}, seed++});
             }
           }
         }
@@ -550,7 +573,7 @@ TEST_F(KernelsTest, DecodeAttentionMatchesTheFp64Reference) {
           for (int bs : {16, 7}) {
             for (const auto& ctx : batches) {
               for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn}) {
-                RunAttention({32, 8, dt, bs, ctx, pf, 0, 0, 0, kernel, layout}, seed++);
+                cases.push_back({{32, 8, dt, bs, ctx, pf, 0, 0, 0, kernel, layout}, seed++});
               }
             }
           }
@@ -561,8 +584,10 @@ TEST_F(KernelsTest, DecodeAttentionMatchesTheFp64Reference) {
     std::mt19937 rng(5);
     std::vector<int> ctx(79);
     for (int& x : ctx) x = static_cast<int>(rng() % 1500);
-    RunAttention({32, 8, Dtype::kBFloat16, 16, ctx, PrefetchMode::kAuto, 0, 0, 0, kernel}, seed++);
+    cases.push_back(
+        {{32, 8, Dtype::kBFloat16, 16, ctx, PrefetchMode::kAuto, 0, 0, 0, kernel}, seed++});
   }
+  RunAttentionCases(cases);
 }
 
 // Small shapes at the edges (also what compute-sanitizer runs): empty and one-token sequences,
