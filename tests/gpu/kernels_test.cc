@@ -594,36 +594,37 @@ TEST_F(KernelsTest, DecodeAttentionMatchesTheFp64Reference) {
 // forced split counts including more splits than blocks, a token count off the block grid.
 TEST_F(KernelsTest, DecodeAttentionEdgeCases) {
   uint64_t seed = 900;
+  std::vector<std::pair<AttnCase, uint64_t>> cases;
   const DecodeKernel cc = DecodeKernel::kCudaCore;
   for (int splits : {1, 2, 3, 64}) {
     for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn}) {
       for (int lanes : {8, 16}) {
-        RunAttention({32, 8, Dtype::kBFloat16, 16, {3000, 70, 1, 0}, pf, splits, lanes, 0, cc},
-                     seed++);
+        cases.push_back(
+            {{32, 8, Dtype::kBFloat16, 16, {3000, 70, 1, 0}, pf, splits, lanes, 0, cc}, seed++});
       }
     }
   }
   for (int lanes : {8, 16}) {
-    RunAttention({32, 32, Dtype::kFloat16, 16, {999, 2}, PrefetchMode::kOn, 0, lanes, 0, cc},
-                 seed++);
-    RunAttention({16, 8, Dtype::kBFloat16, 64, {4000, 2}, PrefetchMode::kOff, 0, lanes, 0, cc},
-                 seed++);
+    cases.push_back(
+        {{32, 32, Dtype::kFloat16, 16, {999, 2}, PrefetchMode::kOn, 0, lanes, 0, cc}, seed++});
+    cases.push_back(
+        {{16, 8, Dtype::kBFloat16, 64, {4000, 2}, PrefetchMode::kOff, 0, lanes, 0, cc}, seed++});
   }
-  RunAttention({8, 8, Dtype::kFloat16, 5, {1, 2, 3, 4, 5, 6, 7}, PrefetchMode::kOn, 0, 0, 0, cc},
-               seed++);
-  RunAttention({16, 2, Dtype::kBFloat16, 64, {0}, PrefetchMode::kAuto, 0, 0, 0, cc}, seed++);
+  cases.push_back(
+      {{8, 8, Dtype::kFloat16, 5, {1, 2, 3, 4, 5, 6, 7}, PrefetchMode::kOn, 0, 0, 0, cc}, seed++});
+  cases.push_back({{16, 2, Dtype::kBFloat16, 64, {0}, PrefetchMode::kAuto, 0, 0, 0, cc}, seed++});
   for (int distance : {2, 5}) {
-    RunAttention({32,
-                  8,
-                  Dtype::kBFloat16,
-                  16,
-                  {3000, 70, 1},
-                  PrefetchMode::kOn,
-                  0,
-                  8,
-                  distance,
-                  DecodeKernel::kCudaCore},
-                 seed++);
+    cases.push_back({{32,
+                      8,
+                      Dtype::kBFloat16,
+                      16,
+                      {3000, 70, 1},
+                      PrefetchMode::kOn,
+                      0,
+                      8,
+                      distance,
+                      DecodeKernel::kCudaCore},
+                     seed++});
   }
   // The tensor-core kernel: forced splits (more splits than tiles too), tiles that end
   // mid-block and mid-tile, one-token and empty sequences, odd block sizes (rows of one tile in
@@ -631,36 +632,49 @@ TEST_F(KernelsTest, DecodeAttentionEdgeCases) {
   const DecodeKernel tc = DecodeKernel::kTensorCore;
   for (int splits : {1, 2, 3, 64}) {
     for (PrefetchMode pf : {PrefetchMode::kOff, PrefetchMode::kOn}) {
-      RunAttention({32, 8, Dtype::kBFloat16, 16, {3000, 70, 1, 0}, pf, splits, 0, 0, tc}, seed++);
-      RunAttention({32, 8, Dtype::kFloat16, 48, {3001, 33, 17, 0}, pf, splits, 0, 0, tc}, seed++);
+      cases.push_back(
+          {{32, 8, Dtype::kBFloat16, 16, {3000, 70, 1, 0}, pf, splits, 0, 0, tc}, seed++});
+      cases.push_back(
+          {{32, 8, Dtype::kFloat16, 48, {3001, 33, 17, 0}, pf, splits, 0, 0, tc}, seed++});
     }
   }
   for (int bs : {1, 3, 17, 32}) {
-    RunAttention(
-        {32, 8, Dtype::kBFloat16, bs, {700, 31, 16, 15, 1}, PrefetchMode::kAuto, 0, 0, 0, tc},
-        seed++);
+    cases.push_back(
+        {{32, 8, Dtype::kBFloat16, bs, {700, 31, 16, 15, 1}, PrefetchMode::kAuto, 0, 0, 0, tc},
+         seed++});
     for (PagedKvLayout layout : {PagedKvLayout::kHnd, PagedKvLayout::kNhdCombined}) {
-      RunAttention({32,
-                    8,
-                    Dtype::kFloat16,
-                    bs,
-                    {700, 31, 16, 15, 1, 0},
+      cases.push_back({{32,
+                        8,
+                        Dtype::kFloat16,
+                        bs,
+                        {700, 31, 16, 15, 1, 0},
+                        PrefetchMode::kOn,
+                        3,
+                        0,
+                        0,
+                        tc,
+                        layout},
+                       seed++});
+    }
+  }
+  cases.push_back({{32,
+                    32,
+                    Dtype::kBFloat16,
+                    16,
+                    {999, 2},
                     PrefetchMode::kOn,
-                    3,
+                    0,
                     0,
                     0,
                     tc,
-                    layout},
-                   seed++);
-    }
-  }
-  RunAttention(
-      {32, 32, Dtype::kBFloat16, 16, {999, 2}, PrefetchMode::kOn, 0, 0, 0, tc, PagedKvLayout::kHnd},
-      seed++);
-  RunAttention({8, 8, Dtype::kFloat16, 5, {1, 2, 3, 4, 5, 6, 7}, PrefetchMode::kOn, 0, 0, 0, tc},
-               seed++);
-  RunAttention({16, 2, Dtype::kBFloat16, 64, {0}, PrefetchMode::kAuto, 0, 0, 0, tc}, seed++);
-  RunAttention({16, 8, Dtype::kBFloat16, 64, {4000, 2}, PrefetchMode::kOn, 0, 0, 0, tc}, seed++);
+                    PagedKvLayout::kHnd},
+                   seed++});
+  cases.push_back(
+      {{8, 8, Dtype::kFloat16, 5, {1, 2, 3, 4, 5, 6, 7}, PrefetchMode::kOn, 0, 0, 0, tc}, seed++});
+  cases.push_back({{16, 2, Dtype::kBFloat16, 64, {0}, PrefetchMode::kAuto, 0, 0, 0, tc}, seed++});
+  cases.push_back(
+      {{16, 8, Dtype::kBFloat16, 64, {4000, 2}, PrefetchMode::kOn, 0, 0, 0, tc}, seed++});
+  RunAttentionCases(cases);
 }
 
 // The engine's step: the kernel just before attention on the stream writes the KV it reads
