@@ -18,6 +18,7 @@
 #include "kvdn/common/chunk_format.h"
 #include "kvdn/common/defaults.h"
 #include "kvdn/common/hash.h"
+#include "kvdn/common/malloc_tuning.h"
 #include "kvdn/common/thread_pool.h"
 #include "kvdn/proto/get_frames.h"
 #include "kvdn/proto/grpc_status.h"
@@ -600,6 +601,7 @@ Client::~Client() = default;
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
   KVDN_RETURN_IF_ERROR(ValidateOptions(options));
+  if (options.tune_malloc) (void)kvdn::TuneMalloc();
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   impl->fingerprint = ModelFingerprint(options.model);

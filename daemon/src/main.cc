@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "kvdn/common/logging.h"
+#include "kvdn/common/malloc_tuning.h"
 #include "kvdn/daemon/config.h"
 #include "kvdn/daemon/server.h"
 
@@ -35,6 +36,10 @@ int main(int argc, char** argv) {
   // builds and the tests keep it; the release daemon does not pay for it.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 #endif
+  // gRPC's per-message buffers (1 MiB Put frames read, Get frames written) would otherwise go
+  // back to the kernel and be faulted in again for every message: 4 clients putting 1 MiB values
+  // on the 2-core VM moved 0.5-0.7 GB/s, 1.1-1.2 with it (bench/results/e2e-2026-12-02.md).
+  kvdn::TuneMalloc();
   CLI::App app{"kvdnd: the kvdn daemon (KV cache delivery for LLM inference engines)"};
   std::string config_path, ready_file;
   bool print_config = false;

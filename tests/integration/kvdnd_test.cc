@@ -6,6 +6,7 @@
 #include <google/protobuf/wire_format_lite.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -21,6 +22,7 @@
 #include "gtest/gtest.h"
 #include "kvdn/client/client.h"
 #include "kvdn/common/chunk_format.h"
+#include "kvdn/common/malloc_tuning.h"
 #include "kvdn/proto/grpc_status.h"
 #include "kvdn/testing/chunks.h"
 #include "kvdn/testing/status_matchers.h"
@@ -876,6 +878,37 @@ TEST_F(KvdndTest, ServerReflectionListsTheServicesAndServesTheirDescriptors) {
   ASSERT_EQ(in.ReadTag(), 1u << 3);  // error_code, varint
   ASSERT_TRUE(in.ReadVarint64(&code));
   EXPECT_EQ(code, static_cast<uint64_t>(grpc::StatusCode::NOT_FOUND));
+}
+
+// kvdn::TuneMalloc (ClientOptions.tune_malloc; kvdnd at start): a buffer of 1-8 MiB freed and
+// allocated again on one of the process's threads (what gRPC does with its read buffers on every
+// Get) keeps its pages. With glibc's defaults a thread's arena hands them back to the kernel and
+// the next one faults them in again (256-1024 faults over these 8 rounds).
+TEST(ClientMallocTest, AFreedBufferIsNotFaultedInAgain) {
+  if (!kvdn::TuneMalloc()) {
+    GTEST_SKIP() << "malloc not tuned: GLIBC_TUNABLES sets a glibc.malloc tunable, or not glibc "
+                    "malloc (a sanitizer's)";
+  }
+  auto touch = [](size_t n) {
+    auto* p = static_cast<volatile char*>(std::malloc(n));
+    for (size_t i = 0; i < n; i += 4096) p[i] = 1;
+    std::free(const_cast<char*>(p));
+  };
+  auto faults = [] {
+    rusage r{};
+    getrusage(RUSAGE_THREAD, &r);
+    return r.ru_minflt;
+  };
+  for (size_t n : {size_t{1} << 20, size_t{4} << 20, size_t{8} << 20}) {
+    long f = 0;
+    std::thread([&] {
+      touch(n);  // this thread's arena grows once
+      const long before = faults();
+      for (int i = 0; i < 8; ++i) touch(n);
+      f = faults() - before;
+    }).join();
+    EXPECT_LT(f, 16) << (n >> 10) << " KiB buffers";
+  }
 }
 
 TEST(KvdndConfigTest, InvalidConfigFailsAtStartNamingTheField) {

@@ -63,6 +63,14 @@ struct ClientOptions {
   size_t frame_bytes = size_t{1} << 20;
   // Threads that run the *Async calls.
   int async_threads = 2;
+  // At Connect, raise glibc malloc's thresholds process-wide (kvdn::TuneMalloc,
+  // common/malloc_tuning.h: M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 64 MiB) unless
+  // GLIBC_TUNABLES sets a glibc.malloc tunable. With glibc's defaults each gRPC read buffer freed
+  // at the end of a Get went back to the kernel and was faulted in again by the next: 4 clients
+  // getting 1 MiB values over tcp on the 2-core VM moved 1.2-1.3 GB/s, 2.9-3.1 with it
+  // (bench/results/e2e-2026-12-02.md). Cost: each malloc arena may keep up to 64 MiB of freed
+  // memory. false: leave malloc as the process set it.
+  bool tune_malloc = true;
   // How chunk payloads travel. kAuto: over the daemon's UCX data plane when it offers one (shared
   // memory to a daemon on this host, else tcp/RDMA), else as gRPC frames. kGrpc: gRPC only.
   // kUcx: UCX only (UNAVAILABLE without it). Results are identical bit for bit either way.

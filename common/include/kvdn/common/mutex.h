@@ -55,6 +55,7 @@ class CondVar {
     lock.release();
     return timed_out;
   }
+  void Signal() { cv_.notify_one(); }
   void SignalAll() { cv_.notify_all(); }
 
  private:
