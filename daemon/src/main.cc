@@ -38,7 +38,7 @@ int main(int argc, char** argv) {
 #endif
   // gRPC's per-message buffers (1 MiB Put frames read, Get frames written) would otherwise go
   // back to the kernel and be faulted in again for every message: 4 clients putting 1 MiB values
-  // on the 2-core VM moved 0.5-0.7 GB/s, 1.1-1.2 with it (bench/results/e2e-2026-12-02.md).
+  // on the 2-core VM moved 0.4-0.6 GB/s, 1.0-1.3 with it (bench/results/e2e-2026-12-02.md).
   kvdn::TuneMalloc();
   CLI::App app{"kvdnd: the kvdn daemon (KV cache delivery for LLM inference engines)"};
   std::string config_path, ready_file;

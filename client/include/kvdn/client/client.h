@@ -67,7 +67,7 @@ struct ClientOptions {
   // common/malloc_tuning.h: M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 64 MiB) unless
   // GLIBC_TUNABLES sets a glibc.malloc tunable. With glibc's defaults each gRPC read buffer freed
   // at the end of a Get went back to the kernel and was faulted in again by the next: 4 clients
-  // getting 1 MiB values over tcp on the 2-core VM moved 1.2-1.3 GB/s, 2.9-3.1 with it
+  // getting 1 MiB values over tcp on the 2-core VM moved 1.2-1.3 GB/s, 2.6-2.8 with it
   // (bench/results/e2e-2026-12-02.md). Cost: each malloc arena may keep up to 64 MiB of freed
   // memory. false: leave malloc as the process set it.
   bool tune_malloc = true;
