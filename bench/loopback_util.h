@@ -8,6 +8,7 @@
 #include <hiredis/hiredis.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -42,10 +43,16 @@ namespace kvdn::bench {
 using ::kvdn::testing::FreeLoopbackPort;
 
 // Starts `args` with stdout and stderr in `log`, `env` ("NAME=value") added to the environment.
+// The child gets SIGTERM when the benchmark dies (a benchmark killed by a signal used to leave
+// its kvdnd and redis-server running). Call from a thread that outlives the child: the signal
+// follows the forking thread.
 inline pid_t Spawn(std::vector<std::string> args, const std::string& log,
                    const std::vector<std::string>& env = {}) {
+  const pid_t parent = getpid();
   pid_t pid = fork();
   if (pid == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != parent) _exit(1);  // the benchmark died before prctl
     FILE* f = std::fopen(log.c_str(), "w");
     if (f) {
       dup2(fileno(f), 1);
