@@ -36,10 +36,6 @@ int main(int argc, char** argv) {
   // builds and the tests keep it; the release daemon does not pay for it.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 #endif
-  // gRPC's per-message buffers (1 MiB Put frames read, Get frames written) would otherwise go
-  // back to the kernel and be faulted in again for every message: 4 clients putting 1 MiB values
-  // on the 2-core VM moved 0.4-0.6 GB/s, 1.0-1.3 with it (bench/results/e2e-2026-12-02.md).
-  kvdn::TuneMalloc();
   CLI::App app{"kvdnd: the kvdn daemon (KV cache delivery for LLM inference engines)"};
   std::string config_path, ready_file;
   bool print_config = false;
@@ -133,6 +129,14 @@ int main(int argc, char** argv) {
     return 0;
   }
   (void)kvdn::InitLogging(config.log_level());
+  // gRPC's per-message buffers (1 MiB Put frames read, Get frames written) would otherwise go
+  // back to the kernel and be faulted in again for every message: 4 clients putting 1 MiB values
+  // on the 2-core VM moved 0.4-0.6 GB/s, 1.0-1.3 with it (bench/results/e2e-2026-12-02.md).
+  if (!kvdn::TuneMalloc()) {
+    spdlog::warn(
+        "malloc thresholds left as they are (GLIBC_TUNABLES sets a glibc.malloc tunable, or "
+        "malloc is not glibc's): large gRPC messages may page-fault on every frame");
+  }
 
   // Signals are taken by sigwait below: block them before any thread starts, so every thread
   // inherits the mask.

@@ -89,10 +89,10 @@ uint64_t LeasesActive(const std::string& target) { return Stats(target).leases_a
 
 // Nothing is left leased or reserved: a Get's lease ends when kvdnd's send completes, which can
 // be just after the client has the bytes (the receiver's acknowledgement is still on its way), so
-// "left" means still held after a few seconds.
-void ExpectNothingHeld(const std::string& target) {
+// "left" means still held after `wait`.
+void ExpectNothingHeld(const std::string& target, absl::Duration wait = absl::Seconds(5)) {
   v1::GetStatsResponse st = Stats(target);
-  for (const absl::Time until = absl::Now() + absl::Seconds(5);
+  for (const absl::Time until = absl::Now() + wait;
        st.leases_active() + st.reservations_active() != 0 && absl::Now() < until;
        st = Stats(target)) {
     absl::SleepFor(absl::Milliseconds(20));
@@ -748,13 +748,8 @@ TEST_F(DataPlaneTest, AClientKilledMidTransferLeavesNoLeaseAndAHealthyDaemon) {
     ASSERT_EQ(waitpid(pid, nullptr, 0), pid);
     // The lease or reservation of the transfer it died in (parts of a Get or of a Put that kvdnd
     // was assembling) is released within the deadline.
-    auto held = [&] {
-      const v1::GetStatsResponse st = Stats(daemon_.unix_target());
-      return st.leases_active() + st.reservations_active();
-    };
-    const absl::Time until = absl::Now() + absl::Seconds(25);
-    while (held() != 0 && absl::Now() < until) absl::SleepFor(absl::Milliseconds(100));
-    EXPECT_EQ(held(), 0u) << target;
+    SCOPED_TRACE(target);
+    ExpectNothingHeld(daemon_.unix_target(), absl::Seconds(25));
   }
   // The daemon serves on, over both paths.
   RoundTrip(*c, *c, 256 * 2, 56);
