@@ -225,7 +225,9 @@ class BadRequestTest : public KvdndTest {
  protected:
   std::vector<std::string> ExtraFlags() override {
     const std::string cfg = dir_.Sub("config.json");
-    std::ofstream(cfg) << R"({"reservation_ttl_ms": 300, "namespaces": ["tenant-a", "test"]})";
+    // A short reservation TTL for the "expired reservation" case; long enough that an 8 MiB Put
+    // streamed under ASan on a busy 2-core CI machine finishes inside it (300 ms did not, once).
+    std::ofstream(cfg) << R"({"reservation_ttl_ms": 1500, "namespaces": ["tenant-a", "test"]})";
     return {"--config", cfg};
   }
   void SetUp() override {
@@ -380,7 +382,7 @@ TEST_F(BadRequestTest, EachGetsItsExactStatusAndTheDaemonStaysHealthy) {
          rq.set_size(chunk.size());
          v1::ReserveResponse rr;
          if (auto st = stub_->Reserve(&ctx, rq, &rr); !st.ok()) return FromGrpcStatus(st);
-         std::this_thread::sleep_for(std::chrono::milliseconds(800));  // ttl 300 ms
+         std::this_thread::sleep_for(std::chrono::milliseconds(2500));  // ttl 1500 ms
          grpc::ClientContext ctx2;
          Deadline(&ctx2);
          v1::CommitRequest c;
