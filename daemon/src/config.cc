@@ -183,6 +183,7 @@ void ApplyDefaults(v1::DaemonConfig* c) {
   if (c->get_frame_bytes() == 0) {
     c->set_get_frame_bytes(std::min<uint32_t>(512 << 10, c->max_frame_bytes()));
   }
+  if (c->unix_socket_send_buffer_bytes() == 0) c->set_unix_socket_send_buffer_bytes(4 << 20);
   if (c->max_concurrent_streams() == 0) c->set_max_concurrent_streams(64);
   if (c->max_call_duration_ms() == 0) c->set_max_call_duration_ms(60000);
   if (c->reservation_ttl_ms() == 0) c->set_reservation_ttl_ms(30000);
@@ -244,6 +245,11 @@ absl::Status ValidateConfig(const v1::DaemonConfig& c) {
     return Bad("get_frame_bytes",
                absl::StrCat(c.get_frame_bytes(), " is outside [4096, max_frame_bytes ",
                             c.max_frame_bytes(), "]"));
+  }
+  if (c.unix_socket_send_buffer_bytes() < 4096 ||
+      c.unix_socket_send_buffer_bytes() > (256u << 20)) {
+    return Bad("unix_socket_send_buffer_bytes",
+               absl::StrCat(c.unix_socket_send_buffer_bytes(), " is outside [4096, 256 MiB]"));
   }
   if (c.max_message_bytes() < c.max_frame_bytes() + 1024) {
     return Bad("max_message_bytes", "must exceed max_frame_bytes by at least 1024");

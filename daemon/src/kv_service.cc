@@ -6,7 +6,6 @@
 #include <atomic>
 #include <cstring>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "kvdn/common/chunk_format.h"
 #include "kvdn/proto/get_frames.h"
@@ -356,7 +355,7 @@ grpc::Status KvServiceImpl::Reserve(grpc::ServerContext* ctx, const v1::ReserveR
   d->set_size(req->size());
   d->set_expires_unix_micros(absl::ToUnixMicros(r->expires));
   if (state_.data_plane != nullptr)
-    d->set_worker_address(state_.data_plane->AddressFor(absl::StartsWith(ctx->peer(), "unix:")));
+    d->set_worker_address(state_.data_plane->AddressFor(IsLocalPeer(ctx->peer())));
   if (storage::HostTier* host = state_.store->host_tier()) {
     d->set_remote_offset(static_cast<uint64_t>(
         r->buffer.data() - static_cast<uint8_t*>(host->Address(storage::MemoryBlock{}))));
@@ -458,7 +457,7 @@ grpc::Status KvServiceImpl::GetDescriptor(grpc::ServerContext* ctx,
   if (!call.admitted().ok()) return call.Finish(call.admitted());
   auto key = CheckedKey(state_, req->key(), "key");
   if (!key.ok()) return call.Finish(key.status());
-  const bool same_host = absl::StartsWith(ctx->peer(), "unix:");
+  const bool same_host = IsLocalPeer(ctx->peer());
   if (absl::Status st = CheckLeaseRequest(state_, req->lease_ms(), req->accept_gpu(), same_host);
       !st.ok()) {
     return call.Finish(st);
@@ -480,7 +479,7 @@ grpc::Status KvServiceImpl::GetDescriptors(grpc::ServerContext* ctx,
   if (req->gpu_only() && !req->accept_gpu()) {
     return call.Finish(absl::InvalidArgumentError("gpu_only needs accept_gpu"));
   }
-  const bool same_host = absl::StartsWith(ctx->peer(), "unix:");
+  const bool same_host = IsLocalPeer(ctx->peer());
   if (absl::Status st = CheckLeaseRequest(state_, req->lease_ms(), req->accept_gpu(), same_host);
       !st.ok()) {
     return call.Finish(st);
@@ -525,7 +524,7 @@ grpc::Status KvServiceImpl::OpenDataPlane(grpc::ServerContext* ctx,
     return call.Finish(absl::UnavailableError(
         "this kvdnd serves no UCX data plane (data_plane_transports is off); use gRPC"));
   }
-  const bool same_host = absl::StartsWith(ctx->peer(), "unix:");
+  const bool same_host = IsLocalPeer(ctx->peer());
   auto r = state_.data_plane->Open(*req, same_host);
   if (!r.ok()) return call.Finish(r.status());
   *resp = std::move(*r);

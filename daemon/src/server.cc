@@ -3,6 +3,7 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/server_posix.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -18,6 +19,7 @@
 #include "src/kv_service.h"
 #include "src/peer_router.h"
 #include "src/server_state.h"
+#include "src/unix_listener.h"
 
 namespace kvdn::daemon {
 namespace {
@@ -106,20 +108,6 @@ void CollectStore(const ServerState& state, MetricsWriter& w) {
           {{"version", KVDN_VERSION}, {"node", state.config.node_name()}}, 1);
 }
 
-absl::Status PrepareUnixSocket(const std::string& path) {
-  std::error_code ec;
-  std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
-  struct stat st;
-  if (lstat(path.c_str(), &st) == 0) {
-    if (!S_ISSOCK(st.st_mode)) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("unix_socket ", path, " exists and is not a socket"));
-    }
-    unlink(path.c_str());  // a stale socket of an earlier run
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 struct Server::Impl {
@@ -133,6 +121,8 @@ struct Server::Impl {
   std::unique_ptr<PeerServiceImpl> peer;
   std::unique_ptr<AdminServiceImpl> admin;
   std::unique_ptr<grpc::Server> grpc_server;
+  // After grpc_server: stopped (destroyed) before it; before http, whose /metrics reads it.
+  std::unique_ptr<UnixListener> unix_listener;
   std::unique_ptr<HttpServer> http;
   int grpc_port = 0;
   std::atomic<bool> ready{false};
@@ -294,11 +284,6 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const v1::DaemonConfig& co
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  if (config.unix_socket() != "none") {
-    KVDN_RETURN_IF_ERROR(PrepareUnixSocket(config.unix_socket()));
-    builder.AddListeningPort(absl::StrCat("unix:", config.unix_socket()),
-                             grpc::InsecureServerCredentials());
-  }
   if (config.grpc_address() != "none") {
     builder.AddListeningPort(config.grpc_address(), grpc::InsecureServerCredentials(),
                              &impl->grpc_port);
@@ -327,11 +312,29 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const v1::DaemonConfig& co
   impl->grpc_server = builder.BuildAndStart();
   if (!impl->grpc_server) {
     return absl::UnavailableError(absl::StrCat("cannot serve gRPC on ", config.grpc_address(),
-                                               " / unix:", config.unix_socket(),
                                                " (address in use, or not a local address?)"));
   }
   if (config.grpc_address() != "none" && impl->grpc_port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot bind grpc_address ", config.grpc_address()));
+  }
+  if (config.unix_socket() != "none") {
+    // kvdnd accepts on its unix socket itself, to size each connection's send buffer
+    // (unix_listener.h), and gives the connection to the gRPC server.
+    grpc::Server* grpc_server = impl->grpc_server.get();
+    KVDN_ASSIGN_OR_RETURN(
+        impl->unix_listener,
+        UnixListener::Start(
+            config.unix_socket(), static_cast<int>(config.unix_socket_send_buffer_bytes()),
+            [grpc_server](int fd) { grpc::AddInsecureChannelFromFd(grpc_server, fd); }));
+    UnixListener* listener = impl->unix_listener.get();
+    impl->metrics.AddCollector([listener](MetricsWriter& w) {
+      w.Counter("kvdn_unix_connections_total", "Connections accepted on the unix socket.", {},
+                static_cast<double>(listener->accepted()));
+      w.Gauge("kvdn_unix_socket_send_buffer_bytes",
+              "SO_SNDBUF of the latest unix-socket connection as the kernel reports it (twice "
+              "the usable bytes; capped by net.core.wmem_max).",
+              {}, listener->granted_send_buffer_bytes());
+    });
   }
   if (config.http_address() != "none") {
     HttpHandlers h;
@@ -378,9 +381,9 @@ void Server::Shutdown() {
     }
   }
   impl_->http.reset();
+  if (impl_->unix_listener) impl_->unix_listener->Stop();  // no new connections; unlinks the path
   impl_->grpc_server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Milliseconds(500)));
   impl_->grpc_server->Wait();
-  if (impl_->config.unix_socket() != "none") unlink(impl_->config.unix_socket().c_str());
   impl_->grpc_server.reset();
   // Ends the data plane's transfers in flight (their leases and reservations are released).
   impl_->data_plane.reset();

@@ -13,6 +13,8 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
+#include "absl/strings/match.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "kvdn/common/chunk_key.h"
 #include "kvdn/common/metrics.h"
@@ -97,6 +99,12 @@ class CallTracker {
 
 class DataPlane;
 class PeerRouter;
+
+// True for a call that came in over kvdnd's unix socket (a client on this node): gRPC names such a
+// peer "unix:..." and a connection kvdnd's UnixListener accepted and handed over "fd:N".
+inline bool IsLocalPeer(absl::string_view peer) {
+  return absl::StartsWith(peer, "unix:") || absl::StartsWith(peer, "fd:");
+}
 
 struct ServerState {
   ServerState(const v1::DaemonConfig& config, storage::TieredStore* store,

@@ -29,6 +29,7 @@ TEST(ConfigTest, EmbeddedDefaultsAreValid) {
   EXPECT_EQ(c.grpc_address(), "127.0.0.1:7070");
   EXPECT_EQ(c.max_frame_bytes(), 1u << 20);
   EXPECT_EQ(c.get_frame_bytes(), 512u << 10);
+  EXPECT_EQ(c.unix_socket_send_buffer_bytes(), 4u << 20);
   EXPECT_GE(c.host_tier_bytes(), 64u << 20);
   EXPECT_LE(c.host_tier_bytes(), 64ull << 30);
   EXPECT_FALSE(c.node_name().empty());
@@ -135,6 +136,8 @@ TEST(ConfigTest, EachBadFieldIsNamed) {
       {R"({"low_watermark": 0.96})", "low_watermark"},
       {R"({"max_frame_bytes": 10000000})", "max_frame_bytes"},
       {R"({"get_frame_bytes": 2048})", "get_frame_bytes"},
+      {R"({"unix_socket_send_buffer_bytes": 1000})", "unix_socket_send_buffer_bytes"},
+      {R"({"unix_socket_send_buffer_bytes": 536870912})", "unix_socket_send_buffer_bytes"},
       {R"({"max_frame_bytes": 262144, "get_frame_bytes": 524288})", "get_frame_bytes"},
       {R"({"max_threads": 1})", "max_threads"},
       {R"({"data_plane_threads": 65})", "data_plane_threads"},
