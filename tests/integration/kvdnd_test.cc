@@ -9,6 +9,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <random>
@@ -16,6 +17,7 @@
 #include <thread>
 
 #include "absl/cleanup/cleanup.h"
+#include "absl/strings/str_cat.h"
 #include "daemon_process.h"
 #include "gmock/gmock.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -652,6 +654,13 @@ TEST_F(KvdndTest, MetricsPassPromtoolAndCountCalls) {
       HasSubstr(R"(kvdn_grpc_requests_total{service="DataPlane",method="UcxPut",code="OK"} 2)"));
   EXPECT_THAT(body, HasSubstr(R"(kvdn_tier_chunks{tier="host"} 2)"));
   EXPECT_THAT(body, HasSubstr("kvdn_payload_bytes_received_total"));
+  // The unix connection got the send buffer kvdnd asks for (4 MiB, doubled by the kernel), or
+  // what net.core.wmem_max allows.
+  int wmem_max = 0;
+  std::ifstream("/proc/sys/net/core/wmem_max") >> wmem_max;
+  EXPECT_THAT(body, HasSubstr(absl::StrCat("kvdn_unix_socket_send_buffer_bytes ",
+                                           std::min(2 * (4 << 20), 2 * wmem_max), "\n")));
+  EXPECT_THAT(body, ::testing::ContainsRegex("kvdn_unix_connections_total [1-9]"));
   EXPECT_THAT(
       body,
       HasSubstr(
