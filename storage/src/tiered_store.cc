@@ -264,7 +264,12 @@ void TieredStore::EndWrite(uint64_t reservation_id) {
   State& s = *state_;
   MutexLock lock(&s.mu);
   auto it = s.reservations.find(reservation_id);
-  if (it != s.reservations.end() && it->second.writers > 0) --it->second.writers;
+  if (it == s.reservations.end() || it->second.writers == 0) return;
+  // The last writer restarts the TTL: a reservation that was being written all along is not
+  // abandoned, and its owner gets a whole TTL to commit bytes that took longer to arrive.
+  if (--it->second.writers == 0) {
+    it->second.expires = std::max(it->second.expires, clock_->Now() + options_.reservation_ttl);
+  }
 }
 
 absl::Status TieredStore::Put(const ChunkKey& key, ByteSpan encoded) {

@@ -227,8 +227,9 @@ class BadRequestTest : public KvdndTest {
  protected:
   std::vector<std::string> ExtraFlags() override {
     const std::string cfg = dir_.Sub("config.json");
-    // A short reservation TTL for the "expired reservation" case; long enough that an 8 MiB Put
-    // streamed under ASan on a busy 2-core CI machine finishes inside it (300 ms did not, once).
+    // A short reservation TTL for the "expired reservation" case. (A Put's own reservation is
+    // held while its stream writes and gets a fresh TTL when the stream ends, so a slow 8 MiB Put
+    // under ASan is not cut by it: before that change, 300 ms failed one CI run.)
     std::ofstream(cfg) << R"({"reservation_ttl_ms": 1500, "namespaces": ["tenant-a", "test"]})";
     return {"--config", cfg};
   }

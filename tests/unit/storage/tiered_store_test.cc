@@ -451,7 +451,20 @@ TEST_F(TieredStoreTest, WritersHoldAReservationPastItsTtl) {
   s->RunMaintenance();
   std::memcpy(buf.data(), c.data(), c.size());
   s->EndWrite(r.id);
-  // Expired once the writer let go: Commit tells the caller to reserve again.
+  // The writer's end restarted the TTL: the bytes that took 5 minutes to arrive can be committed
+  // within a TTL from now.
+  clock_.Advance(absl::Seconds(20));
+  s->RunMaintenance();
+  ASSERT_OK(s->Commit(r.id, DecodeChunkHeader(c)->payload_checksum));
+  ExpectGet(*s, KeyFor(1), c);
+  // Not committed within the TTL after the writer let go: expired; Commit and BeginWrite tell the
+  // caller to reserve again.
+  ASSERT_OK_AND_ASSIGN(r, s->Reserve(KeyFor(3), c.size()));
+  ASSERT_OK_AND_ASSIGN(buf, s->BeginWrite(r.id, c.size()));
+  clock_.Advance(absl::Minutes(5));
+  s->EndWrite(r.id);
+  clock_.Advance(absl::Minutes(5));
+  s->RunMaintenance();
   EXPECT_THAT(s->Commit(r.id, DecodeChunkHeader(c)->payload_checksum),
               StatusIs(absl::StatusCode::kAborted));
   EXPECT_THAT(s->BeginWrite(r.id, c.size()), StatusIs(absl::StatusCode::kAborted));

@@ -176,7 +176,8 @@ class TieredStore {
   // ABORTED: it expired. FAILED_PRECONDITION: it is being committed. INVALID_ARGUMENT: its size is
   // not `size`. Commit of a reservation being written is FAILED_PRECONDITION.
   absl::StatusOr<MutableByteSpan> BeginWrite(uint64_t reservation_id, uint64_t size);
-  // Ends a BeginWrite; the reservation expires as usual from here on.
+  // Ends a BeginWrite. When the last writer ends, the reservation's TTL starts again from now
+  // (if that is later than its expiry): a write that outlasted the TTL can still be committed.
   void EndWrite(uint64_t reservation_id);
   // Reserve + copy + Commit of an encoded chunk, hashing while copying (one pass over the bytes).
   absl::Status Put(const ChunkKey& key, ByteSpan encoded);
