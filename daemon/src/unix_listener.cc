@@ -115,7 +115,8 @@ void UnixListener::Run() {
       if (getsockopt(c, SOL_SOCKET, SO_SNDBUF, &granted, &len) == 0) {
         granted_.store(granted, std::memory_order_relaxed);
         // The kernel doubles what it is asked for, up to twice net.core.wmem_max.
-        if (send_buffer_bytes_ > 0 && granted < 2 * send_buffer_bytes_ && !warned_cap) {
+        if (send_buffer_bytes_ > 0 && int64_t{granted} < int64_t{2} * send_buffer_bytes_ &&
+            !warned_cap) {
           warned_cap = true;
           spdlog::warn(
               "unix socket {}: asked for a {} byte send buffer, the kernel granted {} "

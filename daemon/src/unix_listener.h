@@ -9,6 +9,7 @@
 #define KVDN_DAEMON_SRC_UNIX_LISTENER_H_
 
 #include <atomic>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
