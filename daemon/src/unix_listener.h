@@ -1,10 +1,11 @@
 // Internal to daemon/: kvdnd's own listener on its unix socket. gRPC's listener leaves each
 // accepted unix socket at the kernel's default send buffer (net.core.wmem_default, 208 KiB on
-// most hosts), and a unix stream socket's sender blocks once that much is queued: a 1 MiB Get
-// frame then crosses in five or more write / wake / read rounds, and four clients on two cores
-// spend the CPU on them (bench/results/e2e-2026-12-02-sndbuf.md). This listener accepts, sets
-// SO_SNDBUF on the connection, and hands the fd to the gRPC server (grpc::AddInsecureChannelFromFd
-// in server.cc). Calls on those connections see the peer "fd:N" (IsLocalPeer in server_state.h).
+// most hosts), and a unix stream socket's sender blocks once that much is queued: a 512 KiB Get
+// frame then needs at least three write / wake / read rounds (its size over the buffer), and four
+// clients on two cores spend the CPU on them (bench/results/e2e-2026-12-02-sndbuf.md). This
+// listener accepts, sets SO_SNDBUF on the connection, and hands the fd to the gRPC server
+// (grpc::AddInsecureChannelFromFd in server.cc). Calls on those connections see the peer "fd:N"
+// (IsLocalPeer in server_state.h).
 #ifndef KVDN_DAEMON_SRC_UNIX_LISTENER_H_
 #define KVDN_DAEMON_SRC_UNIX_LISTENER_H_
 

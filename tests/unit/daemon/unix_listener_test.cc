@@ -39,12 +39,17 @@ class UnixListenerTest : public ::testing::Test {
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }
 
-  // Connects a client; -1 on failure.
-  int Connect() const {
-    const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un Addr() const {
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;
     std::memcpy(addr.sun_path, path_.data(), path_.size());
+    return addr;
+  }
+
+  // Connects a client; -1 on failure.
+  int Connect() const {
+    const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    const sockaddr_un addr = Addr();
     if (connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
       close(fd);
       return -1;
@@ -125,12 +130,10 @@ TEST_F(UnixListenerTest, ConnectionsGetTheSendBufferAskedFor) {
 TEST_F(UnixListenerTest, AStaleSocketIsReplaced) {
   {
     ASSERT_OK_AND_ASSIGN(auto first, UnixListener::Start(path_, 65536, [](int fd) { close(fd); }));
-    // A crashed daemon leaves its socket file: simulate by re-creating one at the path.
   }
+  // A crashed daemon leaves its socket file behind: bind one at the path and close it.
   const int stale = socket(AF_UNIX, SOCK_STREAM, 0);
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::memcpy(addr.sun_path, path_.data(), path_.size());
+  const sockaddr_un addr = Addr();
   ASSERT_EQ(bind(stale, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)), 0);
   close(stale);  // the file stays, nobody listens
   Accepted got;
