@@ -27,6 +27,7 @@
 #include "absl/strings/str_format.h"
 #include "kvdn/daemon/placement.h"
 #include "kvdn/testing/netns_cluster.h"
+#include "kvdn/transfer/ucx_transport.h"
 #include "kvdn/v1/admin_service.grpc.pb.h"
 #include "loopback_util.h"
 
@@ -242,7 +243,8 @@ int Main(int argc, char** argv) {
   pp.server_prefix = {"ip", "netns", "exec", cluster->Namespace(1)};
   pp.client_prefix = {"ip", "netns", "exec", cluster->Namespace(3)};
   pp.server_ip = cluster->Ip(1);
-  pp.env = {"UCX_NET_DEVICES=eth0"};
+  pp.env = kvdn::transfer::UcxTunedSettings();  // the ceiling runs UCX as kvdn does
+  pp.env.push_back("UCX_NET_DEVICES=eth0");
 
   std::vector<double> perftest, local, remote, aggregate;
   std::vector<double> cpu_perftest, cpu_remote;

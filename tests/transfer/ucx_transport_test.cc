@@ -9,6 +9,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <future>
 #include <random>
@@ -16,6 +18,7 @@
 #include <vector>
 
 #include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "kvdn/common/mutex.h"
 #include "kvdn/testing/status_matchers.h"
@@ -367,12 +370,55 @@ TEST(UcxTransportCreate, UnknownTransportIsNamed) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("'infiniband'")));
 }
 
+// What UCX (1.13, built with debug logging as Debian's is) reports while this test binary, run
+// anew with `env` in front, creates a tcp UcxTransport.
+std::string UcxLogOfCreate(const std::string& env) {
+  const std::string cmd = absl::StrCat("env UCX_LOG_LEVEL=debug ", env, " /proc/", getpid(),
+                                       "/exe --create-child 2>&1");
+  FILE* f = popen(cmd.c_str(), "r");
+  std::string out;
+  if (f == nullptr) return out;
+  char buf[4096];
+  for (size_t n; (n = fread(buf, 1, sizeof(buf), f)) > 0;) out.append(buf, n);
+  EXPECT_EQ(pclose(f), 0) << out.substr(out.size() - std::min<size_t>(out.size(), 400));
+  return out;
+}
+
+// kvdn's own UCX settings (UcxTunedSettings) reach the transport UCX opens — a UCT setting under
+// a name ucp_config_modify accepts but no transport knows would only draw UCX's warning — and a
+// setting the environment makes wins over kvdn's.
+TEST(UcxTransportCreate, KvdnsSettingsReachUcxAndTheEnvironmentWins) {
+  unsetenv("UCX_TCP_RX_SEG_SIZE");
+  const std::vector<std::string> settings = UcxTunedSettings();
+  EXPECT_THAT(settings, ::testing::Contains("UCX_TCP_RX_SEG_SIZE=256K"));
+  const std::string ours = UcxLogOfCreate("");
+  EXPECT_TRUE(absl::StrContains(ours, "apply UCT configuration RX_SEG_SIZE=256K"))
+      << "UCX did not apply kvdn's tcp receive segment size";
+  EXPECT_FALSE(absl::StrContains(ours, "invalid configuration"))
+      << ours.substr(ours.find("invalid configuration"), 80);
+
+  const std::string theirs = UcxLogOfCreate("UCX_TCP_RX_SEG_SIZE=128K");
+  EXPECT_TRUE(absl::StrContains(theirs, "\ncreated\n")) << "the child made no transport";
+  EXPECT_FALSE(absl::StrContains(theirs, "RX_SEG_SIZE=256K")) << "kvdn's value over the user's";
+  ASSERT_EQ(setenv("UCX_TCP_RX_SEG_SIZE", "128K", 1), 0);
+  EXPECT_THAT(UcxTunedSettings(), ::testing::Not(::testing::Contains("UCX_TCP_RX_SEG_SIZE=256K")));
+  EXPECT_EQ(UcxTunedSettings().size(), settings.size() - 1);
+  unsetenv("UCX_TCP_RX_SEG_SIZE");
+}
+
 }  // namespace
 }  // namespace kvdn::transfer
 
 int main(int argc, char** argv) {
   if (argc == 4 && std::string(argv[1]) == "--child") {
     kvdn::transfer::RunChild(argv[2], argv[3]);
+  }
+  if (argc == 2 && std::string(argv[1]) == "--create-child") {
+    kvdn::transfer::UcxTransportOptions o;
+    o.transports = "tcp";
+    auto t = kvdn::transfer::UcxTransport::Create(o);
+    std::printf("%s\n", t.ok() ? "created" : t.status().ToString().c_str());
+    return t.ok() ? 0 : 1;
   }
   ::testing::InitGoogleTest(&argc, argv);
   return RUN_ALL_TESTS();

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <future>
@@ -23,6 +24,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "kvdn/common/hash.h"
@@ -625,6 +627,37 @@ const ucx::MemHandle* MemhOf(const MemoryRegion* region) {
 
 }  // namespace
 
+namespace {
+
+// A setting kvdn gives UCX: its environment variable, the name ucp_config_modify takes (a UCT
+// transport's setting goes without its transport's prefix: "RX_SEG_SIZE", which UCX applies to
+// every transport that has it; "TCP_RX_SEG_SIZE" only draws a warning), and the value.
+struct TunedSetting {
+  const char* env;
+  const char* key;
+  const char* value;
+};
+
+constexpr TunedSetting kTunedSettings[] = {
+    // Detect a dead peer on shared memory in seconds, not UCX's default 20 s.
+    {"UCX_KEEPALIVE_INTERVAL", "KEEPALIVE_INTERVAL", "2s"},
+    // tcp reads into receive segments of 256 KiB, not 64 KiB (tcp is the only transport of UCX
+    // 1.13 with this setting): one client's 4 MiB transfers over loopback went from ~4 to ~6 GB/s
+    // on the 2-core VM; 512 KiB and 1 MiB were slower than 256 KiB there
+    // (bench/results/transfer-2026-12-02-tcp-seg.md).
+    {"UCX_TCP_RX_SEG_SIZE", "RX_SEG_SIZE", "256K"},
+};
+
+}  // namespace
+
+std::vector<std::string> UcxTunedSettings() {
+  std::vector<std::string> out;
+  for (const TunedSetting& t : kTunedSettings) {
+    if (std::getenv(t.env) == nullptr) out.push_back(absl::StrCat(t.env, "=", t.value));
+  }
+  return out;
+}
+
 absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(
     const UcxTransportOptions& options) {
   if (!options.transports.empty()) {
@@ -647,8 +680,12 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(
     st = ucp_config_modify(config.get(), "TLS", options.transports.c_str());
     if (st != UCS_OK) return ucx::FromUcs(st, "transports");
   }
-  // Detect a dead peer on shared memory in seconds, not UCX's default 20 s.
-  (void)ucp_config_modify(config.get(), "KEEPALIVE_INTERVAL", "2s");
+  // kvdn's settings where the environment (read above) names none.
+  for (const TunedSetting& t : kTunedSettings) {
+    if (std::getenv(t.env) != nullptr) continue;
+    st = ucp_config_modify(config.get(), t.key, t.value);
+    if (st != UCS_OK) return ucx::FromUcs(st, absl::StrCat("ucp_config_modify ", t.key));
+  }
 
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_NAME;

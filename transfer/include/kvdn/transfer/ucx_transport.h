@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/time/time.h"
 #include "kvdn/transfer/transport.h"
@@ -69,6 +70,12 @@ class UcxTransport final : public Transport {
   explicit UcxTransport(std::shared_ptr<Impl> impl);
   std::shared_ptr<Impl> impl_;  // shared with payloads not yet received and with regions
 };
+
+// The settings kvdn gives UCX, spelled as environment entries ("UCX_TCP_RX_SEG_SIZE=256K";
+// transfer/README.md says why each), less those this process's environment sets (the
+// environment wins). UcxTransport::Create applies them; a benchmark hands them to ucx_perftest so
+// that its ceiling runs UCX as kvdn does.
+std::vector<std::string> UcxTunedSettings();
 
 // The inode of a process's namespace of `kind` ("pid", "net", ...; /proc/<pid>/ns/<kind>), 0 when
 // unreadable. `pid` "self" for this process. UCX's shared memory works only between processes
