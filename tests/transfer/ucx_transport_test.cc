@@ -371,10 +371,10 @@ TEST(UcxTransportCreate, UnknownTransportIsNamed) {
 }
 
 // What UCX (1.13, built with debug logging as Debian's is) reports while this test binary, run
-// anew with `env` in front, creates a tcp UcxTransport.
-std::string UcxLogOfCreate(const std::string& env) {
+// anew with `env` in front, creates a UcxTransport over `transports`.
+std::string UcxLogOfCreate(const std::string& env, const std::string& transports = "tcp") {
   const std::string cmd = absl::StrCat("env UCX_LOG_LEVEL=debug ", env, " /proc/", getpid(),
-                                       "/exe --create-child 2>&1");
+                                       "/exe --create-child ", transports, " 2>&1");
   FILE* f = popen(cmd.c_str(), "r");
   std::string out;
   if (f == nullptr) return out;
@@ -385,8 +385,9 @@ std::string UcxLogOfCreate(const std::string& env) {
 }
 
 // kvdn's own UCX settings (UcxTunedSettings) reach the transport UCX opens — a UCT setting under
-// a name ucp_config_modify accepts but no transport knows would only draw UCX's warning — and a
-// setting the environment makes wins over kvdn's.
+// a name ucp_config_modify accepts but no transport knows would only draw UCX's warning — a
+// setting the environment makes wins over kvdn's, and a context without tcp gets no tcp setting
+// (UCX would warn at each of its workers).
 TEST(UcxTransportCreate, KvdnsSettingsReachUcxAndTheEnvironmentWins) {
   unsetenv("UCX_TCP_RX_SEG_SIZE");
   const std::vector<std::string> settings = UcxTunedSettings();
@@ -400,6 +401,13 @@ TEST(UcxTransportCreate, KvdnsSettingsReachUcxAndTheEnvironmentWins) {
   const std::string theirs = UcxLogOfCreate("UCX_TCP_RX_SEG_SIZE=128K");
   EXPECT_TRUE(absl::StrContains(theirs, "\ncreated\n")) << "the child made no transport";
   EXPECT_FALSE(absl::StrContains(theirs, "RX_SEG_SIZE=256K")) << "kvdn's value over the user's";
+  for (const char* tls : {"posix,cma", "^tcp"}) {
+    const std::string shm = UcxLogOfCreate("", tls);
+    EXPECT_TRUE(absl::StrContains(shm, "\ncreated\n")) << tls << ": the child made no transport";
+    EXPECT_FALSE(absl::StrContains(shm, "RX_SEG_SIZE")) << tls << ": a tcp setting given";
+  }
+  const std::string env_shm = UcxLogOfCreate("UCX_TLS=posix,cma", "");
+  EXPECT_FALSE(absl::StrContains(env_shm, "RX_SEG_SIZE")) << "UCX_TLS=posix,cma: a tcp setting";
   ASSERT_EQ(setenv("UCX_TCP_RX_SEG_SIZE", "128K", 1), 0);
   EXPECT_THAT(UcxTunedSettings(), ::testing::Not(::testing::Contains("UCX_TCP_RX_SEG_SIZE=256K")));
   EXPECT_EQ(UcxTunedSettings().size(), settings.size() - 1);
@@ -413,9 +421,9 @@ int main(int argc, char** argv) {
   if (argc == 4 && std::string(argv[1]) == "--child") {
     kvdn::transfer::RunChild(argv[2], argv[3]);
   }
-  if (argc == 2 && std::string(argv[1]) == "--create-child") {
+  if (argc >= 2 && std::string(argv[1]) == "--create-child") {
     kvdn::transfer::UcxTransportOptions o;
-    o.transports = "tcp";
+    o.transports = argc >= 3 ? argv[2] : "";
     auto t = kvdn::transfer::UcxTransport::Create(o);
     std::printf("%s\n", t.ok() ? "created" : t.status().ToString().c_str());
     return t.ok() ? 0 : 1;

@@ -636,6 +636,8 @@ struct TunedSetting {
   const char* env;
   const char* key;
   const char* value;
+  bool tcp = false;  // a setting of UCX's tcp transport: given only where tcp may be used (UCX
+                     // warns at each worker of a context that has no transport for a setting)
 };
 
 constexpr TunedSetting kTunedSettings[] = {
@@ -645,8 +647,20 @@ constexpr TunedSetting kTunedSettings[] = {
     // 1.13 with this setting): one client's 4 MiB transfers over loopback went from ~4 to ~6 GB/s
     // on the 2-core VM; 512 KiB and 1 MiB were slower than 256 KiB there
     // (bench/results/transfer-2026-12-02-tcp-seg.md).
-    {"UCX_TCP_RX_SEG_SIZE", "RX_SEG_SIZE", "256K"},
+    {"UCX_TCP_RX_SEG_SIZE", "RX_SEG_SIZE", "256K", /*tcp=*/true},
 };
+
+// Whether a context with UCX_TLS `tls` ("" for UCX's default, all) may use tcp: a list that names
+// tcp or all, or a negated list ("^...") that does not name tcp.
+bool MayUseTcp(absl::string_view tls) {
+  const bool negated = absl::ConsumePrefix(&tls, "^");
+  bool named = false, all = tls.empty();
+  for (absl::string_view t : absl::StrSplit(tls, ',')) {
+    named |= t == "tcp";
+    all |= t == "all";
+  }
+  return negated ? !named : named || all;
+}
 
 }  // namespace
 
@@ -681,8 +695,12 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(
     if (st != UCS_OK) return ucx::FromUcs(st, "transports");
   }
   // kvdn's settings where the environment (read above) names none.
+  const char* env_tls = std::getenv("UCX_TLS");
+  const bool tcp = MayUseTcp(!options.transports.empty() ? options.transports
+                             : env_tls != nullptr        ? env_tls
+                                                         : "");
   for (const TunedSetting& t : kTunedSettings) {
-    if (std::getenv(t.env) != nullptr) continue;
+    if (std::getenv(t.env) != nullptr || (t.tcp && !tcp)) continue;
     st = ucp_config_modify(config.get(), t.key, t.value);
     if (st != UCS_OK) return ucx::FromUcs(st, absl::StrCat("ucp_config_modify ", t.key));
   }
