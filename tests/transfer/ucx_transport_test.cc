@@ -408,6 +408,15 @@ TEST(UcxTransportCreate, KvdnsSettingsReachUcxAndTheEnvironmentWins) {
   }
   const std::string env_shm = UcxLogOfCreate("UCX_TLS=posix,cma", "");
   EXPECT_FALSE(absl::StrContains(env_shm, "RX_SEG_SIZE")) << "UCX_TLS=posix,cma: a tcp setting";
+  // Describe() (kvdnctl stats) names what kvdn gave UCX.
+  for (const auto& [tls, tcp] : {std::pair{"tcp", true}, std::pair{"posix,cma", false}}) {
+    UcxTransportOptions o;
+    o.transports = tls;
+    ASSERT_OK_AND_ASSIGN(auto t, UcxTransport::Create(o));
+    EXPECT_TRUE(absl::StrContains(t->Describe(), "settings=UCX_KEEPALIVE_INTERVAL=2s"))
+        << t->Describe();
+    EXPECT_EQ(absl::StrContains(t->Describe(), "UCX_TCP_RX_SEG_SIZE=256K"), tcp) << t->Describe();
+  }
   ASSERT_EQ(setenv("UCX_TCP_RX_SEG_SIZE", "128K", 1), 0);
   EXPECT_THAT(UcxTunedSettings(), ::testing::Not(::testing::Contains("UCX_TCP_RX_SEG_SIZE=256K")));
   EXPECT_EQ(UcxTunedSettings().size(), settings.size() - 1);

@@ -126,6 +126,7 @@ struct UcxTransport::Impl : std::enable_shared_from_this<UcxTransport::Impl> {
   size_t max_header = 0;
   TransportCaps caps;
   std::vector<std::string> resources;  // "tl/device" UCX may use
+  std::vector<std::string> settings;   // kvdn's UCX settings given to it ("UCX_TCP_...=256K")
   bool peer_errors = true;             // UCP_ERR_HANDLING_MODE_PEER on every connection
   int worker_fd = -1;
   int wake_fd = -1;
@@ -703,6 +704,7 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(
     if (std::getenv(t.env) != nullptr || (t.tcp && !tcp)) continue;
     st = ucp_config_modify(config.get(), t.key, t.value);
     if (st != UCS_OK) return ucx::FromUcs(st, absl::StrCat("ucp_config_modify ", t.key));
+    impl->settings.push_back(absl::StrCat(t.env, "=", t.value));
   }
 
   ucp_params_t params{};
@@ -825,6 +827,8 @@ std::string UcxTransport::Describe() const {
   std::string out = absl::StrCat(
       "ucx ", impl_->options.transports.empty() ? "tls=auto" : "tls=" + impl_->options.transports,
       " devices=", absl::StrJoin(impl_->resources, ","));
+  if (!impl_->settings.empty())
+    absl::StrAppend(&out, " settings=", absl::StrJoin(impl_->settings, ","));
   // What each connection uses: the transports of its lanes, from UCX's own report.
   std::vector<std::string> lanes = impl_->RunSync([this] {
     std::vector<std::string> per_peer;
