@@ -626,10 +626,6 @@ const ucx::MemHandle* MemhOf(const MemoryRegion* region) {
   return static_cast<const UcxRegion*>(region)->memh();
 }
 
-}  // namespace
-
-namespace {
-
 // A setting kvdn gives UCX: its environment variable, the name ucp_config_modify takes (a UCT
 // transport's setting goes without its transport's prefix: "RX_SEG_SIZE", which UCX applies to
 // every transport that has it; "TCP_RX_SEG_SIZE" only draws a warning), and the value.
@@ -646,7 +642,7 @@ constexpr TunedSetting kTunedSettings[] = {
     {"UCX_KEEPALIVE_INTERVAL", "KEEPALIVE_INTERVAL", "2s"},
     // tcp reads into receive segments of 256 KiB, not 64 KiB (tcp is the only transport of UCX
     // 1.13 with this setting): one client's 4 MiB transfers over loopback went from ~4 to ~6 GB/s
-    // on the 2-core VM; 512 KiB and 1 MiB were slower than 256 KiB there
+    // on the 2-core VM; 512 KiB and 1 MiB were no better overall there
     // (bench/results/transfer-2026-12-02-tcp-seg.md).
     {"UCX_TCP_RX_SEG_SIZE", "RX_SEG_SIZE", "256K", /*tcp=*/true},
 };
