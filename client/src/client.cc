@@ -299,6 +299,7 @@ struct Client::Impl {
   std::unique_ptr<ThreadPool> streams;         // helpers of ParallelFor in Save/Load
   std::unique_ptr<ThreadPool> async;           // the *Async calls
   std::unique_ptr<ReceivePool> pool;           // receive_pool_bytes > 0
+  bool same_host = false;                      // the target is a unix socket
 
   // The UCX data plane: data_plane_lanes sessions, each opened on first use and reopened when it
   // fails; null = gRPC.
@@ -318,13 +319,13 @@ struct Client::Impl {
     return d.empty() ? nullptr : std::move(d[0]);
   }
 
-  // The sessions of the next `k` lanes in turn (fewer when there are fewer lanes, or some cannot
-  // open now), or none for gRPC. Errors only with DataPlane::kUcx, when no lane is open.
+  // The sessions of the next `k` lanes in turn (a lane more than once when `k` exceeds the lanes;
+  // fewer when some cannot open now), or none for gRPC. Errors only with DataPlane::kUcx, when no lane is open.
   absl::StatusOr<std::vector<std::shared_ptr<DataPlaneClient>>> DataPlanes(size_t k) {
     std::vector<std::shared_ptr<DataPlaneClient>> out;
     if (options.data_plane == ClientOptions::DataPlane::kGrpc) return out;
     MutexLock lock(&dp_mu);
-    k = std::clamp<size_t>(k, 1, lanes.size());
+    k = std::max<size_t>(k, 1);  // more than lanes.size(): lanes taken more than once
     std::vector<Lane*> picked;
     bool closed = false;
     for (size_t i = 0; i < k; ++i) {
@@ -382,13 +383,21 @@ struct Client::Impl {
   }
 
   // How many parts a UCX Get or Put of `payload_bytes` is cut into when `concurrent` chunks move
-  // at once: parts of at least part_bytes, at most one per lane the other chunks leave free.
-  size_t PartsFor(uint64_t payload_bytes, size_t concurrent) const {
+  // at once: parts of at least part_bytes, at most one per lane the other chunks leave free. A Put
+  // to a daemon on another host (tcp, RDMA) keeps kRemotePutParts parts in flight even where that
+  // takes more parts than lanes (parts then share a lane): its parts' transfers and kvdnd's
+  // receiving and hashing of each overlap. One lane over tcp on the 2-core VM, 4 clients' 4 MiB
+  // Puts: 4.1-4.4 GB/s whole, 5.0-5.8 in 4 parts; one client's: the same either way; Gets in
+  // parts on one lane were no faster, and Puts over shared memory slower
+  // (bench/results/transfer-2026-12-02-tcp-seg.md, transfer-2026-12-02-vm.md).
+  static constexpr size_t kRemotePutParts = 4;
+  size_t PartsFor(uint64_t payload_bytes, size_t concurrent, bool put = false) const {
     if (options.part_bytes == 0) return 1;
     const uint64_t by_size = payload_bytes / options.part_bytes;
-    const size_t free_lanes =
-        static_cast<size_t>(options.data_plane_lanes) / std::max<size_t>(1, concurrent);
-    return static_cast<size_t>(std::max<uint64_t>(1, std::min<uint64_t>(by_size, free_lanes)));
+    const size_t n = std::max<size_t>(1, concurrent);
+    size_t slots = static_cast<size_t>(options.data_plane_lanes) / n;
+    if (put && !same_host) slots = std::max(slots, kRemotePutParts / n);
+    return static_cast<size_t>(std::max<uint64_t>(1, std::min<uint64_t>(by_size, slots)));
   }
 
   // A UCX Get of one chunk's payload (of about `payload_hint` bytes) in `parts` parts over as many
@@ -409,7 +418,6 @@ struct Client::Impl {
   // A new data-plane session with kvdnd, the receive pool registered with it. Touches only what
   // Connect set up (immutable after it), so several may open at once.
   absl::StatusOr<std::shared_ptr<DataPlaneClient>> OpenSession() const {
-    const bool same_host = absl::StartsWith(ResolveTarget(options.target), "unix:");
     KVDN_ASSIGN_OR_RETURN(
         std::shared_ptr<DataPlaneClient> dp,
         DataPlaneClient::Open(stub.get(), same_host, options.ucx_transports, options.deadline));
@@ -451,7 +459,7 @@ struct Client::Impl {
     const ByteSpan parts[2] = {header, payload};
     const uint64_t size = header.size() + payload.size();
     KVDN_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<DataPlaneClient>> d,
-                          DataPlanes(PartsFor(payload.size(), concurrent)));
+                          DataPlanes(PartsFor(payload.size(), concurrent, /*put=*/true)));
     if (!d.empty()) {
       const std::vector<DataPlaneClient*> sessions = Raw(d);
       return WithRetry<absl::StatusOr<bool>>([&](grpc::ClientContext* ctx) {
@@ -605,6 +613,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& opt
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   impl->fingerprint = ModelFingerprint(options.model);
+  impl->same_host = absl::StartsWith(ResolveTarget(options.target), "unix:");
   impl->channel = MakeChannel(options.target);
   impl->stub = v1::KvService::NewStub(impl->channel);
   impl->generic = std::make_unique<grpc::GenericStub>(impl->channel);

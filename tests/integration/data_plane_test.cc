@@ -17,6 +17,7 @@
 #include <functional>
 #include <random>
 #include <thread>
+#include <tuple>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_join.h"
@@ -193,6 +194,18 @@ class DataPlaneLanesTest : public ::testing::Test {
     o.data_plane_lanes = lanes;
     return o;
   }
+  // kvdnd's count of calls of `method` that ended OK (/metrics).
+  int Calls(absl::string_view method) {
+    auto [code, body] = testing::HttpGet(daemon_.http_port(), "/metrics");
+    const std::string label = absl::StrCat("method=\"", method, "\"");
+    for (absl::string_view line : absl::StrSplit(body, '\n')) {
+      if (absl::StartsWith(line, "kvdn_grpc_requests_total{") && absl::StrContains(line, label) &&
+          absl::StrContains(line, "\"OK\"")) {
+        return std::stoi(std::string(line.substr(line.rfind(' ') + 1)));
+      }
+    }
+    return 0;
+  }
   // kvdnd's transports as GetStats lists them ("ucx-local[i]: ... peers=[...]").
   std::vector<std::string> Transports() {
     const v1::GetStatsResponse st = Stats(daemon_.unix_target());
@@ -297,6 +310,40 @@ TEST_F(DataPlaneLanesTest, TheFirstTransferOpensEveryLane) {
 // the stored bytes in 4 parts; a Load of four chunks moves each whole (the other chunks keep the
 // lanes busy). A chunk stored already is not sent again; a payload that does not match its
 // header's checksum is refused at Commit (DATA_LOSS), and its reservation is not left behind.
+// A Put of one chunk to a daemon on another host (here kvdnd's tcp address) keeps 4 parts in
+// flight even with one lane; over shared memory (the unix socket) it goes whole; a Save of four
+// chunks at once moves each whole either way. The bytes come back identical.
+TEST_F(DataPlaneLanesTest, ARemotePutOfOneChunkMovesInPartsOnOneLane) {
+  uint64_t seed = 70;
+  for (const auto& [target, tls, parts] :
+       {std::tuple{daemon_.tcp_target(), "tcp", 4}, std::tuple{daemon_.unix_target(), "", 1}}) {
+    SCOPED_TRACE(target);
+    client::ClientOptions o = LaneOptions({"remote-put", 3, 2, 40, Dtype::kBFloat16, 250}, 1);
+    o.target = target;
+    o.ucx_transports = tls;
+    o.part_bytes = 4096;  // 240000-byte payloads: 58 parts by size
+    ASSERT_OK_AND_ASSIGN(auto c, client::Client::Connect(o));
+    for (const size_t chunks : {size_t{1}, size_t{4}}) {
+      const auto t = Tokens(250 * chunks, ++seed);
+      std::vector<std::vector<uint8_t>> p;
+      for (uint64_t n : c->ChunkPayloadSizes(t.size())) p.push_back(RandomBytes(n, ++seed));
+      const std::vector<ByteSpan> spans(p.begin(), p.end());
+      const int before = Calls("UcxPut");
+      ASSERT_OK_AND_ASSIGN(client::SaveResult saved, c->Save(t, spans));
+      EXPECT_EQ(saved.chunks_stored, chunks);
+      EXPECT_EQ(Calls("UcxPut") - before, static_cast<int>(chunks == 1 ? parts : chunks))
+          << chunks << " chunk(s)";
+      std::vector<std::vector<uint8_t>> g;
+      for (auto& x : p) g.emplace_back(x.size());
+      std::vector<MutableByteSpan> bufs(g.begin(), g.end());
+      ASSERT_OK_AND_ASSIGN(client::LoadResult r, c->Load(t, bufs));
+      EXPECT_EQ(r.tokens, t.size());
+      EXPECT_TRUE(g == p);
+    }
+  }
+  ExpectNothingHeld(daemon_.unix_target());
+}
+
 TEST_F(DataPlaneLanesTest, ChunksMoveInPartsOverSeveralLanesBitIdentical) {
   // 240000-byte payloads.
   client::ClientOptions o = LaneOptions({"parts-test", 3, 2, 40, Dtype::kBFloat16, 250}, 4);
@@ -305,17 +352,7 @@ TEST_F(DataPlaneLanesTest, ChunksMoveInPartsOverSeveralLanesBitIdentical) {
   plain.target = daemon_.unix_target();
   plain.data_plane = client::ClientOptions::DataPlane::kGrpc;
   ASSERT_OK_AND_ASSIGN(auto grpc_only, client::Client::Connect(plain));
-  auto calls = [&](absl::string_view method) {
-    auto [code, body] = testing::HttpGet(daemon_.http_port(), "/metrics");
-    const std::string label = absl::StrCat("method=\"", method, "\"");
-    for (absl::string_view line : absl::StrSplit(body, '\n')) {
-      if (absl::StartsWith(line, "kvdn_grpc_requests_total{") && absl::StrContains(line, label) &&
-          absl::StrContains(line, "\"OK\"")) {
-        return std::stoi(std::string(line.substr(line.rfind(' ') + 1)));
-      }
-    }
-    return 0;
-  };
+  auto calls = [&](absl::string_view method) { return Calls(method); };
   // kvdnd counts a UcxGet when its send has ended, which may be just after the client has the
   // bytes: the count `before + n` is awaited (2 s at most), then read.
   auto gets_after = [&](int before, int n) {
