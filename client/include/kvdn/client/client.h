@@ -89,7 +89,11 @@ struct ClientOptions {
   // blocks summed by the thread that received it. One client on the 16-core H200 host, 8 lanes, 4
   // MiB chunks over shared memory: Get whole 4.9 GB/s, in 1 MiB parts (4) 10.1-12.5, in 512 KiB
   // parts (8) 17.6-31; Put whole 2.5, in 1 MiB parts 5.4-8.0, in 512 KiB parts 8.3-12.4
-  // (bench/results/transfer-2026-12-01-parts.md, transfer-2026-12-01-blocks-hash.md). 0: whole
+  // (bench/results/transfer-2026-12-01-parts.md, transfer-2026-12-01-blocks-hash.md). A Put of
+  // one chunk to a daemon on another host (a target that is not a unix socket) is cut into at
+  // least 4 parts even where fewer lanes are free, parts sharing a lane: its parts' transfers and
+  // kvdnd's receiving of each overlap (4 clients' 4 MiB Puts over tcp on the 2-core VM, one lane:
+  // 4.0-4.4 GB/s whole, 5.0-5.8 in parts; transfer-2026-12-02-tcp-seg.md). 0: whole
   // chunks only. At least 4096.
   uint64_t part_bytes = uint64_t{512} << 10;
   // UCX transports (UCX_TLS names, e.g. "tcp"). Empty: shared memory ("posix,cma") to a daemon on
