@@ -320,7 +320,8 @@ struct Client::Impl {
   }
 
   // The sessions of the next `k` lanes in turn (a lane more than once when `k` exceeds the lanes;
-  // fewer when some cannot open now), or none for gRPC. Errors only with DataPlane::kUcx, when no lane is open.
+  // fewer when some cannot open now), or none for gRPC. Errors only with DataPlane::kUcx, when no
+  // lane is open.
   absl::StatusOr<std::vector<std::shared_ptr<DataPlaneClient>>> DataPlanes(size_t k) {
     std::vector<std::shared_ptr<DataPlaneClient>> out;
     if (options.data_plane == ClientOptions::DataPlane::kGrpc) return out;
@@ -387,7 +388,7 @@ struct Client::Impl {
   // to a daemon on another host (tcp, RDMA) keeps kRemotePutParts parts in flight even where that
   // takes more parts than lanes (parts then share a lane): its parts' transfers and kvdnd's
   // receiving and hashing of each overlap. One lane over tcp on the 2-core VM, 4 clients' 4 MiB
-  // Puts: 4.1-4.4 GB/s whole, 5.0-5.8 in 4 parts; one client's: the same either way; Gets in
+  // Puts: 4.0-4.4 GB/s whole, 5.0-5.8 in 4 parts; one client's: the same or a little more; Gets in
   // parts on one lane were no faster, and Puts over shared memory slower
   // (bench/results/transfer-2026-12-02-tcp-seg.md, transfer-2026-12-02-vm.md).
   static constexpr size_t kRemotePutParts = 4;
