@@ -23,8 +23,35 @@ class EtcdProcess {
   explicit EtcdProcess(std::string dir) : dir_(std::move(dir)) {}
   ~EtcdProcess() { Stop(); }
 
-  // Starts etcd and waits until it answers (20 s). False with the reason in `error` otherwise.
+  // Starts etcd and waits until it answers (20 s). An etcd that exits at start (a restart on
+  // ports another process holds for a moment) or does not answer (killed then) is started again,
+  // up to 3 times in all. False with the reason and the end of etcd's log in `error` otherwise.
   bool Start(std::string* error) {
+    for (int attempt = 0; attempt < 3; ++attempt) {
+      if (attempt > 0) std::this_thread::sleep_for(std::chrono::seconds(1));
+      const Started s = StartOnce();
+      if (s == Started::kYes) return true;
+      if (s == Started::kNoAnswer) Stop(SIGKILL);
+    }
+    if (error != nullptr) {
+      *error = absl::StrCat("etcd did not start; the end of ", dir_, "/etcd.log:\n", LogTail());
+    }
+    return false;
+  }
+  void Stop(int sig = SIGTERM) {
+    if (pid_ <= 0) return;
+    kill(pid_, sig);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+  std::string endpoint() const { return absl::StrCat("127.0.0.1:", client_port_); }
+
+ private:
+  enum class Started { kYes, kExited, kNoAnswer };
+
+  // One start: kExited when etcd exits before it answers, kNoAnswer when it runs but does not
+  // answer within 20 s (left running).
+  Started StartOnce() {
     if (client_port_ == 0) {
       client_port_ = FreeLoopbackPort();
       peer_port_ = FreeLoopbackPort();
@@ -56,26 +83,28 @@ class EtcdProcess {
     }
     auto c = daemon::EtcdClient::Connect({.endpoints = {endpoint()}}).value();
     for (int i = 0; i < 200; ++i) {
-      if (c->Get("/kvdn-test/ping").ok()) return true;
+      if (c->Get("/kvdn-test/ping").ok()) return Started::kYes;
       int status = 0;
       if (waitpid(pid_, &status, WNOHANG) == pid_) {
         pid_ = -1;
-        break;
+        return Started::kExited;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
-    if (error != nullptr) *error = "etcd did not start; see " + log;
-    return false;
+    return Started::kNoAnswer;
   }
-  void Stop(int sig = SIGTERM) {
-    if (pid_ <= 0) return;
-    kill(pid_, sig);
-    waitpid(pid_, nullptr, 0);
-    pid_ = -1;
-  }
-  std::string endpoint() const { return absl::StrCat("127.0.0.1:", client_port_); }
 
- private:
+  // The last 2000 bytes of etcd's log.
+  std::string LogTail() const {
+    std::string out;
+    if (FILE* f = std::fopen((dir_ + "/etcd.log").c_str(), "r")) {
+      char buf[4096];
+      for (size_t n; (n = std::fread(buf, 1, sizeof(buf), f)) > 0;) out.append(buf, n);
+      std::fclose(f);
+    }
+    return out.size() > 2000 ? out.substr(out.size() - 2000) : out;
+  }
+
   std::string dir_;
   int client_port_ = 0;
   int peer_port_ = 0;
