@@ -352,23 +352,22 @@ TEST_F(DataPlaneLanesTest, ChunksMoveInPartsOverSeveralLanesBitIdentical) {
   plain.target = daemon_.unix_target();
   plain.data_plane = client::ClientOptions::DataPlane::kGrpc;
   ASSERT_OK_AND_ASSIGN(auto grpc_only, client::Client::Connect(plain));
-  auto calls = [&](absl::string_view method) { return Calls(method); };
   // kvdnd counts a UcxGet when its send has ended, which may be just after the client has the
   // bytes: the count `before + n` is awaited (2 s at most), then read.
   auto gets_after = [&](int before, int n) {
     const absl::Time until = absl::Now() + absl::Seconds(2);
-    while (calls("UcxGet") < before + n && absl::Now() < until) {
+    while (Calls("UcxGet") < before + n && absl::Now() < until) {
       absl::SleepFor(absl::Milliseconds(10));
     }
     absl::SleepFor(absl::Milliseconds(50));  // and no more come
-    return calls("UcxGet") - before;
+    return Calls("UcxGet") - before;
   };
   // The UcxGet count once the Gets before it are all counted: unchanged over 100 ms (2 s at most).
   auto settled_gets = [&]() {
-    int n = calls("UcxGet");
+    int n = Calls("UcxGet");
     for (const absl::Time until = absl::Now() + absl::Seconds(2); absl::Now() < until;) {
       absl::SleepFor(absl::Milliseconds(100));
-      const int m = calls("UcxGet");
+      const int m = Calls("UcxGet");
       if (m == n) break;
       n = m;
     }
@@ -387,7 +386,7 @@ TEST_F(DataPlaneLanesTest, ChunksMoveInPartsOverSeveralLanesBitIdentical) {
     std::vector<std::vector<uint8_t>> p;
     for (uint64_t s : c->ChunkPayloadSizes(t.size())) p.push_back(RandomBytes(s, seed + p.size()));
     // Stored in parts: the first chunk by a one-chunk Save, the others by PutEncoded.
-    int puts = calls("UcxPut");
+    int puts = Calls("UcxPut");
     const ByteSpan first_payload[1] = {ByteSpan(p[0])};
     ASSERT_OK_AND_ASSIGN(client::SaveResult saved, c->Save(t, first_payload));
     EXPECT_EQ(saved.chunks_stored, 1u);
@@ -399,7 +398,7 @@ TEST_F(DataPlaneLanesTest, ChunksMoveInPartsOverSeveralLanesBitIdentical) {
       EXPECT_TRUE(stored) << "chunk " << i;
     }
     // The 7-token tail (6720 bytes, less than two parts) goes whole, the others in 4 parts.
-    EXPECT_EQ(calls("UcxPut") - puts, 4 * 3 + 1);
+    EXPECT_EQ(Calls("UcxPut") - puts, 4 * 3 + 1);
     {
       std::vector<std::vector<uint8_t>> g;
       std::vector<MutableByteSpan> bufs;
