@@ -302,14 +302,6 @@ TEST_F(DataPlaneLanesTest, TheFirstTransferOpensEveryLane) {
   EXPECT_EQ(sessions, 4) << absl::StrJoin(Transports(), "\n");
 }
 
-// Chunks moved in parts (ClientOptions.part_bytes) over a client's 4 lanes, over shared memory
-// and tcp: a PutEncoded and a one-chunk Save are stored in 4 parts (4 UcxPut each, kvdnd
-// reserving at the first and committing after the last; a chunk under two parts' worth goes
-// whole) and read back identical by a gRPC-only client; GetEncoded (also into a buffer
-// larger than the chunk: the last parts are then empty), ReadDescriptor and a one-chunk Load get
-// the stored bytes in 4 parts; a Load of four chunks moves each whole (the other chunks keep the
-// lanes busy). A chunk stored already is not sent again; a payload that does not match its
-// header's checksum is refused at Commit (DATA_LOSS), and its reservation is not left behind.
 // A Put of one chunk to a daemon on another host (here kvdnd's tcp address) keeps 4 parts in
 // flight even with one lane; over shared memory (the unix socket) it goes whole; a Save of four
 // chunks at once moves each whole either way. The bytes come back identical.
@@ -344,6 +336,14 @@ TEST_F(DataPlaneLanesTest, ARemotePutOfOneChunkMovesInPartsOnOneLane) {
   ExpectNothingHeld(daemon_.unix_target());
 }
 
+// Chunks moved in parts (ClientOptions.part_bytes) over a client's 4 lanes, over shared memory
+// and tcp: a PutEncoded and a one-chunk Save are stored in 4 parts (4 UcxPut each, kvdnd
+// reserving at the first and committing after the last; a chunk under two parts' worth goes
+// whole) and read back identical by a gRPC-only client; GetEncoded (also into a buffer
+// larger than the chunk: the last parts are then empty), ReadDescriptor and a one-chunk Load get
+// the stored bytes in 4 parts; a Load of four chunks moves each whole (the other chunks keep the
+// lanes busy). A chunk stored already is not sent again; a payload that does not match its
+// header's checksum is refused at Commit (DATA_LOSS), and its reservation is not left behind.
 TEST_F(DataPlaneLanesTest, ChunksMoveInPartsOverSeveralLanesBitIdentical) {
   // 240000-byte payloads.
   client::ClientOptions o = LaneOptions({"parts-test", 3, 2, 40, Dtype::kBFloat16, 250}, 4);
