@@ -12,6 +12,7 @@
 // store), and the time until layer 0 may be read (WaitLayer(0) and the engine stream after it).
 //   connector_bench [--kvdnd PATH] [--contexts 2048,8192,32768] [--rounds 3] [--lanes N]
 //                   [--streams N] [--host-staging-mib 512] [--register-fetch 0|1]
+//                   [--copy-kernel auto|vector]
 #include <cuda_runtime_api.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -35,6 +36,7 @@
 #include "absl/strings/str_split.h"
 #include "kvdn/client/client.h"
 #include "kvdn/client/kv_connector.h"
+#include "kvdn/kernels/paged_kv.h"
 
 namespace kvdn {
 namespace {
@@ -209,6 +211,14 @@ int Main(int argc, char** argv) {
       lanes = std::atoi(argv[i + 1]);
     } else if (a == "--rounds") {
       rounds = std::max(1, std::atoi(argv[i + 1]));
+    } else if (a == "--copy-kernel") {  // auto (bulk copies on sm_90+) or vector
+      const std::string k = argv[i + 1];
+      if (k != "auto" && k != "vector") {
+        std::fprintf(stderr, "--copy-kernel: auto or vector, not %s\n", k.c_str());
+        return 2;
+      }
+      kernels::SetCopyKernel(k == "vector" ? kernels::CopyKernel::kVector
+                                           : kernels::CopyKernel::kAuto);
     } else {
       std::fprintf(stderr, "unknown flag %s\n", a.c_str());
       return 2;

@@ -174,10 +174,11 @@ int main(int argc, char** argv) {
   if (Want("copy")) {
     // ---- Inject / extract ----
     std::printf(
-        "\n| op | layout | block | tokens | MiB moved | ms | GB/s (r+w) | %% of d2d copy | "
+        "\n| op | kernel | layout | block | tokens | MiB moved | ms | GB/s (r+w) | %% of d2d copy "
+        "| "
         "same-size "
         "d2d GB/s | %% of same-size d2d | "
-        "eager ms |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+        "eager ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     {
       const int heads = 8, dim = 128, tokens = 32768;
       for (PagedKvLayout layout :
@@ -210,7 +211,12 @@ int main(int argc, char** argv) {
           int32_t* dtable;
           CHECK_CUDA(cudaMalloc(&dtable, nblk * 4));
           CHECK_CUDA(cudaMemcpy(dtable, table.data(), nblk * 4, cudaMemcpyHostToDevice));
-          for (int inject = 1; inject >= 0; --inject) {
+          for (int run = 0; run < 4; ++run) {
+            const int inject = run < 2 ? 1 : 0;
+            // kAuto: the bulk-copy kernel on this GPU; kVector: 16-byte loads and stores.
+            const CopyKernel kern = run % 2 == 0 ? CopyKernel::kAuto : CopyKernel::kVector;
+            const char* kern_name = kern == CopyKernel::kAuto ? "bulk" : "vector";
+            SetCopyKernel(kern);
             auto copy = [&](int i, cudaStream_t stream) {
               PagedKvLayer ci = c;
               ci.k = k[i % sets];
@@ -239,16 +245,19 @@ int main(int argc, char** argv) {
             const double eager_ms = timer.MedianMs(20, [&](int i) { copy(i, nullptr); });
             const double gbps = 2.0 * layer / (ms * 1e-3) / 1e9;
             std::printf(
-                "| %s | %s | %d | %d | %.0f | %.3f | %.0f | %.0f%% | %.0f | %.0f%% | %.3f |\n",
-                inject ? "inject" : "extract", LayoutName(layout), bs, tokens, layer / 1048576.0,
-                ms, gbps, 100 * gbps / d2d, same_gbps, 100 * gbps / same_gbps, eager_ms);
+                "| %s | %s | %s | %d | %d | %.0f | %.3f | %.0f | %.0f%% | %.0f | %.0f%% | %.3f |\n",
+                inject ? "inject" : "extract", kern_name, LayoutName(layout), bs, tokens,
+                layer / 1048576.0, ms, gbps, 100 * gbps / d2d, same_gbps, 100 * gbps / same_gbps,
+                eager_ms);
             json.Add(
-                Fmt("{\"kind\":\"copy\",\"op\":\"%s\",\"layout\":\"%s\",\"block\":%d,"
+                Fmt("{\"kind\":\"copy\",\"op\":\"%s\",\"kernel\":\"%s\",\"layout\":\"%s\","
+                    "\"block\":%d,"
                     "\"bytes\":%zu,\"ms\":%.4f,\"gbps\":%.1f,\"pct_d2d\":%.1f,"
                     "\"same_size_d2d_gbps\":%.1f,\"eager_ms\":%.4f}",
-                    inject ? "inject" : "extract", LayoutName(layout), bs, layer, ms, gbps,
-                    100 * gbps / d2d, same_gbps, eager_ms));
+                    inject ? "inject" : "extract", kern_name, LayoutName(layout), bs, layer, ms,
+                    gbps, 100 * gbps / d2d, same_gbps, eager_ms));
           }
+          SetCopyKernel(CopyKernel::kAuto);
           for (int s = 0; s < sets; ++s) {
             cudaFree(chunk[s]);
             cudaFree(k[s]);

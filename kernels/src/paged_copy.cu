@@ -1,5 +1,6 @@
 // Validation and dispatch for InjectLayer / ExtractLayer / PrefetchL2 (layer 2 of STYLE.md 12).
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "absl/strings/str_cat.h"
@@ -11,6 +12,34 @@ namespace kvdn::kernels {
 namespace {
 
 bool Aligned(const void* p, uintptr_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
+
+std::atomic<CopyKernel> g_copy_kernel{CopyKernel::kAuto};
+constexpr int kCachedDevices = 16;
+// Per device: 0 not looked at yet, -1 no bulk copies there, else its multiprocessors.
+std::atomic<int> g_bulk_sms[kCachedDevices];
+
+// The current device's multiprocessors where the bulk-copy kernels may run (sm_90 and later,
+// their shared memory granted, not switched off by SetCopyKernel), else 0.
+int BulkCopySms() {
+  if (g_copy_kernel.load(std::memory_order_relaxed) == CopyKernel::kVector) return 0;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kCachedDevices) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  int v = g_bulk_sms[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    int major = 0, sms = 0;
+    const bool ok =
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess &&
+        major >= 9 && sms > 0 && detail::PrepareBulkCopyKernels() == cudaSuccess;
+    if (!ok) (void)cudaGetLastError();  // not sticky: the vector kernel serves
+    v = ok ? sms : -1;
+    g_bulk_sms[dev].store(v, std::memory_order_relaxed);
+  }
+  return v > 0 ? v : 0;
+}
 
 absl::Status ValidateCache(const PagedKvLayer& c) {
   if (c.k == nullptr) return absl::InvalidArgumentError("cache.k is null");
@@ -77,7 +106,11 @@ absl::Status Copy(void* chunk, const PagedKvLayer& c, const TokenRange& r, cudaS
   cudaError_t e;
   if (row_bytes % 16 == 0 && ptrs16) {
     p.row_vecs = static_cast<int32_t>(row_bytes / 16);
-    e = detail::LaunchPagedCopy<uint4, kInject>(p, stream);
+    const int sms = BulkCopySms();
+    e = sms > 0 && c.layout != PagedKvLayout::kHnd &&
+                detail::BulkCopyRowsPerStage(row_bytes * c.num_kv_heads) > 0
+            ? detail::LaunchPagedCopyBulk<kInject>(p, sms, stream)
+            : detail::LaunchPagedCopy<uint4, kInject>(p, stream);
   } else if (row_bytes % 4 == 0 && ptrs4) {
     p.row_vecs = static_cast<int32_t>(row_bytes / 4);
     e = detail::LaunchPagedCopy<uint32_t, kInject>(p, stream);
@@ -92,6 +125,8 @@ absl::Status Copy(void* chunk, const PagedKvLayer& c, const TokenRange& r, cudaS
 }
 
 }  // namespace
+
+void SetCopyKernel(CopyKernel kernel) { g_copy_kernel.store(kernel, std::memory_order_relaxed); }
 
 const char* LayoutName(PagedKvLayout layout) {
   switch (layout) {
@@ -160,9 +195,14 @@ absl::Status InjectChunkLayer(absl::Span<const ChunkSource> sources,
   const auto n = static_cast<int32_t>(sources.size());
   cudaError_t e;
   switch (align) {
-    case 16:
-      e = detail::LaunchInjectChunks<uint4>(p, dev, n, max_tokens, layer, stream);
+    case 16: {
+      const int sms = BulkCopySms();
+      e = sms > 0 && c.layout != PagedKvLayout::kHnd &&
+                  detail::BulkCopyRowsPerStage(row_bytes * c.num_kv_heads) > 0
+              ? detail::LaunchInjectChunksBulk(p, dev, n, max_tokens, layer, sms, stream)
+              : detail::LaunchInjectChunks<uint4>(p, dev, n, max_tokens, layer, stream);
       break;
+    }
     case 8:
       e = detail::LaunchInjectChunks<uint2>(p, dev, n, max_tokens, layer, stream);
       break;

@@ -148,6 +148,220 @@ cudaError_t LaunchPagedCopy(const PagedCopyParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// ---- Bulk-copy (TMA) variant, sm_90+ ----
+// The same copies through each SM's bulk asynchronous copy unit: one warp per CTA keeps
+// kBulkCopyStages stages of `rows_per_stage` (kv, token) rows in shared memory, loads signalled
+// by an mbarrier's transaction count, stores tracked as bulk groups; no data passes through
+// registers. The chunk side of a stage is one contiguous copy; the cache side one copy per row
+// (NHD and NHD-combined only: all heads of a token's row are contiguous there; HND's rows of one
+// head, 256 bytes, made 0.8-0.9x the vector kernel). Rows start 16-byte aligned (the launcher
+// checks). Persistent: a CTA serves stages cta, cta + ctas, ...
+inline constexpr int kBulkCopyStages = 4;
+inline constexpr int kBulkCopyStageBytes = 16 << 10;
+inline constexpr int kBulkCopyCtasPerSm = 3;
+
+// (kv, token) rows per stage for rows of `row_all` bytes (all heads), or 0 when a row is larger
+// than two stages' bytes (the vector kernel then serves).
+inline int BulkCopyRowsPerStage(int64_t row_all) {
+  if (row_all <= 0 || row_all > 2 * kBulkCopyStageBytes) return 0;
+  return row_all >= kBulkCopyStageBytes ? 1 : static_cast<int>(kBulkCopyStageBytes / row_all);
+}
+
+__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+template <bool kInject>
+__device__ __forceinline__ void PagedCopyBulkRows(const PagedCopyParams& p, int rows_per_stage,
+                                                  int64_t cta, int64_t ctas) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) unsigned char bulk_smem[];
+  __shared__ __align__(8) uint64_t bars[kBulkCopyStages];
+  const int lane = static_cast<int>(threadIdx.x);
+  const int64_t pairs = 2 * int64_t{p.num_tokens};  // (kv, token) rows, K first
+  const int64_t row_all = int64_t{p.row_vecs} * 16 * p.heads;
+  const int64_t stage_bytes = rows_per_stage * row_all;
+  const int64_t stages = (pairs + rows_per_stage - 1) / rows_per_stage;
+  const int64_t mine = stages > cta ? (stages - cta + ctas - 1) / ctas : 0;
+  if (mine == 0) return;
+  const uint32_t s0 = SharedAddress(bulk_smem), b0 = SharedAddress(bars);
+  if (lane == 0) {
+    for (int s = 0; s < kBulkCopyStages; ++s) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b0 + 8 * s));
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncwarp();
+  const auto row_u32 = static_cast<uint32_t>(row_all);
+  char* chunk = static_cast<char*>(p.chunk);
+  // The cache address of row q (all its heads), or null where its block-table entry is out of
+  // range.
+  auto cache_at = [&](int64_t q) -> char* {
+    const int kv = q >= p.num_tokens ? 1 : 0;
+    const int64_t pos = p.first_token + (q - int64_t{kv} * p.num_tokens);
+    const int32_t block = p.block_table[pos / p.block_size];
+    if (block < 0 || block >= p.num_blocks) return nullptr;
+    char* base = static_cast<char*>(kv == 0 || p.layout == 1 ? p.k : p.v);
+    return base + CacheRowOffset(p, kv, block, static_cast<int>(pos % p.block_size), 0) * 16;
+  };
+  auto load = [&](uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
+        "[%3];" ::"r"(dst),
+        "l"(src), "r"(bytes), "r"(bar)
+        : "memory");
+  };
+  auto store = [&](void* dst, uint32_t src, uint32_t bytes) {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(src),
+                 "r"(bytes)
+                 : "memory");
+  };
+  auto expect = [&](uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+                 : "memory");
+  };
+  auto issue_loads = [&](int64_t it) {
+    const int s = static_cast<int>(it % kBulkCopyStages);
+    const int64_t q0 = (cta + it * ctas) * rows_per_stage;
+    const int rows = static_cast<int>(pairs - q0 < rows_per_stage ? pairs - q0 : rows_per_stage);
+    const uint32_t buf = s0 + static_cast<uint32_t>(s * stage_bytes), bar = b0 + 8 * s;
+    if (kInject) {  // the chunk's rows are contiguous: one copy
+      if (lane == 0) {
+        const auto bytes = static_cast<uint32_t>(rows * row_all);
+        expect(bar, bytes);
+        load(buf, chunk + q0 * row_all, bytes, bar);
+      }
+      return;
+    }
+    uint32_t bytes = 0;
+    for (int r = lane; r < rows; r += 32) {
+      if (const char* src = cache_at(q0 + r)) {
+        load(buf + static_cast<uint32_t>(r * row_all), src, row_u32, bar);
+        bytes += row_u32;
+      }
+    }
+    // Copies may complete before the expectation is set: the phase cannot end before lane 0
+    // arrives, and the transaction count may pass below zero meanwhile.
+    bytes = __reduce_add_sync(0xffffffffu, bytes);
+    if (lane == 0) expect(bar, bytes);
+  };
+  auto issue_stores = [&](int64_t it) {
+    const int s = static_cast<int>(it % kBulkCopyStages);
+    const int64_t q0 = (cta + it * ctas) * rows_per_stage;
+    const int rows = static_cast<int>(pairs - q0 < rows_per_stage ? pairs - q0 : rows_per_stage);
+    const uint32_t buf = s0 + static_cast<uint32_t>(s * stage_bytes);
+    if (kInject) {
+      for (int r = lane; r < rows; r += 32) {
+        if (char* dst = cache_at(q0 + r))
+          store(dst, buf + static_cast<uint32_t>(r * row_all), row_u32);
+      }
+    } else {
+      // Rows whose entry is out of range were not loaded and are left unwritten in the chunk.
+      bool all = true;
+      for (int r = lane; r < rows; r += 32) all = all && cache_at(q0 + r) != nullptr;
+      if (__all_sync(0xffffffffu, all)) {
+        if (lane == 0) store(chunk + q0 * row_all, buf, static_cast<uint32_t>(rows * row_all));
+      } else {
+        for (int r = lane; r < rows; r += 32) {
+          if (cache_at(q0 + r) != nullptr) {
+            store(chunk + (q0 + r) * row_all, buf + static_cast<uint32_t>(r * row_all),
+                  static_cast<uint32_t>(row_all));
+          }
+        }
+      }
+    }
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+  };
+  for (int64_t it = 0; it < kBulkCopyStages - 1 && it < mine; ++it) issue_loads(it);
+  for (int64_t it = 0; it < mine; ++it) {
+    if (it + kBulkCopyStages - 1 < mine) {
+      // The stage refilled now held iteration it - 1: its stores must have read it.
+      asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+      __syncwarp();
+      issue_loads(it + kBulkCopyStages - 1);
+    }
+    const uint32_t bar = b0 + 8 * static_cast<uint32_t>(it % kBulkCopyStages);
+    const auto parity = static_cast<uint32_t>((it / kBulkCopyStages) & 1);
+    uint32_t done = 0;
+    while (!done) {
+      asm volatile(
+          "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, "
+          "0, p; }"
+          : "=r"(done)
+          : "r"(bar), "r"(parity)
+          : "memory");
+    }
+    issue_stores(it);
+  }
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+#endif
+}
+
+template <bool kInject>
+__global__ void __launch_bounds__(32) PagedCopyBulkKernel(PagedCopyParams p, int rows_per_stage) {
+  PagedCopyBulkRows<kInject>(p, rows_per_stage, blockIdx.x, gridDim.x);
+}
+
+__global__ void __launch_bounds__(32)
+    InjectChunksBulkKernel(PagedCopyParams p, const ChunkSourceDev* sources, int32_t layer,
+                           int rows_per_stage) {
+  const ChunkSourceDev src = sources[blockIdx.y];
+  p.first_token = src.first_token;
+  p.num_tokens = src.num_tokens;
+  p.chunk = const_cast<char*>(static_cast<const char*>(src.payload)) +
+            int64_t{layer} * 2 * src.num_tokens * p.heads * p.row_vecs * 16;
+  PagedCopyBulkRows<true>(p, rows_per_stage, blockIdx.x, gridDim.x);
+}
+
+// Lets the bulk-copy kernels take their shared memory (up to kBulkCopyStages x 2 stages' bytes)
+// on the current device; once per device before their first launch.
+inline cudaError_t PrepareBulkCopyKernels() {
+  constexpr int kMax = kBulkCopyStages * 2 * kBulkCopyStageBytes;
+  for (const void* k : {reinterpret_cast<const void*>(PagedCopyBulkKernel<true>),
+                        reinterpret_cast<const void*>(PagedCopyBulkKernel<false>),
+                        reinterpret_cast<const void*>(InjectChunksBulkKernel)}) {
+    if (cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, kMax);
+        e != cudaSuccess) {
+      return e;
+    }
+  }
+  return cudaSuccess;
+}
+
+// p.layout NHD or NHD-combined, p.row_vecs counts 16-byte vectors (rows 16-byte aligned),
+// BulkCopyRowsPerStage of the row is not 0, PrepareBulkCopyKernels has run on this device; `sms`:
+// the device's multiprocessors.
+template <bool kInject>
+cudaError_t LaunchPagedCopyBulk(const PagedCopyParams& p, int sms, cudaStream_t stream) {
+  const int64_t pairs = 2 * int64_t{p.num_tokens};
+  if (pairs == 0) return cudaSuccess;
+  const int64_t row_all = int64_t{p.row_vecs} * 16 * p.heads;
+  const int rows = BulkCopyRowsPerStage(row_all);
+  const int64_t stages = (pairs + rows - 1) / rows;
+  const int64_t max_ctas = int64_t{sms} * kBulkCopyCtasPerSm;
+  const auto smem = static_cast<size_t>(kBulkCopyStages * rows * row_all);
+  PagedCopyBulkKernel<kInject>
+      <<<static_cast<unsigned>(stages < max_ctas ? stages : max_ctas), 32, smem, stream>>>(p, rows);
+  return cudaGetLastError();
+}
+
+inline cudaError_t LaunchInjectChunksBulk(const PagedCopyParams& p, const ChunkSourceDev* sources,
+                                          int32_t count, int32_t max_tokens, int32_t layer, int sms,
+                                          cudaStream_t stream) {
+  if (count == 0 || max_tokens == 0) return cudaSuccess;
+  if (count > 65535) return cudaErrorInvalidValue;
+  const int64_t row_all = int64_t{p.row_vecs} * 16 * p.heads;
+  const int rows = BulkCopyRowsPerStage(row_all);
+  const int64_t stages = (2 * int64_t{max_tokens} + rows - 1) / rows;
+  // About kBulkCopyCtasPerSm CTAs per SM over all sources, at least one per source.
+  int64_t per_source = (int64_t{sms} * kBulkCopyCtasPerSm + count - 1) / count;
+  if (per_source > stages) per_source = stages;
+  const auto smem = static_cast<size_t>(kBulkCopyStages * rows * row_all);
+  InjectChunksBulkKernel<<<dim3(static_cast<unsigned>(per_source), static_cast<unsigned>(count)),
+                           32, smem, stream>>>(p, sources, layer, rows);
+  return cudaGetLastError();
+}
+
 // L2 prefetch of the whole blocks (pages) that hold tokens [first_token, first_token + n): one
 // bulk prefetch per block for K and one for V. In all three layouts a block's K (and its V) is
 // one contiguous range of `block_bytes`: NHD and HND [block][...], combined [block][K|V][...].

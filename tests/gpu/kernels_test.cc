@@ -91,13 +91,15 @@ struct CopyCase {
   Dtype dtype;
   int first_token;
   int num_tokens;
+  int bad_every = 0;  // > 0: every bad_every-th block-table entry is out of range (skipped)
 };
 
 std::string Name(const CopyCase& c) {
   return std::string(LayoutName(c.layout)) + " bs=" + std::to_string(c.block_size) +
          " H=" + std::to_string(c.heads) + " D=" + std::to_string(c.head_dim) +
          (c.dtype == Dtype::kBFloat16 ? " bf16" : " fp16") +
-         " first=" + std::to_string(c.first_token) + " n=" + std::to_string(c.num_tokens);
+         " first=" + std::to_string(c.first_token) + " n=" + std::to_string(c.num_tokens) +
+         (c.bad_every > 0 ? " bad_every=" + std::to_string(c.bad_every) : "");
 }
 
 // Injects a random chunk layer into a poisoned cache, then extracts it into a poisoned buffer;
@@ -112,6 +114,9 @@ void RunCopyCase(const CopyCase& c, uint64_t seed) {
   std::iota(table.begin(), table.end(), 0);
   std::shuffle(table.begin(), table.end(), rng);
   table.resize(table_len);
+  for (int i = 1; c.bad_every > 0 && i < table_len; i += c.bad_every) {
+    table[i] = i % 2 == 1 ? -1 : num_blocks + i;
+  }
   PagedKvLayer cache;
   cache.layout = c.layout;
   cache.num_blocks = num_blocks;
@@ -169,22 +174,34 @@ void RunCopyCase(const CopyCase& c, uint64_t seed) {
   EXPECT_EQ(std::memcmp(got.data(), want.data(), layer), 0) << "extract differs";
 }
 
+// Both copy kernels (on sm_90 and later kAuto runs the bulk-copy one wherever rows are 16-byte
+// aligned): every layout, block sizes 1..64 and odd ones, partial first and last blocks, rows of
+// 144 and 14 bytes, tokens of up to 32 KiB over all heads (one row a stage) and of 64 KiB (the
+// vector kernel), block tables with entries out of range.
 TEST_F(KernelsTest, InjectExtractMatchTheReferenceBitForBit) {
-  uint64_t seed = 1;
-  for (PagedKvLayout layout :
-       {PagedKvLayout::kNhd, PagedKvLayout::kNhdCombined, PagedKvLayout::kHnd}) {
-    for (int bs : {1, 3, 16, 17, 64}) {
-      for (Dtype dt : {Dtype::kBFloat16, Dtype::kFloat16}) {
-        for (auto [first, n] : {std::pair{0, 256}, std::pair{5, 255}, std::pair{37, 1}}) {
-          RunCopyCase({layout, bs, 8, 128, dt, first, n}, seed++);
+  for (CopyKernel kernel : {CopyKernel::kAuto, CopyKernel::kVector}) {
+    SCOPED_TRACE(kernel == CopyKernel::kAuto ? "kAuto" : "kVector");
+    SetCopyKernel(kernel);
+    uint64_t seed = 1;
+    for (PagedKvLayout layout :
+         {PagedKvLayout::kNhd, PagedKvLayout::kNhdCombined, PagedKvLayout::kHnd}) {
+      for (int bs : {1, 3, 16, 17, 64}) {
+        for (Dtype dt : {Dtype::kBFloat16, Dtype::kFloat16}) {
+          for (auto [first, n] : {std::pair{0, 256}, std::pair{5, 255}, std::pair{37, 1}}) {
+            RunCopyCase({layout, bs, 8, 128, dt, first, n}, seed++);
+          }
         }
+        RunCopyCase({layout, bs, 8, 128, Dtype::kBFloat16, 3, 300, 3}, seed++);
       }
+      // Odd head shapes take the narrower vector paths (144-byte rows: 16; 14-byte rows: 2).
+      RunCopyCase({layout, 16, 3, 72, Dtype::kBFloat16, 3, 100}, seed++);
+      RunCopyCase({layout, 5, 2, 7, Dtype::kFloat16, 1, 33}, seed++);
+      RunCopyCase({layout, 16, 32, 128, Dtype::kBFloat16, 0, 4096}, seed++);
+      RunCopyCase({layout, 16, 128, 128, Dtype::kBFloat16, 7, 70, 4}, seed++);
+      RunCopyCase({layout, 16, 256, 128, Dtype::kBFloat16, 7, 70}, seed++);
     }
-    // Odd head shapes take the narrower vector paths (144-byte rows: 16; 14-byte rows: 2).
-    RunCopyCase({layout, 16, 3, 72, Dtype::kBFloat16, 3, 100}, seed++);
-    RunCopyCase({layout, 5, 2, 7, Dtype::kFloat16, 1, 33}, seed++);
-    RunCopyCase({layout, 16, 32, 128, Dtype::kBFloat16, 0, 4096}, seed++);
   }
+  SetCopyKernel(CopyKernel::kAuto);
 }
 
 TEST_F(KernelsTest, BadBlockTableEntriesAreSkippedNotWritten) {
@@ -299,8 +316,11 @@ TEST_F(KernelsTest, InjectChunkLayerWritesWhatInjectLayerWritesChunkByChunk) {
           a.v = two ? av.get() : nullptr;
           b.k = bk.get();
           b.v = two ? bv.get() : nullptr;
+          // The bulk-copy kernel (where it runs) against the vector kernel chunk by chunk.
+          SetCopyKernel(CopyKernel::kAuto);
           ASSERT_OK(InjectChunkLayer(sources, d_sources.as<ChunkSource>(), l, a,
                                      d_table.as<int32_t>(), table_len, nullptr));
+          SetCopyKernel(CopyKernel::kVector);
           for (const ChunkSource& src : sources) {
             const uint8_t* layer_src =
                 static_cast<const uint8_t*>(src.payload) +
@@ -309,6 +329,7 @@ TEST_F(KernelsTest, InjectChunkLayerWritesWhatInjectLayerWritesChunkByChunk) {
                 layer_src, b, {d_table.as<int32_t>(), table_len, src.first_token, src.num_tokens},
                 nullptr));
           }
+          SetCopyKernel(CopyKernel::kAuto);
           CUDA_OK(cudaDeviceSynchronize());
           std::vector<uint8_t> got(tensor), want(tensor);
           CUDA_OK(ak.Download(got.data()));

@@ -33,6 +33,15 @@ enum class PagedKvLayout : uint8_t {
 };
 const char* LayoutName(PagedKvLayout layout);
 
+// Which kernel InjectLayer, ExtractLayer and InjectChunkLayer run; process-wide, for benchmarks
+// and tests (both must give the same bytes). kAuto: bulk asynchronous copies (Hopper's TMA, one
+// warp per CTA streaming rows through shared memory) on sm_90 and later for the NHD layouts
+// where every row is 16-byte aligned and a token's row over all heads is at most 32 KiB;
+// elsewhere (HND too: its per-head rows were slower that way), and always with kVector,
+// 16/8/4/2/1-byte vector loads and stores.
+enum class CopyKernel : uint8_t { kAuto = 0, kVector = 1 };
+void SetCopyKernel(CopyKernel kernel);
+
 // One layer of an engine's paged KV cache, described without copying it.
 struct PagedKvLayer {
   void* k = nullptr;
