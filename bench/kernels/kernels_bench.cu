@@ -174,6 +174,9 @@ int main(int argc, char** argv) {
   if (Want("copy")) {
     // ---- Inject / extract ----
     std::printf(
+        "\nkernel auto: bulk asynchronous copies (TMA) for NHD and NHD-combined on sm_90+, "
+        "the vector kernel for HND; vector: 16-byte loads and stores\n");
+    std::printf(
         "\n| op | kernel | layout | block | tokens | MiB moved | ms | GB/s (r+w) | %% of d2d copy "
         "| "
         "same-size "
@@ -213,9 +216,10 @@ int main(int argc, char** argv) {
           CHECK_CUDA(cudaMemcpy(dtable, table.data(), nblk * 4, cudaMemcpyHostToDevice));
           for (int run = 0; run < 4; ++run) {
             const int inject = run < 2 ? 1 : 0;
-            // kAuto: the bulk-copy kernel on this GPU; kVector: 16-byte loads and stores.
+            // kAuto: bulk copies for the NHD layouts on sm_90+ (paged_kv.h); kVector: 16-byte
+            // loads and stores.
             const CopyKernel kern = run % 2 == 0 ? CopyKernel::kAuto : CopyKernel::kVector;
-            const char* kern_name = kern == CopyKernel::kAuto ? "bulk" : "vector";
+            const char* kern_name = kern == CopyKernel::kAuto ? "auto" : "vector";
             SetCopyKernel(kern);
             auto copy = [&](int i, cudaStream_t stream) {
               PagedKvLayer ci = c;
