@@ -152,9 +152,11 @@ cudaError_t LaunchPagedCopy(const PagedCopyParams& p, cudaStream_t stream) {
 // The same copies through each SM's bulk asynchronous copy unit: one warp per CTA keeps
 // kBulkCopyStages stages of `rows_per_stage` (kv, token) rows in shared memory, loads signalled
 // by an mbarrier's transaction count, stores tracked as bulk groups; no data passes through
-// registers. The chunk side of a stage is one contiguous copy; the cache side one copy per row
-// (NHD and NHD-combined only: all heads of a token's row are contiguous there; HND's rows of one
-// head, 256 bytes, made 0.8-0.9x the vector kernel). Rows start 16-byte aligned (the launcher
+// registers. The chunk side of a stage is one contiguous copy; the cache side one copy per row:
+// NHD and NHD-combined only, where all heads of a token's row are contiguous. (HND, tried: a copy
+// per (row, head) of 256 bytes read 0.83-0.96x the vector kernel; transposing each stage in
+// shared memory, for a copy per (head, run of rows in a page), 0.61-0.90x;
+// bench/results/kernels-2026-12-02-bulk-copy.md.) Rows start 16-byte aligned (the launcher
 // checks). Persistent: a CTA serves stages cta, cta + ctas, ...
 inline constexpr int kBulkCopyStages = 4;
 inline constexpr int kBulkCopyStageBytes = 16 << 10;
