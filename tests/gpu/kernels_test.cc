@@ -76,6 +76,15 @@ PagedKvLayer TinyCache(void* k, void* v) {
   return cache;
 }
 
+// Sets the copy kernel for its lifetime; kAuto again after (also when an assertion returns).
+class CopyKernelScope {
+ public:
+  explicit CopyKernelScope(CopyKernel kernel) { SetCopyKernel(kernel); }
+  ~CopyKernelScope() { SetCopyKernel(CopyKernel::kAuto); }
+  CopyKernelScope(const CopyKernelScope&) = delete;
+  CopyKernelScope& operator=(const CopyKernelScope&) = delete;
+};
+
 class KernelsTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -174,14 +183,14 @@ void RunCopyCase(const CopyCase& c, uint64_t seed) {
   EXPECT_EQ(std::memcmp(got.data(), want.data(), layer), 0) << "extract differs";
 }
 
-// Both copy kernels (on sm_90 and later kAuto runs the bulk-copy one wherever rows are 16-byte
-// aligned): every layout, block sizes 1..64 and odd ones, partial first and last blocks, rows of
-// 144 and 14 bytes, tokens of up to 32 KiB over all heads (one row a stage) and of 64 KiB (the
-// vector kernel), block tables with entries out of range.
+// Both copy kernels (on sm_90 and later kAuto runs the bulk-copy one for the NHD layouts where
+// rows are 16-byte aligned): every layout, block sizes 1..64 and odd ones, partial first and last
+// blocks, rows of 144 and 14 bytes, tokens of up to 32 KiB over all heads (one row a stage) and of
+// 64 KiB (the vector kernel), block tables with entries out of range.
 TEST_F(KernelsTest, InjectExtractMatchTheReferenceBitForBit) {
   for (CopyKernel kernel : {CopyKernel::kAuto, CopyKernel::kVector}) {
     SCOPED_TRACE(kernel == CopyKernel::kAuto ? "kAuto" : "kVector");
-    SetCopyKernel(kernel);
+    const CopyKernelScope scope(kernel);
     uint64_t seed = 1;
     for (PagedKvLayout layout :
          {PagedKvLayout::kNhd, PagedKvLayout::kNhdCombined, PagedKvLayout::kHnd}) {
@@ -201,7 +210,6 @@ TEST_F(KernelsTest, InjectExtractMatchTheReferenceBitForBit) {
       RunCopyCase({layout, 16, 256, 128, Dtype::kBFloat16, 7, 70}, seed++);
     }
   }
-  SetCopyKernel(CopyKernel::kAuto);
 }
 
 TEST_F(KernelsTest, BadBlockTableEntriesAreSkippedNotWritten) {
@@ -317,10 +325,9 @@ TEST_F(KernelsTest, InjectChunkLayerWritesWhatInjectLayerWritesChunkByChunk) {
           b.k = bk.get();
           b.v = two ? bv.get() : nullptr;
           // The bulk-copy kernel (where it runs) against the vector kernel chunk by chunk.
-          SetCopyKernel(CopyKernel::kAuto);
           ASSERT_OK(InjectChunkLayer(sources, d_sources.as<ChunkSource>(), l, a,
                                      d_table.as<int32_t>(), table_len, nullptr));
-          SetCopyKernel(CopyKernel::kVector);
+          const CopyKernelScope vector(CopyKernel::kVector);
           for (const ChunkSource& src : sources) {
             const uint8_t* layer_src =
                 static_cast<const uint8_t*>(src.payload) +
@@ -329,7 +336,6 @@ TEST_F(KernelsTest, InjectChunkLayerWritesWhatInjectLayerWritesChunkByChunk) {
                 layer_src, b, {d_table.as<int32_t>(), table_len, src.first_token, src.num_tokens},
                 nullptr));
           }
-          SetCopyKernel(CopyKernel::kAuto);
           CUDA_OK(cudaDeviceSynchronize());
           std::vector<uint8_t> got(tensor), want(tensor);
           CUDA_OK(ak.Download(got.data()));
