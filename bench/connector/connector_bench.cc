@@ -12,7 +12,7 @@
 // store), and the time until layer 0 may be read (WaitLayer(0) and the engine stream after it).
 //   connector_bench [--kvdnd PATH] [--contexts 2048,8192,32768] [--rounds 3] [--lanes N]
 //                   [--streams N] [--host-staging-mib 512] [--register-fetch 0|1]
-//                   [--copy-kernel auto|vector]
+//                   [--copy-kernel auto|vector] [--layout nhd|hnd]
 #include <cuda_runtime_api.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -66,6 +66,8 @@ T Must(absl::StatusOr<T> s, const char* what) {
 
 constexpr uint32_t kLayers = 32, kHeads = 8, kDim = 128, kTpc = 256, kBlock = 16;
 constexpr uint64_t kTokenHalf = uint64_t{kHeads} * kDim * 2;  // K (or V) of a token in a layer
+// The cache layout (--layout): vLLM NHD by default.
+kernels::PagedKvLayout g_layout = kernels::PagedKvLayout::kNhd;
 
 // kvdnd in a temporary directory (host tier only), SIGTERM on destruction.
 class Daemon {
@@ -148,7 +150,7 @@ struct Cache {
       kernels::PagedKvLayer c;
       c.k = tensors[2 * l];
       c.v = tensors[2 * l + 1];
-      c.layout = kernels::PagedKvLayout::kNhd;
+      c.layout = g_layout;
       c.num_blocks = blocks;
       c.block_size = kBlock;
       c.num_kv_heads = kHeads;
@@ -211,6 +213,13 @@ int Main(int argc, char** argv) {
       lanes = std::atoi(argv[i + 1]);
     } else if (a == "--rounds") {
       rounds = std::max(1, std::atoi(argv[i + 1]));
+    } else if (a == "--layout") {  // nhd (vLLM) or hnd (FlashInfer / SGLang pages)
+      const std::string l = argv[i + 1];
+      if (l != "nhd" && l != "hnd") {
+        std::fprintf(stderr, "--layout: nhd or hnd, not %s\n", l.c_str());
+        return 2;
+      }
+      g_layout = l == "hnd" ? kernels::PagedKvLayout::kHnd : kernels::PagedKvLayout::kNhd;
     } else if (a == "--copy-kernel") {  // auto (bulk copies on sm_90+) or vector
       const std::string k = argv[i + 1];
       if (k != "auto" && k != "vector") {
@@ -230,8 +239,8 @@ int Main(int argc, char** argv) {
       *std::max_element(contexts.begin(), contexts.end()) * 2 * kLayers * kTokenHalf;
   std::printf(
       "GPU: %s; host CPUs: %u; model: 32 layers x 8 kv heads x 128, bf16, 256-token chunks "
-      "(32 MiB); cache: vLLM NHD, 16-token blocks, shuffled\n",
-      prop.name, std::thread::hardware_concurrency());
+      "(32 MiB); cache: %s, 16-token blocks, shuffled\n",
+      prop.name, std::thread::hardware_concurrency(), kernels::LayoutName(g_layout));
   Daemon daemon(kvdnd, max_bytes + (uint64_t{2} << 30), gpu_tier_mib << 20);
   if (gpu_tier_mib > 0) {
     std::printf(

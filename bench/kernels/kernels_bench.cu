@@ -174,8 +174,9 @@ int main(int argc, char** argv) {
   if (Want("copy")) {
     // ---- Inject / extract ----
     std::printf(
-        "\nkernel auto: bulk asynchronous copies (TMA) for NHD and NHD-combined on sm_90+, "
-        "the vector kernel for HND; vector: 16-byte loads and stores\n");
+        "\nkernel: what kAuto ran (PlannedCopyPath: 'bulk rows', TMA bulk copies of token rows "
+        "where a token's heads are contiguous; 'tensor map', TMA tensor copies transposing HND "
+        "pages), or 'vector' (kVector: 16-byte loads and stores)\n");
     std::printf(
         "\n| op | kernel | layout | block | tokens | MiB moved | ms | GB/s (r+w) | %% of d2d copy "
         "| "
@@ -186,7 +187,7 @@ int main(int argc, char** argv) {
       const int heads = 8, dim = 128, tokens = 32768;
       for (PagedKvLayout layout :
            {PagedKvLayout::kNhd, PagedKvLayout::kNhdCombined, PagedKvLayout::kHnd}) {
-        for (int bs : {16, 1}) {
+        for (int bs : {16, 1, 64}) {
           PagedKvLayer c;
           c.layout = layout;
           c.block_size = bs;
@@ -216,11 +217,12 @@ int main(int argc, char** argv) {
           CHECK_CUDA(cudaMemcpy(dtable, table.data(), nblk * 4, cudaMemcpyHostToDevice));
           for (int run = 0; run < 4; ++run) {
             const int inject = run < 2 ? 1 : 0;
-            // kAuto: bulk copies for the NHD layouts on sm_90+ (paged_kv.h); kVector: 16-byte
-            // loads and stores.
             const CopyKernel kern = run % 2 == 0 ? CopyKernel::kAuto : CopyKernel::kVector;
-            const char* kern_name = kern == CopyKernel::kAuto ? "auto" : "vector";
             SetCopyKernel(kern);
+            PagedKvLayer c0 = c;
+            c0.k = k[0];
+            c0.v = v[0];
+            const char* kern_name = CopyPathName(PlannedCopyPath(c0));
             auto copy = [&](int i, cudaStream_t stream) {
               PagedKvLayer ci = c;
               ci.k = k[i % sets];

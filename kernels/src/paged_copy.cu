@@ -1,4 +1,6 @@
 // Validation and dispatch for InjectLayer / ExtractLayer / PrefetchL2 (layer 2 of STYLE.md 12).
+#include <cudaTypedefs.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -7,6 +9,7 @@
 #include "kvdn/kernels/paged_kv.h"
 #include "src/cuda_status.h"
 #include "src/paged_copy.cuh"
+#include "src/paged_copy_tma.cuh"
 
 namespace kvdn::kernels {
 namespace {
@@ -33,12 +36,89 @@ int BulkCopySms() {
     const bool ok =
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess &&
-        major >= 9 && sms > 0 && detail::PrepareBulkCopyKernels() == cudaSuccess;
+        major >= 9 && sms > 0 && detail::PrepareBulkCopyKernels() == cudaSuccess &&
+        detail::PrepareHndTmaKernels() == cudaSuccess;
     if (!ok) (void)cudaGetLastError();  // not sticky: the vector kernel serves
     v = ok ? sms : -1;
     g_bulk_sms[dev].store(v, std::memory_order_relaxed);
   }
   return v > 0 ? v : 0;
+}
+
+// The driver's cuTensorMapEncodeTiled (through the runtime, so kvdn does not link libcuda), or
+// null where the driver lacks it.
+PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// The tensor maps of an HND cache with pages of more than one token (paged_copy_tma.cuh): the
+// cache as (row in 8-byte elements, head, slot, page), strides (block_size rows, a row, a page).
+// False where the tensor-map kernels cannot serve it (the box limits: a row of at most 256
+// elements, at most 256 heads; a token's row a multiple of 128 bytes for shared memory
+// alignment, at most two stages; or the driver refuses the map).
+bool HndTmaSetUp(const PagedKvLayer& c, int64_t row_bytes, detail::HndTmaMaps* maps,
+                 detail::HndTmaParams* p) {
+  const int64_t row_all = row_bytes * c.num_kv_heads;
+  if (row_bytes % 16 != 0 || row_bytes / 8 > 256 || c.num_kv_heads > 256 || row_all % 128 != 0 ||
+      row_all > 2 * detail::kBulkCopyStageBytes || !Aligned(c.k, 16) || !Aligned(c.v, 16)) {
+    return false;
+  }
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = TensorMapEncoder();
+  if (encode == nullptr) return false;
+  const int64_t tile = std::clamp<int64_t>(detail::kBulkCopyStageBytes / row_all, 1,
+                                           std::min<int64_t>(c.block_size, 256));
+  const cuuint64_t dims[4] = {
+      static_cast<cuuint64_t>(row_bytes / 8), static_cast<cuuint64_t>(c.num_kv_heads),
+      static_cast<cuuint64_t>(c.block_size), static_cast<cuuint64_t>(c.num_blocks)};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(row_bytes * c.block_size),
+                                 static_cast<cuuint64_t>(row_bytes),
+                                 static_cast<cuuint64_t>(row_all * c.block_size)};
+  const cuuint32_t tile_box[4] = {static_cast<cuuint32_t>(row_bytes / 8),
+                                  static_cast<cuuint32_t>(c.num_kv_heads),
+                                  static_cast<cuuint32_t>(tile), 1};
+  const cuuint32_t slot_box[4] = {tile_box[0], tile_box[1], 1, 1};
+  const cuuint32_t unit[4] = {1, 1, 1, 1};
+  auto make = [&](CUtensorMap* m, void* base, const cuuint32_t* box) {
+    return encode(m, CU_TENSOR_MAP_DATA_TYPE_UINT64, 4, base, dims, strides, box, unit,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  };
+  if (!make(&maps->k_tile, c.k, tile_box) || !make(&maps->v_tile, c.v, tile_box) ||
+      !make(&maps->k_slot, c.k, slot_box) || !make(&maps->v_slot, c.v, slot_box)) {
+    return false;
+  }
+  p->num_blocks = c.num_blocks;
+  p->block_size = c.block_size;
+  p->tile_slots = static_cast<int32_t>(tile);
+  p->row_all = static_cast<int32_t>(row_all);
+  return true;
+}
+
+// The kernel for a (valid) cache whose rows of `row_bytes` are 16-byte aligned on both sides;
+// `*sms` the multiprocessors for the TMA kernels, `*maps` / `*tma` set for kTensorMap.
+CopyPath PlanAligned(const PagedKvLayer& c, int64_t row_bytes, int* sms, detail::HndTmaMaps* maps,
+                     detail::HndTmaParams* tma) {
+  *sms = BulkCopySms();
+  if (*sms == 0) return CopyPath::kVector;
+  // A token's heads are contiguous in NHD, NHD-combined, and HND with one-token pages (where
+  // [page, head, 1, dim] is [page, 1, head, dim]): whole token rows move as one bulk copy.
+  if (c.layout != PagedKvLayout::kHnd || c.block_size == 1) {
+    return detail::BulkCopyRowsPerStage(row_bytes * c.num_kv_heads) > 0 ? CopyPath::kBulkRows
+                                                                        : CopyPath::kVector;
+  }
+  return HndTmaSetUp(c, row_bytes, maps, tma) ? CopyPath::kTensorMap : CopyPath::kVector;
 }
 
 absl::Status ValidateCache(const PagedKvLayer& c) {
@@ -106,11 +186,21 @@ absl::Status Copy(void* chunk, const PagedKvLayer& c, const TokenRange& r, cudaS
   cudaError_t e;
   if (row_bytes % 16 == 0 && ptrs16) {
     p.row_vecs = static_cast<int32_t>(row_bytes / 16);
-    const int sms = BulkCopySms();
-    e = sms > 0 && c.layout != PagedKvLayout::kHnd &&
-                detail::BulkCopyRowsPerStage(row_bytes * c.num_kv_heads) > 0
-            ? detail::LaunchPagedCopyBulk<kInject>(p, sms, stream)
-            : detail::LaunchPagedCopy<uint4, kInject>(p, stream);
+    int sms = 0;
+    detail::HndTmaMaps maps;
+    detail::HndTmaParams tma{};
+    switch (PlanAligned(c, row_bytes, &sms, &maps, &tma)) {
+      case CopyPath::kBulkRows:
+        e = detail::LaunchPagedCopyBulk<kInject>(p, sms, stream);
+        break;
+      case CopyPath::kTensorMap:
+        tma.block_table = r.block_table;
+        e = detail::LaunchHndTmaCopy<kInject>(maps, tma, chunk, r.first_token, r.num_tokens, sms,
+                                              stream);
+        break;
+      default:
+        e = detail::LaunchPagedCopy<uint4, kInject>(p, stream);
+    }
   } else if (row_bytes % 4 == 0 && ptrs4) {
     p.row_vecs = static_cast<int32_t>(row_bytes / 4);
     e = detail::LaunchPagedCopy<uint32_t, kInject>(p, stream);
@@ -127,6 +217,30 @@ absl::Status Copy(void* chunk, const PagedKvLayer& c, const TokenRange& r, cudaS
 }  // namespace
 
 void SetCopyKernel(CopyKernel kernel) { g_copy_kernel.store(kernel, std::memory_order_relaxed); }
+
+CopyPath PlannedCopyPath(const PagedKvLayer& c) {
+  if (!ValidateCache(c).ok()) return CopyPath::kVector;
+  const int64_t row_bytes = int64_t{c.head_dim} * static_cast<int64_t>(DtypeSize(c.dtype));
+  if (row_bytes % 16 != 0 || !Aligned(c.k, 16) || (c.v && !Aligned(c.v, 16))) {
+    return CopyPath::kVector;
+  }
+  int sms = 0;
+  detail::HndTmaMaps maps;
+  detail::HndTmaParams tma{};
+  return PlanAligned(c, row_bytes, &sms, &maps, &tma);
+}
+
+const char* CopyPathName(CopyPath path) {
+  switch (path) {
+    case CopyPath::kVector:
+      return "vector";
+    case CopyPath::kBulkRows:
+      return "bulk rows";
+    case CopyPath::kTensorMap:
+      return "tensor map";
+  }
+  return "?";
+}
 
 const char* LayoutName(PagedKvLayout layout) {
   switch (layout) {
@@ -196,11 +310,20 @@ absl::Status InjectChunkLayer(absl::Span<const ChunkSource> sources,
   cudaError_t e;
   switch (align) {
     case 16: {
-      const int sms = BulkCopySms();
-      e = sms > 0 && c.layout != PagedKvLayout::kHnd &&
-                  detail::BulkCopyRowsPerStage(row_bytes * c.num_kv_heads) > 0
-              ? detail::LaunchInjectChunksBulk(p, dev, n, max_tokens, layer, sms, stream)
-              : detail::LaunchInjectChunks<uint4>(p, dev, n, max_tokens, layer, stream);
+      int sms = 0;
+      detail::HndTmaMaps maps;
+      detail::HndTmaParams tma{};
+      switch (PlanAligned(c, row_bytes, &sms, &maps, &tma)) {
+        case CopyPath::kBulkRows:
+          e = detail::LaunchInjectChunksBulk(p, dev, n, max_tokens, layer, sms, stream);
+          break;
+        case CopyPath::kTensorMap:
+          tma.block_table = block_table;
+          e = detail::LaunchHndTmaInjectChunks(maps, tma, dev, n, max_tokens, layer, sms, stream);
+          break;
+        default:
+          e = detail::LaunchInjectChunks<uint4>(p, dev, n, max_tokens, layer, stream);
+      }
       break;
     }
     case 8:

@@ -153,9 +153,10 @@ cudaError_t LaunchPagedCopy(const PagedCopyParams& p, cudaStream_t stream) {
 // kBulkCopyStages stages of `rows_per_stage` (kv, token) rows in shared memory, loads signalled
 // by an mbarrier's transaction count, stores tracked as bulk groups; no data passes through
 // registers. The chunk side of a stage is one contiguous copy; the cache side one copy per row:
-// NHD and NHD-combined only, where all heads of a token's row are contiguous. (HND, tried: a copy
-// per (row, head) of 256 bytes read 0.83-0.96x the vector kernel; transposing each stage in
-// shared memory, for a copy per (head, run of rows in a page), 0.61-0.90x;
+// layouts where all heads of a token's row are contiguous: NHD, NHD-combined, and HND with
+// one-token pages. (HND with larger pages, tried: a copy per (row, head) of 256 bytes read
+// 0.83-0.96x the vector kernel; transposing each stage in shared memory, for a copy per
+// (head, run of rows in a page), 0.61-0.90x;
 // bench/results/kernels-2026-12-02-bulk-copy.md.) Rows start 16-byte aligned (the launcher
 // checks). Persistent: a CTA serves stages cta, cta + ctas, ...
 inline constexpr int kBulkCopyStages = 4;
@@ -167,6 +168,11 @@ inline constexpr int kBulkCopyCtasPerSm = 3;
 inline int BulkCopyRowsPerStage(int64_t row_all) {
   if (row_all <= 0 || row_all > 2 * kBulkCopyStageBytes) return 0;
   return row_all >= kBulkCopyStageBytes ? 1 : static_cast<int>(kBulkCopyStageBytes / row_all);
+}
+
+// Dynamic shared memory of a bulk-copy CTA: kBulkCopyStages stages of `rows` rows of `row_all`.
+inline size_t BulkCopySmem(int rows, int64_t row_all) {
+  return static_cast<size_t>(kBulkCopyStages * rows * row_all);
 }
 
 __device__ __forceinline__ uint32_t SharedAddress(const void* p) {
@@ -330,7 +336,8 @@ inline cudaError_t PrepareBulkCopyKernels() {
   return cudaSuccess;
 }
 
-// p.layout NHD or NHD-combined, p.row_vecs counts 16-byte vectors (rows 16-byte aligned),
+// A token's heads contiguous in the cache (NHD, NHD-combined, HND with one-token pages),
+// p.row_vecs counts 16-byte vectors (rows 16-byte aligned),
 // BulkCopyRowsPerStage of the row is not 0, PrepareBulkCopyKernels has run on this device; `sms`:
 // the device's multiprocessors.
 template <bool kInject>
@@ -341,7 +348,7 @@ cudaError_t LaunchPagedCopyBulk(const PagedCopyParams& p, int sms, cudaStream_t 
   const int rows = BulkCopyRowsPerStage(row_all);
   const int64_t stages = (pairs + rows - 1) / rows;
   const int64_t max_ctas = int64_t{sms} * kBulkCopyCtasPerSm;
-  const auto smem = static_cast<size_t>(kBulkCopyStages * rows * row_all);
+  const size_t smem = BulkCopySmem(rows, row_all);
   PagedCopyBulkKernel<kInject>
       <<<static_cast<unsigned>(stages < max_ctas ? stages : max_ctas), 32, smem, stream>>>(p, rows);
   return cudaGetLastError();
@@ -358,7 +365,7 @@ inline cudaError_t LaunchInjectChunksBulk(const PagedCopyParams& p, const ChunkS
   // About kBulkCopyCtasPerSm CTAs per SM over all sources, at least one per source.
   int64_t per_source = (int64_t{sms} * kBulkCopyCtasPerSm + count - 1) / count;
   if (per_source > stages) per_source = stages;
-  const auto smem = static_cast<size_t>(kBulkCopyStages * rows * row_all);
+  const size_t smem = BulkCopySmem(rows, row_all);
   InjectChunksBulkKernel<<<dim3(static_cast<unsigned>(per_source), static_cast<unsigned>(count)),
                            32, smem, stream>>>(p, sources, layer, rows);
   return cudaGetLastError();

@@ -212,6 +212,40 @@ TEST_F(KernelsTest, InjectExtractMatchTheReferenceBitForBit) {
   }
 }
 
+// The sweep above ran the kernels these paths name: on sm_90+ kAuto moves whole token rows by
+// bulk copies where a token's heads are contiguous and transposes HND pages by tensor maps.
+TEST_F(KernelsTest, CopyPathsAreTheOnesTheSweepMeantToRun) {
+  int dev = 0, major = 0;
+  CUDA_OK(cudaGetDevice(&dev));
+  CUDA_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  DeviceBuffer k(1 << 20), v(1 << 20);
+  auto cache = [&](PagedKvLayout layout, int bs, int heads, int dim) {
+    PagedKvLayer c;
+    c.k = k.get();
+    c.v = layout == PagedKvLayout::kNhdCombined ? nullptr : v.get();
+    c.layout = layout;
+    c.num_blocks = 4;
+    c.block_size = bs;
+    c.num_kv_heads = heads;
+    c.head_dim = dim;
+    return c;
+  };
+  const CopyPath bulk = major >= 9 ? CopyPath::kBulkRows : CopyPath::kVector;
+  const CopyPath tmap = major >= 9 ? CopyPath::kTensorMap : CopyPath::kVector;
+  EXPECT_EQ(PlannedCopyPath(cache(PagedKvLayout::kNhd, 16, 8, 128)), bulk);
+  EXPECT_EQ(PlannedCopyPath(cache(PagedKvLayout::kNhdCombined, 64, 8, 128)), bulk);
+  EXPECT_EQ(PlannedCopyPath(cache(PagedKvLayout::kHnd, 1, 8, 128)), bulk);
+  EXPECT_EQ(PlannedCopyPath(cache(PagedKvLayout::kHnd, 16, 8, 128)), tmap);
+  EXPECT_EQ(PlannedCopyPath(cache(PagedKvLayout::kHnd, 17, 128, 128)), tmap);
+  // 144-byte rows x 3 heads: not a multiple of 128 bytes; 64 KiB token rows: over two stages.
+  EXPECT_EQ(PlannedCopyPath(cache(PagedKvLayout::kHnd, 16, 3, 72)), CopyPath::kVector);
+  EXPECT_EQ(PlannedCopyPath(cache(PagedKvLayout::kHnd, 16, 256, 128)), CopyPath::kVector);
+  EXPECT_EQ(PlannedCopyPath(cache(PagedKvLayout::kNhd, 16, 256, 128)), CopyPath::kVector);
+  const CopyKernelScope vector(CopyKernel::kVector);
+  EXPECT_EQ(PlannedCopyPath(cache(PagedKvLayout::kHnd, 16, 8, 128)), CopyPath::kVector);
+  EXPECT_STREQ(CopyPathName(CopyPath::kTensorMap), "tensor map");
+}
+
 TEST_F(KernelsTest, BadBlockTableEntriesAreSkippedNotWritten) {
   PagedKvLayer cache;
   cache.num_blocks = 4;
@@ -276,7 +310,7 @@ TEST_F(KernelsTest, InjectChunkLayerWritesWhatInjectLayerWritesChunkByChunk) {
   uint64_t seed = 100;
   for (PagedKvLayout layout :
        {PagedKvLayout::kNhd, PagedKvLayout::kNhdCombined, PagedKvLayout::kHnd}) {
-    for (int bs : {16, 7}) {
+    for (int bs : {16, 7, 1}) {
       for (size_t misalign : {size_t{64}, size_t{66}}) {  // 16-byte or only 2-byte aligned
         SCOPED_TRACE(std::string(LayoutName(layout)) + " bs=" + std::to_string(bs) +
                      " misalign=" + std::to_string(misalign));

@@ -34,13 +34,22 @@ enum class PagedKvLayout : uint8_t {
 const char* LayoutName(PagedKvLayout layout);
 
 // Which kernel InjectLayer, ExtractLayer and InjectChunkLayer run; process-wide, for benchmarks
-// and tests (both must give the same bytes). kAuto: bulk asynchronous copies (Hopper's TMA, one
-// warp per CTA streaming rows through shared memory) on sm_90 and later for the NHD layouts
-// where every row is 16-byte aligned and a token's row over all heads is at most 32 KiB;
-// elsewhere (HND too: its per-head rows were slower that way), and always with kVector,
-// 16/8/4/2/1-byte vector loads and stores.
+// and tests (all must give the same bytes). kAuto: on sm_90 and later, where every row is
+// 16-byte aligned and a token's row over all heads is at most 32 KiB, Hopper's TMA (one warp per
+// CTA streaming through shared memory): bulk copies of whole token rows where a token's heads
+// are contiguous in the cache (NHD, NHD-combined, HND with one-token pages), tensor-map copies
+// that transpose HND pages; elsewhere, and always with kVector, 16/8/4/2/1-byte vector loads and
+// stores.
 enum class CopyKernel : uint8_t { kAuto = 0, kVector = 1 };
 void SetCopyKernel(CopyKernel kernel);
+
+struct PagedKvLayer;
+// The kernel kAuto picks for `cache` on the current device when the chunk side is 16-byte
+// aligned (InjectLayer / ExtractLayer; InjectChunkLayer when every payload is): for tests,
+// benchmarks and logs.
+enum class CopyPath : uint8_t { kVector = 0, kBulkRows = 1, kTensorMap = 2 };
+CopyPath PlannedCopyPath(const PagedKvLayer& cache);
+const char* CopyPathName(CopyPath path);
 
 // One layer of an engine's paged KV cache, described without copying it.
 struct PagedKvLayer {
