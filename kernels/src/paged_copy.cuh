@@ -179,107 +179,45 @@ __device__ __forceinline__ uint32_t SharedAddress(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-template <bool kInject>
-__device__ __forceinline__ void PagedCopyBulkRows(const PagedCopyParams& p, int rows_per_stage,
-                                                  int64_t cta, int64_t ctas) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  extern __shared__ __align__(128) unsigned char bulk_smem[];
-  __shared__ __align__(8) uint64_t bars[kBulkCopyStages];
-  const int lane = static_cast<int>(threadIdx.x);
-  const int64_t pairs = 2 * int64_t{p.num_tokens};  // (kv, token) rows, K first
-  const int64_t row_all = int64_t{p.row_vecs} * 16 * p.heads;
-  const int64_t stage_bytes = rows_per_stage * row_all;
-  const int64_t stages = (pairs + rows_per_stage - 1) / rows_per_stage;
-  const int64_t mine = stages > cta ? (stages - cta + ctas - 1) / ctas : 0;
-  if (mine == 0) return;
-  const uint32_t s0 = SharedAddress(bulk_smem), b0 = SharedAddress(bars);
-  if (lane == 0) {
+// PTX of the TMA kernels (sm_90+): bulk copies global -> shared completing on an mbarrier's
+// transaction count, shared -> global in bulk groups, and the stage pipeline they share.
+__device__ __forceinline__ void BulkLoad(uint32_t dst, const void* src, uint32_t bytes,
+                                         uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
+      "[%3];" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void BulkStore(void* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(src),
+               "r"(bytes)
+               : "memory");
+}
+
+// Arrives on `bar` expecting `bytes` more of transactions (0: the phase ends with this arrival
+// once nothing is pending).
+__device__ __forceinline__ void ExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+// The stage pipeline of a one-warp TMA copy CTA over its `mine` work items: kBulkCopyStages
+// mbarriers at shared address `b0` (initialised here, one arrival per phase), item it in stage
+// it % kBulkCopyStages. issue_loads(it) starts item it's loads (lane 0 arrives with their bytes);
+// issue_stores(it) starts its stores once they landed; a bulk group per item, and a stage is
+// refilled once the stores of the item it held have read it.
+template <typename Loads, typename Stores>
+__device__ __forceinline__ void RunBulkStages(int64_t mine, uint32_t b0, Loads&& issue_loads,
+                                              Stores&& issue_stores) {
+  if (threadIdx.x == 0) {
     for (int s = 0; s < kBulkCopyStages; ++s) {
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b0 + 8 * s));
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncwarp();
-  const auto row_u32 = static_cast<uint32_t>(row_all);
-  char* chunk = static_cast<char*>(p.chunk);
-  // The cache address of row q (all its heads), or null where its block-table entry is out of
-  // range.
-  auto cache_at = [&](int64_t q) -> char* {
-    const int kv = q >= p.num_tokens ? 1 : 0;
-    const int64_t pos = p.first_token + (q - int64_t{kv} * p.num_tokens);
-    const int32_t block = p.block_table[pos / p.block_size];
-    if (block < 0 || block >= p.num_blocks) return nullptr;
-    char* base = static_cast<char*>(kv == 0 || p.layout == 1 ? p.k : p.v);
-    return base + CacheRowOffset(p, kv, block, static_cast<int>(pos % p.block_size), 0) * 16;
-  };
-  auto load = [&](uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
-        "[%3];" ::"r"(dst),
-        "l"(src), "r"(bytes), "r"(bar)
-        : "memory");
-  };
-  auto store = [&](void* dst, uint32_t src, uint32_t bytes) {
-    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(src),
-                 "r"(bytes)
-                 : "memory");
-  };
-  auto expect = [&](uint32_t bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
-                 : "memory");
-  };
-  auto issue_loads = [&](int64_t it) {
-    const int s = static_cast<int>(it % kBulkCopyStages);
-    const int64_t q0 = (cta + it * ctas) * rows_per_stage;
-    const int rows = static_cast<int>(pairs - q0 < rows_per_stage ? pairs - q0 : rows_per_stage);
-    const uint32_t buf = s0 + static_cast<uint32_t>(s * stage_bytes), bar = b0 + 8 * s;
-    if (kInject) {  // the chunk's rows are contiguous: one copy
-      if (lane == 0) {
-        const auto bytes = static_cast<uint32_t>(rows * row_all);
-        expect(bar, bytes);
-        load(buf, chunk + q0 * row_all, bytes, bar);
-      }
-      return;
-    }
-    uint32_t bytes = 0;
-    for (int r = lane; r < rows; r += 32) {
-      if (const char* src = cache_at(q0 + r)) {
-        load(buf + static_cast<uint32_t>(r * row_all), src, row_u32, bar);
-        bytes += row_u32;
-      }
-    }
-    // Copies may complete before the expectation is set: the phase cannot end before lane 0
-    // arrives, and the transaction count may pass below zero meanwhile.
-    bytes = __reduce_add_sync(0xffffffffu, bytes);
-    if (lane == 0) expect(bar, bytes);
-  };
-  auto issue_stores = [&](int64_t it) {
-    const int s = static_cast<int>(it % kBulkCopyStages);
-    const int64_t q0 = (cta + it * ctas) * rows_per_stage;
-    const int rows = static_cast<int>(pairs - q0 < rows_per_stage ? pairs - q0 : rows_per_stage);
-    const uint32_t buf = s0 + static_cast<uint32_t>(s * stage_bytes);
-    if (kInject) {
-      for (int r = lane; r < rows; r += 32) {
-        if (char* dst = cache_at(q0 + r))
-          store(dst, buf + static_cast<uint32_t>(r * row_all), row_u32);
-      }
-    } else {
-      // Rows whose entry is out of range were not loaded and are left unwritten in the chunk.
-      bool all = true;
-      for (int r = lane; r < rows; r += 32) all = all && cache_at(q0 + r) != nullptr;
-      if (__all_sync(0xffffffffu, all)) {
-        if (lane == 0) store(chunk + q0 * row_all, buf, static_cast<uint32_t>(rows * row_all));
-      } else {
-        for (int r = lane; r < rows; r += 32) {
-          if (cache_at(q0 + r) != nullptr) {
-            store(chunk + (q0 + r) * row_all, buf + static_cast<uint32_t>(r * row_all),
-                  static_cast<uint32_t>(row_all));
-          }
-        }
-      }
-    }
-    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-  };
   for (int64_t it = 0; it < kBulkCopyStages - 1 && it < mine; ++it) issue_loads(it);
   for (int64_t it = 0; it < mine; ++it) {
     if (it + kBulkCopyStages - 1 < mine) {
@@ -300,8 +238,89 @@ __device__ __forceinline__ void PagedCopyBulkRows(const PagedCopyParams& p, int 
           : "memory");
     }
     issue_stores(it);
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
   }
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+template <bool kInject>
+__device__ __forceinline__ void PagedCopyBulkRows(const PagedCopyParams& p, int rows_per_stage,
+                                                  int64_t cta, int64_t ctas) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) unsigned char bulk_smem[];
+  __shared__ __align__(8) uint64_t bars[kBulkCopyStages];
+  const int lane = static_cast<int>(threadIdx.x);
+  const int64_t pairs = 2 * int64_t{p.num_tokens};  // (kv, token) rows, K first
+  const int64_t row_all = int64_t{p.row_vecs} * 16 * p.heads;
+  const int64_t stage_bytes = rows_per_stage * row_all;
+  const int64_t stages = (pairs + rows_per_stage - 1) / rows_per_stage;
+  const int64_t mine = stages > cta ? (stages - cta + ctas - 1) / ctas : 0;
+  if (mine == 0) return;
+  const uint32_t s0 = SharedAddress(bulk_smem), b0 = SharedAddress(bars);
+  const auto row_u32 = static_cast<uint32_t>(row_all);
+  char* chunk = static_cast<char*>(p.chunk);
+  // The cache address of row q (all its heads), or null where its block-table entry is out of
+  // range.
+  auto cache_at = [&](int64_t q) -> char* {
+    const int kv = q >= p.num_tokens ? 1 : 0;
+    const int64_t pos = p.first_token + (q - int64_t{kv} * p.num_tokens);
+    const int32_t block = p.block_table[pos / p.block_size];
+    if (block < 0 || block >= p.num_blocks) return nullptr;
+    char* base = static_cast<char*>(kv == 0 || p.layout == 1 ? p.k : p.v);
+    return base + CacheRowOffset(p, kv, block, static_cast<int>(pos % p.block_size), 0) * 16;
+  };
+  auto issue_loads = [&](int64_t it) {
+    const int s = static_cast<int>(it % kBulkCopyStages);
+    const int64_t q0 = (cta + it * ctas) * rows_per_stage;
+    const int rows = static_cast<int>(pairs - q0 < rows_per_stage ? pairs - q0 : rows_per_stage);
+    const uint32_t buf = s0 + static_cast<uint32_t>(s * stage_bytes), bar = b0 + 8 * s;
+    if (kInject) {  // the chunk's rows are contiguous: one copy
+      if (lane == 0) {
+        const auto bytes = static_cast<uint32_t>(rows * row_all);
+        ExpectTx(bar, bytes);
+        BulkLoad(buf, chunk + q0 * row_all, bytes, bar);
+      }
+      return;
+    }
+    uint32_t bytes = 0;
+    for (int r = lane; r < rows; r += 32) {
+      if (const char* src = cache_at(q0 + r)) {
+        BulkLoad(buf + static_cast<uint32_t>(r * row_all), src, row_u32, bar);
+        bytes += row_u32;
+      }
+    }
+    // Copies may complete before the expectation is set: the phase cannot end before lane 0
+    // arrives, and the transaction count may pass below zero meanwhile.
+    bytes = __reduce_add_sync(0xffffffffu, bytes);
+    if (lane == 0) ExpectTx(bar, bytes);
+  };
+  auto issue_stores = [&](int64_t it) {
+    const int s = static_cast<int>(it % kBulkCopyStages);
+    const int64_t q0 = (cta + it * ctas) * rows_per_stage;
+    const int rows = static_cast<int>(pairs - q0 < rows_per_stage ? pairs - q0 : rows_per_stage);
+    const uint32_t buf = s0 + static_cast<uint32_t>(s * stage_bytes);
+    if (kInject) {
+      for (int r = lane; r < rows; r += 32) {
+        if (char* dst = cache_at(q0 + r))
+          BulkStore(dst, buf + static_cast<uint32_t>(r * row_all), row_u32);
+      }
+    } else {
+      // Rows whose entry is out of range were not loaded and are left unwritten in the chunk.
+      bool all = true;
+      for (int r = lane; r < rows; r += 32) all = all && cache_at(q0 + r) != nullptr;
+      if (__all_sync(0xffffffffu, all)) {
+        if (lane == 0) BulkStore(chunk + q0 * row_all, buf, static_cast<uint32_t>(rows * row_all));
+      } else {
+        for (int r = lane; r < rows; r += 32) {
+          if (cache_at(q0 + r) != nullptr) {
+            BulkStore(chunk + (q0 + r) * row_all, buf + static_cast<uint32_t>(r * row_all),
+                      static_cast<uint32_t>(row_all));
+          }
+        }
+      }
+    }
+  };
+  RunBulkStages(mine, b0, issue_loads, issue_stores);
 #endif
 }
 

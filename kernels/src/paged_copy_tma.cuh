@@ -12,7 +12,7 @@
 // token through a second map whose box is one slot. A box that runs past the page's last slot
 // (block_size not a multiple of tile_slots) is clipped by the hardware: loads fill zeros there,
 // stores skip it. One warp per CTA, kBulkCopyStages stages in flight, persistent over tiles;
-// the pipeline is PagedCopyBulkRows's (paged_copy.cuh).
+// the pipeline is RunBulkStages (paged_copy.cuh).
 #ifndef KVDN_KERNELS_SRC_PAGED_COPY_TMA_CUH_
 #define KVDN_KERNELS_SRC_PAGED_COPY_TMA_CUH_
 
@@ -62,13 +62,6 @@ __device__ __forceinline__ void HndTmaCopyTiles(const HndTmaParams& p, const Hnd
   const int64_t row_all = p.row_all;
   const int64_t stage_bytes = int64_t{p.tile_slots} * row_all;
   const uint32_t s0 = SharedAddress(tma_smem), b0 = SharedAddress(bars);
-  if (lane == 0) {
-    for (int s = 0; s < kBulkCopyStages; ++s) {
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b0 + 8 * s));
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncwarp();
 
   // Tile `it` of this CTA: where it lies and which of its slots the range covers.
   struct Tile {
@@ -122,47 +115,31 @@ __device__ __forceinline__ void HndTmaCopyTiles(const HndTmaParams& p, const Hnd
         "r"(0), "r"(0), "r"(slot), "r"(block), "r"(src)
         : "memory");
   };
-  auto load = [&](uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
-        "[%3];" ::"r"(dst),
-        "l"(src), "r"(bytes), "r"(bar)
-        : "memory");
-  };
-  auto store = [&](void* dst, uint32_t src, uint32_t bytes) {
-    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(src),
-                 "r"(bytes)
-                 : "memory");
-  };
-  auto expect = [&](uint32_t bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
-                 : "memory");
-  };
   const auto row_u32 = static_cast<uint32_t>(row_all);
   auto issue_loads = [&](int64_t it) {
     const int s = static_cast<int>(it % kBulkCopyStages);
     const uint32_t buf = s0 + static_cast<uint32_t>(s * stage_bytes), bar = b0 + 8 * s;
     const Tile t = tile_at(it);
     if (t.block < 0) {
-      if (lane == 0) expect(bar, 0);  // the phase completes with nothing in flight
+      if (lane == 0) ExpectTx(bar, 0);  // the phase completes with nothing in flight
       return;
     }
     if (kInject) {  // the chunk's rows of the tile are contiguous: one copy
       if (lane == 0) {
         const auto bytes = static_cast<uint32_t>(t.rows * row_all);
-        expect(bar, bytes);
-        load(buf, chunk + t.chunk_row * row_all, bytes, bar);
+        ExpectTx(bar, bytes);
+        BulkLoad(buf, chunk + t.chunk_row * row_all, bytes, bar);
       }
     } else if (t.whole) {
       // The box counts all its bytes, those past the page's last slot (zero-filled) too.
       if (lane == 0) {
-        expect(bar, static_cast<uint32_t>(stage_bytes));
+        ExpectTx(bar, static_cast<uint32_t>(stage_bytes));
         box_load(buf, map_of(t.kv, true), t.slot0, t.block, bar);
       }
     } else {
       // Copies may complete before the expectation is set: the phase cannot end before lane 0
       // arrives, and the transaction count may pass below zero meanwhile.
-      if (lane == 0) expect(bar, static_cast<uint32_t>(t.rows) * row_u32);
+      if (lane == 0) ExpectTx(bar, static_cast<uint32_t>(t.rows) * row_u32);
       for (int r = lane; r < t.rows; r += 32) {
         box_load(buf + static_cast<uint32_t>(r) * row_u32, map_of(t.kv, false), t.lo_slot + r,
                  t.block, bar);
@@ -176,7 +153,7 @@ __device__ __forceinline__ void HndTmaCopyTiles(const HndTmaParams& p, const Hnd
     if (t.block >= 0) {
       if (!kInject) {
         if (lane == 0) {
-          store(chunk + t.chunk_row * row_all, buf, static_cast<uint32_t>(t.rows * row_all));
+          BulkStore(chunk + t.chunk_row * row_all, buf, static_cast<uint32_t>(t.rows * row_all));
         }
       } else if (t.whole) {
         if (lane == 0) box_store(map_of(t.kv, true), t.slot0, t.block, buf);
@@ -187,30 +164,8 @@ __device__ __forceinline__ void HndTmaCopyTiles(const HndTmaParams& p, const Hnd
         }
       }
     }
-    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
   };
-  for (int64_t it = 0; it < kBulkCopyStages - 1 && it < mine; ++it) issue_loads(it);
-  for (int64_t it = 0; it < mine; ++it) {
-    if (it + kBulkCopyStages - 1 < mine) {
-      // The stage refilled now held iteration it - 1: its stores must have read it.
-      asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-      __syncwarp();
-      issue_loads(it + kBulkCopyStages - 1);
-    }
-    const uint32_t bar = b0 + 8 * static_cast<uint32_t>(it % kBulkCopyStages);
-    const auto parity = static_cast<uint32_t>((it / kBulkCopyStages) & 1);
-    uint32_t done = 0;
-    while (!done) {
-      asm volatile(
-          "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, "
-          "0, p; }"
-          : "=r"(done)
-          : "r"(bar), "r"(parity)
-          : "memory");
-    }
-    issue_stores(it);
-  }
-  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  RunBulkStages(mine, b0, issue_loads, issue_stores);
 #endif
 }
 
