@@ -459,6 +459,13 @@ int Main(int argc, char** argv) {
       std::printf("%s", bad == 0 && got.tokens == ctx ? "" : "CHECK FAILED: loaded KV differs\n");
       if (bad != 0) return 1;
     }
+    // The spread of the rounds (the table gives medians): a slow round is a slow request.
+    std::printf(
+        "  %zu tokens over %d rounds: load ms min %.2f, median %.2f, max %.2f; layer 0 ready ms "
+        "median %.2f, max %.2f\n",
+        ctx, rounds, *std::min_element(load.begin(), load.end()) * 1e3, Median(load) * 1e3,
+        *std::max_element(load.begin(), load.end()) * 1e3, Median(first),
+        *std::max_element(first.begin(), first.end()));
     const double h2d_ceiling = Median(ceil), fetch_gbs = Median(fetch);
     const double load_gbs = bytes / Median(load) / 1e9;
     std::printf(

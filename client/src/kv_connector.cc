@@ -2,12 +2,14 @@
 
 #include <algorithm>
 #include <cstring>
+#include <future>
 #include <limits>
 #include <map>
 #include <optional>
 #include <string>
 #include <utility>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "kvdn/common/chunk_format.h"
 #include "kvdn/common/mutex.h"
@@ -146,6 +148,7 @@ struct KvConnector::Impl {
   // kvdnd GPU tiers mapped here (CUDA IPC handle bytes -> base); used on the worker only.
   std::map<std::string, uint8_t*> ipc_bases;
   std::unique_ptr<ThreadPool> worker;
+  std::unique_ptr<ThreadPool> lookups;  // a load's lookup, beside its GPU-tier leasing
 
   kernels::ChunkSource* device_sources = nullptr;  // InjectChunkLayer's sources on the GPU
   size_t device_sources_cap = 0;
@@ -392,19 +395,29 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
     }
     return absl::OkStatus();
   };
-  absl::StatusOr<size_t> matched = c.client->Lookup(s.tokens);
-  if (!matched.ok()) return finish(matched.status(), total, recorded);
   const size_t tpc = c.model.tokens_per_chunk;
-  size_t chunks = (*matched + tpc - 1) / tpc;
+  // With the GPU tier, the lookup runs beside the leasing there: two round trips to kvdnd at once
+  // rather than one after the other (the leases end where the GPU tier's run of the prefix does,
+  // so they need no lookup first).
+  std::promise<absl::StatusOr<size_t>> lookup_result;
+  std::future<absl::StatusOr<size_t>> lookup;
+  // Whatever way RunLoad returns, the lookup (which reads s.tokens) has ended.
+  absl::Cleanup lookup_ended = [&lookup] {
+    if (lookup.valid()) lookup.wait();
+  };
+  if (c.options.use_gpu_tier && !s.tokens.empty()) {
+    lookup = lookup_result.get_future();
+    c.lookups->Submit([&] { lookup_result.set_value(c.client->Lookup(s.tokens)); });
+  }
   // Chunks [0, first_host) lie in kvdnd's GPU tier on this GPU: leased and read in place.
   size_t first_host = 0;
   std::vector<kernels::ChunkSource> gpu_src;  // their payloads, mapped
-  if (c.options.use_gpu_tier && chunks > 0) {
+  if (lookup.valid()) {
     const absl::Time t0 = absl::Now();
     absl::StatusOr<std::vector<ChunkKey>> keys =
         ChunkKeysForTokens(c.client->options().ns, c.model, s.tokens, /*include_tail=*/true);
     if (!keys.ok()) return finish(keys.status(), total, recorded);
-    keys->resize(std::min(chunks, kMaxGpuChunks));
+    keys->resize(std::min(keys->size(), kMaxGpuChunks));
     absl::StatusOr<std::vector<TransferDescriptor>> ds = c.client->AcquireDescriptors(
         *keys, absl::ZeroDuration(), /*accept_gpu=*/true, /*gpu_only=*/true);
     if (!ds.ok()) return finish(ds.status(), total, recorded);
@@ -430,6 +443,11 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
     timings.descriptors = since(t0);
     timings.gpu_tier_chunks = first_host;
   }
+  absl::StatusOr<size_t> matched = lookup.valid() ? lookup.get() : c.client->Lookup(s.tokens);
+  if (!matched.ok()) return finish(matched.status(), total, recorded);
+  // A run leased in the GPU tier is stored even where the lookup, answered a moment apart, ended
+  // sooner (the chunks saved meanwhile).
+  const size_t chunks = std::max((*matched + tpc - 1) / tpc, first_host);
   if (first_host > 0) {
     const absl::Time t0 = absl::Now();
     const bool last = first_host == chunks;
@@ -645,6 +663,7 @@ absl::StatusOr<std::unique_ptr<KvConnector>> KvConnector::Create(Client* client,
     impl->host = MutableByteSpan(static_cast<uint8_t*>(p), host_bytes);
   }
   impl->worker = std::make_unique<ThreadPool>(1);
+  impl->lookups = std::make_unique<ThreadPool>(1);
   return std::unique_ptr<KvConnector>(new KvConnector(std::move(impl)));
 }
 

@@ -422,14 +422,13 @@ absl::Status LeaseAndDescribe(ServerState& state, const ChunkKey& key, uint32_t 
   }
   if (lease.tier == storage::TierKind::kGpu) {
     absl::StatusOr<std::string> handle = state.GpuIpcHandle();
-    absl::StatusOr<std::string> uuid = gpu->DeviceUuid();
-    if (!handle.ok() || !uuid.ok()) {
+    if (!handle.ok()) {
       (void)state.store->Release(lease.id);
-      return !handle.ok() ? handle.status() : uuid.status();
+      return handle.status();
     }
     v1::GpuLocation* g = resp->mutable_gpu();
     g->set_ipc_handle(*handle);
-    g->set_device_uuid(*uuid);
+    g->set_device_uuid(gpu->DeviceUuid());
     g->set_offset(
         static_cast<uint64_t>(static_cast<const uint8_t*>(lease.device_ptr) -
                               static_cast<const uint8_t*>(gpu->Address(storage::MemoryBlock{}))));

@@ -43,11 +43,12 @@ class GpuTier final : public MemoryTier {
   // The pool's cudaIpcMemHandle_t (64 raw bytes); a peer opens it and adds a block's offset.
   absl::StatusOr<std::string> ExportIpcHandle() const;
   // The GPU's UUID (16 raw bytes), by which a process on the same node finds the same device.
-  absl::StatusOr<std::string> DeviceUuid() const;
+  const std::string& DeviceUuid() const { return uuid_; }
 
  private:
-  GpuTier(uint8_t* base, const GpuTierOptions& options);
+  GpuTier(uint8_t* base, const GpuTierOptions& options, std::string uuid);
   const int device_;
+  const std::string uuid_;  // DeviceUuid(), looked up by Create
 };
 
 }  // namespace kvdn::storage
