@@ -894,6 +894,23 @@ absl::Status Client::ReleaseDescriptor(const TransferDescriptor& desc) {
   });
 }
 
+absl::Status Client::ReleaseDescriptors(absl::Span<const TransferDescriptor> ds) {
+  constexpr size_t kMaxIds = 4096;  // per call (kv_service.proto)
+  absl::Status first;
+  for (size_t from = 0; from < ds.size(); from += kMaxIds) {
+    v1::ReleaseRequest req;
+    const absl::Span<const TransferDescriptor> part = ds.subspan(from, kMaxIds);
+    req.mutable_lease_ids()->Reserve(static_cast<int>(part.size()));
+    for (const TransferDescriptor& d : part) req.add_lease_ids(d.lease_id);
+    absl::Status st = impl_->WithRetry<absl::Status>([&](grpc::ClientContext* ctx) {
+      v1::ReleaseResponse resp;
+      return FromGrpcStatus(impl_->stub->Release(ctx, req, &resp));
+    });
+    if (first.ok()) first = std::move(st);
+  }
+  return first;
+}
+
 std::string Client::DataPlaneInUse() {
   auto d = impl_->DataPlane();
   if (!d.ok() || *d == nullptr) return "grpc";

@@ -371,7 +371,7 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
     // load's owner may be gone).
     if (!leases.empty()) {
       (void)cudaStreamSynchronize(c.stream);
-      for (const TransferDescriptor& d : leases) (void)c.client->ReleaseDescriptor(d);
+      (void)c.client->ReleaseDescriptors(leases);  // one round trip, not one per chunk
     }
   };
   LoadResult total;

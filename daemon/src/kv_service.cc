@@ -380,6 +380,31 @@ grpc::Status KvServiceImpl::Release(grpc::ServerContext* ctx, const v1::ReleaseR
                                     v1::ReleaseResponse*) {
   CallScope call(state_, Method::kRelease, ctx);
   if (!call.admitted().ok()) return call.Finish(call.admitted());
+  if (req->lease_ids_size() > 0) {
+    constexpr int kMaxIds = 4096;
+    if (req->target_case() != v1::ReleaseRequest::TARGET_NOT_SET) {
+      return call.Finish(absl::InvalidArgumentError(
+          "lease_ids: give either lease_ids or lease_id / reservation_id, not both"));
+    }
+    if (req->lease_ids_size() > kMaxIds) {
+      return call.Finish(absl::InvalidArgumentError(
+          absl::StrCat("lease_ids: ", req->lease_ids_size(), " ids; at most ", kMaxIds)));
+    }
+    for (int i = 0; i < req->lease_ids_size(); ++i) {
+      if (req->lease_ids(i) == 0) {
+        return call.Finish(absl::InvalidArgumentError(
+            absl::StrCat("lease_ids[", i, "] is 0; lease ids are nonzero")));
+      }
+    }
+    absl::Status first;
+    for (int i = 0; i < req->lease_ids_size(); ++i) {
+      absl::Status st = state_.store->Release(req->lease_ids(i));
+      if (!st.ok() && first.ok()) {
+        first = absl::Status(st.code(), absl::StrCat("lease_ids[", i, "]: ", st.message()));
+      }
+    }
+    return call.Finish(first);
+  }
   switch (req->target_case()) {
     case v1::ReleaseRequest::kLeaseId:
       return call.Finish(state_.store->Release(req->lease_id()));

@@ -596,8 +596,8 @@ TEST_F(DataPlaneTest, PartsOfAPayloadFollowPreadsRule) {
 }
 
 // GetDescriptors leases a run of chunks in one call: from the first key to the first that is not
-// stored; each descriptor reads back the chunk; releasing them leaves no lease. Without a GPU tier
-// gpu_only leases nothing.
+// stored; each descriptor reads back the chunk; releasing them (one by one, or all in one call)
+// leaves no lease. Without a GPU tier gpu_only leases nothing.
 TEST_F(DataPlaneTest, GetDescriptorsLeasesTheRunOfStoredChunks) {
   using DP = client::ClientOptions::DataPlane;
   auto c = Connect(daemon_.unix_target(), DP::kUcx);
@@ -621,6 +621,15 @@ TEST_F(DataPlaneTest, GetDescriptorsLeasesTheRunOfStoredChunks) {
     EXPECT_TRUE(std::equal(p[i].begin(), p[i].end(), got.begin() + kChunkHeaderBytes));
     ASSERT_OK(c->ReleaseDescriptor(ds[i]));
   }
+  // Many at once: one call releases the run; releasing it again names the first unknown lease.
+  ASSERT_OK_AND_ASSIGN(ds, c->AcquireDescriptors(keys, absl::Seconds(10)));
+  ASSERT_EQ(ds.size(), 3u);
+  EXPECT_EQ(LeasesActive(daemon_.unix_target()), 3u);
+  ASSERT_OK(c->ReleaseDescriptors(ds));
+  EXPECT_EQ(LeasesActive(daemon_.unix_target()), 0u);
+  EXPECT_THAT(c->ReleaseDescriptors(ds),
+              StatusIs(absl::StatusCode::kNotFound,
+                       HasSubstr(absl::StrCat("lease_ids[0]: no lease ", ds[0].lease_id))));
   ASSERT_OK_AND_ASSIGN(auto gpu_only, c->AcquireDescriptors(keys, absl::Seconds(10), true, true));
   EXPECT_TRUE(gpu_only.empty()) << "this kvdnd has no GPU tier";
   ExpectNothingHeld(daemon_.unix_target());

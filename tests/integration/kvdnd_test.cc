@@ -413,6 +413,38 @@ TEST_F(BadRequestTest, EachGetsItsExactStatusAndTheDaemonStaysHealthy) {
          return FromGrpcStatus(stub_->Release(&ctx, {}, &r));
        },
        absl::StatusCode::kInvalidArgument, "lease_id or reservation_id"},
+      {"release of lease_ids beside a lease_id",
+       [&]() -> absl::Status {
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::ReleaseRequest rq;
+         rq.set_lease_id(5);
+         rq.add_lease_ids(6);
+         v1::ReleaseResponse r;
+         return FromGrpcStatus(stub_->Release(&ctx, rq, &r));
+       },
+       absl::StatusCode::kInvalidArgument, "not both"},
+      {"release of a zero lease id",
+       [&]() -> absl::Status {
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::ReleaseRequest rq;
+         rq.add_lease_ids(6);
+         rq.add_lease_ids(0);
+         v1::ReleaseResponse r;
+         return FromGrpcStatus(stub_->Release(&ctx, rq, &r));
+       },
+       absl::StatusCode::kInvalidArgument, "lease_ids[1] is 0"},
+      {"release of 4097 lease ids",
+       [&]() -> absl::Status {
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::ReleaseRequest rq;
+         for (int i = 1; i <= 4097; ++i) rq.add_lease_ids(static_cast<uint64_t>(i));
+         v1::ReleaseResponse r;
+         return FromGrpcStatus(stub_->Release(&ctx, rq, &r));
+       },
+       absl::StatusCode::kInvalidArgument, "4097 ids; at most 4096"},
       {"lookup hash of the wrong length",
        [&]() -> absl::Status {
          grpc::ClientContext ctx;

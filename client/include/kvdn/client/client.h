@@ -199,6 +199,9 @@ class Client {
       bool gpu_only = false);
   absl::StatusOr<uint64_t> ReadDescriptor(const TransferDescriptor& d, MutableByteSpan dst);
   absl::Status ReleaseDescriptor(const TransferDescriptor& d);
+  // Releases many leases in one call (AcquireDescriptors'); at most 4096. Every one is released;
+  // the first failure's status (NOT_FOUND, ABORTED: expired) is returned, naming the lease.
+  absl::Status ReleaseDescriptors(absl::Span<const TransferDescriptor> ds);
 
   // What payloads travel over now: "grpc", or "ucx: <transports>".
   std::string DataPlaneInUse();
