@@ -319,6 +319,7 @@ int Main(int argc, char** argv) {
       return 1;
     }
     std::vector<double> fetch, load, first, gpu, peer, ceil;
+    client::LoadStats slowest_stats;  // of the slowest round's load
     if (gpu_tier_mib > 0) {
       const auto t0 = Clock::now();
       auto l = Must(conn->StartLoad(tokens, b.View()), "StartLoad");
@@ -372,10 +373,13 @@ int Main(int argc, char** argv) {
         if (r == rounds - 1) {
           std::printf(
               "  %zu tokens, last round: %zu chunks from the GPU tier; load %.1f ms = "
-              "descriptors %.1f + fetch %.1f + stall %.1f + enqueue %.1f ms (host, "
+              "descriptors %.1f + lookup %.1f + fetch %.1f + stall %.1f + enqueue %.1f ms (host, "
               "connector thread)\n",
-              ctx, lt.gpu_tier_chunks, Seconds(t0, t2) * 1e3, lt.descriptors * 1e3, lt.fetch * 1e3,
-              lt.stall * 1e3, lt.enqueue * 1e3);
+              ctx, lt.gpu_tier_chunks, Seconds(t0, t2) * 1e3, lt.descriptors * 1e3, lt.lookup * 1e3,
+              lt.fetch * 1e3, lt.stall * 1e3, lt.enqueue * 1e3);
+        }
+        if (load.empty() || Seconds(t0, t2) > *std::max_element(load.begin(), load.end())) {
+          slowest_stats = lt;
         }
         first.push_back(Seconds(t0, t1) * 1e3);
         load.push_back(Seconds(t0, t2));
@@ -476,10 +480,13 @@ int Main(int argc, char** argv) {
     // The spread of the rounds (the table gives medians): a slow round is a slow request.
     std::printf(
         "  %zu tokens over %d rounds: load ms min %.2f, median %.2f, max %.2f; layer 0 ready ms "
-        "median %.2f, max %.2f\n",
+        "median %.2f, max %.2f; the slowest: descriptors %.1f + lookup %.1f + fetch %.1f + stall "
+        "%.1f + enqueue %.1f ms\n",
         ctx, rounds, *std::min_element(load.begin(), load.end()) * 1e3, Median(load) * 1e3,
         *std::max_element(load.begin(), load.end()) * 1e3, Median(first),
-        *std::max_element(first.begin(), first.end()));
+        *std::max_element(first.begin(), first.end()), slowest_stats.descriptors * 1e3,
+        slowest_stats.lookup * 1e3, slowest_stats.fetch * 1e3, slowest_stats.stall * 1e3,
+        slowest_stats.enqueue * 1e3);
     const double h2d_ceiling = Median(ceil), fetch_gbs = Median(fetch);
     const double load_gbs = bytes / Median(load) / 1e9;
     std::printf(

@@ -443,7 +443,9 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
     timings.descriptors = since(t0);
     timings.gpu_tier_chunks = first_host;
   }
+  const absl::Time lookup_t0 = absl::Now();
   absl::StatusOr<size_t> matched = lookup.valid() ? lookup.get() : c.client->Lookup(s.tokens);
+  timings.lookup = since(lookup_t0);
   if (!matched.ok()) return finish(matched.status(), total, recorded);
   // A run leased in the GPU tier is stored even where the lookup, answered a moment apart, ended
   // sooner (the chunks saved meanwhile).

@@ -83,6 +83,7 @@ struct ConnectorOptions {
 struct LoadStats {
   size_t gpu_tier_chunks = 0;  // read in place from kvdnd's GPU tier (CUDA IPC)
   double descriptors = 0;      // leasing chunks in the GPU tier
+  double lookup = 0;           // waiting for the prefix lookup (beyond the leasing, beside it)
   double fetch = 0;            // fetching chunks from kvdnd into host staging
   double stall = 0;            // waiting for a staging half's copies to the GPU to end
   double enqueue = 0;          // enqueuing copies and kernels
