@@ -36,8 +36,7 @@ int BulkCopySms() {
     const bool ok =
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess &&
-        major >= 9 && sms > 0 && detail::PrepareBulkCopyKernels() == cudaSuccess &&
-        detail::PrepareHndTmaKernels() == cudaSuccess;
+        major >= 9 && sms > 0 && detail::PrepareTmaCopyKernels() == cudaSuccess;
     if (!ok) (void)cudaGetLastError();  // not sticky: the vector kernel serves
     v = ok ? sms : -1;
     g_bulk_sms[dev].store(v, std::memory_order_relaxed);

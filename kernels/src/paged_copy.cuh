@@ -340,24 +340,10 @@ __global__ void __launch_bounds__(32)
   PagedCopyBulkRows<true>(p, rows_per_stage, blockIdx.x, gridDim.x);
 }
 
-// Lets the bulk-copy kernels take their shared memory (up to kBulkCopyStages x 2 stages' bytes)
-// on the current device; once per device before their first launch.
-inline cudaError_t PrepareBulkCopyKernels() {
-  constexpr int kMax = kBulkCopyStages * 2 * kBulkCopyStageBytes;
-  for (const void* k : {reinterpret_cast<const void*>(PagedCopyBulkKernel<true>),
-                        reinterpret_cast<const void*>(PagedCopyBulkKernel<false>),
-                        reinterpret_cast<const void*>(InjectChunksBulkKernel)}) {
-    if (cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, kMax);
-        e != cudaSuccess) {
-      return e;
-    }
-  }
-  return cudaSuccess;
-}
-
 // A token's heads contiguous in the cache (NHD, NHD-combined, HND with one-token pages),
 // p.row_vecs counts 16-byte vectors (rows 16-byte aligned),
-// BulkCopyRowsPerStage of the row is not 0, PrepareBulkCopyKernels has run on this device; `sms`:
+// BulkCopyRowsPerStage of the row is not 0, PrepareTmaCopyKernels (paged_copy_tma.cuh) has run on
+// this device; `sms`:
 // the device's multiprocessors.
 template <bool kInject>
 cudaError_t LaunchPagedCopyBulk(const PagedCopyParams& p, int sms, cudaStream_t stream) {

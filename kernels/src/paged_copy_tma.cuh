@@ -186,10 +186,15 @@ __global__ void __launch_bounds__(32)
   HndTmaCopyTiles<true>(p, maps, chunk, src.first_token, src.num_tokens, blockIdx.x, gridDim.x);
 }
 
-// Lets the tensor-map kernels take their shared memory on the current device; once per device.
-inline cudaError_t PrepareHndTmaKernels() {
+// Lets the TMA copy kernels (bulk rows, paged_copy.cuh, and tensor maps) take their shared
+// memory, up to kBulkCopyStages x 2 stages' bytes, on the current device; once per device before
+// their first launch.
+inline cudaError_t PrepareTmaCopyKernels() {
   constexpr int kMax = kBulkCopyStages * 2 * kBulkCopyStageBytes;
-  for (const void* k : {reinterpret_cast<const void*>(HndTmaCopyKernel<true>),
+  for (const void* k : {reinterpret_cast<const void*>(PagedCopyBulkKernel<true>),
+                        reinterpret_cast<const void*>(PagedCopyBulkKernel<false>),
+                        reinterpret_cast<const void*>(InjectChunksBulkKernel),
+                        reinterpret_cast<const void*>(HndTmaCopyKernel<true>),
                         reinterpret_cast<const void*>(HndTmaCopyKernel<false>),
                         reinterpret_cast<const void*>(HndTmaInjectChunksKernel)}) {
     if (cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, kMax);
@@ -208,7 +213,7 @@ inline int64_t HndTmaTiles(const HndTmaParams& p, int32_t first_token, int32_t n
   return 2 * pages * ((p.block_size + p.tile_slots - 1) / p.tile_slots);
 }
 
-// PrepareHndTmaKernels has run on this device; `sms`: its multiprocessors.
+// PrepareTmaCopyKernels has run on this device; `sms`: its multiprocessors.
 template <bool kInject>
 cudaError_t LaunchHndTmaCopy(const HndTmaMaps& maps, const HndTmaParams& p, void* chunk,
                              int32_t first_token, int32_t num_tokens, int sms,
