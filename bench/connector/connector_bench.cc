@@ -15,6 +15,7 @@
 //                   [--copy-kernel auto|vector] [--layout nhd|hnd]
 #include <cuda_runtime_api.h>
 #include <fcntl.h>
+#include <grpcpp/grpcpp.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -38,6 +39,7 @@
 #include "kvdn/client/client.h"
 #include "kvdn/client/kv_connector.h"
 #include "kvdn/kernels/paged_kv.h"
+#include "kvdn/v1/admin_service.grpc.pb.h"
 
 namespace kvdn {
 namespace {
@@ -117,6 +119,36 @@ class Daemon {
   std::string dir_;
   pid_t pid_ = -1;
 };
+
+// kvdnd's tier counters (AdminService.GetStats): what moved between tiers, to tell a slow round's
+// cause (a lease that promoted a chunk into the GPU tier, or waited for one being moved).
+struct TierCounters {
+  uint64_t gpu_promotions = 0, gpu_demotions = 0, gpu_evictions = 0, gpu_misses = 0;
+  uint64_t host_evictions = 0;
+};
+TierCounters ReadTierCounters(const std::string& target) {
+  TierCounters t;
+  auto stub =
+      v1::AdminService::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  v1::GetStatsResponse r;
+  if (grpc::Status st = stub->GetStats(&ctx, v1::GetStatsRequest(), &r); !st.ok()) {
+    std::fprintf(stderr, "GetStats: %s\n", st.error_message().c_str());
+    return t;
+  }
+  for (const v1::TierStats& ts : r.tiers()) {
+    if (ts.tier() == v1::TIER_GPU) {
+      t.gpu_promotions = ts.promotions();
+      t.gpu_demotions = ts.demotions();
+      t.gpu_evictions = ts.evictions();
+      t.gpu_misses = ts.misses();
+    } else if (ts.tier() == v1::TIER_HOST) {
+      t.host_evictions = ts.evictions();
+    }
+  }
+  return t;
+}
 
 // A paged cache [blocks, 16, 8, 128] bf16 per layer for K and V, and a shuffled block table.
 struct Cache {
@@ -327,6 +359,7 @@ int Main(int argc, char** argv) {
       std::printf("  %zu tokens: first load %.1f ms, %zu of %zu chunks from the GPU tier\n", ctx,
                   Seconds(t0, Clock::now()) * 1e3, l->stats().gpu_tier_chunks, got.chunks);
     }
+    const TierCounters before = ReadTierCounters(daemon.target());
     for (int r = 0; r < rounds; ++r) {
       ceil.push_back(h2d());
       // The fetch alone, window by window into page-locked pool memory, as the connector does.
@@ -476,6 +509,17 @@ int Main(int argc, char** argv) {
       for (auto& l : ls) Must(l->Wait(), "Wait");
       std::printf("  %zu tokens, %d loads started back to back: %.2f ms a load\n", ctx, kLoads,
                   Seconds(t0, Clock::now()) * 1e3 / kLoads);
+    }
+    if (gpu_tier_mib > 0) {
+      const TierCounters after = ReadTierCounters(daemon.target());
+      std::printf(
+          "  %zu tokens, kvdnd over the timed loads: GPU tier promotions %llu, demotions %llu, "
+          "evictions %llu, misses %llu; host tier evictions %llu\n",
+          ctx, static_cast<unsigned long long>(after.gpu_promotions - before.gpu_promotions),
+          static_cast<unsigned long long>(after.gpu_demotions - before.gpu_demotions),
+          static_cast<unsigned long long>(after.gpu_evictions - before.gpu_evictions),
+          static_cast<unsigned long long>(after.gpu_misses - before.gpu_misses),
+          static_cast<unsigned long long>(after.host_evictions - before.host_evictions));
     }
     // The spread of the rounds (the table gives medians): a slow round is a slow request.
     std::printf(
