@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "kvdn/common/chunk_format.h"
@@ -57,8 +58,8 @@ absl::StatusOr<std::vector<ChunkKey>> ChainOf(ServerState& state, const v1::Look
 
 // The longest stored prefix; `forward`: chunks past the local prefix may be on peers (KvService;
 // PeerService answers for its local tiers only).
-absl::Status DoLookup(ServerState& state, grpc::ServerContext* ctx, const v1::LookupRequest& req,
-                      v1::LookupResponse* resp, bool forward) {
+absl::Status DoLookup(ServerState& state, const grpc::ServerContextBase* ctx,
+                      const v1::LookupRequest& req, v1::LookupResponse* resp, bool forward) {
   KVDN_ASSIGN_OR_RETURN(std::vector<ChunkKey> chain, ChainOf(state, req));
   const storage::LookupResult r = state.store->Lookup(chain);
   resp->set_matched_chunks(static_cast<uint32_t>(r.matched));
@@ -323,11 +324,23 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
 
 // ---- KvService ----
 
-grpc::Status KvServiceImpl::Lookup(grpc::ServerContext* ctx, const v1::LookupRequest* req,
-                                   v1::LookupResponse* resp) {
-  CallScope call(state_, Method::kLookup, ctx);
-  if (!call.admitted().ok()) return call.Finish(call.admitted());
-  return call.Finish(DoLookup(state_, ctx, *req, resp, /*forward=*/true));
+grpc::ServerUnaryReactor* KvServiceImpl::Lookup(grpc::CallbackServerContext* ctx,
+                                                const v1::LookupRequest* req,
+                                                v1::LookupResponse* resp) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  auto run = [this, ctx, req, resp, reactor] {
+    CallScope call(state_, Method::kLookup, ctx);
+    reactor->Finish(call.admitted().ok()
+                        ? call.Finish(DoLookup(state_, ctx, *req, resp, /*forward=*/true))
+                        : call.Finish(call.admitted()));
+  };
+  // The local index answers at once; asking the owners of a miss (a cluster) blocks.
+  if (state_.HasPeers()) {
+    state_.blocking_pool.Submit(std::move(run));
+  } else {
+    run();
+  }
+  return reactor;
 }
 
 grpc::Status KvServiceImpl::Put(grpc::ServerContext* ctx,
@@ -376,43 +389,55 @@ grpc::Status KvServiceImpl::Commit(grpc::ServerContext* ctx, const v1::CommitReq
   return call.Finish(st);
 }
 
-grpc::Status KvServiceImpl::Release(grpc::ServerContext* ctx, const v1::ReleaseRequest* req,
-                                    v1::ReleaseResponse*) {
-  CallScope call(state_, Method::kRelease, ctx);
-  if (!call.admitted().ok()) return call.Finish(call.admitted());
-  if (req->lease_ids_size() > 0) {
+namespace {
+
+// Release's work: a lease, a reservation, or many leases (all in memory: it never blocks).
+absl::Status DoRelease(ServerState& state, const v1::ReleaseRequest& req) {
+  if (req.lease_ids_size() > 0) {
     constexpr int kMaxIds = 4096;
-    if (req->target_case() != v1::ReleaseRequest::TARGET_NOT_SET) {
-      return call.Finish(absl::InvalidArgumentError(
-          "lease_ids: give either lease_ids or lease_id / reservation_id, not both"));
+    if (req.target_case() != v1::ReleaseRequest::TARGET_NOT_SET) {
+      return absl::InvalidArgumentError(
+          "lease_ids: give either lease_ids or lease_id / reservation_id, not both");
     }
-    if (req->lease_ids_size() > kMaxIds) {
-      return call.Finish(absl::InvalidArgumentError(
-          absl::StrCat("lease_ids: ", req->lease_ids_size(), " ids; at most ", kMaxIds)));
+    if (req.lease_ids_size() > kMaxIds) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("lease_ids: ", req.lease_ids_size(), " ids; at most ", kMaxIds));
     }
-    for (int i = 0; i < req->lease_ids_size(); ++i) {
-      if (req->lease_ids(i) == 0) {
-        return call.Finish(absl::InvalidArgumentError(
-            absl::StrCat("lease_ids[", i, "] is 0; lease ids are nonzero")));
+    for (int i = 0; i < req.lease_ids_size(); ++i) {
+      if (req.lease_ids(i) == 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("lease_ids[", i, "] is 0; lease ids are nonzero"));
       }
     }
     absl::Status first;
-    for (int i = 0; i < req->lease_ids_size(); ++i) {
-      absl::Status st = state_.store->Release(req->lease_ids(i));
+    for (int i = 0; i < req.lease_ids_size(); ++i) {
+      absl::Status st = state.store->Release(req.lease_ids(i));
       if (!st.ok() && first.ok()) {
         first = absl::Status(st.code(), absl::StrCat("lease_ids[", i, "]: ", st.message()));
       }
     }
-    return call.Finish(first);
+    return first;
   }
-  switch (req->target_case()) {
+  switch (req.target_case()) {
     case v1::ReleaseRequest::kLeaseId:
-      return call.Finish(state_.store->Release(req->lease_id()));
+      return state.store->Release(req.lease_id());
     case v1::ReleaseRequest::kReservationId:
-      return call.Finish(state_.store->Abort(req->reservation_id()));
+      return state.store->Abort(req.reservation_id());
     default:
-      return call.Finish(absl::InvalidArgumentError("Release needs lease_id or reservation_id"));
+      return absl::InvalidArgumentError("Release needs lease_id or reservation_id");
   }
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* KvServiceImpl::Release(grpc::CallbackServerContext* ctx,
+                                                 const v1::ReleaseRequest* req,
+                                                 v1::ReleaseResponse*) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  CallScope call(state_, Method::kRelease, ctx);
+  reactor->Finish(call.admitted().ok() ? call.Finish(DoRelease(state_, *req))
+                                       : call.Finish(call.admitted()));
+  return reactor;
 }
 
 namespace {
@@ -433,11 +458,14 @@ absl::Status CheckLeaseRequest(const ServerState& state, uint32_t lease_ms, bool
 
 // Leases `key` and describes it into `resp`. With gpu_only, a chunk that did not land in the GPU
 // tier is released at once and NOT_FOUND returned (the caller ends its run there).
+// may_block false: UNAVAILABLE kWouldBlock where the chunk needs a disk read, a copy off or onto
+// the GPU, or a move in flight.
 absl::Status LeaseAndDescribe(ServerState& state, const ChunkKey& key, uint32_t lease_ms,
                               bool accept_gpu, bool gpu_only, bool same_host,
-                              v1::GetDescriptorResponse* resp) {
+                              v1::GetDescriptorResponse* resp, bool may_block = true) {
   storage::GpuTier* gpu = state.store->gpu_tier();
   storage::AcquireOptions opts;
+  opts.may_block = may_block;
   if (lease_ms != 0) opts.ttl = absl::Milliseconds(lease_ms);
   opts.accept_gpu = accept_gpu && gpu != nullptr && !state.config.gpu_tier_ipc_disabled();
   KVDN_ASSIGN_OR_RETURN(storage::Lease lease, state.store->Acquire(key, opts));
@@ -490,44 +518,68 @@ grpc::Status KvServiceImpl::GetDescriptor(grpc::ServerContext* ctx,
                                       /*gpu_only=*/false, same_host, resp));
 }
 
-grpc::Status KvServiceImpl::GetDescriptors(grpc::ServerContext* ctx,
-                                           const v1::GetDescriptorsRequest* req,
-                                           v1::GetDescriptorsResponse* resp) {
-  CallScope call(state_, Method::kGetDescriptors, ctx);
-  if (!call.admitted().ok()) return call.Finish(call.admitted());
+namespace {
+
+// GetDescriptors' work, the leases of the run; with may_block false, kWouldBlock (nothing kept
+// leased) where a chunk of the run needs a blocking step.
+absl::Status LeaseRun(ServerState& state, const grpc::ServerContextBase* ctx,
+                      const v1::GetDescriptorsRequest& req, v1::GetDescriptorsResponse* resp,
+                      bool may_block) {
   constexpr int kMaxKeys = 4096;
-  if (req->keys_size() > kMaxKeys) {
-    return call.Finish(absl::InvalidArgumentError(
-        absl::StrCat(req->keys_size(), " keys; at most ", kMaxKeys, " per call")));
+  if (req.keys_size() > kMaxKeys) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(req.keys_size(), " keys; at most ", kMaxKeys, " per call"));
   }
-  if (req->gpu_only() && !req->accept_gpu()) {
-    return call.Finish(absl::InvalidArgumentError("gpu_only needs accept_gpu"));
+  if (req.gpu_only() && !req.accept_gpu()) {
+    return absl::InvalidArgumentError("gpu_only needs accept_gpu");
   }
   const bool same_host = IsLocalPeer(ctx->peer());
-  if (absl::Status st = CheckLeaseRequest(state_, req->lease_ms(), req->accept_gpu(), same_host);
-      !st.ok()) {
-    return call.Finish(st);
-  }
+  KVDN_RETURN_IF_ERROR(CheckLeaseRequest(state, req.lease_ms(), req.accept_gpu(), same_host));
   std::vector<ChunkKey> keys;
-  keys.reserve(req->keys_size());
-  for (int i = 0; i < req->keys_size(); ++i) {
-    auto key = CheckedKey(state_, req->keys(i), absl::StrCat("keys[", i, "]"));
-    if (!key.ok()) return call.Finish(key.status());
-    keys.push_back(*std::move(key));
+  keys.reserve(req.keys_size());
+  for (int i = 0; i < req.keys_size(); ++i) {
+    KVDN_ASSIGN_OR_RETURN(ChunkKey key,
+                          CheckedKey(state, req.keys(i), absl::StrCat("keys[", i, "]")));
+    keys.push_back(std::move(key));
   }
   for (const ChunkKey& key : keys) {
     v1::GetDescriptorResponse one;
-    absl::Status st = LeaseAndDescribe(state_, key, req->lease_ms(), req->accept_gpu(),
-                                       req->gpu_only(), same_host, &one);
+    absl::Status st = LeaseAndDescribe(state, key, req.lease_ms(), req.accept_gpu(), req.gpu_only(),
+                                       same_host, &one, may_block);
     if (absl::IsNotFound(st)) break;  // the run ends here
     if (!st.ok()) {
-      for (const auto& d : resp->descriptors()) (void)state_.store->Release(d.transfer().id());
+      for (const auto& d : resp->descriptors()) (void)state.store->Release(d.transfer().id());
       resp->clear_descriptors();
-      return call.Finish(st);
+      return st;
     }
     *resp->add_descriptors() = std::move(one);
   }
-  return call.Finish(absl::OkStatus());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* KvServiceImpl::GetDescriptors(grpc::CallbackServerContext* ctx,
+                                                        const v1::GetDescriptorsRequest* req,
+                                                        v1::GetDescriptorsResponse* resp) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  auto call = std::make_shared<CallScope>(state_, Method::kGetDescriptors, ctx);
+  if (!call->admitted().ok()) {
+    reactor->Finish(call->Finish(call->admitted()));
+    return reactor;
+  }
+  // Chunks in memory are leased here, on gRPC's thread; a run with a chunk that needs a disk
+  // read, a copy off or onto the GPU, or a move in flight is leased from its start again on a
+  // thread that may block.
+  absl::Status st = LeaseRun(state_, ctx, *req, resp, /*may_block=*/false);
+  if (storage::IsWouldBlock(st)) {
+    state_.blocking_pool.Submit([this, ctx, req, resp, reactor, call] {
+      reactor->Finish(call->Finish(LeaseRun(state_, ctx, *req, resp, /*may_block=*/true)));
+    });
+  } else {
+    reactor->Finish(call->Finish(st));
+  }
+  return reactor;
 }
 
 grpc::Status KvServiceImpl::Delete(grpc::ServerContext* ctx, const v1::DeleteRequest* req,

@@ -1,7 +1,11 @@
 // Internal to daemon/: KvService and PeerService on the tiered store. The chunk streams (Put/Get)
 // are shared by both: PeerService.Fetch is Get and Replicate is Put, from local tiers only.
 // Get and Fetch are raw callback methods: their frames go out as slices over the leased arena
-// bytes (proto/get_frames.h), without a protobuf copy; the other methods are synchronous.
+// bytes (proto/get_frames.h), without a protobuf copy. Lookup, GetDescriptors and Release, the
+// calls an engine makes for every request, are callback methods too: gRPC's synchronous server
+// held about one call in 1000-3000 for ~100 ms before its handler (2026-12-02,
+// bench/results/connector-2026-12-02-round-trips.md), the callback API did not. They run on gRPC's
+// thread where they cannot block, else on the blocking pool. The other methods are synchronous.
 #ifndef KVDN_DAEMON_SRC_KV_SERVICE_H_
 #define KVDN_DAEMON_SRC_KV_SERVICE_H_
 
@@ -12,12 +16,15 @@
 namespace kvdn::daemon {
 
 class KvServiceImpl final
-    : public v1::KvService::WithRawCallbackMethod_Get<v1::KvService::Service> {
+    : public v1::KvService::WithCallbackMethod_Lookup<
+          v1::KvService::WithCallbackMethod_GetDescriptors<
+              v1::KvService::WithCallbackMethod_Release<
+                  v1::KvService::WithRawCallbackMethod_Get<v1::KvService::Service>>>> {
  public:
   explicit KvServiceImpl(ServerState* state) : state_(*state) {}
 
-  grpc::Status Lookup(grpc::ServerContext* ctx, const v1::LookupRequest* req,
-                      v1::LookupResponse* resp) override;
+  grpc::ServerUnaryReactor* Lookup(grpc::CallbackServerContext* ctx, const v1::LookupRequest* req,
+                                   v1::LookupResponse* resp) override;
   grpc::Status Put(grpc::ServerContext* ctx, grpc::ServerReader<v1::PutRequest>* reader,
                    v1::PutResponse* resp) override;
   grpc::ServerWriteReactor<grpc::ByteBuffer>* Get(grpc::CallbackServerContext* ctx,
@@ -26,12 +33,13 @@ class KvServiceImpl final
                        v1::ReserveResponse* resp) override;
   grpc::Status Commit(grpc::ServerContext* ctx, const v1::CommitRequest* req,
                       v1::CommitResponse* resp) override;
-  grpc::Status Release(grpc::ServerContext* ctx, const v1::ReleaseRequest* req,
-                       v1::ReleaseResponse* resp) override;
+  grpc::ServerUnaryReactor* Release(grpc::CallbackServerContext* ctx, const v1::ReleaseRequest* req,
+                                    v1::ReleaseResponse* resp) override;
   grpc::Status GetDescriptor(grpc::ServerContext* ctx, const v1::GetDescriptorRequest* req,
                              v1::GetDescriptorResponse* resp) override;
-  grpc::Status GetDescriptors(grpc::ServerContext* ctx, const v1::GetDescriptorsRequest* req,
-                              v1::GetDescriptorsResponse* resp) override;
+  grpc::ServerUnaryReactor* GetDescriptors(grpc::CallbackServerContext* ctx,
+                                           const v1::GetDescriptorsRequest* req,
+                                           v1::GetDescriptorsResponse* resp) override;
   grpc::Status Delete(grpc::ServerContext* ctx, const v1::DeleteRequest* req,
                       v1::DeleteResponse* resp) override;
   grpc::Status OpenDataPlane(grpc::ServerContext* ctx, const v1::OpenDataPlaneRequest* req,

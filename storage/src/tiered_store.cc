@@ -321,7 +321,12 @@ absl::StatusOr<Lease> TieredStore::Acquire(const ChunkKey& key, const AcquireOpt
       return absl::NotFoundError(absl::StrCat("chunk ", key.ToString(), " is not stored"));
     }
     Entry* e = &it->second;
-    if (!options.may_block && (e->mem == kNone || (e->mem == kGpu && !options.accept_gpu))) {
+    // A promotion into the GPU tier (below, for a reader that takes device memory) is a copy
+    // too.
+    const bool would_promote =
+        e->mem == kHost && options.accept_gpu && gpu_ && !tried_gpu && !e->moving && e->pins == 0;
+    if (!options.may_block &&
+        (e->mem == kNone || (e->mem == kGpu && !options.accept_gpu) || would_promote)) {
       return absl::UnavailableError(kWouldBlock);
     }
     if (e->moving && (e->mem == kNone || (e->mem == kGpu && !options.accept_gpu))) {
@@ -339,8 +344,7 @@ absl::StatusOr<Lease> TieredStore::Acquire(const ChunkKey& key, const AcquireOpt
       KVDN_RETURN_IF_ERROR(PromoteFromDiskLocked(e));
       continue;
     }
-    if (e->mem == kHost && options.accept_gpu && options.may_block && gpu_ && !tried_gpu &&
-        !e->moving && e->pins == 0) {
+    if (would_promote) {
       tried_gpu = true;  // opportunistic: on failure the host copy is leased
       PromoteToGpuLocked(e);
       continue;

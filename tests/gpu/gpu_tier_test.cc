@@ -104,6 +104,20 @@ TEST_F(GpuTest, StorePromotesToGpuForGpuReadersAndDemotesUnderPressure) {
   ASSERT_OK(s->Release(g.id));
   ASSERT_OK(s->Get(KeyFor(6), MutableByteSpan(got)));
   EXPECT_EQ(got, chunks[6]);
+  // A GPU reader that may not block (kvdnd's gRPC thread) is told to retry where the chunk would
+  // be promoted (a copy), and counts no hit or miss; on a thread that may block it is promoted.
+  ASSERT_EQ(s->Lookup({KeyFor(6)}).tiers[0], TierKind::kHost);
+  const uint64_t promotions = s->Stats().tier(TierKind::kGpu).promotions;
+  EXPECT_TRUE(
+      IsWouldBlock(s->Acquire(KeyFor(6), {.accept_gpu = true, .may_block = false}).status()));
+  EXPECT_EQ(s->Stats().tier(TierKind::kGpu).promotions, promotions);
+  ASSERT_OK_AND_ASSIGN(Lease p, s->Acquire(KeyFor(6), {.accept_gpu = true}));
+  EXPECT_EQ(p.tier, TierKind::kGpu);
+  ASSERT_OK(s->Release(p.id));
+  // Already in the GPU tier: leased at once without blocking.
+  ASSERT_OK_AND_ASSIGN(Lease q, s->Acquire(KeyFor(6), {.accept_gpu = true, .may_block = false}));
+  EXPECT_EQ(q.tier, TierKind::kGpu);
+  ASSERT_OK(s->Release(q.id));
 }
 
 }  // namespace

@@ -102,9 +102,9 @@ struct Lease {
 struct AcquireOptions {
   absl::Duration ttl = absl::Seconds(30);  // clamped to max_lease_ttl
   bool accept_gpu = false;  // the reader can consume device memory (same-node engine)
-  // false: instead of waiting for a move in flight, reading the chunk from disk or copying it off
-  // the GPU, Acquire fails with kWouldBlock (so an event-loop caller can retry on a thread that
-  // may block). Counts no hit or miss then.
+  // false: instead of waiting for a move in flight, reading the chunk from disk, copying it off
+  // the GPU or (accept_gpu) onto it, Acquire fails with kWouldBlock (so an event-loop caller can
+  // retry on a thread that may block). Counts no hit or miss then.
   bool may_block = true;
 };
 

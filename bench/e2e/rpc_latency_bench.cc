@@ -1,0 +1,150 @@
+// rpc_latency_bench: the latency of the small calls an engine makes for every request — Lookup of
+// a prefix, GetDescriptors (lease a run of chunks), Release of those leases — one at a time
+// through the SDK against a real kvdnd over its unix socket, with their tail (p99.9, max, calls
+// over 50 ms), beside Redis 7 PING and GET of a small value from the same process over Redis's
+// unix socket, in the same run (the floor of a request/response over a local socket).
+//   rpc_latency_bench [--calls 10000] [--rounds 2] [--kvdnd PATH] [--redis PATH]
+#include <hiredis/hiredis.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "bench_util.h"
+#include "kvdn/client/client.h"
+#include "kvdn/common/chunk_key.h"
+#include "loopback_util.h"
+
+namespace kvdn::bench {
+namespace {
+
+struct Tail {
+  double p50 = 0, p99 = 0, p999 = 0, max = 0;
+  int over_50ms = 0;
+};
+
+Tail Measure(int calls, const std::function<bool()>& call) {
+  std::vector<double> ms;
+  ms.reserve(static_cast<size_t>(calls));
+  for (int i = 0; i < calls; ++i) {
+    const auto t0 = Clock::now();
+    if (!call()) {
+      std::fprintf(stderr, "call %d failed\n", i);
+      std::exit(1);
+    }
+    ms.push_back(Seconds(t0, Clock::now()) * 1e3);
+  }
+  Tail t;
+  for (double x : ms) t.over_50ms += x > 50 ? 1 : 0;
+  std::sort(ms.begin(), ms.end());
+  t.p50 = ms[ms.size() / 2];
+  t.p99 = ms[ms.size() * 99 / 100];
+  t.p999 = ms[ms.size() * 999 / 1000];
+  t.max = ms.back();
+  return t;
+}
+
+int Main(int argc, char** argv) {
+  int calls = 10000, rounds = 2;
+  Servers::Options so;
+  so.kvdnd = KVDN_KVDND_PATH;
+  so.host_tier_bytes = 1ull << 30;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i];
+    if (a == "--calls") {
+      calls = std::max(100, std::atoi(argv[i + 1]));
+    } else if (a == "--rounds") {
+      rounds = std::max(1, std::atoi(argv[i + 1]));
+    } else if (a == "--kvdnd") {
+      so.kvdnd = argv[i + 1];
+    } else if (a == "--redis") {
+      so.redis = argv[i + 1];
+    } else {
+      std::fprintf(stderr,
+                   "usage: rpc_latency_bench [--calls N] [--rounds N] [--kvdnd PATH] "
+                   "[--redis PATH]\n");
+      return 2;
+    }
+  }
+  Servers servers(so);
+  if (!servers.error().empty()) {
+    std::fprintf(stderr, "%s\n", servers.error().c_str());
+    return 1;
+  }
+  client::ClientOptions o;
+  o.target = servers.kvdn_unix();
+  o.ns = "rpc-bench";
+  o.model = {"rpc-bench-model", 4, 2, 64, Dtype::kBFloat16, 256};
+  o.data_plane = client::ClientOptions::DataPlane::kGrpc;  // the calls under test are gRPC anyway
+  auto c = client::Client::Connect(o);
+  if (!c.ok()) {
+    std::fprintf(stderr, "%s\n", c.status().ToString().c_str());
+    return 1;
+  }
+  // A request of 8 chunks, stored.
+  std::vector<int32_t> tokens(8 * 256);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>(i * 7 + 3);
+  std::vector<std::vector<uint8_t>> payloads;
+  for (uint64_t s : (*c)->ChunkPayloadSizes(tokens.size())) payloads.emplace_back(s, 0x5a);
+  std::vector<ByteSpan> spans(payloads.begin(), payloads.end());
+  if (auto saved = (*c)->Save(tokens, spans); !saved.ok()) {
+    std::fprintf(stderr, "Save: %s\n", saved.status().ToString().c_str());
+    return 1;
+  }
+  auto keys = ChunkKeysForTokens(o.ns, o.model, tokens, /*include_tail=*/true);
+  if (!keys.ok()) return 1;
+  redisContext* redis = redisConnectUnix(servers.redis_sock().c_str());
+  if (redis == nullptr || redis->err != 0) {
+    std::fprintf(stderr, "cannot connect to redis-server\n");
+    return 1;
+  }
+  if (void* r = redisCommand(redis, "SET k %b", "0123456789abcdef", size_t{16})) {
+    freeReplyObject(r);
+  }
+  auto redis_call = [&](const char* cmd) {
+    auto* r = static_cast<redisReply*>(redisCommand(redis, cmd));
+    const bool ok = r != nullptr && r->type != REDIS_REPLY_ERROR;
+    if (r != nullptr) freeReplyObject(r);
+    return ok;
+  };
+
+  std::printf("# rpc_latency_bench: %d calls a row, one at a time, over unix sockets\n", calls);
+  std::printf("# cpu: %s (%u cores); kvdnd: %s\n", CpuModel().c_str(),
+              std::thread::hardware_concurrency(), so.kvdnd.c_str());
+  std::printf(
+      "\n| round | call | p50 ms | p99 ms | p99.9 ms | max ms | calls over 50 ms "
+      "|\n|---|---|---|---|---|---|---|\n");
+  auto row = [&](int round, const char* name, const Tail& t) {
+    std::printf("| %d | %s | %.3f | %.3f | %.3f | %.2f | %d |\n", round, name, t.p50, t.p99, t.p999,
+                t.max, t.over_50ms);
+    std::fflush(stdout);
+  };
+  std::vector<client::TransferDescriptor> held;
+  for (int r = 1; r <= rounds; ++r) {
+    row(r, "kvdn Lookup (8 chunks)", Measure(calls, [&] { return (*c)->Lookup(tokens).ok(); }));
+    // A load's leasing and its end: GetDescriptors of the 8 chunks, then one Release of them.
+    row(r, "kvdn GetDescriptors (8) + Release (8)", Measure(calls, [&] {
+          auto ds = (*c)->AcquireDescriptors(*keys, absl::ZeroDuration());
+          if (!ds.ok() || ds->size() != keys->size()) return false;
+          held = *std::move(ds);
+          return (*c)->ReleaseDescriptors(held).ok();
+        }));
+    row(r, "kvdn Release alone (8, NOT_FOUND)",
+        Measure(calls, [&] { return !(*c)->ReleaseDescriptors(held).ok(); }));
+    row(r, "Redis PING", Measure(calls, [&] { return redis_call("PING"); }));
+    row(r, "Redis GET (16 B)", Measure(calls, [&] { return redis_call("GET k"); }));
+  }
+  redisFree(redis);
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvdn::bench
+
+int main(int argc, char** argv) { return kvdn::bench::Main(argc, argv); }
