@@ -115,8 +115,10 @@ int Main(int argc, char** argv) {
   };
 
   std::printf("# rpc_latency_bench: %d calls a row, one at a time, over unix sockets\n", calls);
-  std::printf("# cpu: %s (%u cores); kvdnd: %s\n", CpuModel().c_str(),
-              std::thread::hardware_concurrency(), so.kvdnd.c_str());
+  std::printf("# cpu: %s (%u cores); kvdnd: %s\n# redis: %s\n# date: %s\n", CpuModel().c_str(),
+              std::thread::hardware_concurrency(), so.kvdnd.c_str(),
+              CommandOutput((so.redis + " --version").c_str()).c_str(),
+              CommandOutput("date -u +%FT%TZ").c_str());
   std::printf(
       "\n| round | call | p50 ms | p99 ms | p99.9 ms | max ms | calls over 50 ms "
       "|\n|---|---|---|---|---|---|---|\n");
@@ -136,7 +138,7 @@ int Main(int argc, char** argv) {
           return (*c)->ReleaseDescriptors(held).ok();
         }));
     row(r, "kvdn Release alone (8, NOT_FOUND)",
-        Measure(calls, [&] { return !(*c)->ReleaseDescriptors(held).ok(); }));
+        Measure(calls, [&] { return absl::IsNotFound((*c)->ReleaseDescriptors(held)); }));
     row(r, "Redis PING", Measure(calls, [&] { return redis_call("PING"); }));
     row(r, "Redis GET (16 B)", Measure(calls, [&] { return redis_call("GET k"); }));
   }
