@@ -1,8 +1,9 @@
 // rpc_latency_bench: the latency of the small calls an engine makes for every request — Lookup of
-// a prefix, GetDescriptors (lease a run of chunks), Release of those leases — one at a time
-// through the SDK against a real kvdnd over its unix socket, with their tail (p99.9, max, calls
-// over 50 ms), beside Redis 7 PING and GET of a small value from the same process over Redis's
-// unix socket, in the same run (the floor of a request/response over a local socket).
+// a prefix, GetDescriptors (lease a run of chunks), Release of those leases — and of the other
+// calls of KvService (GetDescriptor, a small Put stream, Delete), one at a time through the SDK
+// against a real kvdnd over its unix socket, with their tail (p99.9, max, calls over 50 ms),
+// beside Redis 7 PING and GET of a small value from the same process over Redis's unix socket, in
+// the same run (the floor of a request/response over a local socket).
 //   rpc_latency_bench [--calls 10000] [--rounds 2] [--kvdnd PATH] [--redis PATH]
 #include <hiredis/hiredis.h>
 
@@ -99,6 +100,14 @@ int Main(int argc, char** argv) {
   }
   auto keys = ChunkKeysForTokens(o.ns, o.model, tokens, /*include_tail=*/true);
   if (!keys.ok()) return 1;
+  // A small chunk, stored, and the key of one that is put and deleted.
+  const std::vector<uint8_t> small = testing::RandomChunk(testing::InfoForBytes(64 << 10), 11);
+  const ChunkKey small_key = testing::KeyFor(1, o.ns);
+  const ChunkKey fresh_key = testing::KeyFor(2, o.ns);
+  if (auto put = (*c)->PutEncoded(small_key, small); !put.ok()) {
+    std::fprintf(stderr, "PutEncoded: %s\n", put.status().ToString().c_str());
+    return 1;
+  }
   redisContext* redis = redisConnectUnix(servers.redis_sock().c_str());
   if (redis == nullptr || redis->err != 0) {
     std::fprintf(stderr, "cannot connect to redis-server\n");
@@ -139,6 +148,18 @@ int Main(int argc, char** argv) {
         }));
     row(r, "kvdn Release alone (8, NOT_FOUND)",
         Measure(calls, [&] { return absl::IsNotFound((*c)->ReleaseDescriptors(held)); }));
+    row(r, "kvdn GetDescriptor (1) + Release (1)", Measure(calls, [&] {
+          auto d = (*c)->AcquireDescriptor((*keys)[0], absl::ZeroDuration());
+          return d.ok() && (*c)->ReleaseDescriptor(*d).ok();
+        }));
+    // A Put stream whose chunk is stored already: kvdnd answers after the header.
+    row(r, "kvdn Put of a stored chunk (64 KiB)",
+        Measure(calls, [&] { return (*c)->PutEncoded(small_key, small).ok(); }));
+    // Reserve, frames, commit; then Delete (on kvdnd's blocking pool: it reaches the disk tier).
+    row(r, "kvdn Put (64 KiB) + Delete", Measure(calls, [&] {
+          auto put = (*c)->PutEncoded(fresh_key, small);
+          return put.ok() && *put && (*c)->Delete(fresh_key).ok();
+        }));
     row(r, "Redis PING", Measure(calls, [&] { return redis_call("PING"); }));
     row(r, "Redis GET (16 B)", Measure(calls, [&] { return redis_call("GET k"); }));
   }

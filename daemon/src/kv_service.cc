@@ -6,9 +6,11 @@
 #include <atomic>
 #include <cstring>
 #include <memory>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "kvdn/common/chunk_format.h"
+#include "kvdn/common/hash.h"
 #include "kvdn/proto/get_frames.h"
 #include "kvdn/proto/grpc_status.h"
 #include "src/data_plane.h"
@@ -80,92 +82,236 @@ absl::Status DoLookup(ServerState& state, const grpc::ServerContextBase* ctx,
   return absl::OkStatus();
 }
 
-// Reads the frames of a Put stream into `buffer`. INVALID_ARGUMENT for a frame over the limit, a
-// second header, more bytes than declared, or a stream that ends short; CANCELLED when the client
-// went away.
-absl::Status ReadFrames(ServerState& state, grpc::ServerContext* ctx,
-                        grpc::ServerReader<v1::PutRequest>* reader, MutableByteSpan buffer) {
-  v1::PutRequest msg;
-  uint64_t got = 0;
-  const uint64_t max_frame = state.config.max_frame_bytes();
-  while (reader->Read(&msg)) {
-    if (msg.frame_case() != v1::PutRequest::kData) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("Put frame after the header at byte ", got, " is not a data frame"));
+// One Put (or Replicate) stream, read through gRPC's callback API as raw frames: each data
+// frame's bytes are copied from gRPC's receive slices straight into the reservation (no protobuf
+// string in between) and the payload is hashed as it lands, while those bytes are still in cache,
+// so the commit does not read the chunk again. Reserve runs on gRPC's thread unless it must evict
+// to disk (then on the blocking pool). INVALID_ARGUMENT for a malformed frame, a frame over the
+// limit, a second header, more bytes than declared, or a stream that ends short; CANCELLED when
+// the client went away. On any error an own reservation is dropped. Deletes itself in OnDone.
+class PutReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
+ public:
+  // `replica`: the chunk comes from a peer (PeerService.Replicate) and is not replicated again.
+  PutReactor(ServerState& state, Method method, grpc::CallbackServerContext* ctx,
+             grpc::ByteBuffer* response, bool replica)
+      : state_(state),
+        call_(state, method, ctx),
+        ctx_(ctx),
+        response_(response),
+        replica_(replica) {
+    if (!call_.admitted().ok()) {
+      Fail(call_.admitted());
+      return;
     }
-    const std::string& data = msg.data();
-    if (data.size() > max_frame) {
-      return absl::InvalidArgumentError(absl::StrCat("Put data frame of ", data.size(),
-                                                     " bytes exceeds max_frame_bytes ", max_frame));
-    }
-    if (got + data.size() > buffer.size()) {
-      return absl::InvalidArgumentError(absl::StrCat("Put stream carries more than the ",
-                                                     buffer.size(), " bytes its header declared"));
-    }
-    std::memcpy(buffer.data() + got, data.data(), data.size());
-    got += data.size();
+    StartRead(&frame_);
   }
-  if (ctx->IsCancelled()) return absl::CancelledError("client cancelled the Put stream");
-  if (got != buffer.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("Put stream ended after ", got, " of ", buffer.size(), " declared bytes"));
-  }
-  state.bytes_in->Inc(got);
-  return absl::OkStatus();
-}
 
-// `replica`: the chunk comes from a peer (PeerService.Replicate) and is not replicated again.
-absl::Status DoPut(ServerState& state, grpc::ServerContext* ctx,
-                   grpc::ServerReader<v1::PutRequest>* reader, v1::PutResponse* resp,
-                   bool replica) {
-  v1::PutRequest first;
-  if (!reader->Read(&first)) {
-    if (ctx->IsCancelled()) return absl::CancelledError("client cancelled the Put stream");
-    return absl::InvalidArgumentError("Put stream ended before its header");
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the stream ended (or broke)
+      if (cancelled_.load() || ctx_->IsCancelled()) {
+        Fail(absl::CancelledError("client cancelled the Put stream"));
+      } else if (!have_header_) {
+        Fail(absl::InvalidArgumentError("Put stream ended before its header"));
+      } else {
+        Complete();
+      }
+      return;
+    }
+    if (have_header_) {
+      absl::Status st = OnData();
+      if (st.ok()) {
+        StartRead(&frame_);
+      } else {
+        Fail(st);
+      }
+      return;
+    }
+    absl::StatusOr<Next> next = OnHeader();
+    if (!next.ok()) {
+      Fail(next.status());
+    } else if (*next == Next::kRead) {
+      StartRead(&frame_);
+    }
   }
-  if (first.frame_case() != v1::PutRequest::kHeader) {
-    return absl::InvalidArgumentError("the first Put message must carry the header");
+
+  void OnCancel() override { cancelled_.store(true); }
+
+  void OnDone() override {
+    if (writing_) state_.store->EndWrite(id_);
+    if (own_reservation_ && id_ != 0 && !committed_) (void)state_.store->Abort(id_);
+    (void)call_.Finish(final_);
+    delete this;
   }
-  const v1::PutRequest::Header& h = first.header();
-  if (h.size() < kChunkHeaderBytes || h.size() > kChunkHeaderBytes + kMaxChunkPayloadBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("header.size ", h.size(), " is outside [",
-                                                   kChunkHeaderBytes, ", ",
-                                                   kChunkHeaderBytes + kMaxChunkPayloadBytes, "]"));
+
+ private:
+  // What follows a step: read the next frame, or nothing (answered, or handed to the pool).
+  enum class Next { kRead, kNone };
+
+  absl::StatusOr<Next> OnHeader() {
+    std::string header_bytes;
+    uint64_t data_len = 0;
+    KVDN_ASSIGN_OR_RETURN(
+        proto::PutFrameKind kind,
+        proto::ParsePutFrame(frame_, &header_bytes, &data_len, [](const uint8_t*, size_t) {}));
+    if (kind != proto::PutFrameKind::kHeader) {
+      return absl::InvalidArgumentError("the first Put message must carry the header");
+    }
+    if (!header_.ParseFromString(header_bytes)) {
+      return absl::InvalidArgumentError("header: does not parse as PutRequest.Header");
+    }
+    const v1::PutRequest::Header& h = header_;
+    if (h.size() < kChunkHeaderBytes || h.size() > kChunkHeaderBytes + kMaxChunkPayloadBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("header.size ", h.size(), " is outside [", kChunkHeaderBytes, ", ",
+                       kChunkHeaderBytes + kMaxChunkPayloadBytes, "]"));
+    }
+    have_header_ = true;
+    id_ = h.reservation_id();
+    own_reservation_ = id_ == 0;
+    if (!own_reservation_) {
+      KVDN_RETURN_IF_ERROR(BeginWrite());
+      return Next::kRead;
+    }
+    KVDN_ASSIGN_OR_RETURN(key_, CheckedKey(state_, h.key(), "header.key"));
+    absl::StatusOr<Next> next = Reserve(/*may_block=*/false);
+    if (!next.ok() && storage::IsWouldBlock(next.status())) {
+      // Room that needs a chunk written to disk first is made on a thread that may block.
+      state_.blocking_pool.Submit([this] {
+        absl::StatusOr<Next> r = Reserve(/*may_block=*/true);
+        if (!r.ok()) {
+          Fail(r.status());
+        } else if (*r == Next::kRead) {
+          StartRead(&frame_);
+        }
+      });
+      return Next::kNone;
+    }
+    return next;
   }
-  storage::TieredStore& store = *state.store;
-  uint64_t id = h.reservation_id();
-  const bool own_reservation = id == 0;
-  if (own_reservation) {
-    KVDN_ASSIGN_OR_RETURN(ChunkKey key, CheckedKey(state, h.key(), "header.key"));
-    auto r = store.Reserve(key, h.size());
+
+  // Reserves room for the chunk and opens it for writing (kWouldBlock, nothing done, when that
+  // needs disk I/O and may_block is false). A chunk stored already is answered at once.
+  absl::StatusOr<Next> Reserve(bool may_block) {
+    storage::ReserveOptions opts;
+    opts.may_block = may_block;
+    auto r = state_.store->Reserve(key_, header_.size(), opts);
     if (absl::IsAlreadyExists(r.status())) {
-      resp->set_stored(false);  // content-addressed: the same bytes are stored already
-      return absl::OkStatus();
+      // Content-addressed: the same bytes are stored already; the rest of the stream is unread.
+      Respond(/*stored=*/false);
+      return Next::kNone;
     }
     KVDN_RETURN_IF_ERROR(r.status());
-    id = r->id;
+    id_ = r->id;
+    KVDN_RETURN_IF_ERROR(BeginWrite());
+    return Next::kRead;
   }
-  auto buffer = store.BeginWrite(id, h.size());
-  if (!buffer.ok()) {
-    if (own_reservation) (void)store.Abort(id);
-    return buffer.status();
+
+  absl::Status BeginWrite() {
+    KVDN_ASSIGN_OR_RETURN(buffer_, state_.store->BeginWrite(id_, header_.size()));
+    writing_ = true;
+    return absl::OkStatus();
   }
-  absl::Status st = ReadFrames(state, ctx, reader, *buffer);
-  store.EndWrite(id);
-  if (!own_reservation) {
-    // The writer commits (or releases) its reservation itself.
-    resp->set_stored(st.ok());
-    return st;
+
+  absl::Status OnData() {
+    const uint64_t max_frame = state_.config.max_frame_bytes();
+    absl::Status bad;
+    uint64_t data_len = 0;
+    std::string header_bytes;
+    KVDN_ASSIGN_OR_RETURN(
+        proto::PutFrameKind kind,
+        proto::ParsePutFrame(frame_, &header_bytes, &data_len, [&](const uint8_t* d, size_t n) {
+          if (!bad.ok()) return;
+          if (data_len > max_frame) {
+            bad = absl::InvalidArgumentError(absl::StrCat(
+                "Put data frame of ", data_len, " bytes exceeds max_frame_bytes ", max_frame));
+            return;
+          }
+          if (got_ + n > buffer_.size()) {
+            bad = absl::InvalidArgumentError(absl::StrCat(
+                "Put stream carries more than the ", buffer_.size(), " bytes its header declared"));
+            return;
+          }
+          std::memcpy(buffer_.data() + got_, d, n);
+          // The payload (past the chunk header) is hashed while it is in cache.
+          if (own_reservation_ && got_ + n > kChunkHeaderBytes) {
+            const uint64_t from = std::max<uint64_t>(got_, kChunkHeaderBytes);
+            hash_.Update(ByteSpan(buffer_.data() + from, got_ + n - from));
+          }
+          got_ += n;
+        }));
+    if (kind != proto::PutFrameKind::kData) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Put frame after the header at byte ", got_, " is not a data frame"));
+    }
+    if (data_len > max_frame) {  // an empty-bodied check for frames on_data never saw
+      return absl::InvalidArgumentError(absl::StrCat("Put data frame of ", data_len,
+                                                     " bytes exceeds max_frame_bytes ", max_frame));
+    }
+    return bad;
   }
-  ChunkKey key;
-  if (st.ok())
-    st = store.Commit(id, h.payload_checksum(), &key);  // frees the reservation on error
-  else
-    (void)store.Abort(id);
-  resp->set_stored(st.ok());
-  if (st.ok() && !replica) state.Written(key);
-  return st;
-}
+
+  // The stream ended after its header: the chunk is whole or the Put fails.
+  void Complete() {
+    if (got_ != buffer_.size()) {
+      Fail(absl::InvalidArgumentError(absl::StrCat("Put stream ended after ", got_, " of ",
+                                                   buffer_.size(), " declared bytes")));
+      return;
+    }
+    state_.bytes_in->Inc(got_);
+    state_.store->EndWrite(id_);
+    writing_ = false;
+    if (!own_reservation_) {  // the writer commits (or releases) its reservation itself
+      Respond(/*stored=*/true);
+      return;
+    }
+    ChunkKey key;
+    // Frees the reservation on error.
+    absl::Status st =
+        state_.store->CommitHashed(id_, header_.payload_checksum(), hash_.Digest(), &key);
+    committed_ = true;
+    if (!st.ok()) {
+      Fail(st);
+      return;
+    }
+    if (!replica_) state_.Written(key);
+    Respond(/*stored=*/true);
+  }
+
+  void Respond(bool stored) {
+    v1::PutResponse resp;
+    resp.set_stored(stored);
+    bool own = false;
+    if (!grpc::SerializationTraits<v1::PutResponse>::Serialize(resp, response_, &own).ok()) {
+      Fail(absl::InternalError("PutResponse does not serialize"));
+      return;
+    }
+    Finish(grpc::Status::OK);
+  }
+
+  void Fail(const absl::Status& status) {
+    final_ = status;
+    Finish(ToGrpcStatus(status));
+  }
+
+  ServerState& state_;
+  CallScope call_;
+  grpc::CallbackServerContext* const ctx_;
+  grpc::ByteBuffer* const response_;
+  const bool replica_;
+  grpc::ByteBuffer frame_;
+  v1::PutRequest::Header header_;
+  bool have_header_ = false;
+  bool own_reservation_ = false;
+  ChunkKey key_;
+  uint64_t id_ = 0;
+  bool writing_ = false;  // between BeginWrite and EndWrite
+  bool committed_ = false;
+  MutableByteSpan buffer_;
+  uint64_t got_ = 0;
+  Xxh3_64Stream hash_;
+  absl::Status final_;
+  std::atomic<bool> cancelled_{false};
+};
 
 // Holds a chunk's lease while gRPC holds slices of its bytes: one reference for the reactor and
 // one per frame slice (its destroy callback). The last reference releases the lease.
@@ -320,6 +466,33 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   std::atomic<bool> cancelled_{false};
 };
 
+// Serves a unary callback call: `work(may_block)` (returning absl::Status) runs on gRPC's thread
+// with may_block false when `inline_first`, and from its start again on the blocking pool with
+// may_block true when it answers kWouldBlock (leaving nothing behind); without inline_first it
+// runs on the pool only (work that blocks or takes long: disk I/O, a hash over a chunk, UCX).
+template <typename Work>
+grpc::ServerUnaryReactor* ServeUnary(ServerState& state, Method method,
+                                     grpc::CallbackServerContext* ctx, bool inline_first,
+                                     Work work) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  auto call = std::make_shared<CallScope>(state, method, ctx);
+  if (!call->admitted().ok()) {
+    reactor->Finish(call->Finish(call->admitted()));
+    return reactor;
+  }
+  if (inline_first) {
+    absl::Status st = work(/*may_block=*/false);
+    if (!storage::IsWouldBlock(st)) {
+      reactor->Finish(call->Finish(st));
+      return reactor;
+    }
+  }
+  state.blocking_pool.Submit([reactor, call, work = std::move(work)]() mutable {
+    reactor->Finish(call->Finish(work(/*may_block=*/true)));
+  });
+  return reactor;
+}
+
 }  // namespace
 
 // ---- KvService ----
@@ -327,27 +500,15 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
 grpc::ServerUnaryReactor* KvServiceImpl::Lookup(grpc::CallbackServerContext* ctx,
                                                 const v1::LookupRequest* req,
                                                 v1::LookupResponse* resp) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  auto run = [this, ctx, req, resp, reactor] {
-    CallScope call(state_, Method::kLookup, ctx);
-    reactor->Finish(call.admitted().ok()
-                        ? call.Finish(DoLookup(state_, ctx, *req, resp, /*forward=*/true))
-                        : call.Finish(call.admitted()));
-  };
   // The local index answers at once; asking the owners of a miss (a cluster) blocks.
-  if (state_.HasPeers()) {
-    state_.blocking_pool.Submit(std::move(run));
-  } else {
-    run();
-  }
-  return reactor;
+  return ServeUnary(
+      state_, Method::kLookup, ctx, /*inline_first=*/!state_.HasPeers(),
+      [this, ctx, req, resp](bool) { return DoLookup(state_, ctx, *req, resp, /*forward=*/true); });
 }
 
-grpc::Status KvServiceImpl::Put(grpc::ServerContext* ctx,
-                                grpc::ServerReader<v1::PutRequest>* reader, v1::PutResponse* resp) {
-  CallScope call(state_, Method::kPut, ctx);
-  if (!call.admitted().ok()) return call.Finish(call.admitted());
-  return call.Finish(DoPut(state_, ctx, reader, resp, /*replica=*/false));
+grpc::ServerReadReactor<grpc::ByteBuffer>* KvServiceImpl::Put(grpc::CallbackServerContext* ctx,
+                                                              grpc::ByteBuffer* response) {
+  return new PutReactor(state_, Method::kPut, ctx, response, /*replica=*/false);
 }
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* KvServiceImpl::Get(grpc::CallbackServerContext* ctx,
@@ -355,38 +516,45 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* KvServiceImpl::Get(grpc::CallbackSer
   return new GetReactor(state_, Method::kGet, ctx, request);
 }
 
-grpc::Status KvServiceImpl::Reserve(grpc::ServerContext* ctx, const v1::ReserveRequest* req,
-                                    v1::ReserveResponse* resp) {
-  CallScope call(state_, Method::kReserve, ctx);
-  if (!call.admitted().ok()) return call.Finish(call.admitted());
-  auto key = CheckedKey(state_, req->key(), "key");
-  if (!key.ok()) return call.Finish(key.status());
-  auto r = state_.store->Reserve(*key, req->size());
-  if (!r.ok()) return call.Finish(r.status());
-  v1::TransferDescriptor* d = resp->mutable_transfer();
-  d->set_id(r->id);
-  d->set_size(req->size());
-  d->set_expires_unix_micros(absl::ToUnixMicros(r->expires));
-  if (state_.data_plane != nullptr)
-    d->set_worker_address(state_.data_plane->AddressFor(IsLocalPeer(ctx->peer())));
-  if (storage::HostTier* host = state_.store->host_tier()) {
-    d->set_remote_offset(static_cast<uint64_t>(
-        r->buffer.data() - static_cast<uint8_t*>(host->Address(storage::MemoryBlock{}))));
-  }
-  return call.Finish(absl::OkStatus());
+grpc::ServerUnaryReactor* KvServiceImpl::Reserve(grpc::CallbackServerContext* ctx,
+                                                 const v1::ReserveRequest* req,
+                                                 v1::ReserveResponse* resp) {
+  return ServeUnary(
+      state_, Method::kReserve, ctx, /*inline_first=*/true,
+      [this, ctx, req, resp](bool may_block) -> absl::Status {
+        KVDN_ASSIGN_OR_RETURN(ChunkKey key, CheckedKey(state_, req->key(), "key"));
+        storage::ReserveOptions opts;
+        opts.may_block = may_block;
+        KVDN_ASSIGN_OR_RETURN(storage::Reservation r,
+                              state_.store->Reserve(key, req->size(), opts));
+        v1::TransferDescriptor* d = resp->mutable_transfer();
+        d->set_id(r.id);
+        d->set_size(req->size());
+        d->set_expires_unix_micros(absl::ToUnixMicros(r.expires));
+        if (state_.data_plane != nullptr)
+          d->set_worker_address(state_.data_plane->AddressFor(IsLocalPeer(ctx->peer())));
+        if (storage::HostTier* host = state_.store->host_tier()) {
+          d->set_remote_offset(static_cast<uint64_t>(
+              r.buffer.data() - static_cast<uint8_t*>(host->Address(storage::MemoryBlock{}))));
+        }
+        return absl::OkStatus();
+      });
 }
 
-grpc::Status KvServiceImpl::Commit(grpc::ServerContext* ctx, const v1::CommitRequest* req,
-                                   v1::CommitResponse*) {
-  CallScope call(state_, Method::kCommit, ctx);
-  if (!call.admitted().ok()) return call.Finish(call.admitted());
-  if (req->reservation_id() == 0) {
-    return call.Finish(absl::InvalidArgumentError("reservation_id: must be nonzero"));
-  }
-  ChunkKey key;
-  absl::Status st = state_.store->Commit(req->reservation_id(), req->payload_checksum(), &key);
-  if (st.ok()) state_.Written(key);
-  return call.Finish(st);
+grpc::ServerUnaryReactor* KvServiceImpl::Commit(grpc::CallbackServerContext* ctx,
+                                                const v1::CommitRequest* req, v1::CommitResponse*) {
+  // Commit hashes the whole chunk: off gRPC's thread.
+  return ServeUnary(
+      state_, Method::kCommit, ctx, /*inline_first=*/false, [this, req](bool) -> absl::Status {
+        if (req->reservation_id() == 0) {
+          return absl::InvalidArgumentError("reservation_id: must be nonzero");
+        }
+        ChunkKey key;
+        KVDN_RETURN_IF_ERROR(
+            state_.store->Commit(req->reservation_id(), req->payload_checksum(), &key));
+        state_.Written(key);
+        return absl::OkStatus();
+      });
 }
 
 namespace {
@@ -433,11 +601,8 @@ absl::Status DoRelease(ServerState& state, const v1::ReleaseRequest& req) {
 grpc::ServerUnaryReactor* KvServiceImpl::Release(grpc::CallbackServerContext* ctx,
                                                  const v1::ReleaseRequest* req,
                                                  v1::ReleaseResponse*) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  CallScope call(state_, Method::kRelease, ctx);
-  reactor->Finish(call.admitted().ok() ? call.Finish(DoRelease(state_, *req))
-                                       : call.Finish(call.admitted()));
-  return reactor;
+  return ServeUnary(state_, Method::kRelease, ctx, /*inline_first=*/true,
+                    [this, req](bool) { return DoRelease(state_, *req); });
 }
 
 namespace {
@@ -502,20 +667,18 @@ absl::Status LeaseAndDescribe(ServerState& state, const ChunkKey& key, uint32_t 
 
 }  // namespace
 
-grpc::Status KvServiceImpl::GetDescriptor(grpc::ServerContext* ctx,
-                                          const v1::GetDescriptorRequest* req,
-                                          v1::GetDescriptorResponse* resp) {
-  CallScope call(state_, Method::kGetDescriptor, ctx);
-  if (!call.admitted().ok()) return call.Finish(call.admitted());
-  auto key = CheckedKey(state_, req->key(), "key");
-  if (!key.ok()) return call.Finish(key.status());
-  const bool same_host = IsLocalPeer(ctx->peer());
-  if (absl::Status st = CheckLeaseRequest(state_, req->lease_ms(), req->accept_gpu(), same_host);
-      !st.ok()) {
-    return call.Finish(st);
-  }
-  return call.Finish(LeaseAndDescribe(state_, *key, req->lease_ms(), req->accept_gpu(),
-                                      /*gpu_only=*/false, same_host, resp));
+grpc::ServerUnaryReactor* KvServiceImpl::GetDescriptor(grpc::CallbackServerContext* ctx,
+                                                       const v1::GetDescriptorRequest* req,
+                                                       v1::GetDescriptorResponse* resp) {
+  return ServeUnary(state_, Method::kGetDescriptor, ctx, /*inline_first=*/true,
+                    [this, ctx, req, resp](bool may_block) -> absl::Status {
+                      KVDN_ASSIGN_OR_RETURN(ChunkKey key, CheckedKey(state_, req->key(), "key"));
+                      const bool same_host = IsLocalPeer(ctx->peer());
+                      KVDN_RETURN_IF_ERROR(
+                          CheckLeaseRequest(state_, req->lease_ms(), req->accept_gpu(), same_host));
+                      return LeaseAndDescribe(state_, key, req->lease_ms(), req->accept_gpu(),
+                                              /*gpu_only=*/false, same_host, resp, may_block);
+                    });
 }
 
 namespace {
@@ -562,83 +725,80 @@ absl::Status LeaseRun(ServerState& state, const grpc::ServerContextBase* ctx,
 grpc::ServerUnaryReactor* KvServiceImpl::GetDescriptors(grpc::CallbackServerContext* ctx,
                                                         const v1::GetDescriptorsRequest* req,
                                                         v1::GetDescriptorsResponse* resp) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  auto call = std::make_shared<CallScope>(state_, Method::kGetDescriptors, ctx);
-  if (!call->admitted().ok()) {
-    reactor->Finish(call->Finish(call->admitted()));
-    return reactor;
-  }
-  // Chunks in memory are leased here, on gRPC's thread; a run with a chunk that needs a disk
-  // read, a copy off or onto the GPU, or a move in flight is leased from its start again on a
-  // thread that may block.
-  absl::Status st = LeaseRun(state_, ctx, *req, resp, /*may_block=*/false);
-  if (storage::IsWouldBlock(st)) {
-    state_.blocking_pool.Submit([this, ctx, req, resp, reactor, call] {
-      reactor->Finish(call->Finish(LeaseRun(state_, ctx, *req, resp, /*may_block=*/true)));
-    });
-  } else {
-    reactor->Finish(call->Finish(st));
-  }
-  return reactor;
+  // Chunks in memory are leased on gRPC's thread; a run with a chunk that needs a disk read, a
+  // copy off or onto the GPU, or a move in flight is leased from its start again on the pool.
+  return ServeUnary(state_, Method::kGetDescriptors, ctx, /*inline_first=*/true,
+                    [this, ctx, req, resp](bool may_block) {
+                      return LeaseRun(state_, ctx, *req, resp, may_block);
+                    });
 }
 
-grpc::Status KvServiceImpl::Delete(grpc::ServerContext* ctx, const v1::DeleteRequest* req,
-                                   v1::DeleteResponse*) {
-  CallScope call(state_, Method::kDelete, ctx);
-  if (!call.admitted().ok()) return call.Finish(call.admitted());
-  auto key = CheckedKey(state_, req->key(), "key");
-  if (!key.ok()) return call.Finish(key.status());
-  return call.Finish(state_.store->Delete(*key));
+grpc::ServerUnaryReactor* KvServiceImpl::Delete(grpc::CallbackServerContext* ctx,
+                                                const v1::DeleteRequest* req, v1::DeleteResponse*) {
+  // Deleting reaches the disk tier.
+  return ServeUnary(state_, Method::kDelete, ctx, /*inline_first=*/false,
+                    [this, req](bool) -> absl::Status {
+                      KVDN_ASSIGN_OR_RETURN(ChunkKey key, CheckedKey(state_, req->key(), "key"));
+                      return state_.store->Delete(key);
+                    });
 }
 
-grpc::Status KvServiceImpl::OpenDataPlane(grpc::ServerContext* ctx,
-                                          const v1::OpenDataPlaneRequest* req,
-                                          v1::OpenDataPlaneResponse* resp) {
-  CallScope call(state_, Method::kOpenDataPlane, ctx);
-  if (!call.admitted().ok()) return call.Finish(call.admitted());
-  if (state_.data_plane == nullptr) {
-    return call.Finish(absl::UnavailableError(
-        "this kvdnd serves no UCX data plane (data_plane_transports is off); use gRPC"));
-  }
-  const bool same_host = IsLocalPeer(ctx->peer());
-  auto r = state_.data_plane->Open(*req, same_host);
-  if (!r.ok()) return call.Finish(r.status());
-  *resp = std::move(*r);
-  return call.Finish(absl::OkStatus());
+grpc::ServerUnaryReactor* KvServiceImpl::OpenDataPlane(grpc::CallbackServerContext* ctx,
+                                                       const v1::OpenDataPlaneRequest* req,
+                                                       v1::OpenDataPlaneResponse* resp) {
+  // Opening connects UCX endpoints: off gRPC's thread.
+  return ServeUnary(
+      state_, Method::kOpenDataPlane, ctx, /*inline_first=*/false,
+      [this, ctx, req, resp](bool) -> absl::Status {
+        if (state_.data_plane == nullptr) {
+          return absl::UnavailableError(
+              "this kvdnd serves no UCX data plane (data_plane_transports is off); use gRPC");
+        }
+        KVDN_ASSIGN_OR_RETURN(*resp, state_.data_plane->Open(*req, IsLocalPeer(ctx->peer())));
+        return absl::OkStatus();
+      });
 }
 
-grpc::Status KvServiceImpl::CloseDataPlane(grpc::ServerContext* ctx,
-                                           const v1::CloseDataPlaneRequest* req,
-                                           v1::CloseDataPlaneResponse*) {
-  CallScope call(state_, Method::kCloseDataPlane, ctx);
-  if (!call.admitted().ok()) return call.Finish(call.admitted());
-  if (state_.data_plane == nullptr) {
-    return call.Finish(absl::NotFoundError("this kvdnd serves no UCX data plane"));
-  }
-  return call.Finish(state_.data_plane->Close(req->session_id()));
+grpc::ServerUnaryReactor* KvServiceImpl::CloseDataPlane(grpc::CallbackServerContext* ctx,
+                                                        const v1::CloseDataPlaneRequest* req,
+                                                        v1::CloseDataPlaneResponse*) {
+  return ServeUnary(state_, Method::kCloseDataPlane, ctx, /*inline_first=*/false,
+                    [this, req](bool) -> absl::Status {
+                      if (state_.data_plane == nullptr) {
+                        return absl::NotFoundError("this kvdnd serves no UCX data plane");
+                      }
+                      return state_.data_plane->Close(req->session_id());
+                    });
 }
 
 // ---- PeerService ----
 
-grpc::Status PeerServiceImpl::Lookup(grpc::ServerContext* ctx, const v1::LookupRequest* req,
-                                     v1::LookupResponse* resp) {
-  CallScope call(state_, Method::kPeerLookup, ctx);
-  if (!call.admitted().ok()) return call.Finish(call.admitted());
-  return call.Finish(DoLookup(state_, ctx, *req, resp, /*forward=*/false));
+grpc::ServerUnaryReactor* PeerServiceImpl::Lookup(grpc::CallbackServerContext* ctx,
+                                                  const v1::LookupRequest* req,
+                                                  v1::LookupResponse* resp) {
+  // Local tiers only: never blocks.
+  return ServeUnary(state_, Method::kPeerLookup, ctx, /*inline_first=*/true,
+                    [this, ctx, req, resp](bool) {
+                      return DoLookup(state_, ctx, *req, resp, /*forward=*/false);
+                    });
 }
 
-grpc::Status PeerServiceImpl::Probe(grpc::ServerContext* ctx, const v1::LookupRequest* req,
-                                    v1::ProbeResponse* resp) {
-  CallScope call(state_, Method::kPeerProbe, ctx);
-  if (!call.admitted().ok()) return call.Finish(call.admitted());
-  if (req->prefix_hashes_size() == 0) {  // a member list's question: how much is stored here
-    resp->set_chunks(state_.store->ChunkCount());
-    return call.Finish(absl::OkStatus());
-  }
-  auto chain = ChainOf(state_, *req);
-  if (!chain.ok()) return call.Finish(chain.status());
-  for (const ChunkKey& key : *chain) resp->add_present(state_.store->Where(key).has_value());
-  return call.Finish(absl::OkStatus());
+grpc::ServerUnaryReactor* PeerServiceImpl::Probe(grpc::CallbackServerContext* ctx,
+                                                 const v1::LookupRequest* req,
+                                                 v1::ProbeResponse* resp) {
+  return ServeUnary(state_, Method::kPeerProbe, ctx, /*inline_first=*/true,
+                    [this, req, resp](bool) -> absl::Status {
+                      if (req->prefix_hashes_size() == 0) {
+                        // A member list's question: how much is stored here.
+                        resp->set_chunks(state_.store->ChunkCount());
+                        return absl::OkStatus();
+                      }
+                      KVDN_ASSIGN_OR_RETURN(std::vector<ChunkKey> chain, ChainOf(state_, *req));
+                      for (const ChunkKey& key : chain) {
+                        resp->add_present(state_.store->Where(key).has_value());
+                      }
+                      return absl::OkStatus();
+                    });
 }
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* PeerServiceImpl::Fetch(
@@ -646,12 +806,9 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* PeerServiceImpl::Fetch(
   return new GetReactor(state_, Method::kPeerFetch, ctx, request);
 }
 
-grpc::Status PeerServiceImpl::Replicate(grpc::ServerContext* ctx,
-                                        grpc::ServerReader<v1::PutRequest>* reader,
-                                        v1::PutResponse* resp) {
-  CallScope call(state_, Method::kPeerReplicate, ctx);
-  if (!call.admitted().ok()) return call.Finish(call.admitted());
-  return call.Finish(DoPut(state_, ctx, reader, resp, /*replica=*/true));
+grpc::ServerReadReactor<grpc::ByteBuffer>* PeerServiceImpl::Replicate(
+    grpc::CallbackServerContext* ctx, grpc::ByteBuffer* response) {
+  return new PutReactor(state_, Method::kPeerReplicate, ctx, response, /*replica=*/true);
 }
 
 }  // namespace kvdn::daemon

@@ -79,6 +79,10 @@ absl::Status Malformed(absl::string_view what) {
   return absl::InternalError(absl::StrCat("malformed GetResponse from kvdnd: ", what));
 }
 
+absl::Status BadPut(absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat("malformed PutRequest: ", what));
+}
+
 }  // namespace
 
 size_t EncodeGetFrameHeader(bool first, uint64_t size, v1::Tier tier, size_t data_len,
@@ -152,6 +156,66 @@ absl::Status ParseGetFrame(const grpc::ByteBuffer& message, GetFrameFields* fiel
     }
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<PutFrameKind> ParsePutFrame(
+    const grpc::ByteBuffer& message, std::string* header, uint64_t* data_len,
+    absl::FunctionRef<void(const uint8_t* data, size_t n)> on_data) {
+  // PutRequest's oneof fields (kv_service.proto).
+  constexpr uint32_t kHeaderField = 1;
+  constexpr uint32_t kPutDataField = 2;
+  std::vector<grpc::Slice> slices;
+  if (!message.Dump(&slices).ok()) return BadPut("unreadable message buffer");
+  SliceReader r(slices);
+  PutFrameKind kind = PutFrameKind::kEmpty;
+  while (!r.done()) {
+    uint64_t tag;
+    if (!r.Varint(&tag)) return BadPut("truncated field tag");
+    const uint64_t field = tag >> 3;
+    const uint32_t wire = static_cast<uint32_t>(tag & 7);
+    if (field == 0) return BadPut("field number 0");
+    if ((field == kHeaderField || field == kPutDataField) && wire != kLengthDelimited) {
+      return BadPut(absl::StrCat("field ", field, " with wire type ", wire));
+    }
+    uint64_t v = 0;
+    switch (wire) {
+      case kVarint:
+        if (!r.Varint(&v)) return BadPut("truncated varint");
+        break;
+      case kFixed64:
+      case kFixed32:
+        if (!r.Bytes(wire == kFixed64 ? 8 : 4, nullptr)) return BadPut("truncated fixed field");
+        break;
+      case kLengthDelimited: {
+        if (!r.Varint(&v)) return BadPut("truncated length");
+        if (field == kHeaderField || field == kPutDataField) {
+          if (kind != PutFrameKind::kEmpty) {
+            return BadPut("a message carries one header or one data field, not two fields");
+          }
+          kind = field == kHeaderField ? PutFrameKind::kHeader : PutFrameKind::kData;
+        }
+        if (field == kHeaderField) {
+          header->clear();
+          auto append = [&](const uint8_t* d, size_t n) {
+            header->append(reinterpret_cast<const char*>(d), n);
+          };
+          absl::FunctionRef<void(const uint8_t*, size_t)> fn = append;
+          if (v > 4096) return BadPut(absl::StrCat("header of ", v, " bytes (at most 4096)"));
+          if (!r.Bytes(v, &fn)) return BadPut("header runs past the message");
+        } else if (field == kPutDataField) {
+          *data_len = v;
+          absl::FunctionRef<void(const uint8_t*, size_t)> fn = on_data;
+          if (!r.Bytes(v, &fn)) return BadPut("data runs past the message");
+        } else if (!r.Bytes(v, nullptr)) {
+          return BadPut("field runs past the message");
+        }
+        break;
+      }
+      default:
+        return BadPut(absl::StrCat("wire type ", wire, " of field ", field));
+    }
+  }
+  return kind;
 }
 
 }  // namespace kvdn::proto

@@ -128,25 +128,17 @@ absl::StatusOr<Reservation> TieredStore::Reserve(const ChunkKey& key, uint64_t s
 
 absl::Status TieredStore::Commit(uint64_t reservation_id, uint64_t payload_checksum,
                                  ChunkKey* key) {
-  return CommitInternal(reservation_id, payload_checksum, /*payload_verified=*/false, key);
+  return CommitInternal(reservation_id, payload_checksum, std::nullopt, key);
 }
 
 absl::Status TieredStore::CommitHashed(uint64_t reservation_id, uint64_t payload_checksum,
                                        uint64_t payload_hash, ChunkKey* key) {
-  if (payload_hash != payload_checksum) {
-    const absl::Status aborted = Abort(reservation_id);
-    if (!aborted.ok()) return aborted;  // unknown or expired: say that, as Commit would
-    MutexLock lock(&state_->mu);
-    ++state_->commit_failures;
-    ++state_->stats[kHost].checksum_failures;
-    return absl::DataLossError(absl::StrFormat(
-        "chunk payload hashes to %016x, its header says %016x", payload_hash, payload_checksum));
-  }
-  return CommitInternal(reservation_id, payload_checksum, /*payload_verified=*/true, key);
+  return CommitInternal(reservation_id, payload_checksum, payload_hash, key);
 }
 
 absl::Status TieredStore::CommitInternal(uint64_t id, uint64_t payload_checksum,
-                                         bool payload_verified, ChunkKey* committed_key) {
+                                         std::optional<uint64_t> payload_hash,
+                                         ChunkKey* committed_key) {
   State& s = *state_;
   ChunkKey key;
   MemoryBlock block;
@@ -181,13 +173,17 @@ absl::Status TieredStore::CommitInternal(uint64_t id, uint64_t payload_checksum,
   }
   // Verify outside the lock: the reservation is ours while `committing` is set.
   absl::Status verdict;
-  auto view = DecodeChunk(host_->Bytes(block), /*verify_payload=*/!payload_verified);
+  // The chunk's form first (a wrong size is INVALID_ARGUMENT whoever hashed it), then its bytes.
+  auto view = DecodeChunk(host_->Bytes(block), /*verify_payload=*/!payload_hash.has_value());
   if (!view.ok()) {
     verdict = view.status();
   } else if (view->header.payload_checksum != payload_checksum) {
     verdict = absl::DataLossError(
         absl::StrFormat("commit checksum %016x does not match the chunk header's %016x",
                         payload_checksum, view->header.payload_checksum));
+  } else if (payload_hash.has_value() && *payload_hash != payload_checksum) {
+    verdict = absl::DataLossError(absl::StrFormat(
+        "chunk payload hashes to %016x, its header says %016x", *payload_hash, payload_checksum));
   }
   MutexLock lock(&s.mu);
   s.reservations.erase(id);

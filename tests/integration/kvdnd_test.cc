@@ -340,6 +340,27 @@ TEST_F(BadRequestTest, EachGetsItsExactStatusAndTheDaemonStaysHealthy) {
          return FromGrpcStatus(w->Finish());
        },
        absl::StatusCode::kInvalidArgument, "first Put message must carry the header"},
+      {"second header mid-stream",
+       [&] {
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::PutResponse resp;
+         auto w = stub_->Put(&ctx, &resp);
+         v1::PutRequest m;
+         *m.mutable_header()->mutable_key() = good;
+         m.mutable_header()->set_size(chunk.size());
+         m.mutable_header()->set_payload_checksum(sum);
+         v1::PutRequest d;
+         d.set_data(chunk.data(), 1000);
+         w->Write(m);
+         w->Write(d);
+         w->Write(m);
+         w->WritesDone();
+         return FromGrpcStatus(w->Finish());
+       },
+       absl::StatusCode::kInvalidArgument, "after the header at byte 1000 is not a data frame"},
+      {"stream that ends after its header", [&] { return Put(good, chunk.size(), sum, {}); },
+       absl::StatusCode::kInvalidArgument, "ended after 0 of"},
       {"size below a header", [&] { return Put(good, 10, sum, {}); },
        absl::StatusCode::kInvalidArgument, "header.size 10 is outside"},
       {"truncated stream",

@@ -132,5 +132,101 @@ TEST(GetFrames, MalformedMessagesAreInternalErrorsNamingTheFault) {
   }
 }
 
+struct ParsedPut {
+  absl::StatusOr<PutFrameKind> kind;
+  std::string header;
+  uint64_t data_len = 0;
+  uint64_t len_at_first_piece = 0;
+  std::string data;
+};
+
+ParsedPut ParsePut(const grpc::ByteBuffer& b) {
+  ParsedPut p;
+  p.data_len = 12345;  // not touched unless a data field is seen
+  p.kind = ParsePutFrame(b, &p.header, &p.data_len, [&](const uint8_t* d, size_t n) {
+    if (p.data.empty()) p.len_at_first_piece = p.data_len;
+    p.data.append(reinterpret_cast<const char*>(d), n);
+  });
+  return p;
+}
+
+TEST(PutFrames, ProtobufsOwnSerializationParsesCutAnywhere) {
+  v1::PutRequest header;
+  header.mutable_header()->mutable_key()->set_namespace_("tenant-a");
+  header.mutable_header()->mutable_key()->set_prefix_hash(std::string(16, '\x5a'));
+  header.mutable_header()->set_size(1u << 20);
+  header.mutable_header()->set_payload_checksum(0x0123456789abcdefull);
+  const std::string hw = header.SerializeAsString();
+  for (size_t cut = 0; cut <= hw.size(); ++cut) {
+    const ParsedPut p = ParsePut(Cut(hw, {cut}));
+    ASSERT_TRUE(p.kind.ok()) << p.kind.status();
+    EXPECT_EQ(*p.kind, PutFrameKind::kHeader);
+    EXPECT_EQ(p.data_len, 12345u);
+    v1::PutRequest::Header back;
+    ASSERT_TRUE(back.ParseFromString(p.header));
+    EXPECT_EQ(back.SerializeAsString(), header.header().SerializeAsString());
+  }
+  for (size_t len : {0u, 1u, 127u, 128u, 100000u}) {
+    v1::PutRequest m;
+    m.set_data(RandomString(len, static_cast<uint32_t>(len) + 3));
+    const std::string w = m.SerializeAsString();
+    for (std::vector<size_t> cuts :
+         {std::vector<size_t>{}, {1}, {2}, {3}, {w.size() / 2}, {1, 5, 77, 5000, w.size() - 1}}) {
+      const ParsedPut p = ParsePut(Cut(w, cuts));
+      ASSERT_TRUE(p.kind.ok()) << p.kind.status();
+      EXPECT_EQ(*p.kind, PutFrameKind::kData);
+      EXPECT_EQ(p.data_len, len);
+      if (len > 0) {
+        EXPECT_EQ(p.len_at_first_piece, len);  // known before the first byte
+      }
+      EXPECT_TRUE(p.data == m.data()) << len;
+    }
+  }
+  const ParsedPut empty = ParsePut(Cut("", {}));
+  ASSERT_TRUE(empty.kind.ok());
+  EXPECT_EQ(*empty.kind, PutFrameKind::kEmpty);
+  // Unknown fields (a newer client) are skipped.
+  const ParsedPut unknown = ParsePut(Cut(std::string("\x18\x07\x21", 3) + std::string(8, 'x') +
+                                             v1::PutRequest().SerializeAsString() + "\x12\x02hi",
+                                         {}));
+  ASSERT_TRUE(unknown.kind.ok()) << unknown.kind.status();
+  EXPECT_EQ(*unknown.kind, PutFrameKind::kData);
+  EXPECT_EQ(unknown.data, "hi");
+}
+
+TEST(PutFrames, MalformedMessagesAreInvalidArgumentNamingTheFault) {
+  v1::PutRequest h;
+  h.mutable_header()->set_size(100);
+  v1::PutRequest d;
+  d.set_data(std::string(100, 'y'));
+  const std::string hw = h.SerializeAsString();
+  const std::string dw = d.SerializeAsString();
+  struct Case {
+    std::string wire;
+    std::string what;
+  };
+  const std::vector<Case> cases = {
+      {dw.substr(0, dw.size() - 1), "data runs past the message"},
+      {hw.substr(0, hw.size() - 1), "header runs past the message"},
+      {hw + dw, "not two fields"},
+      {dw + dw, "not two fields"},
+      {std::string("\x0a\x90\x40", 3) + std::string(8208, 'h'), "header of 8208 bytes"},
+      {std::string("\x18", 1), "truncated varint"},
+      {std::string("\x80", 1), "truncated field tag"},
+      {std::string("\x00\x01", 2), "field number 0"},
+      {std::string("\x0b", 1), "wire type 3"},
+      {std::string("\x10\x05", 2), "field 2 with wire type 0"},
+      {std::string("\x09", 1) + std::string(8, '\0'), "field 1 with wire type 1"},
+      {std::string("\x1a\x05", 2), "field runs past the message"},
+  };
+  for (const Case& c : cases) {
+    const ParsedPut p = ParsePut(Cut(c.wire, {}));
+    ASSERT_FALSE(p.kind.ok()) << c.what;
+    EXPECT_EQ(p.kind.status().code(), absl::StatusCode::kInvalidArgument) << c.what;
+    EXPECT_NE(p.kind.status().message().find(c.what), std::string::npos)
+        << "want \"" << c.what << "\", got " << p.kind.status();
+  }
+}
+
 }  // namespace
 }  // namespace kvdn::proto

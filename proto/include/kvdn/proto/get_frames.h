@@ -2,7 +2,8 @@
 // protobuf string: kvdnd sends each frame as a small header slice followed by a slice that points
 // into its host arena, and the client copies the data straight from gRPC's receive slices into
 // the caller's buffer. The bytes on the wire are exactly those of a GetResponse message, so any
-// gRPC client that uses the generated stubs reads them as usual.
+// gRPC client that uses the generated stubs reads them as usual. Likewise kvdnd reads a Put
+// stream's PutRequest frames (ParsePutFrame) from gRPC's slices straight into the reservation.
 #ifndef KVDN_PROTO_GET_FRAMES_H_
 #define KVDN_PROTO_GET_FRAMES_H_
 
@@ -10,9 +11,11 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "kvdn/v1/common.pb.h"
 
 namespace kvdn::proto {
@@ -42,6 +45,24 @@ struct GetFrameFields {
 // data field twice.
 absl::Status ParseGetFrame(const grpc::ByteBuffer& message, GetFrameFields* fields,
                            absl::FunctionRef<void(const uint8_t* data, size_t n)> on_data);
+
+// What one PutRequest message was.
+enum class PutFrameKind {
+  kEmpty,   // neither field set
+  kHeader,  // `header`: its serialized PutRequest.Header is in *header
+  kData,    // `data`: its bytes went to on_data
+};
+
+// Parses one serialized PutRequest held in `message` (from a client, so malformed input is
+// INVALID_ARGUMENT saying what was wrong): the header field's bytes are copied into `header`
+// (for the caller to parse as a PutRequest.Header; the header is small), the data field's
+// pieces are handed to `on_data` in order as they lie in gRPC's slices, with the field's whole
+// length first in `data_len` (set before the first on_data call, so the caller can refuse an
+// oversized frame before copying anything). Unknown fields are skipped. A message that holds both
+// fields, or either field twice, is INVALID_ARGUMENT (kvdn's frames carry exactly one).
+absl::StatusOr<PutFrameKind> ParsePutFrame(
+    const grpc::ByteBuffer& message, std::string* header, uint64_t* data_len,
+    absl::FunctionRef<void(const uint8_t* data, size_t n)> on_data);
 
 }  // namespace kvdn::proto
 

@@ -166,7 +166,8 @@ class TieredStore {
   // Commit for a writer that hashed the payload itself as it wrote it (XXH3-64 of the reserved
   // bytes past the header, after they were written, e.g. part by part as a transport landed them):
   // `payload_hash` stands in for Commit's pass over the bytes. DATA_LOSS when it differs from
-  // `payload_checksum` (the reservation is then gone, as on any error); otherwise as Commit.
+  // `payload_checksum` (the reservation is then gone, as on any error); otherwise as Commit (the
+  // chunk's form, e.g. its size, is checked first: INVALID_ARGUMENT before DATA_LOSS).
   absl::Status CommitHashed(uint64_t reservation_id, uint64_t payload_checksum,
                             uint64_t payload_hash, ChunkKey* key = nullptr);
   // Drops a reservation. NOT_FOUND if unknown or already expired.
@@ -236,7 +237,9 @@ class TieredStore {
   MemoryTier* MemTier(int t) const;
   uint64_t TierUsed(int t) const;
   bool TierPresent(int t) const;
-  absl::Status CommitInternal(uint64_t id, uint64_t payload_checksum, bool payload_verified,
+  // payload_hash: the writer's XXH3 of the payload (CommitHashed); none: Commit hashes it here.
+  absl::Status CommitInternal(uint64_t id, uint64_t payload_checksum,
+                              std::optional<uint64_t> payload_hash,
                               ChunkKey* committed_key = nullptr);
   void FreeMemoryLocked(Entry* e);
   void DropDiskCopyLocked(Entry* e);
