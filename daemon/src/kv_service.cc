@@ -467,9 +467,10 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
 };
 
 // Serves a unary callback call: `work(may_block)` (returning absl::Status) runs on gRPC's thread
-// with may_block false when `inline_first`, and from its start again on the blocking pool with
-// may_block true when it answers kWouldBlock (leaving nothing behind); without inline_first it
-// runs on the pool only (work that blocks or takes long: disk I/O, a hash over a chunk, UCX).
+// with may_block false when `inline_first`, and again on the blocking pool with may_block true
+// when it answers kWouldBlock (it then either left nothing behind or goes on from where it
+// stopped); without inline_first it runs on the pool only (work that blocks or takes long: disk
+// I/O, a hash over a chunk, UCX).
 template <typename Work>
 grpc::ServerUnaryReactor* ServeUnary(ServerState& state, Method method,
                                      grpc::CallbackServerContext* ctx, bool inline_first,
@@ -683,8 +684,10 @@ grpc::ServerUnaryReactor* KvServiceImpl::GetDescriptor(grpc::CallbackServerConte
 
 namespace {
 
-// GetDescriptors' work, the leases of the run; with may_block false, kWouldBlock (nothing kept
-// leased) where a chunk of the run needs a blocking step.
+// GetDescriptors' work, the leases of the run, from the first chunk not yet in `resp` on: with
+// may_block false, kWouldBlock where a chunk of the run needs a blocking step, keeping the leases
+// taken before it in `resp` for the call with may_block true to go on from (so each chunk is
+// leased, and counted as a hit, once).
 absl::Status LeaseRun(ServerState& state, const grpc::ServerContextBase* ctx,
                       const v1::GetDescriptorsRequest& req, v1::GetDescriptorsResponse* resp,
                       bool may_block) {
@@ -705,11 +708,12 @@ absl::Status LeaseRun(ServerState& state, const grpc::ServerContextBase* ctx,
                           CheckedKey(state, req.keys(i), absl::StrCat("keys[", i, "]")));
     keys.push_back(std::move(key));
   }
-  for (const ChunkKey& key : keys) {
+  for (size_t i = static_cast<size_t>(resp->descriptors_size()); i < keys.size(); ++i) {
     v1::GetDescriptorResponse one;
-    absl::Status st = LeaseAndDescribe(state, key, req.lease_ms(), req.accept_gpu(), req.gpu_only(),
-                                       same_host, &one, may_block);
-    if (absl::IsNotFound(st)) break;  // the run ends here
+    absl::Status st = LeaseAndDescribe(state, keys[i], req.lease_ms(), req.accept_gpu(),
+                                       req.gpu_only(), same_host, &one, may_block);
+    if (absl::IsNotFound(st)) break;                         // the run ends here
+    if (!may_block && storage::IsWouldBlock(st)) return st;  // the pool goes on from keys[i]
     if (!st.ok()) {
       for (const auto& d : resp->descriptors()) (void)state.store->Release(d.transfer().id());
       resp->clear_descriptors();
@@ -725,8 +729,8 @@ absl::Status LeaseRun(ServerState& state, const grpc::ServerContextBase* ctx,
 grpc::ServerUnaryReactor* KvServiceImpl::GetDescriptors(grpc::CallbackServerContext* ctx,
                                                         const v1::GetDescriptorsRequest* req,
                                                         v1::GetDescriptorsResponse* resp) {
-  // Chunks in memory are leased on gRPC's thread; a run with a chunk that needs a disk read, a
-  // copy off or onto the GPU, or a move in flight is leased from its start again on the pool.
+  // Chunks in memory are leased on gRPC's thread; from a chunk that needs a disk read, a copy off
+  // or onto the GPU, or a move in flight on, the run is leased on the pool.
   return ServeUnary(state_, Method::kGetDescriptors, ctx, /*inline_first=*/true,
                     [this, ctx, req, resp](bool may_block) {
                       return LeaseRun(state_, ctx, *req, resp, may_block);

@@ -711,6 +711,64 @@ TEST(DataPlaneSpillTest, PutsIntoAFullHostTierWaitForDemotionAndLoadBackIdentica
   ExpectNothingHeld(daemon.unix_target());
 }
 
+// A run of descriptors whose last chunk is on disk only: kvdnd leases the chunks in memory on
+// gRPC's thread and goes on from the disk chunk on its blocking pool, so each chunk is leased, and
+// counted as a hit, once.
+TEST(DataPlaneSpillTest, AGetDescriptorsRunThatReachesDiskCountsEachHitOnce) {
+  using DP = client::ClientOptions::DataPlane;
+  TempDir dir;
+  DaemonProcess daemon(dir.path());
+  std::string err;
+  ASSERT_TRUE(daemon.Start({"--host-tier-bytes", "48MiB"}, &err)) << err;
+  auto c = Connect(daemon.unix_target(), DP::kUcx);
+  const auto t = Tokens(256 * 24, 78);  // 24 chunks of 4 MiB: the first ones end up on disk only
+  std::vector<std::vector<uint8_t>> p;
+  for (uint64_t s : c->ChunkPayloadSizes(t.size())) p.push_back(RandomBytes(s, 900 + p.size()));
+  std::vector<ByteSpan> spans(p.begin(), p.end());
+  ASSERT_OK(c->Save(t, spans).status());
+  ASSERT_OK_AND_ASSIGN(std::vector<ChunkKey> keys,
+                       ChunkKeysForTokens(c->options().ns, c->options().model, t, true));
+  // Where each chunk is (ListChunks reads no chunk, so it moves none).
+  auto tier_of = [&](const ChunkKey& k) {
+    auto stub = v1::AdminService::NewStub(client::MakeChannel(daemon.unix_target()));
+    grpc::ClientContext ctx;
+    v1::ListChunksRequest rq;
+    rq.set_page_size(10000);
+    v1::ListChunksResponse r;
+    EXPECT_TRUE(stub->ListChunks(&ctx, rq, &r).ok());
+    for (const auto& chunk : r.chunks()) {
+      if (chunk.key_text() == k.ToString()) return chunk.tier();
+    }
+    return v1::TIER_UNSPECIFIED;
+  };
+  ASSERT_EQ(tier_of(keys[0]), v1::TIER_DISK);
+  ASSERT_EQ(tier_of(keys[keys.size() - 2]), v1::TIER_HOST);
+  ASSERT_EQ(tier_of(keys.back()), v1::TIER_HOST);
+  auto hits = [&] {
+    const v1::GetStatsResponse st = Stats(daemon.unix_target());
+    uint64_t n = 0;
+    for (const auto& tier : st.tiers()) n += tier.hits();
+    return n;
+  };
+  const uint64_t before = hits();
+  const std::vector<ChunkKey> asked = {keys[keys.size() - 1], keys[keys.size() - 2], keys[0]};
+  ASSERT_OK_AND_ASSIGN(std::vector<client::TransferDescriptor> ds,
+                       c->AcquireDescriptors(asked, absl::Seconds(10)));
+  ASSERT_EQ(ds.size(), 3u);
+  EXPECT_EQ(hits() - before, 3u) << "a chunk leased on gRPC's thread was leased again on the pool";
+  EXPECT_EQ(LeasesActive(daemon.unix_target()), 3u);
+  const size_t index[] = {p.size() - 1, p.size() - 2, 0};
+  for (size_t i = 0; i < ds.size(); ++i) {
+    std::vector<uint8_t> got(ds[i].size);
+    ASSERT_OK_AND_ASSIGN(uint64_t n, c->ReadDescriptor(ds[i], MutableByteSpan(got)));
+    ASSERT_EQ(n, kChunkHeaderBytes + p[index[i]].size());
+    EXPECT_TRUE(std::equal(p[index[i]].begin(), p[index[i]].end(), got.begin() + kChunkHeaderBytes))
+        << "chunk " << index[i];
+  }
+  ASSERT_OK(c->ReleaseDescriptors(ds));
+  ExpectNothingHeld(daemon.unix_target());
+}
+
 TEST_F(DataPlaneTest, DescriptorsExpiredUnknownAndForeignGetPreciseErrors) {
   using DP = client::ClientOptions::DataPlane;
   auto c = Connect(daemon_.unix_target(), DP::kUcx);
