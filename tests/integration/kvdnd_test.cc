@@ -667,6 +667,47 @@ TEST_F(BadRequestTest, GeneratedStubReadsGetFramesAndACancelledGetReleasesItsLea
   EXPECT_EQ(leases(), -1);
 }
 
+// A Put stream the client cancels (or drops) after some frames leaves nothing behind: its
+// reservation is dropped, the chunk is not stored, and the same key goes in at once after.
+TEST_F(BadRequestTest, ACancelledPutLeavesNoReservation) {
+  const auto chunk = testing::RandomChunk(testing::InfoForBytes(8 << 20), 12);
+  const uint64_t sum = DecodeChunkHeader(chunk)->payload_checksum;
+  const v1::ChunkKey key = ProtoKey(testing::KeyFor(78));
+  auto admin = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
+  auto reservations = [&]() -> int64_t {
+    grpc::ClientContext ctx;
+    Deadline(&ctx);
+    v1::GetStatsResponse r;
+    if (!admin->GetStats(&ctx, {}, &r).ok()) return -1;
+    return static_cast<int64_t>(r.reservations_active());
+  };
+  for (int round = 0; round < 5; ++round) {
+    grpc::ClientContext ctx;
+    Deadline(&ctx);
+    v1::PutResponse resp;
+    auto w = stub_->Put(&ctx, &resp);
+    v1::PutRequest m;
+    *m.mutable_header()->mutable_key() = key;
+    m.mutable_header()->set_size(chunk.size());
+    m.mutable_header()->set_payload_checksum(sum);
+    ASSERT_TRUE(w->Write(m));
+    m.set_data(chunk.data(), 1 << 20);
+    ASSERT_TRUE(w->Write(m));
+    ctx.TryCancel();
+    EXPECT_EQ(w->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  int64_t n = -1;
+  while ((n = reservations()) != 0 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(n, 0);
+  EXPECT_THAT(GetStatus(key), testing::StatusIs(absl::StatusCode::kNotFound));
+  ASSERT_OK(Put(key, chunk.size(), sum, chunk));
+  EXPECT_OK(GetStatus(key));
+  ExpectHealthy();
+}
+
 TEST_F(KvdndTest, DrainRefusesNewDataCallsAndReadyzTurnsNotReady) {
   EXPECT_EQ(testing::HttpGet(daemon_.http_port(), "/readyz").first, 200);
   auto admin = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
