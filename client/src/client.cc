@@ -80,6 +80,24 @@ struct ChunkSink {
   std::optional<Xxh3_64Blocks> blocks;  // over UCX: summed part by part as each lands
 };
 
+// The calling thread's completion queue, reused by its Get and Put calls one after another.
+// Every tag of a call is back once its last (kFinished) is, so the queue is empty between calls.
+// Shut down and drained when the thread ends.
+grpc::CompletionQueue& ThreadCq() {
+  struct Owner {
+    grpc::CompletionQueue cq;
+    ~Owner() {
+      cq.Shutdown();
+      void* tag;
+      bool ok;
+      while (cq.Next(&tag, &ok)) {
+      }
+    }
+  };
+  thread_local Owner owner;
+  return owner.cq;
+}
+
 // One Get call, read as raw frames: each frame's data is copied from gRPC's receive slices
 // straight into its destination (proto/get_frames.h), with no protobuf string in between. The
 // server-streaming method is called through the generic stub (one request, then half-close) on a
@@ -135,23 +153,6 @@ class GetCall {
  private:
   enum Op : intptr_t { kStarted = 1, kWritten, kRead, kFinished };
 
-  // The calling thread's completion queue, reused by its Get calls one after another. Every tag
-  // of a call is back once kFinished is (kStarted is corked; kWritten and kRead precede it), so
-  // the queue is empty between calls. Shut down and drained when the thread ends.
-  static grpc::CompletionQueue& ThreadCq() {
-    struct Owner {
-      grpc::CompletionQueue cq;
-      ~Owner() {
-        cq.Shutdown();
-        void* tag;
-        bool ok;
-        while (cq.Next(&tag, &ok)) {
-        }
-      }
-    };
-    thread_local Owner owner;
-    return owner.cq;
-  }
   static void* Tag(Op op) { return reinterpret_cast<void*>(op); }
 
   // Hands one frame's data on. False to stop reading (the error is in local_).
@@ -189,6 +190,129 @@ class GetCall {
   uint64_t size_ = 0;
   uint64_t got_ = 0;
   absl::Status local_;
+};
+
+// One Put stream through the generic stub on the calling thread's completion queue: the header
+// message, then the chunk in data frames of `frame_bytes`, each sent as a small header slice plus
+// a slice over the caller's bytes (proto/get_frames.h): neither a protobuf string nor a
+// serialized copy per frame (the generated stub made both). gRPC may hold those slices until
+// its transport has written them, past the call's status; Run returns only once it has dropped
+// every one (a count in the slices' destroy callback), so the caller's bytes are never read
+// after Run returns.
+class PutCall {
+ public:
+  // Blocks until the call is over and gRPC has let go of the caller's bytes. Whether kvdnd
+  // stored the chunk (false: it was stored already), or the first error.
+  static absl::StatusOr<bool> Run(grpc::GenericStub& stub,
+                                  std::chrono::system_clock::time_point deadline,
+                                  const v1::PutRequest& header, absl::Span<const ByteSpan> parts,
+                                  size_t frame_bytes) {
+    Pin pin;
+    absl::StatusOr<bool> r = RunCall(stub, deadline, header, parts, frame_bytes, &pin);
+    pin.Unref(&pin);  // the call's own reference
+    MutexLock lock(&pin.mu);
+    while (pin.refs > 0) pin.cv.Wait(&pin.mu);
+    return r;
+  }
+
+ private:
+  enum Op : intptr_t { kStarted = 1, kWritten, kRead, kFinished };
+  static void* Tag(Op op) { return reinterpret_cast<void*>(op); }
+
+  struct Pin {
+    Mutex mu;
+    CondVar cv;
+    int refs ABSL_GUARDED_BY(mu) = 1;
+    void Ref() {
+      MutexLock lock(&mu);
+      ++refs;
+    }
+    static void Unref(void* p) {
+      auto* pin = static_cast<Pin*>(p);
+      MutexLock lock(&pin->mu);
+      if (--pin->refs == 0) pin->cv.SignalAll();
+    }
+  };
+
+  static absl::StatusOr<bool> RunCall(grpc::GenericStub& stub,
+                                      std::chrono::system_clock::time_point deadline,
+                                      const v1::PutRequest& header,
+                                      absl::Span<const ByteSpan> parts, size_t frame_bytes,
+                                      Pin* pin) {
+    grpc::ByteBuffer first;
+    bool own = false;
+    if (!grpc::SerializationTraits<v1::PutRequest>::Serialize(header, &first, &own).ok()) {
+      return absl::InternalError("PutRequest header does not serialize");
+    }
+    grpc::CompletionQueue& cq = ThreadCq();
+    grpc::Status status;
+    grpc::ByteBuffer response;
+    bool got_response = false;
+    {
+      // Its own context, destroyed before Run waits for the slices: the call (and the transport
+      // stream holding them) lives until the context lets go of it.
+      grpc::ClientContext ctx;
+      ctx.set_deadline(deadline);
+      ctx.set_initial_metadata_corked(true);  // headers leave with the first message
+      auto call = stub.PrepareCall(&ctx, "/kvdn.v1.KvService/Put", &cq);
+      call->StartCall(Tag(kStarted));  // corked: no tag comes back for it
+      auto wait = [&](Op want) {
+        void* tag;
+        bool ok = false;
+        while (cq.Next(&tag, &ok) && tag != Tag(want)) {
+        }
+        return ok;
+      };
+      // Frames of at most frame_bytes across the parts (a frame does not span two parts).
+      size_t part = 0, off = 0;
+      auto skip_empty = [&] {
+        while (part < parts.size() && off == parts[part].size()) {
+          ++part;
+          off = 0;
+        }
+      };
+      skip_empty();
+      bool ok;
+      if (part == parts.size()) {
+        call->WriteLast(first, grpc::WriteOptions(), Tag(kWritten));
+        ok = wait(kWritten);
+      } else {
+        call->Write(first, Tag(kWritten));
+        ok = wait(kWritten);
+      }
+      while (ok && part < parts.size()) {
+        const size_t n = std::min(frame_bytes, parts[part].size() - off);
+        uint8_t h[proto::kMaxPutFrameHeaderBytes];
+        const size_t hn = proto::EncodePutDataFrameHeader(n, h);
+        pin->Ref();
+        grpc::Slice slices[2] = {
+            grpc::Slice(h, hn),
+            grpc::Slice(const_cast<uint8_t*>(parts[part].data() + off), n, &Pin::Unref, pin)};
+        grpc::ByteBuffer frame(slices, 2);
+        off += n;
+        skip_empty();
+        if (part == parts.size()) {
+          call->WriteLast(frame, grpc::WriteOptions(), Tag(kWritten));
+        } else {
+          call->Write(frame, Tag(kWritten));
+        }
+        ok = wait(kWritten);
+      }
+      // A write that failed means kvdnd ended the call (an early answer or an error): its
+      // response and status tell which.
+      call->Read(&response, Tag(kRead));
+      got_response = wait(kRead);
+      call->Finish(&status, Tag(kFinished));
+      wait(kFinished);
+    }
+    if (!status.ok()) return FromGrpcStatus(status);
+    v1::PutResponse resp;
+    if (!got_response ||
+        !grpc::SerializationTraits<v1::PutResponse>::Deserialize(&response, &resp).ok()) {
+      return absl::InternalError("kvdnd's PutResponse is missing or does not parse");
+    }
+    return resp.stored();
+  }
 };
 
 }  // namespace
@@ -295,7 +419,7 @@ struct Client::Impl {
   uint64_t fingerprint = 0;
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::KvService::Stub> stub;
-  std::unique_ptr<grpc::GenericStub> generic;  // Get, read as raw frames (GetCall)
+  std::unique_ptr<grpc::GenericStub> generic;  // Get and Put, as raw frames (GetCall, PutCall)
   std::unique_ptr<ThreadPool> streams;         // helpers of ParallelFor in Save/Load
   std::unique_ptr<ThreadPool> async;           // the *Async calls
   std::unique_ptr<ReceivePool> pool;           // receive_pool_bytes > 0
@@ -470,27 +594,13 @@ struct Client::Impl {
                    : DataPlaneClient::PutInParts(sessions, key, header, payload, deadline);
       });
     }
-    return WithRetry<absl::StatusOr<bool>>([&](grpc::ClientContext* ctx) -> absl::StatusOr<bool> {
-      v1::PutResponse resp;
-      auto writer = stub->Put(ctx, &resp);
-      v1::PutRequest msg;
-      v1::PutRequest::Header* h = msg.mutable_header();
-      KeyToProto(key, h->mutable_key());
-      h->set_size(size);
-      h->set_payload_checksum(payload_checksum);
-      bool ok = writer->Write(msg);
-      msg.Clear();
-      for (const ByteSpan part : parts) {
-        for (size_t off = 0; ok && off < part.size(); off += options.frame_bytes) {
-          const size_t n = std::min(options.frame_bytes, part.size() - off);
-          msg.set_data(part.data() + off, n);
-          ok = writer->Write(msg);
-        }
-      }
-      writer->WritesDone();
-      grpc::Status st = writer->Finish();
-      if (!st.ok()) return FromGrpcStatus(st);
-      return resp.stored();
+    v1::PutRequest first;
+    v1::PutRequest::Header* h = first.mutable_header();
+    KeyToProto(key, h->mutable_key());
+    h->set_size(size);
+    h->set_payload_checksum(payload_checksum);
+    return WithRetry<absl::StatusOr<bool>>([&](grpc::ClientContext* ctx) {
+      return PutCall::Run(*generic, ctx->deadline(), first, parts, options.frame_bytes);
     });
   }
 

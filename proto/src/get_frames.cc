@@ -158,6 +158,12 @@ absl::Status ParseGetFrame(const grpc::ByteBuffer& message, GetFrameFields* fiel
   return absl::OkStatus();
 }
 
+size_t EncodePutDataFrameHeader(size_t data_len, uint8_t* out) {
+  uint8_t* p = PutVarint(kDataField << 3 | kLengthDelimited, out);  // PutRequest.data is field 2
+  p = PutVarint(data_len, p);
+  return static_cast<size_t>(p - out);
+}
+
 absl::StatusOr<PutFrameKind> ParsePutFrame(
     const grpc::ByteBuffer& message, std::string* header, uint64_t* data_len,
     absl::FunctionRef<void(const uint8_t* data, size_t n)> on_data) {

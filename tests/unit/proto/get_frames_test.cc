@@ -194,6 +194,23 @@ TEST(PutFrames, ProtobufsOwnSerializationParsesCutAnywhere) {
   EXPECT_EQ(unknown.data, "hi");
 }
 
+TEST(PutFrames, OurDataFramesParseAsProtobufAndBack) {
+  for (size_t len : {0u, 1u, 127u, 128u, 16383u, 16384u, 1u << 20}) {
+    const std::string data = RandomString(len, static_cast<uint32_t>(len) + 9);
+    uint8_t h[kMaxPutFrameHeaderBytes];
+    const std::string wire =
+        std::string(reinterpret_cast<char*>(h), EncodePutDataFrameHeader(len, h)) + data;
+    v1::PutRequest m;
+    ASSERT_TRUE(m.ParseFromString(wire)) << len;
+    EXPECT_EQ(m.frame_case(), v1::PutRequest::kData);
+    EXPECT_TRUE(m.data() == data) << len;
+    const ParsedPut p = ParsePut(Cut(wire, {1, 2}));
+    ASSERT_TRUE(p.kind.ok()) << p.kind.status();
+    EXPECT_EQ(*p.kind, PutFrameKind::kData);
+    EXPECT_TRUE(p.data == data) << len;
+  }
+}
+
 TEST(PutFrames, MalformedMessagesAreInvalidArgumentNamingTheFault) {
   v1::PutRequest h;
   h.mutable_header()->set_size(100);

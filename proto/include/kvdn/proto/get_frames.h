@@ -2,8 +2,10 @@
 // protobuf string: kvdnd sends each frame as a small header slice followed by a slice that points
 // into its host arena, and the client copies the data straight from gRPC's receive slices into
 // the caller's buffer. The bytes on the wire are exactly those of a GetResponse message, so any
-// gRPC client that uses the generated stubs reads them as usual. Likewise kvdnd reads a Put
-// stream's PutRequest frames (ParsePutFrame) from gRPC's slices straight into the reservation.
+// gRPC client that uses the generated stubs reads them as usual. Likewise for Put: the client
+// sends each data frame as a small header slice and a slice over the caller's payload
+// (EncodePutDataFrameHeader), and kvdnd reads the frames (ParsePutFrame) from gRPC's slices
+// straight into the reservation.
 #ifndef KVDN_PROTO_GET_FRAMES_H_
 #define KVDN_PROTO_GET_FRAMES_H_
 
@@ -45,6 +47,14 @@ struct GetFrameFields {
 // data field twice.
 absl::Status ParseGetFrame(const grpc::ByteBuffer& message, GetFrameFields* fields,
                            absl::FunctionRef<void(const uint8_t* data, size_t n)> on_data);
+
+// Enough for every header EncodePutDataFrameHeader writes.
+inline constexpr size_t kMaxPutFrameHeaderBytes = 16;
+
+// Writes the bytes of a PutRequest whose data field holds `data_len` bytes that precede those
+// bytes (the field's tag and length) into `out`; the message is these bytes followed by the data.
+// Returns the number written, at most kMaxPutFrameHeaderBytes.
+size_t EncodePutDataFrameHeader(size_t data_len, uint8_t* out);
 
 // What one PutRequest message was.
 enum class PutFrameKind {
