@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <optional>
 #include <thread>
 
@@ -207,11 +208,10 @@ class PutCall {
                                   std::chrono::system_clock::time_point deadline,
                                   const v1::PutRequest& header, absl::Span<const ByteSpan> parts,
                                   size_t frame_bytes) {
-    Pin pin;
-    absl::StatusOr<bool> r = RunCall(stub, deadline, header, parts, frame_bytes, &pin);
-    pin.Unref(&pin);  // the call's own reference
-    MutexLock lock(&pin.mu);
-    while (pin.refs > 0) pin.cv.Wait(&pin.mu);
+    auto pin = std::make_shared<Pin>();
+    absl::StatusOr<bool> r = RunCall(stub, deadline, header, parts, frame_bytes, pin);
+    MutexLock lock(&pin->mu);
+    while (pin->refs > 0) pin->cv.Wait(&pin->mu);
     return r;
   }
 
@@ -219,18 +219,25 @@ class PutCall {
   enum Op : intptr_t { kStarted = 1, kWritten, kRead, kFinished };
   static void* Tag(Op op) { return reinterpret_cast<void*>(op); }
 
+  // Counts the slices gRPC holds over the caller's bytes. Each slice's destroy callback owns a
+  // shared_ptr to it, so the last one can still unlock the mutex after Run's wait has ended.
   struct Pin {
     Mutex mu;
     CondVar cv;
-    int refs ABSL_GUARDED_BY(mu) = 1;
-    void Ref() {
-      MutexLock lock(&mu);
-      ++refs;
+    int refs ABSL_GUARDED_BY(mu) = 0;
+    // The user data for one slice's destroy callback (Unref).
+    static void* Ref(const std::shared_ptr<Pin>& pin) {
+      MutexLock lock(&pin->mu);
+      ++pin->refs;
+      return new std::shared_ptr<Pin>(pin);
     }
     static void Unref(void* p) {
-      auto* pin = static_cast<Pin*>(p);
-      MutexLock lock(&pin->mu);
-      if (--pin->refs == 0) pin->cv.SignalAll();
+      auto* holder = static_cast<std::shared_ptr<Pin>*>(p);
+      {
+        MutexLock lock(&(*holder)->mu);
+        if (--(*holder)->refs == 0) (*holder)->cv.SignalAll();
+      }
+      delete holder;
     }
   };
 
@@ -238,7 +245,7 @@ class PutCall {
                                       std::chrono::system_clock::time_point deadline,
                                       const v1::PutRequest& header,
                                       absl::Span<const ByteSpan> parts, size_t frame_bytes,
-                                      Pin* pin) {
+                                      const std::shared_ptr<Pin>& pin) {
     grpc::ByteBuffer first;
     bool own = false;
     if (!grpc::SerializationTraits<v1::PutRequest>::Serialize(header, &first, &own).ok()) {
@@ -284,10 +291,9 @@ class PutCall {
         const size_t n = std::min(frame_bytes, parts[part].size() - off);
         uint8_t h[proto::kMaxPutFrameHeaderBytes];
         const size_t hn = proto::EncodePutDataFrameHeader(n, h);
-        pin->Ref();
-        grpc::Slice slices[2] = {
-            grpc::Slice(h, hn),
-            grpc::Slice(const_cast<uint8_t*>(parts[part].data() + off), n, &Pin::Unref, pin)};
+        grpc::Slice slices[2] = {grpc::Slice(h, hn),
+                                 grpc::Slice(const_cast<uint8_t*>(parts[part].data() + off), n,
+                                             &Pin::Unref, Pin::Ref(pin))};
         grpc::ByteBuffer frame(slices, 2);
         off += n;
         skip_empty();
