@@ -75,6 +75,38 @@ class SliceReader {
   size_t off_ = 0;
 };
 
+// Walks the fields of the message in `r`, calling on_field(field, wire, value) for each:
+// varint fields with their value, length-delimited ones with their length (on_field reads or
+// skips exactly those bytes through `r`), fixed-size ones after skipping them (value 0).
+// Malformed framing is `bad(what)`; on_field's first error is returned as it is.
+template <typename OnField, typename Bad>
+absl::Status WalkFields(SliceReader& r, OnField on_field, Bad bad) {
+  while (!r.done()) {
+    uint64_t tag;
+    if (!r.Varint(&tag)) return bad("truncated field tag");
+    const uint64_t field = tag >> 3;
+    const uint32_t wire = static_cast<uint32_t>(tag & 7);
+    if (field == 0) return bad("field number 0");
+    uint64_t v = 0;
+    switch (wire) {
+      case kVarint:
+        if (!r.Varint(&v)) return bad("truncated varint");
+        break;
+      case kFixed64:
+      case kFixed32:
+        if (!r.Bytes(wire == kFixed64 ? 8 : 4, nullptr)) return bad("truncated fixed field");
+        break;
+      case kLengthDelimited:
+        if (!r.Varint(&v)) return bad("truncated length");
+        break;
+      default:
+        return bad(absl::StrCat("wire type ", wire, " of field ", field));
+    }
+    if (absl::Status st = on_field(field, wire, v); !st.ok()) return st;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Malformed(absl::string_view what) {
   return absl::InternalError(absl::StrCat("malformed GetResponse from kvdnd: ", what));
 }
@@ -112,50 +144,29 @@ absl::Status ParseGetFrame(const grpc::ByteBuffer& message, GetFrameFields* fiel
   if (!message.Dump(&slices).ok()) return Malformed("unreadable message buffer");
   SliceReader r(slices);
   bool saw_data = false;
-  while (!r.done()) {
-    uint64_t tag;
-    if (!r.Varint(&tag)) return Malformed("truncated field tag");
-    const uint64_t field = tag >> 3;
-    const uint32_t wire = static_cast<uint32_t>(tag & 7);
-    if (field == 0) return Malformed("field number 0");
-    uint64_t v = 0;
-    switch (wire) {
-      case kVarint:
-        if (!r.Varint(&v)) return Malformed("truncated varint");
-        if (field == kSizeField) {
-          fields->has_size = v != 0;
-          fields->size = v;
-        } else if (field == kTierField) {
-          fields->tier = static_cast<int>(static_cast<int32_t>(v));
-        }
-        break;
-      case kFixed64:
-      case kFixed32:
-        if (!r.Bytes(wire == kFixed64 ? 8 : 4, nullptr)) return Malformed("truncated fixed field");
-        break;
-      case kLengthDelimited: {
-        if (!r.Varint(&v)) return Malformed("truncated length");
-        if (field == kDataField) {
-          if (saw_data) return Malformed("data field twice in one message");
-          saw_data = true;
-          absl::FunctionRef<void(const uint8_t*, size_t)> fn = on_data;
-          if (!r.Bytes(v, &fn)) return Malformed("data field runs past the message");
-        } else if (!r.Bytes(v, nullptr)) {
-          return Malformed("field runs past the message");
-        }
-        break;
-      }
-      default:
-        return Malformed(absl::StrCat("wire type ", wire, " of field ", field));
-    }
+  auto on_field = [&](uint64_t field, uint32_t wire, uint64_t v) -> absl::Status {
     if ((field == kSizeField || field == kTierField) && wire != kVarint) {
       return Malformed(absl::StrCat("field ", field, " with wire type ", wire));
     }
     if (field == kDataField && wire != kLengthDelimited) {
       return Malformed(absl::StrCat("data field with wire type ", wire));
     }
-  }
-  return absl::OkStatus();
+    if (field == kSizeField) {
+      fields->has_size = v != 0;
+      fields->size = v;
+    } else if (field == kTierField) {
+      fields->tier = static_cast<int>(static_cast<int32_t>(v));
+    } else if (field == kDataField) {
+      if (saw_data) return Malformed("data field twice in one message");
+      saw_data = true;
+      absl::FunctionRef<void(const uint8_t*, size_t)> fn = on_data;
+      if (!r.Bytes(v, &fn)) return Malformed("data field runs past the message");
+    } else if (wire == kLengthDelimited && !r.Bytes(v, nullptr)) {
+      return Malformed("field runs past the message");
+    }
+    return absl::OkStatus();
+  };
+  return WalkFields(r, on_field, Malformed);
 }
 
 size_t EncodePutDataFrameHeader(size_t data_len, uint8_t* out) {
@@ -170,57 +181,44 @@ absl::StatusOr<PutFrameKind> ParsePutFrame(
   // PutRequest's oneof fields (kv_service.proto).
   constexpr uint32_t kHeaderField = 1;
   constexpr uint32_t kPutDataField = 2;
+  constexpr uint64_t kMaxHeaderBytes = 4096;
   std::vector<grpc::Slice> slices;
   if (!message.Dump(&slices).ok()) return BadPut("unreadable message buffer");
   SliceReader r(slices);
   PutFrameKind kind = PutFrameKind::kEmpty;
-  while (!r.done()) {
-    uint64_t tag;
-    if (!r.Varint(&tag)) return BadPut("truncated field tag");
-    const uint64_t field = tag >> 3;
-    const uint32_t wire = static_cast<uint32_t>(tag & 7);
-    if (field == 0) return BadPut("field number 0");
-    if ((field == kHeaderField || field == kPutDataField) && wire != kLengthDelimited) {
+  auto append = [&](const uint8_t* d, size_t n) {
+    header->append(reinterpret_cast<const char*>(d), n);
+  };
+  auto on_field = [&](uint64_t field, uint32_t wire, uint64_t v) -> absl::Status {
+    if (field != kHeaderField && field != kPutDataField) {  // unknown: skipped
+      if (wire == kLengthDelimited && !r.Bytes(v, nullptr)) {
+        return BadPut("field runs past the message");
+      }
+      return absl::OkStatus();
+    }
+    if (wire != kLengthDelimited) {
       return BadPut(absl::StrCat("field ", field, " with wire type ", wire));
     }
-    uint64_t v = 0;
-    switch (wire) {
-      case kVarint:
-        if (!r.Varint(&v)) return BadPut("truncated varint");
-        break;
-      case kFixed64:
-      case kFixed32:
-        if (!r.Bytes(wire == kFixed64 ? 8 : 4, nullptr)) return BadPut("truncated fixed field");
-        break;
-      case kLengthDelimited: {
-        if (!r.Varint(&v)) return BadPut("truncated length");
-        if (field == kHeaderField || field == kPutDataField) {
-          if (kind != PutFrameKind::kEmpty) {
-            return BadPut("a message carries one header or one data field, not two fields");
-          }
-          kind = field == kHeaderField ? PutFrameKind::kHeader : PutFrameKind::kData;
-        }
-        if (field == kHeaderField) {
-          header->clear();
-          auto append = [&](const uint8_t* d, size_t n) {
-            header->append(reinterpret_cast<const char*>(d), n);
-          };
-          absl::FunctionRef<void(const uint8_t*, size_t)> fn = append;
-          if (v > 4096) return BadPut(absl::StrCat("header of ", v, " bytes (at most 4096)"));
-          if (!r.Bytes(v, &fn)) return BadPut("header runs past the message");
-        } else if (field == kPutDataField) {
-          *data_len = v;
-          absl::FunctionRef<void(const uint8_t*, size_t)> fn = on_data;
-          if (!r.Bytes(v, &fn)) return BadPut("data runs past the message");
-        } else if (!r.Bytes(v, nullptr)) {
-          return BadPut("field runs past the message");
-        }
-        break;
-      }
-      default:
-        return BadPut(absl::StrCat("wire type ", wire, " of field ", field));
+    if (kind != PutFrameKind::kEmpty) {
+      return BadPut("a message carries one header or one data field, not two fields");
     }
-  }
+    if (field == kHeaderField) {
+      kind = PutFrameKind::kHeader;
+      if (v > kMaxHeaderBytes) {
+        return BadPut(absl::StrCat("header of ", v, " bytes (at most ", kMaxHeaderBytes, ")"));
+      }
+      header->clear();
+      absl::FunctionRef<void(const uint8_t*, size_t)> fn = append;
+      if (!r.Bytes(v, &fn)) return BadPut("header runs past the message");
+    } else {
+      kind = PutFrameKind::kData;
+      *data_len = v;
+      absl::FunctionRef<void(const uint8_t*, size_t)> fn = on_data;
+      if (!r.Bytes(v, &fn)) return BadPut("data runs past the message");
+    }
+    return absl::OkStatus();
+  };
+  if (absl::Status st = WalkFields(r, on_field, BadPut); !st.ok()) return st;
   return kind;
 }
 

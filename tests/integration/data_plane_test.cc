@@ -684,17 +684,29 @@ TEST(ClientOptionsTest, BadOptionsNameTheFieldAndAutomaticValuesAreReported) {
 // Saves into a host tier far smaller than the data: most reservations need a chunk demoted to disk
 // first, which kvdnd does off its progress thread (Reserve would block); every chunk loads back
 // identical, most of them from disk.
-TEST(DataPlaneSpillTest, PutsIntoAFullHostTierWaitForDemotionAndLoadBackIdentical) {
-  using DP = client::ClientOptions::DataPlane;
+// A kvdnd whose host tier (48 MiB) holds far less than the tests save, and a UCX client of it.
+class DataPlaneSpillTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string err;
+    ASSERT_TRUE(daemon.Start({"--host-tier-bytes", "48MiB"}, &err)) << err;
+    c = Connect(daemon.unix_target(), client::ClientOptions::DataPlane::kUcx);
+  }
+  // Random payloads for the chunks of `t` (seeds from `seed` on) and their spans.
+  void Fill(const std::vector<int32_t>& t, uint64_t seed) {
+    for (uint64_t s : c->ChunkPayloadSizes(t.size())) p.push_back(RandomBytes(s, seed + p.size()));
+    spans.assign(p.begin(), p.end());
+  }
   TempDir dir;
-  DaemonProcess daemon(dir.path());
-  std::string err;
-  ASSERT_TRUE(daemon.Start({"--host-tier-bytes", "48MiB"}, &err)) << err;
-  auto c = Connect(daemon.unix_target(), DP::kUcx);
-  const auto t = Tokens(256 * 40, 77);  // 40 chunks, 160 MiB
+  DaemonProcess daemon{dir.path()};
+  std::unique_ptr<client::Client> c;
   std::vector<std::vector<uint8_t>> p;
-  for (uint64_t s : c->ChunkPayloadSizes(t.size())) p.push_back(RandomBytes(s, 500 + p.size()));
-  std::vector<ByteSpan> spans(p.begin(), p.end());
+  std::vector<ByteSpan> spans;
+};
+
+TEST_F(DataPlaneSpillTest, PutsIntoAFullHostTierWaitForDemotionAndLoadBackIdentical) {
+  const auto t = Tokens(256 * 40, 77);  // 40 chunks, 160 MiB
+  Fill(t, 500);
   ASSERT_OK_AND_ASSIGN(auto saved, c->Save(t, spans));
   EXPECT_EQ(saved.chunks_stored, p.size());
   std::vector<std::vector<uint8_t>> g;
@@ -714,17 +726,9 @@ TEST(DataPlaneSpillTest, PutsIntoAFullHostTierWaitForDemotionAndLoadBackIdentica
 // A run of descriptors whose last chunk is on disk only: kvdnd leases the chunks in memory on
 // gRPC's thread and goes on from the disk chunk on its blocking pool, so each chunk is leased, and
 // counted as a hit, once.
-TEST(DataPlaneSpillTest, AGetDescriptorsRunThatReachesDiskCountsEachHitOnce) {
-  using DP = client::ClientOptions::DataPlane;
-  TempDir dir;
-  DaemonProcess daemon(dir.path());
-  std::string err;
-  ASSERT_TRUE(daemon.Start({"--host-tier-bytes", "48MiB"}, &err)) << err;
-  auto c = Connect(daemon.unix_target(), DP::kUcx);
+TEST_F(DataPlaneSpillTest, AGetDescriptorsRunThatReachesDiskCountsEachHitOnce) {
   const auto t = Tokens(256 * 24, 78);  // 24 chunks of 4 MiB: the first ones end up on disk only
-  std::vector<std::vector<uint8_t>> p;
-  for (uint64_t s : c->ChunkPayloadSizes(t.size())) p.push_back(RandomBytes(s, 900 + p.size()));
-  std::vector<ByteSpan> spans(p.begin(), p.end());
+  Fill(t, 900);
   ASSERT_OK(c->Save(t, spans).status());
   ASSERT_OK_AND_ASSIGN(std::vector<ChunkKey> keys,
                        ChunkKeysForTokens(c->options().ns, c->options().model, t, true));

@@ -248,6 +248,16 @@ class BadRequestTest : public KvdndTest {
     p.set_prefix_hash(c.data(), c.size());
     return p;
   }
+  // A Put stream's header message.
+  static v1::PutRequest PutHeader(const v1::ChunkKey& key, uint64_t size, uint64_t checksum,
+                                  uint64_t reservation_id = 0) {
+    v1::PutRequest m;
+    *m.mutable_header()->mutable_key() = key;
+    m.mutable_header()->set_size(size);
+    m.mutable_header()->set_payload_checksum(checksum);
+    m.mutable_header()->set_reservation_id(reservation_id);
+    return m;
+  }
   // Streams a Put: header (size, checksum) then `data` in frames of `frame` bytes (stops early
   // after `limit` bytes when given).
   absl::Status Put(const v1::ChunkKey& key, uint64_t size, uint64_t checksum, ByteSpan data,
@@ -256,11 +266,7 @@ class BadRequestTest : public KvdndTest {
     Deadline(&ctx);
     v1::PutResponse resp;
     auto w = stub_->Put(&ctx, &resp);
-    v1::PutRequest m;
-    *m.mutable_header()->mutable_key() = key;
-    m.mutable_header()->set_size(size);
-    m.mutable_header()->set_payload_checksum(checksum);
-    m.mutable_header()->set_reservation_id(reservation_id);
+    v1::PutRequest m = PutHeader(key, size, checksum, reservation_id);
     bool ok = w->Write(m);
     for (size_t off = 0; ok && off < data.size(); off += frame) {
       m.set_data(data.data() + off, std::min(frame, data.size() - off));
@@ -346,10 +352,7 @@ TEST_F(BadRequestTest, EachGetsItsExactStatusAndTheDaemonStaysHealthy) {
          Deadline(&ctx);
          v1::PutResponse resp;
          auto w = stub_->Put(&ctx, &resp);
-         v1::PutRequest m;
-         *m.mutable_header()->mutable_key() = good;
-         m.mutable_header()->set_size(chunk.size());
-         m.mutable_header()->set_payload_checksum(sum);
+         const v1::PutRequest m = PutHeader(good, chunk.size(), sum);
          v1::PutRequest d;
          d.set_data(chunk.data(), 1000);
          w->Write(m);
@@ -686,10 +689,7 @@ TEST_F(BadRequestTest, ACancelledPutLeavesNoReservation) {
     Deadline(&ctx);
     v1::PutResponse resp;
     auto w = stub_->Put(&ctx, &resp);
-    v1::PutRequest m;
-    *m.mutable_header()->mutable_key() = key;
-    m.mutable_header()->set_size(chunk.size());
-    m.mutable_header()->set_payload_checksum(sum);
+    v1::PutRequest m = PutHeader(key, chunk.size(), sum);
     ASSERT_TRUE(w->Write(m));
     m.set_data(chunk.data(), 1 << 20);
     ASSERT_TRUE(w->Write(m));

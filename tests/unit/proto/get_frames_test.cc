@@ -122,7 +122,8 @@ TEST(GetFrames, MalformedMessagesAreInternalErrorsNamingTheFault) {
       {std::string("\x0b", 1), "wire type 3"},
       {std::string("\x09", 1) + std::string(8, '\0'), "field 1 with wire type 1"},
       {std::string("\x10\x05", 2), "data field with wire type 0"},
-      {std::string("\x1a\x05", 2), "field runs past the message"},
+      {std::string("\x1a\x05", 2), "field 3 with wire type 2"},
+      {std::string("\x22\x05", 2), "field runs past the message"},
   };
   for (const Case& c : cases) {
     const Parsed p = Parse(Cut(c.wire, {}));
