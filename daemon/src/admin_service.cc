@@ -38,8 +38,8 @@ absl::StatusOr<ChunkKey> EitherKey(bool has_key, const v1::ChunkKey& key, const 
 
 }  // namespace
 
-grpc::Status AdminServiceImpl::GetStats(grpc::ServerContext* ctx, const v1::GetStatsRequest*,
-                                        v1::GetStatsResponse* resp) {
+grpc::Status AdminServiceImpl::DoGetStats(grpc::ServerContextBase* ctx, const v1::GetStatsRequest*,
+                                          v1::GetStatsResponse* resp) {
   CallScope call(state_, Method::kAdminStats, ctx);
   const storage::StoreStats s = state_.store->Stats();
   resp->set_node(state_.config.node_name());
@@ -78,9 +78,9 @@ grpc::Status AdminServiceImpl::GetStats(grpc::ServerContext* ctx, const v1::GetS
   return call.Finish(absl::OkStatus());
 }
 
-grpc::Status AdminServiceImpl::ListChunks(grpc::ServerContext* ctx,
-                                          const v1::ListChunksRequest* req,
-                                          v1::ListChunksResponse* resp) {
+grpc::Status AdminServiceImpl::DoListChunks(grpc::ServerContextBase* ctx,
+                                            const v1::ListChunksRequest* req,
+                                            v1::ListChunksResponse* resp) {
   CallScope call(state_, Method::kAdminList, ctx);
   storage::ListFilter filter;
   if (!req->namespace_().empty()) {
@@ -139,9 +139,9 @@ grpc::Status AdminServiceImpl::ListChunks(grpc::ServerContext* ctx,
   return call.Finish(absl::OkStatus());
 }
 
-grpc::Status AdminServiceImpl::InspectChunk(grpc::ServerContext* ctx,
-                                            const v1::InspectChunkRequest* req,
-                                            v1::InspectChunkResponse* resp) {
+grpc::Status AdminServiceImpl::DoInspectChunk(grpc::ServerContextBase* ctx,
+                                              const v1::InspectChunkRequest* req,
+                                              v1::InspectChunkResponse* resp) {
   CallScope call(state_, Method::kAdminInspect, ctx);
   auto key = EitherKey(req->has_key(), req->key(), req->key_text());
   if (!key.ok()) return call.Finish(key.status());
@@ -179,8 +179,8 @@ grpc::Status AdminServiceImpl::InspectChunk(grpc::ServerContext* ctx,
   return call.Finish(absl::OkStatus());
 }
 
-grpc::Status AdminServiceImpl::Evict(grpc::ServerContext* ctx, const v1::EvictRequest* req,
-                                     v1::EvictResponse* resp) {
+grpc::Status AdminServiceImpl::DoEvict(grpc::ServerContextBase* ctx, const v1::EvictRequest* req,
+                                       v1::EvictResponse* resp) {
   CallScope call(state_, Method::kAdminEvict, ctx);
   switch (req->target_case()) {
     case v1::EvictRequest::kKey:
@@ -209,16 +209,18 @@ grpc::Status AdminServiceImpl::Evict(grpc::ServerContext* ctx, const v1::EvictRe
   }
 }
 
-grpc::Status AdminServiceImpl::GetConfig(grpc::ServerContext* ctx, const v1::GetConfigRequest*,
-                                         v1::GetConfigResponse* resp) {
+grpc::Status AdminServiceImpl::DoGetConfig(grpc::ServerContextBase* ctx,
+                                           const v1::GetConfigRequest*,
+                                           v1::GetConfigResponse* resp) {
   CallScope call(state_, Method::kAdminConfig, ctx);
   *resp->mutable_config() = state_.config;
   resp->set_json(ConfigToJson(state_.config));
   return call.Finish(absl::OkStatus());
 }
 
-grpc::Status AdminServiceImpl::ListMembers(grpc::ServerContext* ctx, const v1::ListMembersRequest*,
-                                           v1::ListMembersResponse* resp) {
+grpc::Status AdminServiceImpl::DoListMembers(grpc::ServerContextBase* ctx,
+                                             const v1::ListMembersRequest*,
+                                             v1::ListMembersResponse* resp) {
   CallScope call(state_, Method::kAdminMembers, ctx);
   std::map<std::string, MemberRecord> view;
   {
@@ -255,11 +257,63 @@ grpc::Status AdminServiceImpl::ListMembers(grpc::ServerContext* ctx, const v1::L
   return call.Finish(absl::OkStatus());
 }
 
-grpc::Status AdminServiceImpl::Drain(grpc::ServerContext* ctx, const v1::DrainRequest*,
-                                     v1::DrainResponse* resp) {
+grpc::Status AdminServiceImpl::DoDrain(grpc::ServerContextBase* ctx, const v1::DrainRequest*,
+                                       v1::DrainResponse* resp) {
   CallScope call(state_, Method::kAdminDrain, ctx);
   resp->set_in_flight(drain_());
   return call.Finish(absl::OkStatus());
+}
+
+// Every admin method runs on the blocking pool: listing, inspecting (a checksum pass over a
+// chunk, maybe read from disk), evicting (the disk tier) and draining block, and kvdnctl's calls
+// are too rare for the others to need a faster path.
+template <typename Body>
+grpc::ServerUnaryReactor* AdminServiceImpl::OnPool(grpc::CallbackServerContext* ctx, Body body) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  state_.blocking_pool.Submit([reactor, body = std::move(body)] { reactor->Finish(body()); });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AdminServiceImpl::GetStats(grpc::CallbackServerContext* ctx,
+                                                     const v1::GetStatsRequest* req,
+                                                     v1::GetStatsResponse* resp) {
+  return OnPool(ctx, [this, ctx, req, resp] { return DoGetStats(ctx, req, resp); });
+}
+
+grpc::ServerUnaryReactor* AdminServiceImpl::ListChunks(grpc::CallbackServerContext* ctx,
+                                                       const v1::ListChunksRequest* req,
+                                                       v1::ListChunksResponse* resp) {
+  return OnPool(ctx, [this, ctx, req, resp] { return DoListChunks(ctx, req, resp); });
+}
+
+grpc::ServerUnaryReactor* AdminServiceImpl::InspectChunk(grpc::CallbackServerContext* ctx,
+                                                         const v1::InspectChunkRequest* req,
+                                                         v1::InspectChunkResponse* resp) {
+  return OnPool(ctx, [this, ctx, req, resp] { return DoInspectChunk(ctx, req, resp); });
+}
+
+grpc::ServerUnaryReactor* AdminServiceImpl::Evict(grpc::CallbackServerContext* ctx,
+                                                  const v1::EvictRequest* req,
+                                                  v1::EvictResponse* resp) {
+  return OnPool(ctx, [this, ctx, req, resp] { return DoEvict(ctx, req, resp); });
+}
+
+grpc::ServerUnaryReactor* AdminServiceImpl::GetConfig(grpc::CallbackServerContext* ctx,
+                                                      const v1::GetConfigRequest* req,
+                                                      v1::GetConfigResponse* resp) {
+  return OnPool(ctx, [this, ctx, req, resp] { return DoGetConfig(ctx, req, resp); });
+}
+
+grpc::ServerUnaryReactor* AdminServiceImpl::ListMembers(grpc::CallbackServerContext* ctx,
+                                                        const v1::ListMembersRequest* req,
+                                                        v1::ListMembersResponse* resp) {
+  return OnPool(ctx, [this, ctx, req, resp] { return DoListMembers(ctx, req, resp); });
+}
+
+grpc::ServerUnaryReactor* AdminServiceImpl::Drain(grpc::CallbackServerContext* ctx,
+                                                  const v1::DrainRequest* req,
+                                                  v1::DrainResponse* resp) {
+  return OnPool(ctx, [this, ctx, req, resp] { return DoDrain(ctx, req, resp); });
 }
 
 }  // namespace kvdn::daemon
