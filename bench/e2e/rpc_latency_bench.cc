@@ -162,9 +162,8 @@ int Main(int argc, char** argv) {
           return put.ok() && *put;
         }));
     next = 0;
-    row(r, "kvdn Delete (64 KiB chunk)", Measure(calls, [&] {
-          return (*c)->Delete(testing::KeyFor(1000 + next++, o.ns)).ok();
-        }));
+    row(r, "kvdn Delete (64 KiB chunk)",
+        Measure(calls, [&] { return (*c)->Delete(testing::KeyFor(1000 + next++, o.ns)).ok(); }));
     row(r, "Redis PING", Measure(calls, [&] { return redis_call("PING"); }));
     row(r, "Redis GET (16 B)", Measure(calls, [&] { return redis_call("GET k"); }));
   }
