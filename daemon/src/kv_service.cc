@@ -243,11 +243,7 @@ class PutReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
       return absl::InvalidArgumentError(
           absl::StrCat("Put frame after the header at byte ", got_, " is not a data frame"));
     }
-    if (data_len > max_frame) {  // an empty-bodied check for frames on_data never saw
-      return absl::InvalidArgumentError(absl::StrCat("Put data frame of ", data_len,
-                                                     " bytes exceeds max_frame_bytes ", max_frame));
-    }
-    return bad;
+    return bad;  // the frame's size was checked at its first byte, before anything was copied
   }
 
   // The stream ended after its header: the chunk is whole or the Put fails.
