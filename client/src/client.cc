@@ -279,14 +279,12 @@ class PutCall {
         }
       };
       skip_empty();
-      bool ok;
       if (part == parts.size()) {
         call->WriteLast(first, grpc::WriteOptions(), Tag(kWritten));
-        ok = wait(kWritten);
       } else {
         call->Write(first, Tag(kWritten));
-        ok = wait(kWritten);
       }
+      bool ok = wait(kWritten);
       while (ok && part < parts.size()) {
         const size_t n = std::min(frame_bytes, parts[part].size() - off);
         uint8_t h[proto::kMaxPutFrameHeaderBytes];
