@@ -20,7 +20,7 @@ case "$preset" in
   fuzz)
     seconds=${2:-60}
     cmake --preset fuzz >/dev/null
-    cmake --build --preset fuzz -j "$jobs" --target chunk_decode_fuzzer
+    cmake --build --preset fuzz -j "$jobs" --target chunk_decode_fuzzer frames_fuzzer
     for f in build/fuzz/tests/fuzz/*_fuzzer; do
       name=$(basename "$f")
       corpus=$(mktemp -d)
