@@ -37,7 +37,7 @@ int main(int argc, char** argv) {
   // under a profiler (ncu) beside another kernel of the same shape.
   int profile_batch = 0, profile_ctx = 0;
   // --sections a,b,...: only these of the tables after the ceilings (ceiling_sweep, copy, decode,
-  // stages, layout, table, splits, nosplit, distance, prefetch_api); all by default.
+  // stages, layout, table, skewed, splits, nosplit, distance, prefetch_api); all by default.
   std::string sections;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
@@ -53,9 +53,9 @@ int main(int argc, char** argv) {
     }
   }
   {  // an unknown section name is refused, not silently skipped
-    static const char* kSections[] = {"ceiling_sweep", "copy",        "decode", "stages",
-                                      "layout",        "table",       "splits", "nosplit",
-                                      "distance",      "prefetch_api"};
+    static const char* kSections[] = {"ceiling_sweep", "copy",     "decode",      "stages",
+                                      "layout",        "table",    "skewed",      "splits",
+                                      "nosplit",       "distance", "prefetch_api"};
     for (absl::string_view name : absl::StrSplit(sections, ',', absl::SkipEmpty())) {
       if (std::none_of(std::begin(kSections), std::end(kSections),
                        [&](const char* k) { return name == k; })) {
@@ -475,6 +475,71 @@ int main(int argc, char** argv) {
       }
     }
   }  // section table
+
+  if (Want("skewed")) {
+    // Batches of mostly short sequences with a few long ones (what a serving engine's decode
+    // batch looks like), tensor-core kernel: planned without the sum of the lengths (splits by
+    // batch x the longest: the long sequences' CTAs read alone at the end) and with it (packed
+    // splits), and with it at half and twice the planned splits. % of streaming: the bytes the
+    // call reads (its tokens' K and V) at the streaming read measured above. A uniform batch
+    // last: the sum must change nothing there.
+    struct Skewed {
+      const char* name;
+      std::vector<int> ctxs;
+    };
+    std::vector<Skewed> shapes;
+    auto mix = [](int n_long, int long_ctx, int n_short, int short_ctx) {
+      std::vector<int> v(n_short, short_ctx);
+      v.insert(v.begin() + n_short / 2, n_long, long_ctx);  // the long ones mid-batch
+      return v;
+    };
+    shapes.push_back({"8: 1 x 32K + 7 x 2K", mix(1, 32768, 7, 2048)});
+    shapes.push_back({"32: 1 x 32K + 31 x 1K", mix(1, 32768, 31, 1024)});
+    shapes.push_back({"64: 4 x 16K + 60 x 512", mix(4, 16384, 60, 512)});
+    shapes.push_back({"256: 2 x 64K + 254 x 1K", mix(2, 65536, 254, 1024)});
+    {
+      std::mt19937 rng(17);  // log-uniform in [256, 32K]
+      std::uniform_real_distribution<double> u(std::log(256.0), std::log(32768.0));
+      std::vector<int> v(128);
+      for (int& x : v) x = static_cast<int>(std::exp(u(rng)));
+      shapes.push_back({"128: log-uniform 256..32K", v});
+    }
+    shapes.push_back({"32: uniform 4K", std::vector<int>(32, 4096)});
+    std::printf(
+        "\n| batch: lengths | KV MiB read | no sum: splits | no sum us | sum: splits (items) | "
+        "sum us | no sum / sum | sum %% of streaming | sum, half the splits us | sum, twice the "
+        "splits us |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for (const Skewed& shape : shapes) {
+      DecodeSetup setup(shape.ctxs, l2, 41);
+      DecodeAttentionArgs args = setup.args();
+      args.prefetch = PrefetchMode::kOff;
+      auto plain = PlanDecodeAttention(args);
+      CHECK_OK(plain.status());
+      const double plain_us = setup.TimeGraphUs(timer, args, 20, gs);
+      args.sum_context_lens = setup.sum_context_lens;
+      auto plan = PlanDecodeAttention(args);
+      CHECK_OK(plan.status());
+      const double sum_us = setup.TimeGraphUs(timer, args, 20, gs);
+      double var_us[2];
+      for (int v = 0; v < 2; ++v) {
+        args.num_splits = v == 0 ? std::max(1, plan->num_splits / 2) : plan->num_splits * 2;
+        var_us[v] = setup.TimeGraphUs(timer, args, 20, gs);
+      }
+      const double read_mib = setup.read_bytes / 1048576.0;
+      const double pct = 100.0 * (setup.read_bytes / (sum_us * 1e-6) / 1e9) / streaming;
+      std::printf("| %s | %.0f | %d | %.1f | %d (%lld) | %.1f | %.2f | %.0f%% | %.1f | %.1f |\n",
+                  shape.name, read_mib, plain->num_splits, plain_us, plan->num_splits,
+                  static_cast<long long>(plan->work_items), sum_us, plain_us / sum_us, pct,
+                  var_us[0], var_us[1]);
+      std::fflush(stdout);
+      json.Add(
+          Fmt("{\"kind\":\"skewed\",\"shape\":\"%s\",\"read_mib\":%.1f,\"plain_splits\":%d,"
+              "\"plain_us\":%.2f,\"sum_splits\":%d,\"work_items\":%lld,\"sum_us\":%.2f,"
+              "\"half_us\":%.2f,\"twice_us\":%.2f}",
+              shape.name, read_mib, plain->num_splits, plain_us, plan->num_splits,
+              static_cast<long long>(plan->work_items), sum_us, var_us[0], var_us[1]));
+    }
+  }  // section skewed
 
   if (Want("splits")) {
     // Splits per sequence around the plan's (as many as one wave of CTAs holds): fewer (longer

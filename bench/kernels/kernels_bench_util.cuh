@@ -218,18 +218,33 @@ double GraphMs(Timer& timer, cudaStream_t stream, int per_graph, int reps, F&& e
 
 // One decode shape on the device (Llama-3-8B heads, bf16, NHD): KV pools rotated so that their
 // total is > 2x L2 (at least two unless one alone is > 4x L2), a shuffled block table, random q,
-// every sequence at `ctx` tokens.
+// every sequence at `ctx` tokens (or at its own length in `ctxs`).
 class DecodeSetup {
  public:
   static constexpr int kQHeads = 32, kKvHeads = 8, kDim = 128;
   // Block tables random (a permutation of the pool's blocks, as an engine's allocator leaves
   // them after a while) unless `sorted` (each sequence's blocks adjacent, in order).
   DecodeSetup(int batch, int ctx, size_t l2, uint32_t seed, int block_size = 16,
+              bool sorted = false)
+      : DecodeSetup(std::vector<int>(batch, ctx), l2, seed, block_size, sorted) {}
+  // Sequences of the lengths in `ctxs`, each with the blocks its tokens need (a table row's
+  // entries past them are 0, never read). max_context_len is the longest; sum_context_lens in
+  // args() is left 0 (unknown): `sum_context_lens` below has it.
+  DecodeSetup(const std::vector<int>& ctxs, size_t l2, uint32_t seed, int block_size = 16,
               bool sorted = false) {
     const int kBlock = block_size;
-    const int mb = ctx / kBlock, nb = batch * mb;
+    const int batch = static_cast<int>(ctxs.size());
+    const int max_ctx = *std::max_element(ctxs.begin(), ctxs.end());
+    const int mb = std::max(1, (max_ctx + kBlock - 1) / kBlock);
+    int nb = 0;
+    for (int c : ctxs) {
+      nb += (c + kBlock - 1) / kBlock;
+      sum_context_lens += c;
+    }
+    nb = std::max(nb, 1);
     const size_t cache_elems = size_t{static_cast<size_t>(nb)} * kBlock * kKvHeads * kDim;
     kv_bytes = 2 * cache_elems * 2;
+    read_bytes = static_cast<size_t>(sum_context_lens) * kKvHeads * kDim * 2 * 2;
     int pools = std::clamp(static_cast<int>(std::ceil(2.5 * l2 / kv_bytes)), 1, 64);
     if (pools == 1 && kv_bytes < 4 * l2) pools = 2;
     for (int p = 0; p < pools; ++p) {
@@ -241,10 +256,15 @@ class DecodeSetup {
       k_.push_back(k);
       v_.push_back(v);
     }
-    std::vector<int32_t> tbl(nb);
-    std::iota(tbl.begin(), tbl.end(), 0);
-    if (!sorted) std::shuffle(tbl.begin(), tbl.end(), std::mt19937(seed));
-    const std::vector<int32_t> ctxs(batch, ctx);
+    std::vector<int32_t> blocks(nb);
+    std::iota(blocks.begin(), blocks.end(), 0);
+    if (!sorted) std::shuffle(blocks.begin(), blocks.end(), std::mt19937(seed));
+    std::vector<int32_t> tbl(static_cast<size_t>(batch) * mb, 0);
+    for (int b = 0, next = 0; b < batch; ++b) {
+      for (int j = 0; j < (ctxs[b] + kBlock - 1) / kBlock; ++j) {
+        tbl[static_cast<size_t>(b) * mb + j] = blocks[next++];
+      }
+    }
     const size_t q_elems = size_t{static_cast<size_t>(batch)} * kQHeads * kDim;
     CHECK_CUDA(cudaMalloc(&q_, q_elems * 2));
     CHECK_CUDA(cudaMalloc(&out_, q_elems * 2));
@@ -263,7 +283,7 @@ class DecodeSetup {
     args_.block_size = kBlock;
     args_.num_blocks = nb;
     args_.max_blocks_per_seq = mb;
-    args_.max_context_len = ctx;
+    args_.max_context_len = max_ctx;
     args_.k_cache = k_[0];
     args_.v_cache = v_[0];
   }
@@ -354,7 +374,9 @@ class DecodeSetup {
     return us;
   }
 
-  size_t kv_bytes = 0;
+  size_t kv_bytes = 0;    // one pool's K and V
+  size_t read_bytes = 0;  // the K and V bytes one call reads (its sequences' tokens)
+  int64_t sum_context_lens = 0;
 
   // Plans `a`, allocates its workspace and points `a` at it; the caller frees the result.
   static void* AttachWorkspace(DecodeAttentionArgs* a) {

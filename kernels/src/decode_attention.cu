@@ -204,6 +204,11 @@ absl::Status Validate(const DecodeAttentionArgs& a) {
   if (a.prefetch_distance < 0 || a.prefetch_distance > 64) {
     return bad("prefetch_distance ", a.prefetch_distance, " outside [0, 64]");
   }
+  if (a.sum_context_lens < 0 ||
+      a.sum_context_lens > int64_t{a.batch} * std::max(a.max_context_len, 0)) {
+    return bad("sum_context_lens ", a.sum_context_lens, " outside [0, batch x max_context_len = ",
+               int64_t{a.batch} * std::max(a.max_context_len, 0), "]");
+  }
   if (a.num_splits < 0 || a.num_splits > 65535) {
     return bad("num_splits ", a.num_splits, " outside [0, 65535]");
   }
@@ -253,8 +258,17 @@ absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
   absl::StatusOr<Occupancy> dev = CurrentOccupancy(a.dtype, group, kernel, lanes, stages);
   if (!dev.ok()) return dev.status();
   const int per_sm = dev->ctas_per_sm;
-  const int64_t base = int64_t{a.batch} * a.num_kv_heads;
   const int ctx = std::max(a.max_context_len, 1);
+  // The work in CTAs of a whole context each (batch x kv heads when every sequence is as long as
+  // the longest). With the sum of the lengths, a batch of mostly short sequences counts for less,
+  // so its longest sequences get more splits; the tensor-core kernel then packs the splits
+  // (below). The cuda-core kernel, kept as a baseline, splits uniformly whatever the lengths.
+  // A batch whose lengths add up to more than 3/4 of batch x the longest is planned as uniform
+  // (its CTAs' work differs by less than the rounding of the split count).
+  const bool skewed = kernel == DecodeKernel::kTensorCore && a.sum_context_lens > 0 &&
+                      a.sum_context_lens * 4 < int64_t{a.batch} * ctx * 3;
+  const double base =
+      (skewed ? static_cast<double>(a.sum_context_lens) / ctx : a.batch) * a.num_kv_heads;
   DecodePlan plan;
   int64_t splits = a.num_splits;
   if (splits == 0) {
@@ -265,13 +279,17 @@ absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
     // the splits is less to combine and longer runs per CTA (batch 1 x 32K 38.2 -> 37.0 us,
     // 8 x 1K 14.0 -> 13.1); with splits that long the combine is negligible and a second CTA
     // per SM read 1% faster (8 x 32K 249.0 -> 246.5). H200, kernels-2026-12-01-transposed.md.
+    // A skewed batch fills every CTA slot and rounds up (no CTA gets more than its share of
+    // the work: the longest sequence's splits are what the call waits for), where a uniform one
+    // rounds down. H200, bench/results/kernels-2026-12-02-skewed.md: rounding down left a batch
+    // of 128 log-uniform lengths (256..32K) at one split, 9% slower than two.
     const int64_t full = int64_t{dev->sms} * std::max(per_sm, 1);
     int64_t wave = full;
-    if (kernel == DecodeKernel::kTensorCore) {
-      const int64_t half_splits = std::max<int64_t>(dev->sms / base, 1);
+    if (kernel == DecodeKernel::kTensorCore && !skewed) {
+      const int64_t half_splits = std::max<int64_t>(static_cast<int64_t>(dev->sms / base), 1);
       if ((ctx + half_splits - 1) / half_splits < kTcLongSplitTokens) wave = dev->sms;
     }
-    splits = wave / base;
+    splits = static_cast<int64_t>(skewed ? std::ceil(wave / base) : wave / base);
     splits = std::min<int64_t>(splits, (ctx + kMinSplitTokens - 1) / kMinSplitTokens);
     splits = std::max<int64_t>(splits, 1);
   }
@@ -283,7 +301,16 @@ absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
   plan.tc_stages = kernel == DecodeKernel::kTensorCore ? stages : 0;
   plan.lanes_per_token = lanes;
   plan.split_tokens = static_cast<int32_t>(split_tokens);
-  plan.ctas = base * splits;
+  plan.ctas = int64_t{a.batch} * a.num_kv_heads * splits;
+  if (skewed && splits > 1) {
+    // Packed: each sequence's own splits, one after another (see DecodeParams::work_items).
+    const int64_t items = (a.sum_context_lens + split_tokens - 1) / split_tokens + a.batch;
+    if (items <= INT32_MAX) {
+      plan.packed_splits = true;
+      plan.work_items = items;
+      plan.ctas = items * a.num_kv_heads;
+    }
+  }
   plan.ctas_per_sm = static_cast<double>(plan.ctas) / dev->sms;
   switch (a.prefetch) {
     case PrefetchMode::kOff:
@@ -311,9 +338,8 @@ absl::StatusOr<DecodePlan> PlanDecodeAttention(const DecodeAttentionArgs& a) {
   if (kernel == DecodeKernel::kTensorCore && a.block_size % detail::kTcTile != 0) {
     plan.prefetch = false;
   }
-  plan.workspace_bytes = splits == 1 ? 0
-                                     : static_cast<size_t>(a.batch) * a.num_q_heads * splits *
-                                           (kHeadDim + 1) * sizeof(float);
+  const int64_t rows = plan.packed_splits ? plan.work_items : splits == 1 ? 0 : a.batch * splits;
+  plan.workspace_bytes = static_cast<size_t>(rows) * a.num_q_heads * (kHeadDim + 1) * sizeof(float);
   return plan;
 }
 
@@ -337,16 +363,19 @@ absl::Status PagedDecodeAttention(const DecodeAttentionArgs& a, cudaStream_t str
   p.context_lens = a.context_lens;
   p.out = a.out;
   p.ws_o = static_cast<float*>(a.workspace);
-  p.ws_lse = p.ws_o == nullptr ? nullptr
-                               : p.ws_o + static_cast<size_t>(a.batch) * a.num_q_heads *
-                                              plan->num_splits * kHeadDim;
+  p.ws_lse = p.ws_o == nullptr
+                 ? nullptr
+                 : p.ws_o + plan->workspace_bytes / ((kHeadDim + 1) * sizeof(float)) * kHeadDim;
+  p.batch = a.batch;
   p.q_heads = a.num_q_heads;
   p.kv_heads = a.num_kv_heads;
   p.block_size = a.block_size;
   p.num_blocks = a.num_blocks;
   p.max_blocks_per_seq = a.max_blocks_per_seq;
+  p.max_context_len = a.max_context_len;
   p.num_splits = plan->num_splits;
   p.split_tokens = plan->split_tokens;
+  p.work_items = static_cast<int32_t>(plan->work_items);
   p.prefetch_distance = a.prefetch_distance == 0 ? 1 : a.prefetch_distance;
   p.layout = static_cast<int32_t>(a.layout);
   const float scale = a.scale == 0 ? 1.0f / std::sqrt(static_cast<float>(a.head_dim)) : a.scale;

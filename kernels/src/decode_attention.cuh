@@ -35,15 +35,20 @@ struct DecodeParams {
   const int32_t* block_tables;
   const int32_t* context_lens;
   void* out;
-  float* ws_o;    // [batch][q_heads][splits][128]
-  float* ws_lse;  // [batch][q_heads][splits]
+  // Partial results of splits: uniform splits [batch][q_heads][num_splits] rows, packed splits
+  // [q_heads][work_items] rows (see PackedSplits); 128 floats each in ws_o, one in ws_lse.
+  float* ws_o;
+  float* ws_lse;
+  int32_t batch;
   int32_t q_heads;
   int32_t kv_heads;
   int32_t block_size;
   int32_t num_blocks;
   int32_t max_blocks_per_seq;
-  int32_t num_splits;
+  int32_t max_context_len;  // context_lens are clamped to [0, max_context_len]
+  int32_t num_splits;       // uniform splits: per sequence (packed: of the longest sequence)
   int32_t split_tokens;
+  int32_t work_items;  // > 0: packed splits, this many launched per kv head (tensor-core kernel)
   int32_t prefetch_distance;  // blocks ahead, per warp (>= 1)
   int32_t layout;             // PagedKvLayout (the tensor-core kernel reads all three)
   float scale_log2;           // softmax scale * log2(e)
@@ -86,17 +91,29 @@ __device__ __forceinline__ uint4 LoadStreaming(const void* p) {
   return r;
 }
 
-// Stores element d of query head `head`'s result for (sequence b, split): the output itself with
-// one split, else the normalized partial output and (d == 0) its log2-sum-exp for the combine
-// (-inf: the split saw no token).
+// Where a split's results go. `direct`: the sequence has only this split, so the CTA writes the
+// output itself; otherwise query head h's partial output is workspace row `row + h * head_stride`.
+struct SplitOut {
+  bool direct;
+  int64_t row;
+  int64_t head_stride;
+};
+// Uniform splits: every sequence has p.num_splits, rows [b][q head][split].
+__device__ __forceinline__ SplitOut UniformSplitOut(const DecodeParams& p, int b, int split) {
+  return {p.num_splits == 1, int64_t{b} * p.q_heads * p.num_splits + split, p.num_splits};
+}
+
+// Stores element d of query head `head`'s result for sequence b's split `so`: the output itself
+// or the normalized partial output and (d == 0) its log2-sum-exp for the combine (-inf: the split
+// saw no token).
 template <typename T>
-__device__ __forceinline__ void StoreSplitResult(const DecodeParams& p, int b, int split, int head,
-                                                 int d, float val, float lse) {
-  if (p.num_splits == 1) {
+__device__ __forceinline__ void StoreSplitResult(const DecodeParams& p, int b, const SplitOut& so,
+                                                 int head, int d, float val, float lse) {
+  if (so.direct) {
     T* out = static_cast<T*>(p.out);
     out[(int64_t{b} * p.q_heads + head) * kHeadDim + d] = Vec8<T>::FromFloat(val);
   } else {
-    const int64_t row = (int64_t{b} * p.q_heads + head) * p.num_splits + split;
+    const int64_t row = so.row + head * so.head_stride;
     p.ws_o[row * kHeadDim + d] = val;
     if (d == 0) p.ws_lse[row] = lse;
   }
@@ -105,11 +122,91 @@ __device__ __forceinline__ void StoreSplitResult(const DecodeParams& p, int b, i
 // The result of a split without tokens (a short or empty sequence) for the G query heads from
 // q_head0: zeros, weight 0 in the combine. Called by every thread of the CTA.
 template <typename T, int G>
-__device__ __forceinline__ void StoreEmptySplit(const DecodeParams& p, int b, int split,
+__device__ __forceinline__ void StoreEmptySplit(const DecodeParams& p, int b, const SplitOut& so,
                                                 int q_head0) {
   for (int i = threadIdx.x; i < G * kHeadDim; i += blockDim.x) {
-    StoreSplitResult<T>(p, b, split, q_head0 + i / kHeadDim, i % kHeadDim, 0.f, -INFINITY);
+    StoreSplitResult<T>(p, b, so, q_head0 + i / kHeadDim, i % kHeadDim, 0.f, -INFINITY);
   }
+}
+
+// Packed splits (p.work_items > 0; the tensor-core kernel): sequence b's context, clamped to
+// [0, max_context_len], is cut into n_b = max(1, ceil(len_b / tokens)) splits, numbered in
+// sequence order: sequence b's are items first_b .. first_b + n_b - 1, so a long sequence gets
+// many CTAs and a short one one, and no CTA is launched for nothing. tokens = p.split_tokens
+// unless the items would not fit the p.work_items launched (ceil(sum_context_lens / split_tokens)
+// + batch: the caller's sum understated the lengths); then tokens = k x p.split_tokens with
+// k = ceil(items / (work_items - batch)), which fits (each n_b shrinks to ceil(n_b / k) <= n_b / k
+// + 1). Every CTA of the main kernel and of the combine derives the same numbering from
+// context_lens: a block-wide scan, whose cost (one pass over batch lengths, L2 hits) is paid in
+// packed mode only.
+struct PackedSplits {
+  int tokens;  // per split
+  int b;       // the sequence found; -1 if `item` is past the last split
+  int first;   // its first item
+  int count;   // its splits
+};
+
+__device__ __forceinline__ long long BlockExclusiveSum(long long x, long long* total,
+                                                       long long* s_warp) {
+  static_assert(kDecodeThreads == 128, "four warps");
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  long long incl = x;
+#pragma unroll
+  for (int o = 1; o < 32; o *= 2) {
+    const long long y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  __syncthreads();  // s_warp may still be read by a previous scan
+  if (lane == 31) s_warp[warp] = incl;
+  __syncthreads();
+  long long before = 0, all = 0;
+#pragma unroll
+  for (int w = 0; w < kDecodeWarps; ++w) {
+    before += w < warp ? s_warp[w] : 0;
+    all += s_warp[w];
+  }
+  *total = all;
+  return before + incl - x;
+}
+
+// The split that packed item `item` names (seq < 0), or sequence `seq`'s splits (item ignored).
+// Called by all kDecodeThreads threads of the CTA, none having returned.
+__device__ __forceinline__ PackedSplits FindPackedSplits(const DecodeParams& p, long long item,
+                                                         int seq) {
+  __shared__ long long s_warp[kDecodeWarps];
+  __shared__ int s_found[3];
+  const int per = (p.batch + kDecodeThreads - 1) / kDecodeThreads;
+  const int lo = min(static_cast<int>(threadIdx.x) * per, p.batch);
+  const int hi = min(lo + per, p.batch);
+  long long tokens = p.split_tokens;
+  auto splits_of = [&](int b) -> long long {
+    const int len = min(max(p.context_lens[b], 0), p.max_context_len);
+    return len == 0 ? 1 : (len + tokens - 1) / tokens;
+  };
+  long long mine = 0, total;
+  for (int b = lo; b < hi; ++b) mine += splits_of(b);
+  long long before = BlockExclusiveSum(mine, &total, s_warp);
+  if (total > p.work_items) {
+    const long long room = p.work_items - p.batch;  // >= 1: the planner launches more
+    tokens =
+        min((total + room - 1) / room * tokens, static_cast<long long>(max(p.max_context_len, 1)));
+    mine = 0;
+    for (int b = lo; b < hi; ++b) mine += splits_of(b);
+    before = BlockExclusiveSum(mine, &total, s_warp);
+  }
+  if (threadIdx.x == 0) s_found[0] = -1;
+  __syncthreads();
+  for (int b = lo; b < hi; ++b) {
+    const long long n = splits_of(b);
+    if (seq < 0 ? item >= before && item < before + n : b == seq) {
+      s_found[0] = b;
+      s_found[1] = static_cast<int>(before);
+      s_found[2] = static_cast<int>(n);
+    }
+    before += n;
+  }
+  __syncthreads();
+  return {static_cast<int>(tokens), s_found[0], s_found[1], s_found[2]};
 }
 
 // The end of a split for the G query heads from q_head0: merges kParts partial results (a running
@@ -119,7 +216,7 @@ __device__ __forceinline__ void StoreEmptySplit(const DecodeParams& p, int b, in
 // -inf) stores zeros with weight 0. Both kernels end with it; only their shared-memory layouts
 // differ.
 template <typename T, int G, int kParts, typename MOf, typename LOf, typename OOf>
-__device__ __forceinline__ void MergePartsAndStore(const DecodeParams& p, int b, int split,
+__device__ __forceinline__ void MergePartsAndStore(const DecodeParams& p, int b, const SplitOut& so,
                                                    int q_head0, MOf m_of, LOf l_of, OOf o_of) {
   const int d = threadIdx.x;  // kDecodeThreads == kHeadDim
 #pragma unroll
@@ -135,7 +232,7 @@ __device__ __forceinline__ void MergePartsAndStore(const DecodeParams& p, int b,
       lsum += l_of(h, g) * w;
       acc += o_of(h, g, d) * w;
     }
-    StoreSplitResult<T>(p, b, split, q_head0 + g, d, lsum > 0.f ? acc / lsum : 0.f,
+    StoreSplitResult<T>(p, b, so, q_head0 + g, d, lsum > 0.f ? acc / lsum : 0.f,
                         lsum > 0.f ? mx + log2f(lsum) : -INFINITY);
   }
 }
@@ -189,7 +286,8 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
     }
   }
   const int32_t first_phys = first_blk + warp < p.max_blocks_per_seq ? table[first_blk + warp] : -1;
-  const int ctx = p.context_lens[b];
+  const int ctx = min(p.context_lens[b], p.max_context_len);
+  const SplitOut so = UniformSplitOut(p, b, split);
   const int end = min(ctx, start + p.split_tokens);
 
   // The combine kernel (a programmatic dependent when there are splits) may be scheduled as
@@ -201,7 +299,7 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
   __shared__ float s_acc[S::kGroups][G][kHeadDim];
 
   if (start >= end) {  // an empty split (short sequence) or an empty sequence
-    StoreEmptySplit<T, G>(p, b, split, q_head0);
+    StoreEmptySplit<T, G>(p, b, so, q_head0);
     return;
   }
 
@@ -340,7 +438,7 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeKernel(DecodeParams
   }
   __syncthreads();
   MergePartsAndStore<T, G, S::kGroups>(
-      p, b, split, q_head0, [&](int h, int g) { return s_m[h][g]; },
+      p, b, so, q_head0, [&](int h, int g) { return s_m[h][g]; },
       [&](int h, int g) { return s_l[h][g]; }, [&](int h, int g, int d) { return s_acc[h][g][d]; });
 }
 
@@ -366,10 +464,20 @@ __device__ __forceinline__ float BlockReduce(float x, bool is_max, float* scratc
 // Merges the splits of one (sequence, q head): weights 2^(lse_s - max). All loads of a step are
 // independent: the lse values by thread, then each warp sums a quarter of the splits' partial
 // outputs (a lane holds 4 dims), and the warps' sums meet in shared memory.
+// Packed splits: a sequence with one split has its output from the main kernel already.
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads) CombineSplitsKernel(DecodeParams p) {
+  static_assert(kCombineThreads == kDecodeThreads, "FindPackedSplits scans with 128 threads");
+  int64_t row0 = int64_t{blockIdx.x} * p.num_splits;  // blockIdx.x = b * q_heads + h
+  int splits = p.num_splits;
+  if (p.work_items > 0) {
+    // Only context_lens is read: this runs before the main kernel's results are waited for.
+    const PackedSplits ps = FindPackedSplits(p, 0, static_cast<int>(blockIdx.x / p.q_heads));
+    if (ps.count == 1) return;
+    row0 = int64_t{blockIdx.x % p.q_heads} * p.work_items + ps.first;
+    splits = ps.count;
+  }
   GridDependencyWait();  // the main kernel's partial outputs are complete and visible
-  const int64_t row0 = int64_t{blockIdx.x} * p.num_splits;  // blockIdx.x = b * q_heads + h
   const int t = threadIdx.x;
   const int warp = t / 32;
   const int lane = t % 32;
@@ -378,12 +486,12 @@ __global__ void __launch_bounds__(kCombineThreads) CombineSplitsKernel(DecodePar
   __shared__ float4 s_acc[kCombineWarps][32];
 
   float mx = -INFINITY;
-  for (int s = t; s < p.num_splits; s += kCombineThreads) mx = fmaxf(mx, p.ws_lse[row0 + s]);
+  for (int s = t; s < splits; s += kCombineThreads) mx = fmaxf(mx, p.ws_lse[row0 + s]);
   mx = BlockReduce(mx, true, s_red);
   float wsum = 0.f;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int c0 = 0; c0 < p.num_splits; c0 += kCombineChunk) {
-    const int n = min(kCombineChunk, p.num_splits - c0);
+  for (int c0 = 0; c0 < splits; c0 += kCombineChunk) {
+    const int n = min(kCombineChunk, splits - c0);
     __syncthreads();  // s_w of the previous chunk is read
     for (int s = t; s < n; s += kCombineThreads) {
       const float lse = p.ws_lse[row0 + c0 + s];
@@ -415,7 +523,8 @@ __global__ void __launch_bounds__(kCombineThreads) CombineSplitsKernel(DecodePar
   out[int64_t{blockIdx.x} * kHeadDim + t] = Vec8<T>::FromFloat(wsum > 0.f ? o / wsum : 0.f);
 }
 
-// Enqueues the combine of p.num_splits > 1 splits after the main kernel on `stream`.
+// Enqueues the combine of the splits (p.num_splits > 1, or packed) after the main kernel on
+// `stream`.
 template <typename T>
 cudaError_t LaunchCombine(const DecodeParams& p, int batch, cudaStream_t stream) {
   // Programmatic dependent launch: the combine may start before the main kernel ends (it waits

@@ -24,6 +24,7 @@
 #ifndef KVDN_KERNELS_SRC_DECODE_ATTENTION_TC_CUH_
 #define KVDN_KERNELS_SRC_DECODE_ATTENTION_TC_CUH_
 
+#include <algorithm>
 #include <type_traits>
 
 #include "src/decode_attention.cuh"
@@ -148,8 +149,6 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
   static_assert(G <= 8, "a group beyond 8 query heads would need a second N tile");
   extern __shared__ __align__(128) unsigned char smem[];
   const int kvh = blockIdx.x;
-  const int split = blockIdx.y;
-  const int b = blockIdx.z;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int g = lane / 4;  // fragment row (query head of the group when < G)
@@ -157,7 +156,25 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
 
   GridLaunchDependents();
 
-  const int start = split * p.split_tokens;
+  // Uniform splits: (split, sequence) = (blockIdx.y, blockIdx.z). Packed: blockIdx.y and .z
+  // number the item, whose sequence and split a scan of context_lens finds.
+  int split, b, split_tokens = p.split_tokens;
+  SplitOut so;
+  if (p.work_items > 0) {
+    const long long item = static_cast<long long>(blockIdx.z) * gridDim.y + blockIdx.y;
+    const PackedSplits ps = FindPackedSplits(p, item, -1);
+    if (ps.b < 0) return;  // past the last split (the sum of lengths was an upper bound)
+    b = ps.b;
+    split = static_cast<int>(item - ps.first);
+    split_tokens = ps.tokens;
+    so = {ps.count == 1, item, p.work_items};
+  } else {
+    split = blockIdx.y;
+    b = blockIdx.z;
+    so = UniformSplitOut(p, b, split);
+  }
+
+  const int start = split * split_tokens;
   const int q_head0 = kvh * G;
   const int32_t* table = p.block_tables + int64_t{b} * p.max_blocks_per_seq;
   const int bs = p.block_size;
@@ -175,11 +192,11 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
       qb1[k] = g < G ? q[8 * k + 4 + t4] : 0u;
     }
   }
-  const int ctx = p.context_lens[b];
-  const int end = min(ctx, start + p.split_tokens);
+  const int ctx = min(p.context_lens[b], p.max_context_len);
+  const int end = min(ctx, start + split_tokens);
 
   if (start >= end) {  // an empty split (short sequence) or an empty sequence
-    StoreEmptySplit<T, G>(p, b, split, q_head0);
+    StoreEmptySplit<T, G>(p, b, so, q_head0);
     return;
   }
 
@@ -410,7 +427,7 @@ __global__ void __launch_bounds__(kDecodeThreads) PagedDecodeTcKernel(DecodePara
   }
   __syncthreads();
   MergePartsAndStore<T, G, kDecodeWarps>(
-      p, b, split, q_head0, [&](int w, int gg) { return s_m[w * 8 + gg]; },
+      p, b, so, q_head0, [&](int w, int gg) { return s_m[w * 8 + gg]; },
       [&](int w, int gg) { return s_l[w * 8 + gg]; },
       [&](int w, int gg, int d) { return s_o[(w * 8 + gg) * kHeadDim + d]; });
 }
@@ -422,10 +439,14 @@ cudaError_t LaunchDecodeTc(const DecodeParams& p, int batch, cudaStream_t stream
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(kSmem));
   if (e != cudaSuccess) return e;
-  const dim3 grid(p.kv_heads, p.num_splits, batch);
+  // Packed splits: the items over y (at most 65535) and z.
+  constexpr int kMaxY = 65535;
+  const dim3 grid = p.work_items > 0 ? dim3(p.kv_heads, std::min(p.work_items, kMaxY),
+                                            (p.work_items + kMaxY - 1) / kMaxY)
+                                     : dim3(p.kv_heads, p.num_splits, batch);
   kernel<<<grid, kDecodeThreads, kSmem, stream>>>(p);
   e = cudaGetLastError();
-  if (e != cudaSuccess || p.num_splits == 1) return e;
+  if (e != cudaSuccess || (p.num_splits == 1 && p.work_items == 0)) return e;
   return LaunchCombine<T>(p, batch, stream);
 }
 

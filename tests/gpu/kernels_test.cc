@@ -463,6 +463,10 @@ TEST_F(KernelsTest, PrefetchRespectsTheBudgetAndWritesNothing) {
   EXPECT_EQ(bytes, 2u * 2 * 32768);  // blocks 0 and 1, K and V, 32 KiB each
 }
 
+// What a case passes as DecodeAttentionArgs::sum_context_lens: nothing, the true sum, or an
+// understated one (half of it; 1), which must still give correct results.
+enum class SumHint { kNone, kTrue, kHalf, kOne };
+
 struct AttnCase {
   int q_heads;
   int kv_heads;
@@ -475,7 +479,23 @@ struct AttnCase {
   int distance = 0;  // prefetch distance (0 = default; CUDA-core kernel only)
   DecodeKernel kernel = DecodeKernel::kAuto;
   PagedKvLayout layout = PagedKvLayout::kNhd;
+  SumHint sum = SumHint::kNone;
 };
+
+int64_t SumOf(const std::vector<int>& contexts, SumHint hint) {
+  const int64_t sum = std::accumulate(contexts.begin(), contexts.end(), int64_t{0});
+  switch (hint) {
+    case SumHint::kNone:
+      return 0;
+    case SumHint::kTrue:
+      return sum;
+    case SumHint::kHalf:
+      return sum / 2;
+    case SumHint::kOne:
+      return 1;
+  }
+  return 0;
+}
 
 // The NHD cache `nhd` ([blocks][bs][heads][D]; `v` too for the combined layout) in `layout`.
 std::vector<uint16_t> ToLayout(const std::vector<uint16_t>& nhd, const std::vector<uint16_t>& v,
@@ -510,7 +530,7 @@ void RunAttention(const AttnCase& c, uint64_t seed) {
                << " bs=" << c.block_size << " batch=" << batch << " max_ctx=" << max_ctx
                << " prefetch=" << PrefetchModeName(c.prefetch) << " splits=" << c.splits
                << " lanes=" << c.lanes << " kernel=" << DecodeKernelName(c.kernel)
-               << " layout=" << LayoutName(c.layout));
+               << " layout=" << LayoutName(c.layout) << " sum=" << static_cast<int>(c.sum));
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.f, 1.f);
   auto to16 = [&](float f) { return bf16 ? reference::FloatToBf16(f) : reference::FloatToFp16(f); };
@@ -565,6 +585,7 @@ void RunAttention(const AttnCase& c, uint64_t seed) {
   a.lanes_per_token = c.lanes;
   a.prefetch_distance = c.distance;
   a.kernel = c.kernel;
+  a.sum_context_lens = SumOf(c.contexts, c.sum);
   ASSERT_OK_AND_ASSIGN(DecodePlan plan, PlanDecodeAttention(a));
   EXPECT_EQ(plan.kernel, c.kernel == DecodeKernel::kCudaCore ? DecodeKernel::kCudaCore
                                                              : DecodeKernel::kTensorCore);
@@ -586,7 +607,8 @@ void RunAttention(const AttnCase& c, uint64_t seed) {
     den += ref[i] * ref[i];
   }
   const double rel = den == 0 ? std::sqrt(num) : std::sqrt(num / den);
-  EXPECT_LT(rel, 1e-2) << "relative error " << rel << " (" << plan.num_splits << " splits)";
+  EXPECT_LT(rel, 1e-2) << "relative error " << rel << " (" << plan.num_splits << " splits"
+                       << (plan.packed_splits ? ", packed" : "") << ")";
 }
 
 // Runs `cases` (each with its seed) on as many threads as the host has cores, at most 16: the
@@ -738,6 +760,90 @@ TEST_F(KernelsTest, DecodeAttentionEdgeCases) {
   RunAttentionCases(cases);
 }
 
+// A batch of short sequences and a few long ones, with sum_context_lens: the long ones get more
+// splits, packed (tensor-core kernel); results as without it, also when the sum is understated
+// (the kernel then makes its splits longer to fit what was launched) and for the baseline kernel,
+// which ignores it. A uniform batch plans the same with the sum as without.
+TEST_F(KernelsTest, SkewedBatchesSplitByTheSumOfTheirLengths) {
+  DeviceBuffer buf(1 << 20);
+  DecodeAttentionArgs a;
+  a.q = a.k_cache = a.v_cache = buf.get();
+  a.out = buf.get();
+  a.block_tables = a.context_lens = buf.as<int32_t>();
+  a.num_q_heads = 32;
+  a.num_kv_heads = 8;
+  a.block_size = 16;
+  a.num_blocks = 1 << 16;
+  a.max_blocks_per_seq = 2048;
+  a.max_context_len = 32768;
+  a.batch = 32;
+  ASSERT_OK_AND_ASSIGN(DecodePlan uniform, PlanDecodeAttention(a));
+  a.sum_context_lens = int64_t{32} * 32768;  // every sequence as long as the longest
+  ASSERT_OK_AND_ASSIGN(DecodePlan same, PlanDecodeAttention(a));
+  EXPECT_EQ(same.num_splits, uniform.num_splits);
+  EXPECT_EQ(same.split_tokens, uniform.split_tokens);
+  EXPECT_FALSE(same.packed_splits);
+  EXPECT_EQ(same.workspace_bytes, uniform.workspace_bytes);
+  a.sum_context_lens = int64_t{32} * 32768 * 3 / 4 + 1;  // nearly uniform: planned as uniform
+  ASSERT_OK_AND_ASSIGN(DecodePlan nearly, PlanDecodeAttention(a));
+  EXPECT_EQ(nearly.num_splits, uniform.num_splits);
+  EXPECT_FALSE(nearly.packed_splits);
+  // One sequence of 32K and 31 of 1K: without the sum, one split each (32 x 8 CTAs fill the
+  // GPU), and the long sequence's 8 CTAs read 16 MiB each while the others read 0.5.
+  a.sum_context_lens = 32768 + 31 * 1024;
+  ASSERT_OK_AND_ASSIGN(DecodePlan skewed, PlanDecodeAttention(a));
+  EXPECT_TRUE(skewed.packed_splits);
+  EXPECT_GT(skewed.num_splits, uniform.num_splits);
+  EXPECT_LE(skewed.split_tokens, 4096);
+  EXPECT_EQ(skewed.work_items,
+            (a.sum_context_lens + skewed.split_tokens - 1) / skewed.split_tokens + a.batch);
+  EXPECT_EQ(skewed.ctas, skewed.work_items * a.num_kv_heads);
+  EXPECT_EQ(skewed.workspace_bytes,
+            static_cast<size_t>(skewed.work_items) * a.num_q_heads * 129 * sizeof(float));
+  a.kernel = DecodeKernel::kCudaCore;  // the baseline splits uniformly
+  ASSERT_OK_AND_ASSIGN(DecodePlan cuda_core, PlanDecodeAttention(a));
+  EXPECT_FALSE(cuda_core.packed_splits);
+
+  uint64_t seed = 1300;
+  std::vector<std::pair<AttnCase, uint64_t>> cases;
+  std::vector<int> one_long(24, 100);
+  one_long[5] = 6000;
+  one_long[9] = 0;
+  one_long[23] = 1;
+  std::vector<int> ragged(40);
+  std::mt19937 rng(11);
+  for (int& x : ragged) x = static_cast<int>(rng() % 300);
+  ragged[0] = 4000;
+  ragged[39] = 2500;
+  const DecodeKernel tc = DecodeKernel::kTensorCore;
+  for (SumHint sum : {SumHint::kTrue, SumHint::kHalf, SumHint::kOne}) {
+    for (const auto& ctx : {one_long, ragged}) {
+      cases.push_back({{32, 8, Dtype::kBFloat16, 16, ctx, PrefetchMode::kOff, 0, 0, 0, tc,
+                        PagedKvLayout::kNhd, sum},
+                       seed++});
+      cases.push_back({{32, 8, Dtype::kFloat16, 7, ctx, PrefetchMode::kAuto, 0, 0, 0, tc,
+                        PagedKvLayout::kHnd, sum},
+                       seed++});
+      cases.push_back({{64, 8, Dtype::kBFloat16, 64, ctx, PrefetchMode::kOn, 0, 0, 0, tc,
+                        PagedKvLayout::kNhdCombined, sum},
+                       seed++});
+      cases.push_back({{32, 32, Dtype::kFloat16, 16, ctx, PrefetchMode::kOff, 0, 0, 0, tc,
+                        PagedKvLayout::kNhd, sum},
+                       seed++});
+    }
+  }
+  // Forced split counts with the sum (splits of the longest), and the baseline kernel.
+  for (int splits : {2, 7, 64}) {
+    cases.push_back({{32, 8, Dtype::kBFloat16, 16, one_long, PrefetchMode::kOff, splits, 0, 0, tc,
+                      PagedKvLayout::kNhd, SumHint::kTrue},
+                     seed++});
+  }
+  cases.push_back({{32, 8, Dtype::kBFloat16, 16, ragged, PrefetchMode::kAuto, 0, 0, 0,
+                    DecodeKernel::kCudaCore, PagedKvLayout::kNhd, SumHint::kTrue},
+                   seed++});
+  RunAttentionCases(cases);
+}
+
 // The engine's step: the kernel just before attention on the stream writes the KV it reads
 // (here InjectLayer, as a cache write or a kvdn Load would), and with splits the combine runs as
 // a programmatic dependent of the attention kernel. The cache starts as NaN and the workspace
@@ -861,6 +967,10 @@ TEST_F(KernelsTest, BadAttentionArgumentsAreInvalidArgument) {
   bad([](auto& b) { b.lanes_per_token = 4; }, "lanes_per_token 4");
   bad([](auto& b) { b.prefetch_distance = 65; }, "prefetch_distance 65");
   bad([](auto& b) { b.tc_stages = 5; }, "tc_stages 5");
+  bad([](auto& b) { b.sum_context_lens = -1; }, "sum_context_lens -1 outside [0, batch x");
+  bad([](auto& b) { b.sum_context_lens = 65; },
+      "sum_context_lens 65 outside [0, batch x "
+      "max_context_len = 64]");
   bad([](auto& b) { b.v_cache = nullptr; }, "v_cache must be non-null for layout NHD");
   bad([](auto& b) { b.layout = PagedKvLayout::kNhdCombined; },
       "v_cache must be null for layout NHD-combined");

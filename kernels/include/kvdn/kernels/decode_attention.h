@@ -50,12 +50,21 @@ struct DecodeAttentionArgs {
   int32_t block_size = 16;  // any >= 1
   int32_t num_blocks = 0;
   int32_t max_blocks_per_seq = 0;
-  int32_t max_context_len = 0;     // host-side bound on context_lens (plans the splits)
+  int32_t max_context_len = 0;  // host-side bound on context_lens (plans the splits)
+  // The sum of context_lens, host-side, if the caller knows it (engines do: vLLM's and
+  // FlashInfer's metadata keep the lengths on the host too); 0 = unknown. The plan then splits
+  // by the work there is, not by batch x max_context_len: in a batch of mostly short sequences
+  // with a few long ones, the long ones get more splits (else their CTAs read alone long after
+  // the others end), and the tensor-core kernel packs each sequence's splits one after another,
+  // launching none for nothing (DecodePlan::packed_splits); a batch whose sum exceeds 3/4 of
+  // batch x max_context_len is planned as without it. Any value in [0, batch x
+  // max_context_len] gives correct results; only the true sum gives the planned split sizes.
+  int64_t sum_context_lens = 0;
   Dtype dtype = Dtype::kBFloat16;  // kBFloat16 or kFloat16
   float scale = 0;                 // softmax scale; 0 means 1/sqrt(head_dim)
   PrefetchMode prefetch = PrefetchMode::kAuto;
   DecodeKernel kernel = DecodeKernel::kAuto;
-  int32_t num_splits = 0;  // KV splits per sequence; 0 = chosen to fill the GPU
+  int32_t num_splits = 0;  // KV splits per sequence (of the longest, packed); 0 = chosen
   // CUDA-core kernel only: lanes of a warp that share one K/V row, 8 or 16 (0 = the measured
   // default; groups of 8 always use 16). A tuning knob for benchmarks; results agree either way.
   int32_t lanes_per_token = 0;
@@ -71,8 +80,15 @@ struct DecodeAttentionArgs {
 
 // What PagedDecodeAttention does with `args` on the current device.
 struct DecodePlan {
-  int32_t num_splits = 1;
+  int32_t num_splits = 1;    // splits of the longest sequence (every sequence's, unless packed)
   int32_t split_tokens = 0;  // KV tokens per split (a multiple of block_size)
+  // Packed splits (tensor-core kernel, sum_context_lens given and below 3/4 of batch x
+  // max_context_len): each sequence is cut into ceil(len / split_tokens) splits (at least one),
+  // numbered one after another; work_items per kv head are launched (an upper bound:
+  // ceil(sum_context_lens / split_tokens) + batch) and the workspace has a row per item and q
+  // head. Otherwise every sequence has num_splits splits.
+  bool packed_splits = false;
+  int64_t work_items = 0;
   bool prefetch = false;
   DecodeKernel kernel = DecodeKernel::kTensorCore;  // never kAuto
   int32_t tc_stages = 0;         // tensor-core kernel: shared-memory stages per warp
