@@ -556,10 +556,10 @@ struct Client::Impl {
     return dp;
   }
 
-  // Runs `attempt(ctx)` until it returns anything but UNAVAILABLE, attempts run out, or the
-  // deadline passes.
+  // Runs `attempt(ctx)` until it returns anything but UNAVAILABLE (or, with `retry_aborted`,
+  // ABORTED), attempts run out, or the deadline passes.
   template <typename T, typename F>
-  T WithRetry(F attempt) {
+  T WithRetry(F attempt, bool retry_aborted = false) {
     const auto deadline =
         std::chrono::system_clock::now() + absl::ToChronoNanoseconds(options.deadline);
     absl::Duration backoff = options.initial_backoff;
@@ -567,7 +567,9 @@ struct Client::Impl {
       grpc::ClientContext ctx;
       ctx.set_deadline(deadline);
       T r = attempt(&ctx);
-      if (!absl::IsUnavailable(StatusOf(r)) || i >= options.max_attempts) return r;
+      const absl::Status st = StatusOf(r);
+      const bool again = absl::IsUnavailable(st) || (retry_aborted && absl::IsAborted(st));
+      if (!again || i >= options.max_attempts) return r;
       const auto wake = std::chrono::system_clock::now() + absl::ToChronoNanoseconds(backoff);
       if (wake >= deadline) return r;
       std::this_thread::sleep_until(wake);
@@ -582,7 +584,9 @@ struct Client::Impl {
 
   // Stores one chunk, given as its 64-byte header and its payload, while `concurrent` chunks are
   // stored at once: over UCX (in parts over several lanes when PartsFor says so), else streamed
-  // as gRPC frames.
+  // as gRPC frames. ABORTED (another Put of the key is still writing it) is retried as
+  // UNAVAILABLE is: once that write ends, the retry finds the chunk stored or reserves it.
+  static constexpr bool kRetryAborted = true;
   absl::StatusOr<bool> PutChunk(const ChunkKey& key, uint64_t payload_checksum, ByteSpan header,
                                 ByteSpan payload, size_t concurrent) {
     const ByteSpan parts[2] = {header, payload};
@@ -591,21 +595,25 @@ struct Client::Impl {
                           DataPlanes(PartsFor(payload.size(), concurrent, /*put=*/true)));
     if (!d.empty()) {
       const std::vector<DataPlaneClient*> sessions = Raw(d);
-      return WithRetry<absl::StatusOr<bool>>([&](grpc::ClientContext* ctx) {
-        const absl::Time deadline = absl::FromChrono(ctx->deadline());
-        return sessions.size() == 1
-                   ? sessions[0]->Put(key, 0, header, payload, deadline)
-                   : DataPlaneClient::PutInParts(sessions, key, header, payload, deadline);
-      });
+      return WithRetry<absl::StatusOr<bool>>(
+          [&](grpc::ClientContext* ctx) {
+            const absl::Time deadline = absl::FromChrono(ctx->deadline());
+            return sessions.size() == 1
+                       ? sessions[0]->Put(key, 0, header, payload, deadline)
+                       : DataPlaneClient::PutInParts(sessions, key, header, payload, deadline);
+          },
+          kRetryAborted);
     }
     v1::PutRequest first;
     v1::PutRequest::Header* h = first.mutable_header();
     KeyToProto(key, h->mutable_key());
     h->set_size(size);
     h->set_payload_checksum(payload_checksum);
-    return WithRetry<absl::StatusOr<bool>>([&](grpc::ClientContext* ctx) {
-      return PutCall::Run(*generic, ctx->deadline(), first, parts, options.frame_bytes);
-    });
+    return WithRetry<absl::StatusOr<bool>>(
+        [&](grpc::ClientContext* ctx) {
+          return PutCall::Run(*generic, ctx->deadline(), first, parts, options.frame_bytes);
+        },
+        kRetryAborted);
   }
 
   // Streams one chunk; on_data(offset, bytes) receives it in order. Returns its size.

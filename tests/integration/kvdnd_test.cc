@@ -275,6 +275,22 @@ class BadRequestTest : public KvdndTest {
     w->WritesDone();
     return FromGrpcStatus(w->Finish());
   }
+  // Whether kvdnd's active reservations reach `n` within 10 s.
+  bool WaitForReservations(int64_t n) {
+    auto admin = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    for (;;) {
+      grpc::ClientContext ctx;
+      Deadline(&ctx);
+      v1::GetStatsResponse r;
+      if (admin->GetStats(&ctx, {}, &r).ok() &&
+          static_cast<int64_t>(r.reservations_active()) == n) {
+        return true;
+      }
+      if (std::chrono::steady_clock::now() >= until) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
   absl::Status GetStatus(const v1::ChunkKey& key) {
     grpc::ClientContext ctx;
     Deadline(&ctx);
@@ -676,14 +692,6 @@ TEST_F(BadRequestTest, ACancelledPutLeavesNoReservation) {
   const auto chunk = testing::RandomChunk(testing::InfoForBytes(8 << 20), 12);
   const uint64_t sum = DecodeChunkHeader(chunk)->payload_checksum;
   const v1::ChunkKey key = ProtoKey(testing::KeyFor(78));
-  auto admin = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
-  auto reservations = [&]() -> int64_t {
-    grpc::ClientContext ctx;
-    Deadline(&ctx);
-    v1::GetStatsResponse r;
-    if (!admin->GetStats(&ctx, {}, &r).ok()) return -1;
-    return static_cast<int64_t>(r.reservations_active());
-  };
   for (int round = 0; round < 5; ++round) {
     grpc::ClientContext ctx;
     Deadline(&ctx);
@@ -695,16 +703,70 @@ TEST_F(BadRequestTest, ACancelledPutLeavesNoReservation) {
     ASSERT_TRUE(w->Write(m));
     ctx.TryCancel();
     EXPECT_EQ(w->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    // kvdnd drops the reservation as it sees the cancellation, after the client's Finish: the
+    // next round's Put of the key before that is ABORTED (the next test), so wait.
+    EXPECT_TRUE(WaitForReservations(0));
   }
-  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  int64_t n = -1;
-  while ((n = reservations()) != 0 && std::chrono::steady_clock::now() < until) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  EXPECT_EQ(n, 0);
   EXPECT_THAT(GetStatus(key), testing::StatusIs(absl::StatusCode::kNotFound));
   ASSERT_OK(Put(key, chunk.size(), sum, chunk));
   EXPECT_OK(GetStatus(key));
+  ExpectHealthy();
+}
+
+// A Put of a key another Put is still writing is ABORTED, not answered "stored": the first may
+// yet be cancelled (as here), and the second writer would then believe in a chunk kvdnd does not
+// have (before, it got OK with stored = false, and the chunk was lost). The SDK retries it: once
+// the first write ends, its Put stores the chunk.
+TEST_F(BadRequestTest, APutOfAKeyBeingWrittenIsAbortedAndTheSdkRetriesIt) {
+  const ChunkKey k = testing::KeyFor(79, "tenant-a");
+  const auto chunk = testing::RandomChunk(testing::InfoForBytes(4 << 20), 13);
+  const uint64_t sum = DecodeChunkHeader(chunk)->payload_checksum;
+  const v1::ChunkKey key = ProtoKey(k);
+  client::ClientOptions o;
+  o.target = daemon_.unix_target();
+  o.model = SmallModel();
+  o.ns = "tenant-a";
+  o.deadline = absl::Seconds(20);
+  o.max_attempts = 20;  // 20 ms doubling: the first write ends well within them
+  auto c = client::Client::Connect(o).value();
+  for (int round = 0; round < 2; ++round) {
+    // The first writer: header and 1 MiB, then it holds the stream open.
+    grpc::ClientContext ctx;
+    Deadline(&ctx);
+    v1::PutResponse resp;
+    auto w = stub_->Put(&ctx, &resp);
+    ASSERT_TRUE(w->Write(PutHeader(key, chunk.size(), sum)));
+    v1::PutRequest m;
+    m.set_data(chunk.data(), 1 << 20);
+    ASSERT_TRUE(w->Write(m));
+    ASSERT_TRUE(WaitForReservations(1));
+    if (round == 0) {
+      // A second writer of the same bytes, raw: ABORTED, naming the write in progress.
+      EXPECT_THAT(Put(key, chunk.size(), sum, chunk),
+                  testing::StatusIs(absl::StatusCode::kAborted, HasSubstr("being written")));
+      ctx.TryCancel();
+      EXPECT_EQ(w->Finish().error_code(), grpc::StatusCode::CANCELLED);
+      ASSERT_TRUE(WaitForReservations(0));
+      // Nothing was stored; the second writer was not told otherwise.
+      EXPECT_THAT(GetStatus(key), testing::StatusIs(absl::StatusCode::kNotFound));
+    } else {
+      // Through the SDK, while the first write is cancelled beside it: stored by the SDK's retry.
+      std::thread canceller([&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(30));
+        ctx.TryCancel();
+      });
+      EXPECT_TRUE(ValueOr(c->PutEncoded(k, ByteSpan(chunk))));
+      canceller.join();
+      EXPECT_EQ(w->Finish().error_code(), grpc::StatusCode::CANCELLED);
+      std::vector<uint8_t> back(chunk.size());
+      EXPECT_EQ(ValueOr(c->GetEncoded(k, MutableByteSpan(back))), chunk.size());
+      EXPECT_TRUE(back == chunk);
+    }
+  }
+  // A Put of the stored chunk: OK, stored = false.
+  auto again = c->PutEncoded(k, ByteSpan(chunk));
+  ASSERT_OK(again.status());
+  EXPECT_FALSE(*again);
   ExpectHealthy();
 }
 
