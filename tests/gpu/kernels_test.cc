@@ -760,12 +760,9 @@ TEST_F(KernelsTest, DecodeAttentionEdgeCases) {
   RunAttentionCases(cases);
 }
 
-// A batch of short sequences and a few long ones, with sum_context_lens: the long ones get more
-// splits, packed (tensor-core kernel); results as without it, also when the sum is understated
-// (the kernel then makes its splits longer to fit what was launched) and for the baseline kernel,
-// which ignores it. A uniform batch plans the same with the sum as without.
-TEST_F(KernelsTest, SkewedBatchesSplitByTheSumOfTheirLengths) {
-  DeviceBuffer buf(1 << 20);
+// Arguments that PlanDecodeAttention accepts as to their pointers, all in `buf` (plans only:
+// nothing is launched with them), for the Llama-3-8B heads; the caller sets the shape.
+DecodeAttentionArgs ArgsFor(DeviceBuffer& buf) {
   DecodeAttentionArgs a;
   a.q = a.k_cache = a.v_cache = buf.get();
   a.out = buf.get();
@@ -773,6 +770,16 @@ TEST_F(KernelsTest, SkewedBatchesSplitByTheSumOfTheirLengths) {
   a.num_q_heads = 32;
   a.num_kv_heads = 8;
   a.block_size = 16;
+  return a;
+}
+
+// A batch of short sequences and a few long ones, with sum_context_lens: the long ones get more
+// splits, packed (tensor-core kernel); results as without it, also when the sum is understated
+// (the kernel then makes its splits longer to fit what was launched) and for the baseline kernel,
+// which ignores it. A uniform batch plans the same with the sum as without.
+TEST_F(KernelsTest, SkewedBatchesSplitByTheSumOfTheirLengths) {
+  DeviceBuffer buf(1 << 20);
+  DecodeAttentionArgs a = ArgsFor(buf);
   a.num_blocks = 1 << 16;
   a.max_blocks_per_seq = 2048;
   a.max_context_len = 32768;
@@ -938,14 +945,8 @@ TEST_F(KernelsTest, AttentionReadsWhatTheKernelBeforeItWrote) {
 
 TEST_F(KernelsTest, BadAttentionArgumentsAreInvalidArgument) {
   DeviceBuffer buf(1 << 20);
-  DecodeAttentionArgs a;
-  a.q = a.k_cache = a.v_cache = buf.get();
-  a.out = buf.get();
-  a.block_tables = a.context_lens = buf.as<int32_t>();
+  DecodeAttentionArgs a = ArgsFor(buf);
   a.batch = 1;
-  a.num_q_heads = 32;
-  a.num_kv_heads = 8;
-  a.block_size = 16;
   a.num_blocks = 4;
   a.max_blocks_per_seq = 4;
   a.max_context_len = 64;
