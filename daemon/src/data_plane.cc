@@ -441,8 +441,8 @@ void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
                    sum = header->payload_checksum, size,
                    start](const absl::StatusOr<storage::Reservation>& r) {
     if (absl::IsAlreadyExists(r.status())) {
-      holder->reset();  // content-addressed: the same bytes are stored (or being written)
-      return ReplyPut(s, rid, PutConflict(*state_.store, k, r.status()), false, start);
+      holder->reset();  // content-addressed: the same bytes are stored
+      return ReplyPut(s, rid, absl::OkStatus(), false, start);
     }
     if (!r.ok()) return ReplyPut(s, rid, r.status(), false, start);
     PutInto(s, rid, deadline, holder, ch, r->id, Part{0, holder->get()->payload_bytes()}, size,
@@ -654,10 +654,8 @@ void DataPlane::Reserved(const std::shared_ptr<Assembly>& a, uint64_t put_id,
     a->queued.clear();  // otherwise dropped: their bytes are not taken
   }
   if (r.ok() && !failure.ok()) (void)state_.store->Abort(r->id);
-  // Content-addressed: the same bytes are stored already (or being written: ABORTED).
-  if (absl::IsAlreadyExists(r.status())) {
-    return EndAssembly(a, put_id, PutConflict(*state_.store, a->key, r.status()), false);
-  }
+  // Content-addressed: the same bytes are stored already (being written: ABORTED, below).
+  if (absl::IsAlreadyExists(r.status())) return EndAssembly(a, put_id, absl::OkStatus(), false);
   if (!r.ok()) return EndAssembly(a, put_id, r.status(), false);
   if (!failure.ok()) return EndAssembly(a, put_id, failure, false);
   for (Assembly::Queued& q : queued) ReceivePart(a, put_id, q.s, q.in, q.offset);

@@ -197,8 +197,7 @@ class PutReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
     auto r = state_.store->Reserve(key_, header_.size(), opts);
     if (absl::IsAlreadyExists(r.status())) {
       // Content-addressed: the same bytes are stored already; the rest of the stream is unread.
-      // Another Put still writing them: ABORTED (PutConflict).
-      KVDN_RETURN_IF_ERROR(PutConflict(*state_.store, key_, r.status()));
+      // (Another Put still writing them: ABORTED, from the store, as it may yet fail.)
       Respond(/*stored=*/false);
       return Next::kNone;
     }

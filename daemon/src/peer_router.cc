@@ -75,6 +75,10 @@ bool IsPeerFailure(const absl::Status& st) {
   }
 }
 
+// The local store refused a fetched chunk because the key is stored here (ALREADY_EXISTS) or
+// another write of it is in progress here (ABORTED).
+bool HeldHere(const absl::Status& st) { return absl::IsAlreadyExists(st) || absl::IsAborted(st); }
+
 }  // namespace
 
 PeerRouter::PeerRouter(ServerState* state)
@@ -292,12 +296,19 @@ absl::Status PeerRouter::FetchNow(const ChunkKey& key, absl::Time deadline) {
   for (const std::shared_ptr<Peer>& peer : Candidates(*v, key)) {
     const absl::Time now = absl::Now();
     if (now >= deadline) break;
-    const absl::Status st = FetchFrom(*peer, key, std::min(deadline, now + peer_timeout_));
+    bool held_here = false;
+    const absl::Status st =
+        FetchFrom(*peer, key, std::min(deadline, now + peer_timeout_), &held_here);
     if (st.ok()) {
       fetch_hit_->Inc();
       return absl::OkStatus();
     }
-    if (absl::IsAlreadyExists(st)) return absl::OkStatus();  // arrived meanwhile (another fetch)
+    if (held_here) {
+      if (absl::IsAlreadyExists(st)) return absl::OkStatus();  // arrived meanwhile
+      // A Put on this node is writing it: not readable until that commits (and it may fail).
+      return absl::NotFoundError(
+          absl::StrCat("chunk ", key.ToString(), " is being written on this node, not stored yet"));
+    }
     if (absl::IsNotFound(st)) continue;
     if (!MaybeSuspect(*peer, st)) {
       fetch_error_->Inc();
@@ -309,9 +320,10 @@ absl::Status PeerRouter::FetchNow(const ChunkKey& key, absl::Time deadline) {
       absl::StrCat("chunk ", key.ToString(), " is stored neither here nor on its owners"));
 }
 
-absl::Status PeerRouter::FetchFrom(Peer& peer, const ChunkKey& key, absl::Time deadline) {
+absl::Status PeerRouter::FetchFrom(Peer& peer, const ChunkKey& key, absl::Time deadline,
+                                   bool* held_here) {
   std::shared_ptr<client::DataPlaneClient> session = SessionWith(peer, deadline);
-  if (session == nullptr) return FetchGrpc(peer, key, deadline);
+  if (session == nullptr) return FetchGrpc(peer, key, deadline, held_here);
 
   // The payload lands in bytes reserved in the host tier; where that would block (room must be
   // made by writing to disk), in a buffer stored after the transfer.
@@ -336,6 +348,7 @@ absl::Status PeerRouter::FetchFrom(Peer& peer, const ChunkKey& key, absl::Time d
       bounce.resize(size);
       buffer = MutableByteSpan(reinterpret_cast<uint8_t*>(bounce.data()), size);
     } else {
+      *held_here = HeldHere(r.status());
       return r.status();
     }
     std::memcpy(buffer.data(), header.data(), kChunkHeaderBytes);
@@ -350,10 +363,12 @@ absl::Status PeerRouter::FetchFrom(Peer& peer, const ChunkKey& key, absl::Time d
   absl::Status st = reservation != 0 ? store.Commit(reservation, checksum)
                                      : store.Put(key, AsBytes(bounce));  // both verify the payload
   if (st.ok()) fetch_bytes_->Inc(kChunkHeaderBytes + *got);
+  if (reservation == 0) *held_here = HeldHere(st);
   return st;
 }
 
-absl::Status PeerRouter::FetchGrpc(Peer& peer, const ChunkKey& key, absl::Time deadline) {
+absl::Status PeerRouter::FetchGrpc(Peer& peer, const ChunkKey& key, absl::Time deadline,
+                                   bool* held_here) {
   v1::GetRequest req;
   SetKey(key, req.mutable_key());
   grpc::ClientContext ctx;
@@ -381,6 +396,7 @@ absl::Status PeerRouter::FetchGrpc(Peer& peer, const ChunkKey& key, absl::Time d
   }
   absl::Status st = state_.store->Put(key, AsBytes(chunk));
   if (st.ok()) fetch_bytes_->Inc(chunk.size());
+  *held_here = HeldHere(st);
   return st;
 }
 

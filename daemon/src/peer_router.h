@@ -108,8 +108,10 @@ class PeerRouter {
   std::shared_ptr<client::DataPlaneClient> SessionWith(Peer& peer, absl::Time deadline);
   // Fetch without the in-flight bookkeeping.
   absl::Status FetchNow(const ChunkKey& key, absl::Time deadline);
-  absl::Status FetchFrom(Peer& peer, const ChunkKey& key, absl::Time deadline);
-  absl::Status FetchGrpc(Peer& peer, const ChunkKey& key, absl::Time deadline);
+  // One peer's copy into the store. `held_here` is set when this node's store refused it because
+  // the key is stored here or being written here (by a Put or another fetch): no peer can help.
+  absl::Status FetchFrom(Peer& peer, const ChunkKey& key, absl::Time deadline, bool* held_here);
+  absl::Status FetchGrpc(Peer& peer, const ChunkKey& key, absl::Time deadline, bool* held_here);
   absl::Status Send(Peer& peer, const ChunkKey& key, absl::Time deadline);
   struct ProbeCall;
   void ProbeAll(std::vector<std::unique_ptr<ProbeCall>>& calls, absl::Time deadline);

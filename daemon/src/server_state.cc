@@ -220,13 +220,6 @@ grpc::Status CallScope::Finish(const absl::Status& status) {
 
 // ---- conversions ----
 
-absl::Status PutConflict(const storage::TieredStore& store, const ChunkKey& key,
-                         const absl::Status& refused) {
-  if (store.Where(key)) return absl::OkStatus();
-  return absl::AbortedError(
-      absl::StrCat(refused.message(), "; retry the Put once that write ends"));
-}
-
 absl::StatusOr<ChunkKey> KeyFromProto(const v1::ChunkKey& key, absl::string_view field) {
   if (absl::Status st = ValidateNamespace(key.namespace_()); !st.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(field, ".namespace: ", st.message()));

@@ -194,14 +194,6 @@ class CallScope {
   bool finished_ = false;
 };
 
-// What a Put answers when the store refused its reservation with ALREADY_EXISTS (`refused`): OK
-// when the chunk is stored (keys are content-addressed: the same bytes are there; the Put answers
-// stored = false), ABORTED when another Put of the key is still writing it. That one may yet fail
-// or be cancelled, so answering "stored" would lose the chunk; the caller retries once it ends
-// (the SDK does).
-absl::Status PutConflict(const storage::TieredStore& store, const ChunkKey& key,
-                         const absl::Status& refused);
-
 // Proto <-> kvdn conversions with precise INVALID_ARGUMENT messages naming `field`.
 absl::StatusOr<ChunkKey> KeyFromProto(const v1::ChunkKey& key, absl::string_view field);
 void KeyToProto(const ChunkKey& key, v1::ChunkKey* out);

@@ -106,8 +106,11 @@ absl::StatusOr<Reservation> TieredStore::Reserve(const ChunkKey& key, uint64_t s
       return absl::AlreadyExistsError(absl::StrCat("chunk ", key.ToString(), " is stored"));
     }
     if (auto it = s.reserved_keys.find(key); it != s.reserved_keys.end()) {
-      return absl::AlreadyExistsError(
-          absl::StrCat("chunk ", key.ToString(), " is being written by reservation ", it->second));
+      // Not ALREADY_EXISTS: that write may still fail or expire, and a writer told "stored"
+      // would skip its own upload and lose the chunk.
+      return absl::AbortedError(absl::StrCat("chunk ", key.ToString(),
+                                             " is being written by reservation ", it->second,
+                                             "; retry once that write ends"));
     }
     return absl::OkStatus();
   };

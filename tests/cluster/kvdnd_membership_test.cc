@@ -18,6 +18,7 @@
 #include "kvdn/testing/chunks.h"
 #include "kvdn/testing/status_matchers.h"
 #include "kvdn/v1/admin_service.grpc.pb.h"
+#include "kvdn/v1/kv_service.grpc.pb.h"
 
 namespace kvdn {
 namespace {
@@ -186,6 +187,67 @@ TEST_F(KvdndMembershipTest, EveryWriteForAnotherOwnerIsReplicatedOrCountedAsDrop
       EXPECT_EQ(m.chunks(), Metric(a_, "kvdn_replication_total{result=\"sent\"}"));
     }
   }
+}
+
+// A Get on node-a of a chunk node-b holds, while a write of that key is in progress on node-a
+// (a reservation): the fetch must not claim the chunk arrived (it is not readable until that
+// write commits, and it may fail), nor count an error or try other owners: NOT_FOUND naming the
+// write. Once the reservation goes, the same Get fetches the chunk from node-b, bit for bit.
+TEST_F(KvdndMembershipTest, AGetOfAKeyBeingWrittenHereMissesAndFetchesOnceTheWriteEnds) {
+  std::string err;
+  ASSERT_TRUE(a_.Start(Flags("node-a"), &err)) << err;
+  ASSERT_TRUE(b_.Start(Flags("node-b"), &err)) << err;
+  ASSERT_TRUE(
+      Eventually([&] { return Nodes(a_).size() == 2 && Nodes(b_).size() == 2; }, absl::Seconds(5)))
+      << Logs();
+  const daemon::Placement placement({"node-a", "node-b"});
+  int i = 0;
+  while (placement.Owners(testing::KeyFor(i, "default"), 1)[0] != "node-b") ++i;
+  const ChunkKey key = testing::KeyFor(i, "default");
+  const std::vector<uint8_t> chunk = testing::RandomChunk(testing::InfoForBytes(1 << 20), 9);
+  auto connect = [](const DaemonProcess& d) {
+    client::ClientOptions o;
+    o.target = d.unix_target();
+    o.model = {"m", 4, 8, 128, Dtype::kBFloat16, 16};
+    return client::Client::Connect(o);
+  };
+  auto cb = connect(b_);
+  ASSERT_OK(cb.status());
+  ASSERT_OK((*cb)->PutEncoded(key, chunk).status());
+
+  auto stub = v1::KvService::NewStub(client::MakeChannel(a_.unix_target()));
+  v1::ReserveResponse reserved;
+  {
+    grpc::ClientContext ctx;
+    v1::ReserveRequest rq;
+    rq.mutable_key()->set_namespace_(key.ns);
+    rq.mutable_key()->set_fingerprint(key.fingerprint);
+    const std::array<uint8_t, 16> h = key.prefix_hash.Canonical();
+    rq.mutable_key()->set_prefix_hash(h.data(), h.size());
+    rq.set_size(chunk.size());
+    grpc::Status st = stub->Reserve(&ctx, rq, &reserved);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+  }
+  auto ca = connect(a_);
+  ASSERT_OK(ca.status());
+  std::vector<uint8_t> got(chunk.size());
+  EXPECT_THAT(
+      (*ca)->GetEncoded(key, MutableByteSpan(got)),
+      testing::StatusIs(absl::StatusCode::kNotFound, HasSubstr("is being written on this node")));
+  EXPECT_EQ(Metric(a_, "kvdn_peer_fetch_total{result=\"error\"}"), 0) << Logs();
+  EXPECT_EQ(Metric(a_, "kvdn_peer_fetch_total{result=\"hit\"}"), 0);
+  {
+    grpc::ClientContext ctx;
+    v1::ReleaseRequest rq;
+    rq.set_reservation_id(reserved.transfer().id());
+    v1::ReleaseResponse r;
+    grpc::Status st = stub->Release(&ctx, rq, &r);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+  }
+  ASSERT_OK_AND_ASSIGN(uint64_t n, (*ca)->GetEncoded(key, MutableByteSpan(got)));
+  EXPECT_EQ(n, chunk.size());
+  EXPECT_EQ(got, chunk);
+  EXPECT_EQ(Metric(a_, "kvdn_peer_fetch_total{result=\"hit\"}"), 1);
 }
 
 TEST_F(KvdndMembershipTest, EtcdDownMeansDegradedButServing) {

@@ -291,6 +291,14 @@ class BadRequestTest : public KvdndTest {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
   }
+  absl::Status Reserve(const v1::ChunkKey& key, uint64_t size, v1::ReserveResponse* resp) {
+    grpc::ClientContext ctx;
+    Deadline(&ctx);
+    v1::ReserveRequest rq;
+    *rq.mutable_key() = key;
+    rq.set_size(size);
+    return FromGrpcStatus(stub_->Reserve(&ctx, rq, resp));
+  }
   absl::Status GetStatus(const v1::ChunkKey& key) {
     grpc::ClientContext ctx;
     Deadline(&ctx);
@@ -435,6 +443,28 @@ TEST_F(BadRequestTest, EachGetsItsExactStatusAndTheDaemonStaysHealthy) {
          return FromGrpcStatus(stub_->Commit(&ctx2, c, &cr));
        },
        absl::StatusCode::kAborted, "expired"},
+      {"reserve of a key another reservation is writing",
+       [&]() -> absl::Status {
+         v1::ReserveResponse first;
+         KVDN_RETURN_IF_ERROR(Reserve(ProtoKey(testing::KeyFor(4)), chunk.size(), &first));
+         v1::ReserveResponse second;
+         const absl::Status st = Reserve(ProtoKey(testing::KeyFor(4)), chunk.size(), &second);
+         grpc::ClientContext ctx;
+         Deadline(&ctx);
+         v1::ReleaseRequest rq;
+         rq.set_reservation_id(first.transfer().id());
+         v1::ReleaseResponse r;
+         KVDN_RETURN_IF_ERROR(FromGrpcStatus(stub_->Release(&ctx, rq, &r)));
+         return st;
+       },
+       absl::StatusCode::kAborted, "is being written by reservation"},
+      {"reserve of a stored key",
+       [&]() -> absl::Status {
+         KVDN_RETURN_IF_ERROR(Put(ProtoKey(testing::KeyFor(5)), chunk.size(), sum, chunk));
+         v1::ReserveResponse rr;
+         return Reserve(ProtoKey(testing::KeyFor(5)), chunk.size(), &rr);
+       },
+       absl::StatusCode::kAlreadyExists, "is stored"},
       {"commit of an unknown reservation",
        [&]() -> absl::Status {
          grpc::ClientContext ctx;

@@ -57,8 +57,8 @@ TEST(ConcurrencyTest, MixedOperationsKeepEveryChunkIntact) {
         case 2: {
           absl::Status s = store->Put(key, want[k]);
           if (s.ok()) ++puts_ok;
-          allowed(s, {absl::StatusCode::kAlreadyExists, absl::StatusCode::kUnavailable,
-                      absl::StatusCode::kResourceExhausted});
+          allowed(s, {absl::StatusCode::kAlreadyExists, absl::StatusCode::kAborted,
+                      absl::StatusCode::kUnavailable, absl::StatusCode::kResourceExhausted});
           break;
         }
         case 3:

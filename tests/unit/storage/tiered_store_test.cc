@@ -76,7 +76,7 @@ TEST_F(TieredStoreTest, TwoPhasePut) {
   // Invisible until committed.
   EXPECT_EQ(s->Lookup({KeyFor(1)}).matched, 0u);
   EXPECT_THAT(s->Reserve(KeyFor(1), c.size()),
-              StatusIs(absl::StatusCode::kAlreadyExists, HasSubstr("being written")));
+              StatusIs(absl::StatusCode::kAborted, HasSubstr("being written")));
   std::memcpy(r.buffer.data(), c.data(), c.size());
   const uint64_t checksum = DecodeChunkHeader(c)->payload_checksum;
   ASSERT_OK(s->Commit(r.id, checksum));

@@ -13,7 +13,9 @@
 // an encoded chunk (chunk_format.h) and calls Commit(id, checksum), which verifies the chunk's
 // header and payload checksum before the chunk becomes visible. Reservations not committed within
 // reservation_ttl expire and their memory is reused. Keys are content-addressed, so a key is
-// written once: Reserve of a present key returns ALREADY_EXISTS and the writer can skip the upload.
+// written once: Reserve of a present key returns ALREADY_EXISTS and the writer can skip the upload;
+// Reserve of a key another reservation is writing returns ABORTED (retry once that one ends: it
+// may yet fail, so skipping the upload then could lose the chunk).
 //
 // Leases. Acquire pins a chunk's memory copy for a reader until Release or the lease's ttl: a
 // leased chunk is never evicted, moved, freed or overwritten. Delete of a leased chunk hides it at
@@ -151,7 +153,7 @@ class TieredStore {
 
   // Phase one of a put: room for `size` bytes of encoded chunk in the host tier.
   // INVALID_ARGUMENT: bad namespace, or size outside [header, header + max payload].
-  // ALREADY_EXISTS: the key is stored or being written by another reservation.
+  // ALREADY_EXISTS: the key is stored. ABORTED: another reservation is writing it; retry.
   // UNAVAILABLE: the key is being deleted; retry. RESOURCE_EXHAUSTED: no room even after eviction.
   // kWouldBlock (UNAVAILABLE, IsWouldBlock): options.may_block is false and room needs disk I/O.
   absl::StatusOr<Reservation> Reserve(const ChunkKey& key, uint64_t size,
@@ -181,6 +183,7 @@ class TieredStore {
   // (if that is later than its expiry): a write that outlasted the TTL can still be committed.
   void EndWrite(uint64_t reservation_id);
   // Reserve + copy + Commit of an encoded chunk, hashing while copying (one pass over the bytes).
+  // Errors as Reserve's and Commit's (ALREADY_EXISTS: stored; ABORTED: another write holds the key).
   absl::Status Put(const ChunkKey& key, ByteSpan encoded);
 
   // Pins the chunk in memory for a reader. INVALID_ARGUMENT: ttl <= 0. NOT_FOUND: not stored.
