@@ -144,7 +144,8 @@ up() {
     [[ $etcdctl_ok -eq 1 ]] && break
     sleep 0.1
   done
-  [[ $etcdctl_ok -eq 1 ]] || die "etcd did not start (see $dir/etcd/etcd.log)"
+  [[ $etcdctl_ok -eq 1 ]] || die "etcd did not start; the end of its log:
+$(tail -n 20 "$dir/etcd/etcd.log" 2>&1)"
 
   for ((i = 1; i <= nodes; i++)); do
     local ns="${prefix}n$i" ip="$net.$((10 + i))" nd="$dir/node$i"
@@ -167,7 +168,9 @@ up() {
       [[ "$seen" -ge "$nodes" ]] && break
       sleep 0.2
     done
-    [[ "$seen" -ge "$nodes" ]] || die "node$i sees $seen of $nodes members (see $dir/node$i/kvdnd.log)"
+    # The teardown removes the log: its tail goes with the message.
+    [[ "$seen" -ge "$nodes" ]] || die "node$i sees $seen of $nodes members; the end of its log:
+$(tail -n 20 "$dir/node$i/kvdnd.log" 2>&1)"
   done
   trap - EXIT
   echo "cluster.sh: $nodes nodes up (replicas $replicas), etcd at $net.1:2379, state in $dir"

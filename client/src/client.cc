@@ -82,8 +82,8 @@ struct ChunkSink {
 };
 
 // The calling thread's completion queue, reused by its Get and Put calls one after another.
-// Every tag of a call is back once its last (kFinished) is, so the queue is empty between calls.
-// Shut down and drained when the thread ends.
+// Each call waits for every tag it asked for (writes, reads, status) before it returns, so the
+// queue is empty between calls. Shut down and drained when the thread ends.
 grpc::CompletionQueue& ThreadCq() {
   struct Owner {
     grpc::CompletionQueue cq;
@@ -129,17 +129,26 @@ class GetCall {
       call->WriteLast(request, grpc::WriteOptions(), Tag(kWritten));
       grpc::ByteBuffer frame;
       call->Read(&frame, Tag(kRead));
-      for (;;) {
+      // Until both the status and the write's tag are back: gRPC does not order the two (the
+      // send batch may complete after the status), and a write tag left in this thread's queue
+      // would be taken by its next call for that call's own write.
+      bool written = false, finished = false;
+      while (!(written && finished)) {
         void* tag;
         bool ok;
-        if (!cq.Next(&tag, &ok) || tag == Tag(kFinished)) break;
-        if (tag != Tag(kRead)) continue;
-        if (ok && OnFrame(frame)) {
-          call->Read(&frame, Tag(kRead));
-          continue;
+        if (!cq.Next(&tag, &ok)) break;
+        if (tag == Tag(kWritten)) {
+          written = true;
+        } else if (tag == Tag(kFinished)) {
+          finished = true;
+        } else if (tag == Tag(kRead)) {
+          if (ok && OnFrame(frame)) {
+            call->Read(&frame, Tag(kRead));
+            continue;
+          }
+          if (!local_.ok()) ctx->TryCancel();
+          call->Finish(&status, Tag(kFinished));
         }
-        if (!local_.ok()) ctx->TryCancel();
-        call->Finish(&status, Tag(kFinished));
       }
     }
     if (!local_.ok()) return local_;

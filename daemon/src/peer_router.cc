@@ -51,6 +51,10 @@ struct PeerRouter::Peer : std::enable_shared_from_this<PeerRouter::Peer> {
 namespace {
 
 constexpr int kWorkers = 2;
+// A replication the owner answers ABORTED (it is writing the key itself) is sent again after
+// 50, 100, ... 1600 ms (3.15 s in all, a slow 32 MiB write over tcp), then counted failed.
+constexpr int kMaxReplicationRetries = 6;
+constexpr absl::Duration kReplicationRetryBase = absl::Milliseconds(50);
 // After a peer refused or failed to open a UCX session: gRPC for this long, then try again.
 constexpr absl::Duration kSessionRetry = absl::Seconds(5);
 
@@ -109,6 +113,9 @@ PeerRouter::PeerRouter(ServerState* state)
       repl_dropped_(state->metrics->AddCounter("kvdn_replication_total",
                                                "Writes queued for an owner, by outcome.",
                                                {{"result", "dropped"}})),
+      repl_retries_(state->metrics->AddCounter(
+          "kvdn_replication_retries_total",
+          "Replications sent again because the owner was writing the key itself (ABORTED).")),
       prefetched_(state->metrics->AddCounter(
           "kvdn_peer_prefetch_total",
           "Chunks a Lookup found on peers and fetched here before the client asked for them.")),
@@ -524,10 +531,24 @@ void PeerRouter::Work() {
     Job job;
     {
       MutexLock lock(&mu_);
-      while (!stop_ && queue_.empty()) cv_.Wait(&mu_);
-      if (stop_) return;
-      job = std::move(queue_.front());
-      queue_.pop_front();
+      for (;;) {
+        if (stop_) return;
+        // The first job that is due, in order (jobs sent again wait out their backoff).
+        const absl::Time now = absl::Now();
+        absl::Time next = absl::InfiniteFuture();
+        auto it = queue_.begin();
+        for (; it != queue_.end() && it->due > now; ++it) next = std::min(next, it->due);
+        if (it != queue_.end()) {
+          job = std::move(*it);
+          queue_.erase(it);
+          break;
+        }
+        if (queue_.empty()) {
+          cv_.Wait(&mu_);
+        } else {
+          cv_.WaitWithTimeout(&mu_, next - now);
+        }
+      }
     }
     if (job.peer->Failing()) {
       repl_dropped_->Inc();
@@ -536,6 +557,23 @@ void PeerRouter::Work() {
     const absl::Status st = Send(*job.peer, job.key, absl::Now() + peer_timeout_);
     if (st.ok()) continue;
     if (absl::IsNotFound(st)) continue;  // deleted or evicted here before its turn: nothing to send
+    if (absl::IsAborted(st) && job.retries < kMaxReplicationRetries) {
+      // The owner is writing the key itself (a client's Put, another node's replication): that
+      // write may still fail, so send again once it has had time to end, not count it present.
+      job.due = absl::Now() + kReplicationRetryBase * (1 << job.retries);
+      ++job.retries;
+      repl_retries_->Inc();
+      {
+        MutexLock lock(&mu_);
+        if (stop_) {
+          repl_dropped_->Inc();
+          return;
+        }
+        queue_.push_back(std::move(job));
+      }
+      cv_.Signal();
+      continue;
+    }
     repl_failed_->Inc();
     if (!MaybeSuspect(*job.peer, st)) {
       spdlog::warn("cluster: replicating {} to {}: {}", job.key.ToString(), job.peer->node,

@@ -98,6 +98,8 @@ class PeerRouter {
   struct Job {
     ChunkKey key;
     std::shared_ptr<Peer> peer;
+    int retries = 0;                        // times the owner answered ABORTED
+    absl::Time due = absl::InfinitePast();  // not sent before this
   };
 
   std::shared_ptr<const View> view() const;
@@ -133,6 +135,7 @@ class PeerRouter {
   Counter* const repl_present_;
   Counter* const repl_failed_;
   Counter* const repl_dropped_;
+  Counter* const repl_retries_;
   Counter* const prefetched_;
   Counter* const prefetch_skipped_;
   Counter* const peer_failures_;

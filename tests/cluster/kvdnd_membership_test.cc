@@ -15,6 +15,7 @@
 #include "etcd_process.h"
 #include "kvdn/client/client.h"
 #include "kvdn/daemon/placement.h"
+#include "kvdn/proto/grpc_status.h"
 #include "kvdn/testing/chunks.h"
 #include "kvdn/testing/status_matchers.h"
 #include "kvdn/v1/admin_service.grpc.pb.h"
@@ -189,6 +190,45 @@ TEST_F(KvdndMembershipTest, EveryWriteForAnotherOwnerIsReplicatedOrCountedAsDrop
   }
 }
 
+absl::StatusOr<std::unique_ptr<client::Client>> Connect(const DaemonProcess& d) {
+  client::ClientOptions o;
+  o.target = d.unix_target();
+  o.model = {"m", 4, 8, 128, Dtype::kBFloat16, 16};
+  return client::Client::Connect(o);
+}
+
+// A reservation of `key` on `d` (KvService.Reserve): a write of the key in progress there.
+absl::StatusOr<uint64_t> ReserveOn(const DaemonProcess& d, const ChunkKey& key, uint64_t size) {
+  auto stub = v1::KvService::NewStub(client::MakeChannel(d.unix_target()));
+  grpc::ClientContext ctx;
+  v1::ReserveRequest rq;
+  rq.mutable_key()->set_namespace_(key.ns);
+  rq.mutable_key()->set_fingerprint(key.fingerprint);
+  const std::array<uint8_t, 16> h = key.prefix_hash.Canonical();
+  rq.mutable_key()->set_prefix_hash(h.data(), h.size());
+  rq.set_size(size);
+  v1::ReserveResponse resp;
+  if (grpc::Status st = stub->Reserve(&ctx, rq, &resp); !st.ok()) return FromGrpcStatus(st);
+  return resp.transfer().id();
+}
+
+absl::Status ReleaseOn(const DaemonProcess& d, uint64_t reservation) {
+  auto stub = v1::KvService::NewStub(client::MakeChannel(d.unix_target()));
+  grpc::ClientContext ctx;
+  v1::ReleaseRequest rq;
+  rq.set_reservation_id(reservation);
+  v1::ReleaseResponse r;
+  return FromGrpcStatus(stub->Release(&ctx, rq, &r));
+}
+
+// The first test key placement gives to `node` among node-a and node-b.
+ChunkKey KeyOwnedBy(const std::string& node) {
+  const daemon::Placement placement({"node-a", "node-b"});
+  int i = 0;
+  while (placement.Owners(testing::KeyFor(i, "default"), 1)[0] != node) ++i;
+  return testing::KeyFor(i, "default");
+}
+
 // A Get on node-a of a chunk node-b holds, while a write of that key is in progress on node-a
 // (a reservation): the fetch must not claim the chunk arrived (it is not readable until that
 // write commits, and it may fail), nor count an error or try other owners: NOT_FOUND naming the
@@ -200,35 +240,14 @@ TEST_F(KvdndMembershipTest, AGetOfAKeyBeingWrittenHereMissesAndFetchesOnceTheWri
   ASSERT_TRUE(
       Eventually([&] { return Nodes(a_).size() == 2 && Nodes(b_).size() == 2; }, absl::Seconds(5)))
       << Logs();
-  const daemon::Placement placement({"node-a", "node-b"});
-  int i = 0;
-  while (placement.Owners(testing::KeyFor(i, "default"), 1)[0] != "node-b") ++i;
-  const ChunkKey key = testing::KeyFor(i, "default");
+  const ChunkKey key = KeyOwnedBy("node-b");
   const std::vector<uint8_t> chunk = testing::RandomChunk(testing::InfoForBytes(1 << 20), 9);
-  auto connect = [](const DaemonProcess& d) {
-    client::ClientOptions o;
-    o.target = d.unix_target();
-    o.model = {"m", 4, 8, 128, Dtype::kBFloat16, 16};
-    return client::Client::Connect(o);
-  };
-  auto cb = connect(b_);
+  auto cb = Connect(b_);
   ASSERT_OK(cb.status());
   ASSERT_OK((*cb)->PutEncoded(key, chunk).status());
 
-  auto stub = v1::KvService::NewStub(client::MakeChannel(a_.unix_target()));
-  v1::ReserveResponse reserved;
-  {
-    grpc::ClientContext ctx;
-    v1::ReserveRequest rq;
-    rq.mutable_key()->set_namespace_(key.ns);
-    rq.mutable_key()->set_fingerprint(key.fingerprint);
-    const std::array<uint8_t, 16> h = key.prefix_hash.Canonical();
-    rq.mutable_key()->set_prefix_hash(h.data(), h.size());
-    rq.set_size(chunk.size());
-    grpc::Status st = stub->Reserve(&ctx, rq, &reserved);
-    ASSERT_TRUE(st.ok()) << st.error_message();
-  }
-  auto ca = connect(a_);
+  ASSERT_OK_AND_ASSIGN(const uint64_t reservation, ReserveOn(a_, key, chunk.size()));
+  auto ca = Connect(a_);
   ASSERT_OK(ca.status());
   std::vector<uint8_t> got(chunk.size());
   EXPECT_THAT(
@@ -236,18 +255,46 @@ TEST_F(KvdndMembershipTest, AGetOfAKeyBeingWrittenHereMissesAndFetchesOnceTheWri
       testing::StatusIs(absl::StatusCode::kNotFound, HasSubstr("is being written on this node")));
   EXPECT_EQ(Metric(a_, "kvdn_peer_fetch_total{result=\"error\"}"), 0) << Logs();
   EXPECT_EQ(Metric(a_, "kvdn_peer_fetch_total{result=\"hit\"}"), 0);
-  {
-    grpc::ClientContext ctx;
-    v1::ReleaseRequest rq;
-    rq.set_reservation_id(reserved.transfer().id());
-    v1::ReleaseResponse r;
-    grpc::Status st = stub->Release(&ctx, rq, &r);
-    ASSERT_TRUE(st.ok()) << st.error_message();
-  }
+  ASSERT_OK(ReleaseOn(a_, reservation));
   ASSERT_OK_AND_ASSIGN(uint64_t n, (*ca)->GetEncoded(key, MutableByteSpan(got)));
   EXPECT_EQ(n, chunk.size());
   EXPECT_EQ(got, chunk);
   EXPECT_EQ(Metric(a_, "kvdn_peer_fetch_total{result=\"hit\"}"), 1);
+}
+
+// A write on node-a that node-b owns, while node-b has a write of that key in progress (a
+// reservation): node-b answers the replication ABORTED (that write may still fail), and node-a
+// sends it again after a backoff instead of counting it failed (or present): once node-b's write
+// is dropped, node-b holds the chunk, bit for bit, and the books say sent.
+TEST_F(KvdndMembershipTest, AReplicationTheOwnerIsWritingItselfIsSentAgain) {
+  std::string err;
+  ASSERT_TRUE(a_.Start(Flags("node-a"), &err)) << err;
+  ASSERT_TRUE(b_.Start(Flags("node-b"), &err)) << err;
+  ASSERT_TRUE(
+      Eventually([&] { return Nodes(a_).size() == 2 && Nodes(b_).size() == 2; }, absl::Seconds(5)))
+      << Logs();
+  const ChunkKey key = KeyOwnedBy("node-b");
+  const std::vector<uint8_t> chunk = testing::RandomChunk(testing::InfoForBytes(1 << 20), 11);
+  ASSERT_OK_AND_ASSIGN(const uint64_t reservation, ReserveOn(b_, key, chunk.size()));
+  auto ca = Connect(a_);
+  ASSERT_OK(ca.status());
+  ASSERT_OK((*ca)->PutEncoded(key, chunk).status());
+  EXPECT_TRUE(Eventually([&] { return Metric(a_, "kvdn_replication_retries_total") >= 1; },
+                         absl::Seconds(5)))
+      << Logs();
+  ASSERT_OK(ReleaseOn(b_, reservation));
+  EXPECT_TRUE(Eventually([&] { return Metric(a_, "kvdn_replication_total{result=\"sent\"}") == 1; },
+                         absl::Seconds(5)))
+      << Logs();
+  EXPECT_EQ(Metric(a_, "kvdn_replication_total{result=\"failed\"}"), 0);
+  EXPECT_EQ(Metric(a_, "kvdn_replication_total{result=\"present\"}"), 0);
+  EXPECT_EQ(Metric(a_, "kvdn_replication_queue_depth"), 0);
+  auto cb = Connect(b_);
+  ASSERT_OK(cb.status());
+  std::vector<uint8_t> got(chunk.size());
+  ASSERT_OK_AND_ASSIGN(uint64_t n, (*cb)->GetEncoded(key, MutableByteSpan(got)));
+  EXPECT_EQ(n, chunk.size());
+  EXPECT_EQ(got, chunk);
 }
 
 TEST_F(KvdndMembershipTest, EtcdDownMeansDegradedButServing) {
