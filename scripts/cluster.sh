@@ -90,6 +90,16 @@ up() {
   [[ "$nodes" =~ ^[2-9]$ ]] || die "--nodes must be 2..9"
   [[ ${#prefix} -le 6 && "$prefix" =~ ^[a-z0-9]+$ ]] || die "--prefix: 1-6 of [a-z0-9]"
   [[ -f "$dir/cluster.env" ]] && die "a cluster is up at $dir: cluster.sh down --dir $dir first"
+  [[ "$subnet" =~ ^[0-9]+$ && "$subnet" -ge 1 && "$subnet" -le 254 ]] || die "--subnet: 1..254"
+  # Nothing of this name or subnet may exist: a route to 10.$subnet.0.0/24 through another link
+  # (a cluster left behind by a killed run, or someone else's network) would take this cluster's
+  # traffic, and the nodes would not reach etcd or each other. Checked before anything is made,
+  # so a refusal tears nothing down.
+  local routed
+  routed=$(ip -4 route show to match "10.$subnet.0.1" 2>/dev/null | grep -v '^default' || true)
+  [[ -z "$routed" ]] || die "subnet 10.$subnet.0.0/24 is in use here (route: $routed); pick another --subnet, or remove what holds it"
+  ! ip link show "${prefix}br" >/dev/null 2>&1 || die "link ${prefix}br exists: pick another --prefix, or cluster.sh down the cluster that made it"
+  ! ip netns list 2>/dev/null | grep -q "^${prefix}n1\b" || die "network namespace ${prefix}n1 exists: pick another --prefix"
   mkdir -p "$dir"
   local net="10.$subnet.0"
   local env="$dir/cluster.env"

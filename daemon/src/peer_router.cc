@@ -52,8 +52,9 @@ namespace {
 
 constexpr int kWorkers = 2;
 // A replication the owner answers ABORTED (it is writing the key itself) is sent again after
-// 50, 100, ... 1600 ms (3.15 s in all, a slow 32 MiB write over tcp), then counted failed.
-constexpr int kMaxReplicationRetries = 6;
+// 50, 100, ... 6400 ms (12.75 s in all: a slow client's 32 MiB write, with room to spare), then
+// counted failed.
+constexpr int kMaxReplicationRetries = 8;
 constexpr absl::Duration kReplicationRetryBase = absl::Milliseconds(50);
 // After a peer refused or failed to open a UCX session: gRPC for this long, then try again.
 constexpr absl::Duration kSessionRetry = absl::Seconds(5);

@@ -166,7 +166,7 @@ struct Server::Impl {
     spdlog::warn("cluster {}: {}; serving as a single node until etcd answers",
                  config.cluster_name(), m.status().message());
     joiner = std::thread([this] {
-      for (;;) {
+      for (int attempt = 1;; ++attempt) {
         {
           MutexLock lock(&join_mu);
           const absl::Time until = absl::Now() + absl::Seconds(2);
@@ -183,6 +183,12 @@ struct Server::Impl {
           spdlog::error("cluster {}: cannot join: {}", config.cluster_name(),
                         again.status().message());
           return;
+        }
+        // Retries every 2 s; says so at the first and then about every 30 s, so a node that
+        // cannot reach etcd shows why in its log, not only in /readyz.
+        if (attempt % 15 == 1) {
+          spdlog::warn("cluster {}: still serving as a single node after {} retries: {}",
+                       config.cluster_name(), attempt, again.status().message());
         }
       }
     });

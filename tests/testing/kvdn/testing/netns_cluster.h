@@ -46,19 +46,28 @@ class NetnsCluster {
   static std::unique_ptr<NetnsCluster> Up(const std::string& script, const std::string& bin,
                                           const NetnsClusterOptions& o, std::string* error) {
     static int serial = 0;
-    const int id = (getpid() * 7 + serial++) % 9000;
     std::unique_ptr<NetnsCluster> c(new NetnsCluster());
     c->script_ = script;
     c->bin_ = bin;
-    c->dir_ = absl::StrCat("/tmp/kvdn-netns-", getpid(), "-", serial);
-    const std::string cmd =
-        absl::StrCat(script, " up --dir ", c->dir_, " --prefix k", id, " --subnet ", 100 + id % 150,
-                     " --nodes ", o.nodes, " --replicas ", o.replicas, " --ttl-ms ", o.ttl_ms,
-                     " --peer-timeout-ms ", o.peer_timeout_ms, " --host-tier-mib ", o.host_tier_mib,
-                     " --bin ", bin, " > ", c->dir_, ".up.log 2>&1");
-    if (std::system(cmd.c_str()) != 0) {
-      *error = absl::StrCat("scripts/cluster.sh up failed: ", ReadAll(c->dir_ + ".up.log"));
-      return nullptr;
+    // A name or subnet that is taken here (another test's cluster, or one a killed run left
+    // behind: cluster.sh refuses those before making anything) is skipped for the next.
+    for (int attempt = 0;; ++attempt) {
+      const int id = (getpid() * 7 + serial++) % 9000;
+      c->dir_ = absl::StrCat("/tmp/kvdn-netns-", getpid(), "-", serial);
+      const std::string cmd = absl::StrCat(
+          script, " up --dir ", c->dir_, " --prefix k", id, " --subnet ", 100 + id % 150,
+          " --nodes ", o.nodes, " --replicas ", o.replicas, " --ttl-ms ", o.ttl_ms,
+          " --peer-timeout-ms ", o.peer_timeout_ms, " --host-tier-mib ", o.host_tier_mib, " --bin ",
+          bin, " > ", c->dir_, ".up.log 2>&1");
+      if (std::system(cmd.c_str()) == 0) break;
+      const std::string log = ReadAll(c->dir_ + ".up.log");
+      std::remove((c->dir_ + ".up.log").c_str());
+      const bool taken = log.find("is in use here") != std::string::npos ||
+                         log.find(" exists") != std::string::npos;
+      if (!taken || attempt == 7) {
+        *error = absl::StrCat("scripts/cluster.sh up failed: ", log);
+        return nullptr;
+      }
     }
     std::ifstream env(c->dir_ + "/cluster.env");
     for (std::string line; std::getline(env, line);) {
