@@ -59,6 +59,16 @@ class KvdndMembershipTest : public ::testing::Test {
     return {"--etcd", etcd_.endpoint(),      "--cluster", "c1", "--node-name",
             node,     "--membership-ttl-ms", "3000"};
   }
+  void StartBothAndWaitForEachOther() {
+    std::string err;
+    ASSERT_TRUE(a_.Start(Flags("node-a"), &err)) << err;
+    ASSERT_TRUE(b_.Start(Flags("node-b"), &err)) << err;
+    ASSERT_TRUE(Eventually([&] { return Nodes(a_).size() == 2 && Nodes(b_).size() == 2; },
+                           absl::Seconds(5)))
+        << Logs();
+  }
+  // A Get of `key` on `d` returns exactly `chunk`.
+  void ExpectServes(const DaemonProcess& d, const ChunkKey& key, const std::vector<uint8_t>& chunk);
   // Both daemons' logs, for failure messages.
   std::string Logs() {
     return "node-a log:\n" + testing::ReadFile(dir_a_.path() + "/kvdnd.log") + "\nnode-b log:\n" +
@@ -229,17 +239,22 @@ ChunkKey KeyOwnedBy(const std::string& node) {
   return testing::KeyFor(i, "default");
 }
 
+void KvdndMembershipTest::ExpectServes(const DaemonProcess& d, const ChunkKey& key,
+                                       const std::vector<uint8_t>& chunk) {
+  auto c = Connect(d);
+  ASSERT_OK(c.status());
+  std::vector<uint8_t> got(chunk.size());
+  ASSERT_OK_AND_ASSIGN(uint64_t n, (*c)->GetEncoded(key, MutableByteSpan(got)));
+  EXPECT_EQ(n, chunk.size());
+  EXPECT_EQ(got, chunk);
+}
+
 // A Get on node-a of a chunk node-b holds, while a write of that key is in progress on node-a
 // (a reservation): the fetch must not claim the chunk arrived (it is not readable until that
 // write commits, and it may fail), nor count an error or try other owners: NOT_FOUND naming the
 // write. Once the reservation goes, the same Get fetches the chunk from node-b, bit for bit.
 TEST_F(KvdndMembershipTest, AGetOfAKeyBeingWrittenHereMissesAndFetchesOnceTheWriteEnds) {
-  std::string err;
-  ASSERT_TRUE(a_.Start(Flags("node-a"), &err)) << err;
-  ASSERT_TRUE(b_.Start(Flags("node-b"), &err)) << err;
-  ASSERT_TRUE(
-      Eventually([&] { return Nodes(a_).size() == 2 && Nodes(b_).size() == 2; }, absl::Seconds(5)))
-      << Logs();
+  ASSERT_NO_FATAL_FAILURE(StartBothAndWaitForEachOther());
   const ChunkKey key = KeyOwnedBy("node-b");
   const std::vector<uint8_t> chunk = testing::RandomChunk(testing::InfoForBytes(1 << 20), 9);
   auto cb = Connect(b_);
@@ -256,9 +271,7 @@ TEST_F(KvdndMembershipTest, AGetOfAKeyBeingWrittenHereMissesAndFetchesOnceTheWri
   EXPECT_EQ(Metric(a_, "kvdn_peer_fetch_total{result=\"error\"}"), 0) << Logs();
   EXPECT_EQ(Metric(a_, "kvdn_peer_fetch_total{result=\"hit\"}"), 0);
   ASSERT_OK(ReleaseOn(a_, reservation));
-  ASSERT_OK_AND_ASSIGN(uint64_t n, (*ca)->GetEncoded(key, MutableByteSpan(got)));
-  EXPECT_EQ(n, chunk.size());
-  EXPECT_EQ(got, chunk);
+  ExpectServes(a_, key, chunk);
   EXPECT_EQ(Metric(a_, "kvdn_peer_fetch_total{result=\"hit\"}"), 1);
 }
 
@@ -267,12 +280,7 @@ TEST_F(KvdndMembershipTest, AGetOfAKeyBeingWrittenHereMissesAndFetchesOnceTheWri
 // sends it again after a backoff instead of counting it failed (or present): once node-b's write
 // is dropped, node-b holds the chunk, bit for bit, and the books say sent.
 TEST_F(KvdndMembershipTest, AReplicationTheOwnerIsWritingItselfIsSentAgain) {
-  std::string err;
-  ASSERT_TRUE(a_.Start(Flags("node-a"), &err)) << err;
-  ASSERT_TRUE(b_.Start(Flags("node-b"), &err)) << err;
-  ASSERT_TRUE(
-      Eventually([&] { return Nodes(a_).size() == 2 && Nodes(b_).size() == 2; }, absl::Seconds(5)))
-      << Logs();
+  ASSERT_NO_FATAL_FAILURE(StartBothAndWaitForEachOther());
   const ChunkKey key = KeyOwnedBy("node-b");
   const std::vector<uint8_t> chunk = testing::RandomChunk(testing::InfoForBytes(1 << 20), 11);
   ASSERT_OK_AND_ASSIGN(const uint64_t reservation, ReserveOn(b_, key, chunk.size()));
@@ -289,12 +297,7 @@ TEST_F(KvdndMembershipTest, AReplicationTheOwnerIsWritingItselfIsSentAgain) {
   EXPECT_EQ(Metric(a_, "kvdn_replication_total{result=\"failed\"}"), 0);
   EXPECT_EQ(Metric(a_, "kvdn_replication_total{result=\"present\"}"), 0);
   EXPECT_EQ(Metric(a_, "kvdn_replication_queue_depth"), 0);
-  auto cb = Connect(b_);
-  ASSERT_OK(cb.status());
-  std::vector<uint8_t> got(chunk.size());
-  ASSERT_OK_AND_ASSIGN(uint64_t n, (*cb)->GetEncoded(key, MutableByteSpan(got)));
-  EXPECT_EQ(n, chunk.size());
-  EXPECT_EQ(got, chunk);
+  ExpectServes(b_, key, chunk);
 }
 
 TEST_F(KvdndMembershipTest, EtcdDownMeansDegradedButServing) {

@@ -183,7 +183,8 @@ class TieredStore {
   // (if that is later than its expiry): a write that outlasted the TTL can still be committed.
   void EndWrite(uint64_t reservation_id);
   // Reserve + copy + Commit of an encoded chunk, hashing while copying (one pass over the bytes).
-  // Errors as Reserve's and Commit's (ALREADY_EXISTS: stored; ABORTED: another write holds the key).
+  // Errors as Reserve's and Commit's: ALREADY_EXISTS when stored, ABORTED while another write
+  // holds the key.
   absl::Status Put(const ChunkKey& key, ByteSpan encoded);
 
   // Pins the chunk in memory for a reader. INVALID_ARGUMENT: ttl <= 0. NOT_FOUND: not stored.
