@@ -18,6 +18,9 @@
 #   --subnet N            the bridge's network is 10.N.0.0/24 (default 77)
 #   --bin DIR             where kvdnd and kvdnctl are (default build/default/bin)
 #
+# Exit status of `up`: 0 up; 3 the prefix's names or the subnet are taken on this host (nothing
+# was made: pick others); 1 any other failure (what was made is torn down).
+#
 # Layout: bridge <P>br = 10.N.0.1 (etcd listens there); node i is namespace <P>n<i>, its eth0 is
 # 10.N.0.<10+i> (gRPC :7070, HTTP :9470, unix socket DIR/node<i>/kvdnd.sock inside); the root
 # side of its veth is <P>h<i>. UCX between nodes runs over tcp on eth0 (UCX_NET_DEVICES), so
@@ -52,6 +55,8 @@ while [[ $# -gt 0 ]]; do
 done
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
+# A name or subnet already taken on this host: exit status 3, so a caller can pick others.
+taken() { echo "cluster.sh: $*" >&2; exit 3; }
 
 down() {
   local env="$dir/cluster.env"
@@ -97,9 +102,9 @@ up() {
   # so a refusal tears nothing down.
   local routed
   routed=$(ip -4 route show to match "10.$subnet.0.1" 2>/dev/null | grep -v '^default' || true)
-  [[ -z "$routed" ]] || die "subnet 10.$subnet.0.0/24 is in use here (route: $routed); pick another --subnet, or remove what holds it"
-  ! ip link show "${prefix}br" >/dev/null 2>&1 || die "link ${prefix}br exists: pick another --prefix, or cluster.sh down the cluster that made it"
-  ! ip netns list 2>/dev/null | grep -q "^${prefix}n1\b" || die "network namespace ${prefix}n1 exists: pick another --prefix"
+  [[ -z "$routed" ]] || taken "subnet 10.$subnet.0.0/24 is in use here (route: $routed); pick another --subnet, or remove what holds it"
+  ! ip link show "${prefix}br" >/dev/null 2>&1 || taken "link ${prefix}br exists: pick another --prefix, or cluster.sh down the cluster that made it"
+  ! ip netns list 2>/dev/null | grep -q "^${prefix}n1\b" || taken "network namespace ${prefix}n1 exists: pick another --prefix"
   mkdir -p "$dir"
   local net="10.$subnet.0"
   local env="$dir/cluster.env"

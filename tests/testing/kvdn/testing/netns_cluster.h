@@ -6,6 +6,7 @@
 
 #include <signal.h>
 #include <sys/types.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -50,7 +51,8 @@ class NetnsCluster {
     c->script_ = script;
     c->bin_ = bin;
     // A name or subnet that is taken here (another test's cluster, or one a killed run left
-    // behind: cluster.sh refuses those before making anything) is skipped for the next.
+    // behind: cluster.sh refuses those with exit status 3 before making anything) is skipped for
+    // the next.
     for (int attempt = 0;; ++attempt) {
       const int id = (getpid() * 7 + serial++) % 9000;
       c->dir_ = absl::StrCat("/tmp/kvdn-netns-", getpid(), "-", serial);
@@ -59,11 +61,11 @@ class NetnsCluster {
           " --nodes ", o.nodes, " --replicas ", o.replicas, " --ttl-ms ", o.ttl_ms,
           " --peer-timeout-ms ", o.peer_timeout_ms, " --host-tier-mib ", o.host_tier_mib, " --bin ",
           bin, " > ", c->dir_, ".up.log 2>&1");
-      if (std::system(cmd.c_str()) == 0) break;
+      const int rc = std::system(cmd.c_str());
+      if (rc == 0) break;
       const std::string log = ReadAll(c->dir_ + ".up.log");
       std::remove((c->dir_ + ".up.log").c_str());
-      const bool taken = log.find("is in use here") != std::string::npos ||
-                         log.find(" exists") != std::string::npos;
+      const bool taken = WIFEXITED(rc) && WEXITSTATUS(rc) == 3;
       if (!taken || attempt == 7) {
         *error = absl::StrCat("scripts/cluster.sh up failed: ", log);
         return nullptr;
