@@ -11,7 +11,7 @@ PACKAGES=(
   # libraries
   libabsl-dev libspdlog-dev libfmt-dev libxxhash-dev librocksdb-dev
   # daemon, SDK and CLI: gRPC + protobuf, civetweb (HTTP /metrics), CLI11
-  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
+  libgrpc++-dev libssl-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libcivetweb-dev civetweb libcli11-dev
   # data plane: UCX (ucx-utils brings ucx_perftest, the transfer benchmark's ceiling)
   libucx-dev ucx-utils

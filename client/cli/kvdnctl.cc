@@ -4,9 +4,13 @@
 #include <grpcpp/grpcpp.h>
 
 #include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "cli/output.h"
@@ -252,6 +256,10 @@ int main(int argc, char** argv) {
       "-t,--target", g.target,
       "kvdnd address: unix:/path or host:port (default: $KVDN_TARGET, else the local unix "
       "socket)");
+  std::string token_file;
+  app.add_option("--token-file", token_file,
+                 "file holding a token with the kvdn:admin grant, for a kvdnd with "
+                 "auth_tokens_file (default: $KVDN_TOKEN, else the file $KVDN_TOKEN_FILE names)");
   app.add_flag("--json", g.json, "print JSON instead of tables");
   app.add_option("--timeout", g.timeout_s, "seconds to wait for the daemon")
       ->check(CLI::PositiveNumber);
@@ -277,7 +285,27 @@ int main(int argc, char** argv) {
   auto* members = app.add_subcommand("members", "cluster members");
   CLI11_PARSE(app, argc, argv);
 
-  auto channel = kvdn::client::MakeChannel(g.target);
+  std::string token;
+  if (!token_file.empty()) {
+    std::ifstream in(token_file);
+    if (!in) {
+      std::cerr << "kvdnctl: --token-file: cannot read " << token_file << "\n";
+      return 2;
+    }
+    std::stringstream ss;
+    ss << in.rdbuf();
+    token = std::string(absl::StripAsciiWhitespace(ss.str()));
+    if (token.empty()) {
+      std::cerr << "kvdnctl: --token-file: " << token_file << " is empty\n";
+      return 2;
+    }
+  }
+  absl::StatusOr<std::string> resolved = kvdn::client::ResolveToken(token);
+  if (!resolved.ok()) {
+    std::cerr << "kvdnctl: " << resolved.status().message() << "\n";
+    return 2;
+  }
+  auto channel = kvdn::client::MakeChannel(g.target, *resolved);
   auto stub = kvdn::v1::AdminService::NewStub(channel);
   if (*stats) return Stats(*stub, g);
   if (*ls) return List(*stub, g, ns, tier, page_size, page_token, all);

@@ -2,16 +2,20 @@
 
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/support/client_interceptor.h>
 #include <sys/mman.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <thread>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -336,7 +340,70 @@ std::string ResolveTarget(const std::string& target) {
   return absl::StrCat("unix:", DefaultUnixSocket());
 }
 
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target) {
+absl::StatusOr<std::string> ResolveToken(const std::string& token) {
+  std::string t = token;
+  std::string from = "ClientOptions.token";
+  if (t.empty()) {
+    if (const char* env = std::getenv("KVDN_TOKEN"); env != nullptr && *env != '\0') {
+      t = env;
+      from = "$KVDN_TOKEN";
+    } else if (const char* file = std::getenv("KVDN_TOKEN_FILE"); file != nullptr && *file) {
+      std::ifstream in(file);
+      if (!in) {
+        return absl::NotFoundError(absl::StrCat("$KVDN_TOKEN_FILE: cannot read ", file));
+      }
+      std::stringstream ss;
+      ss << in.rdbuf();
+      t = std::string(absl::StripAsciiWhitespace(ss.str()));
+      from = absl::StrCat("$KVDN_TOKEN_FILE (", file, ")");
+      if (t.empty()) return absl::InvalidArgumentError(absl::StrCat(from, ": the file is empty"));
+    } else {
+      return std::string();
+    }
+  }
+  for (char c : t) {
+    if (c < 0x21 || c > 0x7e) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          from,
+          ": a token is printable ASCII without spaces (as kvdnd's auth_tokens_file has it)"));
+    }
+  }
+  return t;
+}
+
+namespace {
+
+// Adds `authorization: Bearer <token>` to every call of a channel.
+class BearerToken final : public grpc::experimental::Interceptor {
+ public:
+  explicit BearerToken(const std::string* value) : value_(value) {}
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(
+            grpc::experimental::InterceptionHookPoints::PRE_SEND_INITIAL_METADATA)) {
+      methods->GetSendInitialMetadata()->emplace("authorization", *value_);
+    }
+    methods->Proceed();
+  }
+
+ private:
+  const std::string* value_;
+};
+
+class BearerTokenFactory final : public grpc::experimental::ClientInterceptorFactoryInterface {
+ public:
+  explicit BearerTokenFactory(const std::string& token) : value_("Bearer " + token) {}
+  grpc::experimental::Interceptor* CreateClientInterceptor(
+      grpc::experimental::ClientRpcInfo*) override {
+    return new BearerToken(&value_);
+  }
+
+ private:
+  const std::string value_;  // lives as long as the channel that owns the factory
+};
+
+}  // namespace
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, const std::string& token) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(kMaxMessageBytes);
   args.SetMaxSendMessageSize(kMaxMessageBytes);
@@ -348,7 +415,14 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target) {
   args.SetInt(GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, 256 << 10);
   // Separate clients get separate connections (the benchmark measures them side by side).
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  return grpc::CreateCustomChannel(ResolveTarget(target), grpc::InsecureChannelCredentials(), args);
+  if (token.empty()) {
+    return grpc::CreateCustomChannel(ResolveTarget(target), grpc::InsecureChannelCredentials(),
+                                     args);
+  }
+  std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(std::make_unique<BearerTokenFactory>(token));
+  return grpc::experimental::CreateCustomChannelWithInterceptors(
+      ResolveTarget(target), grpc::InsecureChannelCredentials(), args, std::move(interceptors));
 }
 
 // The registered buffer pool: one mapping, first-fit over 4 KiB-aligned extents. Thread-safe.
@@ -746,7 +820,8 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& opt
   impl->options = options;
   impl->fingerprint = ModelFingerprint(options.model);
   impl->same_host = absl::StartsWith(ResolveTarget(options.target), "unix:");
-  impl->channel = MakeChannel(options.target);
+  KVDN_ASSIGN_OR_RETURN(impl->options.token, ResolveToken(options.token));
+  impl->channel = MakeChannel(options.target, impl->options.token);
   impl->stub = v1::KvService::NewStub(impl->channel);
   impl->generic = std::make_unique<grpc::GenericStub>(impl->channel);
   // The automatic values (options() reports them).

@@ -38,9 +38,8 @@ absl::StatusOr<ChunkKey> EitherKey(bool has_key, const v1::ChunkKey& key, const 
 
 }  // namespace
 
-grpc::Status AdminServiceImpl::DoGetStats(grpc::ServerContextBase* ctx, const v1::GetStatsRequest*,
+absl::Status AdminServiceImpl::DoGetStats(grpc::ServerContextBase*, const v1::GetStatsRequest*,
                                           v1::GetStatsResponse* resp) {
-  CallScope call(state_, Method::kAdminStats, ctx);
   const storage::StoreStats s = state_.store->Stats();
   resp->set_node(state_.config.node_name());
   resp->set_version(KVDN_VERSION);
@@ -75,17 +74,16 @@ grpc::Status AdminServiceImpl::DoGetStats(grpc::ServerContextBase* ctx, const v1
     for (const std::string& d : state_.data_plane->Describe()) resp->add_transports(d);
   }
   resp->set_draining(state_.calls.draining());
-  return call.Finish(absl::OkStatus());
+  return absl::OkStatus();
 }
 
-grpc::Status AdminServiceImpl::DoListChunks(grpc::ServerContextBase* ctx,
+absl::Status AdminServiceImpl::DoListChunks(grpc::ServerContextBase*,
                                             const v1::ListChunksRequest* req,
                                             v1::ListChunksResponse* resp) {
-  CallScope call(state_, Method::kAdminList, ctx);
   storage::ListFilter filter;
   if (!req->namespace_().empty()) {
     if (absl::Status st = ValidateNamespace(req->namespace_()); !st.ok()) {
-      return call.Finish(absl::InvalidArgumentError(absl::StrCat("namespace: ", st.message())));
+      return absl::InvalidArgumentError(absl::StrCat("namespace: ", st.message()));
     }
     filter.ns = req->namespace_();
   }
@@ -102,18 +100,17 @@ grpc::Status AdminServiceImpl::DoListChunks(grpc::ServerContextBase* ctx,
       filter.tier = storage::TierKind::kDisk;
       break;
     default:
-      return call.Finish(
-          absl::InvalidArgumentError(absl::StrCat("tier: unknown value ", req->tier())));
+      return absl::InvalidArgumentError(absl::StrCat("tier: unknown value ", req->tier()));
   }
   if (req->page_size() > kMaxPageSize) {
-    return call.Finish(absl::InvalidArgumentError(
-        absl::StrCat("page_size ", req->page_size(), " exceeds ", kMaxPageSize)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("page_size ", req->page_size(), " exceeds ", kMaxPageSize));
   }
   const uint32_t page_size = req->page_size() == 0 ? kDefaultPageSize : req->page_size();
   if (!req->page_token().empty()) {
     if (auto k = ChunkKey::Parse(req->page_token()); !k.ok()) {
-      return call.Finish(absl::InvalidArgumentError(
-          absl::StrCat("page_token: not a key from a previous page: ", k.status().message())));
+      return absl::InvalidArgumentError(
+          absl::StrCat("page_token: not a key from a previous page: ", k.status().message()));
     }
   }
   // NOTE: paging sorts every match by its printable key, O(n log n) per page: fine for an admin
@@ -136,26 +133,25 @@ grpc::Status AdminServiceImpl::DoListChunks(grpc::ServerContextBase* ctx,
     resp->set_next_page_token(resp->chunks(resp->chunks_size() - 1).key_text());
   }
   resp->set_total(sorted.size());
-  return call.Finish(absl::OkStatus());
+  return absl::OkStatus();
 }
 
-grpc::Status AdminServiceImpl::DoInspectChunk(grpc::ServerContextBase* ctx,
+absl::Status AdminServiceImpl::DoInspectChunk(grpc::ServerContextBase*,
                                               const v1::InspectChunkRequest* req,
                                               v1::InspectChunkResponse* resp) {
-  CallScope call(state_, Method::kAdminInspect, ctx);
   auto key = EitherKey(req->has_key(), req->key(), req->key_text());
-  if (!key.ok()) return call.Finish(key.status());
+  if (!key.ok()) return key.status();
   auto record = state_.store->Describe(*key);
-  if (!record.ok()) return call.Finish(record.status());
+  if (!record.ok()) return record.status();
   // Read it under a lease and verify both checksums now. A disk-only chunk is read from disk
   // (which verifies it, and drops it if it fails) and promoted to the host tier as on any hit.
   auto lease = state_.store->Acquire(*key, storage::AcquireOptions{});
   if (!lease.ok()) {
-    if (!absl::IsDataLoss(lease.status())) return call.Finish(lease.status());
+    if (!absl::IsDataLoss(lease.status())) return lease.status();
     SummaryToProto(*record, resp->mutable_chunk());
     resp->set_checksum_ok(false);
     resp->set_checksum_error(std::string(lease.status().message()));
-    return call.Finish(absl::OkStatus());
+    return absl::OkStatus();
   }
   auto header = DecodeChunkHeader(lease->host_bytes);
   absl::Status verdict = header.ok()
@@ -176,24 +172,23 @@ grpc::Status AdminServiceImpl::DoInspectChunk(grpc::ServerContextBase* ctx,
   }
   resp->set_checksum_ok(verdict.ok());
   if (!verdict.ok()) resp->set_checksum_error(std::string(verdict.message()));
-  return call.Finish(absl::OkStatus());
+  return absl::OkStatus();
 }
 
-grpc::Status AdminServiceImpl::DoEvict(grpc::ServerContextBase* ctx, const v1::EvictRequest* req,
+absl::Status AdminServiceImpl::DoEvict(grpc::ServerContextBase*, const v1::EvictRequest* req,
                                        v1::EvictResponse* resp) {
-  CallScope call(state_, Method::kAdminEvict, ctx);
   switch (req->target_case()) {
     case v1::EvictRequest::kKey:
     case v1::EvictRequest::kKeyText: {
       auto key = EitherKey(req->has_key(), req->key(), req->key_text());
-      if (!key.ok()) return call.Finish(key.status());
+      if (!key.ok()) return key.status();
       absl::Status st = state_.store->Delete(*key);
       if (st.ok()) resp->set_evicted(1);
-      return call.Finish(st);
+      return st;
     }
     case v1::EvictRequest::kNamespace: {
       if (absl::Status st = ValidateNamespace(req->namespace_()); !st.ok()) {
-        return call.Finish(absl::InvalidArgumentError(absl::StrCat("namespace: ", st.message())));
+        return absl::InvalidArgumentError(absl::StrCat("namespace: ", st.message()));
       }
       storage::ListFilter filter;
       filter.ns = req->namespace_();
@@ -202,26 +197,23 @@ grpc::Status AdminServiceImpl::DoEvict(grpc::ServerContextBase* ctx, const v1::E
         if (state_.store->Delete(r.key).ok()) ++n;
       }
       resp->set_evicted(n);
-      return call.Finish(absl::OkStatus());
+      return absl::OkStatus();
     }
     default:
-      return call.Finish(absl::InvalidArgumentError("Evict needs key, key_text or namespace"));
+      return absl::InvalidArgumentError("Evict needs key, key_text or namespace");
   }
 }
 
-grpc::Status AdminServiceImpl::DoGetConfig(grpc::ServerContextBase* ctx,
-                                           const v1::GetConfigRequest*,
+absl::Status AdminServiceImpl::DoGetConfig(grpc::ServerContextBase*, const v1::GetConfigRequest*,
                                            v1::GetConfigResponse* resp) {
-  CallScope call(state_, Method::kAdminConfig, ctx);
   *resp->mutable_config() = state_.config;
   resp->set_json(ConfigToJson(state_.config));
-  return call.Finish(absl::OkStatus());
+  return absl::OkStatus();
 }
 
-grpc::Status AdminServiceImpl::DoListMembers(grpc::ServerContextBase* ctx,
+absl::Status AdminServiceImpl::DoListMembers(grpc::ServerContextBase* ctx,
                                              const v1::ListMembersRequest*,
                                              v1::ListMembersResponse* resp) {
-  CallScope call(state_, Method::kAdminMembers, ctx);
   std::map<std::string, MemberRecord> view;
   {
     MutexLock lock(&state_.cluster.mu);
@@ -254,66 +246,76 @@ grpc::Status AdminServiceImpl::DoListMembers(grpc::ServerContextBase* ctx,
   m->set_lease_age_seconds(absl::ToInt64Seconds(absl::Now() - state_.started));
   m->set_chunks(state_.store->ChunkCount());
   m->set_self(true);
-  return call.Finish(absl::OkStatus());
+  return absl::OkStatus();
 }
 
-grpc::Status AdminServiceImpl::DoDrain(grpc::ServerContextBase* ctx, const v1::DrainRequest*,
+absl::Status AdminServiceImpl::DoDrain(grpc::ServerContextBase*, const v1::DrainRequest*,
                                        v1::DrainResponse* resp) {
-  CallScope call(state_, Method::kAdminDrain, ctx);
   resp->set_in_flight(drain_());
-  return call.Finish(absl::OkStatus());
+  return absl::OkStatus();
 }
 
 // Every admin method runs on the blocking pool: listing, inspecting (a checksum pass over a
 // chunk, maybe read from disk), evicting (the disk tier) and draining block, and kvdnctl's calls
 // are too rare for the others to need a faster path.
 template <typename Body>
-grpc::ServerUnaryReactor* AdminServiceImpl::OnPool(grpc::CallbackServerContext* ctx, Body body) {
+grpc::ServerUnaryReactor* AdminServiceImpl::OnPool(grpc::CallbackServerContext* ctx, Method method,
+                                                   Body body) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  state_.blocking_pool.Submit([reactor, body = std::move(body)] { reactor->Finish(body()); });
+  state_.blocking_pool.Submit([this, reactor, ctx, method, body = std::move(body)] {
+    CallScope call(state_, method, ctx);  // the caller's token is checked here
+    reactor->Finish(call.Finish(call.admitted().ok() ? body() : call.admitted()));
+  });
   return reactor;
 }
 
 grpc::ServerUnaryReactor* AdminServiceImpl::GetStats(grpc::CallbackServerContext* ctx,
                                                      const v1::GetStatsRequest* req,
                                                      v1::GetStatsResponse* resp) {
-  return OnPool(ctx, [this, ctx, req, resp] { return DoGetStats(ctx, req, resp); });
+  return OnPool(ctx, Method::kAdminStats,
+                [this, ctx, req, resp] { return DoGetStats(ctx, req, resp); });
 }
 
 grpc::ServerUnaryReactor* AdminServiceImpl::ListChunks(grpc::CallbackServerContext* ctx,
                                                        const v1::ListChunksRequest* req,
                                                        v1::ListChunksResponse* resp) {
-  return OnPool(ctx, [this, ctx, req, resp] { return DoListChunks(ctx, req, resp); });
+  return OnPool(ctx, Method::kAdminList,
+                [this, ctx, req, resp] { return DoListChunks(ctx, req, resp); });
 }
 
 grpc::ServerUnaryReactor* AdminServiceImpl::InspectChunk(grpc::CallbackServerContext* ctx,
                                                          const v1::InspectChunkRequest* req,
                                                          v1::InspectChunkResponse* resp) {
-  return OnPool(ctx, [this, ctx, req, resp] { return DoInspectChunk(ctx, req, resp); });
+  return OnPool(ctx, Method::kAdminInspect,
+                [this, ctx, req, resp] { return DoInspectChunk(ctx, req, resp); });
 }
 
 grpc::ServerUnaryReactor* AdminServiceImpl::Evict(grpc::CallbackServerContext* ctx,
                                                   const v1::EvictRequest* req,
                                                   v1::EvictResponse* resp) {
-  return OnPool(ctx, [this, ctx, req, resp] { return DoEvict(ctx, req, resp); });
+  return OnPool(ctx, Method::kAdminEvict,
+                [this, ctx, req, resp] { return DoEvict(ctx, req, resp); });
 }
 
 grpc::ServerUnaryReactor* AdminServiceImpl::GetConfig(grpc::CallbackServerContext* ctx,
                                                       const v1::GetConfigRequest* req,
                                                       v1::GetConfigResponse* resp) {
-  return OnPool(ctx, [this, ctx, req, resp] { return DoGetConfig(ctx, req, resp); });
+  return OnPool(ctx, Method::kAdminConfig,
+                [this, ctx, req, resp] { return DoGetConfig(ctx, req, resp); });
 }
 
 grpc::ServerUnaryReactor* AdminServiceImpl::ListMembers(grpc::CallbackServerContext* ctx,
                                                         const v1::ListMembersRequest* req,
                                                         v1::ListMembersResponse* resp) {
-  return OnPool(ctx, [this, ctx, req, resp] { return DoListMembers(ctx, req, resp); });
+  return OnPool(ctx, Method::kAdminMembers,
+                [this, ctx, req, resp] { return DoListMembers(ctx, req, resp); });
 }
 
 grpc::ServerUnaryReactor* AdminServiceImpl::Drain(grpc::CallbackServerContext* ctx,
                                                   const v1::DrainRequest* req,
                                                   v1::DrainResponse* resp) {
-  return OnPool(ctx, [this, ctx, req, resp] { return DoDrain(ctx, req, resp); });
+  return OnPool(ctx, Method::kAdminDrain,
+                [this, ctx, req, resp] { return DoDrain(ctx, req, resp); });
 }
 
 }  // namespace kvdn::daemon

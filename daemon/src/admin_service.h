@@ -38,21 +38,22 @@ class AdminServiceImpl final : public v1::AdminService::CallbackService {
                                   v1::DrainResponse* resp) override;
 
  private:
+  // Runs `body` (returning absl::Status) on the blocking pool as call `method`, once admitted.
   template <typename Body>
-  grpc::ServerUnaryReactor* OnPool(grpc::CallbackServerContext* ctx, Body body);
-  grpc::Status DoGetStats(grpc::ServerContextBase* ctx, const v1::GetStatsRequest* req,
+  grpc::ServerUnaryReactor* OnPool(grpc::CallbackServerContext* ctx, Method method, Body body);
+  absl::Status DoGetStats(grpc::ServerContextBase* ctx, const v1::GetStatsRequest* req,
                           v1::GetStatsResponse* resp);
-  grpc::Status DoListChunks(grpc::ServerContextBase* ctx, const v1::ListChunksRequest* req,
+  absl::Status DoListChunks(grpc::ServerContextBase* ctx, const v1::ListChunksRequest* req,
                             v1::ListChunksResponse* resp);
-  grpc::Status DoInspectChunk(grpc::ServerContextBase* ctx, const v1::InspectChunkRequest* req,
+  absl::Status DoInspectChunk(grpc::ServerContextBase* ctx, const v1::InspectChunkRequest* req,
                               v1::InspectChunkResponse* resp);
-  grpc::Status DoEvict(grpc::ServerContextBase* ctx, const v1::EvictRequest* req,
+  absl::Status DoEvict(grpc::ServerContextBase* ctx, const v1::EvictRequest* req,
                        v1::EvictResponse* resp);
-  grpc::Status DoGetConfig(grpc::ServerContextBase* ctx, const v1::GetConfigRequest* req,
+  absl::Status DoGetConfig(grpc::ServerContextBase* ctx, const v1::GetConfigRequest* req,
                            v1::GetConfigResponse* resp);
-  grpc::Status DoListMembers(grpc::ServerContextBase* ctx, const v1::ListMembersRequest* req,
+  absl::Status DoListMembers(grpc::ServerContextBase* ctx, const v1::ListMembersRequest* req,
                              v1::ListMembersResponse* resp);
-  grpc::Status DoDrain(grpc::ServerContextBase* ctx, const v1::DrainRequest* req,
+  absl::Status DoDrain(grpc::ServerContextBase* ctx, const v1::DrainRequest* req,
                        v1::DrainResponse* resp);
 
   ServerState& state_;

@@ -49,9 +49,9 @@ absl::StatusOr<std::unique_ptr<DataPlane>> DataPlane::Start(ServerState* state) 
                           lane.transport->Register(host->arena_base(), host->capacity_bytes()));
     transfer::UcxTransport* t = lane.transport.get();
     t->SetHandler(v1::DATA_PLANE_GET,
-                  [raw](std::unique_ptr<Incoming> in) { raw->OnGet(std::move(in)); });
+                  [raw, t](std::unique_ptr<Incoming> in) { raw->OnGet(t, std::move(in)); });
     t->SetHandler(v1::DATA_PLANE_PUT,
-                  [raw](std::unique_ptr<Incoming> in) { raw->OnPut(std::move(in)); });
+                  [raw, t](std::unique_ptr<Incoming> in) { raw->OnPut(t, std::move(in)); });
     t->SetPeerFailureHandler(
         [raw, t](transfer::PeerId peer, const absl::Status&) { raw->OnPeerFailure(t, peer); });
     return lane;
@@ -118,11 +118,16 @@ const DataPlane::Lane& DataPlane::LeastLoaded(const std::vector<Lane>& lanes) co
 }
 
 absl::StatusOr<v1::OpenDataPlaneResponse> DataPlane::Open(const v1::OpenDataPlaneRequest& req,
-                                                          bool same_host) {
+                                                          bool same_host, const Caller& caller) {
   const bool local = same_host && req.pid() > 0 && !local_.empty();
   if (req.peer_node().size() > 253) {
     return absl::InvalidArgumentError(
         absl::StrCat("peer_node: ", req.peer_node().size(), " characters, at most 253"));
+  }
+  if (!req.peer_node().empty() && caller.grants != nullptr && !caller.grants->peer) {
+    state_.CountAuthFailure(absl::PermissionDeniedError(""));
+    return absl::PermissionDeniedError(
+        "peer_node: sessions of other kvdnd need a token with the kvdn:peer grant");
   }
   if (local && req.pid_namespace() != 0 && own_pid_namespace_ != 0 &&
       req.pid_namespace() != own_pid_namespace_) {
@@ -157,7 +162,9 @@ absl::StatusOr<v1::OpenDataPlaneResponse> DataPlane::Open(const v1::OpenDataPlan
     return absl::Status(peer.status().code(),
                         absl::StrCat("worker_address: ", peer.status().message()));
   }
-  Session s{t, lane->arena.get(), *peer, co.peer_pid, req.client_name(), !req.peer_node().empty()};
+  Session s{t,           lane->arena.get(), *peer,
+            co.peer_pid, req.client_name(), !req.peer_node().empty(),
+            caller};
   v1::OpenDataPlaneResponse resp;
   {
     MutexLock lock(&mu_);
@@ -179,7 +186,7 @@ absl::StatusOr<v1::OpenDataPlaneResponse> DataPlane::Open(const v1::OpenDataPlan
   return resp;
 }
 
-absl::Status DataPlane::Close(uint64_t session_id) {
+absl::Status DataPlane::Close(uint64_t session_id, const Caller& caller) {
   Session s;
   {
     MutexLock lock(&mu_);
@@ -187,11 +194,25 @@ absl::Status DataPlane::Close(uint64_t session_id) {
     if (it == sessions_.end()) {
       return absl::NotFoundError(absl::StrCat("no data-plane session ", session_id));
     }
+    if (caller.grants != it->second.caller.grants) {
+      state_.CountAuthFailure(absl::PermissionDeniedError(""));
+      return absl::PermissionDeniedError(
+          absl::StrCat("data-plane session ", session_id, " was opened with another token"));
+    }
     s = it->second;
     sessions_.erase(it);
   }
   s.transport->Disconnect(s.peer);
   return absl::OkStatus();
+}
+
+bool DataPlane::FromItsSession(const Session& s, const transfer::Transport* t,
+                               const transfer::Incoming& in) const {
+  if (s.caller.grants == nullptr || (t == s.transport && in.peer() == s.peer)) return true;
+  state_.CountAuthFailure(absl::PermissionDeniedError(""));
+  spdlog::warn("data plane: a request naming session {} ({}) came over another connection; dropped",
+               s.name, s.pid);
+  return false;
 }
 
 void DataPlane::ReapExitedClients() {
@@ -257,7 +278,7 @@ void DataPlane::ReplyPut(const Session& s, uint64_t request_id, const absl::Stat
                     absl::Now() + absl::Seconds(10), [](absl::Status) {});
 }
 
-void DataPlane::OnGet(std::unique_ptr<Incoming> in) {
+void DataPlane::OnGet(transfer::Transport* t, std::unique_ptr<Incoming> in) {
   const absl::Time start = absl::Now();
   v1::DataPlaneGetRequest req;
   if (!req.ParseFromString(in->header())) {
@@ -272,6 +293,7 @@ void DataPlane::OnGet(std::unique_ptr<Incoming> in) {
     return;
   }
   const Session s = *session;
+  if (!FromItsSession(s, t, *in)) return;
   const absl::Time deadline = DeadlineOf(req.deadline_unix_micros());
   const uint64_t rid = req.request_id();
   const Part part{req.payload_offset(), req.payload_length()};
@@ -280,6 +302,11 @@ void DataPlane::OnGet(std::unique_ptr<Incoming> in) {
                     start);
   }
   if (req.target_case() == v1::DataPlaneGetRequest::kLeaseId) {
+    if (absl::Status st =
+            state_.CheckIdNamespace(s.caller, req.lease_id(), /*reservation=*/false, "lease_id");
+        !st.ok()) {
+      return ReplyGet(s, rid, st, start);
+    }
     auto lease = state_.store->HoldLease(req.lease_id(), deadline + kLeaseSlack);
     if (!lease.ok()) {
       return ReplyGet(
@@ -295,7 +322,7 @@ void DataPlane::OnGet(std::unique_ptr<Incoming> in) {
   }
   auto key = KeyFromProto(req.key(), "key");
   absl::Status st = key.status();
-  if (st.ok()) st = state_.CheckNamespace(key->ns);
+  if (st.ok()) st = state_.CheckNamespace(s.caller, key->ns);
   if (!st.ok()) return ReplyGet(s, rid, st, start);
   storage::AcquireOptions opts;
   opts.ttl = deadline - absl::Now() + kLeaseSlack;
@@ -357,7 +384,7 @@ void DataPlane::SendChunk(const Session& s, uint64_t request_id, absl::Time dead
                     });
 }
 
-void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
+void DataPlane::OnPut(transfer::Transport* t, std::unique_ptr<Incoming> in) {
   const absl::Time start = absl::Now();
   SweepAssemblies();
   v1::DataPlanePutRequest req;
@@ -371,6 +398,7 @@ void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
     return;
   }
   const Session s = *session;
+  if (!FromItsSession(s, t, *in)) return;
   const uint64_t rid = req.request_id();
   if (state_.calls.draining()) {
     return ReplyPut(s, rid, absl::UnavailableError("kvdnd is draining; use another node or retry"),
@@ -421,6 +449,11 @@ void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
   const absl::Time deadline = DeadlineOf(req.deadline_unix_micros());
   const uint64_t size = kChunkHeaderBytes + header->payload_bytes;
   if (req.target_case() == v1::DataPlanePutRequest::kReservationId) {
+    if (absl::Status st = state_.CheckIdNamespace(s.caller, req.reservation_id(),
+                                                  /*reservation=*/true, "reservation_id");
+        !st.ok()) {
+      return ReplyPut(s, rid, st, false, start);
+    }
     return PutInto(s, rid, deadline, holder, req.chunk_header(), req.reservation_id(),
                    Part{req.payload_offset(), holder->get()->payload_bytes()}, size,
                    /*commit=*/false, header->payload_checksum, start);
@@ -431,7 +464,7 @@ void DataPlane::OnPut(std::unique_ptr<Incoming> in) {
   }
   auto key = KeyFromProto(req.key(), "key");
   absl::Status st = key.status();
-  if (st.ok()) st = state_.CheckNamespace(key->ns);
+  if (st.ok()) st = state_.CheckNamespace(s.caller, key->ns);
   if (!st.ok()) return ReplyPut(s, rid, st, false, start);
   if (req.part()) return OnPutPart(s, rid, req, *key, *header, holder, deadline, start);
   // Room in the host tier, here when that needs no disk I/O (the usual case: the store demotes in

@@ -36,9 +36,11 @@ class DataPlane {
   ~DataPlane();
 
   // KvService.OpenDataPlane / CloseDataPlane. `same_host`: the call came over the unix socket.
+  // `caller`: whose token opened it; the session's requests reach that token's namespaces only,
+  // come only from the endpoint the session connected, and only that token closes it.
   absl::StatusOr<v1::OpenDataPlaneResponse> Open(const v1::OpenDataPlaneRequest& req,
-                                                 bool same_host);
-  absl::Status Close(uint64_t session_id);
+                                                 bool same_host, const Caller& caller);
+  absl::Status Close(uint64_t session_id, const Caller& caller);
   // The worker address a client of that kind connects to (what descriptors carry).
   std::string AddressFor(bool same_host) const {
     return same_host && !local_.empty() ? local_[0].transport->address()
@@ -61,7 +63,13 @@ class DataPlane {
     std::string name;
     // Opened by another kvdnd (peer_node): its Gets read local tiers only, its Puts are replicas.
     bool from_peer = false;
+    Caller caller;  // the token that opened it
   };
+  // With tokens, whether a request (that arrived on transport `t`) came over its session's own
+  // connection: session ids are counters, and another client's request naming this session is
+  // dropped (and counted). Peer ids are per transport, so both are compared.
+  bool FromItsSession(const Session& s, const transfer::Transport* t,
+                      const transfer::Incoming& in) const;
   explicit DataPlane(ServerState* state) : state_(*state) {}
 
   absl::StatusOr<Session> FindSession(uint64_t id) const;
@@ -73,8 +81,9 @@ class DataPlane {
   // The lane of `lanes` with the fewest sessions.
   const Lane& LeastLoaded(const std::vector<Lane>& lanes) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void OnPeerFailure(transfer::Transport* t, transfer::PeerId peer);
-  void OnGet(std::unique_ptr<transfer::Incoming> in);
-  void OnPut(std::unique_ptr<transfer::Incoming> in);
+  // A request that arrived on transport `t`.
+  void OnGet(transfer::Transport* t, std::unique_ptr<transfer::Incoming> in);
+  void OnPut(transfer::Transport* t, std::unique_ptr<transfer::Incoming> in);
   // A part of a chunk's payload (DataPlaneGetRequest.payload_offset/_length).
   struct Part {
     uint64_t offset = 0;

@@ -27,19 +27,20 @@ absl::Time CallDeadline(ServerState& state, const grpc::ServerContextBase* ctx) 
   return std::min(cap, absl::FromChrono(ctx->deadline()));
 }
 
-absl::StatusOr<ChunkKey> CheckedKey(ServerState& state, const v1::ChunkKey& key,
+// The key of a request, valid and in a namespace the caller may use.
+absl::StatusOr<ChunkKey> CheckedKey(const CallScope& call, const v1::ChunkKey& key,
                                     absl::string_view field) {
   KVDN_ASSIGN_OR_RETURN(ChunkKey k, KeyFromProto(key, field));
-  KVDN_RETURN_IF_ERROR(state.CheckNamespace(k.ns));
+  KVDN_RETURN_IF_ERROR(call.CheckNamespace(k.ns));
   return k;
 }
 
 // The chain of a Lookup or Probe request, validated.
-absl::StatusOr<std::vector<ChunkKey>> ChainOf(ServerState& state, const v1::LookupRequest& req) {
+absl::StatusOr<std::vector<ChunkKey>> ChainOf(const CallScope& call, const v1::LookupRequest& req) {
   if (absl::Status st = ValidateNamespace(req.namespace_()); !st.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("namespace: ", st.message()));
   }
-  KVDN_RETURN_IF_ERROR(state.CheckNamespace(req.namespace_()));
+  KVDN_RETURN_IF_ERROR(call.CheckNamespace(req.namespace_()));
   if (req.prefix_hashes_size() > kMaxLookupChain) {
     return absl::InvalidArgumentError(absl::StrCat("prefix_hashes: ", req.prefix_hashes_size(),
                                                    " hashes, at most ", kMaxLookupChain));
@@ -60,9 +61,9 @@ absl::StatusOr<std::vector<ChunkKey>> ChainOf(ServerState& state, const v1::Look
 
 // The longest stored prefix; `forward`: chunks past the local prefix may be on peers (KvService;
 // PeerService answers for its local tiers only).
-absl::Status DoLookup(ServerState& state, const grpc::ServerContextBase* ctx,
+absl::Status DoLookup(ServerState& state, const CallScope& call, const grpc::ServerContextBase* ctx,
                       const v1::LookupRequest& req, v1::LookupResponse* resp, bool forward) {
-  KVDN_ASSIGN_OR_RETURN(std::vector<ChunkKey> chain, ChainOf(state, req));
+  KVDN_ASSIGN_OR_RETURN(std::vector<ChunkKey> chain, ChainOf(call, req));
   const storage::LookupResult r = state.store->Lookup(chain);
   resp->set_matched_chunks(static_cast<uint32_t>(r.matched));
   for (storage::TierKind t : r.tiers) resp->add_tiers(TierToProto(t));
@@ -169,10 +170,12 @@ class PutReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
     id_ = h.reservation_id();
     own_reservation_ = id_ == 0;
     if (!own_reservation_) {
+      KVDN_RETURN_IF_ERROR(state_.CheckIdNamespace(call_.caller(), id_, /*reservation=*/true,
+                                                   "header.reservation_id"));
       KVDN_RETURN_IF_ERROR(BeginWrite());
       return Next::kRead;
     }
-    KVDN_ASSIGN_OR_RETURN(key_, CheckedKey(state_, h.key(), "header.key"));
+    KVDN_ASSIGN_OR_RETURN(key_, CheckedKey(call_, h.key(), "header.key"));
     absl::StatusOr<Next> next = Reserve(/*may_block=*/false);
     if (!next.ok() && storage::IsWouldBlock(next.status())) {
       // Room that needs a chunk written to disk first is made on a thread that may block.
@@ -356,7 +359,7 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
       Fail(absl::InvalidArgumentError("GetRequest does not parse"));
       return;
     }
-    auto key = CheckedKey(state_, req.key(), "key");
+    auto key = CheckedKey(call_, req.key(), "key");
     if (!key.ok()) {
       Fail(key.status());
       return;
@@ -463,7 +466,8 @@ class GetReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   std::atomic<bool> cancelled_{false};
 };
 
-// Serves a unary callback call: `work(may_block)` (returning absl::Status) runs on gRPC's thread
+// Serves a unary callback call: `work(call, may_block)` (returning absl::Status; `call` the
+// admitted call, for its caller's namespace checks) runs on gRPC's thread
 // with may_block false when `inline_first`, and again on the blocking pool with may_block true
 // when it answers kWouldBlock (it then either left nothing behind or goes on from where it
 // stopped); without inline_first it runs on the pool only (work that blocks or takes long: disk
@@ -479,14 +483,14 @@ grpc::ServerUnaryReactor* ServeUnary(ServerState& state, Method method,
     return reactor;
   }
   if (inline_first) {
-    absl::Status st = work(/*may_block=*/false);
+    absl::Status st = work(*call, /*may_block=*/false);
     if (!storage::IsWouldBlock(st)) {
       reactor->Finish(call->Finish(st));
       return reactor;
     }
   }
   state.blocking_pool.Submit([reactor, call, work = std::move(work)]() mutable {
-    reactor->Finish(call->Finish(work(/*may_block=*/true)));
+    reactor->Finish(call->Finish(work(*call, /*may_block=*/true)));
   });
   return reactor;
 }
@@ -499,9 +503,10 @@ grpc::ServerUnaryReactor* KvServiceImpl::Lookup(grpc::CallbackServerContext* ctx
                                                 const v1::LookupRequest* req,
                                                 v1::LookupResponse* resp) {
   // The local index answers at once; asking the owners of a miss (a cluster) blocks.
-  return ServeUnary(
-      state_, Method::kLookup, ctx, /*inline_first=*/!state_.HasPeers(),
-      [this, ctx, req, resp](bool) { return DoLookup(state_, ctx, *req, resp, /*forward=*/true); });
+  return ServeUnary(state_, Method::kLookup, ctx, /*inline_first=*/!state_.HasPeers(),
+                    [this, ctx, req, resp](const CallScope& call, bool) {
+                      return DoLookup(state_, call, ctx, *req, resp, /*forward=*/true);
+                    });
 }
 
 grpc::ServerReadReactor<grpc::ByteBuffer>* KvServiceImpl::Put(grpc::CallbackServerContext* ctx,
@@ -519,8 +524,8 @@ grpc::ServerUnaryReactor* KvServiceImpl::Reserve(grpc::CallbackServerContext* ct
                                                  v1::ReserveResponse* resp) {
   return ServeUnary(
       state_, Method::kReserve, ctx, /*inline_first=*/true,
-      [this, ctx, req, resp](bool may_block) -> absl::Status {
-        KVDN_ASSIGN_OR_RETURN(ChunkKey key, CheckedKey(state_, req->key(), "key"));
+      [this, ctx, req, resp](const CallScope& call, bool may_block) -> absl::Status {
+        KVDN_ASSIGN_OR_RETURN(ChunkKey key, CheckedKey(call, req->key(), "key"));
         storage::ReserveOptions opts;
         opts.may_block = may_block;
         KVDN_ASSIGN_OR_RETURN(storage::Reservation r,
@@ -543,10 +548,13 @@ grpc::ServerUnaryReactor* KvServiceImpl::Commit(grpc::CallbackServerContext* ctx
                                                 const v1::CommitRequest* req, v1::CommitResponse*) {
   // Commit hashes the whole chunk: off gRPC's thread.
   return ServeUnary(
-      state_, Method::kCommit, ctx, /*inline_first=*/false, [this, req](bool) -> absl::Status {
+      state_, Method::kCommit, ctx, /*inline_first=*/false,
+      [this, req](const CallScope& call, bool) -> absl::Status {
         if (req->reservation_id() == 0) {
           return absl::InvalidArgumentError("reservation_id: must be nonzero");
         }
+        KVDN_RETURN_IF_ERROR(state_.CheckIdNamespace(call.caller(), req->reservation_id(),
+                                                     /*reservation=*/true, "reservation_id"));
         ChunkKey key;
         KVDN_RETURN_IF_ERROR(
             state_.store->Commit(req->reservation_id(), req->payload_checksum(), &key));
@@ -558,7 +566,7 @@ grpc::ServerUnaryReactor* KvServiceImpl::Commit(grpc::CallbackServerContext* ctx
 namespace {
 
 // Release's work: a lease, a reservation, or many leases (all in memory: it never blocks).
-absl::Status DoRelease(ServerState& state, const v1::ReleaseRequest& req) {
+absl::Status DoRelease(ServerState& state, const CallScope& call, const v1::ReleaseRequest& req) {
   if (req.lease_ids_size() > 0) {
     constexpr int kMaxIds = 4096;
     if (req.target_case() != v1::ReleaseRequest::TARGET_NOT_SET) {
@@ -575,6 +583,11 @@ absl::Status DoRelease(ServerState& state, const v1::ReleaseRequest& req) {
             absl::StrCat("lease_ids[", i, "] is 0; lease ids are nonzero"));
       }
     }
+    for (int i = 0; i < req.lease_ids_size(); ++i) {
+      KVDN_RETURN_IF_ERROR(state.CheckIdNamespace(call.caller(), req.lease_ids(i),
+                                                  /*reservation=*/false,
+                                                  absl::StrCat("lease_ids[", i, "]")));
+    }
     absl::Status first;
     for (int i = 0; i < req.lease_ids_size(); ++i) {
       absl::Status st = state.store->Release(req.lease_ids(i));
@@ -586,8 +599,12 @@ absl::Status DoRelease(ServerState& state, const v1::ReleaseRequest& req) {
   }
   switch (req.target_case()) {
     case v1::ReleaseRequest::kLeaseId:
+      KVDN_RETURN_IF_ERROR(
+          state.CheckIdNamespace(call.caller(), req.lease_id(), /*reservation=*/false, "lease_id"));
       return state.store->Release(req.lease_id());
     case v1::ReleaseRequest::kReservationId:
+      KVDN_RETURN_IF_ERROR(state.CheckIdNamespace(call.caller(), req.reservation_id(),
+                                                  /*reservation=*/true, "reservation_id"));
       return state.store->Abort(req.reservation_id());
     default:
       return absl::InvalidArgumentError("Release needs lease_id or reservation_id");
@@ -599,8 +616,9 @@ absl::Status DoRelease(ServerState& state, const v1::ReleaseRequest& req) {
 grpc::ServerUnaryReactor* KvServiceImpl::Release(grpc::CallbackServerContext* ctx,
                                                  const v1::ReleaseRequest* req,
                                                  v1::ReleaseResponse*) {
-  return ServeUnary(state_, Method::kRelease, ctx, /*inline_first=*/true,
-                    [this, req](bool) { return DoRelease(state_, *req); });
+  return ServeUnary(
+      state_, Method::kRelease, ctx, /*inline_first=*/true,
+      [this, req](const CallScope& call, bool) { return DoRelease(state_, call, *req); });
 }
 
 namespace {
@@ -669,8 +687,8 @@ grpc::ServerUnaryReactor* KvServiceImpl::GetDescriptor(grpc::CallbackServerConte
                                                        const v1::GetDescriptorRequest* req,
                                                        v1::GetDescriptorResponse* resp) {
   return ServeUnary(state_, Method::kGetDescriptor, ctx, /*inline_first=*/true,
-                    [this, ctx, req, resp](bool may_block) -> absl::Status {
-                      KVDN_ASSIGN_OR_RETURN(ChunkKey key, CheckedKey(state_, req->key(), "key"));
+                    [this, ctx, req, resp](const CallScope& call, bool may_block) -> absl::Status {
+                      KVDN_ASSIGN_OR_RETURN(ChunkKey key, CheckedKey(call, req->key(), "key"));
                       const bool same_host = IsLocalPeer(ctx->peer());
                       KVDN_RETURN_IF_ERROR(
                           CheckLeaseRequest(state_, req->lease_ms(), req->accept_gpu(), same_host));
@@ -685,7 +703,7 @@ namespace {
 // may_block false, kWouldBlock where a chunk of the run needs a blocking step, keeping the leases
 // taken before it in `resp` for the call with may_block true to go on from (so each chunk is
 // leased, and counted as a hit, once).
-absl::Status LeaseRun(ServerState& state, const grpc::ServerContextBase* ctx,
+absl::Status LeaseRun(ServerState& state, const CallScope& call, const grpc::ServerContextBase* ctx,
                       const v1::GetDescriptorsRequest& req, v1::GetDescriptorsResponse* resp,
                       bool may_block) {
   constexpr int kMaxKeys = 4096;
@@ -702,7 +720,7 @@ absl::Status LeaseRun(ServerState& state, const grpc::ServerContextBase* ctx,
   keys.reserve(req.keys_size());
   for (int i = 0; i < req.keys_size(); ++i) {
     KVDN_ASSIGN_OR_RETURN(ChunkKey key,
-                          CheckedKey(state, req.keys(i), absl::StrCat("keys[", i, "]")));
+                          CheckedKey(call, req.keys(i), absl::StrCat("keys[", i, "]")));
     keys.push_back(std::move(key));
   }
   for (size_t i = static_cast<size_t>(resp->descriptors_size()); i < keys.size(); ++i) {
@@ -729,8 +747,8 @@ grpc::ServerUnaryReactor* KvServiceImpl::GetDescriptors(grpc::CallbackServerCont
   // Chunks in memory are leased on gRPC's thread; from a chunk that needs a disk read, a copy off
   // or onto the GPU, or a move in flight on, the run is leased on the pool.
   return ServeUnary(state_, Method::kGetDescriptors, ctx, /*inline_first=*/true,
-                    [this, ctx, req, resp](bool may_block) {
-                      return LeaseRun(state_, ctx, *req, resp, may_block);
+                    [this, ctx, req, resp](const CallScope& call, bool may_block) {
+                      return LeaseRun(state_, call, ctx, *req, resp, may_block);
                     });
 }
 
@@ -738,9 +756,9 @@ grpc::ServerUnaryReactor* KvServiceImpl::Delete(grpc::CallbackServerContext* ctx
                                                 const v1::DeleteRequest* req, v1::DeleteResponse*) {
   // Deleting reaches the disk tier.
   return ServeUnary(state_, Method::kDelete, ctx, /*inline_first=*/false,
-                    [this, req](bool) -> absl::Status {
-                      KVDN_ASSIGN_OR_RETURN(ChunkKey key, CheckedKey(state_, req->key(), "key"));
-                      return state_.store->Delete(key);
+                    [req, store = state_.store](const CallScope& call, bool) -> absl::Status {
+                      KVDN_ASSIGN_OR_RETURN(ChunkKey key, CheckedKey(call, req->key(), "key"));
+                      return store->Delete(key);
                     });
 }
 
@@ -750,12 +768,13 @@ grpc::ServerUnaryReactor* KvServiceImpl::OpenDataPlane(grpc::CallbackServerConte
   // Opening connects UCX endpoints: off gRPC's thread.
   return ServeUnary(
       state_, Method::kOpenDataPlane, ctx, /*inline_first=*/false,
-      [this, ctx, req, resp](bool) -> absl::Status {
+      [this, ctx, req, resp](const CallScope& call, bool) -> absl::Status {
         if (state_.data_plane == nullptr) {
           return absl::UnavailableError(
               "this kvdnd serves no UCX data plane (data_plane_transports is off); use gRPC");
         }
-        KVDN_ASSIGN_OR_RETURN(*resp, state_.data_plane->Open(*req, IsLocalPeer(ctx->peer())));
+        KVDN_ASSIGN_OR_RETURN(
+            *resp, state_.data_plane->Open(*req, IsLocalPeer(ctx->peer()), call.caller()));
         return absl::OkStatus();
       });
 }
@@ -764,11 +783,11 @@ grpc::ServerUnaryReactor* KvServiceImpl::CloseDataPlane(grpc::CallbackServerCont
                                                         const v1::CloseDataPlaneRequest* req,
                                                         v1::CloseDataPlaneResponse*) {
   return ServeUnary(state_, Method::kCloseDataPlane, ctx, /*inline_first=*/false,
-                    [this, req](bool) -> absl::Status {
+                    [this, req](const CallScope& call, bool) -> absl::Status {
                       if (state_.data_plane == nullptr) {
                         return absl::NotFoundError("this kvdnd serves no UCX data plane");
                       }
-                      return state_.data_plane->Close(req->session_id());
+                      return state_.data_plane->Close(req->session_id(), call.caller());
                     });
 }
 
@@ -779,8 +798,8 @@ grpc::ServerUnaryReactor* PeerServiceImpl::Lookup(grpc::CallbackServerContext* c
                                                   v1::LookupResponse* resp) {
   // Local tiers only: never blocks.
   return ServeUnary(state_, Method::kPeerLookup, ctx, /*inline_first=*/true,
-                    [this, ctx, req, resp](bool) {
-                      return DoLookup(state_, ctx, *req, resp, /*forward=*/false);
+                    [this, ctx, req, resp](const CallScope& call, bool) {
+                      return DoLookup(state_, call, ctx, *req, resp, /*forward=*/false);
                     });
 }
 
@@ -788,13 +807,13 @@ grpc::ServerUnaryReactor* PeerServiceImpl::Probe(grpc::CallbackServerContext* ct
                                                  const v1::LookupRequest* req,
                                                  v1::ProbeResponse* resp) {
   return ServeUnary(state_, Method::kPeerProbe, ctx, /*inline_first=*/true,
-                    [this, req, resp](bool) -> absl::Status {
+                    [this, req, resp](const CallScope& call, bool) -> absl::Status {
                       if (req->prefix_hashes_size() == 0) {
                         // A member list's question: how much is stored here.
                         resp->set_chunks(state_.store->ChunkCount());
                         return absl::OkStatus();
                       }
-                      KVDN_ASSIGN_OR_RETURN(std::vector<ChunkKey> chain, ChainOf(state_, *req));
+                      KVDN_ASSIGN_OR_RETURN(std::vector<ChunkKey> chain, ChainOf(call, *req));
                       for (const ChunkKey& key : chain) {
                         resp->add_present(state_.store->Where(key).has_value());
                       }

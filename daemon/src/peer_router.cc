@@ -25,10 +25,11 @@ constexpr int kSessionsPerPeer = 4;
 
 // One other member: its gRPC stubs and, once opened, UCX data-plane sessions with it.
 struct PeerRouter::Peer : std::enable_shared_from_this<PeerRouter::Peer> {
-  Peer(std::string n, std::string a)
+  // `token`: what this kvdnd presents to it (auth_tokens_file's kvdn:peer token; empty without).
+  Peer(std::string n, std::string a, const std::string& token)
       : node(std::move(n)),
         address(std::move(a)),
-        channel(client::MakeChannel(address)),
+        channel(client::MakeChannel(address, token)),
         peer_stub(v1::PeerService::NewStub(channel)),
         kv_stub(v1::KvService::NewStub(channel)) {}
 
@@ -160,7 +161,9 @@ void PeerRouter::SetMembers(const std::map<std::string, MemberRecord>& members) 
     if (it != old->peers.end() && it->second->address == record.grpc_address) {
       v->peers[node] = it->second;  // keep its channel and session
     } else {
-      v->peers[node] = std::make_shared<Peer>(node, record.grpc_address);
+      v->peers[node] = std::make_shared<Peer>(
+          node, record.grpc_address,
+          state_.tokens != nullptr ? state_.tokens->peer_token() : std::string());
     }
   }
   if (std::find(v->members.begin(), v->members.end(), self_) == v->members.end()) {

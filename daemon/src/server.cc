@@ -258,9 +258,25 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const v1::DaemonConfig& co
     return absl::UnavailableError(
         absl::StrCat("cannot create data_dir ", config.data_dir(), ": ", ec.message()));
   }
+  std::unique_ptr<TokenTable> tokens;
+  if (!config.auth_tokens_file().empty()) {
+    auto loaded = TokenTable::Load(config.auth_tokens_file());
+    if (!loaded.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("config field auth_tokens_file: ", loaded.status().message()));
+    }
+    tokens = *std::move(loaded);
+    if (config.etcd_endpoints_size() > 0 && tokens->peer_token().empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "config field auth_tokens_file: ", config.auth_tokens_file(),
+          " has no kvdn:peer token, and a cluster (etcd_endpoints) needs one: each kvdnd "
+          "presents it to the others"));
+    }
+  }
   KVDN_ASSIGN_OR_RETURN(impl->store, storage::TieredStore::Open(StoreOptions(config)));
   impl->state = std::make_unique<ServerState>(config, impl->store.get(), &impl->metrics);
   ServerState* state = impl->state.get();
+  state->tokens = std::move(tokens);
   impl->metrics.AddCollector([state](MetricsWriter& w) {
     CollectStore(*state, w);
     if (!state->cluster.configured) return;

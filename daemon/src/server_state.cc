@@ -146,7 +146,15 @@ ServerState::ServerState(const v1::DaemonConfig& cfg, storage::TieredStore* s, M
       bytes_out(m->AddCounter("kvdn_payload_bytes_sent_total",
                               "Chunk bytes sent in Get and Fetch calls.")),
       bad_requests(
-          m->AddCounter("kvdn_bad_requests_total", "Calls refused with INVALID_ARGUMENT.")) {
+          m->AddCounter("kvdn_bad_requests_total", "Calls refused with INVALID_ARGUMENT.")),
+      auth_unauthenticated(
+          m->AddCounter("kvdn_auth_failures_total",
+                        "Calls and data-plane requests refused for their token (auth_tokens_file).",
+                        {{"reason", "unauthenticated"}})),
+      auth_denied(
+          m->AddCounter("kvdn_auth_failures_total",
+                        "Calls and data-plane requests refused for their token (auth_tokens_file).",
+                        {{"reason", "permission_denied"}})) {
   for (int i = 0; i < kNumMethods; ++i) {
     latency_[i] = m->AddHistogram(
         "kvdn_grpc_request_duration_seconds", "Time from admission to the end of a gRPC call.",
@@ -155,10 +163,54 @@ ServerState::ServerState(const v1::DaemonConfig& cfg, storage::TieredStore* s, M
   }
 }
 
-absl::Status ServerState::CheckNamespace(absl::string_view ns) const {
-  if (namespaces.empty() || namespaces.contains(ns)) return absl::OkStatus();
-  return absl::PermissionDeniedError(
-      absl::StrCat("namespace \"", ns, "\" is not served by this daemon (config: namespaces)"));
+absl::Status ServerState::CheckNamespace(const Caller& caller, absl::string_view ns) const {
+  if (!namespaces.empty() && !namespaces.contains(ns)) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("namespace \"", ns, "\" is not served by this daemon (config: namespaces)"));
+  }
+  absl::Status st = caller.CheckNamespace(ns);
+  if (!st.ok()) CountAuthFailure(st);
+  return st;
+}
+
+absl::StatusOr<Caller> ServerState::Authenticate(Method method,
+                                                 const grpc::ServerContextBase& ctx) const {
+  if (tokens == nullptr) return Caller{};
+  absl::StatusOr<const Grants*> grants = tokens->Authenticate(ctx);
+  absl::Status st = grants.status();
+  if (st.ok()) {
+    const absl::string_view service = MethodService(method);
+    if (service == "AdminService" && !(*grants)->admin) {
+      st = absl::PermissionDeniedError(
+          absl::StrCat("AdminService.", MethodName(method),
+                       " needs a token with the kvdn:admin grant (auth_tokens_file)"));
+    } else if (service == "PeerService" && !(*grants)->peer) {
+      st = absl::PermissionDeniedError(
+          absl::StrCat("PeerService.", MethodName(method),
+                       " is for other kvdnd of the cluster: it needs a token with the kvdn:peer "
+                       "grant (auth_tokens_file)"));
+    }
+  }
+  if (!st.ok()) {
+    CountAuthFailure(st);
+    return st;
+  }
+  return Caller{*grants};
+}
+
+absl::Status ServerState::CheckIdNamespace(const Caller& caller, uint64_t id, bool reservation,
+                                           absl::string_view field) const {
+  if (caller.grants == nullptr) return absl::OkStatus();
+  absl::StatusOr<ChunkKey> key = reservation ? store->KeyOfReservation(id) : store->KeyOfLease(id);
+  if (!key.ok()) return absl::OkStatus();
+  absl::Status st = CheckNamespace(caller, key->ns);
+  if (st.ok()) return st;
+  return absl::Status(st.code(), absl::StrCat(field, " ", id, ": ", st.message()));
+}
+
+void ServerState::CountAuthFailure(const absl::Status& st) const {
+  if (absl::IsUnauthenticated(st)) auth_unauthenticated->Inc();
+  if (absl::IsPermissionDenied(st)) auth_denied->Inc();
 }
 
 void ServerState::SetEndpoints(std::string grpc, std::string http) {
@@ -193,6 +245,12 @@ void ServerState::RecordCall(Method m, absl::StatusCode code, absl::Duration ela
 
 CallScope::CallScope(ServerState& state, Method method, grpc::ServerContextBase* ctx)
     : state_(state), method_(method), start_(absl::Now()) {
+  absl::StatusOr<Caller> caller = state_.Authenticate(method, *ctx);
+  if (!caller.ok()) {
+    admitted_ = caller.status();
+    return;
+  }
+  caller_ = *caller;
   auto id = state_.calls.Begin(ctx, IsAdminMethod(method));
   if (id.ok()) {
     id_ = *id;

@@ -24,6 +24,7 @@
 #include "kvdn/storage/tiered_store.h"
 #include "kvdn/v1/common.pb.h"
 #include "kvdn/v1/config.pb.h"
+#include "src/auth.h"
 
 namespace kvdn::daemon {
 
@@ -110,8 +111,20 @@ struct ServerState {
   ServerState(const v1::DaemonConfig& config, storage::TieredStore* store,
               MetricsRegistry* metrics);
 
-  // PERMISSION_DENIED when the config restricts namespaces and `ns` is not one of them.
-  absl::Status CheckNamespace(absl::string_view ns) const;
+  // PERMISSION_DENIED when the config restricts namespaces and `ns` is not one of them, or when
+  // the caller's token does not grant it.
+  absl::Status CheckNamespace(const Caller& caller, absl::string_view ns) const;
+  // The caller of a call (its token's grants), checked for `method`: UNAUTHENTICATED without a
+  // known token, PERMISSION_DENIED when the token lacks kvdn:admin (AdminService) or kvdn:peer
+  // (PeerService). Everything allowed when the daemon has no tokens.
+  absl::StatusOr<Caller> Authenticate(Method method, const grpc::ServerContextBase& ctx) const;
+  // With tokens, PERMISSION_DENIED (naming `field`) when reservation (or lease) `id` is for a
+  // namespace the caller may not use: ids are counters, not secrets. An unknown id passes: the
+  // operation on it says what it is (unknown, expired).
+  absl::Status CheckIdNamespace(const Caller& caller, uint64_t id, bool reservation,
+                                absl::string_view field) const;
+  // Counts a refused token or namespace (kvdn_auth_failures_total).
+  void CountAuthFailure(const absl::Status& st) const;
   // The addresses actually bound (a configured port 0 becomes the port picked).
   void SetEndpoints(std::string grpc, std::string http);
   std::pair<std::string, std::string> Endpoints() const;
@@ -127,6 +140,11 @@ struct ServerState {
   Counter* const bytes_in;
   Counter* const bytes_out;
   Counter* const bad_requests;
+  Counter* const auth_unauthenticated;  // kvdn_auth_failures_total{reason="unauthenticated"}
+  Counter* const auth_denied;           // kvdn_auth_failures_total{reason="permission_denied"}
+  // auth_tokens_file's table; null without one (no authentication). Set before the services
+  // start, constant after.
+  std::unique_ptr<const TokenTable> tokens;
   // Leases that gRPC still holds slices of (Get frames point into the arena until sent). The
   // store must outlive them: shutdown waits for this to reach zero.
   std::atomic<int64_t> leases_in_transport{0};
@@ -183,6 +201,12 @@ class CallScope {
   CallScope(ServerState& state, Method method, grpc::ServerContextBase* ctx);
   ~CallScope();
   const absl::Status& admitted() const { return admitted_; }
+  // Who called (valid once admitted).
+  const Caller& caller() const { return caller_; }
+  // ServerState::CheckNamespace for this call's caller.
+  absl::Status CheckNamespace(absl::string_view ns) const {
+    return state_.CheckNamespace(caller_, ns);
+  }
   grpc::Status Finish(const absl::Status& status);
 
  private:
@@ -190,6 +214,7 @@ class CallScope {
   const Method method_;
   const absl::Time start_;
   absl::Status admitted_;
+  Caller caller_;
   uint64_t id_ = 0;
   bool finished_ = false;
 };

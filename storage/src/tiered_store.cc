@@ -383,6 +383,24 @@ absl::Status TieredStore::Release(uint64_t lease_id) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<ChunkKey> TieredStore::KeyOfReservation(uint64_t reservation_id) const {
+  State& s = *state_;
+  MutexLock lock(&s.mu);
+  auto it = s.reservations.find(reservation_id);
+  if (it == s.reservations.end()) {
+    return absl::NotFoundError(absl::StrCat("no reservation ", reservation_id));
+  }
+  return it->second.key;
+}
+
+absl::StatusOr<ChunkKey> TieredStore::KeyOfLease(uint64_t lease_id) const {
+  State& s = *state_;
+  MutexLock lock(&s.mu);
+  auto it = s.leases.find(lease_id);
+  if (it == s.leases.end()) return absl::NotFoundError(absl::StrCat("no lease ", lease_id));
+  return it->second.entry->key;
+}
+
 absl::StatusOr<Lease> TieredStore::HoldLease(uint64_t lease_id, absl::Time until) {
   State& s = *state_;
   MutexLock lock(&s.mu);

@@ -27,13 +27,15 @@ namespace {
 using ::kvdn::testing::DaemonProcess;
 using ::kvdn::testing::EtcdProcess;
 using ::kvdn::testing::Eventually;
+using ::kvdn::testing::StatusIs;
 using ::kvdn::testing::TempDir;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
-// node -> grpc address, as ListMembers reports them.
-std::map<std::string, std::string> Members(const DaemonProcess& d, std::string* cluster = nullptr) {
-  auto stub = v1::AdminService::NewStub(client::MakeChannel(d.unix_target()));
+// node -> grpc address, as ListMembers reports them (`token`: for a kvdnd with tenant tokens).
+std::map<std::string, std::string> Members(const DaemonProcess& d, std::string* cluster = nullptr,
+                                           const std::string& token = "") {
+  auto stub = v1::AdminService::NewStub(client::MakeChannel(d.unix_target(), token));
   grpc::ClientContext ctx;
   v1::ListMembersResponse r;
   std::map<std::string, std::string> out;
@@ -43,9 +45,9 @@ std::map<std::string, std::string> Members(const DaemonProcess& d, std::string* 
   return out;
 }
 
-std::vector<std::string> Nodes(const DaemonProcess& d) {
+std::vector<std::string> Nodes(const DaemonProcess& d, const std::string& token = "") {
   std::vector<std::string> out;
-  for (const auto& [n, a] : Members(d)) out.push_back(n);
+  for (const auto& [n, a] : Members(d, nullptr, token)) out.push_back(n);
   return out;
 }
 
@@ -67,8 +69,9 @@ class KvdndMembershipTest : public ::testing::Test {
                            absl::Seconds(5)))
         << Logs();
   }
-  // A Get of `key` on `d` returns exactly `chunk`.
-  void ExpectServes(const DaemonProcess& d, const ChunkKey& key, const std::vector<uint8_t>& chunk);
+  // A Get of `key` on `d` (with `token`) returns exactly `chunk`.
+  void ExpectServes(const DaemonProcess& d, const ChunkKey& key, const std::vector<uint8_t>& chunk,
+                    const std::string& token = "");
   // Both daemons' logs, for failure messages.
   std::string Logs() {
     return "node-a log:\n" + testing::ReadFile(dir_a_.path() + "/kvdnd.log") + "\nnode-b log:\n" +
@@ -200,9 +203,11 @@ TEST_F(KvdndMembershipTest, EveryWriteForAnotherOwnerIsReplicatedOrCountedAsDrop
   }
 }
 
-absl::StatusOr<std::unique_ptr<client::Client>> Connect(const DaemonProcess& d) {
+absl::StatusOr<std::unique_ptr<client::Client>> Connect(const DaemonProcess& d,
+                                                        const std::string& token = "") {
   client::ClientOptions o;
   o.target = d.unix_target();
+  o.token = token;
   o.model = {"m", 4, 8, 128, Dtype::kBFloat16, 16};
   return client::Client::Connect(o);
 }
@@ -231,17 +236,19 @@ absl::Status ReleaseOn(const DaemonProcess& d, uint64_t reservation) {
   return FromGrpcStatus(stub->Release(&ctx, rq, &r));
 }
 
-// The first test key placement gives to `node` among node-a and node-b.
-ChunkKey KeyOwnedBy(const std::string& node) {
+// The first test key (from `from` on, in namespace `ns`) placement gives to `node` among node-a
+// and node-b.
+ChunkKey KeyOwnedBy(const std::string& node, const std::string& ns = "default", int from = 0) {
   const daemon::Placement placement({"node-a", "node-b"});
-  int i = 0;
-  while (placement.Owners(testing::KeyFor(i, "default"), 1)[0] != node) ++i;
-  return testing::KeyFor(i, "default");
+  int i = from;
+  while (placement.Owners(testing::KeyFor(i, ns), 1)[0] != node) ++i;
+  return testing::KeyFor(i, ns);
 }
 
 void KvdndMembershipTest::ExpectServes(const DaemonProcess& d, const ChunkKey& key,
-                                       const std::vector<uint8_t>& chunk) {
-  auto c = Connect(d);
+                                       const std::vector<uint8_t>& chunk,
+                                       const std::string& token) {
+  auto c = Connect(d, token);
   ASSERT_OK(c.status());
   std::vector<uint8_t> got(chunk.size());
   ASSERT_OK_AND_ASSIGN(uint64_t n, (*c)->GetEncoded(key, MutableByteSpan(got)));
@@ -298,6 +305,62 @@ TEST_F(KvdndMembershipTest, AReplicationTheOwnerIsWritingItselfIsSentAgain) {
   EXPECT_EQ(Metric(a_, "kvdn_replication_total{result=\"present\"}"), 0);
   EXPECT_EQ(Metric(a_, "kvdn_replication_queue_depth"), 0);
   ExpectServes(b_, key, chunk);
+}
+
+// With tenant tokens (auth_tokens_file, one file on both nodes, as one Kubernetes Secret would
+// be): each kvdnd presents the file's kvdn:peer token to the other, so a tenant's write on one
+// node is replicated to its owner and a read through the other node fetches it, while the
+// tenant's own token still reaches its namespace only and nothing is refused between the peers.
+TEST_F(KvdndMembershipTest, WithTokensPeersAuthenticateToEachOtherAndTenantsStayApart) {
+  constexpr char kTenant[] = "tenant-a-token-0123456789";
+  constexpr char kAdmin[] = "admin-token-0123456789abc";
+  const std::string tokens = etcd_dir_.path() + "/tokens";
+  std::ofstream(tokens) << kTenant << " tenant-a\n"
+                        << kAdmin << " kvdn:admin\n"
+                        << "peer-token-0123456789abcd kvdn:peer\n";
+  const std::string cfg = etcd_dir_.path() + "/auth.json";
+  std::ofstream(cfg) << R"({"auth_tokens_file": ")" << tokens << R"("})";
+  auto flags = [&](const std::string& node) {
+    auto f = Flags(node);
+    f.insert(f.end(), {"--config", cfg});
+    return f;
+  };
+  std::string err;
+  ASSERT_TRUE(a_.Start(flags("node-a"), &err)) << err;
+  ASSERT_TRUE(b_.Start(flags("node-b"), &err)) << err;
+  ASSERT_TRUE(
+      Eventually([&] { return Nodes(a_, kAdmin).size() == 2 && Nodes(b_, kAdmin).size() == 2; },
+                 absl::Seconds(5)))
+      << Logs();
+  EXPECT_TRUE(Nodes(a_).empty());  // ListMembers without the admin token: refused
+  const std::vector<uint8_t> chunk = testing::RandomChunk(testing::InfoForBytes(1 << 20), 21);
+  // Written on a, owned by b: replicated to b (a presents the peer token to b).
+  const ChunkKey to_b = KeyOwnedBy("node-b", "tenant-a");
+  ASSERT_OK_AND_ASSIGN(auto ca, Connect(a_, kTenant));
+  ASSERT_OK(ca->PutEncoded(to_b, chunk).status());
+  EXPECT_TRUE(Eventually([&] { return Metric(a_, "kvdn_replication_total{result=\"sent\"}") == 1; },
+                         absl::Seconds(10)))
+      << Logs();
+  ExpectServes(b_, to_b, chunk, kTenant);
+  // Written on b, owned by b: a Get on a fetches it from b.
+  const ChunkKey on_b = KeyOwnedBy("node-b", "tenant-a", /*from=*/1000);
+  ASSERT_OK_AND_ASSIGN(auto cb, Connect(b_, kTenant));
+  ASSERT_OK(cb->PutEncoded(on_b, chunk).status());
+  ExpectServes(a_, on_b, chunk, kTenant);
+  EXPECT_EQ(Metric(a_, "kvdn_peer_fetch_total{result=\"hit\"}"), 1) << Logs();
+  // The tenant's token does not reach another namespace through either node.
+  client::ClientOptions o;
+  o.target = a_.unix_target();
+  o.model = {"m", 4, 8, 128, Dtype::kBFloat16, 16};
+  o.ns = "tenant-b";
+  o.token = kTenant;
+  ASSERT_OK_AND_ASSIGN(auto other, client::Client::Connect(o));
+  EXPECT_THAT(other->Lookup(std::vector<int32_t>(64, 7)),
+              StatusIs(absl::StatusCode::kPermissionDenied));
+  // Between the peers nothing was refused: a counts only the test's own call without a token.
+  EXPECT_EQ(Metric(a_, "kvdn_auth_failures_total{reason=\"unauthenticated\"}"), 1) << Logs();
+  EXPECT_EQ(Metric(b_, "kvdn_auth_failures_total{reason=\"unauthenticated\"}"), 0) << Logs();
+  EXPECT_EQ(Metric(b_, "kvdn_auth_failures_total{reason=\"permission_denied\"}"), 0) << Logs();
 }
 
 TEST_F(KvdndMembershipTest, EtcdDownMeansDegradedButServing) {

@@ -50,6 +50,10 @@ struct ClientOptions {
   std::string target;
   // The tenant and the model whose KV this client moves.
   std::string ns = "default";
+  // Bearer token for a kvdnd that authenticates tenants (its config auth_tokens_file), sent with
+  // every call; it must grant `ns`. Empty: $KVDN_TOKEN when set, else the contents of the file
+  // $KVDN_TOKEN_FILE names (a Kubernetes Secret mounted as a file), else none.
+  std::string token;
   ModelSpec model;
   // Deadline of each call (Lookup, one chunk's Put or Get, ...), retries included.
   absl::Duration deadline = absl::Seconds(10);
@@ -227,9 +231,17 @@ class Client {
 // "unix:<the local daemon's default socket>". A non-empty target is returned as is.
 std::string ResolveTarget(const std::string& target);
 
+// The token an empty one stands for: $KVDN_TOKEN when set and not empty, else the contents of the
+// file $KVDN_TOKEN_FILE names (surrounding white space trimmed), else none. A non-empty token is
+// returned as is. NOT_FOUND when $KVDN_TOKEN_FILE names a file that cannot be read;
+// INVALID_ARGUMENT when the token is empty there or holds white space or control characters.
+absl::StatusOr<std::string> ResolveToken(const std::string& token);
+
 // The gRPC channel the client uses for `target` (unix socket or host:port; ResolveTarget), with
-// kvdn's message size limits.
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target);
+// kvdn's message size limits; with a `token`, every call on it carries
+// `authorization: Bearer <token>`.
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
+                                           const std::string& token = "");
 
 }  // namespace kvdn::client
 

@@ -199,6 +199,10 @@ class TieredStore {
   // sooner than `until` (at most max_lease_ttl from now), so it cannot expire mid-transfer.
   // NOT_FOUND: unknown id. ABORTED: it expired.
   absl::StatusOr<Lease> HoldLease(uint64_t lease_id, absl::Time until);
+  // The key a reservation or a lease is for (kvdnd checks the caller may use its namespace before
+  // it acts on the id): NOT_FOUND for an id that is neither (or no longer either).
+  absl::StatusOr<ChunkKey> KeyOfReservation(uint64_t reservation_id) const;
+  absl::StatusOr<ChunkKey> KeyOfLease(uint64_t lease_id) const;
   // Acquire + copy into dst + Release. OUT_OF_RANGE if dst is too small. Returns the chunk size.
   absl::StatusOr<uint64_t> Get(const ChunkKey& key, MutableByteSpan dst);
 
