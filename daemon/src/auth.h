@@ -50,6 +50,9 @@ struct Caller {
   const Grants* grants = nullptr;
   // PERMISSION_DENIED naming the namespace when the token does not reach `ns`.
   absl::Status CheckNamespace(absl::string_view ns) const;
+  // Whether the caller may map the daemon's GPU tier (CUDA IPC maps all of it, every tenant's
+  // chunks): without tokens, or with kvdn:all-namespaces. Others read through host memory.
+  bool MayMapEveryNamespace() const { return grants == nullptr || grants->all_namespaces; }
 };
 
 // The parsed auth_tokens_file. Immutable; thread-safe.

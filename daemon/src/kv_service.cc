@@ -692,8 +692,11 @@ grpc::ServerUnaryReactor* KvServiceImpl::GetDescriptor(grpc::CallbackServerConte
                       const bool same_host = IsLocalPeer(ctx->peer());
                       KVDN_RETURN_IF_ERROR(
                           CheckLeaseRequest(state_, req->lease_ms(), req->accept_gpu(), same_host));
-                      return LeaseAndDescribe(state_, key, req->lease_ms(), req->accept_gpu(),
-                                              /*gpu_only=*/false, same_host, resp, may_block);
+                      // A token that reaches only some namespaces reads through host memory.
+                      return LeaseAndDescribe(
+                          state_, key, req->lease_ms(),
+                          req->accept_gpu() && call.caller().MayMapEveryNamespace(),
+                          /*gpu_only=*/false, same_host, resp, may_block);
                     });
 }
 
@@ -725,7 +728,8 @@ absl::Status LeaseRun(ServerState& state, const CallScope& call, const grpc::Ser
   }
   for (size_t i = static_cast<size_t>(resp->descriptors_size()); i < keys.size(); ++i) {
     v1::GetDescriptorResponse one;
-    absl::Status st = LeaseAndDescribe(state, keys[i], req.lease_ms(), req.accept_gpu(),
+    absl::Status st = LeaseAndDescribe(state, keys[i], req.lease_ms(),
+                                       req.accept_gpu() && call.caller().MayMapEveryNamespace(),
                                        req.gpu_only(), same_host, &one, may_block);
     if (absl::IsNotFound(st)) break;                         // the run ends here
     if (!may_block && storage::IsWouldBlock(st)) return st;  // the pool goes on from keys[i]

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <numeric>
 #include <random>
 #include <string>
@@ -486,6 +487,49 @@ TEST_F(KvConnectorTest, ChunksInTheDaemonsGpuTierAreReadInPlace) {
   ASSERT_OK_AND_ASSIGN(auto remote, client::Client::Connect(tcp));
   EXPECT_THAT(remote->AcquireDescriptor(keys[0], absl::Seconds(1), /*accept_gpu=*/true).status(),
               StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("CUDA IPC")));
+}
+
+// With tenant tokens, the GPU tier's CUDA IPC handle (which maps every tenant's chunks into the
+// engine) goes only to a token with kvdn:all-namespaces: an engine whose token reaches its own
+// namespace loads the same KV through host memory.
+TEST_F(KvConnectorTest, OnlyATokenForEveryNamespaceMapsTheGpuTier) {
+  DaemonProcess gpu_daemon(dir_.path() + "/auth");
+  std::filesystem::create_directories(dir_.path() + "/auth");
+  const std::string tokens = dir_.path() + "/tokens";
+  std::ofstream(tokens) << "engine-token-0123456789ab engine\n"
+                        << "fleet-token-0123456789abc kvdn:all-namespaces\n";
+  const std::string cfg = dir_.path() + "/auth.json";
+  std::ofstream(cfg) << R"({"auth_tokens_file": ")" << tokens << R"("})";
+  std::string err;
+  ASSERT_TRUE(
+      gpu_daemon.Start({"--gpu-tier-bytes", std::to_string(4 << 20), "--config", cfg}, &err))
+      << err;
+  const auto tokens_ids = Tokens(3 * kTokensPerChunk + 8, 131);
+  DeviceCache a(PagedKvLayout::kNhd, 16, 20, 141, /*random=*/true);
+  for (const char* token : {"engine-token-0123456789ab", "fleet-token-0123456789abc"}) {
+    SCOPED_TRACE(token);
+    client::ClientOptions o;
+    o.target = gpu_daemon.unix_target();
+    o.ns = "engine";
+    o.model = Model();
+    o.receive_pool_bytes = 64 << 20;
+    o.token = token;
+    ASSERT_OK_AND_ASSIGN(auto c, client::Client::Connect(o));
+    ASSERT_OK_AND_ASSIGN(auto conn, KvConnector::Create(c.get(), SmallStaging()));
+    ASSERT_OK(conn->Save(tokens_ids, a.View(), stream_).status());
+    DeviceCache b(PagedKvLayout::kNhd, 16, 20, 142, /*random=*/false);
+    ASSERT_OK_AND_ASSIGN(auto load, conn->StartLoad(tokens_ids, b.View()));
+    ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, load->Wait());
+    EXPECT_EQ(loaded.tokens, tokens_ids.size());
+    const bool fleet = std::string(token).starts_with("fleet");
+    EXPECT_EQ(load->stats().gpu_tier_chunks, fleet ? 4u : 0u);
+    ExpectSameKv(a, b, tokens_ids.size());
+    ASSERT_OK_AND_ASSIGN(
+        auto d, c->AcquireDescriptor(ChunkKeysForTokens("engine", Model(), tokens_ids).value()[0],
+                                     absl::Seconds(5), /*accept_gpu=*/true));
+    EXPECT_EQ(d.gpu.has_value(), fleet);
+    ASSERT_OK(c->ReleaseDescriptor(d));
+  }
 }
 
 // What an engine does with a load: its decode attention on layer l right after WaitLayer(l), on
