@@ -82,6 +82,7 @@ class Servers {
     std::string redis = "redis-server";
     uint64_t host_tier_bytes = 3ull << 30;
     std::vector<std::string> kvdnd_args;  // more flags
+    std::string admin_token;              // for a kvdnd with tenant tokens (auth_tokens_file)
   };
 
   // Empty `error()` once both serve.
@@ -124,7 +125,7 @@ class Servers {
     }
     // kvdnd faults its host arena in on a background thread: wait for that to end (its stats say
     // when), so it does not take CPU from the first measurements.
-    auto admin = v1::AdminService::NewStub(client::MakeChannel(kvdn_unix()));
+    auto admin = v1::AdminService::NewStub(client::MakeChannel(kvdn_unix(), o.admin_token));
     for (int i = 0; i < 1200; ++i) {
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));

@@ -3,15 +3,19 @@
 // calls of KvService (GetDescriptor, small Put streams, Delete), one at a time through the SDK
 // against a real kvdnd over its unix socket, with their tail (p99.9, max, calls over 50 ms),
 // beside Redis 7 PING and GET of a small value from the same process over Redis's unix socket, in
-// the same run (the floor of a request/response over a local socket).
-//   rpc_latency_bench [--calls 10000] [--rounds 2] [--kvdnd PATH] [--redis PATH]
+// the same run (the floor of a request/response over a local socket). With --auth 1, the kvdn rows
+// run a second time against a kvdnd that authenticates tenants (auth_tokens_file), the client
+// sending its token with every call: what tenant isolation costs a call.
+//   rpc_latency_bench [--calls 10000] [--rounds 2] [--auth 0|1] [--kvdnd PATH] [--redis PATH]
 #include <hiredis/hiredis.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <functional>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -53,6 +57,7 @@ Tail Measure(int calls, const std::function<bool()>& call) {
 
 int Main(int argc, char** argv) {
   int calls = 10000, rounds = 2;
+  bool auth = false;
   Servers::Options so;
   so.kvdnd = KVDN_KVDND_PATH;
   so.host_tier_bytes = 1ull << 30;
@@ -62,13 +67,15 @@ int Main(int argc, char** argv) {
       calls = std::max(100, std::atoi(argv[i + 1]));
     } else if (a == "--rounds") {
       rounds = std::max(1, std::atoi(argv[i + 1]));
+    } else if (a == "--auth") {
+      auth = std::atoi(argv[i + 1]) != 0;
     } else if (a == "--kvdnd") {
       so.kvdnd = argv[i + 1];
     } else if (a == "--redis") {
       so.redis = argv[i + 1];
     } else {
       std::fprintf(stderr,
-                   "usage: rpc_latency_bench [--calls N] [--rounds N] [--kvdnd PATH] "
+                   "usage: rpc_latency_bench [--calls N] [--rounds N] [--auth 0|1] [--kvdnd PATH] "
                    "[--redis PATH]\n");
       return 2;
     }
@@ -78,35 +85,61 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", servers.error().c_str());
     return 1;
   }
+  // The second kvdnd, with tenant tokens: the same calls, each carrying a token.
+  constexpr char kToken[] = "rpc-bench-token-0123456789abcdef";
+  constexpr char kAdminToken[] = "rpc-bench-admin-0123456789abcdef";
+  std::unique_ptr<Servers> with_tokens;
+  if (auth) {
+    const std::string dir = servers.dir();
+    std::ofstream(dir + "/tokens") << kToken << " rpc-bench\n" << kAdminToken << " kvdn:admin\n";
+    std::ofstream(dir + "/auth.json") << R"({"auth_tokens_file": ")" << dir << R"(/tokens"})";
+    Servers::Options ao = so;
+    ao.kvdnd_args.insert(ao.kvdnd_args.end(), {"--config", dir + "/auth.json"});
+    ao.admin_token = kAdminToken;
+    with_tokens = std::make_unique<Servers>(ao);
+    if (!with_tokens->error().empty()) {
+      std::fprintf(stderr, "%s\n", with_tokens->error().c_str());
+      return 1;
+    }
+  }
+  // A client of each kvdnd, with a request of 8 chunks and a small chunk stored.
+  struct Kvdn {
+    std::string name;
+    std::unique_ptr<client::Client> c;
+  };
+  std::vector<Kvdn> kvdns;
   client::ClientOptions o;
-  o.target = servers.kvdn_unix();
   o.ns = "rpc-bench";
   o.model = {"rpc-bench-model", 4, 2, 64, Dtype::kBFloat16, 256};
   o.data_plane = client::ClientOptions::DataPlane::kGrpc;  // the calls under test are gRPC anyway
-  auto c = client::Client::Connect(o);
-  if (!c.ok()) {
-    std::fprintf(stderr, "%s\n", c.status().ToString().c_str());
-    return 1;
-  }
-  // A request of 8 chunks, stored.
   std::vector<int32_t> tokens(8 * 256);
   for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>(i * 7 + 3);
-  std::vector<std::vector<uint8_t>> payloads;
-  for (uint64_t s : (*c)->ChunkPayloadSizes(tokens.size())) payloads.emplace_back(s, 0x5a);
-  std::vector<ByteSpan> spans(payloads.begin(), payloads.end());
-  if (auto saved = (*c)->Save(tokens, spans); !saved.ok()) {
-    std::fprintf(stderr, "Save: %s\n", saved.status().ToString().c_str());
-    return 1;
+  const std::vector<uint8_t> small = testing::RandomChunk(testing::InfoForBytes(64 << 10), 11);
+  const ChunkKey small_key = testing::KeyFor(1, o.ns);
+  for (Servers* s : {&servers, with_tokens.get()}) {
+    if (s == nullptr) continue;
+    o.target = s->kvdn_unix();
+    o.token = s == &servers ? "" : kToken;
+    auto c = client::Client::Connect(o);
+    if (!c.ok()) {
+      std::fprintf(stderr, "%s\n", c.status().ToString().c_str());
+      return 1;
+    }
+    std::vector<std::vector<uint8_t>> payloads;
+    for (uint64_t n : (*c)->ChunkPayloadSizes(tokens.size())) payloads.emplace_back(n, 0x5a);
+    std::vector<ByteSpan> spans(payloads.begin(), payloads.end());
+    if (auto saved = (*c)->Save(tokens, spans); !saved.ok()) {
+      std::fprintf(stderr, "Save: %s\n", saved.status().ToString().c_str());
+      return 1;
+    }
+    if (auto put = (*c)->PutEncoded(small_key, small); !put.ok()) {
+      std::fprintf(stderr, "PutEncoded: %s\n", put.status().ToString().c_str());
+      return 1;
+    }
+    kvdns.push_back({s == &servers ? "kvdn" : "kvdn+token", *std::move(c)});
   }
   auto keys = ChunkKeysForTokens(o.ns, o.model, tokens, /*include_tail=*/true);
   if (!keys.ok()) return 1;
-  // A small chunk, stored.
-  const std::vector<uint8_t> small = testing::RandomChunk(testing::InfoForBytes(64 << 10), 11);
-  const ChunkKey small_key = testing::KeyFor(1, o.ns);
-  if (auto put = (*c)->PutEncoded(small_key, small); !put.ok()) {
-    std::fprintf(stderr, "PutEncoded: %s\n", put.status().ToString().c_str());
-    return 1;
-  }
   redisContext* redis = redisConnectUnix(servers.redis_sock().c_str());
   if (redis == nullptr || redis->err != 0) {
     std::fprintf(stderr, "cannot connect to redis-server\n");
@@ -137,33 +170,38 @@ int Main(int argc, char** argv) {
   };
   std::vector<client::TransferDescriptor> held;
   for (int r = 1; r <= rounds; ++r) {
-    row(r, "kvdn Lookup (8 chunks)", Measure(calls, [&] { return (*c)->Lookup(tokens).ok(); }));
-    // A load's leasing and its end: GetDescriptors of the 8 chunks, then one Release of them.
-    row(r, "kvdn GetDescriptors (8) + Release (8)", Measure(calls, [&] {
-          auto ds = (*c)->AcquireDescriptors(*keys, absl::ZeroDuration());
-          if (!ds.ok() || ds->size() != keys->size()) return false;
-          held = *std::move(ds);
-          return (*c)->ReleaseDescriptors(held).ok();
-        }));
-    row(r, "kvdn Release alone (8, NOT_FOUND)",
-        Measure(calls, [&] { return absl::IsNotFound((*c)->ReleaseDescriptors(held)); }));
-    row(r, "kvdn GetDescriptor (1) + Release (1)", Measure(calls, [&] {
-          auto d = (*c)->AcquireDescriptor((*keys)[0], absl::ZeroDuration());
-          return d.ok() && (*c)->ReleaseDescriptor(*d).ok();
-        }));
-    // A Put stream whose chunk is stored already: kvdnd answers after the header.
-    row(r, "kvdn Put of a stored chunk (64 KiB)",
-        Measure(calls, [&] { return (*c)->PutEncoded(small_key, small).ok(); }));
-    // Reserve, frames, commit of new chunks; then Delete of each (on kvdnd's blocking pool: it
-    // reaches the disk tier).
-    int next = 0;
-    row(r, "kvdn Put of a new chunk (64 KiB)", Measure(calls, [&] {
-          auto put = (*c)->PutEncoded(testing::KeyFor(1000 + next++, o.ns), small);
-          return put.ok() && *put;
-        }));
-    next = 0;
-    row(r, "kvdn Delete (64 KiB chunk)",
-        Measure(calls, [&] { return (*c)->Delete(testing::KeyFor(1000 + next++, o.ns)).ok(); }));
+    for (Kvdn& k : kvdns) {
+      client::Client* c = k.c.get();
+      auto name = [&](const char* call) { return absl::StrFormat("%s %s", k.name, call); };
+      row(r, name("Lookup (8 chunks)").c_str(),
+          Measure(calls, [&] { return c->Lookup(tokens).ok(); }));
+      // A load's leasing and its end: GetDescriptors of the 8 chunks, then one Release of them.
+      row(r, name("GetDescriptors (8) + Release (8)").c_str(), Measure(calls, [&] {
+            auto ds = c->AcquireDescriptors(*keys, absl::ZeroDuration());
+            if (!ds.ok() || ds->size() != keys->size()) return false;
+            held = *std::move(ds);
+            return c->ReleaseDescriptors(held).ok();
+          }));
+      row(r, name("Release alone (8, NOT_FOUND)").c_str(),
+          Measure(calls, [&] { return absl::IsNotFound(c->ReleaseDescriptors(held)); }));
+      row(r, name("GetDescriptor (1) + Release (1)").c_str(), Measure(calls, [&] {
+            auto d = c->AcquireDescriptor((*keys)[0], absl::ZeroDuration());
+            return d.ok() && c->ReleaseDescriptor(*d).ok();
+          }));
+      // A Put stream whose chunk is stored already: kvdnd answers after the header.
+      row(r, name("Put of a stored chunk (64 KiB)").c_str(),
+          Measure(calls, [&] { return c->PutEncoded(small_key, small).ok(); }));
+      // Reserve, frames, commit of new chunks; then Delete of each (on kvdnd's blocking pool: it
+      // reaches the disk tier).
+      int next = 0;
+      row(r, name("Put of a new chunk (64 KiB)").c_str(), Measure(calls, [&] {
+            auto put = c->PutEncoded(testing::KeyFor(1000 + next++, o.ns), small);
+            return put.ok() && *put;
+          }));
+      next = 0;
+      row(r, name("Delete (64 KiB chunk)").c_str(),
+          Measure(calls, [&] { return c->Delete(testing::KeyFor(1000 + next++, o.ns)).ok(); }));
+    }
     row(r, "Redis PING", Measure(calls, [&] { return redis_call("PING"); }));
     row(r, "Redis GET (16 B)", Measure(calls, [&] { return redis_call("GET k"); }));
   }

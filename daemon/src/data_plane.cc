@@ -552,6 +552,7 @@ void DataPlane::CommitReservation(uint64_t reservation_id, uint64_t chunk_bytes,
 }
 
 struct DataPlane::Assembly {
+  const Grants* owner = nullptr;  // the token of its sessions (AssemblyId)
   ChunkKey key;
   std::string chunk_header;
   uint64_t checksum = 0;
@@ -598,13 +599,14 @@ void DataPlane::OnPutPart(const Session& s, uint64_t rid, const v1::DataPlanePut
   absl::Status refuse;
   {
     MutexLock lock(&parts_mu_);
-    auto it = assemblies_.find(put_id);
+    auto it = assemblies_.find(AssemblyId{s.caller.grants, put_id});
     if (it == assemblies_.end()) {
       if (assemblies_.size() >= kMaxAssemblies) {
         refuse = absl::ResourceExhaustedError(absl::StrCat(
             assemblies_.size(), " Puts in parts are in flight; send whole chunks or retry"));
       } else {
         a = std::make_shared<Assembly>();
+        a->owner = s.caller.grants;
         a->key = key;
         a->chunk_header = req.chunk_header();
         a->checksum = header.payload_checksum;
@@ -612,7 +614,7 @@ void DataPlane::OnPutPart(const Session& s, uint64_t rid, const v1::DataPlanePut
         a->parts = req.parts();
         a->deadline = deadline;
         a->start = start;
-        assemblies_.emplace(put_id, a);
+        assemblies_.emplace(AssemblyId{a->owner, put_id}, a);
       }
     } else {
       a = it->second;
@@ -789,7 +791,7 @@ void DataPlane::EndAssembly(const std::shared_ptr<Assembly>& a, uint64_t put_id,
     answer.assign(a->waiting.begin() + a->answered, a->waiting.end());
     a->answered = static_cast<uint32_t>(a->waiting.size());
     if (a->answered >= a->parts) {
-      auto it = assemblies_.find(put_id);
+      auto it = assemblies_.find(AssemblyId{a->owner, put_id});
       if (it != assemblies_.end() && it->second == a) assemblies_.erase(it);
     }
   }
@@ -811,10 +813,12 @@ void DataPlane::SweepAssemblies() {
     if (assemblies_.empty()) return;
     for (auto& [id, a] : assemblies_) {
       if (now > a->deadline && a->receiving == 0 && !a->reserving) {
-        late.push_back({id, a, a->ended ? 0 : a->reservation, a->waiting.size()});
+        late.push_back({id.second, a, a->ended ? 0 : a->reservation, a->waiting.size()});
       }
     }
-    for (const Late& l : late) assemblies_.erase(l.put_id);  // parts that come later start anew
+    for (const Late& l : late) {
+      assemblies_.erase(AssemblyId{l.a->owner, l.put_id});  // parts that come later start anew
+    }
   }
   for (const Late& l : late) {
     if (l.abort != 0) (void)state_.store->Abort(l.abort);

@@ -146,7 +146,11 @@ class DataPlane {
   uint64_t next_session_ ABSL_GUARDED_BY(mu_) = 1;
 
   Mutex parts_mu_;
-  absl::flat_hash_map<uint64_t, std::shared_ptr<Assembly>> assemblies_ ABSL_GUARDED_BY(parts_mu_);
+  // By the token of the sessions its parts came over and put_id (the client's choice): a Put's
+  // parts may arrive over several sessions of one client, and another token's parts never reach
+  // it (without tokens: put_id alone).
+  using AssemblyId = std::pair<const Grants*, uint64_t>;
+  absl::flat_hash_map<AssemblyId, std::shared_ptr<Assembly>> assemblies_ ABSL_GUARDED_BY(parts_mu_);
 };
 
 }  // namespace kvdn::daemon

@@ -196,6 +196,16 @@ def check_daemon_config(objects, kvdnd, tmp):
           "kvdnd's memory request differs from its limit: it could be evicted while within its limit")
     need = int(eff["host_tier_bytes"]) + (1 << 30)
     check(limit >= need, f"memory limit {limit} < host tier {eff['host_tier_bytes']} + 1 GiB: OOM-killed at start")
+    # Tenant tokens as deploy/README.md turns them on: the file it names lies on the mount of the
+    # kvdn-tokens Secret, and kvdnd reads no file of it unless the config names one.
+    tok = "/etc/kvdn-tokens/tokens"
+    tvol = volumes.get(mounts.get(os.path.dirname(tok), ""), {})
+    check(tvol.get("secret", {}).get("secretName") == "kvdn-tokens",
+          f"{tok} (deploy/README.md) is not on a mount of the Secret kvdn-tokens")
+    check(tvol.get("secret", {}).get("optional") is True,
+          "the kvdn-tokens Secret volume is not optional: pods would not start without the Secret")
+    check(not eff.get("auth_tokens_file") or host_path_for(eff["auth_tokens_file"]) is None,
+          "auth_tokens_file lies on a hostPath, not on the Secret's mount")
     grace = spec.get("terminationGracePeriodSeconds", 30)
     check(grace * 1000 > eff["drain_timeout_ms"], f"terminationGracePeriodSeconds {grace} < drain_timeout_ms")
 

@@ -20,6 +20,7 @@
 #include "gtest/gtest.h"
 #include "kvdn/client/client.h"
 #include "kvdn/common/chunk_format.h"
+#include "kvdn/common/hash.h"
 #include "kvdn/common/mutex.h"
 #include "kvdn/proto/grpc_status.h"
 #include "kvdn/testing/chunks.h"
@@ -113,6 +114,58 @@ class AuthTest : public ::testing::Test {
            r.status() == grpc::health::v1::HealthCheckResponse::SERVING;
   }
 
+  struct Raw {
+    std::unique_ptr<transfer::UcxTransport> t;
+    transfer::PeerId peer = 0;
+    uint64_t session = 0;
+    Mutex mu;
+    CondVar cv;
+    std::vector<absl::Status> replies ABSL_GUARDED_BY(mu);
+    void Deliver(absl::Status st) {
+      MutexLock lock(&mu);
+      replies.push_back(std::move(st));
+      cv.SignalAll();
+    }
+    void Send(uint16_t type, const google::protobuf::Message& header, ByteSpan payload) {
+      t->Send(peer, type, header.SerializeAsString(), payload, nullptr,
+              absl::Now() + absl::Seconds(5), [](absl::Status) {});
+    }
+    // The next reply's status (UNKNOWN "no reply" after 3 s).
+    absl::Status Next() {
+      MutexLock lock(&mu);
+      const absl::Time end = absl::Now() + absl::Seconds(3);
+      while (replies.empty() && absl::Now() < end) cv.WaitWithTimeout(&mu, end - absl::Now());
+      if (replies.empty()) return absl::UnknownError("no reply");
+      absl::Status s = replies.front();
+      replies.erase(replies.begin());
+      return s;
+    }
+  };
+  // Opens a session with kvdnd with `token`, on its own UCX worker.
+  void Open(Raw& r, const std::string& token) {
+    transfer::UcxTransportOptions o;
+    o.transports = "posix,cma";
+    ASSERT_OK_AND_ASSIGN(r.t, transfer::UcxTransport::Create(o));
+    r.t->SetHandler(v1::DATA_PLANE_GET_REPLY, [&r](std::unique_ptr<transfer::Incoming> in) {
+      v1::DataPlaneGetReply m;
+      m.ParseFromString(in->header());
+      r.Deliver(absl::Status(static_cast<absl::StatusCode>(m.code()), m.message()));
+    });
+    r.t->SetHandler(v1::DATA_PLANE_PUT_REPLY, [&r](std::unique_ptr<transfer::Incoming> in) {
+      v1::DataPlanePutReply m;
+      m.ParseFromString(in->header());
+      r.Deliver(absl::Status(static_cast<absl::StatusCode>(m.code()), m.message()));
+    });
+    v1::OpenDataPlaneRequest req;
+    req.set_worker_address(r.t->address());
+    req.set_pid(getpid());
+    v1::OpenDataPlaneResponse resp;
+    grpc::ClientContext ctx;
+    Deadline(&ctx);
+    ASSERT_TRUE(KvStub(token)->OpenDataPlane(&ctx, req, &resp).ok());
+    r.session = resp.session_id();
+    ASSERT_OK_AND_ASSIGN(r.peer, r.t->Connect(resp.worker_address(), {resp.pid()}));
+  }
   TempDir dir_;
   DaemonProcess daemon_{dir_.path()};
   std::string tokens_file_;
@@ -399,47 +452,9 @@ TEST_F(AuthTest, AdminAndPeerServicesNeedTheirGrants) {
 // session (ids are counters) is dropped, and one naming its own session reaches only its token's
 // namespaces.
 TEST_F(AuthTest, DataPlaneRequestsStayWithTheirSessionAndItsToken) {
-  struct Raw {
-    std::unique_ptr<transfer::UcxTransport> t;
-    transfer::PeerId peer = 0;
-    uint64_t session = 0;
-    Mutex mu;
-    CondVar cv;
-    std::vector<absl::Status> replies ABSL_GUARDED_BY(mu);
-    absl::Status Next() {
-      MutexLock lock(&mu);
-      const absl::Time end = absl::Now() + absl::Seconds(3);
-      while (replies.empty() && absl::Now() < end) cv.WaitWithTimeout(&mu, end - absl::Now());
-      if (replies.empty()) return absl::UnknownError("no reply");
-      absl::Status s = replies.front();
-      replies.erase(replies.begin());
-      return s;
-    }
-  };
-  auto open = [&](Raw& r, const std::string& token) {
-    transfer::UcxTransportOptions o;
-    o.transports = "posix,cma";
-    ASSERT_OK_AND_ASSIGN(r.t, transfer::UcxTransport::Create(o));
-    r.t->SetHandler(v1::DATA_PLANE_GET_REPLY, [&r](std::unique_ptr<transfer::Incoming> in) {
-      v1::DataPlaneGetReply m;
-      m.ParseFromString(in->header());
-      MutexLock lock(&r.mu);
-      r.replies.emplace_back(static_cast<absl::StatusCode>(m.code()), m.message());
-      r.cv.SignalAll();
-    });
-    v1::OpenDataPlaneRequest req;
-    req.set_worker_address(r.t->address());
-    req.set_pid(getpid());
-    v1::OpenDataPlaneResponse resp;
-    grpc::ClientContext ctx;
-    Deadline(&ctx);
-    ASSERT_TRUE(KvStub(token)->OpenDataPlane(&ctx, req, &resp).ok());
-    r.session = resp.session_id();
-    ASSERT_OK_AND_ASSIGN(r.peer, r.t->Connect(resp.worker_address(), {resp.pid()}));
-  };
   Raw a, b;
-  ASSERT_NO_FATAL_FAILURE(open(a, kTokenA));
-  ASSERT_NO_FATAL_FAILURE(open(b, kTokenB));
+  ASSERT_NO_FATAL_FAILURE(Open(a, kTokenA));
+  ASSERT_NO_FATAL_FAILURE(Open(b, kTokenB));
   // a's chunk, stored.
   ASSERT_OK_AND_ASSIGN(auto ca, Connect(kTokenA, "tenant-a"));
   const std::vector<uint8_t> chunk = Chunk(9);
@@ -453,10 +468,7 @@ TEST_F(AuthTest, DataPlaneRequestsStayWithTheirSessionAndItsToken) {
   const auto canonical = key.prefix_hash.Canonical();
   ck->set_prefix_hash(canonical.data(), canonical.size());
   get.set_deadline_unix_micros(absl::ToUnixMicros(absl::Now() + absl::Seconds(5)));
-  auto send = [&](Raw& r, const v1::DataPlaneGetRequest& m) {
-    r.t->Send(r.peer, v1::DATA_PLANE_GET, m.SerializeAsString(), {}, nullptr,
-              absl::Now() + absl::Seconds(5), [](absl::Status) {});
-  };
+  auto send = [&](Raw& r, const v1::DataPlaneGetRequest& m) { r.Send(v1::DATA_PLANE_GET, m, {}); };
   const double denied = AuthFailures("permission_denied");
   // b, over its own session, asking for a's key: refused.
   get.set_session_id(b.session);
@@ -485,6 +497,53 @@ TEST_F(AuthTest, DataPlaneRequestsStayWithTheirSessionAndItsToken) {
     EXPECT_TRUE(KvStub(kTokenA)->CloseDataPlane(&actx, req, &resp).ok());
   }
   EXPECT_TRUE(Serving());
+}
+
+// A Put in parts is assembled by put_id, which the client picks: a part of another token's Put
+// with the same put_id starts an assembly of its own instead of failing the first one.
+TEST_F(AuthTest, PartsOfAnotherTokensPutWithTheSamePutIdDoNotTouchIt) {
+  Raw a, b;
+  ASSERT_NO_FATAL_FAILURE(Open(a, kTokenA));
+  ASSERT_NO_FATAL_FAILURE(Open(b, kTokenB));
+  const ChunkInfo info{Dtype::kBFloat16, 2, 1, 64, 64};  // 32 KiB payload
+  const std::vector<uint8_t> payload = RandomBytes(info.PayloadBytes(), 5);
+  uint8_t header[kChunkHeaderBytes];
+  WriteChunkHeader(info, Xxh3_64(ByteSpan(payload)), MutableByteSpan(header, sizeof(header)));
+  constexpr uint64_t kPutId = 77;
+  auto part = [&](const Raw& r, const std::string& ns, uint64_t offset, absl::Duration within) {
+    v1::DataPlanePutRequest m;
+    m.set_session_id(r.session);
+    m.set_request_id(offset == 0 ? 1 : 2);
+    *m.mutable_key() = ProtoKey(ns, 'p');
+    m.set_chunk_header(header, kChunkHeaderBytes);
+    m.set_part(true);
+    m.set_parts(2);
+    m.set_put_id(kPutId);
+    m.set_payload_offset(offset);
+    m.set_deadline_unix_micros(absl::ToUnixMicros(absl::Now() + within));
+    return m;
+  };
+  const ByteSpan all(payload);
+  a.Send(v1::DATA_PLANE_PUT, part(a, "tenant-a", 0, absl::Seconds(20)), all.subspan(0, 16384));
+  // b's first part, same put_id, its own namespace and a short deadline: left alone, it expires.
+  b.Send(v1::DATA_PLANE_PUT, part(b, "tenant-b", 0, absl::Milliseconds(300)),
+         all.subspan(0, 16384));
+  absl::SleepFor(absl::Milliseconds(100));
+  a.Send(v1::DATA_PLANE_PUT, part(a, "tenant-a", 16384, absl::Seconds(20)), all.subspan(16384));
+  EXPECT_OK(a.Next());  // both of a's parts: the Put is stored
+  EXPECT_OK(a.Next());
+  absl::SleepFor(absl::Milliseconds(400));
+  // b's assembly is swept at the next part that arrives (any put_id): only one of its parts came.
+  b.Send(v1::DATA_PLANE_PUT, part(b, "tenant-b", 0, absl::Seconds(5)), all.subspan(0, 16384));
+  EXPECT_THAT(b.Next(), StatusIs(absl::StatusCode::kDeadlineExceeded, HasSubstr("only 1 of")));
+  ASSERT_OK_AND_ASSIGN(auto ca, Connect(kTokenA, "tenant-a"));
+  std::vector<uint8_t> got(kChunkHeaderBytes + payload.size());
+  const v1::ChunkKey k = ProtoKey("tenant-a", 'p');
+  ChunkKey key{k.namespace_(), k.fingerprint(),
+               Hash128::FromCanonical(reinterpret_cast<const uint8_t*>(k.prefix_hash().data()))};
+  ASSERT_OK_AND_ASSIGN(uint64_t n, ca->GetEncoded(key, MutableByteSpan(got)));
+  EXPECT_EQ(n, got.size());
+  EXPECT_TRUE(std::equal(payload.begin(), payload.end(), got.begin() + kChunkHeaderBytes));
 }
 
 TEST(AuthConfigTest, ABadTokensFileStopsKvdndNamingTheLine) {
