@@ -56,12 +56,21 @@ storage::TieredStoreOptions StoreOptions(const v1::DaemonConfig& c) {
   }
   o.reservation_ttl = absl::Milliseconds(c.reservation_ttl_ms());
   o.max_lease_ttl = absl::Milliseconds(c.max_lease_ttl_ms());
+  o.namespace_host_share = c.namespace_host_share();
   return o;
 }
 
 // Per-tier and store-wide figures, read from the store at scrape time.
 void CollectStore(const ServerState& state, MetricsWriter& w) {
   const storage::StoreStats s = state.store->Stats();
+  if (state.config.namespace_host_share() < 1) {
+    for (const auto& [ns, bytes] : state.store->NamespaceHostUsage()) {
+      w.Gauge("kvdn_namespace_host_bytes",
+              "Host-tier bytes (chunks and reservations) of a namespace, kept while "
+              "namespace_host_share is below 1.",
+              {{"namespace", ns}}, static_cast<double>(bytes));
+    }
+  }
   for (int t = 0; t < storage::kNumTierKinds; ++t) {
     const storage::TierStats& ts = s.tiers[t];
     if (!ts.present) continue;

@@ -32,7 +32,12 @@ absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(const TieredStore
       options.max_lease_ttl <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("reservation_ttl and max_lease_ttl must be positive");
   }
+  if (!(options.namespace_host_share > 0 && options.namespace_host_share <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("namespace_host_share ", options.namespace_host_share, " is outside (0, 1]"));
+  }
   std::unique_ptr<TieredStore> store(new TieredStore(options));
+  store->state_->track_ns = options.namespace_host_share < 1;
   KVDN_ASSIGN_OR_RETURN(store->host_, HostTier::Create(options.host));
   if (options.gpu) {
     KVDN_ASSIGN_OR_RETURN(store->gpu_, GpuTier::Create(*options.gpu));
@@ -115,7 +120,8 @@ absl::StatusOr<Reservation> TieredStore::Reserve(const ChunkKey& key, uint64_t s
     return absl::OkStatus();
   };
   KVDN_RETURN_IF_ERROR(check_key());
-  KVDN_ASSIGN_OR_RETURN(MemoryBlock block, AllocateLocked(kHost, size, nullptr, options.may_block));
+  KVDN_ASSIGN_OR_RETURN(MemoryBlock block,
+                        AllocateLocked(kHost, size, nullptr, options.may_block, key.ns));
   // Allocation may have dropped the lock to evict; another writer may have taken the key.
   if (absl::Status st = check_key(); !st.ok()) {
     (void)host_->Free(block);
@@ -125,6 +131,7 @@ absl::StatusOr<Reservation> TieredStore::Reserve(const ChunkKey& key, uint64_t s
   const absl::Time expires = clock_->Now() + options_.reservation_ttl;
   s.reservations[id] = State::PendingReservation{key, block, expires};
   s.reserved_keys[key] = id;
+  s.CountHost(key.ns, block.size, true);
   WakeIfAboveHighLocked(kHost);
   return Reservation{id, host_->Bytes(block), expires};
 }
@@ -164,6 +171,7 @@ absl::Status TieredStore::CommitInternal(uint64_t id, uint64_t payload_checksum,
     }
     if (clock_->Now() >= it->second.expires) {
       (void)host_->Free(it->second.block);
+      s.CountHost(it->second.key.ns, it->second.block.size, false);
       s.reserved_keys.erase(it->second.key);
       s.reservations.erase(it);
       s.expired_reservations.Add(id);
@@ -191,6 +199,7 @@ absl::Status TieredStore::CommitInternal(uint64_t id, uint64_t payload_checksum,
   MutexLock lock(&s.mu);
   s.reservations.erase(id);
   s.reserved_keys.erase(key);
+  s.CountHost(key.ns, block.size, false);  // counted again below as the chunk's, if stored
   if (!verdict.ok()) {
     (void)host_->Free(block);
     ++s.commit_failures;
@@ -221,6 +230,7 @@ absl::Status TieredStore::Abort(uint64_t reservation_id) {
     return absl::NotFoundError(absl::StrCat("no reservation ", reservation_id, " to abort"));
   }
   (void)host_->Free(it->second.block);
+  s.CountHost(it->second.key.ns, it->second.block.size, false);
   s.reserved_keys.erase(it->second.key);
   s.reservations.erase(it);
   return absl::OkStatus();
@@ -244,6 +254,7 @@ absl::StatusOr<MutableByteSpan> TieredStore::BeginWrite(uint64_t reservation_id,
   }
   if (r.writers == 0 && clock_->Now() >= r.expires) {
     (void)host_->Free(r.block);
+    s.CountHost(r.key.ns, r.block.size, false);
     s.reserved_keys.erase(r.key);
     s.reservations.erase(it);
     s.expired_reservations.Add(reservation_id);
@@ -552,6 +563,18 @@ absl::Status TieredStore::Delete(const ChunkKey& key) {
   it->second.doomed = true;
   MaybeReapLocked(&it->second);
   return absl::OkStatus();
+}
+
+uint64_t TieredStore::NamespaceHostBytes(absl::string_view ns) const {
+  State& s = *state_;
+  MutexLock lock(&s.mu);
+  return s.HostBytesOf(ns);
+}
+
+std::vector<std::pair<std::string, uint64_t>> TieredStore::NamespaceHostUsage() const {
+  State& s = *state_;
+  MutexLock lock(&s.mu);
+  return {s.host_bytes_by_ns.begin(), s.host_bytes_by_ns.end()};
 }
 
 StoreStats TieredStore::Stats() const {

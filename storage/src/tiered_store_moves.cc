@@ -65,8 +65,31 @@ bool TieredStore::MaybeReapLocked(Entry* e) {
 // ---- eviction ----
 
 absl::StatusOr<MemoryBlock> TieredStore::AllocateLocked(int t, uint64_t size, const Entry* keep,
-                                                        bool may_block) {
+                                                        bool may_block, absl::string_view ns) {
   MemoryTier* tier = MemTier(t);
+  State& s = *state_;
+  if (t == kHost && s.track_ns) {
+    // Past its share, the namespace makes room among its own chunks first.
+    const std::string name(ns.empty() && keep != nullptr ? absl::string_view(keep->key.ns) : ns);
+    const uint64_t share =
+        static_cast<uint64_t>(options_.namespace_host_share * double(tier->capacity_bytes()));
+    if (size > share) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("a chunk of ", size, " bytes is larger than namespace \"", name,
+                       "\"'s share of the host tier (namespace_host_share ",
+                       options_.namespace_host_share, " of ", tier->capacity_bytes(), " bytes)"));
+    }
+    while (s.HostBytesOf(name) + size > share) {
+      bool would_block = false;
+      if (!EvictOneLocked(kHost, keep, may_block, &would_block, &name)) {
+        if (would_block) return absl::UnavailableError(kWouldBlock);
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "namespace \"", name, "\" holds ", s.HostBytesOf(name),
+            " bytes of the host tier and its share is ", share, " (namespace_host_share ",
+            options_.namespace_host_share, "): every chunk of it there is leased or moving"));
+      }
+    }
+  }
   // Each round either allocates or evicts one chunk; bound the rounds in case others refill.
   for (size_t round = 0; round < state_->index.size() + 8; ++round) {
     auto block = tier->Allocate(size);
@@ -83,11 +106,13 @@ absl::StatusOr<MemoryBlock> TieredStore::AllocateLocked(int t, uint64_t size, co
                    tier->capacity_bytes(), ", used ", tier->used_bytes(), ")"));
 }
 
-bool TieredStore::EvictOneLocked(int t, const Entry* keep, bool may_block, bool* would_block) {
+bool TieredStore::EvictOneLocked(int t, const Entry* keep, bool may_block, bool* would_block,
+                                 const std::string* only_ns) {
   State& s = *state_;
   Entry* victim = s.lru[t].tail;
   while (victim && (victim == keep || victim->moving || (t != kDisk && victim->pins > 0) ||
-                    (t == kDisk && victim->mem == kNone && victim->pins > 0))) {
+                    (t == kDisk && victim->mem == kNone && victim->pins > 0) ||
+                    (only_ns != nullptr && victim->key.ns != *only_ns))) {
     victim = victim->prev[t];
   }
   if (!victim) return false;
@@ -214,6 +239,7 @@ void TieredStore::MaintenanceLocked() {
   for (uint64_t id : expired) {
     auto it = s.reservations.find(id);
     (void)host_->Free(it->second.block);
+    s.CountHost(it->second.key.ns, it->second.block.size, false);
     s.reserved_keys.erase(it->second.key);
     s.reservations.erase(it);
     s.expired_reservations.Add(id);

@@ -107,6 +107,21 @@ struct TieredStore::State {
   bool stop ABSL_GUARDED_BY(mu) = false;
   std::thread maintenance;
 
+  // Host-tier bytes by namespace (linked chunks and reservations), kept while track_ns
+  // (TieredStoreOptions::namespace_host_share below 1).
+  bool track_ns = false;
+  absl::flat_hash_map<std::string, uint64_t> host_bytes_by_ns ABSL_GUARDED_BY(mu);
+  void CountHost(const std::string& ns, uint64_t bytes, bool add) {
+    if (!track_ns) return;
+    uint64_t& b = host_bytes_by_ns[ns];
+    b = add ? b + bytes : (b > bytes ? b - bytes : 0);
+    if (b == 0) host_bytes_by_ns.erase(ns);
+  }
+  uint64_t HostBytesOf(absl::string_view ns) const {
+    auto it = host_bytes_by_ns.find(ns);
+    return it == host_bytes_by_ns.end() ? 0 : it->second;
+  }
+
   void Link(Entry* e, int t) {
     LruList& l = lru[t];
     e->prev[t] = nullptr;
@@ -117,6 +132,7 @@ struct TieredStore::State {
     e->linked[t] = true;
     ++l.count;
     l.bytes += e->size;
+    if (t == kHost) CountHost(e->key.ns, e->size, true);
   }
   void Unlink(Entry* e, int t) {
     if (!e->linked[t]) return;
@@ -133,6 +149,7 @@ struct TieredStore::State {
     e->linked[t] = false;
     --l.count;
     l.bytes -= e->size;
+    if (t == kHost) CountHost(e->key.ns, e->size, false);
   }
   void Touch(Entry* e, int t) {
     if (!e->linked[t] || lru[t].head == e) return;

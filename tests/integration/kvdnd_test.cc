@@ -800,6 +800,55 @@ TEST_F(BadRequestTest, APutOfAKeyBeingWrittenIsAbortedAndTheSdkRetriesIt) {
   ExpectHealthy();
 }
 
+// namespace_host_share: a tenant writing far more than the host tier holds demotes its own
+// chunks to disk; the other tenant's stay in host memory (they were written first, so the
+// global LRU would have taken them first), and /metrics shows each namespace's bytes.
+class HostShareTest : public KvdndTest {
+ protected:
+  std::vector<std::string> ExtraFlags() override {
+    const std::string cfg = dir_.Sub("share.json");
+    std::ofstream(cfg) << R"({"namespace_host_share": 0.25})";
+    return {"--config", cfg};
+  }
+};
+
+TEST_F(HostShareTest, ANoisyTenantPushesOutItsOwnChunksNotTheOthers) {
+  const ModelSpec model{"share-model", 2, 8, 128, Dtype::kBFloat16, 256};  // 2 MiB chunks
+  auto quiet = Connect(daemon_.unix_target(), model, "quiet");
+  auto noisy = Connect(daemon_.unix_target(), model, "noisy");
+  const auto q_tokens = Tokens(256 * 8, 1);
+  auto q_payloads = Payloads(*quiet, q_tokens.size(), 1);
+  ASSERT_OK(quiet->Save(q_tokens, Spans(q_payloads)).status());
+  const auto n_tokens = Tokens(256 * 160, 2);  // 320 MiB: past the 256 MiB host tier
+  auto n_payloads = Payloads(*noisy, n_tokens.size(), 2);
+  ASSERT_OK(noisy->Save(n_tokens, Spans(n_payloads)).status());
+  auto admin = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
+  auto in_host = [&](const std::string& ns) {
+    grpc::ClientContext ctx;
+    v1::ListChunksRequest req;
+    req.set_namespace_(ns);
+    req.set_tier(v1::TIER_HOST);
+    v1::ListChunksResponse r;
+    EXPECT_TRUE(admin->ListChunks(&ctx, req, &r).ok());
+    return r.total();
+  };
+  EXPECT_EQ(in_host("quiet"), 8u);
+  EXPECT_LE(in_host("noisy"), 32u);  // 64 MiB of 2 MiB chunks
+  EXPECT_GE(in_host("noisy"), 16u);
+  const double noisy_bytes =
+      testing::MetricSample(daemon_.http_port(), "kvdn_namespace_host_bytes{namespace=\"noisy\"}");
+  EXPECT_GT(noisy_bytes, 0);
+  EXPECT_LE(noisy_bytes, 64.0 * (1 << 20));
+  // Everything reads back, from wherever it is.
+  std::vector<std::vector<uint8_t>> got;
+  ASSERT_OK_AND_ASSIGN(client::LoadResult lq, LoadLike(*quiet, q_tokens, q_payloads, &got));
+  EXPECT_EQ(lq.tokens, q_tokens.size());
+  EXPECT_EQ(got, q_payloads);
+  ASSERT_OK_AND_ASSIGN(client::LoadResult ln, LoadLike(*noisy, n_tokens, n_payloads, &got));
+  EXPECT_EQ(ln.tokens, n_tokens.size());
+  EXPECT_EQ(got, n_payloads);
+}
+
 TEST_F(KvdndTest, DrainRefusesNewDataCallsAndReadyzTurnsNotReady) {
   EXPECT_EQ(testing::HttpGet(daemon_.http_port(), "/readyz").first, 200);
   auto admin = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
@@ -1116,6 +1165,7 @@ TEST(KvdndConfigTest, InvalidConfigFailsAtStartNamingTheField) {
     const char* field;
   } cases[] = {
       {R"({"low_watermark": 0.99, "high_watermark": 0.5})", "low_watermark"},
+      {R"({"namespace_host_share": 1.5})", "namespace_host_share"},
       {R"({"max_frame_bytes": 10})", "max_frame_bytes"},
       {R"({"max_frame_bytes": 65536, "get_frame_bytes": 65537})", "get_frame_bytes"},
       {R"({"namespaces": ["ok", "not ok"]})", "namespaces[1]"},

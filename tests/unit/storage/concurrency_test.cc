@@ -22,9 +22,11 @@ std::vector<uint8_t> ChunkFor(int k) {
   return testing::RandomChunk(testing::InfoForBytes(150000 + 90000 * (k % 5)), 1000 + k);
 }
 
-TEST(ConcurrencyTest, MixedOperationsKeepEveryChunkIntact) {
+// `share`: TieredStoreOptions::namespace_host_share; keys alternate between two namespaces.
+void MixedOperations(double share) {
   testing::TempDir dir;
   TieredStoreOptions o;
+  o.namespace_host_share = share;
   o.host.capacity_bytes = 6 << 20;  // a fraction of the working set: constant eviction
   o.host.watermarks = {.high_watermark = 0.85, .low_watermark = 0.6};
   o.disk = DiskTierOptions{.path = dir.Sub("disk"), .capacity_bytes = 12 << 20};
@@ -50,7 +52,7 @@ TEST(ConcurrencyTest, MixedOperationsKeepEveryChunkIntact) {
     };
     for (int i = 0; i < ops; ++i) {
       const int k = static_cast<int>(rng() % kKeys);
-      const ChunkKey key = testing::KeyFor(k);
+      const ChunkKey key = testing::KeyFor(k, k % 2 ? "ns-a" : "ns-b");
       switch (rng() % 10) {
         case 0:
         case 1:
@@ -99,7 +101,10 @@ TEST(ConcurrencyTest, MixedOperationsKeepEveryChunkIntact) {
           break;
         default: {
           std::vector<ChunkKey> chain;
-          for (int j = 0; j < 4; ++j) chain.push_back(testing::KeyFor((k + j) % kKeys));
+          for (int j = 0; j < 4; ++j) {
+            const int kj = (k + j) % kKeys;
+            chain.push_back(testing::KeyFor(kj, kj % 2 ? "ns-a" : "ns-b"));
+          }
           const LookupResult r = store->Lookup(chain);
           if (r.matched > chain.size() || r.tiers.size() != r.matched) ++bad;
           break;
@@ -124,13 +129,28 @@ TEST(ConcurrencyTest, MixedOperationsKeepEveryChunkIntact) {
   // Whatever survived reads back exactly.
   std::vector<uint8_t> buf(1 << 20);
   for (int k = 0; k < kKeys; ++k) {
-    auto n = store->Get(testing::KeyFor(k), MutableByteSpan(buf));
+    auto n = store->Get(testing::KeyFor(k, k % 2 ? "ns-a" : "ns-b"), MutableByteSpan(buf));
     if (!n.ok()) {
       EXPECT_EQ(n.status().code(), absl::StatusCode::kNotFound) << n.status();
       continue;
     }
     EXPECT_EQ(std::memcmp(buf.data(), want[k].data(), want[k].size()), 0) << k;
   }
+  // With a share, the per-namespace accounting matches what the host tier holds, and each
+  // namespace stayed within its share (no reservation or move is left to overshoot it).
+  if (share < 1) {
+    const uint64_t a = store->NamespaceHostBytes("ns-a"), b = store->NamespaceHostBytes("ns-b");
+    EXPECT_EQ(a + b, store->Stats().tier(TierKind::kHost).bytes);
+    EXPECT_LE(a, static_cast<uint64_t>(share * double(o.host.capacity_bytes)));
+    EXPECT_LE(b, static_cast<uint64_t>(share * double(o.host.capacity_bytes)));
+  }
+}
+
+TEST(ConcurrencyTest, MixedOperationsKeepEveryChunkIntact) { MixedOperations(1.0); }
+
+// The same with namespace_host_share: evictions within a namespace race the rest too.
+TEST(ConcurrencyTest, MixedOperationsWithANamespaceShareKeepTheAccountingExact) {
+  MixedOperations(0.6);
 }
 
 }  // namespace

@@ -281,6 +281,80 @@ TEST_F(TieredStoreTest, WatermarkEvictionDemotesToDiskAndHitsPromote) {
   for (int i = 0; i < 20; ++i) ExpectGet(*s, KeyFor(i), chunks[i]);
 }
 
+// One tenant writing far more than the host tier holds: with namespace_host_share it pushes out
+// its own chunks (to disk), never the other tenant's; without it, the other's go first (they
+// are the least recently used). Every chunk reads back identical either way.
+TEST_F(TieredStoreTest, ANamespacePastItsHostShareEvictsItsOwnChunks) {
+  for (double share : {1.0, 0.5}) {
+    SCOPED_TRACE(share);
+    testing::TempDir dir;
+    TieredStoreOptions o = Options(16 * kMiB, true);
+    o.disk->path = dir.Sub("disk");
+    o.namespace_host_share = share;
+    ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(o));
+    std::vector<std::vector<uint8_t>> quiet, noisy;
+    for (int i = 0; i < 4; ++i) {
+      quiet.push_back(Chunk(100 + i));
+      ASSERT_OK(s->Put(KeyFor(i, "quiet"), quiet.back()));
+    }
+    for (int i = 0; i < 40; ++i) {
+      noisy.push_back(Chunk(200 + i));
+      ASSERT_OK(s->Put(KeyFor(i, "noisy"), noisy.back()));
+      s->RunMaintenance();
+      if (share < 1) {
+        EXPECT_LE(s->NamespaceHostBytes("noisy"), 8 * kMiB);
+      }
+    }
+    int quiet_in_host = 0;
+    for (int i = 0; i < 4; ++i) {
+      quiet_in_host += s->Where(KeyFor(i, "quiet")) == TierKind::kHost ? 1 : 0;
+    }
+    if (share < 1) {
+      EXPECT_EQ(quiet_in_host, 4);                          // untouched by the noisy tenant
+      EXPECT_GT(s->NamespaceHostBytes("noisy"), 4 * kMiB);  // it still uses its share
+      EXPECT_EQ(s->NamespaceHostBytes("quiet"), 4 * (quiet[0].size()));
+    } else {
+      EXPECT_EQ(quiet_in_host, 0);                    // the control: global LRU demoted them all
+      EXPECT_EQ(s->NamespaceHostBytes("noisy"), 0u);  // not tracked
+    }
+    for (int i = 0; i < 4; ++i) ExpectGet(*s, KeyFor(i, "quiet"), quiet[i]);
+    for (int i = 0; i < 40; ++i) ExpectGet(*s, KeyFor(i, "noisy"), noisy[i]);
+  }
+}
+
+TEST_F(TieredStoreTest, ANamespaceShareRefusesWhatCannotFitPrecisely) {
+  TieredStoreOptions o = Options(8 * kMiB, false);
+  o.namespace_host_share = 0.25;  // 2 MiB
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(o));
+  // A chunk larger than the share.
+  EXPECT_THAT(s->Put(KeyFor(1, "t"), Chunk(1, 3 * kMiB)),
+              StatusIs(absl::StatusCode::kResourceExhausted,
+                       HasSubstr("larger than namespace \"t\"'s share of the host tier")));
+  // The share full of leased chunks: the next write of that namespace is refused, another's is not.
+  const auto c = Chunk(2, kMiB - 4096);
+  ASSERT_OK(s->Put(KeyFor(2, "t"), c));
+  ASSERT_OK(s->Put(KeyFor(3, "t"), c));
+  ASSERT_OK_AND_ASSIGN(Lease l2, s->Acquire(KeyFor(2, "t")));
+  ASSERT_OK_AND_ASSIGN(Lease l3, s->Acquire(KeyFor(3, "t")));
+  EXPECT_THAT(s->Put(KeyFor(4, "t"), c),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("namespace \"t\" holds")));
+  EXPECT_OK(s->Put(KeyFor(4, "u"), c));
+  // Released, its oldest chunk goes (no disk tier: dropped) to make room.
+  ASSERT_OK(s->Release(l2.id));
+  ASSERT_OK(s->Release(l3.id));
+  EXPECT_OK(s->Put(KeyFor(4, "t"), c));
+  EXPECT_FALSE(s->Where(KeyFor(2, "t")).has_value());
+  EXPECT_TRUE(s->Where(KeyFor(3, "t")).has_value());
+  // Reservations count: an aborted one gives its bytes back.
+  ASSERT_OK_AND_ASSIGN(Reservation r, s->Reserve(KeyFor(5, "v"), kMiB));
+  EXPECT_EQ(s->NamespaceHostBytes("v"), kMiB);
+  ASSERT_OK(s->Abort(r.id));
+  EXPECT_EQ(s->NamespaceHostBytes("v"), 0u);
+  o.namespace_host_share = 0;
+  EXPECT_THAT(TieredStore::Open(o),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("namespace_host_share 0")));
+}
+
 TEST_F(TieredStoreTest, NonBlockingAcquireServesMemoryAndRefusesDiskReads) {
   ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(Options(8 * kMiB, true)));
   std::vector<std::vector<uint8_t>> chunks;

@@ -58,6 +58,13 @@ struct TieredStoreOptions {
   // (a process crash loses nothing that was written). Zero: only on close.
   absl::Duration disk_sync_interval = absl::Seconds(5);
   Clock* clock = nullptr;  // nullptr: Clock::Real()
+  // The most of the host tier's capacity one namespace (tenant) may hold, chunks and
+  // reservations together, in (0, 1]; 1: no limit. A write or promotion that would take a
+  // namespace past its share first evicts (demotes) that namespace's own least recently used
+  // host chunks, so one tenant filling the cache pushes out its own chunks, never more than the
+  // others' share of them. RESOURCE_EXHAUSTED naming the namespace when its own chunks there are
+  // all leased or moving, or a chunk is larger than the share.
+  double namespace_host_share = 1.0;
 };
 
 struct TierStats {
@@ -229,6 +236,11 @@ class TieredStore {
   // watermark. Called by the background thread; callable directly (e.g. in tests).
   void RunMaintenance();
   StoreStats Stats() const;
+  // Host-tier bytes (chunks and reservations) of namespace `ns`; kept only while
+  // namespace_host_share is below 1 (0 otherwise).
+  uint64_t NamespaceHostBytes(absl::string_view ns) const;
+  // Every namespace's host-tier bytes (the same figures; empty when not kept).
+  std::vector<std::pair<std::string, uint64_t>> NamespaceHostUsage() const;
 
   // The tiers, for registering memory with a transport. Null when absent.
   HostTier* host_tier() const { return host_.get(); }
@@ -256,11 +268,15 @@ class TieredStore {
   bool MaybeReapLocked(Entry* e);
   // A block in memory tier t, evicting unpinned chunks (never `keep`) until one fits. With
   // may_block false, kWouldBlock where the next eviction would write to disk.
+  // For the host tier, `ns` is the namespace the block is for: past its share
+  // (namespace_host_share), its own chunks are evicted first.
   absl::StatusOr<MemoryBlock> AllocateLocked(int t, uint64_t size, const Entry* keep,
-                                             bool may_block = true);
-  // Evicts the least recently used evictable chunk of tier t; false if there is none, or (with
-  // may_block false, *would_block set) if evicting it needs disk I/O.
-  bool EvictOneLocked(int t, const Entry* keep, bool may_block = true, bool* would_block = nullptr);
+                                             bool may_block = true, absl::string_view ns = {});
+  // Evicts the least recently used evictable chunk of tier t (of namespace `*only_ns` when given);
+  // false if there is none, or (with may_block false, *would_block set) if evicting it needs disk
+  // I/O.
+  bool EvictOneLocked(int t, const Entry* keep, bool may_block = true, bool* would_block = nullptr,
+                      const std::string* only_ns = nullptr);
   // Writes e's memory copy (host, or GPU staged through host) to the disk tier with the lock
   // dropped around the I/O; on success marks it on disk. REQUIRES: e pinned and moving.
   absl::Status WriteToDiskLocked(Entry* e);
