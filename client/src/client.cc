@@ -217,12 +217,14 @@ class PutCall {
  public:
   // Blocks until the call is over and gRPC has let go of the caller's bytes. Whether kvdnd
   // stored the chunk (false: it was stored already), or the first error.
+  // `authorization`: the call's "authorization" metadata value, empty for none.
   static absl::StatusOr<bool> Run(grpc::GenericStub& stub,
                                   std::chrono::system_clock::time_point deadline,
-                                  const v1::PutRequest& header, absl::Span<const ByteSpan> parts,
-                                  size_t frame_bytes) {
+                                  const std::string& authorization, const v1::PutRequest& header,
+                                  absl::Span<const ByteSpan> parts, size_t frame_bytes) {
     auto pin = std::make_shared<Pin>();
-    absl::StatusOr<bool> r = RunCall(stub, deadline, header, parts, frame_bytes, pin);
+    absl::StatusOr<bool> r =
+        RunCall(stub, deadline, authorization, header, parts, frame_bytes, pin);
     MutexLock lock(&pin->mu);
     while (pin->refs > 0) pin->cv.Wait(&pin->mu);
     return r;
@@ -256,6 +258,7 @@ class PutCall {
 
   static absl::StatusOr<bool> RunCall(grpc::GenericStub& stub,
                                       std::chrono::system_clock::time_point deadline,
+                                      const std::string& authorization,
                                       const v1::PutRequest& header,
                                       absl::Span<const ByteSpan> parts, size_t frame_bytes,
                                       const std::shared_ptr<Pin>& pin) {
@@ -273,6 +276,7 @@ class PutCall {
       // stream holding them) lives until the context lets go of it.
       grpc::ClientContext ctx;
       ctx.set_deadline(deadline);
+      if (!authorization.empty()) ctx.AddMetadata("authorization", authorization);
       ctx.set_initial_metadata_corked(true);  // headers leave with the first message
       auto call = stub.PrepareCall(&ctx, "/kvdn.v1.KvService/Put", &cq);
       call->StartCall(Tag(kStarted));  // corked: no tag comes back for it
@@ -507,10 +511,15 @@ struct Client::Impl {
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::KvService::Stub> stub;
   std::unique_ptr<grpc::GenericStub> generic;  // Get and Put, as raw frames (GetCall, PutCall)
-  std::unique_ptr<ThreadPool> streams;         // helpers of ParallelFor in Save/Load
-  std::unique_ptr<ThreadPool> async;           // the *Async calls
-  std::unique_ptr<ReceivePool> pool;           // receive_pool_bytes > 0
-  bool same_host = false;                      // the target is a unix socket
+  // "Bearer <token>" for every call's "authorization" metadata; empty without a token. Added to
+  // each ClientContext rather than by a channel interceptor (MakeChannel's): the interceptor runs
+  // at every hook of every batch of every call, and the SDK's calls are its hot path
+  // (bench/results/e2e-2026-12-03-tokens.md has both measured; within this VM's noise).
+  std::string authorization;
+  std::unique_ptr<ThreadPool> streams;  // helpers of ParallelFor in Save/Load
+  std::unique_ptr<ThreadPool> async;    // the *Async calls
+  std::unique_ptr<ReceivePool> pool;    // receive_pool_bytes > 0
+  bool same_host = false;               // the target is a unix socket
 
   // The UCX data plane: data_plane_lanes sessions, each opened on first use and reopened when it
   // fails; null = gRPC.
@@ -632,7 +641,8 @@ struct Client::Impl {
   absl::StatusOr<std::shared_ptr<DataPlaneClient>> OpenSession() const {
     KVDN_ASSIGN_OR_RETURN(
         std::shared_ptr<DataPlaneClient> dp,
-        DataPlaneClient::Open(stub.get(), same_host, options.ucx_transports, options.deadline));
+        DataPlaneClient::Open(stub.get(), same_host, options.ucx_transports, options.deadline,
+                              /*peer_node=*/"", authorization));
     if (pool && pool->base() != nullptr) {
       KVDN_RETURN_IF_ERROR(dp->RegisterPool(pool->base(), pool->size()));
     }
@@ -649,6 +659,7 @@ struct Client::Impl {
     for (int i = 1;; ++i) {
       grpc::ClientContext ctx;
       ctx.set_deadline(deadline);
+      if (!authorization.empty()) ctx.AddMetadata("authorization", authorization);
       T r = attempt(&ctx);
       const absl::Status st = StatusOf(r);
       const bool again = absl::IsUnavailable(st) || (retry_aborted && absl::IsAborted(st));
@@ -694,7 +705,8 @@ struct Client::Impl {
     h->set_payload_checksum(payload_checksum);
     return WithRetry<absl::StatusOr<bool>>(
         [&](grpc::ClientContext* ctx) {
-          return PutCall::Run(*generic, ctx->deadline(), first, parts, options.frame_bytes);
+          return PutCall::Run(*generic, ctx->deadline(), authorization, first, parts,
+                              options.frame_bytes);
         },
         kRetryAborted);
   }
@@ -821,7 +833,8 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& opt
   impl->fingerprint = ModelFingerprint(options.model);
   impl->same_host = absl::StartsWith(ResolveTarget(options.target), "unix:");
   KVDN_ASSIGN_OR_RETURN(impl->options.token, ResolveToken(options.token));
-  impl->channel = MakeChannel(options.target, impl->options.token);
+  if (!impl->options.token.empty()) impl->authorization = "Bearer " + impl->options.token;
+  impl->channel = MakeChannel(options.target);
   impl->stub = v1::KvService::NewStub(impl->channel);
   impl->generic = std::make_unique<grpc::GenericStub>(impl->channel);
   // The automatic values (options() reports them).

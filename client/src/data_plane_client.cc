@@ -58,9 +58,10 @@ struct DataPlaneClient::Pending {
 
 absl::StatusOr<std::unique_ptr<DataPlaneClient>> DataPlaneClient::Open(
     v1::KvService::Stub* stub, bool same_host, const std::string& transports,
-    absl::Duration deadline, const std::string& peer_node) {
+    absl::Duration deadline, const std::string& peer_node, const std::string& authorization) {
   std::unique_ptr<DataPlaneClient> dp(new DataPlaneClient());
   dp->stub_ = stub;
+  dp->authorization_ = authorization;
   transfer::UcxTransportOptions o;
   o.name = peer_node.empty() ? "kvdn-client" : "kvdnd-peer";
   o.transports = !transports.empty() ? transports : same_host ? "posix,cma" : "";
@@ -85,6 +86,7 @@ absl::StatusOr<std::unique_ptr<DataPlaneClient>> DataPlaneClient::Open(
   v1::OpenDataPlaneResponse resp;
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + deadline));
+  if (!authorization.empty()) ctx.AddMetadata("authorization", authorization);
   grpc::Status gs = stub->OpenDataPlane(&ctx, req, &resp);
   if (!gs.ok()) return FromGrpcStatus(gs);
   transfer::ConnectOptions co;
@@ -106,6 +108,7 @@ DataPlaneClient::~DataPlaneClient() {
     v1::CloseDataPlaneResponse resp;
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+    if (!authorization_.empty()) ctx.AddMetadata("authorization", authorization_);
     (void)stub_->CloseDataPlane(&ctx, req, &resp);
   }
   pool_.reset();

@@ -218,7 +218,9 @@ class Client {
   // engine connector to page-lock it for the GPU's copy engines (cudaHostRegister).
   MutableByteSpan PoolRegion() const;
 
-  // The channel, for tools that call other services (kvdnctl).
+  // The channel, for tools that call other services (kvdnctl). It does not add the token: calls
+  // on it carry `authorization: Bearer <options().token>` only if the caller adds it (or use
+  // MakeChannel(target, token)).
   std::shared_ptr<grpc::Channel> channel() const;
 
  private:

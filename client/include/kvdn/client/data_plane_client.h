@@ -42,11 +42,12 @@ class DataPlaneClient {
   // socket target): shared memory then. `transports`: UCX_TLS names, empty for the default.
   // UNAVAILABLE when the daemon serves no UCX or UCX cannot start. `peer_node`: set by a kvdnd
   // that opens the session for its own clients (OpenDataPlaneRequest.peer_node).
-  static absl::StatusOr<std::unique_ptr<DataPlaneClient>> Open(v1::KvService::Stub* stub,
-                                                               bool same_host,
-                                                               const std::string& transports,
-                                                               absl::Duration deadline,
-                                                               const std::string& peer_node = "");
+  // `authorization`: the "authorization" metadata of the session's Open and Close calls
+  // ("Bearer <token>"), empty for none (or where the stub's channel adds it).
+  static absl::StatusOr<std::unique_ptr<DataPlaneClient>> Open(
+      v1::KvService::Stub* stub, bool same_host, const std::string& transports,
+      absl::Duration deadline, const std::string& peer_node = "",
+      const std::string& authorization = "");
   // Closes the session (best effort) and the transport.
   ~DataPlaneClient();
   DataPlaneClient(const DataPlaneClient&) = delete;
@@ -138,6 +139,7 @@ class DataPlaneClient {
 
   // Constant after Open.
   v1::KvService::Stub* stub_ = nullptr;
+  std::string authorization_;
   std::unique_ptr<transfer::UcxTransport> transport_;
   transfer::PeerId daemon_ = 0;
   uint64_t session_ = 0;
