@@ -125,7 +125,7 @@ absl::StatusOr<v1::OpenDataPlaneResponse> DataPlane::Open(const v1::OpenDataPlan
         absl::StrCat("peer_node: ", req.peer_node().size(), " characters, at most 253"));
   }
   if (!req.peer_node().empty() && caller.grants != nullptr && !caller.grants->peer) {
-    state_.CountAuthFailure(absl::PermissionDeniedError(""));
+    state_.auth_denied->Inc();
     return absl::PermissionDeniedError(
         "peer_node: sessions of other kvdnd need a token with the kvdn:peer grant");
   }
@@ -195,7 +195,7 @@ absl::Status DataPlane::Close(uint64_t session_id, const Caller& caller) {
       return absl::NotFoundError(absl::StrCat("no data-plane session ", session_id));
     }
     if (caller.grants != it->second.caller.grants) {
-      state_.CountAuthFailure(absl::PermissionDeniedError(""));
+      state_.auth_denied->Inc();
       return absl::PermissionDeniedError(
           absl::StrCat("data-plane session ", session_id, " was opened with another token"));
     }
@@ -209,9 +209,11 @@ absl::Status DataPlane::Close(uint64_t session_id, const Caller& caller) {
 bool DataPlane::FromItsSession(const Session& s, const transfer::Transport* t,
                                const transfer::Incoming& in) const {
   if (s.caller.grants == nullptr || (t == s.transport && in.peer() == s.peer)) return true;
-  state_.CountAuthFailure(absl::PermissionDeniedError(""));
-  spdlog::warn("data plane: a request naming session {} ({}) came over another connection; dropped",
-               s.name, s.pid);
+  state_.auth_denied->Inc();
+  // Debug, not warn: a client sending these could otherwise flood the log (the metric counts them).
+  spdlog::debug(
+      "data plane: a request naming session {} ({}) came over another connection; dropped", s.name,
+      s.pid);
   return false;
 }
 
@@ -601,9 +603,10 @@ void DataPlane::OnPutPart(const Session& s, uint64_t rid, const v1::DataPlanePut
     MutexLock lock(&parts_mu_);
     auto it = assemblies_.find(AssemblyId{s.caller.grants, put_id});
     if (it == assemblies_.end()) {
-      if (assemblies_.size() >= kMaxAssemblies) {
+      if (size_t& open = assemblies_of_[s.caller.grants]; open >= kMaxAssemblies) {
         refuse = absl::ResourceExhaustedError(absl::StrCat(
-            assemblies_.size(), " Puts in parts are in flight; send whole chunks or retry"));
+            open, " Puts in parts are in flight",
+            s.caller.grants != nullptr ? " with this token" : "", "; send whole chunks or retry"));
       } else {
         a = std::make_shared<Assembly>();
         a->owner = s.caller.grants;
@@ -615,6 +618,7 @@ void DataPlane::OnPutPart(const Session& s, uint64_t rid, const v1::DataPlanePut
         a->deadline = deadline;
         a->start = start;
         assemblies_.emplace(AssemblyId{a->owner, put_id}, a);
+        ++open;
       }
     } else {
       a = it->second;
@@ -792,11 +796,17 @@ void DataPlane::EndAssembly(const std::shared_ptr<Assembly>& a, uint64_t put_id,
     a->answered = static_cast<uint32_t>(a->waiting.size());
     if (a->answered >= a->parts) {
       auto it = assemblies_.find(AssemblyId{a->owner, put_id});
-      if (it != assemblies_.end() && it->second == a) assemblies_.erase(it);
+      if (it != assemblies_.end() && it->second == a) EraseAssemblyLocked(it->first);
     }
   }
   // Each part's call is recorded as one UcxPut; "stored" only on the Put's first part's answer.
   for (const auto& [s, rid] : answer) ReplyPut(s, rid, a->result, a->stored, a->start);
+}
+
+void DataPlane::EraseAssemblyLocked(const AssemblyId& id) {
+  if (assemblies_.erase(id) == 0) return;
+  auto it = assemblies_of_.find(id.first);
+  if (it != assemblies_of_.end() && --it->second == 0) assemblies_of_.erase(it);
 }
 
 void DataPlane::SweepAssemblies() {
@@ -817,7 +827,7 @@ void DataPlane::SweepAssemblies() {
       }
     }
     for (const Late& l : late) {
-      assemblies_.erase(AssemblyId{l.a->owner, l.put_id});  // parts that come later start anew
+      EraseAssemblyLocked(AssemblyId{l.a->owner, l.put_id});  // parts that come later start anew
     }
   }
   for (const Late& l : late) {

@@ -151,6 +151,11 @@ class DataPlane {
   // it (without tokens: put_id alone).
   using AssemblyId = std::pair<const Grants*, uint64_t>;
   absl::flat_hash_map<AssemblyId, std::shared_ptr<Assembly>> assemblies_ ABSL_GUARDED_BY(parts_mu_);
+  // Assemblies in flight per token: the limit (kMaxAssemblies) is each token's, so one tenant
+  // holding many Puts in parts open does not refuse the others'.
+  absl::flat_hash_map<const Grants*, size_t> assemblies_of_ ABSL_GUARDED_BY(parts_mu_);
+  // Forgets assembly `id`.
+  void EraseAssemblyLocked(const AssemblyId& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(parts_mu_);
 };
 
 }  // namespace kvdn::daemon

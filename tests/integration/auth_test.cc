@@ -546,6 +546,51 @@ TEST_F(AuthTest, PartsOfAnotherTokensPutWithTheSamePutIdDoNotTouchIt) {
   EXPECT_TRUE(std::equal(payload.begin(), payload.end(), got.begin() + kChunkHeaderBytes));
 }
 
+// The limit on Puts in parts in flight (4096) is each token's: a tenant holding its limit open
+// gets RESOURCE_EXHAUSTED, and another tenant's Put in parts is still assembled and stored.
+TEST_F(AuthTest, OneTenantAtItsLimitOfPutsInPartsDoesNotRefuseAnother) {
+  Raw a, b;
+  ASSERT_NO_FATAL_FAILURE(Open(a, kTokenA));
+  ASSERT_NO_FATAL_FAILURE(Open(b, kTokenB));
+  const ChunkInfo info{Dtype::kBFloat16, 1, 1, 16, 64};  // 4 KiB payload
+  const std::vector<uint8_t> payload = RandomBytes(info.PayloadBytes(), 6);
+  uint8_t header[kChunkHeaderBytes];
+  WriteChunkHeader(info, Xxh3_64(ByteSpan(payload)), MutableByteSpan(header, sizeof(header)));
+  const ByteSpan all(payload);
+  const uint64_t half = payload.size() / 2;
+  auto part = [&](const Raw& r, const std::string& ns, uint64_t put_id, uint64_t offset,
+                  absl::Time deadline) {
+    v1::DataPlanePutRequest m;
+    m.set_session_id(r.session);
+    m.set_request_id(put_id * 2 + (offset == 0 ? 0 : 1));
+    *m.mutable_key() = ProtoKey(ns, 'l');
+    m.mutable_key()->set_fingerprint(put_id);  // a chunk of its own per Put
+    m.set_chunk_header(header, kChunkHeaderBytes);
+    m.set_part(true);
+    m.set_parts(2);
+    m.set_put_id(put_id);
+    m.set_payload_offset(offset);
+    m.set_deadline_unix_micros(absl::ToUnixMicros(deadline));
+    return m;
+  };
+  constexpr int kLimit = 4096;
+  const absl::Time deadline = absl::Now() + absl::Seconds(8);
+  for (uint64_t id = 1; id <= kLimit; ++id) {  // b: the first half of each, held open
+    b.Send(v1::DATA_PLANE_PUT, part(b, "tenant-b", id, 0, deadline), all.subspan(0, half));
+  }
+  b.Send(v1::DATA_PLANE_PUT, part(b, "tenant-b", kLimit + 1, 0, deadline), all.subspan(0, half));
+  EXPECT_THAT(b.Next(), StatusIs(absl::StatusCode::kResourceExhausted,
+                                 HasSubstr("4096 Puts in parts are in flight with this token")));
+  ASSERT_LT(absl::Now(), deadline) << "the test sent too slowly to see the limit";
+  // a, meanwhile: both parts of one Put, stored.
+  a.Send(v1::DATA_PLANE_PUT, part(a, "tenant-a", 1, 0, deadline), all.subspan(0, half));
+  a.Send(v1::DATA_PLANE_PUT, part(a, "tenant-a", 1, half, deadline), all.subspan(half));
+  EXPECT_OK(a.Next());
+  EXPECT_OK(a.Next());
+  ASSERT_LT(absl::Now(), deadline);
+  EXPECT_TRUE(Serving());
+}
+
 TEST(AuthConfigTest, ABadTokensFileStopsKvdndNamingTheLine) {
   TempDir dir;
   const struct {
