@@ -24,6 +24,11 @@ std::string Sha256(absl::string_view data) {
   return std::string(reinterpret_cast<const char*>(md), n);
 }
 
+const std::string& Caller::token_id() const {
+  static const std::string kNone;
+  return grants != nullptr ? grants->id : kNone;
+}
+
 absl::Status Caller::CheckNamespace(absl::string_view ns) const {
   if (grants == nullptr || grants->Allows(ns)) return absl::OkStatus();
   return absl::PermissionDeniedError(
@@ -81,6 +86,7 @@ absl::StatusOr<std::unique_ptr<TokenTable>> TokenTable::Parse(absl::string_view 
       return bad(absl::StrCat("the token of line ", it->second, " again (one line a token)"));
     }
     if (g.peer && table->peer_token_.empty()) table->peer_token_ = std::string(token);
+    g.id = digest;
     table->by_digest_.emplace(std::move(digest), std::move(g));
   }
   if (table->by_digest_.empty()) {
@@ -105,6 +111,11 @@ absl::StatusOr<const Grants*> TokenTable::Find(absl::string_view token) const {
         "the call's token is not one this kvdnd knows (auth_tokens_file)");
   }
   return &it->second;
+}
+
+const Grants* TokenTable::FindById(const std::string& id) const {
+  auto it = by_digest_.find(id);
+  return it == by_digest_.end() ? nullptr : &it->second;
 }
 
 absl::StatusOr<const Grants*> TokenTable::Authenticate(const grpc::ServerContextBase& ctx) const {

@@ -35,6 +35,7 @@ namespace kvdn::daemon {
 
 // What one token may do.
 struct Grants {
+  std::string id;  // the token's SHA-256: the same token across reloads of the file
   absl::flat_hash_set<std::string> namespaces;
   bool all_namespaces = false;  // kvdn:all-namespaces
   bool admin = false;           // kvdn:admin
@@ -45,9 +46,12 @@ struct Grants {
 };
 
 // Where a call's token was checked: the grants it carries. Copyable; `grants` is null when the
-// daemon runs without tokens (everything allowed).
+// daemon runs without tokens (everything allowed). `table` keeps `grants` alive across a reload.
 struct Caller {
+  std::shared_ptr<const class TokenTable> table;
   const Grants* grants = nullptr;
+  // The token's identity (Grants::id); empty without tokens.
+  const std::string& token_id() const;
   // PERMISSION_DENIED naming the namespace when the token does not reach `ns`.
   absl::Status CheckNamespace(absl::string_view ns) const;
   // Whether the caller may map the daemon's GPU tier (CUDA IPC maps all of it, every tenant's
@@ -68,6 +72,8 @@ class TokenTable {
 
   // The grants of `token`; UNAUTHENTICATED when it is not in the table.
   absl::StatusOr<const Grants*> Find(absl::string_view token) const;
+  // The grants of the token whose identity (Grants::id) is `id`; null when it is not in the table.
+  const Grants* FindById(const std::string& id) const;
   // The grants of the call's token (metadata `authorization: Bearer <token>`); UNAUTHENTICATED,
   // saying what was wrong, for no such metadata, another scheme, or an unknown token.
   absl::StatusOr<const Grants*> Authenticate(const grpc::ServerContextBase& ctx) const;

@@ -162,9 +162,13 @@ absl::StatusOr<v1::OpenDataPlaneResponse> DataPlane::Open(const v1::OpenDataPlan
     return absl::Status(peer.status().code(),
                         absl::StrCat("worker_address: ", peer.status().message()));
   }
-  Session s{t,           lane->arena.get(), *peer,
-            co.peer_pid, req.client_name(), !req.peer_node().empty(),
-            caller};
+  Session s{t,
+            lane->arena.get(),
+            *peer,
+            co.peer_pid,
+            req.client_name(),
+            !req.peer_node().empty(),
+            caller.token_id()};
   v1::OpenDataPlaneResponse resp;
   {
     MutexLock lock(&mu_);
@@ -194,7 +198,7 @@ absl::Status DataPlane::Close(uint64_t session_id, const Caller& caller) {
     if (it == sessions_.end()) {
       return absl::NotFoundError(absl::StrCat("no data-plane session ", session_id));
     }
-    if (caller.grants != it->second.caller.grants) {
+    if (caller.token_id() != it->second.token_id) {
       state_.auth_denied->Inc();
       return absl::PermissionDeniedError(
           absl::StrCat("data-plane session ", session_id, " was opened with another token"));
@@ -208,7 +212,7 @@ absl::Status DataPlane::Close(uint64_t session_id, const Caller& caller) {
 
 bool DataPlane::FromItsSession(const Session& s, const transfer::Transport* t,
                                const transfer::Incoming& in) const {
-  if (s.caller.grants == nullptr || (t == s.transport && in.peer() == s.peer)) return true;
+  if (!state_.auth_enabled() || (t == s.transport && in.peer() == s.peer)) return true;
   state_.auth_denied->Inc();
   // Debug, not warn: a client sending these could otherwise flood the log (the metric counts them).
   spdlog::debug(
@@ -303,9 +307,12 @@ void DataPlane::OnGet(transfer::Transport* t, std::unique_ptr<Incoming> in) {
     return ReplyGet(s, rid, absl::UnavailableError("kvdnd is draining; use another node or retry"),
                     start);
   }
+  // The session's token as the tokens file has it now (it may have been reloaded).
+  const absl::StatusOr<Caller> caller = state_.CallerFor(s.token_id);
+  if (!caller.ok()) return ReplyGet(s, rid, caller.status(), start);
   if (req.target_case() == v1::DataPlaneGetRequest::kLeaseId) {
     if (absl::Status st =
-            state_.CheckIdNamespace(s.caller, req.lease_id(), /*reservation=*/false, "lease_id");
+            state_.CheckIdNamespace(*caller, req.lease_id(), /*reservation=*/false, "lease_id");
         !st.ok()) {
       return ReplyGet(s, rid, st, start);
     }
@@ -324,7 +331,7 @@ void DataPlane::OnGet(transfer::Transport* t, std::unique_ptr<Incoming> in) {
   }
   auto key = KeyFromProto(req.key(), "key");
   absl::Status st = key.status();
-  if (st.ok()) st = state_.CheckNamespace(s.caller, key->ns);
+  if (st.ok()) st = state_.CheckNamespace(*caller, key->ns);
   if (!st.ok()) return ReplyGet(s, rid, st, start);
   storage::AcquireOptions opts;
   opts.ttl = deadline - absl::Now() + kLeaseSlack;
@@ -406,6 +413,8 @@ void DataPlane::OnPut(transfer::Transport* t, std::unique_ptr<Incoming> in) {
     return ReplyPut(s, rid, absl::UnavailableError("kvdnd is draining; use another node or retry"),
                     false, start);
   }
+  const absl::StatusOr<Caller> caller = state_.CallerFor(s.token_id);
+  if (!caller.ok()) return ReplyPut(s, rid, caller.status(), false, start);
   auto header = DecodeChunkHeader(AsBytes(req.chunk_header()));
   if (!header.ok()) {
     return ReplyPut(s, rid,
@@ -451,7 +460,7 @@ void DataPlane::OnPut(transfer::Transport* t, std::unique_ptr<Incoming> in) {
   const absl::Time deadline = DeadlineOf(req.deadline_unix_micros());
   const uint64_t size = kChunkHeaderBytes + header->payload_bytes;
   if (req.target_case() == v1::DataPlanePutRequest::kReservationId) {
-    if (absl::Status st = state_.CheckIdNamespace(s.caller, req.reservation_id(),
+    if (absl::Status st = state_.CheckIdNamespace(*caller, req.reservation_id(),
                                                   /*reservation=*/true, "reservation_id");
         !st.ok()) {
       return ReplyPut(s, rid, st, false, start);
@@ -466,7 +475,7 @@ void DataPlane::OnPut(transfer::Transport* t, std::unique_ptr<Incoming> in) {
   }
   auto key = KeyFromProto(req.key(), "key");
   absl::Status st = key.status();
-  if (st.ok()) st = state_.CheckNamespace(s.caller, key->ns);
+  if (st.ok()) st = state_.CheckNamespace(*caller, key->ns);
   if (!st.ok()) return ReplyPut(s, rid, st, false, start);
   if (req.part()) return OnPutPart(s, rid, req, *key, *header, holder, deadline, start);
   // Room in the host tier, here when that needs no disk I/O (the usual case: the store demotes in
@@ -554,7 +563,7 @@ void DataPlane::CommitReservation(uint64_t reservation_id, uint64_t chunk_bytes,
 }
 
 struct DataPlane::Assembly {
-  const Grants* owner = nullptr;  // the token of its sessions (AssemblyId)
+  std::string owner;  // the token of its sessions (AssemblyId)
   ChunkKey key;
   std::string chunk_header;
   uint64_t checksum = 0;
@@ -601,15 +610,15 @@ void DataPlane::OnPutPart(const Session& s, uint64_t rid, const v1::DataPlanePut
   absl::Status refuse;
   {
     MutexLock lock(&parts_mu_);
-    auto it = assemblies_.find(AssemblyId{s.caller.grants, put_id});
+    auto it = assemblies_.find(AssemblyId{s.token_id, put_id});
     if (it == assemblies_.end()) {
-      if (size_t& open = assemblies_of_[s.caller.grants]; open >= kMaxAssemblies) {
+      if (size_t& open = assemblies_of_[s.token_id]; open >= kMaxAssemblies) {
         refuse = absl::ResourceExhaustedError(absl::StrCat(
-            open, " Puts in parts are in flight",
-            s.caller.grants != nullptr ? " with this token" : "", "; send whole chunks or retry"));
+            open, " Puts in parts are in flight", s.token_id.empty() ? "" : " with this token",
+            "; send whole chunks or retry"));
       } else {
         a = std::make_shared<Assembly>();
-        a->owner = s.caller.grants;
+        a->owner = s.token_id;
         a->key = key;
         a->chunk_header = req.chunk_header();
         a->checksum = header.payload_checksum;

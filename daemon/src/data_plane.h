@@ -63,7 +63,7 @@ class DataPlane {
     std::string name;
     // Opened by another kvdnd (peer_node): its Gets read local tiers only, its Puts are replicas.
     bool from_peer = false;
-    Caller caller;  // the token that opened it
+    std::string token_id;  // the token that opened it (Grants::id); empty without tokens
   };
   // With tokens, whether a request (that arrived on transport `t`) came over its session's own
   // connection: session ids are counters, and another client's request naming this session is
@@ -149,11 +149,11 @@ class DataPlane {
   // By the token of the sessions its parts came over and put_id (the client's choice): a Put's
   // parts may arrive over several sessions of one client, and another token's parts never reach
   // it (without tokens: put_id alone).
-  using AssemblyId = std::pair<const Grants*, uint64_t>;
+  using AssemblyId = std::pair<std::string, uint64_t>;  // (token id, put_id)
   absl::flat_hash_map<AssemblyId, std::shared_ptr<Assembly>> assemblies_ ABSL_GUARDED_BY(parts_mu_);
   // Assemblies in flight per token: the limit (kMaxAssemblies) is each token's, so one tenant
   // holding many Puts in parts open does not refuse the others'.
-  absl::flat_hash_map<const Grants*, size_t> assemblies_of_ ABSL_GUARDED_BY(parts_mu_);
+  absl::flat_hash_map<std::string, size_t> assemblies_of_ ABSL_GUARDED_BY(parts_mu_);
   // Forgets assembly `id`.
   void EraseAssemblyLocked(const AssemblyId& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(parts_mu_);
 };

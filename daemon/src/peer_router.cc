@@ -161,9 +161,9 @@ void PeerRouter::SetMembers(const std::map<std::string, MemberRecord>& members) 
     if (it != old->peers.end() && it->second->address == record.grpc_address) {
       v->peers[node] = it->second;  // keep its channel and session
     } else {
+      const std::shared_ptr<const TokenTable> tokens = state_.Tokens();
       v->peers[node] = std::make_shared<Peer>(
-          node, record.grpc_address,
-          state_.tokens != nullptr ? state_.tokens->peer_token() : std::string());
+          node, record.grpc_address, tokens != nullptr ? tokens->peer_token() : std::string());
     }
   }
   if (std::find(v->members.begin(), v->members.end(), self_) == v->members.end()) {

@@ -4,6 +4,7 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/server_posix.h>
+#include <sys/stat.h>
 
 #include <filesystem>
 
@@ -218,6 +219,44 @@ struct Server::Impl {
     }
     m.reset();
   }
+  // Reads auth_tokens_file again whenever it changes (a Kubernetes Secret update replaces the
+  // file behind its path): the file's identity (device, inode, size, mtime) is looked at every
+  // second, a stat() each.
+  std::thread token_watcher;
+  Mutex watch_mu;
+  CondVar watch_cv;
+  bool watch_stop ABSL_GUARDED_BY(watch_mu) = false;
+  static std::string FileStamp(const std::string& path) {
+    struct stat st {};
+    if (stat(path.c_str(), &st) != 0) return "missing";
+    return absl::StrCat(st.st_dev, ":", st.st_ino, ":", st.st_size, ":", st.st_mtim.tv_sec, ".",
+                        st.st_mtim.tv_nsec);
+  }
+  void WatchTokens() {
+    token_watcher = std::thread([this] {
+      std::string seen = FileStamp(config.auth_tokens_file());
+      MutexLock lock(&watch_mu);
+      while (!watch_stop) {
+        watch_cv.WaitWithTimeout(&watch_mu, absl::Seconds(1));
+        if (watch_stop) return;
+        const std::string now = FileStamp(config.auth_tokens_file());
+        if (now == seen) continue;
+        seen = now;
+        watch_mu.Unlock();
+        (void)state->ReloadTokens();  // logs and counts a file that does not parse
+        watch_mu.Lock();
+      }
+    });
+  }
+  void StopWatchingTokens() {
+    {
+      MutexLock lock(&watch_mu);
+      watch_stop = true;
+      watch_cv.SignalAll();
+    }
+    if (token_watcher.joinable()) token_watcher.join();
+  }
+
   Mutex mu;
   bool drained ABSL_GUARDED_BY(mu) = false;
   uint32_t drained_in_flight ABSL_GUARDED_BY(mu) = 0;
@@ -285,7 +324,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const v1::DaemonConfig& co
   KVDN_ASSIGN_OR_RETURN(impl->store, storage::TieredStore::Open(StoreOptions(config)));
   impl->state = std::make_unique<ServerState>(config, impl->store.get(), &impl->metrics);
   ServerState* state = impl->state.get();
-  state->tokens = std::move(tokens);
+  state->SetTokens(std::move(tokens));
   impl->metrics.AddCollector([state](MetricsWriter& w) {
     CollectStore(*state, w);
     if (!state->cluster.configured) return;
@@ -387,6 +426,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const v1::DaemonConfig& co
       config.grpc_address() == "none" ? "" : absl::StrCat(host, ":", impl->grpc_port),
       impl->http ? absl::StrCat(http_host, ":", impl->http->port()) : "");
   KVDN_RETURN_IF_ERROR(impl->JoinCluster());
+  if (state->auth_enabled()) impl->WatchTokens();
   impl->grpc_server->GetHealthCheckService()->SetServingStatus(true);
   impl->ready.store(true);
   return std::unique_ptr<Server>(new Server(std::move(impl)));
@@ -399,6 +439,7 @@ void Server::Shutdown() {
     if (impl_->shut_down) return;
   }
   impl_->Drain();
+  impl_->StopWatchingTokens();
   MutexLock lock(&impl_->mu);
   impl_->shut_down = true;
   if (!impl_->config.persist_on_shutdown_disabled() && impl_->store->disk_tier()) {

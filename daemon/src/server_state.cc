@@ -154,7 +154,13 @@ ServerState::ServerState(const v1::DaemonConfig& cfg, storage::TieredStore* s, M
       auth_denied(
           m->AddCounter("kvdn_auth_failures_total",
                         "Calls and data-plane requests refused for their token (auth_tokens_file).",
-                        {{"reason", "permission_denied"}})) {
+                        {{"reason", "permission_denied"}})),
+      auth_reloaded(m->AddCounter("kvdn_auth_reloads_total",
+                                  "Times auth_tokens_file was read again after it changed.",
+                                  {{"result", "ok"}})),
+      auth_reload_failed(m->AddCounter("kvdn_auth_reloads_total",
+                                       "Times auth_tokens_file was read again after it changed.",
+                                       {{"result", "failed"}})) {
   for (int i = 0; i < kNumMethods; ++i) {
     latency_[i] = m->AddHistogram(
         "kvdn_grpc_request_duration_seconds", "Time from admission to the end of a gRPC call.",
@@ -175,6 +181,7 @@ absl::Status ServerState::CheckNamespace(const Caller& caller, absl::string_view
 
 absl::StatusOr<Caller> ServerState::Authenticate(Method method,
                                                  const grpc::ServerContextBase& ctx) const {
+  std::shared_ptr<const TokenTable> tokens = Tokens();
   if (tokens == nullptr) return Caller{};
   absl::StatusOr<const Grants*> grants = tokens->Authenticate(ctx);
   absl::Status st = grants.status();
@@ -195,7 +202,44 @@ absl::StatusOr<Caller> ServerState::Authenticate(Method method,
     CountAuthFailure(st);
     return st;
   }
-  return Caller{*grants};
+  return Caller{std::move(tokens), *grants};
+}
+
+std::shared_ptr<const TokenTable> ServerState::Tokens() const {
+  MutexLock lock(&tokens_mu_);
+  return tokens_;
+}
+
+void ServerState::SetTokens(std::shared_ptr<const TokenTable> table) {
+  MutexLock lock(&tokens_mu_);
+  tokens_ = std::move(table);
+}
+
+absl::Status ServerState::ReloadTokens() {
+  absl::StatusOr<std::unique_ptr<TokenTable>> loaded = TokenTable::Load(config.auth_tokens_file());
+  if (!loaded.ok()) {
+    auth_reload_failed->Inc();
+    spdlog::error("auth_tokens_file changed but cannot be used, keeping the tokens read before: {}",
+                  loaded.status().message());
+    return loaded.status();
+  }
+  const size_t n = (*loaded)->size();
+  SetTokens(*std::move(loaded));
+  auth_reloaded->Inc();
+  spdlog::info("auth_tokens_file read again: {} tokens", n);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Caller> ServerState::CallerFor(const std::string& token_id) const {
+  std::shared_ptr<const TokenTable> tokens = Tokens();
+  if (tokens == nullptr) return Caller{};
+  const Grants* g = tokens->FindById(token_id);
+  if (g == nullptr) {
+    auth_unauthenticated->Inc();
+    return absl::UnauthenticatedError(
+        "the token this data-plane session was opened with is no longer in auth_tokens_file");
+  }
+  return Caller{std::move(tokens), g};
 }
 
 absl::Status ServerState::CheckIdNamespace(const Caller& caller, uint64_t id, bool reservation,

@@ -125,6 +125,17 @@ struct ServerState {
                                 absl::string_view field) const;
   // Counts a refused token or namespace (kvdn_auth_failures_total).
   void CountAuthFailure(const absl::Status& st) const;
+  // Tenant tokens (auth_tokens_file). The table is swapped whole by ReloadTokens; calls and
+  // sessions keep the one they were checked against alive (Caller::table).
+  bool auth_enabled() const { return !config.auth_tokens_file().empty(); }
+  std::shared_ptr<const TokenTable> Tokens() const;
+  void SetTokens(std::shared_ptr<const TokenTable> table);
+  // Reads auth_tokens_file again; a file that does not parse leaves the current table in place
+  // (logged, kvdn_auth_reloads_total{result="failed"}).
+  absl::Status ReloadTokens();
+  // The caller a data-plane session's token (its Grants::id) stands for now, after any reload:
+  // UNAUTHENTICATED when the token is no longer in the file. Without tokens: everything allowed.
+  absl::StatusOr<Caller> CallerFor(const std::string& token_id) const;
   // The addresses actually bound (a configured port 0 becomes the port picked).
   void SetEndpoints(std::string grpc, std::string http);
   std::pair<std::string, std::string> Endpoints() const;
@@ -142,9 +153,8 @@ struct ServerState {
   Counter* const bad_requests;
   Counter* const auth_unauthenticated;  // kvdn_auth_failures_total{reason="unauthenticated"}
   Counter* const auth_denied;           // kvdn_auth_failures_total{reason="permission_denied"}
-  // auth_tokens_file's table; null without one (no authentication). Set before the services
-  // start, constant after.
-  std::unique_ptr<const TokenTable> tokens;
+  Counter* const auth_reloaded;         // kvdn_auth_reloads_total{result="ok"}
+  Counter* const auth_reload_failed;    // kvdn_auth_reloads_total{result="failed"}
   // Leases that gRPC still holds slices of (Get frames point into the arena until sent). The
   // store must outlive them: shutdown waits for this to reach zero.
   std::atomic<int64_t> leases_in_transport{0};
@@ -183,6 +193,8 @@ struct ServerState {
   void Written(const ChunkKey& key);
 
  private:
+  mutable Mutex tokens_mu_;
+  std::shared_ptr<const TokenTable> tokens_ ABSL_GUARDED_BY(tokens_mu_);
   mutable Mutex endpoints_mu_;
   std::string grpc_endpoint_ ABSL_GUARDED_BY(endpoints_mu_);
   std::string http_endpoint_ ABSL_GUARDED_BY(endpoints_mu_);

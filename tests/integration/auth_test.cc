@@ -25,6 +25,7 @@
 #include "kvdn/proto/grpc_status.h"
 #include "kvdn/testing/chunks.h"
 #include "kvdn/testing/status_matchers.h"
+#include "kvdn/testing/waiting.h"
 #include "kvdn/transfer/ucx_transport.h"
 #include "kvdn/v1/admin_service.grpc.pb.h"
 #include "kvdn/v1/data_plane.pb.h"
@@ -588,6 +589,49 @@ TEST_F(AuthTest, OneTenantAtItsLimitOfPutsInPartsDoesNotRefuseAnother) {
   EXPECT_OK(a.Next());
   EXPECT_OK(a.Next());
   ASSERT_LT(absl::Now(), deadline);
+  EXPECT_TRUE(Serving());
+}
+
+// The tokens file is read again when it changes (as a Kubernetes Secret update replaces it): a
+// token added works at once, a token removed is refused on gRPC calls and on the data-plane
+// session it had opened, and a file that does not parse leaves the tokens read before in place.
+TEST_F(AuthTest, ChangesToTheTokensFileApplyWithoutARestart) {
+  Raw b;
+  ASSERT_NO_FATAL_FAILURE(Open(b, kTokenB));
+  ASSERT_OK_AND_ASSIGN(auto cb, Connect(kTokenB, "tenant-b"));
+  const auto tokens = Tokens(64, 9);
+  ASSERT_OK(cb->Lookup(tokens).status());
+  constexpr char kTokenC[] = "tenant-c-token-0123456789";
+  auto replace = [&](const std::string& text) {  // a new file renamed over the old, atomically
+    std::ofstream(tokens_file_ + ".new") << text;
+    std::filesystem::rename(tokens_file_ + ".new", tokens_file_);
+  };
+  auto reloads = [&](const char* result) {
+    return testing::MetricSample(daemon_.http_port(),
+                                 absl::StrCat("kvdn_auth_reloads_total{result=\"", result, "\"}"));
+  };
+  replace(absl::StrCat(kTokenA, " tenant-a\n", kTokenC, " tenant-c\n", kAdminToken, " kvdn:admin\n",
+                       kPeerToken, " kvdn:peer\n"));
+  ASSERT_TRUE(testing::Eventually([&] { return reloads("ok") == 1; }, absl::Seconds(10)));
+  ASSERT_OK_AND_ASSIGN(auto cc, Connect(kTokenC, "tenant-c"));
+  EXPECT_OK(cc->Lookup(tokens).status());
+  EXPECT_THAT(cb->Lookup(tokens),
+              StatusIs(absl::StatusCode::kUnauthenticated, HasSubstr("not one this kvdnd knows")));
+  // b's session, opened with the removed token: its next request is refused.
+  v1::DataPlaneGetRequest get;
+  get.set_session_id(b.session);
+  get.set_request_id(1);
+  *get.mutable_key() = ProtoKey("tenant-b", 'g');
+  get.set_deadline_unix_micros(absl::ToUnixMicros(absl::Now() + absl::Seconds(5)));
+  b.Send(v1::DATA_PLANE_GET, get, {});
+  EXPECT_THAT(b.Next(), StatusIs(absl::StatusCode::kUnauthenticated,
+                                 HasSubstr("no longer in auth_tokens_file")));
+  // A file that does not parse: counted, and the tokens read before stay.
+  replace("short tenant-a\n");
+  ASSERT_TRUE(testing::Eventually([&] { return reloads("failed") == 1; }, absl::Seconds(10)));
+  EXPECT_OK(cc->Lookup(tokens).status());
+  EXPECT_THAT(cb->Lookup(tokens), StatusIs(absl::StatusCode::kUnauthenticated));
+  EXPECT_THAT(daemon_.log(), HasSubstr("keeping the tokens read before"));
   EXPECT_TRUE(Serving());
 }
 

@@ -55,7 +55,7 @@ TEST(TokenTableTest, UnknownTokensAreUnauthenticated) {
 TEST(TokenTableTest, CallerChecksNamespaces) {
   ASSERT_OK_AND_ASSIGN(auto table, TokenTable::Parse(kFile, "tokens"));
   EXPECT_OK(Caller{}.CheckNamespace("anything"));  // no tokens: no check
-  Caller a{table->Find("tenant-a-token-0123456789").value()};
+  Caller a{nullptr, table->Find("tenant-a-token-0123456789").value()};
   EXPECT_OK(a.CheckNamespace("tenant-a"));
   EXPECT_THAT(a.CheckNamespace("tenant-b"),
               StatusIs(absl::StatusCode::kPermissionDenied, HasSubstr("\"tenant-b\"")));
