@@ -181,6 +181,7 @@ absl::Status ServerState::CheckNamespace(const Caller& caller, absl::string_view
 
 absl::StatusOr<Caller> ServerState::Authenticate(Method method,
                                                  const grpc::ServerContextBase& ctx) const {
+  if (!auth_enabled()) return Caller{};  // the usual case: no lock taken
   std::shared_ptr<const TokenTable> tokens = Tokens();
   if (tokens == nullptr) return Caller{};
   absl::StatusOr<const Grants*> grants = tokens->Authenticate(ctx);
@@ -231,6 +232,7 @@ absl::Status ServerState::ReloadTokens() {
 }
 
 absl::StatusOr<Caller> ServerState::CallerFor(const std::string& token_id) const {
+  if (!auth_enabled()) return Caller{};
   std::shared_ptr<const TokenTable> tokens = Tokens();
   if (tokens == nullptr) return Caller{};
   const Grants* g = tokens->FindById(token_id);
