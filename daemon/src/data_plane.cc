@@ -812,7 +812,7 @@ void DataPlane::EndAssembly(const std::shared_ptr<Assembly>& a, uint64_t put_id,
   for (const auto& [s, rid] : answer) ReplyPut(s, rid, a->result, a->stored, a->start);
 }
 
-void DataPlane::EraseAssemblyLocked(const AssemblyId& id) {
+void DataPlane::EraseAssemblyLocked(AssemblyId id) {
   if (assemblies_.erase(id) == 0) return;
   auto it = assemblies_of_.find(id.first);
   if (it != assemblies_of_.end() && --it->second == 0) assemblies_of_.erase(it);

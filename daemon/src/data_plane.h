@@ -154,8 +154,8 @@ class DataPlane {
   // Assemblies in flight per token: the limit (kMaxAssemblies) is each token's, so one tenant
   // holding many Puts in parts open does not refuse the others'.
   absl::flat_hash_map<std::string, size_t> assemblies_of_ ABSL_GUARDED_BY(parts_mu_);
-  // Forgets assembly `id`.
-  void EraseAssemblyLocked(const AssemblyId& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(parts_mu_);
+  // Forgets assembly `id`. By value: callers pass the map's own key, which the erase destroys.
+  void EraseAssemblyLocked(AssemblyId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(parts_mu_);
 };
 
 }  // namespace kvdn::daemon
