@@ -132,9 +132,9 @@ class AuthTest : public ::testing::Test {
               absl::Now() + absl::Seconds(5), [](absl::Status) {});
     }
     // The next reply's status (UNKNOWN "no reply" after 3 s).
-    absl::Status Next() {
+    absl::Status Next(absl::Duration within = absl::Seconds(3)) {
       MutexLock lock(&mu);
-      const absl::Time end = absl::Now() + absl::Seconds(3);
+      const absl::Time end = absl::Now() + within;
       while (replies.empty() && absl::Now() < end) cv.WaitWithTimeout(&mu, end - absl::Now());
       if (replies.empty()) return absl::UnknownError("no reply");
       absl::Status s = replies.front();
@@ -503,13 +503,14 @@ TEST_F(AuthTest, DataPlaneRequestsStayWithTheirSessionAndItsToken) {
 // A Put in parts is assembled by put_id, which the client picks: a part of another token's Put
 // with the same put_id starts an assembly of its own instead of failing the first one.
 TEST_F(AuthTest, PartsOfAnotherTokensPutWithTheSamePutIdDoNotTouchIt) {
-  Raw a, b;
-  ASSERT_NO_FATAL_FAILURE(Open(a, kTokenA));
-  ASSERT_NO_FATAL_FAILURE(Open(b, kTokenB));
+  // The bytes first: the transports (Raw) go before them, with any send still queued.
   const ChunkInfo info{Dtype::kBFloat16, 2, 1, 64, 64};  // 32 KiB payload
   const std::vector<uint8_t> payload = RandomBytes(info.PayloadBytes(), 5);
   uint8_t header[kChunkHeaderBytes];
   WriteChunkHeader(info, Xxh3_64(ByteSpan(payload)), MutableByteSpan(header, sizeof(header)));
+  Raw a, b;
+  ASSERT_NO_FATAL_FAILURE(Open(a, kTokenA));
+  ASSERT_NO_FATAL_FAILURE(Open(b, kTokenB));
   constexpr uint64_t kPutId = 77;
   auto part = [&](const Raw& r, const std::string& ns, uint64_t offset, absl::Duration within) {
     v1::DataPlanePutRequest m;
@@ -531,12 +532,13 @@ TEST_F(AuthTest, PartsOfAnotherTokensPutWithTheSamePutIdDoNotTouchIt) {
          all.subspan(0, 16384));
   absl::SleepFor(absl::Milliseconds(100));
   a.Send(v1::DATA_PLANE_PUT, part(a, "tenant-a", 16384, absl::Seconds(20)), all.subspan(16384));
-  EXPECT_OK(a.Next());  // both of a's parts: the Put is stored
-  EXPECT_OK(a.Next());
+  EXPECT_OK(a.Next(absl::Seconds(20)));  // both of a's parts: the Put is stored
+  EXPECT_OK(a.Next(absl::Seconds(20)));
   absl::SleepFor(absl::Milliseconds(400));
   // b's assembly is swept at the next part that arrives (any put_id): only one of its parts came.
   b.Send(v1::DATA_PLANE_PUT, part(b, "tenant-b", 0, absl::Seconds(5)), all.subspan(0, 16384));
-  EXPECT_THAT(b.Next(), StatusIs(absl::StatusCode::kDeadlineExceeded, HasSubstr("only 1 of")));
+  EXPECT_THAT(b.Next(absl::Seconds(20)),
+              StatusIs(absl::StatusCode::kDeadlineExceeded, HasSubstr("only 1 of")));
   ASSERT_OK_AND_ASSIGN(auto ca, Connect(kTokenA, "tenant-a"));
   std::vector<uint8_t> got(kChunkHeaderBytes + payload.size());
   const v1::ChunkKey k = ProtoKey("tenant-a", 'p');
@@ -550,13 +552,14 @@ TEST_F(AuthTest, PartsOfAnotherTokensPutWithTheSamePutIdDoNotTouchIt) {
 // The limit on Puts in parts in flight (4096) is each token's: a tenant holding its limit open
 // gets RESOURCE_EXHAUSTED, and another tenant's Put in parts is still assembled and stored.
 TEST_F(AuthTest, OneTenantAtItsLimitOfPutsInPartsDoesNotRefuseAnother) {
-  Raw a, b;
-  ASSERT_NO_FATAL_FAILURE(Open(a, kTokenA));
-  ASSERT_NO_FATAL_FAILURE(Open(b, kTokenB));
+  // The bytes first: the transports (Raw) go before them, with any send still queued.
   const ChunkInfo info{Dtype::kBFloat16, 1, 1, 16, 64};  // 4 KiB payload
   const std::vector<uint8_t> payload = RandomBytes(info.PayloadBytes(), 6);
   uint8_t header[kChunkHeaderBytes];
   WriteChunkHeader(info, Xxh3_64(ByteSpan(payload)), MutableByteSpan(header, sizeof(header)));
+  Raw a, b;
+  ASSERT_NO_FATAL_FAILURE(Open(a, kTokenA));
+  ASSERT_NO_FATAL_FAILURE(Open(b, kTokenB));
   const ByteSpan all(payload);
   const uint64_t half = payload.size() / 2;
   auto part = [&](const Raw& r, const std::string& ns, uint64_t put_id, uint64_t offset,
@@ -575,19 +578,21 @@ TEST_F(AuthTest, OneTenantAtItsLimitOfPutsInPartsDoesNotRefuseAnother) {
     return m;
   };
   constexpr int kLimit = 4096;
-  const absl::Time deadline = absl::Now() + absl::Seconds(8);
+  // Long enough for 4096 messages under ASan on two cores: b's Puts stay open all through.
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
   for (uint64_t id = 1; id <= kLimit; ++id) {  // b: the first half of each, held open
     b.Send(v1::DATA_PLANE_PUT, part(b, "tenant-b", id, 0, deadline), all.subspan(0, half));
   }
   b.Send(v1::DATA_PLANE_PUT, part(b, "tenant-b", kLimit + 1, 0, deadline), all.subspan(0, half));
-  EXPECT_THAT(b.Next(), StatusIs(absl::StatusCode::kResourceExhausted,
-                                 HasSubstr("4096 Puts in parts are in flight with this token")));
+  EXPECT_THAT(b.Next(absl::Seconds(40)),
+              StatusIs(absl::StatusCode::kResourceExhausted,
+                       HasSubstr("4096 Puts in parts are in flight with this token")));
   ASSERT_LT(absl::Now(), deadline) << "the test sent too slowly to see the limit";
   // a, meanwhile: both parts of one Put, stored.
   a.Send(v1::DATA_PLANE_PUT, part(a, "tenant-a", 1, 0, deadline), all.subspan(0, half));
   a.Send(v1::DATA_PLANE_PUT, part(a, "tenant-a", 1, half, deadline), all.subspan(half));
-  EXPECT_OK(a.Next());
-  EXPECT_OK(a.Next());
+  EXPECT_OK(a.Next(absl::Seconds(15)));
+  EXPECT_OK(a.Next(absl::Seconds(15)));
   ASSERT_LT(absl::Now(), deadline);
   EXPECT_TRUE(Serving());
 }
