@@ -37,6 +37,7 @@ namespace {
 
 using ::kvdn::testing::DaemonProcess;
 using ::kvdn::testing::RandomBytes;
+using ::kvdn::testing::RandomTokens;
 using ::kvdn::testing::StatusIs;
 using ::kvdn::testing::TempDir;
 using ::testing::HasSubstr;
@@ -47,13 +48,6 @@ constexpr char kAdminToken[] = "admin-token-0123456789abc";
 constexpr char kPeerToken[] = "peer-token-0123456789abcd";
 
 ModelSpec SmallModel() { return {"test-model", 2, 2, 64, Dtype::kBFloat16, 16}; }
-
-std::vector<int32_t> Tokens(size_t n, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = static_cast<int32_t>(rng() % 128000);
-  return t;
-}
 
 void Deadline(grpc::ClientContext* ctx) {
   ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
@@ -142,6 +136,25 @@ class AuthTest : public ::testing::Test {
       return s;
     }
   };
+  // Part (of 2, at payload `offset`) of Put `put_id` by key (namespace `ns`, ProtoKey's with
+  // `fingerprint`) of the chunk whose 64-byte header is `header`, over r's session.
+  static v1::DataPlanePutRequest PartOfTwo(const Raw& r, const uint8_t* header,
+                                           const std::string& ns, uint64_t fingerprint,
+                                           uint64_t put_id, uint64_t offset, absl::Time deadline) {
+    v1::DataPlanePutRequest m;
+    m.set_session_id(r.session);
+    m.set_request_id(put_id * 2 + (offset == 0 ? 0 : 1));
+    *m.mutable_key() = ProtoKey(ns, 'p');
+    m.mutable_key()->set_fingerprint(fingerprint);
+    m.set_chunk_header(header, kChunkHeaderBytes);
+    m.set_part(true);
+    m.set_parts(2);
+    m.set_put_id(put_id);
+    m.set_payload_offset(offset);
+    m.set_deadline_unix_micros(absl::ToUnixMicros(deadline));
+    return m;
+  }
+
   // Opens a session with kvdnd with `token`, on its own UCX worker.
   void Open(Raw& r, const std::string& token) {
     transfer::UcxTransportOptions o;
@@ -178,7 +191,7 @@ TEST_F(AuthTest, EachTenantReachesItsOwnNamespaceOverGrpcAndUcx) {
   for (Plane plane : {Plane::kGrpc, Plane::kUcx}) {
     for (const std::string& target : {daemon_.unix_target(), daemon_.tcp_target()}) {
       SCOPED_TRACE(absl::StrCat(target, plane == Plane::kUcx ? " ucx" : " grpc"));
-      const auto tokens = Tokens(16 * 3 + 5, seed++);  // new chunks each round
+      const auto tokens = RandomTokens(16 * 3 + 5, seed++);  // new chunks each round
       ASSERT_OK_AND_ASSIGN(auto a, Connect(kTokenA, "tenant-a", plane, target));
       std::vector<std::vector<uint8_t>> payloads;
       for (uint64_t s : a->ChunkPayloadSizes(tokens.size())) {
@@ -220,7 +233,7 @@ TEST_F(AuthTest, EachTenantReachesItsOwnNamespaceOverGrpcAndUcx) {
 }
 
 TEST_F(AuthTest, CallsWithoutAKnownTokenAreUnauthenticated) {
-  const auto tokens = Tokens(32, 2);
+  const auto tokens = RandomTokens(32, 2);
   ASSERT_OK_AND_ASSIGN(auto none, Connect("", "tenant-a"));
   EXPECT_THAT(none->Lookup(tokens),
               StatusIs(absl::StatusCode::kUnauthenticated, HasSubstr("requires a token")));
@@ -253,11 +266,11 @@ TEST_F(AuthTest, TheTokenComesFromTheEnvironmentWhenNotGiven) {
   setenv("KVDN_TOKEN_FILE", file.c_str(), 1);
   ASSERT_OK_AND_ASSIGN(auto from_file, Connect("", "tenant-a"));
   EXPECT_EQ(from_file->options().token, kTokenA);
-  EXPECT_OK(from_file->Lookup(Tokens(32, 3)).status());
+  EXPECT_OK(from_file->Lookup(RandomTokens(32, 3)).status());
   setenv("KVDN_TOKEN", kTokenB, 1);  // KVDN_TOKEN first
   ASSERT_OK_AND_ASSIGN(auto from_env, Connect("", "tenant-b"));
   EXPECT_EQ(from_env->options().token, kTokenB);
-  EXPECT_OK(from_env->Lookup(Tokens(32, 3)).status());
+  EXPECT_OK(from_env->Lookup(RandomTokens(32, 3)).status());
   unsetenv("KVDN_TOKEN");
   setenv("KVDN_TOKEN_FILE", dir_.Sub("missing").c_str(), 1);
   EXPECT_THAT(Connect("", "tenant-a"),
@@ -513,17 +526,7 @@ TEST_F(AuthTest, PartsOfAnotherTokensPutWithTheSamePutIdDoNotTouchIt) {
   ASSERT_NO_FATAL_FAILURE(Open(b, kTokenB));
   constexpr uint64_t kPutId = 77;
   auto part = [&](const Raw& r, const std::string& ns, uint64_t offset, absl::Duration within) {
-    v1::DataPlanePutRequest m;
-    m.set_session_id(r.session);
-    m.set_request_id(offset == 0 ? 1 : 2);
-    *m.mutable_key() = ProtoKey(ns, 'p');
-    m.set_chunk_header(header, kChunkHeaderBytes);
-    m.set_part(true);
-    m.set_parts(2);
-    m.set_put_id(kPutId);
-    m.set_payload_offset(offset);
-    m.set_deadline_unix_micros(absl::ToUnixMicros(absl::Now() + within));
-    return m;
+    return PartOfTwo(r, header, ns, /*fingerprint=*/42, kPutId, offset, absl::Now() + within);
   };
   const ByteSpan all(payload);
   a.Send(v1::DATA_PLANE_PUT, part(a, "tenant-a", 0, absl::Seconds(20)), all.subspan(0, 16384));
@@ -563,19 +566,8 @@ TEST_F(AuthTest, OneTenantAtItsLimitOfPutsInPartsDoesNotRefuseAnother) {
   const ByteSpan all(payload);
   const uint64_t half = payload.size() / 2;
   auto part = [&](const Raw& r, const std::string& ns, uint64_t put_id, uint64_t offset,
-                  absl::Time deadline) {
-    v1::DataPlanePutRequest m;
-    m.set_session_id(r.session);
-    m.set_request_id(put_id * 2 + (offset == 0 ? 0 : 1));
-    *m.mutable_key() = ProtoKey(ns, 'l');
-    m.mutable_key()->set_fingerprint(put_id);  // a chunk of its own per Put
-    m.set_chunk_header(header, kChunkHeaderBytes);
-    m.set_part(true);
-    m.set_parts(2);
-    m.set_put_id(put_id);
-    m.set_payload_offset(offset);
-    m.set_deadline_unix_micros(absl::ToUnixMicros(deadline));
-    return m;
+                  absl::Time deadline) {  // a chunk of its own per Put
+    return PartOfTwo(r, header, ns, /*fingerprint=*/put_id, put_id, offset, deadline);
   };
   constexpr int kLimit = 4096;
   // Long enough for 4096 messages under ASan on two cores: b's Puts stay open all through.
@@ -604,7 +596,7 @@ TEST_F(AuthTest, ChangesToTheTokensFileApplyWithoutARestart) {
   Raw b;
   ASSERT_NO_FATAL_FAILURE(Open(b, kTokenB));
   ASSERT_OK_AND_ASSIGN(auto cb, Connect(kTokenB, "tenant-b"));
-  const auto tokens = Tokens(64, 9);
+  const auto tokens = RandomTokens(64, 9);
   ASSERT_OK(cb->Lookup(tokens).status());
   constexpr char kTokenC[] = "tenant-c-token-0123456789";
   auto replace = [&](const std::string& text) {  // a new file renamed over the old, atomically

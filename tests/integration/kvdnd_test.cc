@@ -38,18 +38,12 @@ namespace {
 
 using ::kvdn::testing::DaemonProcess;
 using ::kvdn::testing::RandomBytes;
+using ::kvdn::testing::RandomTokens;
 using ::kvdn::testing::TempDir;
 using ::testing::HasSubstr;
 using ::testing::Not;
 
 ModelSpec SmallModel() { return {"test-model", 2, 2, 64, Dtype::kBFloat16, 16}; }
-
-std::vector<int32_t> Tokens(size_t n, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = static_cast<int32_t>(rng() % 128000);
-  return t;
-}
 
 std::unique_ptr<client::Client> Connect(const std::string& target, ModelSpec model = SmallModel(),
                                         std::string ns = "tenant-a") {
@@ -114,7 +108,7 @@ class KvdndTest : public ::testing::Test {
 TEST_F(KvdndTest, SaveLoadRoundTripIsBitIdenticalOverUnixAndTcp) {
   for (const std::string& target : {daemon_.unix_target(), daemon_.tcp_target()}) {
     auto c = Connect(target);
-    const auto tokens = Tokens(16 * 5 + 7, target.size());  // 5 full chunks and a tail
+    const auto tokens = RandomTokens(16 * 5 + 7, target.size());  // 5 full chunks and a tail
     auto payloads = Payloads(*c, tokens.size(), 11 + target.size());
     ASSERT_OK_AND_ASSIGN(client::SaveResult saved, c->Save(tokens, Spans(payloads)));
     EXPECT_EQ(saved.chunks_stored, 6u);
@@ -133,7 +127,7 @@ TEST_F(KvdndTest, SaveLoadRoundTripIsBitIdenticalOverUnixAndTcp) {
 TEST_F(KvdndTest, ThirtyTwoMiBChunkPassesInFrames) {
   // 32 layers x 256 tokens x 8 heads x 128 dims x bf16 x (K, V) = 32 MiB per chunk.
   auto c = Connect(daemon_.unix_target(), {"big", 32, 8, 128, Dtype::kBFloat16, 256});
-  const auto tokens = Tokens(256, 5);
+  const auto tokens = RandomTokens(256, 5);
   auto payloads = Payloads(*c, tokens.size(), 99);
   ASSERT_EQ(payloads[0].size(), 32u << 20);
   ASSERT_OK(c->Save(tokens, Spans(payloads)).status());
@@ -158,7 +152,7 @@ class OddGetFramesTest : public KvdndTest {
 TEST_F(OddGetFramesTest, ChunksReassembleBitIdentical) {
   for (const std::string& target : {daemon_.unix_target(), daemon_.tcp_target()}) {
     auto c = Connect(target);
-    const auto tokens = Tokens(16 * 3 + 5, target.size() + 3);
+    const auto tokens = RandomTokens(16 * 3 + 5, target.size() + 3);
     auto payloads = Payloads(*c, tokens.size(), 21 + target.size());
     ASSERT_OK(c->Save(tokens, Spans(payloads)).status());
     std::vector<std::vector<uint8_t>> got;
@@ -170,7 +164,7 @@ TEST_F(OddGetFramesTest, ChunksReassembleBitIdentical) {
 
 TEST_F(KvdndTest, LookupFindsTheLongestPrefixWithinTheNamespace) {
   auto c = Connect(daemon_.unix_target());
-  const auto tokens = Tokens(16 * 5, 21);
+  const auto tokens = RandomTokens(16 * 5, 21);
   auto payloads = Payloads(*c, tokens.size(), 3);
   // Save the first three chunks only.
   ASSERT_OK(c->Save(tokens, absl::MakeConstSpan(Spans(payloads).data(), 3)).status());
@@ -190,7 +184,7 @@ TEST_F(KvdndTest, LookupFindsTheLongestPrefixWithinTheNamespace) {
 
 TEST_F(KvdndTest, AsyncCallsMatchSyncOnes) {
   auto c = Connect(daemon_.unix_target());
-  const auto tokens = Tokens(16 * 3, 8);
+  const auto tokens = RandomTokens(16 * 3, 8);
   auto payloads = Payloads(*c, tokens.size(), 8);
   auto saved = c->SaveAsync(tokens, Spans(payloads)).get();
   ASSERT_OK(saved.status());
@@ -202,7 +196,7 @@ TEST_F(KvdndTest, AsyncCallsMatchSyncOnes) {
 }
 
 TEST_F(KvdndTest, RestartFindsChunksOnDisk) {
-  const auto tokens = Tokens(16 * 4, 31);
+  const auto tokens = RandomTokens(16 * 4, 31);
   std::vector<std::vector<uint8_t>> payloads;
   {
     auto c = Connect(daemon_.unix_target());
@@ -816,10 +810,10 @@ TEST_F(HostShareTest, ANoisyTenantPushesOutItsOwnChunksNotTheOthers) {
   const ModelSpec model{"share-model", 2, 8, 128, Dtype::kBFloat16, 256};  // 2 MiB chunks
   auto quiet = Connect(daemon_.unix_target(), model, "quiet");
   auto noisy = Connect(daemon_.unix_target(), model, "noisy");
-  const auto q_tokens = Tokens(256 * 8, 1);
+  const auto q_tokens = RandomTokens(256 * 8, 1);
   auto q_payloads = Payloads(*quiet, q_tokens.size(), 1);
   ASSERT_OK(quiet->Save(q_tokens, Spans(q_payloads)).status());
-  const auto n_tokens = Tokens(256 * 160, 2);  // 320 MiB: past the 256 MiB host tier
+  const auto n_tokens = RandomTokens(256 * 160, 2);  // 320 MiB: past the 256 MiB host tier
   auto n_payloads = Payloads(*noisy, n_tokens.size(), 2);
   ASSERT_OK(noisy->Save(n_tokens, Spans(n_payloads)).status());
   auto admin = v1::AdminService::NewStub(client::MakeChannel(daemon_.unix_target()));
@@ -862,7 +856,7 @@ TEST_F(KvdndTest, DrainRefusesNewDataCallsAndReadyzTurnsNotReady) {
   o.model = SmallModel();
   o.max_attempts = 1;
   auto c1 = client::Client::Connect(o).value();
-  EXPECT_THAT(c1->Lookup(Tokens(32, 1)).status(),
+  EXPECT_THAT(c1->Lookup(RandomTokens(32, 1)).status(),
               testing::StatusIs(absl::StatusCode::kUnavailable, HasSubstr("draining")));
   auto [code, body] = testing::HttpGet(daemon_.http_port(), "/readyz");
   EXPECT_EQ(code, 503);
@@ -874,10 +868,10 @@ TEST_F(KvdndTest, DrainRefusesNewDataCallsAndReadyzTurnsNotReady) {
 
 TEST_F(KvdndTest, MetricsPassPromtoolAndCountCalls) {
   auto c = Connect(daemon_.unix_target());
-  const auto tokens = Tokens(16 * 2, 4);
+  const auto tokens = RandomTokens(16 * 2, 4);
   auto payloads = Payloads(*c, tokens.size(), 4);
   ASSERT_OK(c->Save(tokens, Spans(payloads)).status());
-  (void)c->Lookup(Tokens(16, 99));
+  (void)c->Lookup(RandomTokens(16, 99));
   auto [code, body] = testing::HttpGet(daemon_.http_port(), "/metrics");
   ASSERT_EQ(code, 200);
   const std::string file = dir_.Sub("metrics.txt");
@@ -905,7 +899,7 @@ TEST_F(KvdndTest, MetricsPassPromtoolAndCountCalls) {
 
 TEST_F(KvdndTest, KvdnctlSubcommands) {
   auto c = Connect(daemon_.unix_target());
-  const auto tokens = Tokens(16 * 3, 6);
+  const auto tokens = RandomTokens(16 * 3, 6);
   auto payloads = Payloads(*c, tokens.size(), 6);
   ASSERT_OK(c->Save(tokens, Spans(payloads)).status());
   auto keys = ChunkKeysForTokens("tenant-a", SmallModel(), tokens).value();
@@ -992,7 +986,7 @@ TEST_F(KvdndTest, AnEmptyTargetMeansKvdnTargetFromTheEnvironment) {
   EXPECT_EQ(client::ResolveTarget(""), daemon_.unix_target());
   EXPECT_EQ(client::ResolveTarget("127.0.0.1:1"), "127.0.0.1:1");
   auto c = Connect("");  // data plane kAuto: a unix target, so shared memory
-  const auto tokens = Tokens(16 * 2, 9);
+  const auto tokens = RandomTokens(16 * 2, 9);
   auto payloads = Payloads(*c, tokens.size(), 9);
   ASSERT_OK(c->Save(tokens, Spans(payloads)).status());
   ASSERT_OK_AND_ASSIGN(auto found, c->Lookup(tokens));

@@ -28,6 +28,14 @@ inline std::vector<uint8_t> RandomBytes(size_t n, uint64_t seed) {
   return out;
 }
 
+// `n` token ids derived from `seed` (a Llama-3-sized vocabulary).
+inline std::vector<int32_t> RandomTokens(size_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = static_cast<int32_t>(rng() % 128000);
+  return t;
+}
+
 // A chunk shape whose encoded size is close to `approx_bytes` (bf16, 8 kv heads, head_dim 128).
 inline ChunkInfo InfoForBytes(uint64_t approx_bytes, uint32_t layers = 4) {
   ChunkInfo info{Dtype::kBFloat16, layers, 8, 128, 1};
