@@ -15,3 +15,6 @@ cmake --build "$tmp/build" >/dev/null
 if [[ -x $tmp/build/consumer_connector ]]; then
   "$tmp/build/consumer_connector"
 fi
+# The Python package from the same prefix finds the installed library by itself.
+PYTHONPATH="$tmp/prefix/lib/python3/dist-packages" PYTHONDONTWRITEBYTECODE=1 python3 -c \
+  'import kvdn, kvdn._native as n, kvdn._install_path as p; assert n.lib().kvdn_abi_version() == n.ABI_VERSION; print("python: kvdn loads", p.LIBRARY)'
