@@ -22,6 +22,8 @@ PACKAGES=(
   libgtest-dev libgmock-dev googletest libbenchmark-dev prometheus redis-server libhiredis-dev
   # deploy/ checks (tests/deploy): YAML
   python3 python3-yaml
+  # TLS tests: certificates made with the openssl command
+  openssl
 )
 
 missing=()

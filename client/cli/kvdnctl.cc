@@ -13,6 +13,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_replace.h"
 #include "cli/output.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "kvdn/client/client.h"
@@ -256,6 +257,15 @@ int main(int argc, char** argv) {
       "-t,--target", g.target,
       "kvdnd address: unix:/path or host:port (default: $KVDN_TARGET, else the local unix "
       "socket)");
+  kvdn::client::TlsOptions tls;
+  app.add_option("--tls-ca-file", tls.ca_file,
+                 "CA bundle that signs kvdnd's certificate: TLS to a kvdnd whose TCP listener has "
+                 "it (not for unix sockets)");
+  app.add_option("--tls-cert-file", tls.cert_file,
+                 "this client's certificate, for a kvdnd with tls.require_client_cert");
+  app.add_option("--tls-key-file", tls.key_file, "the key of --tls-cert-file");
+  app.add_option("--tls-server-name", tls.server_name,
+                 "the name in kvdnd's certificate, when it is not the target's host");
   std::string token_file;
   app.add_option("--token-file", token_file,
                  "file holding a token with the kvdn:admin grant, for a kvdnd with "
@@ -305,7 +315,16 @@ int main(int argc, char** argv) {
     std::cerr << "kvdnctl: " << resolved.status().message() << "\n";
     return 2;
   }
-  auto channel = kvdn::client::MakeChannel(g.target, *resolved);
+  if (absl::Status st = kvdn::client::ValidateTlsOptions(tls, "--tls-"); !st.ok()) {
+    std::string message(st.message());
+    absl::StrReplaceAll({{"--tls-ca_file", "--tls-ca-file"}, {"--tls-cert_file", "--tls-cert-file"},
+                         {"--tls-key_file", "--tls-key-file"},
+                         {"--tls-server_name", "--tls-server-name"}},
+                        &message);
+    std::cerr << "kvdnctl: " << message << "\n";
+    return 2;
+  }
+  auto channel = kvdn::client::MakeChannel(g.target, *resolved, tls);
   auto stub = kvdn::v1::AdminService::NewStub(channel);
   if (*stats) return Stats(*stub, g);
   if (*ls) return List(*stub, g, ns, tier, page_size, page_token, all);

@@ -102,6 +102,10 @@ int kvdn_client_connect(const kvdn_client_options* options, kvdn_client** out) {
     o.part_bytes = options->part_bytes;
     o.receive_pool_bytes = options->receive_pool_bytes;
     o.ucx_transports = Str(options->ucx_transports);
+    o.tls.ca_file = Str(options->tls_ca_file);
+    o.tls.cert_file = Str(options->tls_cert_file);
+    o.tls.key_file = Str(options->tls_key_file);
+    o.tls.server_name = Str(options->tls_server_name);
     auto client = kvdn::client::Client::Connect(o);
     if (!client.ok()) return Fail(client.status());
     *out = new kvdn_client{std::move(*client)};

@@ -2,6 +2,10 @@
 
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/security/credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
+#include <unistd.h>
 #include <grpcpp/support/client_interceptor.h>
 #include <sys/mman.h>
 
@@ -73,7 +77,7 @@ absl::Status ValidateOptions(const ClientOptions& o) {
     return absl::InvalidArgumentError(
         absl::StrCat("ClientOptions.data_plane_lanes ", o.data_plane_lanes, " outside [0, 64]"));
   }
-  return absl::OkStatus();
+  return ValidateTlsOptions(o.tls, "ClientOptions.tls.");
 }
 
 // Where the bytes of one streamed chunk go: the 64-byte header into `header`, the payload into
@@ -407,7 +411,37 @@ class BearerTokenFactory final : public grpc::experimental::ClientInterceptorFac
 
 }  // namespace
 
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, const std::string& token) {
+absl::Status ValidateTlsOptions(const TlsOptions& tls, const std::string& prefix) {
+  if (tls.ca_file.empty()) {
+    if (!tls.cert_file.empty() || !tls.key_file.empty() || !tls.server_name.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          prefix, "ca_file is empty: set it (the CA that signs kvdnd's certificate) to use TLS"));
+    }
+    return absl::OkStatus();
+  }
+  if (tls.cert_file.empty() != tls.key_file.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        prefix, tls.cert_file.empty() ? "cert_file" : "key_file",
+        " is empty while ", tls.cert_file.empty() ? "key_file" : "cert_file", " is set"));
+  }
+  for (const auto& [field, path] : {std::pair<const char*, const std::string&>{"ca_file",
+                                                                              tls.ca_file},
+                                    {"cert_file", tls.cert_file},
+                                    {"key_file", tls.key_file}}) {
+    if (!path.empty() && ::access(path.c_str(), R_OK) != 0) {
+      return absl::NotFoundError(absl::StrCat(prefix, field, ": \"", path,
+                                              "\" cannot be read: ", std::strerror(errno)));
+    }
+  }
+  if (tls.refresh_seconds == 0 || tls.refresh_seconds > 86400) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(prefix, "refresh_seconds ", tls.refresh_seconds, " is outside [1, 86400]"));
+  }
+  return absl::OkStatus();
+}
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, const std::string& token,
+                                           const TlsOptions& tls) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(kMaxMessageBytes);
   args.SetMaxSendMessageSize(kMaxMessageBytes);
@@ -419,14 +453,24 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, const std:
   args.SetInt(GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, 256 << 10);
   // Separate clients get separate connections (the benchmark measures them side by side).
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  if (token.empty()) {
-    return grpc::CreateCustomChannel(ResolveTarget(target), grpc::InsecureChannelCredentials(),
-                                     args);
+  const std::string resolved = ResolveTarget(target);
+  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+  if (!tls.ca_file.empty() && !absl::StartsWith(resolved, "unix:")) {
+    // The files are watched (reread every refresh_seconds), so rotated certificates apply.
+    auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+        tls.key_file, tls.cert_file, tls.ca_file, tls.refresh_seconds);
+    grpc::experimental::TlsChannelCredentialsOptions o;
+    o.set_certificate_provider(provider);
+    o.watch_root_certs();
+    if (!tls.cert_file.empty()) o.watch_identity_key_cert_pairs();
+    creds = grpc::experimental::TlsCredentials(o);
+    if (!tls.server_name.empty()) args.SetSslTargetNameOverride(tls.server_name);
   }
+  if (token.empty()) return grpc::CreateCustomChannel(resolved, creds, args);
   std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(std::make_unique<BearerTokenFactory>(token));
-  return grpc::experimental::CreateCustomChannelWithInterceptors(
-      ResolveTarget(target), grpc::InsecureChannelCredentials(), args, std::move(interceptors));
+  return grpc::experimental::CreateCustomChannelWithInterceptors(resolved, creds, args,
+                                                                 std::move(interceptors));
 }
 
 // The registered buffer pool: one mapping, first-fit over 4 KiB-aligned extents. Thread-safe.
@@ -834,7 +878,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& opt
   impl->same_host = absl::StartsWith(ResolveTarget(options.target), "unix:");
   KVDN_ASSIGN_OR_RETURN(impl->options.token, ResolveToken(options.token));
   if (!impl->options.token.empty()) impl->authorization = "Bearer " + impl->options.token;
-  impl->channel = MakeChannel(options.target);
+  impl->channel = MakeChannel(options.target, /*token=*/"", options.tls);
   impl->stub = v1::KvService::NewStub(impl->channel);
   impl->generic = std::make_unique<grpc::GenericStub>(impl->channel);
   // The automatic values (options() reports them).

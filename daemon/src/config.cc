@@ -4,7 +4,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <optional>
 #include <sstream>
@@ -203,7 +205,53 @@ void ApplyDefaults(v1::DaemonConfig* c) {
   if (c->data_plane_threads() == 0) {
     c->set_data_plane_threads(std::clamp(std::thread::hardware_concurrency(), 2u, 8u));
   }
+  if (c->has_tls() && c->tls().refresh_seconds() == 0) c->mutable_tls()->set_refresh_seconds(60);
 }
+
+namespace {
+
+// The TLS fields: both of cert_file and key_file or neither, the files readable, a CA where it is
+// needed.
+absl::Status ValidateTls(const v1::DaemonConfig& c) {
+  if (!c.has_tls()) return absl::OkStatus();
+  const v1::TlsConfig& t = c.tls();
+  const bool on = !t.cert_file().empty() || !t.key_file().empty();
+  if (!on) {
+    if (!t.ca_file().empty() || t.require_client_cert() || !t.server_name().empty() ||
+        t.allow_clear_data_plane()) {
+      return Bad("tls.cert_file", "is empty: set it and tls.key_file to turn TLS on");
+    }
+    return absl::OkStatus();
+  }
+  if (t.cert_file().empty()) return Bad("tls.cert_file", "is empty while tls.key_file is set");
+  if (t.key_file().empty()) return Bad("tls.key_file", "is empty while tls.cert_file is set");
+  for (const auto& [field, path] : {std::pair<const char*, const std::string&>{"tls.cert_file",
+                                                                              t.cert_file()},
+                                    {"tls.key_file", t.key_file()},
+                                    {"tls.ca_file", t.ca_file()}}) {
+    if (path.empty()) continue;
+    if (::access(path.c_str(), R_OK) != 0) {
+      return Bad(field, absl::StrCat("\"", path, "\" cannot be read: ", std::strerror(errno)));
+    }
+  }
+  if (t.require_client_cert() && t.ca_file().empty()) {
+    return Bad("tls.ca_file", "is empty: tls.require_client_cert needs the CA that signs clients");
+  }
+  if (c.etcd_endpoints_size() > 0 && t.ca_file().empty()) {
+    return Bad("tls.ca_file",
+               "is empty: in a cluster (etcd_endpoints) peers verify each other's certificates "
+               "against it");
+  }
+  if (t.refresh_seconds() > 86400) {
+    return Bad("tls.refresh_seconds", absl::StrCat(t.refresh_seconds(), " is above 86400"));
+  }
+  if (c.grpc_address() == "none" && c.etcd_endpoints_size() == 0) {
+    return Bad("tls.cert_file", "is set but grpc_address is \"none\": no TCP listener to secure");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::Status ValidateConfig(const v1::DaemonConfig& c) {
   if (c.node_name().size() > 253) return Bad("node_name", "longer than 253 characters");
@@ -294,6 +342,7 @@ absl::Status ValidateConfig(const v1::DaemonConfig& c) {
   if (c.data_plane_threads() > 64) {
     return Bad("data_plane_threads", absl::StrCat(c.data_plane_threads(), " is above 64"));
   }
+  KVDN_RETURN_IF_ERROR(ValidateTls(c));
   if (c.max_threads() < 4 || c.max_threads() > 4096) {
     return Bad("max_threads", absl::StrCat(c.max_threads(), " is outside [4, 4096]"));
   }

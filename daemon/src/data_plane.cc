@@ -66,7 +66,11 @@ absl::StatusOr<std::unique_ptr<DataPlane>> DataPlane::Start(ServerState* state) 
     }
     dp->local_.push_back(std::move(*lane));
   }
-  for (uint32_t i = 0; i < lanes; ++i) {
+  // With TLS on the gRPC listener, payloads leave the host only inside it (UCX has no encryption),
+  // unless the config allows them in clear.
+  const bool clear_remote_ok = state->config.tls().cert_file().empty() ||
+                               state->config.tls().allow_clear_data_plane();
+  for (uint32_t i = 0; clear_remote_ok && i < lanes; ++i) {
     auto lane = make_lane(absl::StrCat("kvdnd-remote-", i), tls == "auto" ? "" : tls);
     if (!lane.ok()) {
       return absl::Status(lane.status().code(),
@@ -137,6 +141,14 @@ absl::StatusOr<v1::OpenDataPlaneResponse> DataPlane::Open(const v1::OpenDataPlan
         "); shared memory finds its peer by pid and cannot reach it. Run the client and kvdnd in "
         "one pid namespace (Kubernetes: hostPID: true on both pods, deploy/README.md), or use "
         "the gRPC data plane"));
+  }
+  if (!local && remote_.empty()) {
+    return absl::FailedPreconditionError(
+        local_.empty()
+            ? "this kvdnd has no UCX transport for this client; use gRPC"
+            : "this kvdnd serves UCX only to clients on its host (shared memory): its gRPC "
+              "listener has TLS and UCX would carry the payloads between hosts in clear "
+              "(tls.allow_clear_data_plane); use gRPC");
   }
   ReapExitedClients();
   const Lane* lane;

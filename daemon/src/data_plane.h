@@ -41,11 +41,15 @@ class DataPlane {
   absl::StatusOr<v1::OpenDataPlaneResponse> Open(const v1::OpenDataPlaneRequest& req,
                                                  bool same_host, const Caller& caller);
   absl::Status Close(uint64_t session_id, const Caller& caller);
-  // The worker address a client of that kind connects to (what descriptors carry).
+  // The worker address a client of that kind connects to (what descriptors carry); empty when
+  // no lane serves that kind (remote clients of a kvdnd with TLS, tls.allow_clear_data_plane off).
   std::string AddressFor(bool same_host) const {
-    return same_host && !local_.empty() ? local_[0].transport->address()
-                                        : remote_[0].transport->address();
+    if (same_host && !local_.empty()) return local_[0].transport->address();
+    return remote_.empty() ? std::string() : remote_[0].transport->address();
   }
+  // Whether clients on other hosts (and peers) are served over UCX: not with TLS on the gRPC
+  // listener unless tls.allow_clear_data_plane.
+  bool ServesRemote() const { return !remote_.empty(); }
   // "ucx-local:..." and "ucx-remote:...", for GetStats.
   std::vector<std::string> Describe();
 

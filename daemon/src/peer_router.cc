@@ -14,6 +14,7 @@
 #include "kvdn/common/chunk_format.h"
 #include "kvdn/proto/grpc_status.h"
 #include "kvdn/v1/peer_service.grpc.pb.h"
+#include "src/data_plane.h"
 
 namespace kvdn::daemon {
 
@@ -23,13 +24,28 @@ namespace kvdn::daemon {
 // ucx_perftest measures, so in-flight fetches and replicas spread over this many.
 constexpr int kSessionsPerPeer = 4;
 
+// How this kvdnd dials its peers: with TLS when its own listener has it (they share one CA and
+// certificate name), presenting its certificate (for peers with tls.require_client_cert).
+client::TlsOptions PeerTls(const v1::DaemonConfig& config) {
+  client::TlsOptions t;
+  if (config.tls().cert_file().empty()) return t;
+  t.ca_file = config.tls().ca_file();
+  t.cert_file = config.tls().cert_file();
+  t.key_file = config.tls().key_file();
+  t.server_name = config.tls().server_name();
+  t.refresh_seconds = config.tls().refresh_seconds();
+  return t;
+}
+
 // One other member: its gRPC stubs and, once opened, UCX data-plane sessions with it.
 struct PeerRouter::Peer : std::enable_shared_from_this<PeerRouter::Peer> {
-  // `token`: what this kvdnd presents to it (auth_tokens_file's kvdn:peer token; empty without).
-  Peer(std::string n, std::string a, const std::string& token)
+  // `token`: what this kvdnd presents to it (auth_tokens_file's kvdn:peer token; empty without);
+  // `tls`: the config's TLS, as a client of the peer (verifies it against tls.ca_file, presents
+  // this kvdnd's certificate).
+  Peer(std::string n, std::string a, const std::string& token, const client::TlsOptions& tls)
       : node(std::move(n)),
         address(std::move(a)),
-        channel(client::MakeChannel(address, token)),
+        channel(client::MakeChannel(address, token, tls)),
         peer_stub(v1::PeerService::NewStub(channel)),
         kv_stub(v1::KvService::NewStub(channel)) {}
 
@@ -163,7 +179,8 @@ void PeerRouter::SetMembers(const std::map<std::string, MemberRecord>& members) 
     } else {
       const std::shared_ptr<const TokenTable> tokens = state_.Tokens();
       v->peers[node] = std::make_shared<Peer>(
-          node, record.grpc_address, tokens != nullptr ? tokens->peer_token() : std::string());
+          node, record.grpc_address, tokens != nullptr ? tokens->peer_token() : std::string(),
+          PeerTls(state_.config));
     }
   }
   if (std::find(v->members.begin(), v->members.end(), self_) == v->members.end()) {
@@ -222,6 +239,8 @@ bool PeerRouter::MaybeSuspect(Peer& peer, const absl::Status& st) {
 std::shared_ptr<client::DataPlaneClient> PeerRouter::SessionWith(Peer& peer, absl::Time deadline) {
   storage::HostTier* host = state_.store->host_tier();
   if (state_.data_plane == nullptr || host == nullptr) return nullptr;
+  // With TLS, payloads go to peers over gRPC inside it (UCX would carry them in clear).
+  if (!state_.data_plane->ServesRemote()) return nullptr;
   const uint32_t i = peer.next_session.fetch_add(1) % kSessionsPerPeer;
   MutexLock lock(&peer.mu);
   std::shared_ptr<client::DataPlaneClient>& session = peer.sessions[i];

@@ -3,6 +3,9 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
 #include <grpcpp/server_posix.h>
 #include <sys/stat.h>
 
@@ -22,6 +25,25 @@
 
 namespace kvdn::daemon {
 namespace {
+
+// The TCP listener's credentials: TLS with the config's certificate (files watched, so a rotated
+// certificate applies to new connections), requiring and verifying client certificates with
+// tls.require_client_cert; plain without tls.cert_file.
+std::shared_ptr<grpc::ServerCredentials> ListenerCredentials(const v1::DaemonConfig& config) {
+  const v1::TlsConfig& t = config.tls();
+  if (t.cert_file().empty()) return grpc::InsecureServerCredentials();
+  auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+      t.key_file(), t.cert_file(), t.ca_file(), t.refresh_seconds());
+  grpc::experimental::TlsServerCredentialsOptions o(provider);
+  o.watch_identity_key_cert_pairs();
+  if (!t.ca_file().empty()) o.watch_root_certs();
+  o.set_cert_request_type(t.require_client_cert()
+                              ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                              : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  spdlog::info("gRPC on {}: TLS{}", config.grpc_address(),
+               t.require_client_cert() ? ", client certificates required" : "");
+  return grpc::experimental::TlsServerCredentials(o);
+}
 
 const char* TierLabel(int t) {
   switch (static_cast<storage::TierKind>(t)) {
@@ -353,8 +375,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const v1::DaemonConfig& co
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   if (config.grpc_address() != "none") {
-    builder.AddListeningPort(config.grpc_address(), grpc::InsecureServerCredentials(),
-                             &impl->grpc_port);
+    builder.AddListeningPort(config.grpc_address(), ListenerCredentials(config), &impl->grpc_port);
   }
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes()));
   builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes()));

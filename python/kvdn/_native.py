@@ -61,6 +61,10 @@ class ClientOptions(ctypes.Structure):
         ("part_bytes", ctypes.c_uint64),
         ("receive_pool_bytes", ctypes.c_uint64),
         ("ucx_transports", ctypes.c_char_p),
+        ("tls_ca_file", ctypes.c_char_p),
+        ("tls_cert_file", ctypes.c_char_p),
+        ("tls_key_file", ctypes.c_char_p),
+        ("tls_server_name", ctypes.c_char_p),
     ]
 
 

@@ -16,6 +16,7 @@ CPU torch int32 arrays are passed without copying). Errors raise kvdn.KvdnError 
 
 import array
 import ctypes
+import weakref
 from dataclasses import dataclass
 
 from . import _native
@@ -140,11 +141,13 @@ def _address(obj, writable):
 
 class Client:
     """A connection to kvdnd (lazy: an absent daemon shows as UnavailableError on the first call).
-    Thread-safe; close() (or `with`) releases it."""
+    Thread-safe; close() (or `with`) releases it. The keyword options are ClientOptions' (client.h);
+    tls_* are TlsOptions' (TLS to a TCP target of a kvdnd with `tls`)."""
 
     def __init__(self, model, *, target=None, namespace="default", token=None, deadline=10.0,
                  max_attempts=None, parallel_streams=0, data_plane="auto", data_plane_lanes=0,
-                 part_bytes=None, receive_pool_bytes=0, ucx_transports=None):
+                 part_bytes=None, receive_pool_bytes=0, ucx_transports=None, tls_ca_file=None,
+                 tls_cert_file=None, tls_key_file=None, tls_server_name=None):
         lib = _native.lib()
         o = _native.ClientOptions()
         lib.kvdn_client_options_init(ctypes.byref(o))
@@ -178,10 +181,15 @@ class Client:
             o.part_bytes = part_bytes
         o.receive_pool_bytes = receive_pool_bytes
         o.ucx_transports = s(ucx_transports)
+        o.tls_ca_file = s(tls_ca_file)
+        o.tls_cert_file = s(tls_cert_file)
+        o.tls_key_file = s(tls_key_file)
+        o.tls_server_name = s(tls_server_name)
         handle = ctypes.c_void_p()
         check(lib.kvdn_client_connect(ctypes.byref(o), ctypes.byref(handle)))
         self._lib = lib
         self._handle = handle
+        self._dependents = weakref.WeakSet()  # connectors over this client, closed before it
         self.model = model
         self.namespace = namespace
 
@@ -192,7 +200,10 @@ class Client:
         return self._handle
 
     def close(self):
+        """Closes the connection, after closing the connectors made over it."""
         if getattr(self, "_handle", None):
+            for dependent in list(self._dependents):
+                dependent.close()
             self._lib.kvdn_client_close(self._handle)
             self._handle = ctypes.c_void_p()
 

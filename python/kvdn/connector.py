@@ -21,6 +21,7 @@ FlashInfer/SGLang HND `[pages, H_kv, page_size, D]` (from_hnd; SGLang's token po
 """
 
 import ctypes
+import weakref
 from dataclasses import dataclass
 
 from . import _native
@@ -143,30 +144,36 @@ class LoadStats:
 class PagedLoad:
     """One load in flight (kvdn::client::PagedLoad). Used by one thread at a time."""
 
-    def __init__(self, lib, handle, view, tokens):
+    def __init__(self, lib, handle, connector, view, tokens):
         self._lib = lib
         self._handle = handle
-        self._view = view      # the cache and block table, alive while the load runs
-        self._tokens = tokens  # the token array, alive while the load runs
+        self._connector = connector  # freed after its loads (the C interface's order)
+        self._view = view            # the cache and block table, alive while the load runs
+        self._tokens = tokens        # the token array, alive while the load runs
+
+    def _live(self):
+        if not self._handle:
+            raise ValueError("kvdn.PagedLoad is closed (or its connector is)")
+        return self._handle
 
     def wait_layer(self, layer, stream=None):
         """Blocks until layer `layer`'s copies are enqueued, then makes `stream` (default: torch's
         current stream; a torch.cuda.Stream or a raw handle) wait for them on the GPU. Raises the
         load's error if it failed."""
-        check(self._lib.kvdn_load_wait_layer(self._handle, layer, _stream_handle(stream)))
+        check(self._lib.kvdn_load_wait_layer(self._live(), layer, _stream_handle(stream)))
 
     def wait(self):
         """Blocks until the whole load is copied; the tokens now in the cache (a prefix of the
         request's). DataLossError: a chunk failed its checksum; nothing of the load is to be
         used."""
         out = _native.LoadResultC()
-        check(self._lib.kvdn_load_wait(self._handle, ctypes.byref(out)))
+        check(self._lib.kvdn_load_wait(self._live(), ctypes.byref(out)))
         return LoadResult(out.tokens, out.chunks, out.bytes)
 
     def stats(self):
         """After wait(): where the chunks came from and the host time went (a LoadStats)."""
         out = _native.LoadStatsC()
-        check(self._lib.kvdn_load_get_stats(self._handle, ctypes.byref(out)))
+        check(self._lib.kvdn_load_get_stats(self._live(), ctypes.byref(out)))
         return LoadStats(out.gpu_tier_chunks, out.descriptors, out.lookup, out.fetch, out.stall,
                          out.enqueue)
 
@@ -203,9 +210,19 @@ class KvConnector:
         self._lib = lib
         self._handle = handle
         self._client = client  # outlives the connector
+        self._loads = weakref.WeakSet()
+        client._dependents.add(self)
+
+    def _live(self):
+        if not self._handle:
+            raise ValueError("kvdn.KvConnector is closed (or its client is)")
+        return self._handle
 
     def close(self):
+        """Frees the connector, after closing its loads (each waits for its enqueuing)."""
         if getattr(self, "_handle", None):
+            for load in list(self._loads):
+                load.close()
             self._lib.kvdn_connector_free(self._handle)
             self._handle = None
 
@@ -218,9 +235,11 @@ class KvConnector:
         dtype or block size, a block table too short for the tokens)."""
         t = _Tokens(tokens)
         handle = ctypes.c_void_p()
-        check(self._lib.kvdn_connector_start_load(self._handle, t.ptr, t.n, ctypes.byref(view.c),
+        check(self._lib.kvdn_connector_start_load(self._live(), t.ptr, t.n, ctypes.byref(view.c),
                                                   ctypes.byref(handle)))
-        return PagedLoad(self._lib, handle, view, t)
+        load = PagedLoad(self._lib, handle, self, view, t)
+        self._loads.add(load)
+        return load
 
     def load(self, tokens, view):
         """start_load then wait: the whole load is in the cache when it returns."""
@@ -235,6 +254,6 @@ class KvConnector:
         current stream) so far is done: chunks past the stored prefix. Blocks until stored."""
         t = _Tokens(tokens)
         out = _native.SaveResultC()
-        check(self._lib.kvdn_connector_save(self._handle, t.ptr, t.n, ctypes.byref(view.c),
+        check(self._lib.kvdn_connector_save(self._live(), t.ptr, t.n, ctypes.byref(view.c),
                                             _stream_handle(stream), ctypes.byref(out)))
         return SaveResult(out.chunks_stored, out.chunks_present, out.bytes_sent)

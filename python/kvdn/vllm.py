@@ -146,10 +146,9 @@ class KvdnConnector(KVConnectorBase_V1):
             return
         self._worker.finish_loads()
         if isinstance(meta, KvdnConnectorMetadata) and meta.plan.saves:
-            try:
-                self._worker.save(meta.plan, torch.cuda.current_stream())
-            except KvdnError as e:  # a lost save is a future cache miss, not a failed request
-                logger.warning("kvdn: save failed: %s", e)
+            for spec, result in self._worker.save(meta.plan, torch.cuda.current_stream()):
+                if isinstance(result, Exception):  # a lost save is a future cache miss
+                    logger.warning("kvdn: saving request %s failed: %s", spec.req_id, result)
 
     def get_block_ids_with_load_errors(self):
         return self._worker.take_failed_blocks() if self._worker is not None else set()

@@ -223,18 +223,20 @@ class WorkerCore:
 
     def save(self, plan, stream=None):
         """Stores each SaveSpec's chunks from the cache once the work on `stream` so far (the
-        forward pass) is done; blocks until stored. Returns the kvdn.SaveResults. A request whose
-        load failed this step is not saved: its failed blocks hold no KV until vLLM recomputes
-        them (call finish_loads first). A failed save loses only that cache entry: the caller
-        logs it, never raising it into vLLM."""
+        forward pass) is done; blocks until stored. Returns (SaveSpec, kvdn.SaveResult or the
+        exception) per save attempted: a failed save loses only that cache entry, so the caller
+        logs it and goes on. A request whose load failed this step is not saved: its failed blocks
+        hold no KV until vLLM recomputes them (call finish_loads first)."""
         results = []
         for spec in plan.saves:
             if spec.req_id in self._failed_reqs:
                 continue
-            view = self.make_view(self._table(spec.block_ids))
-            results.append(self.connector.save(spec.token_ids, view, stream))
+            try:
+                view = self.make_view(self._table(spec.block_ids))
+                results.append((spec, self.connector.save(spec.token_ids, view, stream)))
+            except Exception as e:  # noqa: BLE001 — reported to the caller, per request
+                results.append((spec, e))
         return results
-
 
 def order_layers(kv_caches):
     """vLLM's layer names (dict keys, e.g. "model.layers.12.self_attn.attn") in model order: by

@@ -20,6 +20,7 @@
 #include "kvdn/testing/status_matchers.h"
 #include "kvdn/v1/admin_service.grpc.pb.h"
 #include "kvdn/v1/kv_service.grpc.pb.h"
+#include "test_certs.h"
 
 namespace kvdn {
 namespace {
@@ -361,6 +362,56 @@ TEST_F(KvdndMembershipTest, WithTokensPeersAuthenticateToEachOtherAndTenantsStay
   EXPECT_EQ(Metric(a_, "kvdn_auth_failures_total{reason=\"unauthenticated\"}"), 1) << Logs();
   EXPECT_EQ(Metric(b_, "kvdn_auth_failures_total{reason=\"unauthenticated\"}"), 0) << Logs();
   EXPECT_EQ(Metric(b_, "kvdn_auth_failures_total{reason=\"permission_denied\"}"), 0) << Logs();
+}
+
+TEST_F(KvdndMembershipTest, WithMutualTlsPeersVerifyEachOtherAndReplicate) {
+  TempDir certs_dir;
+  auto certs = testing::MakeTestCerts(certs_dir.path());
+  ASSERT_TRUE(certs.ok()) << certs.status();
+  // One certificate for both nodes (as one Secret for a DaemonSet), named kvdnd.test: peers dial
+  // 127.0.0.1:port and verify that name; each must present it (require_client_cert).
+  const std::string cfg = etcd_dir_.path() + "/tls.json";
+  std::ofstream(cfg) << R"({"tls": {"cert_file": ")" << certs->server_cert << R"(", "key_file": ")"
+                     << certs->server_key << R"(", "ca_file": ")" << certs->ca
+                     << R"(", "require_client_cert": true, "server_name": "kvdnd.test"}})";
+  auto flags = [&](const std::string& node) {
+    auto f = Flags(node);
+    f.insert(f.end(), {"--config", cfg});
+    return f;
+  };
+  std::string err;
+  ASSERT_TRUE(a_.Start(flags("node-a"), &err)) << err;
+  ASSERT_TRUE(b_.Start(flags("node-b"), &err)) << err;
+  ASSERT_TRUE(Eventually([&] { return Nodes(a_).size() == 2 && Nodes(b_).size() == 2; },
+                         absl::Seconds(5)))
+      << Logs();
+  const std::vector<uint8_t> chunk = testing::RandomChunk(testing::InfoForBytes(1 << 20), 31);
+  // Written on a, owned by b: replicated to b over the TLS channel (payload over gRPC: with TLS
+  // the UCX data plane stays on the host).
+  const ChunkKey to_b = KeyOwnedBy("node-b", "default");
+  client::ClientOptions o;
+  o.target = a_.unix_target();
+  o.model = {"m", 4, 8, 128, Dtype::kBFloat16, 16};
+  ASSERT_OK_AND_ASSIGN(auto ca, client::Client::Connect(o));
+  ASSERT_OK(ca->PutEncoded(to_b, chunk).status());
+  EXPECT_TRUE(Eventually([&] { return Metric(a_, "kvdn_replication_total{result=\"sent\"}") == 1; },
+                         absl::Seconds(10)))
+      << Logs();
+  ExpectServes(b_, to_b, chunk);
+  // Written on b, owned by b: a Get on a fetches it from b.
+  const ChunkKey on_b = KeyOwnedBy("node-b", "default", /*from=*/1000);
+  o.target = b_.unix_target();
+  ASSERT_OK_AND_ASSIGN(auto cb, client::Client::Connect(o));
+  ASSERT_OK(cb->PutEncoded(on_b, chunk).status());
+  ExpectServes(a_, on_b, chunk);
+  EXPECT_EQ(Metric(a_, "kvdn_peer_fetch_total{result=\"hit\"}"), 1) << Logs();
+  // A plain client cannot reach either node's TCP port.
+  client::ClientOptions plain = o;
+  plain.target = b_.tcp_target();
+  plain.max_attempts = 1;
+  plain.deadline = absl::Seconds(2);
+  ASSERT_OK_AND_ASSIGN(auto pc, client::Client::Connect(plain));
+  EXPECT_THAT(pc->Lookup(std::vector<int32_t>(64, 7)), StatusIs(absl::StatusCode::kUnavailable));
 }
 
 TEST_F(KvdndMembershipTest, EtcdDownMeansDegradedButServing) {

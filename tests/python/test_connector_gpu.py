@@ -203,6 +203,22 @@ class ConnectorTest(unittest.TestCase):
             finally:
                 conn.close()
 
+    def test_closing_the_client_first_closes_its_connector_and_loads(self):
+        n = CHUNK * 2
+        tokens = list(range(1000, 1000 + n))
+        client = kvdn.Client(model("bfloat16"), target=self.daemon.unix_target, namespace="py-close")
+        conn = kvdn.KvConnector(client, host_staging_bytes=8 << 20, device_staging_bytes=4 << 20)
+        a = Cache("vllm", "bfloat16", fill=True, seed=5, num_tokens=n)
+        conn.save(tokens, a.view())
+        b = Cache("vllm", "bfloat16", fill=False, seed=6, num_tokens=n)
+        load = conn.start_load(tokens, b.view())
+        client.close()  # the load and the connector go first (no use after free below)
+        with self.assertRaises(ValueError):
+            load.wait()
+        with self.assertRaises(ValueError):
+            conn.start_load(tokens, b.view())
+        conn.close()
+
 
 if __name__ == "__main__":
     unittest.main()

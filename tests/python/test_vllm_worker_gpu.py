@@ -54,7 +54,9 @@ class Engine:
         for layer in range(LAYERS):
             self.worker.wait_layer(layer)
         self.worker.finish_loads()
-        self.worker.save(plan)
+        for spec, result in self.worker.save(plan):
+            if isinstance(result, Exception):
+                raise result
         torch.cuda.synchronize()
         return plan
 

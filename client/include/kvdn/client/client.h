@@ -43,6 +43,26 @@ class Channel;
 
 namespace kvdn::client {
 
+// TLS to a kvdnd whose TCP listener has it (its config `tls`, daemon/README.md "TLS"). Unix
+// socket targets never use TLS (kvdnd serves its socket plain: it does not leave the node). Files
+// are PEM, reread every refresh_seconds (rotated certificates apply to new connections).
+struct TlsOptions {
+  // The CA bundle that signs kvdnd's certificate. Empty: no TLS (the other fields must be too).
+  std::string ca_file;
+  // This client's certificate chain and key, for a kvdnd with tls.require_client_cert.
+  std::string cert_file;
+  std::string key_file;
+  // The name kvdnd's certificate carries, when it is not the target's host (e.g. dialing a node's
+  // IP address while the certificate names "kvdnd.kvdn.svc"). Empty: the target's host.
+  std::string server_name;
+  uint32_t refresh_seconds = 60;
+};
+
+// INVALID_ARGUMENT naming the field (`prefix` + field) for options that cannot work: a
+// certificate without its key or without a CA, a server_name without a CA; NOT_FOUND for a file
+// that cannot be read.
+absl::Status ValidateTlsOptions(const TlsOptions& tls, const std::string& prefix);
+
 struct ClientOptions {
   // gRPC target: "unix:/path/to/kvdnd.sock" or "host:port". Empty: the KVDN_TARGET environment
   // variable when set (a pod spec names its node's socket there), else the local daemon's
@@ -55,6 +75,8 @@ struct ClientOptions {
   // $KVDN_TOKEN_FILE names (a Kubernetes Secret mounted as a file), else none.
   std::string token;
   ModelSpec model;
+  // TLS over a TCP target (ignored for unix sockets).
+  TlsOptions tls;
   // Deadline of each call (Lookup, one chunk's Put or Get, ...), retries included.
   absl::Duration deadline = absl::Seconds(10);
   // Attempts for a call that fails with UNAVAILABLE (the first included).
@@ -241,9 +263,11 @@ absl::StatusOr<std::string> ResolveToken(const std::string& token);
 
 // The gRPC channel the client uses for `target` (unix socket or host:port; ResolveTarget), with
 // kvdn's message size limits; with a `token`, every call on it carries
-// `authorization: Bearer <token>`.
+// `authorization: Bearer <token>`; over TLS when `tls.ca_file` is set and the target is not a
+// unix socket. REQUIRES: ValidateTlsOptions(tls).ok().
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
-                                           const std::string& token = "");
+                                           const std::string& token = "",
+                                           const TlsOptions& tls = {});
 
 }  // namespace kvdn::client
 

@@ -93,6 +93,11 @@ typedef struct {
   uint64_t part_bytes;
   uint64_t receive_pool_bytes;
   const char* ucx_transports;
+  /* TLS over a TCP target (TlsOptions; NULL/"" ca file: none). */
+  const char* tls_ca_file;
+  const char* tls_cert_file;
+  const char* tls_key_file;
+  const char* tls_server_name;
 } kvdn_client_options;
 
 typedef struct {
