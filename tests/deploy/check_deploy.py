@@ -206,6 +206,17 @@ def check_daemon_config(objects, kvdnd, tmp):
           "the kvdn-tokens Secret volume is not optional: pods would not start without the Secret")
     check(not eff.get("auth_tokens_file") or host_path_for(eff["auth_tokens_file"]) is None,
           "auth_tokens_file lies on a hostPath, not on the Secret's mount")
+    # TLS as deploy/README.md turns it on: its files on the kvdn-tls Secret's (optional) mount.
+    tls_dir = "/etc/kvdn-tls"
+    lvol = volumes.get(mounts.get(tls_dir, ""), {})
+    check(lvol.get("secret", {}).get("secretName") == "kvdn-tls",
+          f"{tls_dir} (deploy/README.md) is not a mount of the Secret kvdn-tls")
+    check(lvol.get("secret", {}).get("optional") is True,
+          "the kvdn-tls Secret volume is not optional: pods would not start without the Secret")
+    for field in ("cert_file", "key_file", "ca_file"):
+        path = eff.get("tls", {}).get(field)
+        check(not path or os.path.dirname(path) == tls_dir,
+              f"tls.{field} {path} is not on the kvdn-tls Secret's mount {tls_dir}")
     grace = spec.get("terminationGracePeriodSeconds", 30)
     check(grace * 1000 > eff["drain_timeout_ms"], f"terminationGracePeriodSeconds {grace} < drain_timeout_ms")
 
