@@ -221,6 +221,64 @@ class TokensTest(unittest.TestCase):
                 os.environ["KVDN_TOKEN_FILE"] = saved[1]
 
 
+class TlsTest(unittest.TestCase):
+    """A kvdnd with TLS on its TCP listener (config tls): the package's tls_* options."""
+
+    @classmethod
+    def setUpClass(cls):
+        import subprocess
+        import tempfile
+
+        cls.certs = tempfile.mkdtemp(prefix="kvdn-py-tls-")
+        d = cls.certs
+        with open(os.path.join(d, "server.ext"), "w") as f:
+            f.write("subjectAltName=DNS:kvdnd.test,IP:127.0.0.1\n")
+        key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        for cmd in (
+            ["req", "-x509", *key, "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem", "-days", "2",
+             "-subj", "/CN=kvdn-py-ca"],
+            ["req", *key, "-keyout", f"{d}/server.key", "-out", f"{d}/server.csr", "-subj",
+             "/CN=kvdnd.test"],
+            ["x509", "-req", "-in", f"{d}/server.csr", "-CA", f"{d}/ca.pem", "-CAkey",
+             f"{d}/ca.key", "-CAcreateserial", "-out", f"{d}/server.pem", "-days", "2",
+             "-extfile", f"{d}/server.ext"],
+        ):
+            subprocess.run(["openssl", *cmd], check=True, capture_output=True)
+        cls.daemon = KvdndProcess(config={"tls": {"cert_file": f"{d}/server.pem",
+                                                  "key_file": f"{d}/server.key"}})
+
+    @classmethod
+    def tearDownClass(cls):
+        import shutil
+
+        cls.daemon.stop()
+        shutil.rmtree(cls.certs, ignore_errors=True)
+
+    def test_a_client_trusting_the_ca_round_trips_over_tcp(self):
+        tokens = random_tokens(48, seed=71)
+        with kvdn.Client(MODEL, target=self.daemon.tcp_target, namespace="py-tls",
+                         tls_ca_file=f"{self.certs}/ca.pem", tls_server_name="kvdnd.test") as c:
+            payloads = payloads_for(c, tokens, seed=72)
+            self.assertEqual(c.save(tokens, payloads).chunks_stored, 3)
+            self.assertEqual(c.load_bytes(tokens), [bytearray(p) for p in payloads])
+            self.assertEqual(c.data_plane, "grpc")  # UCX stays on the host with TLS
+
+    def test_clients_that_cannot_use_it_get_clear_errors(self):
+        tokens = random_tokens(16, seed=73)
+        with kvdn.Client(MODEL, target=self.daemon.tcp_target, deadline=2.0,
+                         max_attempts=1) as plain:
+            with self.assertRaises(kvdn.UnavailableError):
+                plain.lookup(tokens)
+        missing = f"{self.certs}/missing.pem"
+        with self.assertRaises(kvdn.NotFoundError) as e:
+            kvdn.Client(MODEL, target=self.daemon.tcp_target, tls_ca_file=missing)
+        self.assertIn(f"ClientOptions.tls.ca_file: \"{missing}\" cannot be read",
+                      e.exception.message)
+        with self.assertRaises(kvdn.InvalidArgumentError) as e:
+            kvdn.Client(MODEL, target=self.daemon.tcp_target, tls_server_name="kvdnd.test")
+        self.assertIn("ClientOptions.tls.ca_file is empty", e.exception.message)
+
+
 class LibraryTest(unittest.TestCase):
     def test_the_library_speaks_this_packages_abi(self):
         from kvdn import _native
