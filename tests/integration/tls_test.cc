@@ -106,6 +106,10 @@ TEST_F(TlsTest, AClientTrustingTheCaWorksOverTcpAndTheUnixSocketStaysPlain) {
                                            Options(Trusting(certs_.ca), daemon_.unix_target())));
   EXPECT_OK(RoundTrip(*local_tls, 3));
   EXPECT_THAT(local->DataPlaneInUse(), StartsWith("ucx"));
+  // A clean exit; under AddressSanitizer also no leak (gRPC 1.51's TLS endpoint leaked 576 bytes
+  // per connection with kvdn's large TCP read chunks, which TLS now goes without).
+  c.reset();
+  EXPECT_EQ(daemon_.Stop(), 0) << testing::ReadFile(dir_.Sub("kvdnd.log"));
 }
 
 TEST_F(TlsTest, ClientsThatCannotVerifyTheServerAreRefused) {
