@@ -577,6 +577,43 @@ std::vector<std::pair<std::string, uint64_t>> TieredStore::NamespaceHostUsage() 
   return {s.host_bytes_by_ns.begin(), s.host_bytes_by_ns.end()};
 }
 
+absl::Status TieredStore::CheckHostListsForTest() const {
+  State& s = *state_;
+  MutexLock lock(&s.mu);
+  if (!s.track_ns) {
+    return s.host_lru_by_ns.empty() ? absl::OkStatus()
+                                    : absl::InternalError("namespace lists kept without a share");
+  }
+  // Walk the tier's list from the most recent; each namespace's list must be met in its order.
+  absl::flat_hash_map<std::string, const Entry*> cursor;
+  for (const auto& [ns, list] : s.host_lru_by_ns) {
+    if (list.head == nullptr || list.tail == nullptr || list.head->ns_prev != nullptr ||
+        list.tail->ns_next != nullptr) {
+      return absl::InternalError(absl::StrCat("namespace ", ns, ": list ends broken"));
+    }
+    cursor[ns] = list.head;
+  }
+  uint64_t n = 0;
+  for (const Entry* e = s.lru[kHost].head; e != nullptr; e = e->next[kHost], ++n) {
+    auto it = cursor.find(e->key.ns);
+    if (it == cursor.end() || it->second != e) {
+      return absl::InternalError(absl::StrCat("host chunk ", n, " (", e->key.ToString(),
+                                              ") is not next in its namespace's list"));
+    }
+    it->second = e->ns_next;
+  }
+  for (const auto& [ns, rest] : cursor) {
+    if (rest != nullptr) {
+      return absl::InternalError(
+          absl::StrCat("namespace ", ns, "'s list holds a chunk not in the host tier's"));
+    }
+  }
+  if (n != s.lru[kHost].count) {
+    return absl::InternalError(absl::StrCat("host list walked ", n, " of ", s.lru[kHost].count));
+  }
+  return absl::OkStatus();
+}
+
 StoreStats TieredStore::Stats() const {
   State& s = *state_;
   MutexLock lock(&s.mu);

@@ -109,11 +109,20 @@ absl::StatusOr<MemoryBlock> TieredStore::AllocateLocked(int t, uint64_t size, co
 bool TieredStore::EvictOneLocked(int t, const Entry* keep, bool may_block, bool* would_block,
                                  const std::string* only_ns) {
   State& s = *state_;
-  Entry* victim = s.lru[t].tail;
-  while (victim && (victim == keep || victim->moving || (t != kDisk && victim->pins > 0) ||
-                    (t == kDisk && victim->mem == kNone && victim->pins > 0) ||
-                    (only_ns != nullptr && victim->key.ns != *only_ns))) {
-    victim = victim->prev[t];
+  auto unfit = [&](const Entry* e) {
+    return e == keep || e->moving || (t != kDisk && e->pins > 0) ||
+           (t == kDisk && e->mem == kNone && e->pins > 0);
+  };
+  Entry* victim;
+  if (only_ns != nullptr && t == kHost && s.track_ns) {
+    // The namespace's own list: no walk past other namespaces' chunks.
+    victim = s.HostTailOf(*only_ns);
+    while (victim && unfit(victim)) victim = victim->ns_prev;
+  } else {
+    victim = s.lru[t].tail;
+    while (victim && (unfit(victim) || (only_ns != nullptr && victim->key.ns != *only_ns))) {
+      victim = victim->prev[t];
+    }
   }
   if (!victim) return false;
   const bool needs_io = t == kGpu || (t == kHost && !victim->on_disk && disk_ &&

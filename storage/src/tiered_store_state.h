@@ -65,6 +65,9 @@ struct TieredStore::Entry {
   Entry* prev[kNumTierKinds] = {};
   Entry* next[kNumTierKinds] = {};
   bool linked[kNumTierKinds] = {};
+  // Links in its namespace's own host LRU list (State::host_lru_by_ns), kept while track_ns.
+  Entry* ns_prev = nullptr;
+  Entry* ns_next = nullptr;
 };
 
 // All mutable state, guarded by mu.
@@ -111,6 +114,18 @@ struct TieredStore::State {
   // (TieredStoreOptions::namespace_host_share below 1).
   bool track_ns = false;
   absl::flat_hash_map<std::string, uint64_t> host_bytes_by_ns ABSL_GUARDED_BY(mu);
+  // Each namespace's host chunks in LRU order too (head = most recent), so a namespace past its
+  // share finds its own least recently used chunk without walking past the others'.
+  struct NsList {
+    Entry* head = nullptr;
+    Entry* tail = nullptr;
+  };
+  absl::flat_hash_map<std::string, NsList> host_lru_by_ns ABSL_GUARDED_BY(mu);
+  // The least recently used host chunk of `ns` (nullptr when none); walk on with ns_prev.
+  Entry* HostTailOf(const std::string& ns) const {
+    auto it = host_lru_by_ns.find(ns);
+    return it == host_lru_by_ns.end() ? nullptr : it->second.tail;
+  }
   void CountHost(const std::string& ns, uint64_t bytes, bool add) {
     if (!track_ns) return;
     uint64_t& b = host_bytes_by_ns[ns];
@@ -132,7 +147,15 @@ struct TieredStore::State {
     e->linked[t] = true;
     ++l.count;
     l.bytes += e->size;
-    if (t == kHost) CountHost(e->key.ns, e->size, true);
+    if (t == kHost && track_ns) {
+      CountHost(e->key.ns, e->size, true);
+      NsList& n = host_lru_by_ns[e->key.ns];
+      e->ns_prev = nullptr;
+      e->ns_next = n.head;
+      if (n.head) n.head->ns_prev = e;
+      n.head = e;
+      if (!n.tail) n.tail = e;
+    }
   }
   void Unlink(Entry* e, int t) {
     if (!e->linked[t]) return;
@@ -149,7 +172,21 @@ struct TieredStore::State {
     e->linked[t] = false;
     --l.count;
     l.bytes -= e->size;
-    if (t == kHost) CountHost(e->key.ns, e->size, false);
+    if (t == kHost && track_ns) {
+      CountHost(e->key.ns, e->size, false);
+      auto it = host_lru_by_ns.find(e->key.ns);
+      NsList& n = it->second;
+      if (e->ns_prev)
+        e->ns_prev->ns_next = e->ns_next;
+      else
+        n.head = e->ns_next;
+      if (e->ns_next)
+        e->ns_next->ns_prev = e->ns_prev;
+      else
+        n.tail = e->ns_prev;
+      e->ns_prev = e->ns_next = nullptr;
+      if (n.head == nullptr) host_lru_by_ns.erase(it);
+    }
   }
   void Touch(Entry* e, int t) {
     if (!e->linked[t] || lru[t].head == e) return;

@@ -144,6 +144,8 @@ void MixedOperations(double share) {
     EXPECT_LE(a, static_cast<uint64_t>(share * double(o.host.capacity_bytes)));
     EXPECT_LE(b, static_cast<uint64_t>(share * double(o.host.capacity_bytes)));
   }
+  // The per-namespace LRU lists agree with the tier's list (and are not kept without a share).
+  EXPECT_OK(store->CheckHostListsForTest());
 }
 
 TEST(ConcurrencyTest, MixedOperationsKeepEveryChunkIntact) { MixedOperations(1.0); }

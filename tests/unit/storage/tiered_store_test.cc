@@ -322,6 +322,34 @@ TEST_F(TieredStoreTest, ANamespacePastItsHostShareEvictsItsOwnChunks) {
   }
 }
 
+// Past its share a namespace gives up its own least recently used chunk: a read makes a chunk
+// recent in its namespace's list as in the tier's (the lists stay in one order throughout).
+TEST_F(TieredStoreTest, ANamespacePastItsShareEvictsItsOwnLeastRecentlyUsedChunk) {
+  testing::TempDir dir;
+  TieredStoreOptions o = Options(16 * kMiB, true);
+  o.disk->path = dir.Sub("disk");
+  o.namespace_host_share = 0.5;  // 8 MiB: 7 chunks of 1 MiB and their headers
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(o));
+  std::vector<std::vector<uint8_t>> mine;
+  for (int i = 0; i < 7; ++i) {
+    mine.push_back(Chunk(300 + i));
+    ASSERT_OK(s->Put(KeyFor(i, "mine"), mine.back()));
+    ASSERT_OK(s->Put(KeyFor(i, "other"), Chunk(400 + i)));  // interleaved in the tier's list
+    ASSERT_OK(s->CheckHostListsForTest());
+  }
+  ExpectGet(*s, KeyFor(0, "mine"), mine[0]);  // chunk 0 is now its namespace's most recent
+  ASSERT_OK(s->CheckHostListsForTest());
+  mine.push_back(Chunk(307));
+  ASSERT_OK(s->Put(KeyFor(7, "mine"), mine.back()));  // past the share: one of its own goes
+  ASSERT_OK(s->CheckHostListsForTest());
+  EXPECT_EQ(s->Where(KeyFor(0, "mine")), TierKind::kHost);
+  EXPECT_EQ(s->Where(KeyFor(1, "mine")), TierKind::kDisk);  // its least recently used
+  for (int i = 2; i < 8; ++i) EXPECT_EQ(s->Where(KeyFor(i, "mine")), TierKind::kHost) << i;
+  for (int i = 0; i < 7; ++i) EXPECT_EQ(s->Where(KeyFor(i, "other")), TierKind::kHost) << i;
+  for (int i = 0; i < 8; ++i) ExpectGet(*s, KeyFor(i, "mine"), mine[i]);
+  ASSERT_OK(s->CheckHostListsForTest());
+}
+
 TEST_F(TieredStoreTest, ANamespaceShareRefusesWhatCannotFitPrecisely) {
   TieredStoreOptions o = Options(8 * kMiB, false);
   o.namespace_host_share = 0.25;  // 2 MiB

@@ -241,6 +241,10 @@ class TieredStore {
   uint64_t NamespaceHostBytes(absl::string_view ns) const;
   // Every namespace's host-tier bytes (the same figures; empty when not kept).
   std::vector<std::pair<std::string, uint64_t>> NamespaceHostUsage() const;
+  // For tests: INTERNAL naming the first broken invariant of the host LRU lists — each
+  // namespace's list (kept while namespace_host_share < 1) holds exactly that namespace's linked
+  // host chunks, in the order the whole tier's list has them.
+  absl::Status CheckHostListsForTest() const;
 
   // The tiers, for registering memory with a transport. Null when absent.
   HostTier* host_tier() const { return host_.get(); }
