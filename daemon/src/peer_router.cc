@@ -42,9 +42,10 @@ struct PeerRouter::Peer : std::enable_shared_from_this<PeerRouter::Peer> {
   // `token`: what this kvdnd presents to it (auth_tokens_file's kvdn:peer token; empty without);
   // `tls`: the config's TLS, as a client of the peer (verifies it against tls.ca_file, presents
   // this kvdnd's certificate).
-  Peer(std::string n, std::string a, const std::string& token, const client::TlsOptions& tls)
+  Peer(std::string n, std::string a, std::string t, const client::TlsOptions& tls)
       : node(std::move(n)),
         address(std::move(a)),
+        token(std::move(t)),
         channel(client::MakeChannel(address, token, tls)),
         peer_stub(v1::PeerService::NewStub(channel)),
         kv_stub(v1::KvService::NewStub(channel)) {}
@@ -53,6 +54,7 @@ struct PeerRouter::Peer : std::enable_shared_from_this<PeerRouter::Peer> {
 
   const std::string node;
   const std::string address;  // host:port of its gRPC
+  const std::string token;    // what its channel presents (the peer token when it was made)
   const std::shared_ptr<grpc::Channel> channel;
   const std::unique_ptr<v1::PeerService::Stub> peer_stub;
   const std::unique_ptr<v1::KvService::Stub> kv_stub;
@@ -167,26 +169,54 @@ void PeerRouter::Stop() {
   view_ = std::make_shared<View>();  // sessions close as their last user lets go
 }
 
+std::string PeerRouter::PeerToken() const {
+  const std::shared_ptr<const TokenTable> tokens = state_.Tokens();
+  return tokens != nullptr ? tokens->peer_token() : std::string();
+}
+
 void PeerRouter::SetMembers(const std::map<std::string, MemberRecord>& members) {
+  MutexLock update(&update_mu_);
   auto v = std::make_shared<View>();
   std::shared_ptr<const View> old = view();
+  const std::string token = PeerToken();
   for (const auto& [node, record] : members) {
     v->members.push_back(node);
     if (node == self_) continue;
     auto it = old->peers.find(node);
-    if (it != old->peers.end() && it->second->address == record.grpc_address) {
+    if (it != old->peers.end() && it->second->address == record.grpc_address &&
+        it->second->token == token) {
       v->peers[node] = it->second;  // keep its channel and session
     } else {
-      const std::shared_ptr<const TokenTable> tokens = state_.Tokens();
-      v->peers[node] = std::make_shared<Peer>(
-          node, record.grpc_address, tokens != nullptr ? tokens->peer_token() : std::string(),
-          PeerTls(state_.config));
+      v->peers[node] =
+          std::make_shared<Peer>(node, record.grpc_address, token, PeerTls(state_.config));
     }
   }
   if (std::find(v->members.begin(), v->members.end(), self_) == v->members.end()) {
     v->members.push_back(self_);  // this node serves whether or not etcd lists it now
   }
   v->placement = std::make_unique<Placement>(v->members);
+  MutexLock lock(&mu_);
+  view_ = std::move(v);
+}
+
+void PeerRouter::OnTokensChanged() {
+  MutexLock update(&update_mu_);
+  std::shared_ptr<const View> old = view();
+  const std::string token = PeerToken();
+  auto v = std::make_shared<View>();
+  v->members = old->members;
+  size_t renewed = 0;
+  for (const auto& [node, peer] : old->peers) {
+    if (peer->token == token) {
+      v->peers[node] = peer;
+    } else {  // a new channel presenting the new token; the old one closes with its last user
+      v->peers[node] = std::make_shared<Peer>(node, peer->address, token, PeerTls(state_.config));
+      ++renewed;
+    }
+  }
+  if (renewed == 0) return;
+  v->placement = std::make_unique<Placement>(v->members);
+  spdlog::info("cluster: the peer token changed; new channels to {} peer(s)", renewed);
   MutexLock lock(&mu_);
   view_ = std::move(v);
 }

@@ -61,6 +61,10 @@ class PeerRouter {
 
   // A new membership view (this node included or not). Peers that left are forgotten.
   void SetMembers(const std::map<std::string, MemberRecord>& members);
+  // auth_tokens_file was read again: peers whose channel presents another peer token than the
+  // file's first kvdn:peer token now get a new channel (the old one closes with its last call),
+  // so the peer token rotates without a restart.
+  void OnTokensChanged();
   // Members other than this node are known.
   bool HasPeers() const;
 
@@ -103,6 +107,8 @@ class PeerRouter {
   };
 
   std::shared_ptr<const View> view() const;
+  // The token this kvdnd presents to peers now (the tokens file's first kvdn:peer; empty without).
+  std::string PeerToken() const;
   // Peers that may hold `key`, best first, skipping failing ones.
   std::vector<std::shared_ptr<Peer>> Candidates(const View& v, const ChunkKey& key) const;
   // The UCX session with `peer`, opened if need be; nullptr: use gRPC (this node or the peer
@@ -140,6 +146,9 @@ class PeerRouter {
   Counter* const prefetch_skipped_;
   Counter* const peer_failures_;
 
+  // Held through SetMembers and OnTokensChanged (each builds the next view from the last), taken
+  // before mu_.
+  Mutex update_mu_;
   mutable Mutex mu_;
   std::shared_ptr<const View> view_ ABSL_GUARDED_BY(mu_);
   std::deque<Job> queue_ ABSL_GUARDED_BY(mu_);

@@ -224,10 +224,18 @@ absl::Status ServerState::ReloadTokens() {
                   loaded.status().message());
     return loaded.status();
   }
+  if (config.etcd_endpoints_size() > 0 && (*loaded)->peer_token().empty()) {
+    auth_reload_failed->Inc();
+    spdlog::error(
+        "auth_tokens_file changed but has no kvdn:peer token, which a cluster needs; keeping the "
+        "tokens read before");
+    return absl::InvalidArgumentError("auth_tokens_file: no kvdn:peer token");
+  }
   const size_t n = (*loaded)->size();
   SetTokens(*std::move(loaded));
   auth_reloaded->Inc();
   spdlog::info("auth_tokens_file read again: {} tokens", n);
+  if (router != nullptr) router->OnTokensChanged();  // a rotated peer token: new peer channels
   return absl::OkStatus();
 }
 

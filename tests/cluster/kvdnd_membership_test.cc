@@ -8,6 +8,7 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <fstream>
 #include <thread>
 
@@ -362,6 +363,71 @@ TEST_F(KvdndMembershipTest, WithTokensPeersAuthenticateToEachOtherAndTenantsStay
   EXPECT_EQ(Metric(a_, "kvdn_auth_failures_total{reason=\"unauthenticated\"}"), 1) << Logs();
   EXPECT_EQ(Metric(b_, "kvdn_auth_failures_total{reason=\"unauthenticated\"}"), 0) << Logs();
   EXPECT_EQ(Metric(b_, "kvdn_auth_failures_total{reason=\"permission_denied\"}"), 0) << Logs();
+}
+
+// The peer token rotated in the tokens file (as a Secret update does on every node): each kvdnd
+// reads it again and gives its peer channels the new token, no restart; a file without a peer
+// token is refused and the old tokens stay.
+TEST_F(KvdndMembershipTest, ThePeerTokenRotatesWithoutARestart) {
+  constexpr char kTenant[] = "tenant-a-token-0123456789";
+  constexpr char kAdmin[] = "admin-token-0123456789abc";
+  const std::string tokens = etcd_dir_.path() + "/tokens";
+  auto write_tokens = [&](const std::string& peer_line) {
+    const std::string tmp = tokens + ".new";
+    std::ofstream(tmp) << kTenant << " tenant-a\n" << kAdmin << " kvdn:admin\n" << peer_line;
+    std::filesystem::rename(tmp, tokens);  // swapped whole, as the kubelet does
+  };
+  write_tokens("peer-token-one-0123456789 kvdn:peer\n");
+  const std::string cfg = etcd_dir_.path() + "/auth.json";
+  std::ofstream(cfg) << R"({"auth_tokens_file": ")" << tokens << R"("})";
+  auto flags = [&](const std::string& node) {
+    auto f = Flags(node);
+    f.insert(f.end(), {"--config", cfg});
+    return f;
+  };
+  std::string err;
+  ASSERT_TRUE(a_.Start(flags("node-a"), &err)) << err;
+  ASSERT_TRUE(b_.Start(flags("node-b"), &err)) << err;
+  ASSERT_TRUE(
+      Eventually([&] { return Nodes(a_, kAdmin).size() == 2 && Nodes(b_, kAdmin).size() == 2; },
+                 absl::Seconds(5)))
+      << Logs();
+  ASSERT_OK_AND_ASSIGN(auto ca, Connect(a_, kTenant));
+  const std::vector<uint8_t> chunk = testing::RandomChunk(testing::InfoForBytes(1 << 20), 41);
+  ASSERT_OK(ca->PutEncoded(KeyOwnedBy("node-b", "tenant-a"), chunk).status());
+  ASSERT_TRUE(Eventually([&] { return Metric(a_, "kvdn_replication_total{result=\"sent\"}") == 1; },
+                         absl::Seconds(10)))
+      << Logs();
+  // A file without a peer token: refused on both nodes, the old tokens kept.
+  write_tokens("");
+  for (DaemonProcess* d : {&a_, &b_}) {
+    EXPECT_TRUE(Eventually(
+        [&] { return Metric(*d, "kvdn_auth_reloads_total{result=\"failed\"}") == 1; },
+        absl::Seconds(5)))
+        << Logs();
+  }
+  // Rotated: the first token is gone, a second one replaces it.
+  write_tokens("peer-token-two-0123456789 kvdn:peer\n");
+  for (DaemonProcess* d : {&a_, &b_}) {
+    ASSERT_TRUE(
+        Eventually([&] { return Metric(*d, "kvdn_auth_reloads_total{result=\"ok\"}") == 1; },
+                   absl::Seconds(5)))
+        << Logs();
+  }
+  // Replication and fetches go on with the new token; neither node refused the other.
+  const ChunkKey to_b = KeyOwnedBy("node-b", "tenant-a", /*from=*/500);
+  ASSERT_OK(ca->PutEncoded(to_b, chunk).status());
+  EXPECT_TRUE(Eventually([&] { return Metric(a_, "kvdn_replication_total{result=\"sent\"}") == 2; },
+                         absl::Seconds(10)))
+      << Logs();
+  ExpectServes(b_, to_b, chunk, kTenant);
+  const ChunkKey on_b = KeyOwnedBy("node-b", "tenant-a", /*from=*/1500);
+  ASSERT_OK_AND_ASSIGN(auto cb, Connect(b_, kTenant));
+  ASSERT_OK(cb->PutEncoded(on_b, chunk).status());
+  ExpectServes(a_, on_b, chunk, kTenant);
+  EXPECT_EQ(Metric(a_, "kvdn_peer_fetch_total{result=\"hit\"}"), 1) << Logs();
+  EXPECT_EQ(Metric(a_, "kvdn_auth_failures_total{reason=\"unauthenticated\"}"), 0) << Logs();
+  EXPECT_EQ(Metric(b_, "kvdn_auth_failures_total{reason=\"unauthenticated\"}"), 0) << Logs();
 }
 
 TEST_F(KvdndMembershipTest, WithMutualTlsPeersVerifyEachOtherAndReplicate) {
