@@ -207,6 +207,8 @@ absl::Status TieredStore::DemoteGpuToHostLocked(Entry* e, bool for_reader) {
   ++e->pins;
   auto hb = AllocateLocked(kHost, e->size, e);
   absl::Status st = hb.status();
+  // While in transit the new block counts in the namespace's share (Link counts it after).
+  if (hb.ok()) s.CountHost(e->key.ns, e->size, true);
   if (hb.ok()) {
     const MemoryBlock gb = e->block;
     const MutableByteSpan dst = host_->Bytes(*hb);
@@ -217,6 +219,7 @@ absl::Status TieredStore::DemoteGpuToHostLocked(Entry* e, bool for_reader) {
   --e->pins;
   e->moving = false;
   s.cv.SignalAll();
+  if (hb.ok()) s.CountHost(e->key.ns, e->size, false);
   if (st.ok() && e->pins == 0 && !e->doomed) {
     FreeMemoryLocked(e);
     e->mem = kHost;
@@ -296,6 +299,8 @@ absl::Status TieredStore::PromoteFromDiskLocked(Entry* e) {
   ++e->pins;
   auto hb = AllocateLocked(kHost, e->size, e);
   absl::Status st = hb.status();
+  // While in transit the new block counts in the namespace's share (Link counts it after).
+  if (hb.ok()) s.CountHost(e->key.ns, e->size, true);
   if (hb.ok()) {
     const MutableByteSpan dst = host_->Bytes(*hb);
     const ChunkKey key = e->key;
@@ -307,6 +312,7 @@ absl::Status TieredStore::PromoteFromDiskLocked(Entry* e) {
   --e->pins;
   e->moving = false;
   s.cv.SignalAll();
+  if (hb.ok()) s.CountHost(e->key.ns, e->size, false);
   if (!st.ok()) {
     if (hb.ok()) (void)host_->Free(*hb);
     if (absl::IsDataLoss(st)) {

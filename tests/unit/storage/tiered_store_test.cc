@@ -1,6 +1,9 @@
 #include "kvdn/storage/tiered_store.h"
 
+#include <atomic>
 #include <cstring>
+#include <thread>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "kvdn/common/hash.h"
@@ -348,6 +351,60 @@ TEST_F(TieredStoreTest, ANamespacePastItsShareEvictsItsOwnLeastRecentlyUsedChunk
   for (int i = 0; i < 7; ++i) EXPECT_EQ(s->Where(KeyFor(i, "other")), TierKind::kHost) << i;
   for (int i = 0; i < 8; ++i) ExpectGet(*s, KeyFor(i, "mine"), mine[i]);
   ASSERT_OK(s->CheckHostListsForTest());
+}
+
+// Chunks on their way into the host tier (promotions from disk, eight at once) count in their
+// namespace's share while they move, so however many move together the namespace never holds
+// more than its share of the tier's memory, nor ends up with more linked.
+TEST_F(TieredStoreTest, ChunksMovingIntoTheHostTierCountInTheirNamespacesShare) {
+  testing::TempDir dir;
+  TieredStoreOptions o = Options(32 * kMiB, true);
+  o.disk->path = dir.Sub("disk");
+  o.namespace_host_share = 0.25;  // 8 MiB: 7 chunks of 1 MiB with their headers and alignment
+  ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(o));
+  constexpr int kChunks = 32;
+  std::vector<std::vector<uint8_t>> chunks;
+  for (int i = 0; i < kChunks; ++i) {
+    chunks.push_back(Chunk(500 + i));
+    ASSERT_OK(s->Put(KeyFor(i, "t"), chunks.back()));  // most of them end up on disk
+  }
+  const uint64_t share = 8 * kMiB;
+  std::atomic<bool> done{false};
+  std::atomic<uint64_t> max_used{0};
+  std::thread monitor([&] {
+    while (!done.load()) {  // the tier's memory in use: all of it is this namespace's
+      const uint64_t used = s->Stats().tier(TierKind::kHost).used_bytes;
+      uint64_t seen = max_used.load();
+      while (used > seen && !max_used.compare_exchange_weak(seen, used)) {
+      }
+    }
+  });
+  std::vector<std::thread> readers;
+  std::atomic<int> bad{0};
+  for (int t = 0; t < 8; ++t) {
+    readers.emplace_back([&, t] {
+      std::vector<uint8_t> buf(2 * kMiB);
+      for (int round = 0; round < 10; ++round) {
+        for (int i = (t * 5 + round) % kChunks, n = 0; n < 8; ++n, i = (i + 1) % kChunks) {
+          auto got = s->Get(KeyFor(i, "t"), MutableByteSpan(buf));
+          if (!got.ok() && !absl::IsUnavailable(got.status()) &&
+              !absl::IsResourceExhausted(got.status())) {
+            ++bad;
+          } else if (got.ok() && std::memcmp(buf.data(), chunks[i].data(), *got) != 0) {
+            ++bad;
+          }
+        }
+      }
+    });
+  }
+  for (auto& r : readers) r.join();
+  done = true;
+  monitor.join();
+  EXPECT_EQ(bad.load(), 0);
+  EXPECT_LE(max_used.load(), share) << "the namespace held more than its share while moving";
+  EXPECT_LE(s->NamespaceHostBytes("t"), share);
+  EXPECT_EQ(s->NamespaceHostBytes("t"), s->Stats().tier(TierKind::kHost).bytes);
+  EXPECT_OK(s->CheckHostListsForTest());
 }
 
 TEST_F(TieredStoreTest, ANamespaceShareRefusesWhatCannotFitPrecisely) {
