@@ -105,9 +105,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "making certificates failed: %s\n", err.c_str());
     return 1;
   }
-  std::ofstream(dir + "/tls.json") << R"({"tls": {"cert_file": ")" << dir
-                                   << R"(/server.pem", "key_file": ")" << dir
-                                   << R"(/server.key"}})";
+  std::ofstream(dir + "/tls.json")
+      << R"({"tls": {"cert_file": ")" << dir << R"(/server.pem", "key_file": ")" << dir
+      << R"(/server.key"}})";
   Servers plain({.kvdnd = kvdnd, .host_tier_bytes = 2ull << 30});
   Servers tls({.kvdnd = kvdnd,
                .host_tier_bytes = 2ull << 30,
@@ -120,19 +120,21 @@ int main(int argc, char** argv) {
   auto connect = [&](bool with_tls) {
     const std::string target = with_tls ? tls.kvdn_tcp() : plain.kvdn_tcp();
     return [target, with_tls, ca] {
-      return std::unique_ptr<Conn>(
-          new KvdnConn(target, kvdn::client::ClientOptions::DataPlane::kGrpc, "", 0,
-                       [&](kvdn::client::ClientOptions& o) {
-                         if (with_tls) o.tls.ca_file = ca;
-                       }));
+      return std::unique_ptr<Conn>(new KvdnConn(target,
+                                                kvdn::client::ClientOptions::DataPlane::kGrpc, "",
+                                                0, [&](kvdn::client::ClientOptions& o) {
+                                                  if (with_tls) o.tls.ca_file = ca;
+                                                }));
     };
   };
-  std::printf("# tls: kvdnd gRPC over TCP loopback, plain vs TLS\n# command: %s\n# cpu: %s (%u "
-              "cores)\n# date: %s\n",
-              cmdline.c_str(), CpuModel().c_str(), std::thread::hardware_concurrency(),
-              CommandOutput("date -u +%FT%TZ").c_str());
-  std::printf("\n| op | value | clients | plain GB/s | TLS GB/s | TLS/plain (range) | plain p50/p99 ms "
-              "| TLS p50/p99 ms |\n|---|---|---|---|---|---|---|---|\n");
+  std::printf(
+      "# tls: kvdnd gRPC over TCP loopback, plain vs TLS\n# command: %s\n# cpu: %s (%u "
+      "cores)\n# date: %s\n",
+      cmdline.c_str(), CpuModel().c_str(), std::thread::hardware_concurrency(),
+      CommandOutput("date -u +%FT%TZ").c_str());
+  std::printf(
+      "\n| op | value | clients | plain GB/s | TLS GB/s | TLS/plain (range) | plain p50/p99 ms "
+      "| TLS p50/p99 ms |\n|---|---|---|---|---|---|---|---|\n");
   int key_base = 0;
   bool ok = true;
   for (int mib : sizes) {
@@ -144,8 +146,8 @@ int main(int argc, char** argv) {
         Result r[2][2];  // [op][plain, tls]
         for (int k = 0; k < 2; ++k) {
           const int s = (round + k) % 2;
-          std::tie(r[0][s], r[1][s]) = PutThenGet(connect(s == 1), clients, seconds, value,
-                                                  key_base);
+          std::tie(r[0][s], r[1][s]) =
+              PutThenGet(connect(s == 1), clients, seconds, value, key_base);
           ok = ok && r[0][s].ok && r[1][s].ok;
           key_base += 1000000;
         }
@@ -160,11 +162,12 @@ int main(int argc, char** argv) {
       }
       for (int op = 0; op < 2; ++op) {
         const auto [lo, hi] = std::minmax_element(ratio[op].begin(), ratio[op].end());
-        std::printf("| %s | %d MiB | %d | %.2f | %.2f | %.2f (%.2f-%.2f) | %.2f / %.2f | %.2f / "
-                    "%.2f |\n",
-                    op == 0 ? "put" : "get", mib, clients, Median(gbps[op][0]),
-                    Median(gbps[op][1]), Median(ratio[op]), *lo, *hi, Median(p50[op][0]),
-                    Median(p99[op][0]), Median(p50[op][1]), Median(p99[op][1]));
+        std::printf(
+            "| %s | %d MiB | %d | %.2f | %.2f | %.2f (%.2f-%.2f) | %.2f / %.2f | %.2f / "
+            "%.2f |\n",
+            op == 0 ? "put" : "get", mib, clients, Median(gbps[op][0]), Median(gbps[op][1]),
+            Median(ratio[op]), *lo, *hi, Median(p50[op][0]), Median(p99[op][0]), Median(p50[op][1]),
+            Median(p99[op][1]));
         std::fflush(stdout);
       }
     }
@@ -178,14 +181,16 @@ int main(int argc, char** argv) {
       lp[s].push_back(LookupP50Us(static_cast<KvdnConn&>(*conn).client(), lookups));
     }
   }
-  std::printf("\n| call | plain p50 us | TLS p50 us | TLS - plain us |\n|---|---|---|---|\n"
-              "| Lookup (4 chunks) | %.0f | %.0f | %.0f |\n",
-              Median(lp[0]), Median(lp[1]), Median(lp[1]) - Median(lp[0]));
-  std::printf("\nGB/s = value bytes moved / wall time, all clients together; each client a thread "
-              "with its own connection (TLS session); payloads as gRPC frames (with TLS the UCX "
-              "data plane does not serve tcp clients). Medians of %d rounds; TLS/plain is the "
-              "median of the per-round ratios.\n",
-              rounds);
+  std::printf(
+      "\n| call | plain p50 us | TLS p50 us | TLS - plain us |\n|---|---|---|---|\n"
+      "| Lookup (4 chunks) | %.0f | %.0f | %.0f |\n",
+      Median(lp[0]), Median(lp[1]), Median(lp[1]) - Median(lp[0]));
+  std::printf(
+      "\nGB/s = value bytes moved / wall time, all clients together; each client a thread "
+      "with its own connection (TLS session); payloads as gRPC frames (with TLS the UCX "
+      "data plane does not serve tcp clients). Medians of %d rounds; TLS/plain is the "
+      "median of the per-round ratios.\n",
+      rounds);
   std::system(("rm -rf " + dir).c_str());
   return ok ? 0 : 1;
 }

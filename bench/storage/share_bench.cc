@@ -97,8 +97,9 @@ int main(int argc, char** argv) {
     } else if (a == "--reps") {
       reps = std::atoi(v);
     } else {
-      std::fprintf(stderr, "usage: share_bench [--chunk-kib N] [--host-mib N] [--tenants N] "
-                           "[--share F] [--puts N] [--reps N]\n");
+      std::fprintf(stderr,
+                   "usage: share_bench [--chunk-kib N] [--host-mib N] [--tenants N] "
+                   "[--share F] [--puts N] [--reps N]\n");
       return 2;
     }
   }
@@ -117,14 +118,16 @@ int main(int argc, char** argv) {
     std::memcpy(dst.data(), chunk.data(), chunk.size());
     cp.Add(Seconds(t0, Clock::now()));
   }
-  std::printf("# share_bench: chunk %zu bytes, host tier %llu MiB (~%llu chunks), %d quiet tenants "
-              "holding half of it, busy tenant %d puts (second half timed), %d reps\n# cpu: %s "
-              "(%u cores)\n\n",
-              chunk.size(), static_cast<unsigned long long>(host_mib),
-              static_cast<unsigned long long>(host / (chunk.size() + 4096)), tenants - 1, puts,
-              reps, CpuModel().c_str(), std::thread::hardware_concurrency());
-  std::printf("| store | busy Put p50 us | p99 us | GB/s | quiet chunks left in host |\n"
-              "|---|---|---|---|---|\n");
+  std::printf(
+      "# share_bench: chunk %zu bytes, host tier %llu MiB (~%llu chunks), %d quiet tenants "
+      "holding half of it, busy tenant %d puts (second half timed), %d reps\n# cpu: %s "
+      "(%u cores)\n\n",
+      chunk.size(), static_cast<unsigned long long>(host_mib),
+      static_cast<unsigned long long>(host / (chunk.size() + 4096)), tenants - 1, puts, reps,
+      CpuModel().c_str(), std::thread::hardware_concurrency());
+  std::printf(
+      "| store | busy Put p50 us | p99 us | GB/s | quiet chunks left in host |\n"
+      "|---|---|---|---|---|\n");
   for (int r = 0; r < reps; ++r) {
     for (double s : {1.0, share}) {
       const Run run = Measure(s, chunk, host, tenants, puts);
@@ -134,9 +137,10 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
     }
   }
-  std::printf("\nmemcpy of one chunk (cache-hot, the floor of a Put's copy): p50 %.1f us. A Put "
-              "reserves, copies and hashes the chunk, commits it and, here, evicts one chunk; "
-              "\"no share\" is the ceiling a share is measured against.\n",
-              cp.Percentile(0.5) * 1e6);
+  std::printf(
+      "\nmemcpy of one chunk (cache-hot, the floor of a Put's copy): p50 %.1f us. A Put "
+      "reserves, copies and hashes the chunk, commits it and, here, evicts one chunk; "
+      "\"no share\" is the ceiling a share is measured against.\n",
+      cp.Percentile(0.5) * 1e6);
   return 0;
 }

@@ -317,7 +317,8 @@ int main(int argc, char** argv) {
   }
   if (absl::Status st = kvdn::client::ValidateTlsOptions(tls, "--tls-"); !st.ok()) {
     std::string message(st.message());
-    absl::StrReplaceAll({{"--tls-ca_file", "--tls-ca-file"}, {"--tls-cert_file", "--tls-cert-file"},
+    absl::StrReplaceAll({{"--tls-ca_file", "--tls-ca-file"},
+                         {"--tls-cert_file", "--tls-cert-file"},
                          {"--tls-key_file", "--tls-key-file"},
                          {"--tls-server_name", "--tls-server-name"}},
                         &message);

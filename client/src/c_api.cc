@@ -15,8 +15,6 @@ thread_local std::string last_error;
 
 std::string Str(const char* s) { return s == nullptr ? std::string() : std::string(s); }
 
-
-
 }  // namespace
 
 int Fail(const absl::Status& status) {
@@ -78,8 +76,8 @@ int kvdn_client_connect(const kvdn_client_options* options, kvdn_client** out) {
     o.model.dtype = static_cast<kvdn::Dtype>(options->dtype);
     o.model.tokens_per_chunk = options->tokens_per_chunk;
     if (!(options->deadline_seconds > 0)) {
-      return Fail(absl::InvalidArgumentError(absl::StrCat(
-          "deadline_seconds must be > 0, got ", options->deadline_seconds)));
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("deadline_seconds must be > 0, got ", options->deadline_seconds)));
     }
     o.deadline = absl::Seconds(options->deadline_seconds);
     o.max_attempts = options->max_attempts;

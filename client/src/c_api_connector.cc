@@ -23,7 +23,6 @@ using kvdn::client::c_api::Fail;
 using kvdn::client::c_api::Guard;
 using kvdn::client::c_api::Ok;
 
-
 // The C view as the C++ one; INVALID_ARGUMENT for what the C++ checks cannot see (a null view,
 // null layers, a layout or dtype code out of range of its enum's type).
 absl::StatusOr<kvdn::client::PagedKvView> ToView(const kvdn_paged_view* view) {
@@ -59,7 +58,6 @@ absl::StatusOr<kvdn::client::PagedKvView> ToView(const kvdn_paged_view* view) {
   v.block_table_len = view->block_table_len;
   return v;
 }
-
 
 }  // namespace
 
@@ -137,8 +135,7 @@ int kvdn_load_get_stats(kvdn_load* load, kvdn_load_stats* out) {
       return Fail(absl::InvalidArgumentError("load and out must not be null"));
     }
     const kvdn::client::LoadStats s = load->load->stats();
-    *out = kvdn_load_stats{s.gpu_tier_chunks, s.descriptors, s.lookup,
-                           s.fetch,           s.stall,       s.enqueue};
+    *out = kvdn_load_stats{s.gpu_tier_chunks, s.descriptors, s.lookup, s.fetch, s.stall, s.enqueue};
     return Ok();
   });
 }

@@ -5,8 +5,9 @@ namespace {
 
 int NoCuda(const char* call) {
   return kvdn::client::c_api::Fail(absl::FailedPreconditionError(
-      absl::StrCat(call, ": this libkvdn_c was built without CUDA (no engine connector); build "
-                         "kvdn on a machine with nvcc")));
+      absl::StrCat(call,
+                   ": this libkvdn_c was built without CUDA (no engine connector); build "
+                   "kvdn on a machine with nvcc")));
 }
 
 }  // namespace

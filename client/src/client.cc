@@ -5,9 +5,9 @@
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/security/tls_certificate_provider.h>
 #include <grpcpp/security/tls_credentials_options.h>
-#include <unistd.h>
 #include <grpcpp/support/client_interceptor.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -420,17 +420,17 @@ absl::Status ValidateTlsOptions(const TlsOptions& tls, const std::string& prefix
     return absl::OkStatus();
   }
   if (tls.cert_file.empty() != tls.key_file.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        prefix, tls.cert_file.empty() ? "cert_file" : "key_file",
-        " is empty while ", tls.cert_file.empty() ? "key_file" : "cert_file", " is set"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(prefix, tls.cert_file.empty() ? "cert_file" : "key_file", " is empty while ",
+                     tls.cert_file.empty() ? "key_file" : "cert_file", " is set"));
   }
-  for (const auto& [field, path] : {std::pair<const char*, const std::string&>{"ca_file",
-                                                                              tls.ca_file},
-                                    {"cert_file", tls.cert_file},
-                                    {"key_file", tls.key_file}}) {
+  for (const auto& [field, path] :
+       {std::pair<const char*, const std::string&>{"ca_file", tls.ca_file},
+        {"cert_file", tls.cert_file},
+        {"key_file", tls.key_file}}) {
     if (!path.empty() && ::access(path.c_str(), R_OK) != 0) {
-      return absl::NotFoundError(absl::StrCat(prefix, field, ": \"", path,
-                                              "\" cannot be read: ", std::strerror(errno)));
+      return absl::NotFoundError(
+          absl::StrCat(prefix, field, ": \"", path, "\" cannot be read: ", std::strerror(errno)));
     }
   }
   if (tls.refresh_seconds == 0 || tls.refresh_seconds > 86400) {

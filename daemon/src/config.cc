@@ -225,10 +225,10 @@ absl::Status ValidateTls(const v1::DaemonConfig& c) {
   }
   if (t.cert_file().empty()) return Bad("tls.cert_file", "is empty while tls.key_file is set");
   if (t.key_file().empty()) return Bad("tls.key_file", "is empty while tls.cert_file is set");
-  for (const auto& [field, path] : {std::pair<const char*, const std::string&>{"tls.cert_file",
-                                                                              t.cert_file()},
-                                    {"tls.key_file", t.key_file()},
-                                    {"tls.ca_file", t.ca_file()}}) {
+  for (const auto& [field, path] :
+       {std::pair<const char*, const std::string&>{"tls.cert_file", t.cert_file()},
+        {"tls.key_file", t.key_file()},
+        {"tls.ca_file", t.ca_file()}}) {
     if (path.empty()) continue;
     if (::access(path.c_str(), R_OK) != 0) {
       return Bad(field, absl::StrCat("\"", path, "\" cannot be read: ", std::strerror(errno)));

@@ -68,8 +68,8 @@ absl::StatusOr<std::unique_ptr<DataPlane>> DataPlane::Start(ServerState* state) 
   }
   // With TLS on the gRPC listener, payloads leave the host only inside it (UCX has no encryption),
   // unless the config allows them in clear.
-  const bool clear_remote_ok = state->config.tls().cert_file().empty() ||
-                               state->config.tls().allow_clear_data_plane();
+  const bool clear_remote_ok =
+      state->config.tls().cert_file().empty() || state->config.tls().allow_clear_data_plane();
   for (uint32_t i = 0; clear_remote_ok && i < lanes; ++i) {
     auto lane = make_lane(absl::StrCat("kvdnd-remote-", i), tls == "auto" ? "" : tls);
     if (!lane.ok()) {

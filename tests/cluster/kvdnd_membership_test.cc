@@ -401,9 +401,9 @@ TEST_F(KvdndMembershipTest, ThePeerTokenRotatesWithoutARestart) {
   // A file without a peer token: refused on both nodes, the old tokens kept.
   write_tokens("");
   for (DaemonProcess* d : {&a_, &b_}) {
-    EXPECT_TRUE(Eventually(
-        [&] { return Metric(*d, "kvdn_auth_reloads_total{result=\"failed\"}") == 1; },
-        absl::Seconds(5)))
+    EXPECT_TRUE(
+        Eventually([&] { return Metric(*d, "kvdn_auth_reloads_total{result=\"failed\"}") == 1; },
+                   absl::Seconds(5)))
         << Logs();
   }
   // Rotated: the first token is gone, a second one replaces it.
@@ -448,8 +448,8 @@ TEST_F(KvdndMembershipTest, WithMutualTlsPeersVerifyEachOtherAndReplicate) {
   std::string err;
   ASSERT_TRUE(a_.Start(flags("node-a"), &err)) << err;
   ASSERT_TRUE(b_.Start(flags("node-b"), &err)) << err;
-  ASSERT_TRUE(Eventually([&] { return Nodes(a_).size() == 2 && Nodes(b_).size() == 2; },
-                         absl::Seconds(5)))
+  ASSERT_TRUE(
+      Eventually([&] { return Nodes(a_).size() == 2 && Nodes(b_).size() == 2; }, absl::Seconds(5)))
       << Logs();
   const std::vector<uint8_t> chunk = testing::RandomChunk(testing::InfoForBytes(1 << 20), 31);
   // Written on a, owned by b: replicated to b over the TLS channel (payload over gRPC: with TLS

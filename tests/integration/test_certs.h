@@ -19,7 +19,7 @@ struct TestCerts {
   std::string server_key;
   std::string client_cert;  // a client's, signed by the same CA
   std::string client_key;
-  std::string other_ca;     // an unrelated CA
+  std::string other_ca;  // an unrelated CA
 };
 
 inline absl::StatusOr<TestCerts> MakeTestCerts(const std::string& dir) {

@@ -102,8 +102,8 @@ TEST_F(TlsTest, AClientTrustingTheCaWorksOverTcpAndTheUnixSocketStaysPlain) {
   // The node's unix socket: plain, as before (TLS options are ignored there).
   ASSERT_OK_AND_ASSIGN(auto local, client::Client::Connect(Options({}, daemon_.unix_target())));
   EXPECT_OK(RoundTrip(*local, 2));
-  ASSERT_OK_AND_ASSIGN(auto local_tls, client::Client::Connect(
-                                           Options(Trusting(certs_.ca), daemon_.unix_target())));
+  ASSERT_OK_AND_ASSIGN(
+      auto local_tls, client::Client::Connect(Options(Trusting(certs_.ca), daemon_.unix_target())));
   EXPECT_OK(RoundTrip(*local_tls, 3));
   EXPECT_THAT(local->DataPlaneInUse(), StartsWith("ucx"));
   // A clean exit; under AddressSanitizer also no leak (gRPC 1.51's TLS endpoint leaked 576 bytes
@@ -175,8 +175,8 @@ TEST_F(TlsTest, ClearDataPlaneOnlyWhenAllowed) {
 
 TEST_F(TlsTest, KvdnctlTakesTheTlsFlags) {
   StartWith(ServerTls());
-  const std::string ctl = absl::StrCat(KVDN_KVDNCTL_PATH, " --timeout 5 --target ",
-                                       daemon_.tcp_target());
+  const std::string ctl =
+      absl::StrCat(KVDN_KVDNCTL_PATH, " --timeout 5 --target ", daemon_.tcp_target());
   std::string err;
   auto [rc, out] = testing::RunCommand(ctl + " --tls-ca-file " + certs_.ca + " health", &err);
   EXPECT_EQ(rc, 0) << err;
@@ -215,9 +215,9 @@ TEST_F(TlsTest, BadTlsConfigsStopKvdndNamingTheField) {
     const std::string cfg = dir_.Sub("bad.json");
     std::ofstream(cfg) << R"({"tls": )" << c.tls << "}";
     std::string err;
-    auto [rc, out] = testing::RunCommand(std::string(KVDN_KVDND_PATH) + " --config " + cfg +
-                                             " --data-dir " + dir_.Sub("bad-data"),
-                                         &err);
+    auto [rc, out] = testing::RunCommand(
+        std::string(KVDN_KVDND_PATH) + " --config " + cfg + " --data-dir " + dir_.Sub("bad-data"),
+        &err);
     EXPECT_NE(rc, 0);
     EXPECT_THAT(err + out, HasSubstr(c.error));
   }

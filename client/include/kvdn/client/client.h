@@ -265,8 +265,7 @@ absl::StatusOr<std::string> ResolveToken(const std::string& token);
 // kvdn's message size limits; with a `token`, every call on it carries
 // `authorization: Bearer <token>`; over TLS when `tls.ca_file` is set and the target is not a
 // unix socket. REQUIRES: ValidateTlsOptions(tls).ok().
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
-                                           const std::string& token = "",
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, const std::string& token = "",
                                            const TlsOptions& tls = {});
 
 }  // namespace kvdn::client
