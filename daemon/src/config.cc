@@ -182,6 +182,7 @@ void ApplyDefaults(v1::DaemonConfig* c) {
   if (c->high_watermark() == 0) c->set_high_watermark(0.95);
   if (c->low_watermark() == 0) c->set_low_watermark(0.90);
   if (c->namespace_host_share() == 0) c->set_namespace_host_share(1.0);
+  if (c->namespace_disk_share() == 0) c->set_namespace_disk_share(1.0);
   if (c->max_frame_bytes() == 0) c->set_max_frame_bytes(1 << 20);
   if (c->get_frame_bytes() == 0) {
     c->set_get_frame_bytes(std::min<uint32_t>(512 << 10, c->max_frame_bytes()));
@@ -285,6 +286,10 @@ absl::Status ValidateConfig(const v1::DaemonConfig& c) {
   if (!(c.namespace_host_share() > 0 && c.namespace_host_share() <= 1)) {
     return Bad("namespace_host_share",
                absl::StrCat(c.namespace_host_share(), " is outside (0, 1]"));
+  }
+  if (!(c.namespace_disk_share() > 0 && c.namespace_disk_share() <= 1)) {
+    return Bad("namespace_disk_share",
+               absl::StrCat(c.namespace_disk_share(), " is outside (0, 1]"));
   }
   if (!(c.low_watermark() > 0 && c.low_watermark() < c.high_watermark() &&
         c.high_watermark() <= 1)) {

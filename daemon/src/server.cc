@@ -80,6 +80,7 @@ storage::TieredStoreOptions StoreOptions(const v1::DaemonConfig& c) {
   o.reservation_ttl = absl::Milliseconds(c.reservation_ttl_ms());
   o.max_lease_ttl = absl::Milliseconds(c.max_lease_ttl_ms());
   o.namespace_host_share = c.namespace_host_share();
+  o.namespace_disk_share = c.namespace_disk_share();
   return o;
 }
 
@@ -91,6 +92,13 @@ void CollectStore(const ServerState& state, MetricsWriter& w) {
       w.Gauge("kvdn_namespace_host_bytes",
               "Host-tier bytes (chunks and reservations) of a namespace, kept while "
               "namespace_host_share is below 1.",
+              {{"namespace", ns}}, static_cast<double>(bytes));
+    }
+  }
+  if (state.config.namespace_disk_share() < 1) {
+    for (const auto& [ns, bytes] : state.store->NamespaceDiskUsage()) {
+      w.Gauge("kvdn_namespace_disk_bytes",
+              "Disk-tier bytes of a namespace, kept while namespace_disk_share is below 1.",
               {{"namespace", ns}}, static_cast<double>(bytes));
     }
   }

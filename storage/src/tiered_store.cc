@@ -36,8 +36,14 @@ absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(const TieredStore
     return absl::InvalidArgumentError(
         absl::StrCat("namespace_host_share ", options.namespace_host_share, " is outside (0, 1]"));
   }
+  if (!(options.namespace_disk_share > 0 && options.namespace_disk_share <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("namespace_disk_share ", options.namespace_disk_share, " is outside (0, 1]"));
+  }
   std::unique_ptr<TieredStore> store(new TieredStore(options));
-  store->state_->track_ns = options.namespace_host_share < 1;
+  // Before the disk tier's chunks are linked below: they count from the start.
+  store->state_->track_ns[kHost] = options.namespace_host_share < 1;
+  store->state_->track_ns[kDisk] = options.disk.has_value() && options.namespace_disk_share < 1;
   KVDN_ASSIGN_OR_RETURN(store->host_, HostTier::Create(options.host));
   if (options.gpu) {
     KVDN_ASSIGN_OR_RETURN(store->gpu_, GpuTier::Create(*options.gpu));
@@ -530,7 +536,9 @@ absl::StatusOr<uint64_t> TieredStore::PersistToDisk() {
       // the head after each write (entries already on disk are skipped).
       for (;;) {
         Entry* e = s.lru[t].head;
-        while (e && (e->on_disk || e->moving || e->doomed)) e = e->next[t];
+        while (e && (e->on_disk || e->moving || e->doomed || OverDiskShareLocked(*e))) {
+          e = e->next[t];
+        }
         if (!e) break;
         if (disk_->used_bytes() + e->size > disk_->capacity_bytes()) break;
         e->moving = true;
@@ -574,42 +582,59 @@ uint64_t TieredStore::NamespaceHostBytes(absl::string_view ns) const {
 std::vector<std::pair<std::string, uint64_t>> TieredStore::NamespaceHostUsage() const {
   State& s = *state_;
   MutexLock lock(&s.mu);
-  return {s.host_bytes_by_ns.begin(), s.host_bytes_by_ns.end()};
+  return {s.bytes_by_ns[kHost].begin(), s.bytes_by_ns[kHost].end()};
 }
 
-absl::Status TieredStore::CheckHostListsForTest() const {
+uint64_t TieredStore::NamespaceDiskBytes(absl::string_view ns) const {
   State& s = *state_;
   MutexLock lock(&s.mu);
-  if (!s.track_ns) {
-    return s.host_lru_by_ns.empty() ? absl::OkStatus()
-                                    : absl::InternalError("namespace lists kept without a share");
-  }
-  // Walk the tier's list from the most recent; each namespace's list must be met in its order.
-  absl::flat_hash_map<std::string, const Entry*> cursor;
-  for (const auto& [ns, list] : s.host_lru_by_ns) {
-    if (list.head == nullptr || list.tail == nullptr || list.head->ns_prev != nullptr ||
-        list.tail->ns_next != nullptr) {
-      return absl::InternalError(absl::StrCat("namespace ", ns, ": list ends broken"));
+  return s.BytesOf(kDisk, ns);
+}
+
+std::vector<std::pair<std::string, uint64_t>> TieredStore::NamespaceDiskUsage() const {
+  State& s = *state_;
+  MutexLock lock(&s.mu);
+  return {s.bytes_by_ns[kDisk].begin(), s.bytes_by_ns[kDisk].end()};
+}
+
+absl::Status TieredStore::CheckNamespaceListsForTest() const {
+  State& s = *state_;
+  MutexLock lock(&s.mu);
+  for (int t = 0; t < kNumTierKinds; ++t) {
+    const std::string tier(TierKindName(static_cast<TierKind>(t)));
+    if (!s.track_ns[t]) {
+      if (!s.lru_by_ns[t].empty() || !s.bytes_by_ns[t].empty()) {
+        return absl::InternalError(absl::StrCat(tier, ": namespace lists kept without a share"));
+      }
+      continue;
     }
-    cursor[ns] = list.head;
-  }
-  uint64_t n = 0;
-  for (const Entry* e = s.lru[kHost].head; e != nullptr; e = e->next[kHost], ++n) {
-    auto it = cursor.find(e->key.ns);
-    if (it == cursor.end() || it->second != e) {
-      return absl::InternalError(absl::StrCat("host chunk ", n, " (", e->key.ToString(),
-                                              ") is not next in its namespace's list"));
+    // Walk the tier's list from the most recent; each namespace's list must be met in its order.
+    absl::flat_hash_map<std::string, const Entry*> cursor;
+    for (const auto& [ns, list] : s.lru_by_ns[t]) {
+      if (list.head == nullptr || list.tail == nullptr || list.head->ns_prev[t] != nullptr ||
+          list.tail->ns_next[t] != nullptr) {
+        return absl::InternalError(absl::StrCat(tier, ": namespace ", ns, ": list ends broken"));
+      }
+      cursor[ns] = list.head;
     }
-    it->second = e->ns_next;
-  }
-  for (const auto& [ns, rest] : cursor) {
-    if (rest != nullptr) {
-      return absl::InternalError(
-          absl::StrCat("namespace ", ns, "'s list holds a chunk not in the host tier's"));
+    uint64_t n = 0;
+    for (const Entry* e = s.lru[t].head; e != nullptr; e = e->next[t], ++n) {
+      auto it = cursor.find(e->key.ns);
+      if (it == cursor.end() || it->second != e) {
+        return absl::InternalError(absl::StrCat(tier, " chunk ", n, " (", e->key.ToString(),
+                                                ") is not next in its namespace's list"));
+      }
+      it->second = e->ns_next[t];
     }
-  }
-  if (n != s.lru[kHost].count) {
-    return absl::InternalError(absl::StrCat("host list walked ", n, " of ", s.lru[kHost].count));
+    for (const auto& [ns, rest] : cursor) {
+      if (rest != nullptr) {
+        return absl::InternalError(
+            absl::StrCat(tier, ": namespace ", ns, "'s list holds a chunk not in the tier's"));
+      }
+    }
+    if (n != s.lru[t].count) {
+      return absl::InternalError(absl::StrCat(tier, " list walked ", n, " of ", s.lru[t].count));
+    }
   }
   return absl::OkStatus();
 }

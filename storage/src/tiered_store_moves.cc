@@ -68,7 +68,7 @@ absl::StatusOr<MemoryBlock> TieredStore::AllocateLocked(int t, uint64_t size, co
                                                         bool may_block, absl::string_view ns) {
   MemoryTier* tier = MemTier(t);
   State& s = *state_;
-  if (t == kHost && s.track_ns) {
+  if (t == kHost && s.track_ns[kHost]) {
     // Past its share, the namespace makes room among its own chunks first.
     const std::string name(ns.empty() && keep != nullptr ? absl::string_view(keep->key.ns) : ns);
     const uint64_t share =
@@ -114,10 +114,10 @@ bool TieredStore::EvictOneLocked(int t, const Entry* keep, bool may_block, bool*
            (t == kDisk && e->mem == kNone && e->pins > 0);
   };
   Entry* victim;
-  if (only_ns != nullptr && t == kHost && s.track_ns) {
+  if (only_ns != nullptr && s.track_ns[t]) {
     // The namespace's own list: no walk past other namespaces' chunks.
-    victim = s.HostTailOf(*only_ns);
-    while (victim && unfit(victim)) victim = victim->ns_prev;
+    victim = s.TailOf(t, *only_ns);
+    while (victim && unfit(victim)) victim = victim->ns_prev[t];
   } else {
     victim = s.lru[t].tail;
     while (victim && (unfit(victim) || (only_ns != nullptr && victim->key.ns != *only_ns))) {
@@ -166,9 +166,12 @@ absl::Status TieredStore::WriteToDiskLocked(Entry* e) {
     KVDN_RETURN_IF_ERROR(st);
     bytes = ByteSpan(staged);
   }
+  // While written the chunk counts in its namespace's disk share (Link counts it after).
+  s.Count(kDisk, e->key.ns, e->size, true);
   s.mu.Unlock();
   absl::Status st = disk_->Write(e->key, bytes);
   s.mu.Lock();
+  s.Count(kDisk, e->key.ns, e->size, false);
   if (st.ok()) {
     e->on_disk = true;
     s.Link(e, kDisk);
@@ -176,17 +179,41 @@ absl::Status TieredStore::WriteToDiskLocked(Entry* e) {
   return st;
 }
 
+bool TieredStore::OverDiskShareLocked(const Entry& e) const {
+  const State& s = *state_;
+  if (!s.track_ns[kDisk]) return false;
+  const auto share =
+      static_cast<uint64_t>(options_.namespace_disk_share * double(disk_->capacity_bytes()));
+  return s.BytesOf(kDisk, e.key.ns) + e.size > share;
+}
+
 void TieredStore::DemoteToDiskLocked(Entry* e) {
   State& s = *state_;
-  // Make room on disk first, so the disk tier never exceeds its capacity.
+  // Make room on disk first, so the disk tier never exceeds its capacity: past its namespace's
+  // share, among that namespace's own disk chunks first.
   e->moving = true;
   ++e->pins;
+  const std::string ns = e->key.ns;
+  const auto share =
+      static_cast<uint64_t>(options_.namespace_disk_share * double(disk_->capacity_bytes()));
+  const bool can_fit_share = !s.track_ns[kDisk] || e->size <= share;
+  while (can_fit_share && OverDiskShareLocked(*e)) {
+    if (!EvictOneLocked(kDisk, e, /*may_block=*/true, nullptr, &ns)) break;
+  }
   while (disk_->used_bytes() + e->size > disk_->capacity_bytes()) {
     if (!EvictOneLocked(kDisk, e)) break;
   }
-  const bool room = disk_->used_bytes() + e->size <= disk_->capacity_bytes();
-  const absl::Status st =
-      room ? WriteToDiskLocked(e) : absl::ResourceExhaustedError("disk tier full");
+  absl::Status st;
+  if (OverDiskShareLocked(*e)) {
+    st = absl::ResourceExhaustedError(
+        absl::StrCat("namespace \"", ns, "\" holds ", s.BytesOf(kDisk, ns),
+                     " bytes of the disk tier and its share is ", share,
+                     " (namespace_disk_share): no room for ", e->size, " more"));
+  } else if (disk_->used_bytes() + e->size > disk_->capacity_bytes()) {
+    st = absl::ResourceExhaustedError("disk tier full");
+  } else {
+    st = WriteToDiskLocked(e);
+  }
   --e->pins;
   e->moving = false;
   s.cv.SignalAll();

@@ -65,9 +65,10 @@ struct TieredStore::Entry {
   Entry* prev[kNumTierKinds] = {};
   Entry* next[kNumTierKinds] = {};
   bool linked[kNumTierKinds] = {};
-  // Links in its namespace's own host LRU list (State::host_lru_by_ns), kept while track_ns.
-  Entry* ns_prev = nullptr;
-  Entry* ns_next = nullptr;
+  // Links in its namespace's own LRU list of each tier (State::lru_by_ns), kept while that tier
+  // tracks namespaces (track_ns).
+  Entry* ns_prev[kNumTierKinds] = {};
+  Entry* ns_next[kNumTierKinds] = {};
 };
 
 // All mutable state, guarded by mu.
@@ -110,31 +111,34 @@ struct TieredStore::State {
   bool stop ABSL_GUARDED_BY(mu) = false;
   std::thread maintenance;
 
-  // Host-tier bytes by namespace (linked chunks and reservations), kept while track_ns
-  // (TieredStoreOptions::namespace_host_share below 1).
-  bool track_ns = false;
-  absl::flat_hash_map<std::string, uint64_t> host_bytes_by_ns ABSL_GUARDED_BY(mu);
-  // Each namespace's host chunks in LRU order too (head = most recent), so a namespace past its
-  // share finds its own least recently used chunk without walking past the others'.
+  // Bytes by namespace in a tier (linked chunks, plus on the host tier reservations and copies
+  // in transit), and each namespace's chunks of the tier in LRU order (head = most recent), kept
+  // for the tiers with a namespace share (TieredStoreOptions::namespace_host_share /
+  // namespace_disk_share below 1), so a namespace past its share finds its own least recently
+  // used chunk without walking past the others'.
+  bool track_ns[kNumTierKinds] = {};
   struct NsList {
     Entry* head = nullptr;
     Entry* tail = nullptr;
   };
-  absl::flat_hash_map<std::string, NsList> host_lru_by_ns ABSL_GUARDED_BY(mu);
-  // The least recently used host chunk of `ns` (nullptr when none); walk on with ns_prev.
-  Entry* HostTailOf(const std::string& ns) const {
-    auto it = host_lru_by_ns.find(ns);
-    return it == host_lru_by_ns.end() ? nullptr : it->second.tail;
-  }
-  void CountHost(const std::string& ns, uint64_t bytes, bool add) {
-    if (!track_ns) return;
-    uint64_t& b = host_bytes_by_ns[ns];
+  absl::flat_hash_map<std::string, uint64_t> bytes_by_ns[kNumTierKinds] ABSL_GUARDED_BY(mu);
+  absl::flat_hash_map<std::string, NsList> lru_by_ns[kNumTierKinds] ABSL_GUARDED_BY(mu);
+  void Count(int t, const std::string& ns, uint64_t bytes, bool add) {
+    if (!track_ns[t]) return;
+    uint64_t& b = bytes_by_ns[t][ns];
     b = add ? b + bytes : (b > bytes ? b - bytes : 0);
-    if (b == 0) host_bytes_by_ns.erase(ns);
+    if (b == 0) bytes_by_ns[t].erase(ns);
   }
-  uint64_t HostBytesOf(absl::string_view ns) const {
-    auto it = host_bytes_by_ns.find(ns);
-    return it == host_bytes_by_ns.end() ? 0 : it->second;
+  uint64_t BytesOf(int t, absl::string_view ns) const {
+    auto it = bytes_by_ns[t].find(ns);
+    return it == bytes_by_ns[t].end() ? 0 : it->second;
+  }
+  void CountHost(const std::string& ns, uint64_t bytes, bool add) { Count(kHost, ns, bytes, add); }
+  uint64_t HostBytesOf(absl::string_view ns) const { return BytesOf(kHost, ns); }
+  // The least recently used chunk of `ns` in tier t (nullptr when none); walk on with ns_prev[t].
+  Entry* TailOf(int t, const std::string& ns) const {
+    auto it = lru_by_ns[t].find(ns);
+    return it == lru_by_ns[t].end() ? nullptr : it->second.tail;
   }
 
   void Link(Entry* e, int t) {
@@ -147,12 +151,12 @@ struct TieredStore::State {
     e->linked[t] = true;
     ++l.count;
     l.bytes += e->size;
-    if (t == kHost && track_ns) {
-      CountHost(e->key.ns, e->size, true);
-      NsList& n = host_lru_by_ns[e->key.ns];
-      e->ns_prev = nullptr;
-      e->ns_next = n.head;
-      if (n.head) n.head->ns_prev = e;
+    if (track_ns[t]) {
+      Count(t, e->key.ns, e->size, true);
+      NsList& n = lru_by_ns[t][e->key.ns];
+      e->ns_prev[t] = nullptr;
+      e->ns_next[t] = n.head;
+      if (n.head) n.head->ns_prev[t] = e;
       n.head = e;
       if (!n.tail) n.tail = e;
     }
@@ -172,20 +176,20 @@ struct TieredStore::State {
     e->linked[t] = false;
     --l.count;
     l.bytes -= e->size;
-    if (t == kHost && track_ns) {
-      CountHost(e->key.ns, e->size, false);
-      auto it = host_lru_by_ns.find(e->key.ns);
+    if (track_ns[t]) {
+      Count(t, e->key.ns, e->size, false);
+      auto it = lru_by_ns[t].find(e->key.ns);
       NsList& n = it->second;
-      if (e->ns_prev)
-        e->ns_prev->ns_next = e->ns_next;
+      if (e->ns_prev[t])
+        e->ns_prev[t]->ns_next[t] = e->ns_next[t];
       else
-        n.head = e->ns_next;
-      if (e->ns_next)
-        e->ns_next->ns_prev = e->ns_prev;
+        n.head = e->ns_next[t];
+      if (e->ns_next[t])
+        e->ns_next[t]->ns_prev[t] = e->ns_prev[t];
       else
-        n.tail = e->ns_prev;
-      e->ns_prev = e->ns_next = nullptr;
-      if (n.head == nullptr) host_lru_by_ns.erase(it);
+        n.tail = e->ns_prev[t];
+      e->ns_prev[t] = e->ns_next[t] = nullptr;
+      if (n.head == nullptr) lru_by_ns[t].erase(it);
     }
   }
   void Touch(Entry* e, int t) {

@@ -801,7 +801,7 @@ class HostShareTest : public KvdndTest {
  protected:
   std::vector<std::string> ExtraFlags() override {
     const std::string cfg = dir_.Sub("share.json");
-    std::ofstream(cfg) << R"({"namespace_host_share": 0.25})";
+    std::ofstream(cfg) << R"({"namespace_host_share": 0.25, "namespace_disk_share": 0.75})";
     return {"--config", cfg};
   }
 };
@@ -833,6 +833,11 @@ TEST_F(HostShareTest, ANoisyTenantPushesOutItsOwnChunksNotTheOthers) {
       testing::MetricSample(daemon_.http_port(), "kvdn_namespace_host_bytes{namespace=\"noisy\"}");
   EXPECT_GT(noisy_bytes, 0);
   EXPECT_LE(noisy_bytes, 64.0 * (1 << 20));
+  // The disk share's books: the noisy tenant's demoted chunks, within 0.75 of the 512 MiB tier.
+  const double noisy_disk =
+      testing::MetricSample(daemon_.http_port(), "kvdn_namespace_disk_bytes{namespace=\"noisy\"}");
+  EXPECT_GT(noisy_disk, 0);
+  EXPECT_LE(noisy_disk, 0.75 * 512 * (1 << 20));
   // Everything reads back, from wherever it is.
   std::vector<std::vector<uint8_t>> got;
   ASSERT_OK_AND_ASSIGN(client::LoadResult lq, LoadLike(*quiet, q_tokens, q_payloads, &got));
@@ -1160,6 +1165,7 @@ TEST(KvdndConfigTest, InvalidConfigFailsAtStartNamingTheField) {
   } cases[] = {
       {R"({"low_watermark": 0.99, "high_watermark": 0.5})", "low_watermark"},
       {R"({"namespace_host_share": 1.5})", "namespace_host_share"},
+      {R"({"namespace_disk_share": -0.5})", "namespace_disk_share"},
       {R"({"max_frame_bytes": 10})", "max_frame_bytes"},
       {R"({"max_frame_bytes": 65536, "get_frame_bytes": 65537})", "get_frame_bytes"},
       {R"({"namespaces": ["ok", "not ok"]})", "namespaces[1]"},

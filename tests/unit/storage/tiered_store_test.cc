@@ -338,19 +338,19 @@ TEST_F(TieredStoreTest, ANamespacePastItsShareEvictsItsOwnLeastRecentlyUsedChunk
     mine.push_back(Chunk(300 + i));
     ASSERT_OK(s->Put(KeyFor(i, "mine"), mine.back()));
     ASSERT_OK(s->Put(KeyFor(i, "other"), Chunk(400 + i)));  // interleaved in the tier's list
-    ASSERT_OK(s->CheckHostListsForTest());
+    ASSERT_OK(s->CheckNamespaceListsForTest());
   }
   ExpectGet(*s, KeyFor(0, "mine"), mine[0]);  // chunk 0 is now its namespace's most recent
-  ASSERT_OK(s->CheckHostListsForTest());
+  ASSERT_OK(s->CheckNamespaceListsForTest());
   mine.push_back(Chunk(307));
   ASSERT_OK(s->Put(KeyFor(7, "mine"), mine.back()));  // past the share: one of its own goes
-  ASSERT_OK(s->CheckHostListsForTest());
+  ASSERT_OK(s->CheckNamespaceListsForTest());
   EXPECT_EQ(s->Where(KeyFor(0, "mine")), TierKind::kHost);
   EXPECT_EQ(s->Where(KeyFor(1, "mine")), TierKind::kDisk);  // its least recently used
   for (int i = 2; i < 8; ++i) EXPECT_EQ(s->Where(KeyFor(i, "mine")), TierKind::kHost) << i;
   for (int i = 0; i < 7; ++i) EXPECT_EQ(s->Where(KeyFor(i, "other")), TierKind::kHost) << i;
   for (int i = 0; i < 8; ++i) ExpectGet(*s, KeyFor(i, "mine"), mine[i]);
-  ASSERT_OK(s->CheckHostListsForTest());
+  ASSERT_OK(s->CheckNamespaceListsForTest());
 }
 
 // Chunks on their way into the host tier (promotions from disk, eight at once) count in their
@@ -404,7 +404,56 @@ TEST_F(TieredStoreTest, ChunksMovingIntoTheHostTierCountInTheirNamespacesShare) 
   EXPECT_LE(max_used.load(), share) << "the namespace held more than its share while moving";
   EXPECT_LE(s->NamespaceHostBytes("t"), share);
   EXPECT_EQ(s->NamespaceHostBytes("t"), s->Stats().tier(TierKind::kHost).bytes);
-  EXPECT_OK(s->CheckHostListsForTest());
+  EXPECT_OK(s->CheckNamespaceListsForTest());
+}
+
+// The disk tier's share: a tenant whose chunks flow through the host tier to disk, far past the
+// disk tier's size, evicts its own disk chunks, never the other tenant's; without the share the
+// other's go first (they are the least recently used there). The bytes counted match the tier.
+TEST_F(TieredStoreTest, ANamespacePastItsDiskShareEvictsItsOwnDiskChunks) {
+  for (double share : {1.0, 0.5}) {
+    SCOPED_TRACE(share);
+    testing::TempDir dir;
+    TieredStoreOptions o = Options(4 * kMiB, true, /*disk_bytes=*/16 * kMiB);
+    o.disk->path = dir.Sub("disk");
+    o.namespace_disk_share = share;
+    ASSERT_OK_AND_ASSIGN(auto s, TieredStore::Open(o));
+    std::vector<std::vector<uint8_t>> quiet, noisy;
+    for (int i = 0; i < 4; ++i) {
+      quiet.push_back(Chunk(600 + i));
+      ASSERT_OK(s->Put(KeyFor(i, "quiet"), quiet.back()));
+    }
+    ASSERT_OK(s->PersistToDisk().status());  // the quiet tenant's chunks are on disk
+    for (int i = 0; i < 60; ++i) {
+      noisy.push_back(Chunk(700 + i));
+      ASSERT_OK(s->Put(KeyFor(i, "noisy"), noisy.back()));
+      s->RunMaintenance();
+      if (share < 1) {
+        EXPECT_LE(s->NamespaceDiskBytes("noisy"), 8 * kMiB);
+      }
+    }
+    ASSERT_OK(s->CheckNamespaceListsForTest());
+    std::vector<uint8_t> buf(2 * kMiB);
+    int quiet_left = 0;
+    for (int i = 0; i < 4; ++i) {
+      auto got = s->Get(KeyFor(i, "quiet"), MutableByteSpan(buf));
+      if (got.ok()) {
+        ++quiet_left;
+        EXPECT_EQ(std::memcmp(buf.data(), quiet[i].data(), quiet[i].size()), 0);
+      } else {
+        EXPECT_TRUE(absl::IsNotFound(got.status())) << got.status();
+      }
+    }
+    if (share < 1) {
+      EXPECT_EQ(quiet_left, 4);                             // untouched by the noisy tenant
+      EXPECT_GT(s->NamespaceDiskBytes("noisy"), 4 * kMiB);  // which still uses its share
+      EXPECT_EQ(s->NamespaceDiskBytes("noisy") + s->NamespaceDiskBytes("quiet"),
+                s->Stats().tier(TierKind::kDisk).bytes);
+    } else {
+      EXPECT_EQ(quiet_left, 0);                       // the control: the disk LRU dropped them
+      EXPECT_EQ(s->NamespaceDiskBytes("noisy"), 0u);  // not tracked
+    }
+  }
 }
 
 TEST_F(TieredStoreTest, ANamespaceShareRefusesWhatCannotFitPrecisely) {

@@ -65,6 +65,10 @@ struct TieredStoreOptions {
   // others' share of them. RESOURCE_EXHAUSTED naming the namespace when its own chunks there are
   // all leased or moving, or a chunk is larger than the share.
   double namespace_host_share = 1.0;
+  // The same for the disk tier: a chunk demoted (or persisted) to disk for a namespace past its
+  // share first evicts that namespace's own least recently used disk chunks. In (0, 1]; 1: no
+  // limit.
+  double namespace_disk_share = 1.0;
 };
 
 struct TierStats {
@@ -241,10 +245,14 @@ class TieredStore {
   uint64_t NamespaceHostBytes(absl::string_view ns) const;
   // Every namespace's host-tier bytes (the same figures; empty when not kept).
   std::vector<std::pair<std::string, uint64_t>> NamespaceHostUsage() const;
-  // For tests: INTERNAL naming the first broken invariant of the host LRU lists — each
-  // namespace's list (kept while namespace_host_share < 1) holds exactly that namespace's linked
-  // host chunks, in the order the whole tier's list has them.
-  absl::Status CheckHostListsForTest() const;
+  // Disk-tier bytes of namespace `ns` and of every namespace; kept only while
+  // namespace_disk_share is below 1.
+  uint64_t NamespaceDiskBytes(absl::string_view ns) const;
+  std::vector<std::pair<std::string, uint64_t>> NamespaceDiskUsage() const;
+  // For tests: INTERNAL naming the first broken invariant of the namespace LRU lists — in each
+  // tier with a namespace share, each namespace's list holds exactly that namespace's chunks of
+  // the tier, in the order the tier's list has them; none are kept for the other tiers.
+  absl::Status CheckNamespaceListsForTest() const;
 
   // The tiers, for registering memory with a transport. Null when absent.
   HostTier* host_tier() const { return host_.get(); }
@@ -285,6 +293,8 @@ class TieredStore {
   // dropped around the I/O; on success marks it on disk. REQUIRES: e pinned and moving.
   absl::Status WriteToDiskLocked(Entry* e);
   void DemoteToDiskLocked(Entry* e);
+  // Whether writing e to disk would take its namespace past namespace_disk_share.
+  bool OverDiskShareLocked(const Entry& e) const;
   // UNAVAILABLE if another reader holds the GPU copy; for_reader keeps the GPU copy on failure.
   absl::Status DemoteGpuToHostLocked(Entry* e, bool for_reader);
   absl::Status PromoteFromDiskLocked(Entry* e);
