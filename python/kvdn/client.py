@@ -139,6 +139,14 @@ def _address(obj, writable):
     return ctypes.addressof(ctypes.c_char.from_buffer(view)), len(view), view
 
 
+def _buffer_arrays(objs, writable):
+    """(count, C array of addresses, C array of sizes, what keeps them valid) of buffers."""
+    addrs = [_address(o, writable) for o in objs]
+    n = len(addrs)
+    return (n, (ctypes.c_void_p * n)(*[a[0] for a in addrs]),
+            (ctypes.c_uint64 * n)(*[a[1] for a in addrs]), addrs)
+
+
 class Client:
     """A connection to kvdnd (lazy: an absent daemon shows as UnavailableError on the first call).
     Thread-safe; close() (or `with`) releases it. The keyword options are ClientOptions' (client.h);
@@ -238,10 +246,7 @@ class Client:
         skipped). InvalidArgumentError for more payloads than chunks or a payload of the wrong
         size."""
         t = _Tokens(tokens)
-        addrs = [_address(p, writable=False) for p in payloads]
-        n = len(addrs)
-        ptrs = (ctypes.c_void_p * n)(*[a[0] for a in addrs])
-        sizes = (ctypes.c_uint64 * n)(*[a[1] for a in addrs])
+        n, ptrs, sizes, _keep = _buffer_arrays(payloads, writable=False)
         out = _native.SaveResultC()
         check(self._lib.kvdn_client_save(self.handle, t.ptr, t.n, ptrs, sizes, n, first_chunk,
                                           ctypes.byref(out)))
@@ -252,10 +257,7 @@ class Client:
         chunk first_chunk + j into buffers[j] (writable, chunk_payload_sizes' size). DataLossError:
         a chunk failed verification and no buffer is to be used."""
         t = _Tokens(tokens)
-        addrs = [_address(b, writable=True) for b in buffers]
-        n = len(addrs)
-        ptrs = (ctypes.c_void_p * n)(*[a[0] for a in addrs])
-        sizes = (ctypes.c_uint64 * n)(*[a[1] for a in addrs])
+        n, ptrs, sizes, _keep = _buffer_arrays(buffers, writable=True)
         out = _native.LoadResultC()
         check(self._lib.kvdn_client_load(self.handle, t.ptr, t.n, ptrs, sizes, n, first_chunk,
                                           ctypes.byref(out)))

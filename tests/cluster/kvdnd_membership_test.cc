@@ -63,12 +63,21 @@ class KvdndMembershipTest : public ::testing::Test {
     return {"--etcd", etcd_.endpoint(),      "--cluster", "c1", "--node-name",
             node,     "--membership-ttl-ms", "3000"};
   }
-  void StartBothAndWaitForEachOther() {
+  // Starts node-a and node-b (with the JSON config file `config` when given) and waits until each
+  // lists both (asking with `admin_token` for a kvdnd with tenant tokens).
+  void StartBothAndWaitForEachOther(const std::string& config = "",
+                                    const std::string& admin_token = "") {
+    auto flags = [&](const std::string& node) {
+      auto f = Flags(node);
+      if (!config.empty()) f.insert(f.end(), {"--config", config});
+      return f;
+    };
     std::string err;
-    ASSERT_TRUE(a_.Start(Flags("node-a"), &err)) << err;
-    ASSERT_TRUE(b_.Start(Flags("node-b"), &err)) << err;
-    ASSERT_TRUE(Eventually([&] { return Nodes(a_).size() == 2 && Nodes(b_).size() == 2; },
-                           absl::Seconds(5)))
+    ASSERT_TRUE(a_.Start(flags("node-a"), &err)) << err;
+    ASSERT_TRUE(b_.Start(flags("node-b"), &err)) << err;
+    ASSERT_TRUE(Eventually(
+        [&] { return Nodes(a_, admin_token).size() == 2 && Nodes(b_, admin_token).size() == 2; },
+        absl::Seconds(5)))
         << Logs();
   }
   // A Get of `key` on `d` (with `token`) returns exactly `chunk`.
@@ -322,18 +331,7 @@ TEST_F(KvdndMembershipTest, WithTokensPeersAuthenticateToEachOtherAndTenantsStay
                         << "peer-token-0123456789abcd kvdn:peer\n";
   const std::string cfg = etcd_dir_.path() + "/auth.json";
   std::ofstream(cfg) << R"({"auth_tokens_file": ")" << tokens << R"("})";
-  auto flags = [&](const std::string& node) {
-    auto f = Flags(node);
-    f.insert(f.end(), {"--config", cfg});
-    return f;
-  };
-  std::string err;
-  ASSERT_TRUE(a_.Start(flags("node-a"), &err)) << err;
-  ASSERT_TRUE(b_.Start(flags("node-b"), &err)) << err;
-  ASSERT_TRUE(
-      Eventually([&] { return Nodes(a_, kAdmin).size() == 2 && Nodes(b_, kAdmin).size() == 2; },
-                 absl::Seconds(5)))
-      << Logs();
+  ASSERT_NO_FATAL_FAILURE(StartBothAndWaitForEachOther(cfg, kAdmin));
   EXPECT_TRUE(Nodes(a_).empty());  // ListMembers without the admin token: refused
   const std::vector<uint8_t> chunk = testing::RandomChunk(testing::InfoForBytes(1 << 20), 21);
   // Written on a, owned by b: replicated to b (a presents the peer token to b).
@@ -380,18 +378,7 @@ TEST_F(KvdndMembershipTest, ThePeerTokenRotatesWithoutARestart) {
   write_tokens("peer-token-one-0123456789 kvdn:peer\n");
   const std::string cfg = etcd_dir_.path() + "/auth.json";
   std::ofstream(cfg) << R"({"auth_tokens_file": ")" << tokens << R"("})";
-  auto flags = [&](const std::string& node) {
-    auto f = Flags(node);
-    f.insert(f.end(), {"--config", cfg});
-    return f;
-  };
-  std::string err;
-  ASSERT_TRUE(a_.Start(flags("node-a"), &err)) << err;
-  ASSERT_TRUE(b_.Start(flags("node-b"), &err)) << err;
-  ASSERT_TRUE(
-      Eventually([&] { return Nodes(a_, kAdmin).size() == 2 && Nodes(b_, kAdmin).size() == 2; },
-                 absl::Seconds(5)))
-      << Logs();
+  ASSERT_NO_FATAL_FAILURE(StartBothAndWaitForEachOther(cfg, kAdmin));
   ASSERT_OK_AND_ASSIGN(auto ca, Connect(a_, kTenant));
   const std::vector<uint8_t> chunk = testing::RandomChunk(testing::InfoForBytes(1 << 20), 41);
   ASSERT_OK(ca->PutEncoded(KeyOwnedBy("node-b", "tenant-a"), chunk).status());
@@ -440,17 +427,7 @@ TEST_F(KvdndMembershipTest, WithMutualTlsPeersVerifyEachOtherAndReplicate) {
   std::ofstream(cfg) << R"({"tls": {"cert_file": ")" << certs->server_cert << R"(", "key_file": ")"
                      << certs->server_key << R"(", "ca_file": ")" << certs->ca
                      << R"(", "require_client_cert": true, "server_name": "kvdnd.test"}})";
-  auto flags = [&](const std::string& node) {
-    auto f = Flags(node);
-    f.insert(f.end(), {"--config", cfg});
-    return f;
-  };
-  std::string err;
-  ASSERT_TRUE(a_.Start(flags("node-a"), &err)) << err;
-  ASSERT_TRUE(b_.Start(flags("node-b"), &err)) << err;
-  ASSERT_TRUE(
-      Eventually([&] { return Nodes(a_).size() == 2 && Nodes(b_).size() == 2; }, absl::Seconds(5)))
-      << Logs();
+  ASSERT_NO_FATAL_FAILURE(StartBothAndWaitForEachOther(cfg));
   const std::vector<uint8_t> chunk = testing::RandomChunk(testing::InfoForBytes(1 << 20), 31);
   // Written on a, owned by b: replicated to b over the TLS channel (payload over gRPC: with TLS
   // the UCX data plane stays on the host).
