@@ -393,13 +393,21 @@ TEST_F(KvdndMembershipTest, ThePeerTokenRotatesWithoutARestart) {
                    absl::Seconds(5)))
         << Logs();
   }
-  // Rotated: the first token is gone, a second one replaces it.
-  write_tokens("peer-token-two-0123456789 kvdn:peer\n");
-  for (DaemonProcess* d : {&a_, &b_}) {
-    ASSERT_TRUE(
-        Eventually([&] { return Metric(*d, "kvdn_auth_reloads_total{result=\"ok\"}") == 1; },
-                   absl::Seconds(5)))
-        << Logs();
+  // Rotated in the three steps daemon/README.md gives, each read by both nodes before the next
+  // (nodes read the file at different moments): the new token added on a later line (accepted,
+  // not yet presented), then first (presented; the old still accepted), then the old one gone.
+  const std::string one = "peer-token-one-0123456789 kvdn:peer\n";
+  const std::string two = "peer-token-two-0123456789 kvdn:peer\n";
+  int reloads = 0;
+  for (const std::string& peers : {one + two, two + one, two}) {
+    write_tokens(peers);
+    ++reloads;
+    for (DaemonProcess* d : {&a_, &b_}) {
+      ASSERT_TRUE(Eventually(
+          [&] { return Metric(*d, "kvdn_auth_reloads_total{result=\"ok\"}") == reloads; },
+          absl::Seconds(5)))
+          << Logs();
+    }
   }
   // Replication and fetches go on with the new token; neither node refused the other.
   const ChunkKey to_b = KeyOwnedBy("node-b", "tenant-a", /*from=*/500);
