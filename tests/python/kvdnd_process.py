@@ -3,10 +3,12 @@ dir and unix socket, TCP and HTTP on port 0 (read from --ready-file), stopped wi
 
 import json
 import os
+import random
 import signal
 import subprocess
 import tempfile
 import time
+import unittest
 
 
 class KvdndProcess:
@@ -71,3 +73,23 @@ class KvdndProcess:
                 self.proc.wait()
         self._log.close()
         subprocess.run(["rm", "-rf", self.dir], check=False)
+
+
+class DaemonTestCase(unittest.TestCase):
+    """A test class whose tests share one kvdnd (self.daemon), started with `daemon_args`."""
+
+    daemon_args = ()
+
+    @classmethod
+    def setUpClass(cls):
+        cls.daemon = KvdndProcess(extra_args=cls.daemon_args)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.daemon.stop()
+
+
+def random_tokens(n, seed):
+    """`n` token ids derived from `seed` (a Llama-3-sized vocabulary)."""
+    rng = random.Random(seed)
+    return [rng.randrange(0, 128000) for _ in range(n)]

@@ -8,7 +8,7 @@ import random
 import unittest
 
 import kvdn
-from kvdnd_process import KvdndProcess
+from kvdnd_process import DaemonTestCase, KvdndProcess, random_tokens
 
 # Small chunks keep the test quick: 2 layers x 16 tokens x 2 heads x 64 dims x bf16 x K,V = 16 KiB.
 MODEL = kvdn.ModelSpec("py-test", num_layers=2, num_kv_heads=2, head_dim=64, dtype="bfloat16",
@@ -16,25 +16,13 @@ MODEL = kvdn.ModelSpec("py-test", num_layers=2, num_kv_heads=2, head_dim=64, dty
 CHUNK_BYTES = 2 * 2 * 16 * 2 * 64 * 2
 
 
-def random_tokens(n, seed):
-    rng = random.Random(seed)
-    return [rng.randrange(0, 128000) for _ in range(n)]
-
 
 def payloads_for(client, tokens, seed):
     rng = random.Random(seed)
     return [rng.randbytes(s) for s in client.chunk_payload_sizes(len(tokens))]
 
 
-class ClientTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.daemon = KvdndProcess()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.daemon.stop()
-
+class ClientTest(DaemonTestCase):
     def client(self, **kw):
         kw.setdefault("target", self.daemon.unix_target)
         return kvdn.Client(kw.pop("model", MODEL), **kw)

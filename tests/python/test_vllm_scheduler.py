@@ -2,31 +2,18 @@
 kvdnd: how many tokens a request gets from kvdn past vLLM's own prefix cache, and each step's
 loads and saves (label `python`; needs no GPU and no vLLM)."""
 
-import random
 import unittest
 
 import kvdn
 from kvdn.vllm_core import LoadSpec, SaveSpec, SchedulerCore, order_layers
-from kvdnd_process import KvdndProcess
+from kvdnd_process import DaemonTestCase, random_tokens as tokens
 
 CHUNK, BLOCK = 64, 16
 MODEL = kvdn.ModelSpec("py-vllm-sched", 2, 2, 64, "bfloat16", tokens_per_chunk=CHUNK)
 
 
-def tokens(n, seed):
-    rng = random.Random(seed)
-    return [rng.randrange(128000) for _ in range(n)]
 
-
-class SchedulerTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.daemon = KvdndProcess()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.daemon.stop()
-
+class SchedulerTest(DaemonTestCase):
     def setUp(self):
         self.ns = f"sched-{self.id().rsplit('.', 1)[-1]}"[:60]
         self.client = kvdn.Client(MODEL, target=self.daemon.unix_target, namespace=self.ns)
