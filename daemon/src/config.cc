@@ -183,6 +183,7 @@ void ApplyDefaults(v1::DaemonConfig* c) {
   if (c->low_watermark() == 0) c->set_low_watermark(0.90);
   if (c->namespace_host_share() == 0) c->set_namespace_host_share(1.0);
   if (c->namespace_disk_share() == 0) c->set_namespace_disk_share(1.0);
+  if (c->namespace_gpu_share() == 0) c->set_namespace_gpu_share(1.0);
   if (c->max_frame_bytes() == 0) c->set_max_frame_bytes(1 << 20);
   if (c->get_frame_bytes() == 0) {
     c->set_get_frame_bytes(std::min<uint32_t>(512 << 10, c->max_frame_bytes()));
@@ -283,13 +284,10 @@ absl::Status ValidateConfig(const v1::DaemonConfig& c) {
     return Bad("gpu_tier_bytes", "below the 4 MiB minimum (0 disables the GPU tier)");
   }
   if (c.gpu_device() < 0) return Bad("gpu_device", "negative");
-  if (!(c.namespace_host_share() > 0 && c.namespace_host_share() <= 1)) {
-    return Bad("namespace_host_share",
-               absl::StrCat(c.namespace_host_share(), " is outside (0, 1]"));
-  }
-  if (!(c.namespace_disk_share() > 0 && c.namespace_disk_share() <= 1)) {
-    return Bad("namespace_disk_share",
-               absl::StrCat(c.namespace_disk_share(), " is outside (0, 1]"));
+  for (const auto& [name, share] : {std::pair{"namespace_host_share", c.namespace_host_share()},
+                                    std::pair{"namespace_disk_share", c.namespace_disk_share()},
+                                    std::pair{"namespace_gpu_share", c.namespace_gpu_share()}}) {
+    if (!(share > 0 && share <= 1)) return Bad(name, absl::StrCat(share, " is outside (0, 1]"));
   }
   if (!(c.low_watermark() > 0 && c.low_watermark() < c.high_watermark() &&
         c.high_watermark() <= 1)) {

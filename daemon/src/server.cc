@@ -81,25 +81,32 @@ storage::TieredStoreOptions StoreOptions(const v1::DaemonConfig& c) {
   o.max_lease_ttl = absl::Milliseconds(c.max_lease_ttl_ms());
   o.namespace_host_share = c.namespace_host_share();
   o.namespace_disk_share = c.namespace_disk_share();
+  o.namespace_gpu_share = c.namespace_gpu_share();
   return o;
 }
 
 // Per-tier and store-wide figures, read from the store at scrape time.
 void CollectStore(const ServerState& state, MetricsWriter& w) {
   const storage::StoreStats s = state.store->Stats();
-  if (state.config.namespace_host_share() < 1) {
-    for (const auto& [ns, bytes] : state.store->NamespaceHostUsage()) {
-      w.Gauge("kvdn_namespace_host_bytes",
-              "Host-tier bytes (chunks and reservations) of a namespace, kept while "
-              "namespace_host_share is below 1.",
-              {{"namespace", ns}}, static_cast<double>(bytes));
-    }
-  }
-  if (state.config.namespace_disk_share() < 1) {
-    for (const auto& [ns, bytes] : state.store->NamespaceDiskUsage()) {
-      w.Gauge("kvdn_namespace_disk_bytes",
-              "Disk-tier bytes of a namespace, kept while namespace_disk_share is below 1.",
-              {{"namespace", ns}}, static_cast<double>(bytes));
+  // A namespace's bytes in each tier with a namespace share.
+  const struct {
+    storage::TierKind tier;
+    double share;
+    const char* name;
+    const char* help;
+  } by_ns[] = {
+      {storage::TierKind::kHost, state.config.namespace_host_share(), "kvdn_namespace_host_bytes",
+       "Host-tier bytes (chunks and reservations) of a namespace, kept while "
+       "namespace_host_share is below 1."},
+      {storage::TierKind::kGpu, state.config.namespace_gpu_share(), "kvdn_namespace_gpu_bytes",
+       "GPU-tier bytes of a namespace, kept while namespace_gpu_share is below 1."},
+      {storage::TierKind::kDisk, state.config.namespace_disk_share(), "kvdn_namespace_disk_bytes",
+       "Disk-tier bytes of a namespace, kept while namespace_disk_share is below 1."},
+  };
+  for (const auto& m : by_ns) {
+    if (m.share >= 1) continue;
+    for (const auto& [ns, bytes] : state.store->NamespaceUsage(m.tier)) {
+      w.Gauge(m.name, m.help, {{"namespace", ns}}, static_cast<double>(bytes));
     }
   }
   for (int t = 0; t < storage::kNumTierKinds; ++t) {

@@ -32,18 +32,19 @@ absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(const TieredStore
       options.max_lease_ttl <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("reservation_ttl and max_lease_ttl must be positive");
   }
-  if (!(options.namespace_host_share > 0 && options.namespace_host_share <= 1)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("namespace_host_share ", options.namespace_host_share, " is outside (0, 1]"));
-  }
-  if (!(options.namespace_disk_share > 0 && options.namespace_disk_share <= 1)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("namespace_disk_share ", options.namespace_disk_share, " is outside (0, 1]"));
+  for (const auto& [name, share] :
+       {std::pair{"namespace_host_share", options.namespace_host_share},
+        std::pair{"namespace_disk_share", options.namespace_disk_share},
+        std::pair{"namespace_gpu_share", options.namespace_gpu_share}}) {
+    if (!(share > 0 && share <= 1)) {
+      return absl::InvalidArgumentError(absl::StrCat(name, " ", share, " is outside (0, 1]"));
+    }
   }
   std::unique_ptr<TieredStore> store(new TieredStore(options));
   // Before the disk tier's chunks are linked below: they count from the start.
   store->state_->track_ns[kHost] = options.namespace_host_share < 1;
   store->state_->track_ns[kDisk] = options.disk.has_value() && options.namespace_disk_share < 1;
+  store->state_->track_ns[kGpu] = options.gpu.has_value() && options.namespace_gpu_share < 1;
   KVDN_ASSIGN_OR_RETURN(store->host_, HostTier::Create(options.host));
   if (options.gpu) {
     KVDN_ASSIGN_OR_RETURN(store->gpu_, GpuTier::Create(*options.gpu));
@@ -573,28 +574,17 @@ absl::Status TieredStore::Delete(const ChunkKey& key) {
   return absl::OkStatus();
 }
 
-uint64_t TieredStore::NamespaceHostBytes(absl::string_view ns) const {
+uint64_t TieredStore::NamespaceBytes(TierKind tier, absl::string_view ns) const {
   State& s = *state_;
   MutexLock lock(&s.mu);
-  return s.HostBytesOf(ns);
+  return s.BytesOf(static_cast<int>(tier), ns);
 }
 
-std::vector<std::pair<std::string, uint64_t>> TieredStore::NamespaceHostUsage() const {
+std::vector<std::pair<std::string, uint64_t>> TieredStore::NamespaceUsage(TierKind tier) const {
   State& s = *state_;
   MutexLock lock(&s.mu);
-  return {s.bytes_by_ns[kHost].begin(), s.bytes_by_ns[kHost].end()};
-}
-
-uint64_t TieredStore::NamespaceDiskBytes(absl::string_view ns) const {
-  State& s = *state_;
-  MutexLock lock(&s.mu);
-  return s.BytesOf(kDisk, ns);
-}
-
-std::vector<std::pair<std::string, uint64_t>> TieredStore::NamespaceDiskUsage() const {
-  State& s = *state_;
-  MutexLock lock(&s.mu);
-  return {s.bytes_by_ns[kDisk].begin(), s.bytes_by_ns[kDisk].end()};
+  const auto& by_ns = s.bytes_by_ns[static_cast<int>(tier)];
+  return {by_ns.begin(), by_ns.end()};
 }
 
 absl::Status TieredStore::CheckNamespaceListsForTest() const {

@@ -68,25 +68,27 @@ absl::StatusOr<MemoryBlock> TieredStore::AllocateLocked(int t, uint64_t size, co
                                                         bool may_block, absl::string_view ns) {
   MemoryTier* tier = MemTier(t);
   State& s = *state_;
-  if (t == kHost && s.track_ns[kHost]) {
+  if (s.track_ns[t]) {
     // Past its share, the namespace makes room among its own chunks first.
     const std::string name(ns.empty() && keep != nullptr ? absl::string_view(keep->key.ns) : ns);
-    const uint64_t share =
-        static_cast<uint64_t>(options_.namespace_host_share * double(tier->capacity_bytes()));
+    const absl::string_view option = t == kGpu ? "namespace_gpu_share" : "namespace_host_share";
+    const double fraction =
+        t == kGpu ? options_.namespace_gpu_share : options_.namespace_host_share;
+    const absl::string_view tier_name = TierKindName(static_cast<TierKind>(t));
+    const auto share = static_cast<uint64_t>(fraction * double(tier->capacity_bytes()));
     if (size > share) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("a chunk of ", size, " bytes is larger than namespace \"", name,
-                       "\"'s share of the host tier (namespace_host_share ",
-                       options_.namespace_host_share, " of ", tier->capacity_bytes(), " bytes)"));
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "a chunk of ", size, " bytes is larger than namespace \"", name, "\"'s share of the ",
+          tier_name, " tier (", option, " ", fraction, " of ", tier->capacity_bytes(), " bytes)"));
     }
-    while (s.HostBytesOf(name) + size > share) {
+    while (s.BytesOf(t, name) + size > share) {
       bool would_block = false;
-      if (!EvictOneLocked(kHost, keep, may_block, &would_block, &name)) {
+      if (!EvictOneLocked(t, keep, may_block, &would_block, &name)) {
         if (would_block) return absl::UnavailableError(kWouldBlock);
-        return absl::ResourceExhaustedError(absl::StrCat(
-            "namespace \"", name, "\" holds ", s.HostBytesOf(name),
-            " bytes of the host tier and its share is ", share, " (namespace_host_share ",
-            options_.namespace_host_share, "): every chunk of it there is leased or moving"));
+        return absl::ResourceExhaustedError(
+            absl::StrCat("namespace \"", name, "\" holds ", s.BytesOf(t, name), " bytes of the ",
+                         tier_name, " tier and its share is ", share, " (", option, " ", fraction,
+                         "): every chunk of it there is leased or moving"));
       }
     }
   }
@@ -369,10 +371,13 @@ void TieredStore::PromoteToGpuLocked(Entry* e) {
   auto gb = AllocateLocked(kGpu, e->size, e);
   absl::Status st = gb.status();
   if (gb.ok()) {
+    // While in transit the new block counts in the namespace's share (Link counts it after).
+    s.Count(kGpu, e->key.ns, e->size, true);
     const ByteSpan src = host_->Bytes(e->block);
     s.mu.Unlock();
     st = gpu_->CopyIn(*gb, 0, src);
     s.mu.Lock();
+    s.Count(kGpu, e->key.ns, e->size, false);
   }
   --e->pins;
   e->moving = false;

@@ -111,11 +111,11 @@ struct TieredStore::State {
   bool stop ABSL_GUARDED_BY(mu) = false;
   std::thread maintenance;
 
-  // Bytes by namespace in a tier (linked chunks, plus on the host tier reservations and copies
-  // in transit), and each namespace's chunks of the tier in LRU order (head = most recent), kept
-  // for the tiers with a namespace share (TieredStoreOptions::namespace_host_share /
-  // namespace_disk_share below 1), so a namespace past its share finds its own least recently
-  // used chunk without walking past the others'.
+  // Bytes by namespace in a tier (linked chunks and copies in transit into it, plus on the host
+  // tier reservations), and each namespace's chunks of the tier in LRU order (head = most
+  // recent), kept for the tiers with a namespace share (TieredStoreOptions::namespace_host_share /
+  // namespace_gpu_share / namespace_disk_share below 1), so a namespace past its share finds its
+  // own least recently used chunk without walking past the others'.
   bool track_ns[kNumTierKinds] = {};
   struct NsList {
     Entry* head = nullptr;
@@ -134,7 +134,6 @@ struct TieredStore::State {
     return it == bytes_by_ns[t].end() ? 0 : it->second;
   }
   void CountHost(const std::string& ns, uint64_t bytes, bool add) { Count(kHost, ns, bytes, add); }
-  uint64_t HostBytesOf(absl::string_view ns) const { return BytesOf(kHost, ns); }
   // The least recently used chunk of `ns` in tier t (nullptr when none); walk on with ns_prev[t].
   Entry* TailOf(int t, const std::string& ns) const {
     auto it = lru_by_ns[t].find(ns);

@@ -489,6 +489,70 @@ TEST_F(KvConnectorTest, ChunksInTheDaemonsGpuTierAreReadInPlace) {
               StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("CUDA IPC")));
 }
 
+// namespace_gpu_share through kvdnd: a tenant loading far more than the GPU tier holds keeps to
+// its share (/metrics' kvdn_namespace_gpu_bytes) and leaves the other tenant's chunks in place;
+// its chunks past the share come through host memory, bit for bit.
+TEST_F(KvConnectorTest, ATenantPastItsGpuShareLeavesTheOthersChunksInPlace) {
+  DaemonProcess gpu_daemon(dir_.path() + "/share");
+  std::filesystem::create_directories(dir_.path() + "/share");
+  const std::string cfg = dir_.path() + "/share.json";
+  std::ofstream(cfg) << R"({"namespace_gpu_share": 0.5})";
+  std::string err;
+  ASSERT_TRUE(
+      gpu_daemon.Start({"--gpu-tier-bytes", std::to_string(4 << 20), "--config", cfg}, &err))
+      << err;
+  auto connect = [&](const std::string& ns) {
+    client::ClientOptions o;
+    o.target = gpu_daemon.unix_target();
+    o.ns = ns;
+    o.model = Model();
+    o.receive_pool_bytes = 64 << 20;
+    return client::Client::Connect(o);
+  };
+  ASSERT_OK_AND_ASSIGN(auto quiet, connect("quiet"));
+  ASSERT_OK_AND_ASSIGN(auto noisy, connect("noisy"));
+  ASSERT_OK_AND_ASSIGN(auto q_conn, KvConnector::Create(quiet.get(), SmallStaging()));
+  ASSERT_OK_AND_ASSIGN(auto n_conn, KvConnector::Create(noisy.get(), SmallStaging()));
+  auto gpu_bytes = [&](const std::string& ns) {
+    return testing::MetricSample(gpu_daemon.http_port(),
+                                 "kvdn_namespace_gpu_bytes{namespace=\"" + ns + "\"}");
+  };
+  const auto q_tokens = Tokens(4 * kTokensPerChunk, 231);
+  DeviceCache qa(PagedKvLayout::kNhd, 16, 10, 232, /*random=*/true);
+  ASSERT_OK(q_conn->Save(q_tokens, qa.View(), stream_).status());
+  auto load = [&](KvConnector& conn, const std::vector<int32_t>& tokens, const DeviceCache& from,
+                  int32_t blocks, uint32_t seed) -> uint64_t {
+    DeviceCache b(PagedKvLayout::kNhd, 16, blocks, seed, /*random=*/false);
+    auto l = conn.StartLoad(tokens, b.View());
+    EXPECT_OK(l.status());
+    if (!l.ok()) return 0;
+    auto loaded = (*l)->Wait();
+    EXPECT_OK(loaded.status());
+    if (loaded.ok()) {
+      EXPECT_EQ(loaded->tokens, tokens.size());
+    }
+    ExpectSameKv(from, b, tokens.size());
+    return (*l)->stats().gpu_tier_chunks;
+  };
+  EXPECT_EQ(load(*q_conn, q_tokens, qa, 10, 233), 4u);
+  const double quiet_bytes = gpu_bytes("quiet");
+  EXPECT_GT(quiet_bytes, 0);
+  // 40 chunks of ~193 KiB: about 7.5 MiB against the tier's 4 MiB and the share's 2 MiB.
+  const auto n_tokens = Tokens(40 * kTokensPerChunk, 241);
+  DeviceCache na(PagedKvLayout::kNhd, 16, 82, 242, /*random=*/true);
+  ASSERT_OK(n_conn->Save(n_tokens, na.View(), stream_).status());
+  for (int round = 0; round < 2; ++round) {
+    const uint64_t in_place = load(*n_conn, n_tokens, na, 82, 243 + round);
+    EXPECT_GT(in_place, 0u);
+    EXPECT_LT(in_place, 40u) << "the rest through host memory";
+    EXPECT_GT(gpu_bytes("noisy"), 0);
+    EXPECT_LE(gpu_bytes("noisy"), 2 << 20);
+    EXPECT_EQ(gpu_bytes("quiet"), quiet_bytes);
+  }
+  EXPECT_EQ(load(*q_conn, q_tokens, qa, 10, 250), 4u);
+  EXPECT_EQ(gpu_bytes("quiet"), quiet_bytes);
+}
+
 // With tenant tokens, the GPU tier's CUDA IPC handle (which maps every tenant's chunks into the
 // engine) goes only to a token with kvdn:all-namespaces: an engine whose token reaches its own
 // namespace loads the same KV through host memory.

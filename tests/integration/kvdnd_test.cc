@@ -1166,6 +1166,7 @@ TEST(KvdndConfigTest, InvalidConfigFailsAtStartNamingTheField) {
       {R"({"low_watermark": 0.99, "high_watermark": 0.5})", "low_watermark"},
       {R"({"namespace_host_share": 1.5})", "namespace_host_share"},
       {R"({"namespace_disk_share": -0.5})", "namespace_disk_share"},
+      {R"({"namespace_gpu_share": 2})", "namespace_gpu_share"},
       {R"({"max_frame_bytes": 10})", "max_frame_bytes"},
       {R"({"max_frame_bytes": 65536, "get_frame_bytes": 65537})", "get_frame_bytes"},
       {R"({"namespaces": ["ok", "not ok"]})", "namespaces[1]"},

@@ -142,7 +142,8 @@ void MixedOperations(double share) {
   // With a share, the per-namespace accounting matches what the host tier holds, and each
   // namespace stayed within its share (no reservation or move is left to overshoot it).
   if (share < 1) {
-    const uint64_t a = store->NamespaceHostBytes("ns-a"), b = store->NamespaceHostBytes("ns-b");
+    const uint64_t a = store->NamespaceBytes(TierKind::kHost, "ns-a"),
+                   b = store->NamespaceBytes(TierKind::kHost, "ns-b");
     EXPECT_EQ(a + b, store->Stats().tier(TierKind::kHost).bytes);
     EXPECT_LE(a, static_cast<uint64_t>(share * double(o.host.capacity_bytes)));
     EXPECT_LE(b, static_cast<uint64_t>(share * double(o.host.capacity_bytes)));
@@ -151,8 +152,8 @@ void MixedOperations(double share) {
     uint64_t da = 0, db = 0, disk = 0;
     EXPECT_TRUE(testing::Eventually(
         [&] {
-          da = store->NamespaceDiskBytes("ns-a");
-          db = store->NamespaceDiskBytes("ns-b");
+          da = store->NamespaceBytes(TierKind::kDisk, "ns-a");
+          db = store->NamespaceBytes(TierKind::kDisk, "ns-b");
           disk = store->Stats().tier(TierKind::kDisk).bytes;
           return da + db == disk;
         },

@@ -305,7 +305,7 @@ TEST_F(TieredStoreTest, ANamespacePastItsHostShareEvictsItsOwnChunks) {
       ASSERT_OK(s->Put(KeyFor(i, "noisy"), noisy.back()));
       s->RunMaintenance();
       if (share < 1) {
-        EXPECT_LE(s->NamespaceHostBytes("noisy"), 8 * kMiB);
+        EXPECT_LE(s->NamespaceBytes(TierKind::kHost, "noisy"), 8 * kMiB);
       }
     }
     int quiet_in_host = 0;
@@ -313,12 +313,12 @@ TEST_F(TieredStoreTest, ANamespacePastItsHostShareEvictsItsOwnChunks) {
       quiet_in_host += s->Where(KeyFor(i, "quiet")) == TierKind::kHost ? 1 : 0;
     }
     if (share < 1) {
-      EXPECT_EQ(quiet_in_host, 4);                          // untouched by the noisy tenant
-      EXPECT_GT(s->NamespaceHostBytes("noisy"), 4 * kMiB);  // it still uses its share
-      EXPECT_EQ(s->NamespaceHostBytes("quiet"), 4 * (quiet[0].size()));
+      EXPECT_EQ(quiet_in_host, 4);  // untouched by the noisy tenant
+      EXPECT_GT(s->NamespaceBytes(TierKind::kHost, "noisy"), 4 * kMiB);  // it still uses its share
+      EXPECT_EQ(s->NamespaceBytes(TierKind::kHost, "quiet"), 4 * (quiet[0].size()));
     } else {
-      EXPECT_EQ(quiet_in_host, 0);                    // the control: global LRU demoted them all
-      EXPECT_EQ(s->NamespaceHostBytes("noisy"), 0u);  // not tracked
+      EXPECT_EQ(quiet_in_host, 0);  // the control: global LRU demoted them all
+      EXPECT_EQ(s->NamespaceBytes(TierKind::kHost, "noisy"), 0u);  // not tracked
     }
     for (int i = 0; i < 4; ++i) ExpectGet(*s, KeyFor(i, "quiet"), quiet[i]);
     for (int i = 0; i < 40; ++i) ExpectGet(*s, KeyFor(i, "noisy"), noisy[i]);
@@ -402,8 +402,8 @@ TEST_F(TieredStoreTest, ChunksMovingIntoTheHostTierCountInTheirNamespacesShare) 
   monitor.join();
   EXPECT_EQ(bad.load(), 0);
   EXPECT_LE(max_used.load(), share) << "the namespace held more than its share while moving";
-  EXPECT_LE(s->NamespaceHostBytes("t"), share);
-  EXPECT_EQ(s->NamespaceHostBytes("t"), s->Stats().tier(TierKind::kHost).bytes);
+  EXPECT_LE(s->NamespaceBytes(TierKind::kHost, "t"), share);
+  EXPECT_EQ(s->NamespaceBytes(TierKind::kHost, "t"), s->Stats().tier(TierKind::kHost).bytes);
   EXPECT_OK(s->CheckNamespaceListsForTest());
 }
 
@@ -429,7 +429,7 @@ TEST_F(TieredStoreTest, ANamespacePastItsDiskShareEvictsItsOwnDiskChunks) {
       ASSERT_OK(s->Put(KeyFor(i, "noisy"), noisy.back()));
       s->RunMaintenance();
       if (share < 1) {
-        EXPECT_LE(s->NamespaceDiskBytes("noisy"), 8 * kMiB);
+        EXPECT_LE(s->NamespaceBytes(TierKind::kDisk, "noisy"), 8 * kMiB);
       }
     }
     ASSERT_OK(s->CheckNamespaceListsForTest());
@@ -445,13 +445,15 @@ TEST_F(TieredStoreTest, ANamespacePastItsDiskShareEvictsItsOwnDiskChunks) {
       }
     }
     if (share < 1) {
-      EXPECT_EQ(quiet_left, 4);                             // untouched by the noisy tenant
-      EXPECT_GT(s->NamespaceDiskBytes("noisy"), 4 * kMiB);  // which still uses its share
-      EXPECT_EQ(s->NamespaceDiskBytes("noisy") + s->NamespaceDiskBytes("quiet"),
-                s->Stats().tier(TierKind::kDisk).bytes);
+      EXPECT_EQ(quiet_left, 4);  // untouched by the noisy tenant
+      EXPECT_GT(s->NamespaceBytes(TierKind::kDisk, "noisy"),
+                4 * kMiB);  // which still uses its share
+      EXPECT_EQ(
+          s->NamespaceBytes(TierKind::kDisk, "noisy") + s->NamespaceBytes(TierKind::kDisk, "quiet"),
+          s->Stats().tier(TierKind::kDisk).bytes);
     } else {
-      EXPECT_EQ(quiet_left, 0);                       // the control: the disk LRU dropped them
-      EXPECT_EQ(s->NamespaceDiskBytes("noisy"), 0u);  // not tracked
+      EXPECT_EQ(quiet_left, 0);  // the control: the disk LRU dropped them
+      EXPECT_EQ(s->NamespaceBytes(TierKind::kDisk, "noisy"), 0u);  // not tracked
     }
   }
 }
@@ -481,9 +483,9 @@ TEST_F(TieredStoreTest, ANamespaceShareRefusesWhatCannotFitPrecisely) {
   EXPECT_TRUE(s->Where(KeyFor(3, "t")).has_value());
   // Reservations count: an aborted one gives its bytes back.
   ASSERT_OK_AND_ASSIGN(Reservation r, s->Reserve(KeyFor(5, "v"), kMiB));
-  EXPECT_EQ(s->NamespaceHostBytes("v"), kMiB);
+  EXPECT_EQ(s->NamespaceBytes(TierKind::kHost, "v"), kMiB);
   ASSERT_OK(s->Abort(r.id));
-  EXPECT_EQ(s->NamespaceHostBytes("v"), 0u);
+  EXPECT_EQ(s->NamespaceBytes(TierKind::kHost, "v"), 0u);
   o.namespace_host_share = 0;
   EXPECT_THAT(TieredStore::Open(o),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("namespace_host_share 0")));

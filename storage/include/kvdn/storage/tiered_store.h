@@ -69,6 +69,11 @@ struct TieredStoreOptions {
   // share first evicts that namespace's own least recently used disk chunks. In (0, 1]; 1: no
   // limit.
   double namespace_disk_share = 1.0;
+  // The same for the GPU tier: a promotion into it (for an engine reading in place) that would
+  // take the namespace past its share first demotes that namespace's own least recently used GPU
+  // chunks to host memory; when its GPU chunks are all leased the chunk is leased from host
+  // memory instead (promotions are opportunistic). In (0, 1]; 1: no limit.
+  double namespace_gpu_share = 1.0;
 };
 
 struct TierStats {
@@ -240,15 +245,12 @@ class TieredStore {
   // watermark. Called by the background thread; callable directly (e.g. in tests).
   void RunMaintenance();
   StoreStats Stats() const;
-  // Host-tier bytes (chunks and reservations) of namespace `ns`; kept only while
-  // namespace_host_share is below 1 (0 otherwise).
-  uint64_t NamespaceHostBytes(absl::string_view ns) const;
-  // Every namespace's host-tier bytes (the same figures; empty when not kept).
-  std::vector<std::pair<std::string, uint64_t>> NamespaceHostUsage() const;
-  // Disk-tier bytes of namespace `ns` and of every namespace; kept only while
-  // namespace_disk_share is below 1.
-  uint64_t NamespaceDiskBytes(absl::string_view ns) const;
-  std::vector<std::pair<std::string, uint64_t>> NamespaceDiskUsage() const;
+  // Bytes of namespace `ns` in `tier` (host: chunks and reservations; all tiers: copies in
+  // transit into it), kept only for the tiers whose namespace share (namespace_host_share,
+  // namespace_gpu_share, namespace_disk_share) is below 1; 0 otherwise.
+  uint64_t NamespaceBytes(TierKind tier, absl::string_view ns) const;
+  // Every namespace's bytes in `tier` (the same figures; empty when not kept).
+  std::vector<std::pair<std::string, uint64_t>> NamespaceUsage(TierKind tier) const;
   // For tests: INTERNAL naming the first broken invariant of the namespace LRU lists — in each
   // tier with a namespace share, each namespace's list holds exactly that namespace's chunks of
   // the tier, in the order the tier's list has them; none are kept for the other tiers.
@@ -280,8 +282,8 @@ class TieredStore {
   bool MaybeReapLocked(Entry* e);
   // A block in memory tier t, evicting unpinned chunks (never `keep`) until one fits. With
   // may_block false, kWouldBlock where the next eviction would write to disk.
-  // For the host tier, `ns` is the namespace the block is for: past its share
-  // (namespace_host_share), its own chunks are evicted first.
+  // `ns` (default: keep's) is the namespace the block is for: past its share of the tier
+  // (namespace_host_share, namespace_gpu_share), its own chunks are evicted first.
   absl::StatusOr<MemoryBlock> AllocateLocked(int t, uint64_t size, const Entry* keep,
                                              bool may_block = true, absl::string_view ns = {});
   // Evicts the least recently used evictable chunk of tier t (of namespace `*only_ns` when given);
