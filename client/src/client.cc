@@ -415,7 +415,8 @@ absl::Status ValidateTlsOptions(const TlsOptions& tls, const std::string& prefix
   if (tls.ca_file.empty()) {
     if (!tls.cert_file.empty() || !tls.key_file.empty() || !tls.server_name.empty()) {
       return absl::InvalidArgumentError(absl::StrCat(
-          prefix, "ca_file is empty: set it (the CA that signs kvdnd's certificate) to use TLS"));
+          prefix,
+          "ca_file is empty: set it (the CA that signs the server's certificate) to use TLS"));
     }
     return absl::OkStatus();
   }
@@ -440,6 +441,17 @@ absl::Status ValidateTlsOptions(const TlsOptions& tls, const std::string& prefix
   return absl::OkStatus();
 }
 
+std::shared_ptr<grpc::ChannelCredentials> MakeTlsCredentials(const TlsOptions& tls) {
+  // The files are watched (reread every refresh_seconds), so rotated certificates apply.
+  auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+      tls.key_file, tls.cert_file, tls.ca_file, tls.refresh_seconds);
+  grpc::experimental::TlsChannelCredentialsOptions o;
+  o.set_certificate_provider(provider);
+  o.watch_root_certs();
+  if (!tls.cert_file.empty()) o.watch_identity_key_cert_pairs();
+  return grpc::experimental::TlsCredentials(o);
+}
+
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, const std::string& token,
                                            const TlsOptions& tls) {
   grpc::ChannelArguments args;
@@ -461,14 +473,7 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, const std:
   }
   std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
   if (use_tls) {
-    // The files are watched (reread every refresh_seconds), so rotated certificates apply.
-    auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
-        tls.key_file, tls.cert_file, tls.ca_file, tls.refresh_seconds);
-    grpc::experimental::TlsChannelCredentialsOptions o;
-    o.set_certificate_provider(provider);
-    o.watch_root_certs();
-    if (!tls.cert_file.empty()) o.watch_identity_key_cert_pairs();
-    creds = grpc::experimental::TlsCredentials(o);
+    creds = MakeTlsCredentials(tls);
     if (!tls.server_name.empty()) args.SetSslTargetNameOverride(tls.server_name);
   }
   if (token.empty()) return grpc::CreateCustomChannel(resolved, creds, args);

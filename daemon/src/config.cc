@@ -208,6 +208,9 @@ void ApplyDefaults(v1::DaemonConfig* c) {
     c->set_data_plane_threads(std::clamp(std::thread::hardware_concurrency(), 2u, 8u));
   }
   if (c->has_tls() && c->tls().refresh_seconds() == 0) c->mutable_tls()->set_refresh_seconds(60);
+  if (c->has_etcd_tls() && c->etcd_tls().refresh_seconds() == 0) {
+    c->mutable_etcd_tls()->set_refresh_seconds(60);
+  }
 }
 
 namespace {
@@ -249,6 +252,35 @@ absl::Status ValidateTls(const v1::DaemonConfig& c) {
   }
   if (c.grpc_address() == "none" && c.etcd_endpoints_size() == 0) {
     return Bad("tls.cert_file", "is set but grpc_address is \"none\": no TCP listener to secure");
+  }
+  return absl::OkStatus();
+}
+
+// etcd_tls: only with etcd_endpoints, a CA, both of cert_file and key_file or neither, the
+// files readable.
+absl::Status ValidateEtcdTls(const v1::DaemonConfig& c) {
+  if (!c.has_etcd_tls()) return absl::OkStatus();
+  const v1::EtcdTlsConfig& t = c.etcd_tls();
+  if (c.etcd_endpoints_size() == 0) return Bad("etcd_tls", "is set without etcd_endpoints");
+  if (t.ca_file().empty()) {
+    return Bad("etcd_tls.ca_file",
+               "is empty: set it (the CA that signs etcd's certificates) to reach etcd over TLS");
+  }
+  if (t.cert_file().empty() != t.key_file().empty()) {
+    return t.cert_file().empty()
+               ? Bad("etcd_tls.cert_file", "is empty while etcd_tls.key_file is set")
+               : Bad("etcd_tls.key_file", "is empty while etcd_tls.cert_file is set");
+  }
+  for (const auto& [field, path] :
+       {std::pair<const char*, const std::string&>{"etcd_tls.ca_file", t.ca_file()},
+        {"etcd_tls.cert_file", t.cert_file()},
+        {"etcd_tls.key_file", t.key_file()}}) {
+    if (!path.empty() && ::access(path.c_str(), R_OK) != 0) {
+      return Bad(field, absl::StrCat("\"", path, "\" cannot be read: ", std::strerror(errno)));
+    }
+  }
+  if (t.refresh_seconds() > 86400) {
+    return Bad("etcd_tls.refresh_seconds", absl::StrCat(t.refresh_seconds(), " is above 86400"));
   }
   return absl::OkStatus();
 }
@@ -346,6 +378,7 @@ absl::Status ValidateConfig(const v1::DaemonConfig& c) {
     return Bad("data_plane_threads", absl::StrCat(c.data_plane_threads(), " is above 64"));
   }
   KVDN_RETURN_IF_ERROR(ValidateTls(c));
+  KVDN_RETURN_IF_ERROR(ValidateEtcdTls(c));
   if (c.max_threads() < 4 || c.max_threads() > 4096) {
     return Bad("max_threads", absl::StrCat(c.max_threads(), " is outside [4, 4096]"));
   }

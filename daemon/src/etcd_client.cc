@@ -65,7 +65,10 @@ struct EtcdClient::Impl {
   std::vector<std::unique_ptr<Endpoint>> endpoints;
   std::atomic<size_t> current{0};  // the endpoint that answered last
 
-  static std::shared_ptr<Conn> NewConn(const std::string& address) {
+  // Plain, or TLS with the files watched (made once: one file-watcher thread for all channels).
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+
+  std::shared_ptr<Conn> NewConn(const std::string& address) const {
     auto c = std::make_shared<Conn>();
     c->address = address;
     grpc::ChannelArguments args;
@@ -76,7 +79,8 @@ struct EtcdClient::Impl {
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
     args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 1000);
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-    c->channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+    if (!options.tls.server_name.empty()) args.SetSslTargetNameOverride(options.tls.server_name);
+    c->channel = grpc::CreateCustomChannel(address, credentials, args);
     c->kv = etcdserverpb::KV::NewStub(c->channel);
     c->lease = etcdserverpb::Lease::NewStub(c->channel);
     c->watch = etcdserverpb::Watch::NewStub(c->channel);
@@ -125,7 +129,21 @@ struct EtcdClient::Impl {
       if (absl::Now() >= deadline) break;
     }
     if (last.ok()) return absl::OkStatus();
-    return FromGrpc(last, what, last_endpoint);
+    absl::Status st = FromGrpc(last, what, last_endpoint);
+    if (absl::IsUnavailable(st)) {
+      // gRPC's words for a TLS mismatch ("Socket closed", "Endpoint read failed") do not say
+      // which side of it this client is on.
+      st = absl::UnavailableError(absl::StrCat(st.message(), " (", ConnectionKind(), ")"));
+    }
+    return st;
+  }
+  std::string ConnectionKind() const {
+    const client::TlsOptions& t = options.tls;
+    if (t.ca_file.empty()) return "plain connection: an etcd serving https needs etcd_tls";
+    return absl::StrCat("TLS trusting ", t.ca_file,
+                        t.cert_file.empty() ? ", no client certificate"
+                                            : absl::StrCat(", client certificate ", t.cert_file),
+                        t.server_name.empty() ? "" : absl::StrCat(", name ", t.server_name));
   }
 
   // A long-running stream's thread: `body(endpoint, ctx)` runs until it returns; Stop cancels the
@@ -179,9 +197,12 @@ const std::string& EtcdClient::endpoints() const { return impl_->joined; }
 
 absl::StatusOr<std::unique_ptr<EtcdClient>> EtcdClient::Connect(const EtcdOptions& options) {
   if (options.endpoints.empty()) return absl::InvalidArgumentError("etcd: no endpoints given");
+  KVDN_RETURN_IF_ERROR(client::ValidateTlsOptions(options.tls, "etcd tls."));
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   impl->joined = absl::StrJoin(options.endpoints, ",");
+  impl->credentials = options.tls.ca_file.empty() ? grpc::InsecureChannelCredentials()
+                                                  : client::MakeTlsCredentials(options.tls);
   for (const std::string& e : options.endpoints) {
     if (!ValidHostPort(e)) {
       return absl::InvalidArgumentError(absl::StrCat("etcd endpoint \"", e, "\" is not host:port"));
@@ -190,7 +211,7 @@ absl::StatusOr<std::unique_ptr<EtcdClient>> EtcdClient::Connect(const EtcdOption
     ep->address = e;
     {
       MutexLock lock(&ep->mu);
-      ep->conn = Impl::NewConn(e);
+      ep->conn = impl->NewConn(e);
       ep->built = absl::Now();
     }
     impl->endpoints.push_back(std::move(ep));

@@ -180,6 +180,14 @@ struct Server::Impl {
   MembershipOptions MembershipOptionsFor() {
     MembershipOptions o;
     o.etcd.endpoints.assign(config.etcd_endpoints().begin(), config.etcd_endpoints().end());
+    if (config.has_etcd_tls()) {
+      const v1::EtcdTlsConfig& t = config.etcd_tls();
+      o.etcd.tls = {.ca_file = t.ca_file(),
+                    .cert_file = t.cert_file(),
+                    .key_file = t.key_file(),
+                    .server_name = t.server_name(),
+                    .refresh_seconds = t.refresh_seconds()};
+    }
     o.cluster = config.cluster_name();
     o.self.node = config.node_name();
     o.self.grpc_address =

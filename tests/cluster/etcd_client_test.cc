@@ -1,7 +1,7 @@
 // EtcdClient against a real etcd (label: cluster): keys and prefixes, leases that expire without
 // keep-alives and live with them, prefix watches that see puts, deletes and lease expiry, etcd's
 // own errors passed through precisely, an unreachable etcd answered within the deadline, and a
-// keep-alive that survives an etcd restart.
+// keep-alive that survives an etcd restart; TLS to etcd with client certificates.
 #include "kvdn/daemon/etcd_client.h"
 
 #include <gmock/gmock.h>
@@ -14,11 +14,13 @@
 #include "kvdn/common/mutex.h"
 #include "kvdn/testing/chunks.h"
 #include "kvdn/testing/status_matchers.h"
+#include "test_certs.h"
 
 namespace kvdn::daemon {
 namespace {
 
 using ::kvdn::testing::EtcdProcess;
+using ::kvdn::testing::EtcdTls;
 using ::kvdn::testing::Eventually;
 using ::kvdn::testing::StatusIs;
 using ::testing::HasSubstr;
@@ -198,6 +200,86 @@ TEST_F(EtcdClientTest, AWatchReportsABrokenStreamAndKeepAliveSurvivesARestart) {
   std::this_thread::sleep_for(std::chrono::seconds(6));
   EXPECT_TRUE(Present("/kvdn/c1/members/me"));
   EXPECT_EQ(lost.load(), 0);
+}
+
+// An etcd serving TLS with --client-cert-auth: a client trusting its CA and presenting a
+// certificate it signed does everything (keys, a lease kept alive, a watch); one without a
+// certificate, one trusting another CA, and a plain one are refused within the deadline, naming
+// the endpoint; bad TLS options are refused at Connect naming the field.
+TEST(EtcdTlsTest, OnlyAClientWithACertificateTheEtcdTrustsGetsIn) {
+  testing::TempDir dir;
+  auto certs = testing::MakeTestCerts(dir.path());
+  ASSERT_TRUE(certs.ok()) << certs.status();
+  const client::TlsOptions good{
+      .ca_file = certs->ca, .cert_file = certs->client_cert, .key_file = certs->client_key};
+  EtcdProcess etcd(dir.path(), EtcdTls{certs->server_cert, certs->server_key, certs->ca}, good);
+  std::string err;
+  ASSERT_TRUE(etcd.Start(&err)) << err;
+  ASSERT_OK_AND_ASSIGN(auto c, EtcdClient::Connect({.endpoints = {etcd.endpoint()}, .tls = good}));
+  ASSERT_OK(c->Put("/kvdn/tls/a", "1").status());
+  ASSERT_OK_AND_ASSIGN(auto got, c->Get("/kvdn/tls/a"));
+  ASSERT_TRUE(got.has_value());
+  EXPECT_EQ(got->value, "1");
+  ASSERT_OK_AND_ASSIGN(int64_t lease, c->GrantLease(absl::Seconds(2)));
+  ASSERT_OK(c->Put("/kvdn/tls/leased", "x", lease).status());
+  auto alive = c->KeepAlive(lease, [](absl::Status) {});
+  Mutex mu;
+  std::vector<std::string> seen;
+  auto watch = c->WatchPrefix(
+      "/kvdn/tls/w/", 0,
+      [&](const EtcdEvent& e) {
+        MutexLock lock(&mu);
+        seen.push_back(e.kv.key);
+      },
+      [](absl::Status) {});
+  EXPECT_TRUE(Eventually(
+      [&] {
+        (void)c->Put("/kvdn/tls/w/k", "v");
+        MutexLock lock(&mu);
+        return !seen.empty();
+      },
+      absl::Seconds(5)));
+  absl::SleepFor(absl::Seconds(3));  // past the lease's TTL: kept alive over TLS
+  ASSERT_OK_AND_ASSIGN(auto leased, c->Get("/kvdn/tls/leased"));
+  EXPECT_TRUE(leased.has_value());
+  alive.reset();
+  watch.reset();
+
+  const struct {
+    const char* what;
+    client::TlsOptions tls;
+  } refused[] = {
+      {"no client certificate", {.ca_file = certs->ca}},
+      {"other-ca.pem",
+       {.ca_file = certs->other_ca,
+        .cert_file = certs->client_cert,
+        .key_file = certs->client_key}},
+      {"plain connection: an etcd serving https needs etcd_tls", {}},
+  };
+  for (const auto& r : refused) {
+    SCOPED_TRACE(r.what);
+    ASSERT_OK_AND_ASSIGN(auto bad, EtcdClient::Connect({.endpoints = {etcd.endpoint()},
+                                                        .tls = r.tls,
+                                                        .deadline = absl::Seconds(1)}));
+    const absl::Time start = absl::Now();
+    const absl::Status st = bad->Put("/kvdn/tls/b", "no").status();
+    EXPECT_LT(absl::Now() - start, absl::Seconds(3));
+    EXPECT_TRUE(absl::IsUnavailable(st) || absl::IsDeadlineExceeded(st)) << st;
+    EXPECT_THAT(st.message(), HasSubstr(etcd.endpoint()));
+    EXPECT_THAT(st.message(), HasSubstr(r.what));
+  }
+  ASSERT_OK_AND_ASSIGN(auto none, c->Get("/kvdn/tls/b"));
+  EXPECT_FALSE(none.has_value());
+
+  EXPECT_THAT(EtcdClient::Connect({.endpoints = {etcd.endpoint()},
+                                   .tls = {.ca_file = certs->ca, .cert_file = certs->client_cert}})
+                  .status(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("etcd tls.key_file is empty while cert_file is set")));
+  EXPECT_THAT(
+      EtcdClient::Connect({.endpoints = {etcd.endpoint()}, .tls = {.ca_file = dir.Sub("none")}})
+          .status(),
+      StatusIs(absl::StatusCode::kNotFound, HasSubstr("etcd tls.ca_file")));
 }
 
 }  // namespace

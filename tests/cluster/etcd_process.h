@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -18,9 +19,20 @@
 
 namespace kvdn::testing {
 
+// An etcd serving its client URL over TLS: its certificate and key, and with client_ca set,
+// --client-cert-auth against that CA.
+struct EtcdTls {
+  std::string cert_file;
+  std::string key_file;
+  std::string client_ca;
+};
+
 class EtcdProcess {
  public:
-  explicit EtcdProcess(std::string dir) : dir_(std::move(dir)) {}
+  // `client_tls`: how the process itself asks etcd whether it is up (needed with `tls`).
+  explicit EtcdProcess(std::string dir, std::optional<EtcdTls> tls = std::nullopt,
+                       client::TlsOptions client_tls = {})
+      : dir_(std::move(dir)), tls_(std::move(tls)), client_tls_(std::move(client_tls)) {}
   ~EtcdProcess() { Stop(); }
 
   // Starts etcd and waits until it answers (20 s). An etcd that exits at start (a restart on
@@ -56,7 +68,7 @@ class EtcdProcess {
       client_port_ = FreeLoopbackPort();
       peer_port_ = FreeLoopbackPort();
     }
-    const std::string client = absl::StrCat("http://127.0.0.1:", client_port_);
+    const std::string client = absl::StrCat(tls_ ? "https" : "http", "://127.0.0.1:", client_port_);
     const std::string peer = absl::StrCat("http://127.0.0.1:", peer_port_);
     std::vector<std::string> args = {"etcd",
                                      "--name=kvdn-test",
@@ -67,6 +79,14 @@ class EtcdProcess {
                                      "--initial-advertise-peer-urls=" + peer,
                                      "--initial-cluster=kvdn-test=" + peer,
                                      "--log-level=error"};
+    if (tls_) {
+      args.push_back("--cert-file=" + tls_->cert_file);
+      args.push_back("--key-file=" + tls_->key_file);
+      if (!tls_->client_ca.empty()) {
+        args.push_back("--client-cert-auth");
+        args.push_back("--trusted-ca-file=" + tls_->client_ca);
+      }
+    }
     const std::string log = dir_ + "/etcd.log";
     pid_ = fork();
     if (pid_ == 0) {
@@ -81,7 +101,7 @@ class EtcdProcess {
       std::fprintf(stderr, "cannot run etcd (install etcd-server: scripts/install-deps.sh)\n");
       _exit(127);
     }
-    auto c = daemon::EtcdClient::Connect({.endpoints = {endpoint()}}).value();
+    auto c = daemon::EtcdClient::Connect({.endpoints = {endpoint()}, .tls = client_tls_}).value();
     for (int i = 0; i < 200; ++i) {
       if (c->Get("/kvdn-test/ping").ok()) return Started::kYes;
       int status = 0;
@@ -106,6 +126,8 @@ class EtcdProcess {
   }
 
   std::string dir_;
+  std::optional<EtcdTls> tls_;
+  client::TlsOptions client_tls_;
   int client_port_ = 0;
   int peer_port_ = 0;
   pid_t pid_ = -1;

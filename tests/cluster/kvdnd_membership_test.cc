@@ -465,6 +465,49 @@ TEST_F(KvdndMembershipTest, WithMutualTlsPeersVerifyEachOtherAndReplicate) {
   EXPECT_THAT(pc->Lookup(std::vector<int32_t>(64, 7)), StatusIs(absl::StatusCode::kUnavailable));
 }
 
+// etcd serving TLS with client certificates (etcd_tls): nodes presenting a certificate its CA
+// signed join and see each other; a node without etcd_tls serves on, degraded, and says why.
+TEST_F(KvdndMembershipTest, NodesJoinThroughAnEtcdThatRequiresClientCertificates) {
+  TempDir tls_dir;
+  auto certs = testing::MakeTestCerts(tls_dir.path());
+  ASSERT_TRUE(certs.ok()) << certs.status();
+  const client::TlsOptions with_cert{
+      .ca_file = certs->ca, .cert_file = certs->client_cert, .key_file = certs->client_key};
+  EtcdProcess tls_etcd(tls_dir.path(),
+                       testing::EtcdTls{certs->server_cert, certs->server_key, certs->ca},
+                       with_cert);
+  std::string err;
+  ASSERT_TRUE(tls_etcd.Start(&err)) << err;
+  const std::string cfg = tls_dir.Sub("etcd-tls.json");
+  std::ofstream(cfg) << R"({"etcd_tls": {"ca_file": ")" << certs->ca << R"(", "cert_file": ")"
+                     << certs->client_cert << R"(", "key_file": ")" << certs->client_key
+                     << R"("}})";
+  auto flags = [&](const std::string& node, bool tls) {
+    std::vector<std::string> f = {"--etcd", tls_etcd.endpoint(),   "--cluster", "c1", "--node-name",
+                                  node,     "--membership-ttl-ms", "3000"};
+    if (tls) f.insert(f.end(), {"--config", cfg});
+    return f;
+  };
+  ASSERT_TRUE(a_.Start(flags("node-a", true), &err)) << err;
+  ASSERT_TRUE(b_.Start(flags("node-b", true), &err)) << err;
+  ASSERT_TRUE(
+      Eventually([&] { return Nodes(a_).size() == 2 && Nodes(b_).size() == 2; }, absl::Seconds(5)))
+      << Logs();
+  EXPECT_EQ(testing::HttpGet(a_.http_port(), "/readyz"), std::make_pair(200, std::string("ok\n")));
+  TempDir dir_c;
+  DaemonProcess c(dir_c.path());
+  ASSERT_TRUE(c.Start(flags("node-c", false), &err)) << err;
+  EXPECT_TRUE(Eventually(
+      [&] {
+        return testing::HttpGet(c.http_port(), "/readyz").second.find("degraded") !=
+               std::string::npos;
+      },
+      absl::Seconds(8)));
+  EXPECT_THAT(testing::ReadFile(dir_c.path() + "/kvdnd.log"),
+              HasSubstr("an etcd serving https needs etcd_tls"));
+  EXPECT_EQ(Nodes(a_).size(), 2u);  // node-c never registered
+}
+
 TEST_F(KvdndMembershipTest, EtcdDownMeansDegradedButServing) {
   std::string err;
   ASSERT_TRUE(a_.Start(Flags("node-a"), &err)) << err;

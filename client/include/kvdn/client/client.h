@@ -39,6 +39,7 @@
 
 namespace grpc {
 class Channel;
+class ChannelCredentials;
 }  // namespace grpc
 
 namespace kvdn::client {
@@ -267,6 +268,12 @@ absl::StatusOr<std::string> ResolveToken(const std::string& token);
 // unix socket. REQUIRES: ValidateTlsOptions(tls).ok().
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, const std::string& token = "",
                                            const TlsOptions& tls = {});
+
+// gRPC channel credentials verifying the server against tls.ca_file and presenting
+// tls.cert_file/key_file when set, the files watched (reread every refresh_seconds); the caller
+// sets tls.server_name as the channel's target name override. REQUIRES: tls.ca_file set and
+// ValidateTlsOptions(tls).ok(). Also what kvdnd dials etcd with (daemon/src/etcd_client.cc).
+std::shared_ptr<grpc::ChannelCredentials> MakeTlsCredentials(const TlsOptions& tls);
 
 }  // namespace kvdn::client
 

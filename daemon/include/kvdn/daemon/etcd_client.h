@@ -9,6 +9,9 @@
 //   auto alive = etcd->KeepAlive(lease, [](absl::Status lost) { ... });
 //   auto watch = etcd->WatchPrefix("/kvdn/c1/members/", rev + 1, on_event, on_end);
 //
+// Over TLS when EtcdOptions::tls names a CA (etcd's --cert-file/--key-file, optionally
+// --client-cert-auth with --trusted-ca-file).
+//
 // Errors: etcd's status passes through with the call and key named (e.g. INVALID_ARGUMENT "etcd
 // Put \"\": etcdserver: key is not provided"); UNAVAILABLE / DEADLINE_EXCEEDED naming the endpoints
 // when etcd cannot be reached within `deadline`.
@@ -28,13 +31,19 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "kvdn/client/client.h"
 
 namespace kvdn::daemon {
 
 struct EtcdOptions {
-  // "host:port" of etcd members' client URLs (plain http); tried in order, the first that answers
-  // is used until it fails.
+  // "host:port" of etcd members' client URLs; tried in order, the first that answers is used
+  // until it fails.
   std::vector<std::string> endpoints;
+  // TLS to etcd (its client URLs https): tls.ca_file set verifies etcd's certificate against it
+  // (tls.server_name: the name it carries, when not the endpoint's host); tls.cert_file/key_file
+  // are presented to an etcd with --client-cert-auth. Empty ca_file: plain. REQUIRES:
+  // client::ValidateTlsOptions(tls).ok().
+  client::TlsOptions tls;
   // Deadline of each unary call.
   absl::Duration deadline = absl::Seconds(2);
 };
