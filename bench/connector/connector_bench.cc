@@ -9,7 +9,9 @@
 //     page-locked memory already holding the blocks — the GPU part only, no fetch.
 // Llama-3-8B shapes (32 layers, 8 kv heads, head_dim 128, bf16, 256-token chunks of 32 MiB), vLLM
 // NHD layout with 16-token blocks, shuffled block tables. Also Save (gather from the cache and
-// store), and the time until layer 0 may be read (WaitLayer(0) and the engine stream after it).
+// store), and the time until layer 0 may be read (WaitLayer(0) and the engine stream after it);
+// then what a save blocks: Save (the host until stored) against StartSave (the host until the
+// gather is enqueued, the engine's stream until it has run).
 //   connector_bench [--kvdnd PATH] [--contexts 2048,8192,32768] [--rounds 3] [--lanes N]
 //                   [--streams N] [--host-staging-mib 512] [--register-fetch 0|1]
 //                   [--copy-kernel auto|vector] [--layout nhd|hnd]
@@ -539,6 +541,51 @@ int Main(int argc, char** argv) {
         load_gbs / std::min(h2d_ceiling, fetch_gbs > 0 ? fetch_gbs : h2d_ceiling), Median(first),
         Median(load) * 1e3, Median(gpu), Median(peer), Median(gpu) / Median(peer),
         bytes / save_s / 1e9);
+    std::fflush(stdout);
+  }
+  // What a save costs the engine: Save blocks its host thread until every chunk is stored;
+  // StartSave returns once the gather is enqueued, and the engine's stream waits on the GPU only
+  // for the gather. New tokens each time (every chunk is stored), the same cache.
+  std::printf(
+      "\n| context | GiB | Save ms (engine blocked) | StartSave returns ms | engine stream free ms "
+      "| stored ms (StartSave to Wait) | blocked: Save / StartSave+stream |\n"
+      "|---|---|---|---|---|---|---|\n");
+  for (size_t ctx : contexts) {
+    const uint64_t bytes = uint64_t{ctx} * 2 * kLayers * kTokenHalf;
+    Cache a(ctx, 3, static_cast<const uint8_t*>(pinned), h2d_bytes - 65536);
+    cudaEvent_t free_event;
+    CHECK_CUDA(cudaEventCreateWithFlags(&free_event, cudaEventDisableTiming));
+    std::vector<double> sync_ms, ret_ms, free_ms, stored_ms;
+    for (int r = 0; r < rounds; ++r) {
+      for (int mode = 0; mode < 2; ++mode) {
+        std::vector<int32_t> tokens(ctx);
+        std::mt19937 trng(static_cast<uint32_t>(ctx * 1000 + r * 2 + mode));
+        for (auto& t : tokens) t = static_cast<int32_t>(trng() % 128000);
+        CHECK_CUDA(cudaStreamSynchronize(stream));
+        const auto t0 = Clock::now();
+        if (mode == 0) {
+          Must(conn->Save(tokens, a.View(), stream), "Save");
+          sync_ms.push_back(Seconds(t0, Clock::now()) * 1e3);
+          continue;
+        }
+        auto save = Must(conn->StartSave(tokens, a.View(), stream), "StartSave");
+        ret_ms.push_back(Seconds(t0, Clock::now()) * 1e3);
+        CHECK_CUDA(cudaEventRecord(free_event, stream));
+        CHECK_CUDA(cudaEventSynchronize(free_event));
+        free_ms.push_back(Seconds(t0, Clock::now()) * 1e3);
+        client::SaveResult saved = Must(save->Wait(), "PagedSave::Wait");
+        stored_ms.push_back(Seconds(t0, Clock::now()) * 1e3);
+        if (saved.chunks_stored * kTpc < ctx) {
+          std::fprintf(stderr, "started save stored %zu chunks of %zu tokens\n",
+                       saved.chunks_stored, ctx);
+          return 1;
+        }
+      }
+    }
+    (void)cudaEventDestroy(free_event);
+    std::printf("| %zu | %.2f | %.1f | %.2f | %.2f | %.1f | %.1f |\n", ctx, bytes / double(1 << 30),
+                Median(sync_ms), Median(ret_ms), Median(free_ms), Median(stored_ms),
+                Median(sync_ms) / Median(free_ms));
     std::fflush(stdout);
   }
   std::printf(

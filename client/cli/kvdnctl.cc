@@ -90,6 +90,17 @@ int Stats(v1::AdminService::Stub& stub, const Globals& g) {
                   HumanBytes(ts.capacity_bytes()).c_str());
     }
   }
+  if (r.namespaces_size() > 0) {
+    Table n({"NAMESPACE", "TIER", "BYTES", "SHARE", "OF_SHARE"});
+    for (const auto& u : r.namespaces()) {
+      n.Add({u.namespace_(), TierName(u.tier()), HumanBytes(u.bytes()), HumanBytes(u.share_bytes()),
+             u.share_bytes() == 0
+                 ? "-"
+                 : absl::StrFormat("%.0f%%", 100.0 * static_cast<double>(u.bytes()) /
+                                                 static_cast<double>(u.share_bytes()))});
+    }
+    std::printf("%s", n.Render().c_str());
+  }
   std::printf(
       "commits %llu (refused %llu)  reservations %llu active, %llu expired  leases %llu "
       "active, %llu expired  in %s  out %s\n",

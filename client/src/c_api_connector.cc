@@ -16,6 +16,10 @@ struct kvdn_load {
   std::unique_ptr<kvdn::client::PagedLoad> load;
 };
 
+struct kvdn_save {
+  std::unique_ptr<kvdn::client::PagedSave> save;
+};
+
 namespace {
 
 using kvdn::client::c_api::CheckTokens;
@@ -158,5 +162,47 @@ int kvdn_connector_save(kvdn_connector* connector, const int32_t* tokens, size_t
     return Ok();
   });
 }
+
+int kvdn_connector_start_save(kvdn_connector* connector, const int32_t* tokens, size_t num_tokens,
+                              const kvdn_paged_view* view, void* stream, kvdn_save** out) {
+  return Guard([&] {
+    if (connector == nullptr || out == nullptr) {
+      return Fail(absl::InvalidArgumentError("connector and out must not be null"));
+    }
+    *out = nullptr;
+    if (auto s = CheckTokens(tokens, num_tokens); !s.ok()) return Fail(s);
+    auto v = ToView(view);
+    if (!v.ok()) return Fail(v.status());
+    auto save = connector->connector->StartSave(absl::MakeConstSpan(tokens, num_tokens), *v,
+                                                static_cast<cudaStream_t>(stream));
+    if (!save.ok()) return Fail(save.status());
+    *out = new kvdn_save{std::move(*save)};
+    return Ok();
+  });
+}
+
+int kvdn_save_done(kvdn_save* save, int32_t* done) {
+  return Guard([&] {
+    if (save == nullptr || done == nullptr) {
+      return Fail(absl::InvalidArgumentError("save and done must not be null"));
+    }
+    *done = save->save->Done() ? 1 : 0;
+    return Ok();
+  });
+}
+
+int kvdn_save_wait(kvdn_save* save, kvdn_save_result* out) {
+  return Guard([&] {
+    if (save == nullptr || out == nullptr) {
+      return Fail(absl::InvalidArgumentError("save and out must not be null"));
+    }
+    auto r = save->save->Wait();
+    if (!r.ok()) return Fail(r.status());
+    *out = kvdn_save_result{r->chunks_stored, r->chunks_present, r->bytes_sent};
+    return Ok();
+  });
+}
+
+void kvdn_save_free(kvdn_save* save) { delete save; }
 
 }  // extern "C"

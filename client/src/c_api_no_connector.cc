@@ -45,4 +45,16 @@ int kvdn_connector_save(kvdn_connector*, const int32_t*, size_t, const kvdn_page
   return NoCuda("kvdn_connector_save");
 }
 
+int kvdn_connector_start_save(kvdn_connector*, const int32_t*, size_t, const kvdn_paged_view*,
+                              void*, kvdn_save** out) {
+  if (out != nullptr) *out = nullptr;
+  return NoCuda("kvdn_connector_start_save");
+}
+
+int kvdn_save_done(kvdn_save*, int32_t*) { return NoCuda("kvdn_save_done"); }
+
+int kvdn_save_wait(kvdn_save*, kvdn_save_result*) { return NoCuda("kvdn_save_wait"); }
+
+void kvdn_save_free(kvdn_save*) {}
+
 }  // extern "C"

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <future>
 #include <limits>
 #include <map>
@@ -111,13 +113,13 @@ absl::Status CheckView(const ModelSpec& m, const PagedKvView& v, size_t num_toke
 // Most chunks one load leases in the GPU tier (one GetDescriptors call; kvdnd's limit).
 constexpr size_t kMaxGpuChunks = 4096;
 
-// A window: chunks [first, first + count) of the request, in one half of the host staging, chunk
-// j at slot j (chunk_bytes apart); all have tokens_per_chunk tokens but possibly the request's
-// tail chunk, which is last.
+// A window: chunks [first, first + count) of the request, in one slot of the host staging (a
+// window's worth of it), chunk j at j * chunk_bytes there; all have tokens_per_chunk tokens but
+// possibly the request's tail chunk, which is last.
 struct Window {
   size_t first = 0;
   size_t count = 0;
-  int half = 0;
+  int slot = 0;       // of the host staging
   size_t full = 0;    // chunks with tokens_per_chunk tokens
   uint32_t tail = 0;  // tokens of the tail chunk, 0 if the window has none
 };
@@ -129,8 +131,16 @@ struct LoadState;
 struct KvConnector::Impl {
   // Run on the worker, one at a time (they share the staging).
   void RunLoad(LoadState& s);
+  // After `written` on the engine's stream, gathers the chunks past the stored prefix and stores
+  // them. `gathered(status)` runs once, on the worker: OK once the last window's gather is
+  // enqueued and `gathered_event` recorded after it (or when there is nothing to gather), else
+  // with the error that ended the save before that.
   absl::StatusOr<SaveResult> RunSave(absl::Span<const int32_t> tokens, const PagedKvView& view,
-                                     cudaEvent_t written);
+                                     cudaEvent_t written, cudaEvent_t gathered_event,
+                                     const std::function<void(absl::Status)>& gathered);
+  absl::StatusOr<SaveResult> RunSaveSteps(absl::Span<const int32_t> tokens, const PagedKvView& view,
+                                          cudaEvent_t written, cudaEvent_t gathered_event,
+                                          const std::function<void(absl::Status)>& gathered);
 
   Client* client = nullptr;
   ConnectorOptions options;
@@ -140,11 +150,14 @@ struct KvConnector::Impl {
   uint8_t* device_staging = nullptr;
   MutableByteSpan host;         // page-locked; two halves
   bool host_from_pool = false;  // else cudaHostAlloc
-  cudaEvent_t half_done[2] = {nullptr, nullptr};
-  uint64_t chunk_bytes = 0;       // payload of a full chunk
-  uint64_t token_half_bytes = 0;  // K (or V) of one token in one layer
-  size_t window = 0;              // chunks per window
-  std::string device_uuid;        // cudaDeviceProp.uuid of `device`
+  // The host staging holds `slots` windows (at least 2). A load alternates between the first two
+  // (one fetched while the other goes up); a save fills them all before it waits for a store.
+  size_t slots = 0;
+  std::vector<cudaEvent_t> slot_done;  // per slot: its last copies (up or down) have run
+  uint64_t chunk_bytes = 0;            // payload of a full chunk
+  uint64_t token_half_bytes = 0;       // K (or V) of one token in one layer
+  size_t window = 0;                   // chunks per window
+  std::string device_uuid;             // cudaDeviceProp.uuid of `device`
   // kvdnd GPU tiers mapped here (CUDA IPC handle bytes -> base); used on the worker only.
   std::map<std::string, uint8_t*> ipc_bases;
   std::unique_ptr<ThreadPool> worker;
@@ -197,7 +210,7 @@ struct KvConnector::Impl {
     if (stream != nullptr) (void)cudaStreamSynchronize(stream);
     for (auto& [handle, base] : ipc_bases) (void)cudaIpcCloseMemHandle(base);
     if (device_sources != nullptr) (void)cudaFree(device_sources);
-    for (cudaEvent_t e : half_done) {
+    for (cudaEvent_t e : slot_done) {
       if (e != nullptr) (void)cudaEventDestroy(e);
     }
     if (device_staging != nullptr) (void)cudaFree(device_staging);
@@ -212,15 +225,15 @@ struct KvConnector::Impl {
     if (stream != nullptr) (void)cudaStreamDestroy(stream);
   }
 
-  uint8_t* Slot(int half, size_t j) const {
-    return host.data() + static_cast<size_t>(half) * (host.size() / 2) + j * chunk_bytes;
+  uint8_t* Slot(int slot, size_t j) const {
+    return host.data() + static_cast<size_t>(slot) * window * chunk_bytes + j * chunk_bytes;
   }
   uint32_t TokensInChunk(size_t chunk, size_t num_tokens) const {
     const size_t start = chunk * model.tokens_per_chunk;
     return static_cast<uint32_t>(std::min<size_t>(model.tokens_per_chunk, num_tokens - start));
   }
-  Window MakeWindow(size_t first, size_t count, int half, size_t num_tokens) const {
-    Window w{first, count, half, count, 0};
+  Window MakeWindow(size_t first, size_t count, int slot, size_t num_tokens) const {
+    Window w{first, count, slot, count, 0};
     const uint32_t last = TokensInChunk(first + count - 1, num_tokens);
     if (last < model.tokens_per_chunk) {
       w.full = count - 1;
@@ -239,14 +252,14 @@ struct KvConnector::Impl {
     for (int kv = 0; kv < 2; ++kv) {
       const uint8_t* dev = device_staging + kv * wt * token_half_bytes;
       if (w.full > 0) {
-        uint8_t* h = Slot(w.half, 0) + l * 2 * half_bytes + kv * half_bytes;
+        uint8_t* h = Slot(w.slot, 0) + l * 2 * half_bytes + kv * half_bytes;
         KVDN_CUDA_RETURN(cudaMemcpy2DAsync(h, chunk_bytes, dev, half_bytes, half_bytes, w.full,
                                            cudaMemcpyDeviceToHost, stream),
                          "cudaMemcpy2DAsync of a layer's chunks");
       }
       if (w.tail > 0) {
         const uint64_t tail_half = uint64_t{w.tail} * token_half_bytes;
-        uint8_t* h = Slot(w.half, w.full) + l * 2 * tail_half + kv * tail_half;
+        uint8_t* h = Slot(w.slot, w.full) + l * 2 * tail_half + kv * tail_half;
         KVDN_CUDA_RETURN(cudaMemcpyAsync(h, dev + w.full * half_bytes, tail_half,
                                          cudaMemcpyDeviceToHost, stream),
                          "cudaMemcpyAsync of a layer's tail chunk");
@@ -476,7 +489,7 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
     next_half ^= 1;
     // The half's copies of two windows ago are done before it is refilled.
     absl::Time t0 = absl::Now();
-    if (absl::Status st = CudaStatus(cudaEventSynchronize(c.half_done[half]), "host staging");
+    if (absl::Status st = CudaStatus(cudaEventSynchronize(c.slot_done[half]), "host staging");
         !st.ok()) {
       return finish(st, total, recorded);
     }
@@ -521,7 +534,7 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
       s.tokens_loaded = total.tokens + got->tokens;
     }
     absl::Status st = inject_layers(sources, last);
-    if (st.ok()) st = CudaStatus(cudaEventRecord(c.half_done[half], c.stream), "host staging");
+    if (st.ok()) st = CudaStatus(cudaEventRecord(c.slot_done[half], c.stream), "host staging");
     if (!st.ok()) return finish(st, total, recorded);
     timings.enqueue += since(t0);
     total.chunks += got->chunks;
@@ -533,10 +546,23 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
   finish(absl::OkStatus(), total, recorded);
 }
 
-// Gathers the chunks past the stored prefix and stores them.
-absl::StatusOr<SaveResult> KvConnector::Impl::RunSave(absl::Span<const int32_t> tokens,
-                                                      const PagedKvView& view,
-                                                      cudaEvent_t written) {
+absl::StatusOr<SaveResult> KvConnector::Impl::RunSave(
+    absl::Span<const int32_t> tokens, const PagedKvView& view, cudaEvent_t written,
+    cudaEvent_t gathered_event, const std::function<void(absl::Status)>& gathered) {
+  bool signalled = false;
+  auto signal = [&](absl::Status st) {
+    if (signalled) return;
+    signalled = true;
+    gathered(std::move(st));
+  };
+  absl::StatusOr<SaveResult> r = RunSaveSteps(tokens, view, written, gathered_event, signal);
+  signal(r.status());  // nothing was gathered, or the save failed before the last gather
+  return r;
+}
+
+absl::StatusOr<SaveResult> KvConnector::Impl::RunSaveSteps(
+    absl::Span<const int32_t> tokens, const PagedKvView& view, cudaEvent_t written,
+    cudaEvent_t gathered_event, const std::function<void(absl::Status)>& gathered) {
   Impl& c = *this;
   DeviceGuard guard(c.device);
   KVDN_CUDA_RETURN(cudaStreamWaitEvent(c.stream, written, 0), "waiting for the engine's stream");
@@ -567,20 +593,21 @@ absl::StatusOr<SaveResult> KvConnector::Impl::RunSave(absl::Span<const int32_t> 
       }
     }
   }
-  // Window w is gathered into half w % 2 while window w - 1 is stored from the other half.
+  // Windows are gathered into the staging's slots in turn; a slot is stored before it is
+  // gathered into again, so the GPU gathers the next window while the host stores one.
   auto gather = [&](const Window& w) -> absl::Status {
     for (uint32_t l = 0; l < c.model.num_layers; ++l) {
       KVDN_RETURN_IF_ERROR(
           kernels::ExtractLayer(view.layers[l], c.Range(view, w), c.device_staging, c.stream));
       KVDN_RETURN_IF_ERROR(c.CopyLayerToHost(w, l));
     }
-    return CudaStatus(cudaEventRecord(c.half_done[w.half], c.stream), "host staging");
+    return CudaStatus(cudaEventRecord(c.slot_done[w.slot], c.stream), "host staging");
   };
   auto store = [&](const Window& w) -> absl::Status {
-    KVDN_CUDA_RETURN(cudaEventSynchronize(c.half_done[w.half]), "gathering a window");
+    KVDN_CUDA_RETURN(cudaEventSynchronize(c.slot_done[w.slot]), "gathering a window");
     std::vector<ByteSpan> payloads;
     for (size_t j = 0; j < w.count; ++j) {
-      payloads.emplace_back(c.Slot(w.half, j),
+      payloads.emplace_back(c.Slot(w.slot, j),
                             c.client->PayloadBytes(c.TokensInChunk(w.first + j, tokens.size())));
     }
     KVDN_ASSIGN_OR_RETURN(SaveResult r, c.client->Save(tokens, payloads, w.first));
@@ -589,17 +616,24 @@ absl::StatusOr<SaveResult> KvConnector::Impl::RunSave(absl::Span<const int32_t> 
     total.bytes_sent += r.bytes_sent;
     return absl::OkStatus();
   };
-  std::optional<Window> pending;
-  int half = 0;
+  std::deque<Window> pending;  // gathered, not yet stored; oldest first
+  int slot = 0;
   for (size_t first = present; first < chunks;) {
-    const Window w = c.MakeWindow(first, std::min(c.window, chunks - first), half, tokens.size());
-    half ^= 1;
+    if (pending.size() == c.slots) {  // every slot is full: store the oldest to free its slot
+      KVDN_RETURN_IF_ERROR(store(pending.front()));
+      pending.pop_front();
+    }
+    const Window w = c.MakeWindow(first, std::min(c.window, chunks - first), slot, tokens.size());
+    slot = static_cast<int>((static_cast<size_t>(slot) + 1) % c.slots);
     KVDN_RETURN_IF_ERROR(gather(w));
-    if (pending) KVDN_RETURN_IF_ERROR(store(*pending));
-    pending = w;
+    if (first + w.count == chunks) {  // the last gather: the engine may go on after it
+      KVDN_CUDA_RETURN(cudaEventRecord(gathered_event, c.stream), "recording the gather's end");
+      gathered(absl::OkStatus());
+    }
+    pending.push_back(w);
     first += w.count;
   }
-  if (pending) KVDN_RETURN_IF_ERROR(store(*pending));
+  for (; !pending.empty(); pending.pop_front()) KVDN_RETURN_IF_ERROR(store(pending.front()));
   return total;
 }
 
@@ -634,14 +668,17 @@ absl::StatusOr<std::unique_ptr<KvConnector>> KvConnector::Create(Client* client,
   impl->device_uuid.assign(reinterpret_cast<const char*>(&prop.uuid), sizeof(prop.uuid));
   KVDN_CUDA_RETURN(cudaStreamCreateWithFlags(&impl->stream, cudaStreamNonBlocking),
                    "cudaStreamCreate");
-  for (cudaEvent_t& e : impl->half_done) {
+  const uint64_t window_bytes = impl->window * impl->chunk_bytes;
+  impl->slots = static_cast<size_t>((options.host_staging_bytes & ~uint64_t{4095}) / window_bytes);
+  impl->slot_done.assign(impl->slots, nullptr);
+  for (cudaEvent_t& e : impl->slot_done) {
     KVDN_CUDA_RETURN(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
   }
   void* staging = nullptr;
   KVDN_CUDA_RETURN(cudaMalloc(&staging, impl->window * impl->chunk_bytes),
                    "cudaMalloc of the device staging");
   impl->device_staging = static_cast<uint8_t*>(staging);
-  const uint64_t host_bytes = 2 * host_half;
+  const uint64_t host_bytes = impl->slots * window_bytes;
   if (!client->PoolRegion().empty()) {
     MutableByteSpan span = client->AllocateBuffer(host_bytes);
     if (span.empty()) {
@@ -696,33 +733,103 @@ absl::StatusOr<LoadResult> KvConnector::Load(absl::Span<const int32_t> tokens,
   return r;
 }
 
+namespace {
+
+// A save's state, shared by the worker running it and the caller's PagedSave.
+struct SaveJob {
+  std::vector<int32_t> tokens;
+  PagedKvView view;
+  int device = 0;
+  cudaEvent_t written = nullptr;   // on the engine's stream, at StartSave
+  cudaEvent_t gathered = nullptr;  // on the connector's stream, after the last gather
+  mutable Mutex mu;
+  CondVar cv;
+  bool gather_enqueued ABSL_GUARDED_BY(mu) = false;
+  absl::Status gather_status ABSL_GUARDED_BY(mu);
+  bool done ABSL_GUARDED_BY(mu) = false;
+  absl::StatusOr<SaveResult> result ABSL_GUARDED_BY(mu) =
+      absl::InternalError("the save did not run");
+  ~SaveJob() {
+    DeviceGuard guard(device);
+    if (written != nullptr) (void)cudaEventDestroy(written);
+    if (gathered != nullptr) (void)cudaEventDestroy(gathered);
+  }
+};
+
+class PagedSaveImpl final : public PagedSave {
+ public:
+  explicit PagedSaveImpl(std::shared_ptr<SaveJob> job) : job_(std::move(job)) {}
+  ~PagedSaveImpl() override { (void)Wait(); }
+  bool Done() const override {
+    MutexLock lock(&job_->mu);
+    return job_->done;
+  }
+  absl::StatusOr<SaveResult> Wait() override {
+    MutexLock lock(&job_->mu);
+    while (!job_->done) job_->cv.Wait(&job_->mu);
+    return job_->result;
+  }
+
+ private:
+  std::shared_ptr<SaveJob> job_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<PagedSave>> KvConnector::StartSave(absl::Span<const int32_t> tokens,
+                                                                  const PagedKvView& view,
+                                                                  cudaStream_t stream) {
+  KVDN_RETURN_IF_ERROR(CheckView(impl_->model, view, tokens.size()));
+  auto job = std::make_shared<SaveJob>();
+  job->device = impl_->device;
+  if (tokens.empty()) {
+    MutexLock lock(&job->mu);
+    job->done = true;
+    job->result = SaveResult{};
+    return std::make_unique<PagedSaveImpl>(std::move(job));
+  }
+  job->tokens.assign(tokens.begin(), tokens.end());
+  job->view = view;
+  DeviceGuard guard(impl_->device);
+  KVDN_CUDA_RETURN(cudaEventCreateWithFlags(&job->written, cudaEventDisableTiming),
+                   "cudaEventCreate");
+  KVDN_CUDA_RETURN(cudaEventCreateWithFlags(&job->gathered, cudaEventDisableTiming),
+                   "cudaEventCreate");
+  KVDN_CUDA_RETURN(cudaEventRecord(job->written, stream), "cudaEventRecord on the engine's stream");
+  Impl* impl = impl_.get();
+  impl->worker->Submit([impl, job] {
+    absl::StatusOr<SaveResult> r =
+        impl->RunSave(job->tokens, job->view, job->written, job->gathered, [&job](absl::Status st) {
+          MutexLock lock(&job->mu);
+          job->gather_enqueued = true;
+          job->gather_status = std::move(st);
+          job->cv.SignalAll();
+        });
+    MutexLock lock(&job->mu);
+    job->done = true;
+    job->result = std::move(r);
+    job->cv.SignalAll();
+  });
+  absl::Status gather_status;
+  {
+    MutexLock lock(&job->mu);
+    while (!job->gather_enqueued) job->cv.Wait(&job->mu);
+    gather_status = job->gather_status;
+  }
+  if (!gather_status.ok()) return gather_status;
+  // The engine's next work waits for the gather on the GPU (a no-op when nothing was gathered:
+  // the event was never recorded).
+  if (cudaError_t e = cudaStreamWaitEvent(stream, job->gathered, 0); e != cudaSuccess) {
+    (void)cudaEventSynchronize(job->gathered);  // then at least the host waits for it
+    return CudaStatus(e, "ordering the engine's stream after the save's gather");
+  }
+  return std::make_unique<PagedSaveImpl>(std::move(job));
+}
+
 absl::StatusOr<SaveResult> KvConnector::Save(absl::Span<const int32_t> tokens,
                                              const PagedKvView& view, cudaStream_t stream) {
-  KVDN_RETURN_IF_ERROR(CheckView(impl_->model, view, tokens.size()));
-  if (tokens.empty()) return SaveResult{};
-  DeviceGuard guard(impl_->device);
-  cudaEvent_t written = nullptr;
-  KVDN_CUDA_RETURN(cudaEventCreateWithFlags(&written, cudaEventDisableTiming), "cudaEventCreate");
-  absl::Status recorded = CudaStatus(cudaEventRecord(written, stream), "cudaEventRecord");
-  absl::StatusOr<SaveResult> result = absl::InternalError("the save did not run");
-  if (!recorded.ok()) {
-    result = recorded;
-  } else {
-    Mutex mu;
-    CondVar cv;
-    bool done = false;
-    impl_->worker->Submit([&] {
-      absl::StatusOr<SaveResult> r = impl_->RunSave(tokens, view, written);
-      MutexLock lock(&mu);
-      result = std::move(r);
-      done = true;
-      cv.SignalAll();
-    });
-    MutexLock lock(&mu);
-    while (!done) cv.Wait(&mu);
-  }
-  (void)cudaEventDestroy(written);
-  return result;
+  KVDN_ASSIGN_OR_RETURN(std::unique_ptr<PagedSave> save, StartSave(tokens, view, stream));
+  return save->Wait();
 }
 
 }  // namespace kvdn::client

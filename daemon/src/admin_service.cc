@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <map>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "kvdn/common/chunk_format.h"
@@ -74,6 +77,27 @@ absl::Status AdminServiceImpl::DoGetStats(grpc::ServerContextBase*, const v1::Ge
     for (const std::string& d : state_.data_plane->Describe()) resp->add_transports(d);
   }
   resp->set_draining(state_.calls.draining());
+  const std::pair<storage::TierKind, double> shares[] = {
+      {storage::TierKind::kGpu, state_.config.namespace_gpu_share()},
+      {storage::TierKind::kHost, state_.config.namespace_host_share()},
+      {storage::TierKind::kDisk, state_.config.namespace_disk_share()}};
+  std::vector<std::tuple<std::string, int, uint64_t, uint64_t>> rows;
+  for (const auto& [tier, share] : shares) {
+    const storage::TierStats& ts = s.tier(tier);
+    if (share >= 1 || !ts.present) continue;
+    const auto limit = static_cast<uint64_t>(share * static_cast<double>(ts.capacity_bytes));
+    for (auto& [ns, bytes] : state_.store->NamespaceUsage(tier)) {
+      rows.emplace_back(std::move(ns), static_cast<int>(tier), bytes, limit);
+    }
+  }
+  std::sort(rows.begin(), rows.end());
+  for (const auto& [ns, tier, bytes, limit] : rows) {
+    v1::NamespaceUsage* u = resp->add_namespaces();
+    u->set_namespace_(ns);
+    u->set_tier(TierToProto(static_cast<storage::TierKind>(tier)));
+    u->set_bytes(bytes);
+    u->set_share_bytes(limit);
+  }
   return absl::OkStatus();
 }
 

@@ -8,7 +8,7 @@ kvdn.KvConnector and kvdn.PagedKvView (GPU engines) need PyTorch and a library b
 """
 
 from .client import Client, LoadResult, ModelSpec, SaveResult
-from .connector import KvConnector, LoadStats, PagedKvView, PagedLoad
+from .connector import KvConnector, LoadStats, PagedKvView, PagedLoad, PagedSave
 from .errors import (AbortedError, DataLossError, DeadlineExceededError, FailedPreconditionError,
                      InternalError, InvalidArgumentError, KvdnError, NotFoundError,
                      PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError,
@@ -17,6 +17,6 @@ from .errors import (AbortedError, DataLossError, DeadlineExceededError, FailedP
 __all__ = [
     "AbortedError", "Client", "DataLossError", "DeadlineExceededError", "FailedPreconditionError",
     "InternalError", "InvalidArgumentError", "KvConnector", "KvdnError", "LoadResult", "LoadStats",
-    "ModelSpec", "NotFoundError", "PagedKvView", "PagedLoad", "PermissionDeniedError",
+    "ModelSpec", "NotFoundError", "PagedKvView", "PagedLoad", "PagedSave", "PermissionDeniedError",
     "ResourceExhaustedError", "SaveResult", "UnauthenticatedError", "UnavailableError",
 ]

@@ -157,6 +157,11 @@ _PROTOTYPES = {
     "kvdn_load_free": (None, [_P]),
     "kvdn_connector_save": (ctypes.c_int, [_P, _P, _SIZE, ctypes.POINTER(PagedView), _P,
                                            ctypes.POINTER(SaveResultC)]),
+    "kvdn_connector_start_save": (ctypes.c_int, [_P, _P, _SIZE, ctypes.POINTER(PagedView), _P,
+                                                 ctypes.POINTER(_P)]),
+    "kvdn_save_done": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.c_int32)]),
+    "kvdn_save_wait": (ctypes.c_int, [_P, ctypes.POINTER(SaveResultC)]),
+    "kvdn_save_free": (None, [_P]),
 }
 
 _lock = threading.Lock()

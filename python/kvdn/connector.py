@@ -186,6 +186,44 @@ class PagedLoad:
         self.close()
 
 
+class PagedSave:
+    """One save in flight (kvdn::client::PagedSave): its gather out of the cache is ordered
+    before the work enqueued next on the engine's stream; the stores into kvdnd run behind."""
+
+    def __init__(self, lib, handle, connector, view):
+        self._lib = lib
+        self._handle = handle
+        self._connector = connector  # freed after its saves (the C interface's order)
+        self._view = view            # the cache and block table, alive while the save runs
+
+    def _live(self):
+        if not self._handle:
+            raise ValueError("kvdn.PagedSave is closed (or its connector is)")
+        return self._handle
+
+    def done(self):
+        """Whether the save has ended (stored, or failed); never blocks."""
+        flag = ctypes.c_int32()
+        check(self._lib.kvdn_save_done(self._live(), ctypes.byref(flag)))
+        return bool(flag.value)
+
+    def wait(self):
+        """Blocks until the save ends: a SaveResult, or the save's error raised (chunks stored
+        before it stay, each whole and verified)."""
+        out = _native.SaveResultC()
+        check(self._lib.kvdn_save_wait(self._live(), ctypes.byref(out)))
+        return SaveResult(out.chunks_stored, out.chunks_present, out.bytes_sent)
+
+    def close(self):
+        """Waits for the save to end, then frees it."""
+        if getattr(self, "_handle", None):
+            self._lib.kvdn_save_free(self._handle)
+            self._handle = None
+
+    def __del__(self):
+        self.close()
+
+
 class KvConnector:
     """Staging memory and a stream on torch's current CUDA device; loads and saves run one at a
     time, in the order started. Close it (or drop it) before its client."""
@@ -211,6 +249,7 @@ class KvConnector:
         self._handle = handle
         self._client = client  # outlives the connector
         self._loads = weakref.WeakSet()
+        self._saves = weakref.WeakSet()
         client._dependents.add(self)
 
     def _live(self):
@@ -219,10 +258,13 @@ class KvConnector:
         return self._handle
 
     def close(self):
-        """Frees the connector, after closing its loads (each waits for its enqueuing)."""
+        """Frees the connector, after closing its loads (each waits for its enqueuing) and saves
+        (each waits for its stores)."""
         if getattr(self, "_handle", None):
             for load in list(self._loads):
                 load.close()
+            for save in list(self._saves):
+                save.close()
             self._lib.kvdn_connector_free(self._handle)
             self._handle = None
 
@@ -257,3 +299,18 @@ class KvConnector:
         check(self._lib.kvdn_connector_save(self._live(), t.ptr, t.n, ctypes.byref(view.c),
                                             _stream_handle(stream), ctypes.byref(out)))
         return SaveResult(out.chunks_stored, out.chunks_present, out.bytes_sent)
+
+    def start_save(self, tokens, view, stream=None):
+        """save() without waiting for the stores: returns a PagedSave once the chunks past the
+        stored prefix are being gathered out of the cache, with `stream` (default: torch's current
+        stream) made to wait for that gather on the GPU, so the engine may reuse or free the
+        blocks at once. A save larger than the host staging (host_staging_bytes) blocks here
+        until its excess is stored. Errors found before the gather (the view, a block table
+        entry outside the cache, kvdnd unreachable) raise here; later ones from wait()."""
+        t = _Tokens(tokens)
+        handle = ctypes.c_void_p()
+        check(self._lib.kvdn_connector_start_save(self._live(), t.ptr, t.n, ctypes.byref(view.c),
+                                                  _stream_handle(stream), ctypes.byref(handle)))
+        save = PagedSave(self._lib, handle, self, view)
+        self._saves.add(save)
+        return save

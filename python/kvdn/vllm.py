@@ -10,6 +10,8 @@ Extra config (all optional): kvdn.target (default $KVDN_TARGET, else the node's 
 kvdn.namespace ("default"), kvdn.token (default $KVDN_TOKEN / $KVDN_TOKEN_FILE),
 kvdn.tokens_per_chunk (256; a multiple of the block size), kvdn.model_name (default the served
 model; engines share chunks only under the same name), kvdn.load / kvdn.save (true),
+kvdn.async_save (true: wait_for_save returns once the saves' gathers are enqueued, ahead of the
+next step's work on the stream, and the stores into kvdnd run behind the next steps),
 kvdn.use_gpu_tier (true), kvdn.host_staging_mib (512), kvdn.device_staging_mib (256).
 
 What it decides is in kvdn/vllm_core.py (tested with a real kvdnd and GPU cache: tests/python);
@@ -69,6 +71,7 @@ class KvdnConnector(KVConnectorBase_V1):
         self._block_size = vllm_config.cache_config.block_size
         self._load = _extra(cfg, "kvdn.load", True)
         self._save = _extra(cfg, "kvdn.save", True)
+        self._async_save = _extra(cfg, "kvdn.async_save", True)
         if role == KVConnectorRole.SCHEDULER:
             # The scheduler looks up rank 0's chunks: every rank saves its own in the same step.
             spec = _model_spec(vllm_config, cfg, 0)
@@ -145,9 +148,21 @@ class KvdnConnector(KVConnectorBase_V1):
         if self._worker is None:
             return
         self._worker.finish_loads()
+        results = self._worker.reap_saves()
         if isinstance(meta, KvdnConnectorMetadata) and meta.plan.saves:
-            for spec, result in self._worker.save(meta.plan, torch.cuda.current_stream()):
-                if isinstance(result, Exception):  # a lost save is a future cache miss
+            stream = torch.cuda.current_stream()
+            if self._async_save:  # the gather is ordered before the next step's work on stream
+                results += self._worker.start_saves(meta.plan, stream)
+            else:
+                results += self._worker.save(meta.plan, stream)
+        for spec, result in results:
+            if isinstance(result, Exception):  # a lost save is a future cache miss
+                logger.warning("kvdn: saving request %s failed: %s", spec.req_id, result)
+
+    def shutdown(self):
+        if self._worker is not None:
+            for spec, result in self._worker.finish_saves():
+                if isinstance(result, Exception):
                     logger.warning("kvdn: saving request %s failed: %s", spec.req_id, result)
 
     def get_block_ids_with_load_errors(self):
@@ -183,7 +198,9 @@ class KvdnConnector(KVConnectorBase_V1):
         return KvdnConnectorMetadata(plan)
 
     def request_finished(self, request, block_ids):
-        return False, None  # saves complete within the step (wait_for_save)
+        # The blocks may be freed at once: a save's gather out of them is ordered before the next
+        # step's work on the stream (kvdn.async_save), or done within the step.
+        return False, None
 
 
 __all__ = ["KvdnConnector", "KvdnConnectorMetadata", "StepPlan"]

@@ -162,6 +162,7 @@ class WorkerCore:
         self._loads = []      # (LoadSpec, kvdn.PagedLoad) of this step
         self._failed = set()  # block ids a load could not fill, until taken
         self._failed_reqs = set()  # requests whose load failed this step: not saved
+        self._saving = []     # (SaveSpec, kvdn.PagedSave) started and not yet reaped
         self.last_stats = []  # kvdn.LoadStats of the last finished step's loads, for logs
 
     def _table(self, block_ids, skip_blocks=0):
@@ -227,16 +228,49 @@ class WorkerCore:
         exception) per save attempted: a failed save loses only that cache entry, so the caller
         logs it and goes on. A request whose load failed this step is not saved: its failed blocks
         hold no KV until vLLM recomputes them (call finish_loads first)."""
-        results = []
+        started = self.start_saves(plan, stream)
+        return started + self.finish_saves()
+
+    def start_saves(self, plan, stream=None):
+        """save() without waiting for the stores: each save's gather out of the cache is ordered
+        before what is enqueued next on `stream` (default: torch's current), so vLLM may free or
+        reuse the blocks at once; the stores run behind (reap them with reap_saves). Returns
+        (SaveSpec, exception) for the saves that failed to start."""
+        failed = []
         for spec in plan.saves:
             if spec.req_id in self._failed_reqs:
                 continue
             try:
                 view = self.make_view(self._table(spec.block_ids))
-                results.append((spec, self.connector.save(spec.token_ids, view, stream)))
+                self._saving.append((spec, self.connector.start_save(spec.token_ids, view,
+                                                                     stream)))
             except Exception as e:  # noqa: BLE001 — reported to the caller, per request
-                results.append((spec, e))
-        return results
+                failed.append((spec, e))
+        return failed
+
+    def reap_saves(self):
+        """(SaveSpec, kvdn.SaveResult or the exception) of the started saves that have ended;
+        never blocks."""
+        ended, running = [], []
+        for spec, save in self._saving:
+            (ended if save.done() else running).append((spec, save))
+        self._saving = running
+        return [(spec, self._result(save)) for spec, save in ended]
+
+    def finish_saves(self):
+        """Waits for every started save; their (SaveSpec, result or exception)."""
+        saving, self._saving = self._saving, []
+        return [(spec, self._result(save)) for spec, save in saving]
+
+    @staticmethod
+    def _result(save):
+        try:
+            return save.wait()
+        except Exception as e:  # noqa: BLE001 — reported to the caller, per request
+            return e
+        finally:
+            save.close()
+
 
 def order_layers(kv_caches):
     """vLLM's layer names (dict keys, e.g. "model.layers.12.self_attn.attn") in model order: by

@@ -120,6 +120,13 @@ class DeviceCache {
     return v;
   }
 
+  // Overwrites every byte of the cache on `stream` (an engine reusing its blocks).
+  void Scribble(cudaStream_t stream) const {
+    for (void* b : buffers_) {
+      EXPECT_EQ(cudaMemsetAsync(b, 0xA5, host_size_ * 2, stream), cudaSuccess);
+    }
+  }
+
   // Layer l's K (kv = 0) or V (kv = 1) of every position, read back: [position][head][dim].
   std::vector<uint16_t> Read(uint32_t l, int kv, size_t positions) const {
     const int tensors = layout_ == PagedKvLayout::kNhdCombined ? 1 : 2;
@@ -360,6 +367,8 @@ TEST_F(KvConnectorTest, BadViewsAreRefusedBeforeAnythingMoves) {
                 StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(k.message)));
     EXPECT_THAT(conn->Save(tokens, v, stream_).status(),
                 StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(k.message)));
+    EXPECT_THAT(conn->StartSave(tokens, v, stream_).status(),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(k.message)));
   }
   // A block-table entry outside the cache would store garbage as this prefix's KV: refused, and
   // nothing of the request is stored.
@@ -368,6 +377,9 @@ TEST_F(KvConnectorTest, BadViewsAreRefusedBeforeAnythingMoves) {
   const int32_t outside = 16;
   CUDA_OK(cudaMemcpy(const_cast<int32_t*>(v.block_table) + 5, &outside, 4, cudaMemcpyHostToDevice));
   EXPECT_THAT(conn->Save(tokens, v, stream_).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("block_table[5] is 16, not one of the 16 blocks")));
+  EXPECT_THAT(conn->StartSave(tokens, v, stream_).status(),
               StatusIs(absl::StatusCode::kInvalidArgument,
                        HasSubstr("block_table[5] is 16, not one of the 16 blocks")));
   ASSERT_OK_AND_ASSIGN(size_t hit, c->Lookup(tokens));
@@ -384,6 +396,48 @@ TEST_F(KvConnectorTest, BadViewsAreRefusedBeforeAnythingMoves) {
   // The daemon and the connector still serve.
   ASSERT_OK_AND_ASSIGN(client::SaveResult saved, conn->Save(tokens, a.View(), stream_));
   EXPECT_EQ(saved.chunks_stored, 4u);
+}
+
+// StartSave returns once the gather is enqueued and orders the engine's stream after it: the
+// engine overwriting every block right away (on its stream) does not reach what is saved. With
+// default staging the save fits two windows (the stores run after StartSave returns); with
+// windows of two chunks it takes five (StartSave waits for the first three to be stored).
+// A handle destroyed without Wait still ends the save.
+TEST_F(KvConnectorTest, AStartedSaveLetsTheEngineReuseItsBlocksAtOnce) {
+  auto c = Connect(64 << 20);
+  ASSERT_NE(c, nullptr);
+  int round = 0;
+  for (const bool small : {false, true}) {
+    SCOPED_TRACE(small ? "windows of two chunks" : "default staging");
+    client::ConnectorOptions o = small ? SmallStaging() : client::ConnectorOptions{};
+    if (!small) o.host_staging_bytes = 32 << 20;  // within the client's 64 MiB pool
+    ASSERT_OK_AND_ASSIGN(auto conn, KvConnector::Create(c.get(), o));
+    const auto tokens = Tokens(10 * kTokensPerChunk - 5, 300 + round);
+    const uint32_t seed = 310 + round;
+    DeviceCache a(PagedKvLayout::kNhd, 16, 24, seed, /*random=*/true);
+    const DeviceCache original(PagedKvLayout::kNhd, 16, 24, seed, /*random=*/true);
+    ASSERT_OK_AND_ASSIGN(auto save, conn->StartSave(tokens, a.View(), stream_));
+    a.Scribble(stream_);  // the engine's next step, reusing every block
+    ASSERT_OK_AND_ASSIGN(client::SaveResult saved, save->Wait());
+    EXPECT_TRUE(save->Done());
+    EXPECT_EQ(saved.chunks_stored, 10u);
+    DeviceCache b(PagedKvLayout::kHnd, 16, 24, seed + 1, /*random=*/false);
+    ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, conn->Load(tokens, b.View(), stream_));
+    CUDA_OK(cudaStreamSynchronize(stream_));
+    EXPECT_EQ(loaded.tokens, tokens.size());
+    ExpectSameKv(original, b, tokens.size());
+    // Destroyed without Wait: the save still ends, whole.
+    const auto more = Tokens(4 * kTokensPerChunk, 320 + round);
+    { ASSERT_OK(conn->StartSave(more, original.View(), stream_).status()); }
+    ASSERT_OK_AND_ASSIGN(size_t hit, c->Lookup(more));
+    EXPECT_EQ(hit, more.size());
+    // Nothing new to store: done at once.
+    ASSERT_OK_AND_ASSIGN(auto again, conn->StartSave(tokens, original.View(), stream_));
+    ASSERT_OK_AND_ASSIGN(client::SaveResult none, again->Wait());
+    EXPECT_EQ(none.chunks_stored, 0u);
+    EXPECT_EQ(none.chunks_present, 10u);
+    ++round;
+  }
 }
 
 // kvdnd with a GPU tier on this GPU: a load leases the chunks there (promoting them from host

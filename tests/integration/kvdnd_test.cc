@@ -838,6 +838,18 @@ TEST_F(HostShareTest, ANoisyTenantPushesOutItsOwnChunksNotTheOthers) {
       testing::MetricSample(daemon_.http_port(), "kvdn_namespace_disk_bytes{namespace=\"noisy\"}");
   EXPECT_GT(noisy_disk, 0);
   EXPECT_LE(noisy_disk, 0.75 * 512 * (1 << 20));
+  // kvdnctl stats shows each namespace against its share (64 MiB of the 256 MiB host tier, 384 of
+  // the 512 MiB disk tier); --json the same figures.
+  const std::string ctl = std::string(KVDN_KVDNCTL_PATH) + " --target " + daemon_.unix_target();
+  auto [rc, out] = testing::RunCommand(ctl + " stats");
+  EXPECT_EQ(rc, 0);
+  EXPECT_THAT(out, ::testing::ContainsRegex("NAMESPACE +TIER +BYTES +SHARE +OF_SHARE"));
+  EXPECT_THAT(out, ::testing::ContainsRegex("noisy +host +[0-9.]+ MiB +64.0 MiB +[0-9]+%"));
+  EXPECT_THAT(out, ::testing::ContainsRegex("noisy +disk +[0-9.]+ MiB +384.0 MiB +[0-9]+%"));
+  EXPECT_THAT(out, ::testing::ContainsRegex("quiet +host +16\\.[0-9] MiB +64.0 MiB +2[56]%"));
+  std::tie(rc, out) = testing::RunCommand(ctl + " --json stats");
+  EXPECT_THAT(out, HasSubstr("\"namespace\": \"noisy\""));
+  EXPECT_THAT(out, HasSubstr("\"share_bytes\": \"67108864\""));
   // Everything reads back, from wherever it is.
   std::vector<std::vector<uint8_t>> got;
   ASSERT_OK_AND_ASSIGN(client::LoadResult lq, LoadLike(*quiet, q_tokens, q_payloads, &got));

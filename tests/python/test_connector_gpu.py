@@ -190,6 +190,8 @@ class ConnectorTest(unittest.TestCase):
                         self.assertIn(text, e.exception.message)
                         with self.assertRaises(kvdn.InvalidArgumentError):
                             conn.save(tokens, make())
+                        with self.assertRaises(kvdn.InvalidArgumentError):
+                            conn.start_save(tokens, make())
                 with self.assertRaises(ValueError):  # caught before the library
                     kvdn.PagedKvView.from_vllm([t.cpu() for t in a.kv], a.block_table)
                 with self.assertRaises(ValueError):
@@ -203,6 +205,34 @@ class ConnectorTest(unittest.TestCase):
             finally:
                 conn.close()
 
+    def test_a_started_save_ends_on_its_own_and_its_cache_may_change_at_once(self):
+        n = CHUNK * 5 + 3
+        tokens = list(range(3000, 3000 + n))
+        with kvdn.Client(model("bfloat16"), target=self.daemon.unix_target,
+                         namespace="py-start-save") as client:
+            conn = kvdn.KvConnector(client, host_staging_bytes=8 << 20,
+                                    device_staging_bytes=4 << 20)
+            try:
+                a = Cache("vllm", "bfloat16", fill=True, seed=7, num_tokens=n)
+                want = [a.gather(layer, n) for layer in range(LAYERS)]
+                save = conn.start_save(tokens, a.view())
+                for t in a.kv:  # the engine's next step, on the same (current) stream
+                    t.fill_(5.0)
+                result = save.wait()
+                self.assertTrue(save.done())
+                self.assertEqual((result.chunks_stored, result.chunks_present), (6, 0))
+                save.close()
+                with self.assertRaises(ValueError):
+                    save.wait()
+                b = Cache("vllm", "bfloat16", fill=False, seed=8, num_tokens=n)
+                self.assertEqual(conn.load(tokens, b.view()).tokens, n)
+                for layer in range(LAYERS):
+                    kb, vb = b.gather(layer, n)
+                    self.assertTrue(torch.equal(kb, want[layer][0]), f"layer {layer} K")
+                    self.assertTrue(torch.equal(vb, want[layer][1]), f"layer {layer} V")
+            finally:
+                conn.close()
+
     def test_closing_the_client_first_closes_its_connector_and_loads(self):
         n = CHUNK * 2
         tokens = list(range(1000, 1000 + n))
@@ -212,7 +242,14 @@ class ConnectorTest(unittest.TestCase):
         conn.save(tokens, a.view())
         b = Cache("vllm", "bfloat16", fill=False, seed=6, num_tokens=n)
         load = conn.start_load(tokens, b.view())
-        client.close()  # the load and the connector go first (no use after free below)
+        more = list(range(2000, 2000 + n))
+        save = conn.start_save(more, a.view())
+        client.close()  # the load, the save and the connector go first (no use after free)
+        with self.assertRaises(ValueError):
+            save.done()
+        self.assertEqual(
+            kvdn.Client(model("bfloat16"), target=self.daemon.unix_target,
+                        namespace="py-close").lookup(more), n)  # the save ended, whole
         with self.assertRaises(ValueError):
             load.wait()
         with self.assertRaises(ValueError):

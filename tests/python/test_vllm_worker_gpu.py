@@ -2,7 +2,7 @@
 PyTorch against a real kvdnd: engine A prefills a prompt and saves it; engine B, with its own
 blocks and part of the prefix in its own prefix cache, loads the rest layer by layer, bit for bit,
 without writing the blocks it already has; a chunk evicted between the lookup and the load shows
-as failed blocks for vLLM to recompute. Skips without torch or a GPU (label `gpu`)."""
+as failed blocks for vLLM to recompute; asynchronous saves let vLLM reuse the blocks at once. Skips without torch or a GPU (label `gpu`)."""
 
 import os
 import random
@@ -41,9 +41,14 @@ class Engine:
         self.connector = kvdn.KvConnector(self.client, host_staging_bytes=16 << 20,
                                           device_staging_bytes=8 << 20)
         ks, vs = [t[0] for t in self.kv], [t[1] for t in self.kv]
-        self.worker = WorkerCore(self.connector,
-                                 lambda table: kvdn.PagedKvView.from_nhd(ks, vs, table),
-                                 LAYERS, BLOCK, torch.device("cuda"))
+        self.worker = WorkerCore(self.connector, self.make_view, LAYERS, BLOCK,
+                                 torch.device("cuda"))
+        self._ks, self._vs = ks, vs
+
+    def make_view(self, block_table):
+        if isinstance(block_table, list):
+            block_table = torch.tensor(block_table, dtype=torch.int32, device="cuda")
+        return kvdn.PagedKvView.from_nhd(self._ks, self._vs, block_table)
 
     def step(self, new_reqs, num_scheduled, matched):
         """One engine step: the plan, the loads waited layer by layer, the saves."""
@@ -149,6 +154,52 @@ class WorkerTest(unittest.TestCase):
             # storing them would serve garbage to every later request.
             self.assertEqual(len(plan.saves), 1)
             self.assertEqual(b.client.lookup(prompt), 0)
+        finally:
+            a.close()
+            b.close()
+
+    def test_asynchronous_saves_let_vllm_reuse_the_blocks_at_once(self):
+        # wait_for_save with kvdn.async_save: the saves start, the next step overwrites every
+        # block on the same stream at once, and what is stored is still the prompt's KV; a save
+        # that cannot start (a block id outside the cache) is reported, the others go on.
+        ns = "vllm-worker-async"
+        prompts = [[random.Random(10 + i).randrange(128000) for _ in range(CHUNK * 3 + 5)]
+                   for i in range(3)]
+        a, b = Engine(self.daemon, ns, fill=True), Engine(self.daemon, ns, fill=False)
+        try:
+            blocks = [list(range(i * 20, i * 20 + 13)) for i in range(3)]
+            new = [(f"r{i}", p, blk, 0) for i, (p, blk) in enumerate(zip(prompts, blocks))]
+            for req_id, _, _, _ in new:
+                a.scheduler.after_alloc(req_id, 0)
+            plan = a.scheduler.plan(new, [], {f"r{i}": len(p) for i, p in enumerate(prompts)},
+                                    set())
+            self.assertEqual(len(plan.saves), 3)
+            want = [a.tokens_kv(blk, CHUNK * 3) for blk in blocks]
+            bad = plan.saves[2]
+            plan.saves[2] = type(bad)(bad.req_id, bad.token_ids,
+                                      list(bad.block_ids[:5]) + [NUM_BLOCKS] +
+                                      list(bad.block_ids[6:]))  # a block outside the cache
+            failed = a.worker.start_saves(plan)
+            self.assertEqual([spec.req_id for spec, _ in failed], ["r2"])
+            self.assertIsInstance(failed[0][1], kvdn.InvalidArgumentError)
+            for t in a.kv:  # the next step, on the same stream
+                t.fill_(-3.0)
+            ended = a.worker.finish_saves()
+            self.assertEqual(sorted(spec.req_id for spec, _ in ended), ["r0", "r1"])
+            for spec, result in ended:
+                self.assertIsInstance(result, kvdn.SaveResult, spec.req_id)
+                self.assertEqual(result.chunks_stored, 3)  # whole chunks
+            self.assertEqual(a.worker.reap_saves(), [])
+            for i in range(2):
+                blocks_b = list(range(100, 113))
+                self.assertEqual(b.connector.load(prompts[i], b.make_view(blocks_b)).tokens,
+                                 CHUNK * 3)
+                got = b.tokens_kv(blocks_b, CHUNK * 3)
+                for layer in range(LAYERS):
+                    for which in (0, 1):
+                        self.assertTrue(torch.equal(got[layer][which], want[i][layer][which]),
+                                        f"prompt {i} layer {layer} {'KV'[which]}")
+            self.assertEqual(a.client.lookup(prompts[2]), 0)
         finally:
             a.close()
             b.close()

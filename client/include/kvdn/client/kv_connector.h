@@ -12,6 +12,7 @@
 //     attention(l, stream);
 //   }
 //   (*conn)->Save(tokens, view, stream);                  // after the forward pass
+//   // or: auto save = (*conn)->StartSave(tokens, view, stream);   ... (*save)->Wait();
 //
 // How a load moves: chunks are fetched from kvdnd (UCX shared memory, or gRPC) into page-locked
 // host staging, a window of chunks at a time; each chunk goes up to device staging in one copy
@@ -22,7 +23,8 @@
 // tier (CUDA IPC) and injects from it device to device. WaitLayer(l) blocks the host only until
 // layer l's last copy is enqueued, then orders the engine's stream after it (cudaStreamWaitEvent):
 // attention on layer 0 can start while later layers are still on their way. A save runs the other
-// way (ExtractLayer, then device-to-host copies) for the chunks past the stored prefix.
+// way (ExtractLayer, then device-to-host copies) for the chunks past the stored prefix; with
+// StartSave the engine goes on once the gather is enqueued, and the stores run behind it.
 //
 // Thread-safety: a connector may be shared by threads; its loads and saves run one at a time on
 // its own stream (they share its staging memory), in the order they were started.
@@ -59,6 +61,9 @@ struct ConnectorOptions {
   // zero-copy; else allocated by the connector (cudaHostAlloc). Half holds the window being
   // fetched, half the one being copied to the GPU; a half must hold one chunk at least.
   // Larger windows keep more chunks in flight (ClientOptions.parallel_streams of them at once).
+  // A save fills every window the staging holds before it waits for a store: a StartSave of up
+  // to host_staging_bytes returns without waiting for kvdnd (page-locked host memory is what
+  // lets an engine go on during its saves; device_staging_bytes need not grow with it).
   uint64_t host_staging_bytes = uint64_t{512} << 20;
   // Device memory a window of chunks passes through on its way into the cache (a window is as
   // many whole chunks as fit both this and half the host staging).
@@ -106,6 +111,21 @@ class PagedLoad {
   virtual LoadStats stats() const = 0;
 };
 
+// One save in flight (KvConnector::StartSave). By the time StartSave returns, every chunk of it
+// is being gathered out of the cache on the GPU, in the order of the engine's stream (which waits
+// for the gather before its next work): the engine may reuse or free the blocks at once. What is
+// left runs in the background: the copies to host memory and the stores into kvdnd. Destroying
+// it waits for the save to end.
+class PagedSave {
+ public:
+  virtual ~PagedSave() = default;
+  // Whether the save has ended (stored, or failed); does not block.
+  virtual bool Done() const = 0;
+  // Blocks until the save ends: what was stored, or the error (then some chunks may be stored:
+  // each one whole and verified, so a later load finds a shorter prefix, never wrong KV).
+  virtual absl::StatusOr<SaveResult> Wait() = 0;
+};
+
 class KvConnector {
  public:
   // Staging memory and a stream on the current CUDA device. `client` must outlive the connector
@@ -130,6 +150,18 @@ class KvConnector {
   // and saved (a tail chunk too). Blocks until they are stored. Checks the view as StartLoad.
   absl::StatusOr<SaveResult> Save(absl::Span<const int32_t> tokens, const PagedKvView& view,
                                   cudaStream_t stream);
+  // The same without waiting for the stores: returns once every chunk's gather out of the cache
+  // is enqueued (after the work on `stream` so far) and `stream` is made to wait for it on the
+  // GPU, so work the engine enqueues next, including on blocks it frees or reuses, comes after
+  // the gather. The host staging holds the gathered windows until they are stored; for a save
+  // larger than it (ConnectorOptions.host_staging_bytes), StartSave blocks the host until the
+  // excess is stored and the last windows gathered. Errors found before the gather (the
+  // view, a block table entry outside the cache, kvdnd unreachable for the prefix lookup) are
+  // returned here; later ones by the handle's Wait. Loads and saves still run one at a time:
+  // a load started meanwhile begins once this save's stores are done.
+  absl::StatusOr<std::unique_ptr<PagedSave>> StartSave(absl::Span<const int32_t> tokens,
+                                                       const PagedKvView& view,
+                                                       cudaStream_t stream);
 
   // Chunks per window: how many move between kvdnd and the GPU per round.
   size_t window_chunks() const;

@@ -15,10 +15,10 @@
  * OK) and, on failure, sets the calling thread's message, read with kvdn_last_error() (valid until
  * the thread's next kvdn call). The codes mean what the C++ API documents for the same call.
  *
- * Ownership: objects made by kvdn_*_connect/_create/_start_load are freed by the matching
- * kvdn_*_close/_free (NULL is accepted there). A connector must be freed before its client, a load
- * before its connector. Pointers passed in are borrowed for the call (a load's view: until the
- * load has been waited on or freed).
+ * Ownership: objects made by kvdn_*_connect/_create/_start_load/_start_save are freed by the
+ * matching kvdn_*_close/_free (NULL is accepted there). A connector must be freed before its
+ * client, a load or save before its connector. Pointers passed in are borrowed for the call (a
+ * load's view: until the load has been waited on or freed).
  *
  * Thread-safety: as the C++ objects: a client and a connector may be shared by threads; one load
  * is used by one thread at a time.
@@ -210,6 +210,21 @@ KVDN_C_EXPORT void kvdn_load_free(kvdn_load* load);
 KVDN_C_EXPORT int kvdn_connector_save(kvdn_connector* connector, const int32_t* tokens,
                                       size_t num_tokens, const kvdn_paged_view* view, void* stream,
                                       kvdn_save_result* out);
+
+/* KvConnector::StartSave: returns once the chunks past the stored prefix are being gathered from
+ * the cache, with `stream` made to wait for that gather on the GPU (the engine may reuse the
+ * blocks at once); the stores into kvdnd go on behind. Errors found before the gather return
+ * here. */
+typedef struct kvdn_save kvdn_save;
+KVDN_C_EXPORT int kvdn_connector_start_save(kvdn_connector* connector, const int32_t* tokens,
+                                            size_t num_tokens, const kvdn_paged_view* view,
+                                            void* stream, kvdn_save** out);
+/* PagedSave::Done: *done = 1 once the save has ended (stored or failed), else 0; never blocks. */
+KVDN_C_EXPORT int kvdn_save_done(kvdn_save* save, int32_t* done);
+/* PagedSave::Wait: blocks until the save ends; what was stored, or its error. */
+KVDN_C_EXPORT int kvdn_save_wait(kvdn_save* save, kvdn_save_result* out);
+/* Waits for the save to end, then frees it. */
+KVDN_C_EXPORT void kvdn_save_free(kvdn_save* save);
 
 #ifdef __cplusplus
 } /* extern "C" */
