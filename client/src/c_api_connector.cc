@@ -63,6 +63,21 @@ absl::StatusOr<kvdn::client::PagedKvView> ToView(const kvdn_paged_view* view) {
   return v;
 }
 
+// What every connector call with tokens and a view checks first; the view as C++ takes it.
+absl::StatusOr<kvdn::client::PagedKvView> TokensAndView(const kvdn_connector* connector,
+                                                        const void* out, const int32_t* tokens,
+                                                        size_t num_tokens,
+                                                        const kvdn_paged_view* view) {
+  if (connector == nullptr || out == nullptr) {
+    return absl::InvalidArgumentError("connector and out must not be null");
+  }
+  if (absl::Status s = CheckTokens(tokens, num_tokens); !s.ok()) return s;
+  return ToView(view);
+}
+
+kvdn_save_result ToC(const kvdn::client::SaveResult& r) {
+  return kvdn_save_result{r.chunks_stored, r.chunks_present, r.bytes_sent};
+}
 }  // namespace
 
 extern "C" {
@@ -100,12 +115,8 @@ void kvdn_connector_free(kvdn_connector* connector) { delete connector; }
 int kvdn_connector_start_load(kvdn_connector* connector, const int32_t* tokens, size_t num_tokens,
                               const kvdn_paged_view* view, kvdn_load** out) {
   return Guard([&] {
-    if (connector == nullptr || out == nullptr) {
-      return Fail(absl::InvalidArgumentError("connector and out must not be null"));
-    }
-    *out = nullptr;
-    if (auto s = CheckTokens(tokens, num_tokens); !s.ok()) return Fail(s);
-    auto v = ToView(view);
+    if (out != nullptr) *out = nullptr;
+    auto v = TokensAndView(connector, out, tokens, num_tokens, view);
     if (!v.ok()) return Fail(v.status());
     auto load = connector->connector->StartLoad(absl::MakeConstSpan(tokens, num_tokens), *v);
     if (!load.ok()) return Fail(load.status());
@@ -149,16 +160,12 @@ void kvdn_load_free(kvdn_load* load) { delete load; }
 int kvdn_connector_save(kvdn_connector* connector, const int32_t* tokens, size_t num_tokens,
                         const kvdn_paged_view* view, void* stream, kvdn_save_result* out) {
   return Guard([&] {
-    if (connector == nullptr || out == nullptr) {
-      return Fail(absl::InvalidArgumentError("connector and out must not be null"));
-    }
-    if (auto s = CheckTokens(tokens, num_tokens); !s.ok()) return Fail(s);
-    auto v = ToView(view);
+    auto v = TokensAndView(connector, out, tokens, num_tokens, view);
     if (!v.ok()) return Fail(v.status());
     auto r = connector->connector->Save(absl::MakeConstSpan(tokens, num_tokens), *v,
                                         static_cast<cudaStream_t>(stream));
     if (!r.ok()) return Fail(r.status());
-    *out = kvdn_save_result{r->chunks_stored, r->chunks_present, r->bytes_sent};
+    *out = ToC(*r);
     return Ok();
   });
 }
@@ -166,12 +173,8 @@ int kvdn_connector_save(kvdn_connector* connector, const int32_t* tokens, size_t
 int kvdn_connector_start_save(kvdn_connector* connector, const int32_t* tokens, size_t num_tokens,
                               const kvdn_paged_view* view, void* stream, kvdn_save** out) {
   return Guard([&] {
-    if (connector == nullptr || out == nullptr) {
-      return Fail(absl::InvalidArgumentError("connector and out must not be null"));
-    }
-    *out = nullptr;
-    if (auto s = CheckTokens(tokens, num_tokens); !s.ok()) return Fail(s);
-    auto v = ToView(view);
+    if (out != nullptr) *out = nullptr;
+    auto v = TokensAndView(connector, out, tokens, num_tokens, view);
     if (!v.ok()) return Fail(v.status());
     auto save = connector->connector->StartSave(absl::MakeConstSpan(tokens, num_tokens), *v,
                                                 static_cast<cudaStream_t>(stream));
@@ -198,7 +201,7 @@ int kvdn_save_wait(kvdn_save* save, kvdn_save_result* out) {
     }
     auto r = save->save->Wait();
     if (!r.ok()) return Fail(r.status());
-    *out = kvdn_save_result{r->chunks_stored, r->chunks_present, r->bytes_sent};
+    *out = ToC(*r);
     return Ok();
   });
 }

@@ -3,6 +3,7 @@ real kvdnd: a request's KV saved from one paged cache and loaded into another, l
 for bit, in each layout an engine uses; the bytes kvdnd stored are the chunk format's; bad views
 get precise errors. Skips without torch or a GPU (ctest label `gpu`)."""
 
+import contextlib
 import random
 import unittest
 
@@ -102,6 +103,18 @@ class ConnectorTest(unittest.TestCase):
         cls.daemon.stop()
         cls.gpu_daemon.stop()
 
+    @contextlib.contextmanager
+    def small_connector(self, ns):
+        """A bf16 client of self.daemon in namespace ns and a connector with small staging."""
+        with kvdn.Client(model("bfloat16"), target=self.daemon.unix_target,
+                         namespace=ns) as client:
+            conn = kvdn.KvConnector(client, host_staging_bytes=8 << 20,
+                                    device_staging_bytes=4 << 20)
+            try:
+                yield client, conn
+            finally:
+                conn.close()
+
     def round_trip(self, daemon, layout, dtype, ns, use_gpu_tier):
         n = CHUNK * 3 + 20  # a tail chunk of 20 tokens
         tokens = [random.Random(ns).randrange(128000) for _ in range(n)]
@@ -167,71 +180,59 @@ class ConnectorTest(unittest.TestCase):
     def test_bad_views_get_precise_errors(self):
         n = CHUNK * 2
         tokens = list(range(n))
-        with kvdn.Client(model("bfloat16"), target=self.daemon.unix_target,
-                         namespace="py-bad") as client:
-            conn = kvdn.KvConnector(client, host_staging_bytes=8 << 20,
-                                    device_staging_bytes=4 << 20)
-            try:
-                a = Cache("vllm", "bfloat16", fill=True, seed=3, num_tokens=n)
-                conn.save(tokens, a.view())
-                cases = [
-                    ("a layer missing",
-                     lambda: kvdn.PagedKvView.from_vllm(a.kv[:2], a.block_table), "has 2 layers"),
-                    ("block table too short",
-                     lambda: kvdn.PagedKvView.from_vllm(a.kv, a.block_table[:3]), "block"),
-                    ("fp16 cache for a bf16 model",
-                     lambda: kvdn.PagedKvView.from_vllm([t.half() for t in a.kv], a.block_table),
-                     "dtype"),
-                ]
-                for name, make, text in cases:
-                    with self.subTest(name):
-                        with self.assertRaises(kvdn.InvalidArgumentError) as e:
-                            conn.start_load(tokens, make())
-                        self.assertIn(text, e.exception.message)
-                        with self.assertRaises(kvdn.InvalidArgumentError):
-                            conn.save(tokens, make())
-                        with self.assertRaises(kvdn.InvalidArgumentError):
-                            conn.start_save(tokens, make())
-                with self.assertRaises(ValueError):  # caught before the library
-                    kvdn.PagedKvView.from_vllm([t.cpu() for t in a.kv], a.block_table)
-                with self.assertRaises(ValueError):
-                    kvdn.PagedKvView.from_vllm(a.kv, a.block_table.long())
-                with self.assertRaises(ValueError):
-                    kvdn.PagedKvView.from_vllm([t[:, :, :8] for t in a.kv], a.block_table)
-                # Still serving: the good view loads.
-                b = Cache("vllm", "bfloat16", fill=False, seed=4, num_tokens=n)
-                self.assertEqual(conn.load(tokens, b.view()).tokens, n)
-                self.assertTrue(self.daemon.running())
-            finally:
-                conn.close()
+        with self.small_connector("py-bad") as (client, conn):
+            a = Cache("vllm", "bfloat16", fill=True, seed=3, num_tokens=n)
+            conn.save(tokens, a.view())
+            cases = [
+                ("a layer missing",
+                 lambda: kvdn.PagedKvView.from_vllm(a.kv[:2], a.block_table), "has 2 layers"),
+                ("block table too short",
+                 lambda: kvdn.PagedKvView.from_vllm(a.kv, a.block_table[:3]), "block"),
+                ("fp16 cache for a bf16 model",
+                 lambda: kvdn.PagedKvView.from_vllm([t.half() for t in a.kv], a.block_table),
+                 "dtype"),
+            ]
+            for name, make, text in cases:
+                with self.subTest(name):
+                    with self.assertRaises(kvdn.InvalidArgumentError) as e:
+                        conn.start_load(tokens, make())
+                    self.assertIn(text, e.exception.message)
+                    with self.assertRaises(kvdn.InvalidArgumentError):
+                        conn.save(tokens, make())
+                    with self.assertRaises(kvdn.InvalidArgumentError):
+                        conn.start_save(tokens, make())
+            with self.assertRaises(ValueError):  # caught before the library
+                kvdn.PagedKvView.from_vllm([t.cpu() for t in a.kv], a.block_table)
+            with self.assertRaises(ValueError):
+                kvdn.PagedKvView.from_vllm(a.kv, a.block_table.long())
+            with self.assertRaises(ValueError):
+                kvdn.PagedKvView.from_vllm([t[:, :, :8] for t in a.kv], a.block_table)
+            # Still serving: the good view loads.
+            b = Cache("vllm", "bfloat16", fill=False, seed=4, num_tokens=n)
+            self.assertEqual(conn.load(tokens, b.view()).tokens, n)
+            self.assertTrue(self.daemon.running())
 
     def test_a_started_save_ends_on_its_own_and_its_cache_may_change_at_once(self):
         n = CHUNK * 5 + 3
         tokens = list(range(3000, 3000 + n))
-        with kvdn.Client(model("bfloat16"), target=self.daemon.unix_target,
-                         namespace="py-start-save") as client:
-            conn = kvdn.KvConnector(client, host_staging_bytes=8 << 20,
-                                    device_staging_bytes=4 << 20)
-            try:
-                a = Cache("vllm", "bfloat16", fill=True, seed=7, num_tokens=n)
-                want = [a.gather(layer, n) for layer in range(LAYERS)]
-                save = conn.start_save(tokens, a.view())
-                for t in a.kv:  # the engine's next step, on the same (current) stream
-                    t.fill_(5.0)
-                result = save.wait()
-                self.assertTrue(save.done())
-                self.assertEqual((result.chunks_stored, result.chunks_present), (6, 0))
-                save.close()
-                with self.assertRaises(ValueError):
-                    save.wait()
-                b = Cache("vllm", "bfloat16", fill=False, seed=8, num_tokens=n)
-                self.assertEqual(conn.load(tokens, b.view()).tokens, n)
-                for layer in range(LAYERS):
-                    kb, vb = b.gather(layer, n)
-                    self.assertTrue(torch.equal(kb, want[layer][0]), f"layer {layer} K")
-                    self.assertTrue(torch.equal(vb, want[layer][1]), f"layer {layer} V")
-            finally:
-                conn.close()
+        with self.small_connector("py-start-save") as (client, conn):
+            a = Cache("vllm", "bfloat16", fill=True, seed=7, num_tokens=n)
+            want = [a.gather(layer, n) for layer in range(LAYERS)]
+            save = conn.start_save(tokens, a.view())
+            for t in a.kv:  # the engine's next step, on the same (current) stream
+                t.fill_(5.0)
+            result = save.wait()
+            self.assertTrue(save.done())
+            self.assertEqual((result.chunks_stored, result.chunks_present), (6, 0))
+            save.close()
+            with self.assertRaises(ValueError):
+                save.wait()
+            b = Cache("vllm", "bfloat16", fill=False, seed=8, num_tokens=n)
+            self.assertEqual(conn.load(tokens, b.view()).tokens, n)
+            for layer in range(LAYERS):
+                kb, vb = b.gather(layer, n)
+                self.assertTrue(torch.equal(kb, want[layer][0]), f"layer {layer} K")
+                self.assertTrue(torch.equal(vb, want[layer][1]), f"layer {layer} V")
 
     def test_closing_the_client_first_closes_its_connector_and_loads(self):
         n = CHUNK * 2
