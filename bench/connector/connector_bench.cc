@@ -11,7 +11,8 @@
 // NHD layout with 16-token blocks, shuffled block tables. Also Save (gather from the cache and
 // store), and the time until layer 0 may be read (WaitLayer(0) and the engine stream after it);
 // then what a save blocks: Save (the host until stored) against StartSave (the host until the
-// gather is enqueued, the engine's stream until it has run).
+// gather is enqueued, the engine's stream until it has run), and a load of another prefix run
+// while the started save's stores go on.
 //   connector_bench [--kvdnd PATH] [--contexts 2048,8192,32768] [--rounds 3] [--lanes N]
 //                   [--streams N] [--host-staging-mib 512] [--register-fetch 0|1]
 //                   [--copy-kernel auto|vector] [--layout nhd|hnd]
@@ -276,7 +277,9 @@ int Main(int argc, char** argv) {
       "GPU: %s; host CPUs: %u; model: 32 layers x 8 kv heads x 128, bf16, 256-token chunks "
       "(32 MiB); cache: %s, 16-token blocks, shuffled\n",
       prop.name, std::thread::hardware_concurrency(), kernels::LayoutName(g_layout));
-  Daemon daemon(kvdnd, max_bytes + (uint64_t{2} << 30), gpu_tier_mib << 20);
+  // Room for the largest context three times over: the save table keeps a blocking save's
+  // prefix (loaded beside the next save) while that save stores another.
+  Daemon daemon(kvdnd, 3 * max_bytes + (uint64_t{2} << 30), gpu_tier_mib << 20);
   if (gpu_tier_mib > 0) {
     std::printf(
         "kvdnd GPU tier: %llu MiB on this GPU; each context is loaded once untimed (which "
@@ -548,15 +551,17 @@ int Main(int argc, char** argv) {
   // for the gather. New tokens each time (every chunk is stored), the same cache.
   std::printf(
       "\n| context | GiB | Save ms (engine blocked) | StartSave returns ms | engine stream free ms "
-      "| stored ms (StartSave to Wait) | blocked: Save / StartSave+stream |\n"
-      "|---|---|---|---|---|---|---|\n");
+      "| stored ms (StartSave to Wait) | blocked: Save / StartSave+stream | a load meanwhile ms "
+      "|\n|---|---|---|---|---|---|---|---|\n");
   for (size_t ctx : contexts) {
     const uint64_t bytes = uint64_t{ctx} * 2 * kLayers * kTokenHalf;
     Cache a(ctx, 3, static_cast<const uint8_t*>(pinned), h2d_bytes - 65536);
+    Cache b(ctx, 4, nullptr, 0);
     cudaEvent_t free_event;
     CHECK_CUDA(cudaEventCreateWithFlags(&free_event, cudaEventDisableTiming));
-    std::vector<double> sync_ms, ret_ms, free_ms, stored_ms;
+    std::vector<double> sync_ms, ret_ms, free_ms, stored_ms, load_ms;
     for (int r = 0; r < rounds; ++r) {
+      std::vector<int32_t> saved_before;  // by the blocking Save of this round
       for (int mode = 0; mode < 2; ++mode) {
         std::vector<int32_t> tokens(ctx);
         std::mt19937 trng(static_cast<uint32_t>(ctx * 1000 + r * 2 + mode));
@@ -566,6 +571,7 @@ int Main(int argc, char** argv) {
         if (mode == 0) {
           Must(conn->Save(tokens, a.View(), stream), "Save");
           sync_ms.push_back(Seconds(t0, Clock::now()) * 1e3);
+          saved_before = tokens;
           continue;
         }
         auto save = Must(conn->StartSave(tokens, a.View(), stream), "StartSave");
@@ -573,6 +579,15 @@ int Main(int argc, char** argv) {
         CHECK_CUDA(cudaEventRecord(free_event, stream));
         CHECK_CUDA(cudaEventSynchronize(free_event));
         free_ms.push_back(Seconds(t0, Clock::now()) * 1e3);
+        // The engine's next request loads a stored prefix while this save's stores run.
+        const auto l0 = Clock::now();
+        client::LoadResult got = Must(conn->Load(saved_before, b.View(), stream), "Load");
+        CHECK_CUDA(cudaStreamSynchronize(stream));
+        load_ms.push_back(Seconds(l0, Clock::now()) * 1e3);
+        if (got.tokens != ctx) {
+          std::fprintf(stderr, "a load beside a save got %zu of %zu tokens\n", got.tokens, ctx);
+          return 1;
+        }
         client::SaveResult saved = Must(save->Wait(), "PagedSave::Wait");
         stored_ms.push_back(Seconds(t0, Clock::now()) * 1e3);
         if (saved.chunks_stored * kTpc < ctx) {
@@ -583,9 +598,9 @@ int Main(int argc, char** argv) {
       }
     }
     (void)cudaEventDestroy(free_event);
-    std::printf("| %zu | %.2f | %.1f | %.2f | %.2f | %.1f | %.1f |\n", ctx, bytes / double(1 << 30),
-                Median(sync_ms), Median(ret_ms), Median(free_ms), Median(stored_ms),
-                Median(sync_ms) / Median(free_ms));
+    std::printf("| %zu | %.2f | %.1f | %.2f | %.2f | %.1f | %.1f | %.1f |\n", ctx,
+                bytes / double(1 << 30), Median(sync_ms), Median(ret_ms), Median(free_ms),
+                Median(stored_ms), Median(sync_ms) / Median(free_ms), Median(load_ms));
     std::fflush(stdout);
   }
   std::printf(

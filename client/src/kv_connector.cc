@@ -2,8 +2,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <deque>
-#include <functional>
 #include <future>
 #include <limits>
 #include <map>
@@ -124,6 +122,38 @@ struct Window {
   uint32_t tail = 0;  // tokens of the tail chunk, 0 if the window has none
 };
 
+// A save's state, shared by the caller's PagedSave, the worker that gathers it and the storer
+// thread that stores its windows.
+struct SaveJob {
+  std::vector<int32_t> tokens;
+  PagedKvView view;
+  int device = 0;
+  cudaEvent_t written = nullptr;   // on the engine's stream, at StartSave
+  cudaEvent_t gathered = nullptr;  // on the connector's stream, after the last gather
+  mutable Mutex mu;
+  CondVar cv;
+  bool gather_enqueued ABSL_GUARDED_BY(mu) = false;
+  absl::Status gather_status ABSL_GUARDED_BY(mu);
+  // The worker has handed over every window (or failed first); `stores` of them are queued or
+  // being stored. Done once both hold; `error` is the first failure.
+  bool submitted ABSL_GUARDED_BY(mu) = false;
+  size_t stores ABSL_GUARDED_BY(mu) = 0;
+  absl::Status error ABSL_GUARDED_BY(mu);
+  SaveResult total ABSL_GUARDED_BY(mu);
+  bool done ABSL_GUARDED_BY(mu) = false;
+  void MaybeDoneLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (submitted && stores == 0 && !done) {
+      done = true;
+      cv.SignalAll();
+    }
+  }
+  ~SaveJob() {
+    DeviceGuard guard(device);
+    if (written != nullptr) (void)cudaEventDestroy(written);
+    if (gathered != nullptr) (void)cudaEventDestroy(gathered);
+  }
+};
+
 struct LoadState;
 
 }  // namespace
@@ -131,16 +161,15 @@ struct LoadState;
 struct KvConnector::Impl {
   // Run on the worker, one at a time (they share the staging).
   void RunLoad(LoadState& s);
-  // After `written` on the engine's stream, gathers the chunks past the stored prefix and stores
-  // them. `gathered(status)` runs once, on the worker: OK once the last window's gather is
-  // enqueued and `gathered_event` recorded after it (or when there is nothing to gather), else
-  // with the error that ended the save before that.
-  absl::StatusOr<SaveResult> RunSave(absl::Span<const int32_t> tokens, const PagedKvView& view,
-                                     cudaEvent_t written, cudaEvent_t gathered_event,
-                                     const std::function<void(absl::Status)>& gathered);
-  absl::StatusOr<SaveResult> RunSaveSteps(absl::Span<const int32_t> tokens, const PagedKvView& view,
-                                          cudaEvent_t written, cudaEvent_t gathered_event,
-                                          const std::function<void(absl::Status)>& gathered);
+  // On the worker: after `job->written` on the engine's stream, gathers the chunks past the
+  // stored prefix window by window into free slots of the host staging and hands each window to
+  // the storer thread. Sets job->gather_enqueued once the last gather is enqueued and
+  // job->gathered recorded after it (or with the error that ended the save before), and
+  // job->submitted when it has handed over its last window.
+  void RunSave(const std::shared_ptr<SaveJob>& job);
+  absl::Status GatherSave(const std::shared_ptr<SaveJob>& job);
+  // On the storer: stores window w of the job once its gather has run, then frees its slot.
+  void StoreWindow(const std::shared_ptr<SaveJob>& job, const Window& w);
 
   Client* client = nullptr;
   ConnectorOptions options;
@@ -150,18 +179,37 @@ struct KvConnector::Impl {
   uint8_t* device_staging = nullptr;
   MutableByteSpan host;         // page-locked; two halves
   bool host_from_pool = false;  // else cudaHostAlloc
-  // The host staging holds `slots` windows (at least 2). A load alternates between the first two
-  // (one fetched while the other goes up); a save fills them all before it waits for a store.
+  // The host staging holds `slots` windows (at least 2). A load takes two (one fetched while the
+  // other goes up) until it ends; a save takes one per window until the storer has stored it.
+  // Only the worker takes slots (waiting while none is free); the storer gives them back.
   size_t slots = 0;
   std::vector<cudaEvent_t> slot_done;  // per slot: its last copies (up or down) have run
-  uint64_t chunk_bytes = 0;            // payload of a full chunk
-  uint64_t token_half_bytes = 0;       // K (or V) of one token in one layer
-  size_t window = 0;                   // chunks per window
-  std::string device_uuid;             // cudaDeviceProp.uuid of `device`
+  Mutex slots_mu;
+  CondVar slots_cv;
+  std::vector<int> free_slots ABSL_GUARDED_BY(slots_mu);
+  int TakeSlot() {
+    MutexLock lock(&slots_mu);
+    while (free_slots.empty()) slots_cv.Wait(&slots_mu);
+    const int slot = free_slots.back();
+    free_slots.pop_back();
+    return slot;
+  }
+  void GiveSlot(int slot) {
+    MutexLock lock(&slots_mu);
+    free_slots.push_back(slot);
+    slots_cv.SignalAll();
+  }
+  uint64_t chunk_bytes = 0;       // payload of a full chunk
+  uint64_t token_half_bytes = 0;  // K (or V) of one token in one layer
+  size_t window = 0;              // chunks per window
+  std::string device_uuid;        // cudaDeviceProp.uuid of `device`
   // kvdnd GPU tiers mapped here (CUDA IPC handle bytes -> base); used on the worker only.
   std::map<std::string, uint8_t*> ipc_bases;
   std::unique_ptr<ThreadPool> worker;
   std::unique_ptr<ThreadPool> lookups;  // a load's lookup, beside its GPU-tier leasing
+  // Stores saved windows into kvdnd, in the order gathered, while the worker goes on with the
+  // next load or save.
+  std::unique_ptr<ThreadPool> storer;
 
   kernels::ChunkSource* device_sources = nullptr;  // InjectChunkLayer's sources on the GPU
   size_t device_sources_cap = 0;
@@ -206,6 +254,7 @@ struct KvConnector::Impl {
 
   ~Impl() {
     worker.reset();  // runs what was queued
+    storer.reset();  // stores what the worker handed over
     DeviceGuard guard(device);
     if (stream != nullptr) (void)cudaStreamSynchronize(stream);
     for (auto& [handle, base] : ipc_bases) (void)cudaIpcCloseMemHandle(base);
@@ -482,10 +531,24 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
     total = part;
     timings.enqueue += since(t0);
   }
+  // Two slots of the host staging, given back however the load ends. Taken here, past the
+  // GPU-tier run: a load served wholly from the GPU tier does not wait for a save's stores.
+  int load_slots[2] = {-1, -1};
+  absl::Cleanup give_slots = [&] {
+    for (int slot : load_slots) {
+      if (slot >= 0) c.GiveSlot(slot);
+    }
+  };
+  if (first_host < chunks) {
+    const absl::Time t0 = absl::Now();
+    load_slots[0] = c.TakeSlot();
+    load_slots[1] = c.TakeSlot();
+    timings.stall += since(t0);
+  }
   int next_half = 0;
   for (size_t first = first_host; first < chunks;) {
     const size_t want = std::min(c.window, chunks - first);
-    const int half = next_half;
+    const int half = load_slots[next_half];
     next_half ^= 1;
     // The half's copies of two windows ago are done before it is refilled.
     absl::Time t0 = absl::Now();
@@ -546,33 +609,35 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
   finish(absl::OkStatus(), total, recorded);
 }
 
-absl::StatusOr<SaveResult> KvConnector::Impl::RunSave(
-    absl::Span<const int32_t> tokens, const PagedKvView& view, cudaEvent_t written,
-    cudaEvent_t gathered_event, const std::function<void(absl::Status)>& gathered) {
-  bool signalled = false;
-  auto signal = [&](absl::Status st) {
-    if (signalled) return;
-    signalled = true;
-    gathered(std::move(st));
-  };
-  absl::StatusOr<SaveResult> r = RunSaveSteps(tokens, view, written, gathered_event, signal);
-  signal(r.status());  // nothing was gathered, or the save failed before the last gather
-  return r;
+void KvConnector::Impl::RunSave(const std::shared_ptr<SaveJob>& job) {
+  absl::Status st = GatherSave(job);
+  MutexLock lock(&job->mu);
+  if (!job->gather_enqueued) {  // nothing was gathered, or the save failed before the last gather
+    job->gather_enqueued = true;
+    job->gather_status = st;
+  }
+  if (!st.ok() && job->error.ok()) job->error = st;
+  job->submitted = true;
+  job->cv.SignalAll();
+  job->MaybeDoneLocked();
 }
 
-absl::StatusOr<SaveResult> KvConnector::Impl::RunSaveSteps(
-    absl::Span<const int32_t> tokens, const PagedKvView& view, cudaEvent_t written,
-    cudaEvent_t gathered_event, const std::function<void(absl::Status)>& gathered) {
+absl::Status KvConnector::Impl::GatherSave(const std::shared_ptr<SaveJob>& job) {
   Impl& c = *this;
   DeviceGuard guard(c.device);
-  KVDN_CUDA_RETURN(cudaStreamWaitEvent(c.stream, written, 0), "waiting for the engine's stream");
-  SaveResult total;
+  const std::vector<int32_t>& tokens = job->tokens;
+  const PagedKvView& view = job->view;
+  KVDN_CUDA_RETURN(cudaStreamWaitEvent(c.stream, job->written, 0),
+                   "waiting for the engine's stream");
   const size_t tpc = c.model.tokens_per_chunk;
   const size_t chunks = (tokens.size() + tpc - 1) / tpc;
   KVDN_ASSIGN_OR_RETURN(size_t matched, c.client->Lookup(tokens));
   const size_t present = matched == tokens.size() ? chunks : matched / tpc;
-  total.chunks_present = present;
-  if (present == chunks) return total;
+  {
+    MutexLock lock(&job->mu);
+    job->total.chunks_present = present;
+  }
+  if (present == chunks) return absl::OkStatus();
   // Every block the saved tokens live in must be one of the cache's: a bad entry would store
   // whatever the staging held as this prefix's KV, for every engine that loads it.
   {
@@ -593,48 +658,72 @@ absl::StatusOr<SaveResult> KvConnector::Impl::RunSaveSteps(
       }
     }
   }
-  // Windows are gathered into the staging's slots in turn; a slot is stored before it is
-  // gathered into again, so the GPU gathers the next window while the host stores one.
-  auto gather = [&](const Window& w) -> absl::Status {
-    for (uint32_t l = 0; l < c.model.num_layers; ++l) {
-      KVDN_RETURN_IF_ERROR(
-          kernels::ExtractLayer(view.layers[l], c.Range(view, w), c.device_staging, c.stream));
-      KVDN_RETURN_IF_ERROR(c.CopyLayerToHost(w, l));
-    }
-    return CudaStatus(cudaEventRecord(c.slot_done[w.slot], c.stream), "host staging");
-  };
-  auto store = [&](const Window& w) -> absl::Status {
-    KVDN_CUDA_RETURN(cudaEventSynchronize(c.slot_done[w.slot]), "gathering a window");
-    std::vector<ByteSpan> payloads;
-    for (size_t j = 0; j < w.count; ++j) {
-      payloads.emplace_back(c.Slot(w.slot, j),
-                            c.client->PayloadBytes(c.TokensInChunk(w.first + j, tokens.size())));
-    }
-    KVDN_ASSIGN_OR_RETURN(SaveResult r, c.client->Save(tokens, payloads, w.first));
-    total.chunks_stored += r.chunks_stored;
-    total.chunks_present += r.chunks_present;
-    total.bytes_sent += r.bytes_sent;
-    return absl::OkStatus();
-  };
-  std::deque<Window> pending;  // gathered, not yet stored; oldest first
-  int slot = 0;
+  // Each window goes into a free slot (waiting for the storer to free one when there is none),
+  // then to the storer: the GPU gathers the next window while the storer stores this one.
   for (size_t first = present; first < chunks;) {
-    if (pending.size() == c.slots) {  // every slot is full: store the oldest to free its slot
-      KVDN_RETURN_IF_ERROR(store(pending.front()));
-      pending.pop_front();
-    }
+    const int slot = c.TakeSlot();
     const Window w = c.MakeWindow(first, std::min(c.window, chunks - first), slot, tokens.size());
-    slot = static_cast<int>((static_cast<size_t>(slot) + 1) % c.slots);
-    KVDN_RETURN_IF_ERROR(gather(w));
-    if (first + w.count == chunks) {  // the last gather: the engine may go on after it
-      KVDN_CUDA_RETURN(cudaEventRecord(gathered_event, c.stream), "recording the gather's end");
-      gathered(absl::OkStatus());
+    absl::Status st;
+    for (uint32_t l = 0; l < c.model.num_layers && st.ok(); ++l) {
+      st = kernels::ExtractLayer(view.layers[l], c.Range(view, w), c.device_staging, c.stream);
+      if (st.ok()) st = c.CopyLayerToHost(w, l);
     }
-    pending.push_back(w);
+    if (st.ok()) st = CudaStatus(cudaEventRecord(c.slot_done[slot], c.stream), "host staging");
+    const bool last = first + w.count == chunks;
+    if (st.ok() && last) {  // the last gather: the engine may go on after it
+      st = CudaStatus(cudaEventRecord(job->gathered, c.stream), "recording the gather's end");
+      if (st.ok()) {
+        MutexLock lock(&job->mu);
+        job->gather_enqueued = true;
+        job->cv.SignalAll();
+      }
+    }
+    if (!st.ok()) {
+      // The slot's copies may still run: it goes back after them, in stream order.
+      (void)cudaStreamSynchronize(c.stream);
+      c.GiveSlot(slot);
+      return st;
+    }
+    {
+      MutexLock lock(&job->mu);
+      ++job->stores;
+    }
+    c.storer->Submit([this, job, w] { StoreWindow(job, w); });
     first += w.count;
   }
-  for (; !pending.empty(); pending.pop_front()) KVDN_RETURN_IF_ERROR(store(pending.front()));
-  return total;
+  return absl::OkStatus();
+}
+
+void KvConnector::Impl::StoreWindow(const std::shared_ptr<SaveJob>& job, const Window& w) {
+  DeviceGuard guard(device);
+  bool failed;
+  {
+    MutexLock lock(&job->mu);
+    failed = !job->error.ok();
+  }
+  absl::StatusOr<SaveResult> r = absl::AbortedError("an earlier window of the save failed");
+  absl::Status st = CudaStatus(cudaEventSynchronize(slot_done[w.slot]), "gathering a window");
+  if (st.ok() && !failed) {
+    std::vector<ByteSpan> payloads;
+    for (size_t j = 0; j < w.count; ++j) {
+      payloads.emplace_back(Slot(w.slot, j),
+                            client->PayloadBytes(TokensInChunk(w.first + j, job->tokens.size())));
+    }
+    r = client->Save(job->tokens, payloads, w.first);
+  } else if (!st.ok()) {
+    r = st;
+  }
+  GiveSlot(w.slot);
+  MutexLock lock(&job->mu);
+  if (r.ok()) {
+    job->total.chunks_stored += r->chunks_stored;
+    job->total.chunks_present += r->chunks_present;
+    job->total.bytes_sent += r->bytes_sent;
+  } else if (job->error.ok() && !failed) {
+    job->error = r.status();
+  }
+  --job->stores;
+  job->MaybeDoneLocked();
 }
 
 KvConnector::KvConnector(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -701,8 +790,13 @@ absl::StatusOr<std::unique_ptr<KvConnector>> KvConnector::Create(Client* client,
                      "cudaHostAlloc of the host staging");
     impl->host = MutableByteSpan(static_cast<uint8_t*>(p), host_bytes);
   }
+  {
+    MutexLock lock(&impl->slots_mu);
+    for (size_t i = impl->slots; i-- > 0;) impl->free_slots.push_back(static_cast<int>(i));
+  }
   impl->worker = std::make_unique<ThreadPool>(1);
   impl->lookups = std::make_unique<ThreadPool>(1);
+  impl->storer = std::make_unique<ThreadPool>(1);
   return std::unique_ptr<KvConnector>(new KvConnector(std::move(impl)));
 }
 
@@ -735,27 +829,6 @@ absl::StatusOr<LoadResult> KvConnector::Load(absl::Span<const int32_t> tokens,
 
 namespace {
 
-// A save's state, shared by the worker running it and the caller's PagedSave.
-struct SaveJob {
-  std::vector<int32_t> tokens;
-  PagedKvView view;
-  int device = 0;
-  cudaEvent_t written = nullptr;   // on the engine's stream, at StartSave
-  cudaEvent_t gathered = nullptr;  // on the connector's stream, after the last gather
-  mutable Mutex mu;
-  CondVar cv;
-  bool gather_enqueued ABSL_GUARDED_BY(mu) = false;
-  absl::Status gather_status ABSL_GUARDED_BY(mu);
-  bool done ABSL_GUARDED_BY(mu) = false;
-  absl::StatusOr<SaveResult> result ABSL_GUARDED_BY(mu) =
-      absl::InternalError("the save did not run");
-  ~SaveJob() {
-    DeviceGuard guard(device);
-    if (written != nullptr) (void)cudaEventDestroy(written);
-    if (gathered != nullptr) (void)cudaEventDestroy(gathered);
-  }
-};
-
 class PagedSaveImpl final : public PagedSave {
  public:
   explicit PagedSaveImpl(std::shared_ptr<SaveJob> job) : job_(std::move(job)) {}
@@ -767,7 +840,8 @@ class PagedSaveImpl final : public PagedSave {
   absl::StatusOr<SaveResult> Wait() override {
     MutexLock lock(&job_->mu);
     while (!job_->done) job_->cv.Wait(&job_->mu);
-    return job_->result;
+    if (!job_->error.ok()) return job_->error;
+    return job_->total;
   }
 
  private:
@@ -785,7 +859,6 @@ absl::StatusOr<std::unique_ptr<PagedSave>> KvConnector::StartSave(absl::Span<con
   if (tokens.empty()) {
     MutexLock lock(&job->mu);
     job->done = true;
-    job->result = SaveResult{};
     return std::make_unique<PagedSaveImpl>(std::move(job));
   }
   job->tokens.assign(tokens.begin(), tokens.end());
@@ -797,19 +870,7 @@ absl::StatusOr<std::unique_ptr<PagedSave>> KvConnector::StartSave(absl::Span<con
                    "cudaEventCreate");
   KVDN_CUDA_RETURN(cudaEventRecord(job->written, stream), "cudaEventRecord on the engine's stream");
   Impl* impl = impl_.get();
-  impl->worker->Submit([impl, job] {
-    absl::StatusOr<SaveResult> r =
-        impl->RunSave(job->tokens, job->view, job->written, job->gathered, [&job](absl::Status st) {
-          MutexLock lock(&job->mu);
-          job->gather_enqueued = true;
-          job->gather_status = std::move(st);
-          job->cv.SignalAll();
-        });
-    MutexLock lock(&job->mu);
-    job->done = true;
-    job->result = std::move(r);
-    job->cv.SignalAll();
-  });
+  impl->worker->Submit([impl, job] { impl->RunSave(job); });
   absl::Status gather_status;
   {
     MutexLock lock(&job->mu);

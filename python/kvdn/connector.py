@@ -225,8 +225,9 @@ class PagedSave:
 
 
 class KvConnector:
-    """Staging memory and a stream on torch's current CUDA device; loads and saves run one at a
-    time, in the order started. Close it (or drop it) before its client."""
+    """Staging memory and a stream on torch's current CUDA device; loads and saves' gathers run
+    one at a time, in the order started, and saves' stores beside them on a thread of their own.
+    Close it (or drop it) before its client."""
 
     def __init__(self, client, *, host_staging_bytes=None, device_staging_bytes=None,
                  l2_prefetch_bytes=None, use_gpu_tier=None):

@@ -401,8 +401,9 @@ TEST_F(KvConnectorTest, BadViewsAreRefusedBeforeAnythingMoves) {
 // StartSave returns once the gather is enqueued and orders the engine's stream after it: the
 // engine overwriting every block right away (on its stream) does not reach what is saved. With
 // default staging the save fits two windows (the stores run after StartSave returns); with
-// windows of two chunks it takes five (StartSave waits for the first three to be stored).
-// A handle destroyed without Wait still ends the save.
+// windows of two chunks it takes five (StartSave waits for the first three to be stored). A
+// load of another prefix meanwhile is served while the stores go on. A handle destroyed without
+// Wait still ends the save.
 TEST_F(KvConnectorTest, AStartedSaveLetsTheEngineReuseItsBlocksAtOnce) {
   auto c = Connect(64 << 20);
   ASSERT_NE(c, nullptr);
@@ -416,8 +417,17 @@ TEST_F(KvConnectorTest, AStartedSaveLetsTheEngineReuseItsBlocksAtOnce) {
     const uint32_t seed = 310 + round;
     DeviceCache a(PagedKvLayout::kNhd, 16, 24, seed, /*random=*/true);
     const DeviceCache original(PagedKvLayout::kNhd, 16, 24, seed, /*random=*/true);
+    const auto earlier = Tokens(6 * kTokensPerChunk, 330 + round);
+    ASSERT_OK(conn->Save(earlier, original.View(), stream_).status());
     ASSERT_OK_AND_ASSIGN(auto save, conn->StartSave(tokens, a.View(), stream_));
     a.Scribble(stream_);  // the engine's next step, reusing every block
+    {                     // and loading another prefix while the save's stores go on
+      DeviceCache c2(PagedKvLayout::kNhd, 16, 24, seed + 2, /*random=*/false);
+      ASSERT_OK_AND_ASSIGN(client::LoadResult other, conn->Load(earlier, c2.View(), stream_));
+      CUDA_OK(cudaStreamSynchronize(stream_));
+      EXPECT_EQ(other.tokens, earlier.size());
+      ExpectSameKv(original, c2, earlier.size());
+    }
     ASSERT_OK_AND_ASSIGN(client::SaveResult saved, save->Wait());
     EXPECT_TRUE(save->Done());
     EXPECT_EQ(saved.chunks_stored, 10u);

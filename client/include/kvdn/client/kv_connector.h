@@ -26,8 +26,10 @@
 // way (ExtractLayer, then device-to-host copies) for the chunks past the stored prefix; with
 // StartSave the engine goes on once the gather is enqueued, and the stores run behind it.
 //
-// Thread-safety: a connector may be shared by threads; its loads and saves run one at a time on
-// its own stream (they share its staging memory), in the order they were started.
+// Thread-safety: a connector may be shared by threads; its loads and saves' gathers run one at a
+// time on its own stream, in the order they were started; a save's stores run on a thread of
+// their own, so a load started meanwhile goes ahead beside them (given two free slots of the host
+// staging, which the stores free as they end).
 #ifndef KVDN_CLIENT_KV_CONNECTOR_H_
 #define KVDN_CLIENT_KV_CONNECTOR_H_
 
@@ -157,8 +159,8 @@ class KvConnector {
   // larger than it (ConnectorOptions.host_staging_bytes), StartSave blocks the host until the
   // excess is stored and the last windows gathered. Errors found before the gather (the
   // view, a block table entry outside the cache, kvdnd unreachable for the prefix lookup) are
-  // returned here; later ones by the handle's Wait. Loads and saves still run one at a time:
-  // a load started meanwhile begins once this save's stores are done.
+  // returned here; later ones by the handle's Wait. A load started meanwhile runs beside the
+  // stores.
   absl::StatusOr<std::unique_ptr<PagedSave>> StartSave(absl::Span<const int32_t> tokens,
                                                        const PagedKvView& view,
                                                        cudaStream_t stream);
