@@ -273,6 +273,29 @@ class LibraryTest(unittest.TestCase):
 
         self.assertEqual(_native.lib().kvdn_abi_version(), _native.ABI_VERSION)
 
+    def test_null_handles_get_a_precise_error_at_the_c_boundary(self):
+        # The C interface's save calls with null handles: INVALID_ARGUMENT naming them (a library
+        # built without CUDA answers FAILED_PRECONDITION saying so); the frees accept null.
+        import ctypes
+
+        from kvdn import _native
+
+        lib = _native.lib()
+        flag, out = ctypes.c_int32(), _native.SaveResultC()
+        for call, args, names in [
+                (lib.kvdn_save_done, (None, ctypes.byref(flag)), "save and done"),
+                (lib.kvdn_save_wait, (None, ctypes.byref(out)), "save and out"),
+                (lib.kvdn_connector_start_save, (None, None, 0, None, None, None),
+                 "connector and out")]:
+            code = call(*args)
+            message = lib.kvdn_last_error().decode()
+            if code == 9:  # FAILED_PRECONDITION: no connector in this build
+                self.assertIn("built without CUDA", message)
+            else:
+                self.assertEqual(code, 3, message)
+                self.assertIn(f"{names} must not be null", message)
+        lib.kvdn_save_free(None)
+
     def test_a_missing_library_is_a_clear_error(self):
         import subprocess
         import sys
