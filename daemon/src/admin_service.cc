@@ -77,15 +77,11 @@ absl::Status AdminServiceImpl::DoGetStats(grpc::ServerContextBase*, const v1::Ge
     for (const std::string& d : state_.data_plane->Describe()) resp->add_transports(d);
   }
   resp->set_draining(state_.calls.draining());
-  const std::pair<storage::TierKind, double> shares[] = {
-      {storage::TierKind::kGpu, state_.config.namespace_gpu_share()},
-      {storage::TierKind::kHost, state_.config.namespace_host_share()},
-      {storage::TierKind::kDisk, state_.config.namespace_disk_share()}};
   std::vector<std::tuple<std::string, int, uint64_t, uint64_t>> rows;
-  for (const auto& [tier, share] : shares) {
-    const storage::TierStats& ts = s.tier(tier);
-    if (share >= 1 || !ts.present) continue;
-    const auto limit = static_cast<uint64_t>(share * static_cast<double>(ts.capacity_bytes));
+  for (const storage::TierKind tier :
+       {storage::TierKind::kGpu, storage::TierKind::kHost, storage::TierKind::kDisk}) {
+    const uint64_t limit = state_.store->NamespaceShareBytes(tier);
+    if (limit == 0) continue;  // no share on this tier: no books kept
     for (auto& [ns, bytes] : state_.store->NamespaceUsage(tier)) {
       rows.emplace_back(std::move(ns), static_cast<int>(tier), bytes, limit);
     }

@@ -88,23 +88,21 @@ storage::TieredStoreOptions StoreOptions(const v1::DaemonConfig& c) {
 // Per-tier and store-wide figures, read from the store at scrape time.
 void CollectStore(const ServerState& state, MetricsWriter& w) {
   const storage::StoreStats s = state.store->Stats();
-  // A namespace's bytes in each tier with a namespace share.
+  // A namespace's bytes in each tier with a namespace share (the store keeps none otherwise).
   const struct {
     storage::TierKind tier;
-    double share;
     const char* name;
     const char* help;
   } by_ns[] = {
-      {storage::TierKind::kHost, state.config.namespace_host_share(), "kvdn_namespace_host_bytes",
+      {storage::TierKind::kHost, "kvdn_namespace_host_bytes",
        "Host-tier bytes (chunks and reservations) of a namespace, kept while "
        "namespace_host_share is below 1."},
-      {storage::TierKind::kGpu, state.config.namespace_gpu_share(), "kvdn_namespace_gpu_bytes",
+      {storage::TierKind::kGpu, "kvdn_namespace_gpu_bytes",
        "GPU-tier bytes of a namespace, kept while namespace_gpu_share is below 1."},
-      {storage::TierKind::kDisk, state.config.namespace_disk_share(), "kvdn_namespace_disk_bytes",
+      {storage::TierKind::kDisk, "kvdn_namespace_disk_bytes",
        "Disk-tier bytes of a namespace, kept while namespace_disk_share is below 1."},
   };
   for (const auto& m : by_ns) {
-    if (m.share >= 1) continue;
     for (const auto& [ns, bytes] : state.store->NamespaceUsage(m.tier)) {
       w.Gauge(m.name, m.help, {{"namespace", ns}}, static_cast<double>(bytes));
     }

@@ -580,6 +580,11 @@ uint64_t TieredStore::NamespaceBytes(TierKind tier, absl::string_view ns) const 
   return s.BytesOf(static_cast<int>(tier), ns);
 }
 
+uint64_t TieredStore::NamespaceShareBytes(TierKind tier) const {
+  const int t = static_cast<int>(tier);
+  return TierPresent(t) ? ShareBytes(t) : 0;
+}
+
 std::vector<std::pair<std::string, uint64_t>> TieredStore::NamespaceUsage(TierKind tier) const {
   State& s = *state_;
   MutexLock lock(&s.mu);

@@ -71,11 +71,10 @@ absl::StatusOr<MemoryBlock> TieredStore::AllocateLocked(int t, uint64_t size, co
   if (s.track_ns[t]) {
     // Past its share, the namespace makes room among its own chunks first.
     const std::string name(ns.empty() && keep != nullptr ? absl::string_view(keep->key.ns) : ns);
-    const absl::string_view option = t == kGpu ? "namespace_gpu_share" : "namespace_host_share";
-    const double fraction =
-        t == kGpu ? options_.namespace_gpu_share : options_.namespace_host_share;
+    const absl::string_view option = ShareOption(t);
+    const double fraction = ShareFraction(t);
     const absl::string_view tier_name = TierKindName(static_cast<TierKind>(t));
-    const auto share = static_cast<uint64_t>(fraction * double(tier->capacity_bytes()));
+    const uint64_t share = ShareBytes(t);
     if (size > share) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "a chunk of ", size, " bytes is larger than namespace \"", name, "\"'s share of the ",
@@ -181,12 +180,28 @@ absl::Status TieredStore::WriteToDiskLocked(Entry* e) {
   return st;
 }
 
+double TieredStore::ShareFraction(int t) const {
+  return t == kGpu    ? options_.namespace_gpu_share
+         : t == kHost ? options_.namespace_host_share
+                      : options_.namespace_disk_share;
+}
+
+absl::string_view TieredStore::ShareOption(int t) {
+  return t == kGpu    ? "namespace_gpu_share"
+         : t == kHost ? "namespace_host_share"
+                      : "namespace_disk_share";
+}
+
+uint64_t TieredStore::ShareBytes(int t) const {
+  if (!state_->track_ns[t]) return 0;
+  const uint64_t capacity = t == kDisk ? disk_->capacity_bytes() : MemTier(t)->capacity_bytes();
+  return static_cast<uint64_t>(ShareFraction(t) * static_cast<double>(capacity));
+}
+
 bool TieredStore::OverDiskShareLocked(const Entry& e) const {
   const State& s = *state_;
   if (!s.track_ns[kDisk]) return false;
-  const auto share =
-      static_cast<uint64_t>(options_.namespace_disk_share * double(disk_->capacity_bytes()));
-  return s.BytesOf(kDisk, e.key.ns) + e.size > share;
+  return s.BytesOf(kDisk, e.key.ns) + e.size > ShareBytes(kDisk);
 }
 
 void TieredStore::DemoteToDiskLocked(Entry* e) {
@@ -196,8 +211,7 @@ void TieredStore::DemoteToDiskLocked(Entry* e) {
   e->moving = true;
   ++e->pins;
   const std::string ns = e->key.ns;
-  const auto share =
-      static_cast<uint64_t>(options_.namespace_disk_share * double(disk_->capacity_bytes()));
+  const uint64_t share = ShareBytes(kDisk);
   const bool can_fit_share = !s.track_ns[kDisk] || e->size <= share;
   while (can_fit_share && OverDiskShareLocked(*e)) {
     if (!EvictOneLocked(kDisk, e, /*may_block=*/true, nullptr, &ns)) break;

@@ -251,6 +251,9 @@ class TieredStore {
   uint64_t NamespaceBytes(TierKind tier, absl::string_view ns) const;
   // Every namespace's bytes in `tier` (the same figures; empty when not kept).
   std::vector<std::pair<std::string, uint64_t>> NamespaceUsage(TierKind tier) const;
+  // The most one namespace may hold in `tier`: its share times the tier's capacity; 0 when the
+  // tier has no namespace share (or is absent).
+  uint64_t NamespaceShareBytes(TierKind tier) const;
   // For tests: INTERNAL naming the first broken invariant of the namespace LRU lists — in each
   // tier with a namespace share, each namespace's list holds exactly that namespace's chunks of
   // the tier, in the order the tier's list has them; none are kept for the other tiers.
@@ -295,6 +298,10 @@ class TieredStore {
   // dropped around the I/O; on success marks it on disk. REQUIRES: e pinned and moving.
   absl::Status WriteToDiskLocked(Entry* e);
   void DemoteToDiskLocked(Entry* e);
+  // TieredStoreOptions' namespace share of tier t and its option name; the share in bytes.
+  double ShareFraction(int t) const;
+  static absl::string_view ShareOption(int t);
+  uint64_t ShareBytes(int t) const;
   // Whether writing e to disk would take its namespace past namespace_disk_share.
   bool OverDiskShareLocked(const Entry& e) const;
   // UNAVAILABLE if another reader holds the GPU copy; for_reader keeps the GPU copy on failure.
