@@ -14,8 +14,8 @@
 // gather is enqueued, the engine's stream until it has run), and a load of another prefix run
 // while the started save's stores go on.
 //   connector_bench [--kvdnd PATH] [--contexts 2048,8192,32768] [--rounds 3] [--lanes N]
-//                   [--streams N] [--host-staging-mib 512] [--register-fetch 0|1]
-//                   [--copy-kernel auto|vector] [--layout nhd|hnd]
+//                   [--streams N] [--host-staging-mib 512] [--device-staging-mib 256]
+//                   [--register-fetch 0|1] [--copy-kernel auto|vector] [--layout nhd|hnd]
 #include <cuda_runtime_api.h>
 #include <fcntl.h>
 #include <grpcpp/grpcpp.h>
@@ -224,7 +224,8 @@ int Main(int argc, char** argv) {
   std::vector<size_t> contexts = {2048, 8192, 32768};
   int rounds = 3;
   int lanes = 0;               // the client's default
-  uint64_t staging_mib = 512;  // the connector's default
+  uint64_t staging_mib = 512;         // the connector's defaults
+  uint64_t device_staging_mib = 256;
   bool register_fetch = false;
   uint64_t gpu_tier_mib = 0;
   int streams = 0;  // the client's automatic value
@@ -239,6 +240,8 @@ int Main(int argc, char** argv) {
       }
     } else if (a == "--host-staging-mib") {
       staging_mib = std::strtoull(argv[i + 1], nullptr, 10);
+    } else if (a == "--device-staging-mib") {
+      device_staging_mib = std::strtoull(argv[i + 1], nullptr, 10);
     } else if (a == "--gpu-tier-mib") {
       gpu_tier_mib = std::strtoull(argv[i + 1], nullptr, 10);
     } else if (a == "--register-fetch") {
@@ -296,13 +299,16 @@ int Main(int argc, char** argv) {
   co.data_plane_lanes = lanes;
   co.parallel_streams = streams;
   auto c = Must(client::Client::Connect(co), "Connect");
-  client::ConnectorOptions conn_opts;  // the default device staging (64 MiB)
+  client::ConnectorOptions conn_opts;
   conn_opts.host_staging_bytes = staging_mib << 20;
+  conn_opts.device_staging_bytes = device_staging_mib << 20;
   auto conn = Must(client::KvConnector::Create(c.get(), conn_opts), "KvConnector::Create");
   std::printf(
-      "data plane: %s; connector window: %zu chunks; parallel_streams %d; fetch alone "
-      "into %s memory\n",
-      c->DataPlaneInUse().c_str(), conn->window_chunks(), c->options().parallel_streams,
+      "data plane: %s; connector staging: host %llu MiB, device %llu MiB, window %zu chunks; "
+      "parallel_streams %d; fetch alone into %s memory\n",
+      c->DataPlaneInUse().c_str(), static_cast<unsigned long long>(staging_mib),
+      static_cast<unsigned long long>(device_staging_mib), conn->window_chunks(),
+      c->options().parallel_streams,
       register_fetch ? "page-locked (cudaHostRegister)" : "pageable");
 
   // Ceiling 1: page-locked host -> device. The buffer also holds a window of chunks for the GPU
@@ -321,11 +327,15 @@ int Main(int argc, char** argv) {
   cudaEvent_t e0, e1;
   CHECK_CUDA(cudaEventCreate(&e0));
   CHECK_CUDA(cudaEventCreate(&e1));
-  auto h2d = [&] {
+  auto h2d = [&](bool down = false) {
     std::vector<double> gbs;
     for (int r = 0; r < 5; ++r) {
       CHECK_CUDA(cudaEventRecord(e0, stream));
-      CHECK_CUDA(cudaMemcpyAsync(dev, pinned, h2d_bytes, cudaMemcpyHostToDevice, stream));
+      if (down) {
+        CHECK_CUDA(cudaMemcpyAsync(pinned, dev, h2d_bytes, cudaMemcpyDeviceToHost, stream));
+      } else {
+        CHECK_CUDA(cudaMemcpyAsync(dev, pinned, h2d_bytes, cudaMemcpyHostToDevice, stream));
+      }
       CHECK_CUDA(cudaEventRecord(e1, stream));
       CHECK_CUDA(cudaEventSynchronize(e1));
       float ms = 0;
@@ -548,11 +558,16 @@ int Main(int argc, char** argv) {
   }
   // What a save costs the engine: Save blocks its host thread until every chunk is stored;
   // StartSave returns once the gather is enqueued, and the engine's stream waits on the GPU only
-  // for the gather. New tokens each time (every chunk is stored), the same cache.
+  // for the gather. New tokens each time (every chunk is stored), the same cache. The bound the
+  // stream waited for before saves extracted whole windows: the save's bytes copied down.
+  // (The copy overwrites the pinned buffer with what `dev` holds: the H2D ceiling's copy of it.)
+  const double d2h_gbs = h2d(/*down=*/true);
+  std::printf("\nD2H ceiling (page-locked, %llu MiB): %.1f GB/s\n",
+              static_cast<unsigned long long>(h2d_bytes >> 20), d2h_gbs);
   std::printf(
       "\n| context | GiB | Save ms (engine blocked) | StartSave returns ms | engine stream free ms "
-      "| stored ms (StartSave to Wait) | blocked: Save / StartSave+stream | a load meanwhile ms "
-      "|\n|---|---|---|---|---|---|---|---|\n");
+      "| its bytes copied down at the D2H ceiling ms | stored ms (StartSave to Wait) | blocked: "
+      "Save / StartSave+stream | a load meanwhile ms |\n|---|---|---|---|---|---|---|---|---|\n");
   for (size_t ctx : contexts) {
     const uint64_t bytes = uint64_t{ctx} * 2 * kLayers * kTokenHalf;
     Cache a(ctx, 3, static_cast<const uint8_t*>(pinned), h2d_bytes - 65536);
@@ -598,9 +613,10 @@ int Main(int argc, char** argv) {
       }
     }
     (void)cudaEventDestroy(free_event);
-    std::printf("| %zu | %.2f | %.1f | %.2f | %.2f | %.1f | %.1f | %.1f |\n", ctx,
+    std::printf("| %zu | %.2f | %.1f | %.2f | %.2f | %.2f | %.1f | %.1f | %.1f |\n", ctx,
                 bytes / double(1 << 30), Median(sync_ms), Median(ret_ms), Median(free_ms),
-                Median(stored_ms), Median(sync_ms) / Median(free_ms), Median(load_ms));
+                bytes / d2h_gbs / 1e6, Median(stored_ms), Median(sync_ms) / Median(free_ms),
+                Median(load_ms));
     std::fflush(stdout);
   }
   std::printf(

@@ -292,14 +292,21 @@ struct KvConnector::Impl {
   }
   size_t WindowTokens(const Window& w) const { return w.full * model.tokens_per_chunk + w.tail; }
 
-  // Device staging (one contiguous chunk layer for the window's tokens, as ExtractLayer writes it)
-  // -> the window's host slots, for layer l. Enqueued on `stream`.
+  // Where a save's window keeps layer l in the device staging: ExtractLayer's output for the
+  // window's tokens (K of every token, then V), the layers one after another. The staging holds
+  // a window of whole chunks, so it holds every layer of the window's tokens.
+  uint8_t* SaveLayer(const Window& w, uint32_t l) const {
+    return device_staging + uint64_t{l} * 2 * WindowTokens(w) * token_half_bytes;
+  }
+
+  // Layer l of a save's window in the device staging (SaveLayer) -> the window's host slots.
+  // Enqueued on `stream`.
   absl::Status CopyLayerToHost(const Window& w, uint32_t l) {
     const uint64_t tpc = model.tokens_per_chunk;
     const uint64_t wt = WindowTokens(w);
     const uint64_t half_bytes = tpc * token_half_bytes;  // K (or V) of one full chunk layer
     for (int kv = 0; kv < 2; ++kv) {
-      const uint8_t* dev = device_staging + kv * wt * token_half_bytes;
+      const uint8_t* dev = SaveLayer(w, l) + kv * wt * token_half_bytes;
       if (w.full > 0) {
         uint8_t* h = Slot(w.slot, 0) + l * 2 * half_bytes + kv * half_bytes;
         KVDN_CUDA_RETURN(cudaMemcpy2DAsync(h, chunk_bytes, dev, half_bytes, half_bytes, w.full,
@@ -659,18 +666,20 @@ absl::Status KvConnector::Impl::GatherSave(const std::shared_ptr<SaveJob>& job) 
     }
   }
   // Each window goes into a free slot (waiting for the storer to free one when there is none),
-  // then to the storer: the GPU gathers the next window while the storer stores this one.
+  // then to the storer: the GPU gathers the next window while the storer stores this one. A
+  // window's layers are all extracted into the device staging before any is copied down, so the
+  // cache is read at the GPU's memory speed and the engine's stream, waiting for the last
+  // window's extraction, does not wait for that window's copy to host memory (only for the
+  // copies of the windows before it, whose staging the later ones reuse).
   for (size_t first = present; first < chunks;) {
     const int slot = c.TakeSlot();
     const Window w = c.MakeWindow(first, std::min(c.window, chunks - first), slot, tokens.size());
     absl::Status st;
     for (uint32_t l = 0; l < c.model.num_layers && st.ok(); ++l) {
-      st = kernels::ExtractLayer(view.layers[l], c.Range(view, w), c.device_staging, c.stream);
-      if (st.ok()) st = c.CopyLayerToHost(w, l);
+      st = kernels::ExtractLayer(view.layers[l], c.Range(view, w), c.SaveLayer(w, l), c.stream);
     }
-    if (st.ok()) st = CudaStatus(cudaEventRecord(c.slot_done[slot], c.stream), "host staging");
     const bool last = first + w.count == chunks;
-    if (st.ok() && last) {  // the last gather: the engine may go on after it
+    if (st.ok() && last) {  // the last read of the cache: the engine may go on after it
       st = CudaStatus(cudaEventRecord(job->gathered, c.stream), "recording the gather's end");
       if (st.ok()) {
         MutexLock lock(&job->mu);
@@ -678,6 +687,8 @@ absl::Status KvConnector::Impl::GatherSave(const std::shared_ptr<SaveJob>& job) 
         job->cv.SignalAll();
       }
     }
+    for (uint32_t l = 0; l < c.model.num_layers && st.ok(); ++l) st = c.CopyLayerToHost(w, l);
+    if (st.ok()) st = CudaStatus(cudaEventRecord(c.slot_done[slot], c.stream), "host staging");
     if (!st.ok()) {
       // The slot's copies may still run: it goes back after them, in stream order.
       (void)cudaStreamSynchronize(c.stream);

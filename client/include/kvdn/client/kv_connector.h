@@ -23,8 +23,9 @@
 // tier (CUDA IPC) and injects from it device to device. WaitLayer(l) blocks the host only until
 // layer l's last copy is enqueued, then orders the engine's stream after it (cudaStreamWaitEvent):
 // attention on layer 0 can start while later layers are still on their way. A save runs the other
-// way (ExtractLayer, then device-to-host copies) for the chunks past the stored prefix; with
-// StartSave the engine goes on once the gather is enqueued, and the stores run behind it.
+// way (ExtractLayer of a window's layers into the device staging, then device-to-host copies)
+// for the chunks past the stored prefix; with StartSave the engine goes on once the gather is
+// enqueued, its stream waits only until the cache has been read, and the stores run behind it.
 //
 // Thread-safety: a connector may be shared by threads; its loads and saves' gathers run one at a
 // time on its own stream, in the order they were started; a save's stores run on a thread of
@@ -68,7 +69,12 @@ struct ConnectorOptions {
   // lets an engine go on during its saves; device_staging_bytes need not grow with it).
   uint64_t host_staging_bytes = uint64_t{512} << 20;
   // Device memory a window of chunks passes through on its way into the cache (a window is as
-  // many whole chunks as fit both this and half the host staging).
+  // many whole chunks as fit both this and half the host staging). A save extracts a whole
+  // window out of the cache into it before copying it down, so the engine's stream waits for a
+  // save of up to a window (8 Llama-3-8B chunks, 2048 tokens, by default) only for that
+  // extraction, at the GPU's memory speed, and for a longer one also for the copies to host
+  // memory of all its windows but the last. A larger staging holds the engine less on long
+  // prompts; a load's first layer waits for a whole window of chunks to arrive.
   uint64_t device_staging_bytes = uint64_t{256} << 20;
   // Bytes of each layer's pages to prefetch into L2 when WaitLayer releases it (0: none). Off by
   // default: on the H200 with kvdn's own decode attention the prefetch measured 0.73-0.90x
