@@ -89,6 +89,7 @@ void kvdn_connector_options_init(kvdn_connector_options* options) {
   options->device_staging_bytes = d.device_staging_bytes;
   options->l2_prefetch_bytes = d.l2_prefetch_bytes;
   options->use_gpu_tier = d.use_gpu_tier ? 1 : 0;
+  options->map_host_tier = d.map_host_tier ? 1 : 0;
 }
 
 int kvdn_connector_create(kvdn_client* client, const kvdn_connector_options* options,
@@ -103,6 +104,7 @@ int kvdn_connector_create(kvdn_client* client, const kvdn_connector_options* opt
     o.device_staging_bytes = options->device_staging_bytes;
     o.l2_prefetch_bytes = options->l2_prefetch_bytes;
     o.use_gpu_tier = options->use_gpu_tier != 0;
+    o.map_host_tier = options->map_host_tier != 0;
     auto c = kvdn::client::KvConnector::Create(client->client.get(), o);
     if (!c.ok()) return Fail(c.status());
     *out = new kvdn_connector{std::move(*c)};
@@ -150,7 +152,8 @@ int kvdn_load_get_stats(kvdn_load* load, kvdn_load_stats* out) {
       return Fail(absl::InvalidArgumentError("load and out must not be null"));
     }
     const kvdn::client::LoadStats s = load->load->stats();
-    *out = kvdn_load_stats{s.gpu_tier_chunks, s.descriptors, s.lookup, s.fetch, s.stall, s.enqueue};
+    *out = kvdn_load_stats{s.gpu_tier_chunks, s.descriptors, s.lookup,          s.fetch,
+                           s.stall,           s.enqueue,     s.host_tier_chunks};
     return Ok();
   });
 }

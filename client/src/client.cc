@@ -1,5 +1,6 @@
 #include "kvdn/client/client.h"
 
+#include <fcntl.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/security/credentials.h>
@@ -7,6 +8,7 @@
 #include <grpcpp/security/tls_credentials_options.h>
 #include <grpcpp/support/client_interceptor.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -31,6 +33,7 @@
 #include "kvdn/common/thread_pool.h"
 #include "kvdn/proto/get_frames.h"
 #include "kvdn/proto/grpc_status.h"
+#include "kvdn/transfer/ucx_transport.h"
 #include "kvdn/v1/kv_service.grpc.pb.h"
 
 namespace kvdn::client {
@@ -574,6 +577,18 @@ struct Client::Impl {
   std::unique_ptr<ThreadPool> async;    // the *Async calls
   std::unique_ptr<ReceivePool> pool;    // receive_pool_bytes > 0
   bool same_host = false;               // the target is a unix socket
+  // The daemon's host tier, mapped read-only by MapHostTier; unmapped with the client.
+  struct HostMap {
+    void* base = nullptr;
+    uint64_t size = 0;
+    uint64_t arena_id = 0;
+  };
+  Mutex host_map_mu;
+  HostMap host_map ABSL_GUARDED_BY(host_map_mu);
+  ~Impl() {
+    MutexLock lock(&host_map_mu);
+    if (host_map.base != nullptr) munmap(host_map.base, host_map.size);
+  }
 
   // The UCX data plane: data_plane_lanes sessions, each opened on first use and reopened when it
   // fails; null = gRPC.
@@ -1097,6 +1112,10 @@ TransferDescriptor DescriptorFromProto(const v1::GetDescriptorResponse& resp) {
     d.gpu = TransferDescriptor::Gpu{resp.gpu().ipc_handle(), resp.gpu().offset(),
                                     resp.gpu().device_uuid()};
   }
+  if (resp.host_arena() != 0) {
+    d.host_arena = resp.host_arena();
+    d.host_offset = resp.transfer().remote_offset();
+  }
   return d;
 }
 }  // namespace
@@ -1182,6 +1201,51 @@ absl::Status Client::ReleaseDescriptors(absl::Span<const TransferDescriptor> ds)
     if (first.ok()) first = std::move(st);
   }
   return first;
+}
+
+absl::StatusOr<HostTierMapping> Client::MapHostTier(bool refresh) {
+  MutexLock lock(&impl_->host_map_mu);
+  Impl::HostMap& m = impl_->host_map;
+  if (m.base != nullptr && !refresh) {
+    return HostTierMapping{ByteSpan(static_cast<const uint8_t*>(m.base), m.size), m.arena_id};
+  }
+  v1::MapHostTierRequest req;
+  req.set_pid_namespace(transfer::NamespaceId("self", "pid"));
+  KVDN_ASSIGN_OR_RETURN(
+      v1::MapHostTierResponse resp,
+      impl_->WithRetry<absl::StatusOr<v1::MapHostTierResponse>>(
+          [&](grpc::ClientContext* ctx) -> absl::StatusOr<v1::MapHostTierResponse> {
+            v1::MapHostTierResponse r;
+            grpc::Status st = impl_->stub->MapHostTier(ctx, req, &r);
+            if (!st.ok()) return FromGrpcStatus(st);
+            return r;
+          }));
+  if (m.base != nullptr && m.arena_id == resp.arena_id()) {
+    return HostTierMapping{ByteSpan(static_cast<const uint8_t*>(m.base), m.size), m.arena_id};
+  }
+  const std::string path = absl::StrCat("/proc/", resp.pid(), "/fd/", resp.fd());
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::InternalError(absl::StrCat("MapHostTier: opening kvdnd's host tier as ", path,
+                                            ": ", std::strerror(errno),
+                                            " (the engine needs kvdnd's uid or CAP_SYS_PTRACE)"));
+  }
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) < resp.size() || resp.size() == 0) {
+    close(fd);
+    return absl::InternalError(absl::StrCat("MapHostTier: ", path, " holds ", st.st_size,
+                                            " bytes; kvdnd said ", resp.size()));
+  }
+  void* p = mmap(nullptr, resp.size(), PROT_READ, MAP_SHARED, fd, 0);
+  const int mmap_errno = errno;
+  close(fd);  // the mapping keeps the memory
+  if (p == MAP_FAILED) {
+    return absl::InternalError(absl::StrCat("MapHostTier: mapping ", resp.size(), " bytes of ",
+                                            path, ": ", std::strerror(mmap_errno)));
+  }
+  if (m.base != nullptr) munmap(m.base, m.size);
+  m = Impl::HostMap{p, resp.size(), resp.arena_id()};
+  return HostTierMapping{ByteSpan(static_cast<const uint8_t*>(p), m.size), m.arena_id};
 }
 
 std::string Client::DataPlaneInUse() {

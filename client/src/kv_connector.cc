@@ -12,6 +12,7 @@
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "kvdn/common/chunk_format.h"
+#include "kvdn/common/logging.h"
 #include "kvdn/common/mutex.h"
 #include "kvdn/common/thread_pool.h"
 
@@ -211,6 +212,25 @@ struct KvConnector::Impl {
   // next load or save.
   std::unique_ptr<ThreadPool> storer;
 
+  // kvdnd's host tier, mapped read-only and page-locked (ConnectorOptions.map_host_tier); empty
+  // when it is not. Used on the worker only (after Create).
+  HostTierMapping host_map;
+  // Maps kvdnd's host tier (again, with `refresh`, after kvdnd restarted) and page-locks it; on
+  // an error host_map stays empty.
+  absl::Status MapHostTier(bool refresh) {
+    if (host_map.bytes.data() != nullptr) {
+      (void)cudaStreamSynchronize(stream);  // nothing reads the old mapping any more
+      (void)cudaHostUnregister(const_cast<uint8_t*>(host_map.bytes.data()));
+      host_map = HostTierMapping();
+    }
+    KVDN_ASSIGN_OR_RETURN(HostTierMapping m, client->MapHostTier(refresh));
+    KVDN_CUDA_RETURN(cudaHostRegister(const_cast<uint8_t*>(m.bytes.data()), m.bytes.size(),
+                                      cudaHostRegisterReadOnly),
+                     "cudaHostRegister of kvdnd's host tier (read-only)");
+    host_map = m;
+    return absl::OkStatus();
+  }
+
   kernels::ChunkSource* device_sources = nullptr;  // InjectChunkLayer's sources on the GPU
   size_t device_sources_cap = 0;
 
@@ -258,6 +278,9 @@ struct KvConnector::Impl {
     DeviceGuard guard(device);
     if (stream != nullptr) (void)cudaStreamSynchronize(stream);
     for (auto& [handle, base] : ipc_bases) (void)cudaIpcCloseMemHandle(base);
+    if (host_map.bytes.data() != nullptr) {
+      (void)cudaHostUnregister(const_cast<uint8_t*>(host_map.bytes.data()));
+    }
     if (device_sources != nullptr) (void)cudaFree(device_sources);
     for (cudaEvent_t e : slot_done) {
       if (e != nullptr) (void)cudaEventDestroy(e);
@@ -538,22 +561,104 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
     total = part;
     timings.enqueue += since(t0);
   }
+  // Chunks [first_host, first_mapped) lie in kvdnd's host tier, mapped here: leased, copied up
+  // out of it window by window and injected.
+  size_t first_mapped = first_host;
+  std::vector<const uint8_t*> mapped_from;  // their payloads in the mapping
+  if (c.host_map.bytes.data() != nullptr && first_host < chunks) {
+    const absl::Time t0 = absl::Now();
+    absl::StatusOr<std::vector<ChunkKey>> keys =
+        ChunkKeysForTokens(c.client->options().ns, c.model, s.tokens, /*include_tail=*/true);
+    if (!keys.ok()) return finish(keys.status(), total, recorded);
+    const size_t n = std::min(chunks, keys->size()) - first_host;
+    absl::StatusOr<std::vector<TransferDescriptor>> ds = c.client->AcquireDescriptors(
+        absl::MakeConstSpan(*keys).subspan(first_host, std::min(n, kMaxGpuChunks)),
+        absl::ZeroDuration());
+    if (!ds.ok()) return finish(ds.status(), total, recorded);
+    // kvdnd restarted since the mapping was made: map its new arena (once per load).
+    if (!ds->empty() && (*ds)[0].host_arena != 0 && (*ds)[0].host_arena != c.host_map.arena_id) {
+      if (absl::Status st = c.MapHostTier(/*refresh=*/true); !st.ok()) {
+        spdlog::warn(
+            "KvConnector: kvdnd's host tier changed and cannot be mapped again ({}); "
+            "its chunks are fetched",
+            st.ToString());
+      }
+    }
+    size_t i = 0;
+    for (; i < ds->size(); ++i) {
+      const TransferDescriptor& d = (*ds)[i];
+      const uint64_t size = kChunkHeaderBytes + c.client->PayloadBytes(c.TokensInChunk(
+                                                    first_host + i, s.tokens.size()));
+      const ByteSpan map = c.host_map.bytes;
+      // Not in the mapped arena (a chunk kvdnd holds only on disk or its GPU, or a mapping
+      // that failed): the run ends here, the rest is fetched.
+      if (map.data() == nullptr || d.host_arena != c.host_map.arena_id || d.size != size ||
+          size > map.size() || d.host_offset > map.size() - size) {
+        break;
+      }
+      mapped_from.push_back(map.data() + d.host_offset + kChunkHeaderBytes);
+      leases.push_back(d);
+    }
+    if (i < ds->size()) {
+      (void)c.client->ReleaseDescriptors(absl::MakeConstSpan(*ds).subspan(i));
+    }
+    timings.descriptors += since(t0);
+    timings.host_tier_chunks = mapped_from.size();
+    first_mapped = first_host + mapped_from.size();
+  }
+  for (size_t first = first_host; first < first_mapped;) {
+    const absl::Time t0 = absl::Now();
+    const size_t count = std::min(c.window, first_mapped - first);
+    const bool last = first + count == chunks;
+    std::vector<kernels::ChunkSource> sources;
+    LoadResult part;
+    for (size_t j = 0; j < count; ++j) {
+      const uint32_t t = c.TokensInChunk(first + j, s.tokens.size());
+      const uint64_t bytes = c.client->PayloadBytes(t);
+      // The window before was injected first (stream order): the device staging is free.
+      if (absl::Status st = CudaStatus(cudaMemcpyAsync(c.device_staging + j * c.chunk_bytes,
+                                                       mapped_from[first - first_host + j], bytes,
+                                                       cudaMemcpyHostToDevice, c.stream),
+                                       "cudaMemcpyAsync out of kvdnd's host tier");
+          !st.ok()) {
+        return finish(st, total, recorded);
+      }
+      sources.push_back(kernels::ChunkSource{c.device_staging + j * c.chunk_bytes,
+                                             static_cast<int32_t>((first + j) * tpc),
+                                             static_cast<int32_t>(t)});
+      part.tokens += t;
+      part.bytes += bytes;
+    }
+    part.chunks = count;
+    if (last) {
+      MutexLock lock(&s.mu);
+      s.tokens_loaded = total.tokens + part.tokens;
+    }
+    if (absl::Status st = inject_layers(sources, last); !st.ok()) {
+      return finish(st, total, recorded);
+    }
+    total.chunks += part.chunks;
+    total.tokens += part.tokens;
+    total.bytes += part.bytes;
+    timings.enqueue += since(t0);
+    first += count;
+  }
   // Two slots of the host staging, given back however the load ends. Taken here, past the
-  // GPU-tier run: a load served wholly from the GPU tier does not wait for a save's stores.
+  // GPU-tier and mapped runs: a load served wholly from them does not wait for a save's stores.
   int load_slots[2] = {-1, -1};
   absl::Cleanup give_slots = [&] {
     for (int slot : load_slots) {
       if (slot >= 0) c.GiveSlot(slot);
     }
   };
-  if (first_host < chunks) {
+  if (first_mapped < chunks) {
     const absl::Time t0 = absl::Now();
     load_slots[0] = c.TakeSlot();
     load_slots[1] = c.TakeSlot();
     timings.stall += since(t0);
   }
   int next_half = 0;
-  for (size_t first = first_host; first < chunks;) {
+  for (size_t first = first_mapped; first < chunks;) {
     const size_t want = std::min(c.window, chunks - first);
     const int half = load_slots[next_half];
     next_half ^= 1;
@@ -804,6 +909,16 @@ absl::StatusOr<std::unique_ptr<KvConnector>> KvConnector::Create(Client* client,
   {
     MutexLock lock(&impl->slots_mu);
     for (size_t i = impl->slots; i-- > 0;) impl->free_slots.push_back(static_cast<int>(i));
+  }
+  if (options.map_host_tier) {
+    if (absl::Status st = impl->MapHostTier(/*refresh=*/false); st.ok()) {
+      spdlog::info(
+          "KvConnector: kvdnd's host tier mapped ({} MiB); its chunks go to the GPU "
+          "straight out of it",
+          impl->host_map.bytes.size() >> 20);
+    } else {
+      spdlog::info("KvConnector: chunks in kvdnd's host tier are fetched ({})", st.ToString());
+    }
   }
   impl->worker = std::make_unique<ThreadPool>(1);
   impl->lookups = std::make_unique<ThreadPool>(1);

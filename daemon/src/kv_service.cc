@@ -1,6 +1,7 @@
 #include "src/kv_service.h"
 
 #include <grpcpp/support/proto_buffer_reader.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -13,6 +14,7 @@
 #include "kvdn/common/hash.h"
 #include "kvdn/proto/get_frames.h"
 #include "kvdn/proto/grpc_status.h"
+#include "kvdn/transfer/ucx_transport.h"
 #include "src/data_plane.h"
 #include "src/peer_router.h"
 
@@ -676,6 +678,7 @@ absl::Status LeaseAndDescribe(ServerState& state, const ChunkKey& key, uint32_t 
     d->set_remote_offset(
         static_cast<uint64_t>(lease.host_bytes.data() -
                               static_cast<const uint8_t*>(host->Address(storage::MemoryBlock{}))));
+    resp->set_host_arena(host->arena_id());  // 0 unless shared
   }
   resp->set_tier(TierToProto(lease.tier));
   return absl::OkStatus();
@@ -793,6 +796,44 @@ grpc::ServerUnaryReactor* KvServiceImpl::CloseDataPlane(grpc::CallbackServerCont
                       }
                       return state_.data_plane->Close(req->session_id(), call.caller());
                     });
+}
+
+grpc::ServerUnaryReactor* KvServiceImpl::MapHostTier(grpc::CallbackServerContext* ctx,
+                                                     const v1::MapHostTierRequest* req,
+                                                     v1::MapHostTierResponse* resp) {
+  return ServeUnary(
+      state_, Method::kMapHostTier, ctx, /*inline_first=*/true,
+      [this, ctx, req, resp](const CallScope& call, bool) -> absl::Status {
+        if (!IsLocalPeer(ctx->peer())) {
+          return absl::FailedPreconditionError(
+              "MapHostTier: the host tier maps into engines on this node only, through the unix "
+              "socket");
+        }
+        if (!call.caller().MayMapEveryNamespace()) {
+          return absl::PermissionDeniedError(
+              "MapHostTier: the mapping shows the chunks of every namespace, and this token "
+              "reaches only some; read them through GetDescriptors and the data plane");
+        }
+        const storage::HostTier* host = state_.store->host_tier();
+        if (host == nullptr || host->fd() < 0) {
+          return absl::FailedPreconditionError(
+              "MapHostTier: this kvdnd does not share its host tier (host_tier_sharing_disabled)");
+        }
+        static const uint64_t own_pid_namespace = transfer::NamespaceId("self", "pid");
+        if (req->pid_namespace() != 0 && own_pid_namespace != 0 &&
+            req->pid_namespace() != own_pid_namespace) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "pid_namespace: the caller is in another pid namespace (", req->pid_namespace(),
+              ") than kvdnd (", own_pid_namespace,
+              "), where /proc/<kvdnd's pid>/fd/ does not name kvdnd's files; run both with "
+              "hostPID"));
+        }
+        resp->set_pid(static_cast<int32_t>(getpid()));
+        resp->set_fd(host->fd());
+        resp->set_size(host->capacity_bytes());
+        resp->set_arena_id(host->arena_id());
+        return absl::OkStatus();
+      });
 }
 
 // ---- PeerService ----

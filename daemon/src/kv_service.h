@@ -25,7 +25,8 @@ class KvServiceImpl final
                           v1::KvService::WithCallbackMethod_Delete<
                               v1::KvService::WithCallbackMethod_OpenDataPlane<
                                   v1::KvService::WithCallbackMethod_CloseDataPlane<
-                                      v1::KvService::Service>>>>>>>>>>> {
+                                      v1::KvService::WithCallbackMethod_MapHostTier<
+                                          v1::KvService::Service>>>>>>>>>>>> {
  public:
   explicit KvServiceImpl(ServerState* state) : state_(*state) {}
 
@@ -55,6 +56,9 @@ class KvServiceImpl final
   grpc::ServerUnaryReactor* CloseDataPlane(grpc::CallbackServerContext* ctx,
                                            const v1::CloseDataPlaneRequest* req,
                                            v1::CloseDataPlaneResponse* resp) override;
+  grpc::ServerUnaryReactor* MapHostTier(grpc::CallbackServerContext* ctx,
+                                        const v1::MapHostTierRequest* req,
+                                        v1::MapHostTierResponse* resp) override;
 
  private:
   ServerState& state_;

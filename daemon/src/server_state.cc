@@ -26,6 +26,7 @@ constexpr MethodInfo kMethods[kNumMethods] = {
     {"KvService", "Delete", false},
     {"KvService", "OpenDataPlane", false},
     {"KvService", "CloseDataPlane", false},
+    {"KvService", "MapHostTier", false},
     {"DataPlane", "UcxGet", false},
     {"DataPlane", "UcxPut", false},
     {"PeerService", "Lookup", false},

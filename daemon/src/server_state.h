@@ -42,6 +42,7 @@ enum class Method : int {
   kDelete,
   kOpenDataPlane,
   kCloseDataPlane,
+  kMapHostTier,
   kUcxGet,  // data-plane requests (UCX active messages, not gRPC calls)
   kUcxPut,
   kPeerLookup,

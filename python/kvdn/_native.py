@@ -8,7 +8,7 @@ import ctypes
 import os
 import threading
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # kvdn_status codes, by number (absl/gRPC status codes).
 CODE_NAMES = {
@@ -114,6 +114,7 @@ class LoadStatsC(ctypes.Structure):
         ("fetch", ctypes.c_double),
         ("stall", ctypes.c_double),
         ("enqueue", ctypes.c_double),
+        ("host_tier_chunks", ctypes.c_size_t),
     ]
 
 
@@ -123,6 +124,7 @@ class ConnectorOptions(ctypes.Structure):
         ("device_staging_bytes", ctypes.c_uint64),
         ("l2_prefetch_bytes", ctypes.c_uint64),
         ("use_gpu_tier", ctypes.c_int32),
+        ("map_host_tier", ctypes.c_int32),
     ]
 
 

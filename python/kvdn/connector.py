@@ -134,11 +134,12 @@ class PagedKvView:
 class LoadStats:
     """Where a load's chunks came from and its host time went (seconds)."""
     gpu_tier_chunks: int  # read in place from kvdnd's GPU tier (CUDA IPC)
-    descriptors: float    # leasing chunks in the GPU tier
+    descriptors: float    # leasing chunks in the GPU tier and the mapped host tier
     lookup: float         # waiting for the prefix lookup
     fetch: float          # fetching chunks from kvdnd into host staging
     stall: float          # waiting for a staging half's copies to the GPU
     enqueue: float        # enqueuing copies and kernels
+    host_tier_chunks: int = 0  # copied to the GPU straight out of kvdnd's host tier (mapped)
 
 
 class PagedLoad:
@@ -175,7 +176,7 @@ class PagedLoad:
         out = _native.LoadStatsC()
         check(self._lib.kvdn_load_get_stats(self._live(), ctypes.byref(out)))
         return LoadStats(out.gpu_tier_chunks, out.descriptors, out.lookup, out.fetch, out.stall,
-                         out.enqueue)
+                         out.enqueue, out.host_tier_chunks)
 
     def close(self):
         if getattr(self, "_handle", None):
@@ -230,7 +231,7 @@ class KvConnector:
     Close it (or drop it) before its client."""
 
     def __init__(self, client, *, host_staging_bytes=None, device_staging_bytes=None,
-                 l2_prefetch_bytes=None, use_gpu_tier=None):
+                 l2_prefetch_bytes=None, use_gpu_tier=None, map_host_tier=None):
         lib = _native.lib()
         torch = _torch()
         torch.cuda.init()
@@ -244,6 +245,8 @@ class KvConnector:
             o.l2_prefetch_bytes = l2_prefetch_bytes
         if use_gpu_tier is not None:
             o.use_gpu_tier = 1 if use_gpu_tier else 0
+        if map_host_tier is not None:
+            o.map_host_tier = 1 if map_host_tier else 0
         handle = ctypes.c_void_p()
         check(lib.kvdn_connector_create(client.handle, ctypes.byref(o), ctypes.byref(handle)))
         self._lib = lib

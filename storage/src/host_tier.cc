@@ -1,18 +1,30 @@
 #include "kvdn/storage/host_tier.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
+#include <random>
 
 #include "absl/strings/str_cat.h"
 #include "kvdn/common/logging.h"
 #include "src/cuda_runtime.h"
 
 namespace kvdn::storage {
+namespace {
+
+uint64_t RandomArenaId() {
+  std::random_device rd;
+  uint64_t id = 0;
+  while (id == 0) id = (uint64_t{rd()} << 32) ^ rd();
+  return id;
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<HostTier>> HostTier::Create(const HostTierOptions& options) {
   KVDN_RETURN_IF_ERROR(options.watermarks.Validate());
@@ -34,6 +46,29 @@ absl::StatusOr<std::unique_ptr<HostTier>> HostTier::Create(const HostTierOptions
         absl::StrCat("host tier: mmap of ", capacity, " bytes failed: ", std::strerror(errno)));
   }
   void* p = static_cast<uint8_t*>(raw) + (kHuge - reinterpret_cast<uintptr_t>(raw) % kHuge) % kHuge;
+  int fd = -1;
+  if (options.shared) {
+    // The memfd's bytes replace the aligned part of the reservation (MAP_FIXED), so the arena
+    // keeps its huge-page alignment.
+    fd = memfd_create("kvdn-host-tier", MFD_CLOEXEC);
+    absl::Status st;
+    if (fd < 0) {
+      st = absl::ResourceExhaustedError(
+          absl::StrCat("host tier: memfd_create failed: ", std::strerror(errno)));
+    } else if (ftruncate(fd, static_cast<off_t>(capacity)) != 0) {
+      st = absl::ResourceExhaustedError(absl::StrCat("host tier: sizing the shared arena to ",
+                                                     capacity, " bytes: ", std::strerror(errno)));
+    } else if (mmap(p, capacity, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, fd,
+                    0) == MAP_FAILED) {
+      st = absl::ResourceExhaustedError(
+          absl::StrCat("host tier: mapping the shared arena: ", std::strerror(errno)));
+    }
+    if (!st.ok()) {
+      if (fd >= 0) close(fd);
+      munmap(raw, capacity + kHuge);
+      return st;
+    }
+  }
   // Ask for transparent huge pages *before* faulting the arena in, so the faults allocate 2 MiB
   // pages: multi-MiB chunk copies then take 1/512 of the TLB misses. Advisory; failure is fine.
   madvise(p, capacity, MADV_HUGEPAGE);
@@ -57,7 +92,7 @@ absl::StatusOr<std::unique_ptr<HostTier>> HostTier::Create(const HostTierOptions
     }
   }
   std::unique_ptr<HostTier> tier(
-      new HostTier(static_cast<uint8_t*>(p), capacity, options, pinned, raw, capacity + kHuge));
+      new HostTier(static_cast<uint8_t*>(p), capacity, options, pinned, raw, capacity + kHuge, fd));
   // Faulted in above, or by the GPU registration.
   if ((options.prefault && !background) || pinned) tier->prefaulted_.store(capacity);
   if (background) {
@@ -83,8 +118,10 @@ absl::StatusOr<std::unique_ptr<HostTier>> HostTier::Create(const HostTierOptions
 }
 
 HostTier::HostTier(uint8_t* base, uint64_t capacity, const HostTierOptions& options, bool pinned,
-                   void* mapping, uint64_t mapping_bytes)
+                   void* mapping, uint64_t mapping_bytes, int fd)
     : MemoryTier(base, capacity, options.alignment, options.watermarks),
+      fd_(fd),
+      arena_id_(fd >= 0 ? RandomArenaId() : 0),
       mapping_(mapping),
       mapping_bytes_(mapping_bytes),
       pinned_(pinned) {}
@@ -94,6 +131,7 @@ HostTier::~HostTier() {
   if (prefault_thread_.joinable()) prefault_thread_.join();
   if (pinned_) (void)cuda::UnregisterHost(base_);
   munmap(mapping_, mapping_bytes_);
+  if (fd_ >= 0) close(fd_);
 }
 
 absl::Status HostTier::CopyIn(const MemoryBlock& block, uint64_t offset, ByteSpan src) {

@@ -172,7 +172,9 @@ class KvConnectorTest : public ::testing::Test {
   void SetUp() override {
     if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
     std::string err;
-    ASSERT_TRUE(daemon_.Start({}, &err)) << err;
+    // Loads fetch chunks (and verify them) here; ChunksInASharedHostTierAreCopiedStraightOutOfIt
+    // runs a kvdnd that shares its host tier.
+    ASSERT_TRUE(daemon_.Start({"--no-host-tier-sharing"}, &err)) << err;
     CUDA_OK(cudaStreamCreate(&stream_));
   }
   void TearDown() override {
@@ -615,6 +617,60 @@ TEST_F(KvConnectorTest, ATenantPastItsGpuShareLeavesTheOthersChunksInPlace) {
   }
   EXPECT_EQ(load(*q_conn, q_tokens, qa, 10, 250), 4u);
   EXPECT_EQ(gpu_bytes("quiet"), quiet_bytes);
+}
+
+// With kvdnd's host tier shared (its default), a load copies the chunks it holds there to
+// the GPU straight out of the mapped tier, window by window (windows of two chunks here, the tail
+// chunk too), and the cache holds the same KV bit for bit as through the fetch path (the
+// connector with map_host_tier off, same daemon). A prefix partly stored on this daemon
+// and partly not goes mapped as far as it can and stops there. After kvdnd restarts, the
+// connector maps the new arena on its own and the chunks (back from its disk tier) load again.
+TEST_F(KvConnectorTest, ChunksInASharedHostTierAreCopiedStraightOutOfIt) {
+  DaemonProcess shared(dir_.path() + "/shared");
+  std::filesystem::create_directories(dir_.path() + "/shared");
+  std::string err;
+  ASSERT_TRUE(shared.Start({}, &err)) << err;
+  client::ClientOptions o;
+  o.target = shared.unix_target();
+  o.ns = "engine";
+  o.model = Model();
+  o.receive_pool_bytes = 64 << 20;
+  ASSERT_OK_AND_ASSIGN(auto c, client::Client::Connect(o));
+  ASSERT_OK_AND_ASSIGN(auto conn, KvConnector::Create(c.get(), SmallStaging()));
+  client::ConnectorOptions fetching = SmallStaging();
+  fetching.map_host_tier = false;
+  ASSERT_OK_AND_ASSIGN(auto fetch_conn, KvConnector::Create(c.get(), fetching));
+  const auto tokens = Tokens(5 * kTokensPerChunk + 8, 301);  // 5 whole chunks and a tail
+  DeviceCache a(PagedKvLayout::kNhd, 16, 24, 302, /*random=*/true);
+  ASSERT_OK(conn->Save(tokens, a.View(), stream_).status());
+  auto load = [&](KvConnector& k, const std::vector<int32_t>& t, size_t* mapped) {
+    DeviceCache b(PagedKvLayout::kHnd, 16, 24, 303, /*random=*/false);
+    auto l = k.StartLoad(t, b.View());
+    EXPECT_TRUE(l.ok()) << l.status();
+    if (!l.ok()) return size_t{0};
+    absl::StatusOr<client::LoadResult> r = (*l)->Wait();
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (!r.ok()) return size_t{0};
+    *mapped = (*l)->stats().host_tier_chunks;
+    ExpectSameKv(a, b, r->tokens);
+    return r->tokens;
+  };
+  size_t mapped = 99;
+  EXPECT_EQ(load(*conn, tokens, &mapped), tokens.size());
+  EXPECT_EQ(mapped, 6u);
+  EXPECT_EQ(load(*fetch_conn, tokens, &mapped), tokens.size());
+  EXPECT_EQ(mapped, 0u);
+  // The first 3 chunks stored, the rest not: mapped as far as the prefix is stored.
+  std::vector<int32_t> partly(tokens.begin(), tokens.begin() + 3 * kTokensPerChunk);
+  const auto more = Tokens(2 * kTokensPerChunk, 304);
+  partly.insert(partly.end(), more.begin(), more.end());
+  EXPECT_EQ(load(*conn, partly, &mapped), 3u * kTokensPerChunk);
+  EXPECT_EQ(mapped, 3u);
+
+  ASSERT_EQ(shared.Stop(), 0);
+  ASSERT_TRUE(shared.Start({}, &err)) << err;
+  EXPECT_EQ(load(*conn, tokens, &mapped), tokens.size());
+  EXPECT_EQ(mapped, 6u);
 }
 
 // With tenant tokens, the GPU tier's CUDA IPC handle (which maps every tenant's chunks into the

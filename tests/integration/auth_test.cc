@@ -657,5 +657,106 @@ TEST(AuthConfigTest, ABadTokensFileStopsKvdndNamingTheLine) {
   }
 }
 
+// kvdnd (sharing its host tier, the default) says how to map it (MapHostTier) only to a client on
+// its unix socket, in its pid namespace, whose token reaches every namespace: the mapping shows
+// every tenant's chunks. The mapping is read-only and holds each leased chunk, byte for byte,
+// where its descriptor says; after a restart the daemon's new arena has another id, and a
+// refreshed mapping holds the chunks again. A tenant's token, TCP, another pid namespace and a
+// kvdnd without the option get precise refusals, and the daemon keeps serving.
+TEST(SharedHostTierTest, OnlyTrustedEnginesOnThisNodeMapTheHostTierReadOnly) {
+  constexpr char kFleet[] = "fleet-token-0123456789abc";
+  TempDir dir;
+  const std::string tokens = dir.Sub("tokens");
+  std::ofstream(tokens) << kFleet << " kvdn:all-namespaces\n" << kTokenA << " tenant-a\n";
+  const std::string cfg = dir.Sub("config.json");
+  std::ofstream(cfg) << R"({"auth_tokens_file": ")" << tokens << R"("})";
+  DaemonProcess daemon(dir.Sub("d"));
+  std::string err;
+  ASSERT_TRUE(daemon.Start({"--config", cfg}, &err)) << err;
+  auto connect = [&](const std::string& token, const std::string& target) {
+    client::ClientOptions o;
+    o.target = target;
+    o.model = SmallModel();
+    o.ns = "tenant-a";
+    o.token = token;
+    return client::Client::Connect(o);
+  };
+  ASSERT_OK_AND_ASSIGN(auto fleet, connect(kFleet, daemon.unix_target()));
+  const auto t = RandomTokens(3 * 16 + 5, 71);  // 3 whole chunks and a tail
+  std::vector<std::vector<uint8_t>> p;
+  for (uint64_t n : fleet->ChunkPayloadSizes(t.size())) p.push_back(RandomBytes(n, 80 + p.size()));
+  const std::vector<ByteSpan> spans(p.begin(), p.end());
+  ASSERT_OK(fleet->Save(t, spans).status());
+  ASSERT_OK_AND_ASSIGN(std::vector<ChunkKey> keys,
+                       ChunkKeysForTokens("tenant-a", SmallModel(), t, /*include_tail=*/true));
+  // The mapping holds every chunk where its descriptor says, and this process may only read it.
+  auto expect_chunks_in = [&](const client::HostTierMapping& m) {
+    ASSERT_OK_AND_ASSIGN(auto ds, fleet->AcquireDescriptors(keys, absl::Seconds(10)));
+    ASSERT_EQ(ds.size(), p.size());
+    for (size_t i = 0; i < ds.size(); ++i) {
+      EXPECT_EQ(ds[i].host_arena, m.arena_id);
+      ASSERT_LE(ds[i].host_offset + ds[i].size, m.bytes.size());
+      const uint8_t* at = m.bytes.data() + ds[i].host_offset + kChunkHeaderBytes;
+      EXPECT_TRUE(std::equal(p[i].begin(), p[i].end(), at)) << "chunk " << i;
+    }
+    ASSERT_OK(fleet->ReleaseDescriptors(ds));
+    std::ifstream maps("/proc/self/maps");
+    std::string line, perms;
+    const auto base = reinterpret_cast<uintptr_t>(m.bytes.data());
+    while (std::getline(maps, line)) {
+      const uintptr_t from = std::stoull(line.substr(0, line.find('-')), nullptr, 16);
+      if (from == base) perms = line.substr(line.find(' ') + 1, 4);
+    }
+    EXPECT_EQ(perms, "r--s");
+  };
+  ASSERT_OK_AND_ASSIGN(client::HostTierMapping m, fleet->MapHostTier());
+  EXPECT_NE(m.arena_id, 0u);
+  expect_chunks_in(m);
+  ASSERT_OK_AND_ASSIGN(client::HostTierMapping again, fleet->MapHostTier());
+  EXPECT_EQ(again.bytes.data(), m.bytes.data());  // mapped once
+
+  // A tenant's token, the TCP port, another pid namespace: refused, naming why.
+  ASSERT_OK_AND_ASSIGN(auto tenant, connect(kTokenA, daemon.unix_target()));
+  EXPECT_THAT(tenant->MapHostTier(), StatusIs(absl::StatusCode::kPermissionDenied,
+                                              HasSubstr("shows the chunks of every namespace")));
+  ASSERT_OK_AND_ASSIGN(auto remote, connect(kFleet, daemon.tcp_target()));
+  EXPECT_THAT(remote->MapHostTier(),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("unix socket")));
+  {
+    auto stub = v1::KvService::NewStub(client::MakeChannel(daemon.unix_target(), kFleet));
+    grpc::ClientContext ctx;
+    Deadline(&ctx);
+    v1::MapHostTierRequest req;
+    req.set_pid_namespace(transfer::NamespaceId("self", "pid") + 1);
+    v1::MapHostTierResponse resp;
+    EXPECT_THAT(
+        FromGrpcStatus(stub->MapHostTier(&ctx, req, &resp)),
+        StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("another pid namespace")));
+  }
+
+  // A restarted kvdnd (its chunks back from disk) has a new arena: refresh maps it.
+  ASSERT_EQ(daemon.Stop(), 0);
+  ASSERT_TRUE(daemon.Start({"--config", cfg}, &err)) << err;
+  ASSERT_OK_AND_ASSIGN(client::HostTierMapping stale, fleet->MapHostTier());
+  EXPECT_EQ(stale.arena_id, m.arena_id);  // what this client mapped, until refreshed
+  ASSERT_OK_AND_ASSIGN(client::HostTierMapping fresh, fleet->MapHostTier(/*refresh=*/true));
+  EXPECT_NE(fresh.arena_id, m.arena_id);
+  expect_chunks_in(fresh);
+
+  // With host_tier_sharing_disabled: no arena to map, and descriptors name none.
+  ASSERT_EQ(daemon.Stop(), 0);
+  const std::string plain = dir.Sub("plain.json");
+  std::ofstream(plain) << R"({"auth_tokens_file": ")" << tokens
+                       << R"(", "host_tier_sharing_disabled": true})";
+  ASSERT_TRUE(daemon.Start({"--config", plain}, &err)) << err;
+  ASSERT_OK_AND_ASSIGN(auto other, connect(kFleet, daemon.unix_target()));
+  EXPECT_THAT(other->MapHostTier(), StatusIs(absl::StatusCode::kFailedPrecondition,
+                                             HasSubstr("host_tier_sharing_disabled")));
+  ASSERT_OK_AND_ASSIGN(auto ds, other->AcquireDescriptors(keys, absl::Seconds(10)));
+  ASSERT_EQ(ds.size(), p.size());
+  for (const auto& d : ds) EXPECT_EQ(d.host_arena, 0u);
+  ASSERT_OK(other->ReleaseDescriptors(ds));
+}
+
 }  // namespace
 }  // namespace kvdn

@@ -115,11 +115,12 @@ class ConnectorTest(unittest.TestCase):
             finally:
                 conn.close()
 
-    def round_trip(self, daemon, layout, dtype, ns, use_gpu_tier):
+    def round_trip(self, daemon, layout, dtype, ns, use_gpu_tier, map_host_tier=True):
         n = CHUNK * 3 + 20  # a tail chunk of 20 tokens
         tokens = [random.Random(ns).randrange(128000) for _ in range(n)]
         with kvdn.Client(model(dtype), target=daemon.unix_target, namespace=ns) as client:
             conn = kvdn.KvConnector(client, use_gpu_tier=use_gpu_tier,
+                                    map_host_tier=map_host_tier,
                                     host_staging_bytes=8 << 20, device_staging_bytes=4 << 20)
             try:
                 a = Cache(layout, dtype, fill=True, seed=1, num_tokens=n)
@@ -157,6 +158,10 @@ class ConnectorTest(unittest.TestCase):
                 stream.synchronize()
                 self.assertEqual((result.tokens, result.chunks), (n, 4))
                 self.assertEqual(stats.gpu_tier_chunks, 4 if use_gpu_tier else 0)
+                # kvdnd shares its host tier (its default): mapped, the chunks there are copied
+                # straight out of it; else fetched.
+                self.assertEqual(stats.host_tier_chunks,
+                                 4 if map_host_tier and not use_gpu_tier else 0)
                 for layer in range(LAYERS):
                     ka, va = a.gather(layer, n)
                     kb, vb = b.gather(layer, n)
@@ -172,7 +177,9 @@ class ConnectorTest(unittest.TestCase):
         for layout in ("vllm", "nhd", "nhd_combined", "hnd"):
             for dtype in ("bfloat16", "float16"):
                 with self.subTest(layout=layout, dtype=dtype):
-                    self.round_trip(self.daemon, layout, dtype, f"py-{layout}-{dtype}", False)
+                    # Both ways a load reads kvdnd's host tier: mapped (bf16) and fetched (fp16).
+                    self.round_trip(self.daemon, layout, dtype, f"py-{layout}-{dtype}", False,
+                                    map_host_tier=dtype == "bfloat16")
 
     def test_loads_from_the_gpu_tier_in_place(self):
         self.round_trip(self.gpu_daemon, "vllm", "bfloat16", "py-gpu-tier", True)

@@ -147,6 +147,16 @@ struct TransferDescriptor {
     std::string device_uuid;
   };
   std::optional<Gpu> gpu;
+  // Set when the chunk lies in the daemon's host tier and kvdnd shares it (its default): the
+  // arena's id (Client::MapHostTier's) and the encoded chunk's offset in it; else 0.
+  uint64_t host_arena = 0;
+  uint64_t host_offset = 0;
+};
+
+// The daemon's host tier, mapped read-only into this process (Client::MapHostTier).
+struct HostTierMapping {
+  ByteSpan bytes;
+  uint64_t arena_id = 0;  // TransferDescriptor.host_arena of the chunks that lie in it
 };
 
 struct SaveResult {
@@ -229,6 +239,17 @@ class Client {
   // Releases many leases in one call (AcquireDescriptors'); at most 4096. Every one is released;
   // the first failure's status (NOT_FOUND, ABORTED: expired) is returned, naming the lease.
   absl::Status ReleaseDescriptors(absl::Span<const TransferDescriptor> ds);
+
+  // Maps the daemon's host tier read-only into this process (KvService.MapHostTier; kvdnd run
+  // without host_tier_sharing_disabled, this client on its unix socket, in its pid namespace, with
+  // a token that reaches every namespace), so that an engine copies chunks it leases
+  // (AcquireDescriptors; TransferDescriptor.host_arena / host_offset) to its GPU straight out of
+  // the daemon's memory. The first call maps, later ones return the same mapping; with `refresh`,
+  // the daemon is asked again and, when its arena changed (kvdnd restarted), the new one is mapped
+  // and the old one unmapped (its users must be done with it). The mapping lives as long as the
+  // client. FAILED_PRECONDITION, PERMISSION_DENIED as MapHostTier says; INTERNAL naming what failed
+  // to open or map.
+  absl::StatusOr<HostTierMapping> MapHostTier(bool refresh = false);
 
   // What payloads travel over now: "grpc", or "ucx: <transports>".
   std::string DataPlaneInUse();

@@ -41,7 +41,7 @@ extern "C" {
 
 /* The version of this interface: bumped whenever a struct or signature below changes, so a binding
  * refuses a library it was not written for. */
-#define KVDN_C_ABI_VERSION 1
+#define KVDN_C_ABI_VERSION 2
 KVDN_C_EXPORT int kvdn_abi_version(void);
 
 /* absl::StatusCode / grpc::StatusCode values. */
@@ -173,6 +173,7 @@ typedef struct {
   uint64_t device_staging_bytes;
   uint64_t l2_prefetch_bytes;
   int32_t use_gpu_tier;
+  int32_t map_host_tier; /* ABI 2 */
 } kvdn_connector_options;
 
 typedef struct kvdn_connector kvdn_connector;
@@ -201,6 +202,7 @@ typedef struct {
   double fetch;
   double stall;
   double enqueue;
+  size_t host_tier_chunks; /* ABI 2 */
 } kvdn_load_stats;
 KVDN_C_EXPORT int kvdn_load_get_stats(kvdn_load* load, kvdn_load_stats* out);
 /* Waits for the load to finish enqueuing (never for the GPU), then frees it. */

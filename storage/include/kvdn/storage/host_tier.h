@@ -1,5 +1,5 @@
 // HostTier: chunk bytes in one host arena (mmap'd once at start, 2 MiB-aligned and advised for
-// transparent huge pages, pre-faulted, pinned with
+// transparent huge pages, pre-faulted, optionally shared memory engines may map, pinned with
 // cudaHostRegister when a GPU is present so H2D/D2H copies run at full speed and, later, registered
 // once with UCX). Allocation is an ExtentAllocator over the arena: no malloc per chunk.
 #ifndef KVDN_STORAGE_HOST_TIER_H_
@@ -24,6 +24,11 @@ struct HostTierOptions {
   // arena is pinned for a GPU (registration faults it in).
   bool prefault_in_background = false;
   bool pin_for_gpu = true;  // cudaHostRegister the arena when a CUDA device is present
+  // Back the arena with a memfd (shared memory) instead of private anonymous memory, so that
+  // engines on this node can map it read-only (fd()) and copy leased chunks to their GPU straight
+  // out of it. Shared memory gets transparent huge pages only where the kernel allows them for
+  // shmem (/sys/kernel/mm/transparent_hugepage/shmem_enabled: advise or always).
+  bool shared = false;
 };
 
 // Thread-safe (see MemoryTier).
@@ -39,6 +44,11 @@ class HostTier final : public MemoryTier {
   uint64_t prefaulted_bytes() const override { return prefaulted_.load(std::memory_order_relaxed); }
   // The arena, for registering it once with a transport.
   uint8_t* arena_base() const { return base_; }
+  // With HostTierOptions.shared: the memfd holding the arena (the arena is its bytes from offset
+  // 0), and a random nonzero id naming this arena among any a restarted daemon makes; -1 and 0
+  // otherwise.
+  int fd() const { return fd_; }
+  uint64_t arena_id() const { return arena_id_; }
 
   absl::Status CopyIn(const MemoryBlock& block, uint64_t offset, ByteSpan src) override;
   absl::Status CopyOut(const MemoryBlock& block, uint64_t offset,
@@ -50,7 +60,9 @@ class HostTier final : public MemoryTier {
 
  private:
   HostTier(uint8_t* base, uint64_t capacity, const HostTierOptions& options, bool pinned,
-           void* mapping, uint64_t mapping_bytes);
+           void* mapping, uint64_t mapping_bytes, int fd);
+  const int fd_;
+  const uint64_t arena_id_;
   void* const mapping_;  // the whole mmap, of which the arena is the huge-page-aligned part
   const uint64_t mapping_bytes_;
   const bool pinned_;
