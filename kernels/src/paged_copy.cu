@@ -266,7 +266,7 @@ absl::Status InjectLayer(const void* src, const PagedKvLayer& cache, const Token
 absl::Status InjectChunkLayer(absl::Span<const ChunkSource> sources,
                               const ChunkSource* device_sources, int32_t layer,
                               const PagedKvLayer& c, const int32_t* block_table,
-                              int32_t block_table_len, cudaStream_t stream) {
+                              int32_t block_table_len, cudaStream_t stream, CopyKernel kernel) {
   static_assert(sizeof(ChunkSource) == sizeof(detail::ChunkSourceDev));
   if (absl::Status st = ValidateCache(c); !st.ok()) return st;
   if (sources.size() > 65535) {
@@ -312,7 +312,10 @@ absl::Status InjectChunkLayer(absl::Span<const ChunkSource> sources,
       int sms = 0;
       detail::HndTmaMaps maps;
       detail::HndTmaParams tma{};
-      switch (PlanAligned(c, row_bytes, &sms, &maps, &tma)) {
+      const CopyPath path = kernel == CopyKernel::kVector
+                                ? CopyPath::kVector
+                                : PlanAligned(c, row_bytes, &sms, &maps, &tma);
+      switch (path) {
         case CopyPath::kBulkRows:
           e = detail::LaunchInjectChunksBulk(p, dev, n, max_tokens, layer, sms, stream);
           break;

@@ -139,7 +139,7 @@ class LoadStats:
     fetch: float          # fetching chunks from kvdnd into host staging
     stall: float          # waiting for a staging half's copies to the GPU
     enqueue: float        # enqueuing copies and kernels
-    host_tier_chunks: int = 0  # copied to the GPU straight out of kvdnd's host tier (mapped)
+    host_tier_chunks: int = 0  # injected straight out of kvdnd's host tier (mapped)
 
 
 class PagedLoad:

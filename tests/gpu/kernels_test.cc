@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -302,8 +303,10 @@ TEST_F(KernelsTest, BadCopyArgumentsAreInvalidArgument) {
 }
 
 // InjectChunkLayer (many chunks' layer in one launch, from payloads that lie apart) writes what
-// InjectLayer writes chunk by chunk, in every layout, for aligned and misaligned payloads; bad
-// sources are refused naming the source.
+// InjectLayer writes chunk by chunk, in every layout, for aligned and misaligned payloads, and
+// so it does from payloads in page-locked host memory (read over PCIe: how the connector loads
+// out of kvdnd's mapped host tier), with either kernel; bad sources are refused naming the
+// source.
 TEST_F(KernelsTest, InjectChunkLayerWritesWhatInjectLayerWritesChunkByChunk) {
   constexpr int kLayers = 3, kTpc = 32, kHeads = 4, kDim = 64;
   const std::vector<int> tokens = {32, 32, 32, 32, 9};
@@ -349,8 +352,19 @@ TEST_F(KernelsTest, InjectChunkLayerWritesWhatInjectLayerWritesChunkByChunk) {
         }
         DeviceBuffer d_sources(sources.size() * sizeof(ChunkSource));
         CUDA_OK(d_sources.Upload(sources.data()));
+        // The same payloads in page-locked host memory.
+        void* h_pool = nullptr;
+        CUDA_OK(cudaHostAlloc(&h_pool, pool_bytes, cudaHostAllocDefault));
+        std::unique_ptr<void, cudaError_t (*)(void*)> h_pool_owner(h_pool, cudaFreeHost);
+        std::memcpy(h_pool, pool.data(), pool_bytes);
+        std::vector<ChunkSource> host_sources = sources;
+        for (size_t i = 0; i < tokens.size(); ++i) {
+          host_sources[i].payload = static_cast<uint8_t*>(h_pool) + offsets[i] + misalign;
+        }
+        DeviceBuffer d_host_sources(host_sources.size() * sizeof(ChunkSource));
+        CUDA_OK(d_host_sources.Upload(host_sources.data()));
         std::vector<uint8_t> poison(tensor, 0xCD);
-        DeviceBuffer ak(tensor), av(tensor), bk(tensor), bv(tensor);
+        DeviceBuffer ak(tensor), av(tensor), bk(tensor), bv(tensor), ck(tensor), cv(tensor);
         for (DeviceBuffer* b : {&ak, &av, &bk, &bv}) CUDA_OK(b->Upload(poison.data()));
         for (int l = 0; l < kLayers; ++l) {
           PagedKvLayer a = cache, b = cache;
@@ -380,6 +394,27 @@ TEST_F(KernelsTest, InjectChunkLayerWritesWhatInjectLayerWritesChunkByChunk) {
             CUDA_OK(av.Download(got.data()));
             CUDA_OK(bv.Download(want.data()));
             EXPECT_TRUE(got == want) << "layer " << l << " V";
+          }
+          for (CopyKernel kernel : {CopyKernel::kVector, CopyKernel::kAuto}) {
+            const CopyKernelScope automatic(CopyKernel::kAuto);  // the argument picks
+            CUDA_OK(ck.Upload(poison.data()));
+            CUDA_OK(cv.Upload(poison.data()));
+            PagedKvLayer c = cache;
+            c.k = ck.get();
+            c.v = two ? cv.get() : nullptr;
+            ASSERT_OK(InjectChunkLayer(host_sources, d_host_sources.as<ChunkSource>(), l, c,
+                                       d_table.as<int32_t>(), table_len, nullptr, kernel));
+            CUDA_OK(cudaDeviceSynchronize());
+            std::vector<uint8_t> from_host(tensor), want_k(tensor);
+            CUDA_OK(bk.Download(want_k.data()));
+            CUDA_OK(ck.Download(from_host.data()));
+            EXPECT_TRUE(from_host == want_k)
+                << "layer " << l << " K from host memory, kernel " << static_cast<int>(kernel);
+            if (two) {
+              CUDA_OK(bv.Download(want.data()));
+              CUDA_OK(cv.Download(from_host.data()));
+              EXPECT_TRUE(from_host == want) << "layer " << l << " V from host memory";
+            }
           }
         }
       }

@@ -213,6 +213,11 @@ class KvConnectorTest : public ::testing::Test {
     }
   }
 
+  // Attention on each layer right after WaitLayer over a cache loaded from kvdnd at `target`
+  // equals, bit for bit, attention over the cache it was saved from; `mapped` chunks of the 7
+  // came out of the shared host tier.
+  void AttentionRightAfterWaitLayer(const std::string& target, size_t mapped);
+
   TempDir dir_;
   DaemonProcess daemon_{dir_.path()};
   cudaStream_t stream_ = nullptr;
@@ -619,9 +624,9 @@ TEST_F(KvConnectorTest, ATenantPastItsGpuShareLeavesTheOthersChunksInPlace) {
   EXPECT_EQ(gpu_bytes("quiet"), quiet_bytes);
 }
 
-// With kvdnd's host tier shared (its default), a load copies the chunks it holds there to
-// the GPU straight out of the mapped tier, window by window (windows of two chunks here, the tail
-// chunk too), and the cache holds the same KV bit for bit as through the fetch path (the
+// With kvdnd's host tier shared (its default), a load injects the chunks it holds there into the
+// cache straight out of the mapped tier, layer by layer (the tail chunk too), and the cache holds
+// the same KV bit for bit as through the fetch path (the
 // connector with map_host_tier off, same daemon). A prefix partly stored on this daemon
 // and partly not goes mapped as far as it can and stops there. After kvdnd restarts, the
 // connector maps the new arena on its own and the chunks (back from its disk tier) load again.
@@ -720,9 +725,27 @@ TEST_F(KvConnectorTest, OnlyATokenForEveryNamespaceMapsTheGpuTier) {
 // its own stream, while later layers may still be on their way. The output over the loaded cache
 // equals, bit for bit, the output over the cache the KV was saved from (same layout and block
 // size, other blocks).
+// Both ways a load reads kvdnd's host tier: fetched (window by window, layers released with the
+// last window) and injected straight out of the shared tier (layer by layer, each released once
+// injected).
 TEST_F(KvConnectorTest, AttentionRightAfterWaitLayerSeesTheLoadedKv) {
-  auto c = Connect(64 << 20);
-  ASSERT_NE(c, nullptr);
+  DaemonProcess shared(dir_.path() + "/shared-attention");
+  std::filesystem::create_directories(dir_.path() + "/shared-attention");
+  std::string err;
+  ASSERT_TRUE(shared.Start({}, &err)) << err;
+  for (const std::string& target : {daemon_.unix_target(), shared.unix_target()}) {
+    SCOPED_TRACE(target);
+    AttentionRightAfterWaitLayer(target, target == shared.unix_target() ? 7u : 0u);
+  }
+}
+
+void KvConnectorTest::AttentionRightAfterWaitLayer(const std::string& target, size_t mapped) {
+  client::ClientOptions o;
+  o.target = target;
+  o.ns = "engine";
+  o.model = Model();
+  o.receive_pool_bytes = 64 << 20;
+  ASSERT_OK_AND_ASSIGN(auto c, client::Client::Connect(o));
   ASSERT_OK_AND_ASSIGN(auto conn, KvConnector::Create(c.get(), SmallStaging()));
   const auto tokens = Tokens(6 * kTokensPerChunk + 8, 61);
   const int32_t ctx = static_cast<int32_t>(tokens.size());
@@ -782,6 +805,7 @@ TEST_F(KvConnectorTest, AttentionRightAfterWaitLayerSeesTheLoadedKv) {
   }
   ASSERT_OK_AND_ASSIGN(client::LoadResult loaded, load->Wait());
   EXPECT_EQ(loaded.tokens, tokens.size());
+  EXPECT_EQ(load->stats().host_tier_chunks, mapped);
   CUDA_OK(cudaStreamSynchronize(stream_));
   for (uint32_t l = 0; l < kLayers; ++l) {
     kernels::DecodeAttentionArgs g = args_for(a.View(), l, outs_a[l]);

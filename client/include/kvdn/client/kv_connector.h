@@ -89,13 +89,14 @@ struct ConnectorOptions {
   // hashed again. A kvdnd run with --no-gpu-tier-ipc ignores the request (loads go through host
   // memory).
   bool use_gpu_tier = true;
-  // Copy chunks that kvdnd holds in its host tier to the GPU straight out of kvdnd's memory,
-  // mapped read-only into this process (Client::MapHostTier: kvdnd sharing it, its default; the
-  // client on its unix socket with a token that reaches every namespace), instead of fetching
-  // them into the host staging first: one copy (host to device at the PCIe link's speed) in place
-  // of two. A load leases them in one GetDescriptors call, past the GPU tier's run, and fetches
-  // the rest as above. As with the GPU tier, the daemon checked each chunk's checksum when it was
-  // stored and the connector does not hash it again. The mapping is page-locked for the GPU
+  // Inject chunks that kvdnd holds in its host tier into the cache straight out of kvdnd's
+  // memory, mapped read-only into this process (Client::MapHostTier: kvdnd sharing it, its
+  // default; the client on its unix socket with a token that reaches every namespace), instead
+  // of fetching them into the host staging first: the inject kernel reads them over PCIe, layer
+  // by layer, and WaitLayer(l) is released as soon as layer l is in place (when they are the
+  // whole load). A load leases them in one GetDescriptors call, past the GPU tier's run, and
+  // fetches the rest as above. As with the GPU tier, the daemon checked each chunk's checksum when
+  // it was stored and the connector does not hash it again. The mapping is page-locked for the GPU
   // (cudaHostRegister, read-only) at Create, which takes a while for a large tier; where any step
   // of it fails, loads fetch as before.
   bool map_host_tier = true;
@@ -105,7 +106,7 @@ struct ConnectorOptions {
 // for engines' logs.
 struct LoadStats {
   size_t gpu_tier_chunks = 0;   // read in place from kvdnd's GPU tier (CUDA IPC)
-  size_t host_tier_chunks = 0;  // copied to the GPU straight out of kvdnd's host tier (mapped)
+  size_t host_tier_chunks = 0;  // injected straight out of kvdnd's host tier (mapped)
   double descriptors = 0;       // leasing chunks in the GPU tier and the mapped host tier
   double lookup = 0;            // waiting for the prefix lookup (beyond the leasing, beside it)
   double fetch = 0;             // fetching chunks from kvdnd into host staging

@@ -97,11 +97,16 @@ struct ChunkSource {
 // entries in device memory (the caller uploads them once for every layer and keeps them until
 // the launches have run). INVALID_ARGUMENT as InjectLayer for any source, for a null or
 // misaligned payload (every payload aligned alike, to the row's vector width), for more than
-// 65535 sources or a negative layer.
+// 65535 sources or a negative layer. Payloads may lie in page-locked host memory mapped for the
+// device (cudaHostRegister): the kernel then reads them over PCIe. Pass `kernel` kVector for
+// those: its many outstanding loads read host memory at 87% of the copy engines' H2D ceiling,
+// the bulk-copy kernel at 64% (H200, 32K Llama-3-8B tokens from kvdnd's mapped host tier;
+// bench/results/connector-2026-12-03-mapped-host-tier.md). kAuto: as SetCopyKernel says.
 absl::Status InjectChunkLayer(absl::Span<const ChunkSource> sources,
                               const ChunkSource* device_sources, int32_t layer,
                               const PagedKvLayer& cache, const int32_t* block_table,
-                              int32_t block_table_len, cudaStream_t stream);
+                              int32_t block_table_len, cudaStream_t stream,
+                              CopyKernel kernel = CopyKernel::kAuto);
 
 // The inverse: gathers `range` from the cache into `dst` (contiguous chunk layer). Tokens whose
 // block-table entry is out of range are left unwritten in `dst`.
