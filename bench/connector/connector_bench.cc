@@ -323,7 +323,13 @@ int Main(int argc, char** argv) {
   client::ConnectorOptions conn_opts;
   conn_opts.host_staging_bytes = staging_mib << 20;
   conn_opts.device_staging_bytes = device_staging_mib << 20;
+  const auto create_t0 = Clock::now();
   auto conn = Must(client::KvConnector::Create(c.get(), conn_opts), "KvConnector::Create");
+  // With kvdnd sharing its host tier, Create maps it and page-locks it for the GPU.
+  std::printf("KvConnector::Create: %.1f ms (kvdnd's host tier: %llu MiB, %s)\n",
+              Seconds(create_t0, Clock::now()) * 1e3,
+              static_cast<unsigned long long>((3 * max_bytes + (uint64_t{2} << 30)) >> 20),
+              share_host ? "shared: mapped and page-locked here" : "not shared");
   std::printf(
       "data plane: %s; connector staging: host %llu MiB, device %llu MiB, window %zu chunks; "
       "parallel_streams %d; fetch alone into %s memory\n",
