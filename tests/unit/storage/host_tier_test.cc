@@ -1,5 +1,8 @@
 #include "kvdn/storage/host_tier.h"
 
+#include <sys/mman.h>
+#include <sys/stat.h>
+
 #include <chrono>
 #include <cstring>
 #include <thread>
@@ -30,6 +33,33 @@ TEST(HostTierTest, AllocateCopyAndFree) {
   ASSERT_OK(tier->Free(b));
   EXPECT_EQ(tier->used_bytes(), 0u);
   EXPECT_THAT(tier->Free(b), StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+// A shared arena is the memfd's bytes from offset 0: what the tier writes, a second read-only
+// mapping of the fd (what an engine maps through /proc/<pid>/fd/<fd>) reads at the block's
+// offset. Each arena gets its own nonzero id; a private arena has neither fd nor id.
+TEST(HostTierTest, ASharedArenaIsItsMemfdsBytes) {
+  ASSERT_OK_AND_ASSIGN(auto tier, HostTier::Create({.capacity_bytes = 8 << 20, .shared = true}));
+  ASSERT_GE(tier->fd(), 0);
+  EXPECT_NE(tier->arena_id(), 0u);
+  struct stat st {};
+  ASSERT_EQ(fstat(tier->fd(), &st), 0);
+  EXPECT_EQ(static_cast<uint64_t>(st.st_size), tier->capacity_bytes());
+  const auto data = testing::RandomBytes(300001, 7);
+  ASSERT_OK_AND_ASSIGN(MemoryBlock filler, tier->Allocate(4096));
+  ASSERT_OK_AND_ASSIGN(MemoryBlock b, tier->Allocate(data.size()));
+  ASSERT_OK(tier->CopyIn(b, 0, data));
+  void* view = mmap(nullptr, tier->capacity_bytes(), PROT_READ, MAP_SHARED, tier->fd(), 0);
+  ASSERT_NE(view, MAP_FAILED);
+  EXPECT_EQ(std::memcmp(static_cast<uint8_t*>(view) + b.offset, data.data(), data.size()), 0);
+  munmap(view, tier->capacity_bytes());
+  ASSERT_OK(tier->Free(b));
+  ASSERT_OK(tier->Free(filler));
+  ASSERT_OK_AND_ASSIGN(auto other, HostTier::Create({.capacity_bytes = 4 << 20, .shared = true}));
+  EXPECT_NE(other->arena_id(), tier->arena_id());
+  ASSERT_OK_AND_ASSIGN(auto plain, HostTier::Create({.capacity_bytes = 4 << 20}));
+  EXPECT_EQ(plain->fd(), -1);
+  EXPECT_EQ(plain->arena_id(), 0u);
 }
 
 TEST(HostTierTest, CopiesOutsideTheBlockAreRefused) {
