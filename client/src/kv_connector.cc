@@ -575,7 +575,13 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
     absl::StatusOr<std::vector<TransferDescriptor>> ds = c.client->AcquireDescriptors(
         absl::MakeConstSpan(*keys).subspan(first_host, std::min(n, kMaxGpuChunks)),
         absl::ZeroDuration());
-    if (!ds.ok()) return finish(ds.status(), total, recorded);
+    if (!ds.ok()) {
+      // Leasing failed (e.g. UNAVAILABLE past the retries: a chunk moving off kvdnd's GPU tier
+      // for another reader): the fetch path reads these chunks, or says what is wrong.
+      spdlog::debug("KvConnector: leasing host chunks failed ({}); fetching them",
+                    ds.status().ToString());
+      ds = std::vector<TransferDescriptor>();
+    }
     // kvdnd restarted since the mapping was made: map its new arena (once per load).
     if (!ds->empty() && (*ds)[0].host_arena != 0 && (*ds)[0].host_arena != c.host_map.arena_id) {
       if (absl::Status st = c.MapHostTier(/*refresh=*/true); !st.ok()) {
