@@ -562,8 +562,8 @@ void KvConnector::Impl::RunLoad(LoadState& s) {
     total = part;
     timings.enqueue += since(t0);
   }
-  // Chunks [first_host, first_mapped) lie in kvdnd's host tier, mapped here: leased, copied up
-  // out of it window by window and injected.
+  // Chunks [first_host, first_mapped) lie in kvdnd's host tier, mapped here: leased in one call
+  // and injected straight out of it, layer by layer (below).
   size_t first_mapped = first_host;
   std::vector<const uint8_t*> mapped_from;  // their payloads in the mapping
   if (c.host_map.bytes.data() != nullptr && first_host < chunks) {
