@@ -16,7 +16,7 @@
 //   connector_bench [--kvdnd PATH] [--contexts 2048,8192,32768] [--rounds 3] [--lanes N]
 //                   [--streams N] [--host-staging-mib 512] [--device-staging-mib 256]
 //                   [--register-fetch 0|1] [--copy-kernel auto|vector] [--layout nhd|hnd]
-//                   [--share-host-tier 1|0]   (0: kvdnd --no-host-tier-sharing, loads fetch)
+//                   [--share-host-tier 1|0]   (1: kvdnd --share-host-tier, loads map it)
 #include <cuda_runtime_api.h>
 #include <fcntl.h>
 #include <grpcpp/grpcpp.h>
@@ -108,7 +108,7 @@ class Daemon {
                                        "warn",
                                        "--gpu-tier-bytes",
                                        gpu.c_str()};
-      if (!share_host) argv.push_back("--no-host-tier-sharing");
+      if (share_host) argv.push_back("--share-host-tier");
       argv.push_back(nullptr);
       execv(path.c_str(), const_cast<char* const*>(argv.data()));
       _exit(127);
@@ -247,7 +247,7 @@ int Main(int argc, char** argv) {
   bool register_fetch = false;
   uint64_t gpu_tier_mib = 0;
   int streams = 0;         // the client's automatic value
-  bool share_host = true;  // kvdnd shares its host tier (its default): the connector maps it
+  bool share_host = true;  // kvdnd --share-host-tier: the connector maps its host tier
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--kvdnd") {

@@ -817,7 +817,7 @@ grpc::ServerUnaryReactor* KvServiceImpl::MapHostTier(grpc::CallbackServerContext
         const storage::HostTier* host = state_.store->host_tier();
         if (host == nullptr || host->fd() < 0) {
           return absl::FailedPreconditionError(
-              "MapHostTier: this kvdnd does not share its host tier (host_tier_sharing_disabled)");
+              "MapHostTier: this kvdnd does not share its host tier (share_host_tier)");
         }
         static const uint64_t own_pid_namespace = transfer::NamespaceId("self", "pid");
         if (req->pid_namespace() != 0 && own_pid_namespace != 0 &&

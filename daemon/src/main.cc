@@ -42,7 +42,7 @@ int main(int argc, char** argv) {
   kvdn::v1::DaemonConfig flags;
   std::string data_dir, unix_socket, grpc_address, http_address, node_name, log_level, data_plane;
   uint64_t host_bytes = 0, disk_bytes = 0, gpu_bytes = 0;
-  bool no_disk = false, no_persist = false, no_gpu_ipc = false, no_host_sharing = false;
+  bool no_disk = false, no_persist = false, no_gpu_ipc = false, share_host = false;
   std::vector<std::string> namespaces;
   app.add_option("-c,--config", config_path, "JSON config file (kvdn.v1.DaemonConfig)")
       ->check(CLI::ExistingFile);
@@ -61,9 +61,9 @@ int main(int argc, char** argv) {
   app.add_flag("--no-disk-tier", no_disk, "run without a disk tier");
   app.add_flag("--no-gpu-tier-ipc", no_gpu_ipc,
                "never map the GPU tier into engines (CUDA IPC shows them every namespace in it)");
-  app.add_flag("--no-host-tier-sharing", no_host_sharing,
-               "keep the host tier private: engines on this node cannot map it (the mapping "
-               "shows them every namespace in it)");
+  app.add_flag("--share-host-tier", share_host,
+               "keep the host tier in shared memory that trusted engines on this node map "
+               "read-only (the mapping shows them every namespace in it)");
   app.add_flag("--no-persist-on-shutdown", no_persist,
                "do not write memory-only chunks to disk on SIGTERM");
   app.add_option("--namespace", namespaces, "serve only these namespaces (repeatable)");
@@ -120,7 +120,7 @@ int main(int argc, char** argv) {
   if (gpu_bytes) config.set_gpu_tier_bytes(gpu_bytes);
   if (no_disk) config.set_disk_tier_disabled(true);
   if (no_gpu_ipc) config.set_gpu_tier_ipc_disabled(true);
-  if (no_host_sharing) config.set_host_tier_sharing_disabled(true);
+  if (share_host) config.set_share_host_tier(true);
   if (no_persist) config.set_persist_on_shutdown_disabled(true);
   for (const std::string& ns : namespaces) config.add_namespaces(ns);
   kvdn::daemon::ApplyDefaults(&config);

@@ -63,7 +63,7 @@ storage::TieredStoreOptions StoreOptions(const v1::DaemonConfig& c) {
   o.host.capacity_bytes = c.host_tier_bytes();
   o.host.watermarks = wm;
   o.host.prefault_in_background = true;  // serve at once; a large arena faults in meanwhile
-  o.host.shared = !c.host_tier_sharing_disabled();
+  o.host.shared = c.share_host_tier();
   if (!c.disk_tier_disabled()) {
     storage::DiskTierOptions d;
     d.path = absl::StrCat(c.data_dir(), "/disk");

@@ -12,8 +12,8 @@ kvdn.tokens_per_chunk (256; a multiple of the block size), kvdn.model_name (defa
 model; engines share chunks only under the same name), kvdn.load / kvdn.save (true),
 kvdn.async_save (true: wait_for_save returns once the saves' gathers are enqueued, ahead of the
 next step's work on the stream, and the stores into kvdnd run behind the next steps),
-kvdn.use_gpu_tier (true), kvdn.map_host_tier (true: copy chunks straight out of kvdnd's shared host
-tier), kvdn.host_staging_mib (512), kvdn.device_staging_mib (256).
+kvdn.use_gpu_tier (true), kvdn.map_host_tier (true: load chunks straight out of the host tier of a
+kvdnd run with share_host_tier), kvdn.host_staging_mib (512), kvdn.device_staging_mib (256).
 
 What it decides is in kvdn/vllm_core.py (tested with a real kvdnd and GPU cache: tests/python);
 this module maps vLLM's objects onto it. vLLM's connector interface is marked experimental and

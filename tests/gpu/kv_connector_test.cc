@@ -173,8 +173,8 @@ class KvConnectorTest : public ::testing::Test {
     if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
     std::string err;
     // Loads fetch chunks (and verify them) here; ChunksInASharedHostTierAreCopiedStraightOutOfIt
-    // runs a kvdnd that shares its host tier.
-    ASSERT_TRUE(daemon_.Start({"--no-host-tier-sharing"}, &err)) << err;
+    // and AttentionRightAfterWaitLayerSeesTheLoadedKv also run a kvdnd that shares its host tier.
+    ASSERT_TRUE(daemon_.Start({}, &err)) << err;
     CUDA_OK(cudaStreamCreate(&stream_));
   }
   void TearDown() override {
@@ -624,17 +624,17 @@ TEST_F(KvConnectorTest, ATenantPastItsGpuShareLeavesTheOthersChunksInPlace) {
   EXPECT_EQ(gpu_bytes("quiet"), quiet_bytes);
 }
 
-// With kvdnd's host tier shared (its default), a load injects the chunks it holds there into the
-// cache straight out of the mapped tier, layer by layer (the tail chunk too), and the cache holds
-// the same KV bit for bit as through the fetch path (the
-// connector with map_host_tier off, same daemon). A prefix partly stored on this daemon
-// and partly not goes mapped as far as it can and stops there. After kvdnd restarts, the
-// connector maps the new arena on its own and the chunks (back from its disk tier) load again.
+// With kvdnd's host tier shared (--share-host-tier), a load injects the chunks it holds there into
+// the cache straight out of the mapped tier, layer by layer (the tail chunk too), and the cache
+// holds the same KV bit for bit as through the fetch path (the connector with map_host_tier off,
+// same daemon). A prefix partly stored on this daemon and partly not goes mapped as far as it can
+// and stops there. After kvdnd restarts, the connector maps the new arena on its own and the chunks
+// (back from its disk tier) load again.
 TEST_F(KvConnectorTest, ChunksInASharedHostTierAreCopiedStraightOutOfIt) {
   DaemonProcess shared(dir_.path() + "/shared");
   std::filesystem::create_directories(dir_.path() + "/shared");
   std::string err;
-  ASSERT_TRUE(shared.Start({}, &err)) << err;
+  ASSERT_TRUE(shared.Start({"--share-host-tier"}, &err)) << err;
   client::ClientOptions o;
   o.target = shared.unix_target();
   o.ns = "engine";
@@ -673,7 +673,7 @@ TEST_F(KvConnectorTest, ChunksInASharedHostTierAreCopiedStraightOutOfIt) {
   EXPECT_EQ(mapped, 3u);
 
   ASSERT_EQ(shared.Stop(), 0);
-  ASSERT_TRUE(shared.Start({}, &err)) << err;
+  ASSERT_TRUE(shared.Start({"--share-host-tier"}, &err)) << err;
   EXPECT_EQ(load(*conn, tokens, &mapped), tokens.size());
   EXPECT_EQ(mapped, 6u);
 }
@@ -732,7 +732,7 @@ TEST_F(KvConnectorTest, AttentionRightAfterWaitLayerSeesTheLoadedKv) {
   DaemonProcess shared(dir_.path() + "/shared-attention");
   std::filesystem::create_directories(dir_.path() + "/shared-attention");
   std::string err;
-  ASSERT_TRUE(shared.Start({}, &err)) << err;
+  ASSERT_TRUE(shared.Start({"--share-host-tier"}, &err)) << err;
   for (const std::string& target : {daemon_.unix_target(), shared.unix_target()}) {
     SCOPED_TRACE(target);
     AttentionRightAfterWaitLayer(target, target == shared.unix_target() ? 7u : 0u);

@@ -657,7 +657,7 @@ TEST(AuthConfigTest, ABadTokensFileStopsKvdndNamingTheLine) {
   }
 }
 
-// kvdnd (sharing its host tier, the default) says how to map it (MapHostTier) only to a client on
+// kvdnd run with share_host_tier says how to map its host tier (MapHostTier) only to a client on
 // its unix socket, in its pid namespace, whose token reaches every namespace: the mapping shows
 // every tenant's chunks. The mapping is read-only and holds each leased chunk, byte for byte,
 // where its descriptor says; after a restart the daemon's new arena has another id, and a
@@ -669,7 +669,7 @@ TEST(SharedHostTierTest, OnlyTrustedEnginesOnThisNodeMapTheHostTierReadOnly) {
   const std::string tokens = dir.Sub("tokens");
   std::ofstream(tokens) << kFleet << " kvdn:all-namespaces\n" << kTokenA << " tenant-a\n";
   const std::string cfg = dir.Sub("config.json");
-  std::ofstream(cfg) << R"({"auth_tokens_file": ")" << tokens << R"("})";
+  std::ofstream(cfg) << R"({"auth_tokens_file": ")" << tokens << R"(", "share_host_tier": true})";
   DaemonProcess daemon(dir.Sub("d"));
   std::string err;
   ASSERT_TRUE(daemon.Start({"--config", cfg}, &err)) << err;
@@ -743,15 +743,14 @@ TEST(SharedHostTierTest, OnlyTrustedEnginesOnThisNodeMapTheHostTierReadOnly) {
   EXPECT_NE(fresh.arena_id, m.arena_id);
   expect_chunks_in(fresh);
 
-  // With host_tier_sharing_disabled: no arena to map, and descriptors name none.
+  // Without share_host_tier (the default): no arena to map, and descriptors name none.
   ASSERT_EQ(daemon.Stop(), 0);
   const std::string plain = dir.Sub("plain.json");
-  std::ofstream(plain) << R"({"auth_tokens_file": ")" << tokens
-                       << R"(", "host_tier_sharing_disabled": true})";
+  std::ofstream(plain) << R"({"auth_tokens_file": ")" << tokens << R"("})";
   ASSERT_TRUE(daemon.Start({"--config", plain}, &err)) << err;
   ASSERT_OK_AND_ASSIGN(auto other, connect(kFleet, daemon.unix_target()));
-  EXPECT_THAT(other->MapHostTier(), StatusIs(absl::StatusCode::kFailedPrecondition,
-                                             HasSubstr("host_tier_sharing_disabled")));
+  EXPECT_THAT(other->MapHostTier(),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("share_host_tier")));
   ASSERT_OK_AND_ASSIGN(auto ds, other->AcquireDescriptors(keys, absl::Seconds(10)));
   ASSERT_EQ(ds.size(), p.size());
   for (const auto& d : ds) EXPECT_EQ(d.host_arena, 0u);

@@ -95,7 +95,7 @@ class Cache:
 class ConnectorTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.daemon = KvdndProcess()
+        cls.daemon = KvdndProcess(extra_args=["--share-host-tier"])  # mapped and fetched loads
         cls.gpu_daemon = KvdndProcess(extra_args=["--gpu-tier-bytes", str(64 << 20)])
 
     @classmethod

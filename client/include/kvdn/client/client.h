@@ -147,7 +147,7 @@ struct TransferDescriptor {
     std::string device_uuid;
   };
   std::optional<Gpu> gpu;
-  // Set when the chunk lies in the daemon's host tier and kvdnd shares it (its default): the
+  // Set when the chunk lies in the daemon's host tier and kvdnd shares it (share_host_tier): the
   // arena's id (Client::MapHostTier's) and the encoded chunk's offset in it; else 0.
   uint64_t host_arena = 0;
   uint64_t host_offset = 0;
@@ -241,7 +241,7 @@ class Client {
   absl::Status ReleaseDescriptors(absl::Span<const TransferDescriptor> ds);
 
   // Maps the daemon's host tier read-only into this process (KvService.MapHostTier; kvdnd run
-  // without host_tier_sharing_disabled, this client on its unix socket, in its pid namespace, with
+  // with share_host_tier, this client on its unix socket, in its pid namespace, with
   // a token that reaches every namespace), so that an engine copies chunks it leases
   // (AcquireDescriptors; TransferDescriptor.host_arena / host_offset) to its GPU straight out of
   // the daemon's memory. The first call maps, later ones return the same mapping; with `refresh`,

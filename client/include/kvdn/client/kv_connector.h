@@ -90,10 +90,10 @@ struct ConnectorOptions {
   // memory).
   bool use_gpu_tier = true;
   // Inject chunks that kvdnd holds in its host tier into the cache straight out of kvdnd's
-  // memory, mapped read-only into this process (Client::MapHostTier: kvdnd sharing it, its
-  // default; the client on its unix socket with a token that reaches every namespace), instead
-  // of fetching them into the host staging first: the inject kernel reads them over PCIe, layer
-  // by layer, and WaitLayer(l) is released as soon as layer l is in place (when they are the
+  // memory, mapped read-only into this process (Client::MapHostTier: kvdnd run with
+  // share_host_tier; the client on its unix socket with a token that reaches every namespace),
+  // instead of fetching them into the host staging first: the inject kernel reads them over PCIe,
+  // layer by layer, and WaitLayer(l) is released as soon as layer l is in place (when they are the
   // whole load). A load leases them in one GetDescriptors call, past the GPU tier's run, and
   // fetches the rest as above. As with the GPU tier, the daemon checked each chunk's checksum when
   // it was stored and the connector does not hash it again. The mapping is page-locked for the GPU
