@@ -133,12 +133,10 @@ absl::StatusOr<v1::OpenDataPlaneResponse> DataPlane::Open(const v1::OpenDataPlan
     return absl::PermissionDeniedError(
         "peer_node: sessions of other kvdnd need a token with the kvdn:peer grant");
   }
-  if (local && req.pid_namespace() != 0 && own_pid_namespace_ != 0 &&
-      req.pid_namespace() != own_pid_namespace_) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "pid_namespace: client pid ", req.pid(), " is in another pid namespace (",
-        req.pid_namespace(), ") than kvdnd (", own_pid_namespace_,
-        "); shared memory finds its peer by pid and cannot reach it. Run the client and kvdnd in "
+  if (local) {
+    KVDN_RETURN_IF_ERROR(CheckSamePidNamespace(
+        req.pid_namespace(), absl::StrCat("client pid ", req.pid()),
+        "shared memory finds its peer by pid and cannot reach it. Run the client and kvdnd in "
         "one pid namespace (Kubernetes: hostPID: true on both pods, deploy/README.md), or use "
         "the gRPC data plane"));
   }

@@ -139,7 +139,6 @@ class DataPlane {
   // Constant after Start. local_ may be empty (no shared memory); remote_ is not.
   std::vector<Lane> local_;
   // This process's pid namespace (transfer::NamespaceId), 0 if unreadable.
-  const uint64_t own_pid_namespace_ = transfer::NamespaceId("self", "pid");
   std::vector<Lane> remote_;
 
   mutable Mutex mu_;

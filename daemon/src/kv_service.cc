@@ -14,7 +14,6 @@
 #include "kvdn/common/hash.h"
 #include "kvdn/proto/get_frames.h"
 #include "kvdn/proto/grpc_status.h"
-#include "kvdn/transfer/ucx_transport.h"
 #include "src/data_plane.h"
 #include "src/peer_router.h"
 
@@ -819,15 +818,9 @@ grpc::ServerUnaryReactor* KvServiceImpl::MapHostTier(grpc::CallbackServerContext
           return absl::FailedPreconditionError(
               "MapHostTier: this kvdnd does not share its host tier (share_host_tier)");
         }
-        static const uint64_t own_pid_namespace = transfer::NamespaceId("self", "pid");
-        if (req->pid_namespace() != 0 && own_pid_namespace != 0 &&
-            req->pid_namespace() != own_pid_namespace) {
-          return absl::FailedPreconditionError(absl::StrCat(
-              "pid_namespace: the caller is in another pid namespace (", req->pid_namespace(),
-              ") than kvdnd (", own_pid_namespace,
-              "), where /proc/<kvdnd's pid>/fd/ does not name kvdnd's files; run both with "
-              "hostPID"));
-        }
+        KVDN_RETURN_IF_ERROR(CheckSamePidNamespace(
+            req->pid_namespace(), "the caller",
+            "/proc/<kvdnd's pid>/fd/ does not name kvdnd's files there; run both with hostPID"));
         resp->set_pid(static_cast<int32_t>(getpid()));
         resp->set_fd(host->fd());
         resp->set_size(host->capacity_bytes());

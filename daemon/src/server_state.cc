@@ -4,6 +4,7 @@
 #include "absl/strings/str_format.h"
 #include "kvdn/common/logging.h"
 #include "kvdn/proto/grpc_status.h"
+#include "kvdn/transfer/ucx_transport.h"
 #include "src/peer_router.h"
 
 namespace kvdn::daemon {
@@ -53,6 +54,14 @@ constexpr const char* kCodeNames[17] = {
 const char* MethodService(Method m) { return kMethods[static_cast<int>(m)].service; }
 const char* MethodName(Method m) { return kMethods[static_cast<int>(m)].name; }
 bool IsAdminMethod(Method m) { return kMethods[static_cast<int>(m)].admin; }
+
+absl::Status CheckSamePidNamespace(uint64_t caller, absl::string_view who, absl::string_view why) {
+  static const uint64_t own = transfer::NamespaceId("self", "pid");
+  if (caller == 0 || own == 0 || caller == own) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat("pid_namespace: ", who,
+                                                    " is in another pid namespace (", caller,
+                                                    ") than kvdnd (", own, "); ", why));
+}
 
 // ---- CallTracker ----
 

@@ -63,6 +63,12 @@ const char* MethodService(Method m);
 const char* MethodName(Method m);
 bool IsAdminMethod(Method m);
 
+// FAILED_PRECONDITION "pid_namespace: <who> is in another pid namespace (<caller>) than kvdnd
+// (<kvdnd's>); <why>" when a same-host caller's pid namespace (the inode of its
+// /proc/self/ns/pid; 0 unknown) is not kvdnd's: what finds a peer by pid (UCX's shared memory,
+// /proc/<pid>/fd) cannot reach across. OK when either is unknown.
+absl::Status CheckSamePidNamespace(uint64_t caller, absl::string_view who, absl::string_view why);
+
 // Calls in flight: refuses data-plane calls while draining, cancels calls that run past the
 // configured max duration (a watchdog thread), and lets drain wait for the rest. Thread-safe.
 class CallTracker {
